@@ -1,0 +1,105 @@
+//! Who is calling? Authenticators turn request credentials into a workload identity.
+//!
+//! The chain tries each authenticator in order and the first success wins (istiod's rule:
+//! client certificate for renewals, then the Kubernetes JWT). An authenticator that finds no
+//! credential of its kind steps aside; one that finds a bad credential records why, so the
+//! final Unauthenticated message explains every attempt.
+
+pub mod client_cert;
+pub mod jwks;
+pub mod jws;
+pub mod jwt;
+
+use std::fmt;
+use std::sync::Arc;
+
+use rustls_pki_types::CertificateDer;
+
+use crate::identity::SpiffeId;
+use crate::store::BoxFuture;
+
+/// The credentials a request carries.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Credentials<'a> {
+    /// The bearer token from `authorization: Bearer ...`, if any.
+    pub bearer: Option<&'a str>,
+    /// The TLS client certificate chain, leaf first, if the client presented one.
+    pub peer_chain: Option<&'a [CertificateDer<'static>]>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    Jwt,
+    ClientCert,
+    TokenReview,
+}
+
+impl fmt::Display for AuthMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AuthMethod::Jwt => "jwt",
+            AuthMethod::ClientCert => "client-cert",
+            AuthMethod::TokenReview => "tokenreview",
+        })
+    }
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub identity: SpiffeId,
+    pub method: AuthMethod,
+    pub pod_name: Option<String>,
+    pub pod_uid: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no credentials: send \"authorization: Bearer <service-account token>\" or present a client certificate")]
+    NoCredentials,
+    /// Every applicable authenticator refused; each reason is listed.
+    #[error("authentication failed: {}", .0.join("; "))]
+    Failed(Vec<String>),
+}
+
+pub trait Authenticator: Send + Sync {
+    fn name(&self) -> &'static str;
+
+    /// `Ok(None)`: no credential of this kind. `Err`: one was present and is not valid.
+    fn authenticate<'a>(
+        &'a self,
+        creds: Credentials<'a>,
+    ) -> BoxFuture<'a, Result<Option<Caller>, String>>;
+}
+
+/// Authenticators tried in order.
+#[derive(Clone, Default)]
+pub struct AuthChain {
+    members: Vec<Arc<dyn Authenticator>>,
+}
+
+impl AuthChain {
+    pub fn new(members: Vec<Arc<dyn Authenticator>>) -> Self {
+        Self { members }
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.members.iter().map(|m| m.name()).collect()
+    }
+
+    pub async fn authenticate(&self, creds: Credentials<'_>) -> Result<Caller, AuthError> {
+        let mut reasons = Vec::new();
+        for m in &self.members {
+            match m.authenticate(creds).await {
+                Ok(Some(caller)) => return Ok(caller),
+                Ok(None) => {}
+                Err(reason) => reasons.push(format!("{}: {reason}", m.name())),
+            }
+        }
+        if reasons.is_empty() {
+            Err(AuthError::NoCredentials)
+        } else {
+            Err(AuthError::Failed(reasons))
+        }
+    }
+}

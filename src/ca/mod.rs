@@ -1,0 +1,74 @@
+//! The certificate authority: the journal of authorities, the active signer (hot-swapped
+//! while serving), TTL policy, and loading or creating CA material.
+//!
+//! Depends on `pki/`, `identity` and `store/`; knows nothing of gRPC.
+
+pub mod bootstrap;
+pub mod journal;
+pub mod plugged;
+pub mod policy;
+pub mod signer;
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use tokio::sync::watch;
+
+pub use signer::{Issued, SignError, Signer};
+
+use crate::pki::PkiError;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// A plugged-in CA file is missing or wrong; names the file.
+    #[error("{file}: {reason}")]
+    Plugged { file: String, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("CA material is invalid: {0}")]
+    Pki(#[from] PkiError),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// The live CA: the signer every request uses, swappable without a restart.
+///
+/// Readers take a cheap `Arc` snapshot per request (`ArcSwap`), so a swap never blocks
+/// signing and an in-flight request finishes with the signer it started with.
+#[derive(Debug)]
+pub struct Ca {
+    signer: ArcSwapOption<Signer>,
+    generation: watch::Sender<u64>,
+}
+
+impl Default for Ca {
+    fn default() -> Self {
+        Self {
+            signer: ArcSwapOption::empty(),
+            generation: watch::channel(0).0,
+        }
+    }
+}
+
+impl Ca {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// The current signer, or `None` while the CA is not ready.
+    pub fn current(&self) -> Option<Arc<Signer>> {
+        self.signer.load_full()
+    }
+
+    /// Makes `signer` the one new requests use, and tells subscribers.
+    pub fn install(&self, signer: Signer) {
+        self.signer.store(Some(Arc::new(signer)));
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Fires whenever a new signer (and so possibly a new trust bundle) is installed.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+}

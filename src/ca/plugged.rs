@@ -1,0 +1,90 @@
+//! Plugged-in CA material in Istio's `cacerts` layout:
+//! `ca-cert.pem` (the signing CA), `ca-key.pem`, `cert-chain.pem` (the signing CA up to the
+//! root) and `root-cert.pem` (the trust bundle), plus an optional `ca-crl.pem`.
+//!
+//! Every check names the file that is wrong, because "invalid CA" is useless at 3 a.m.
+
+use std::path::Path;
+
+use rustls_pki_types::CertificateDer;
+use time::OffsetDateTime;
+
+use super::{CaError, Signer};
+use crate::identity::TrustDomain;
+use crate::pki::{chain, keys, pem};
+
+fn read(dir: &Path, name: &str) -> Result<Vec<u8>, CaError> {
+    let path = dir.join(name);
+    std::fs::read(&path).map_err(|e| CaError::Plugged {
+        file: path.display().to_string(),
+        reason: if e.kind() == std::io::ErrorKind::NotFound {
+            "missing (a plugged-in CA needs ca-cert.pem, ca-key.pem, cert-chain.pem and root-cert.pem)".into()
+        } else {
+            format!("cannot read: {e}")
+        },
+    })
+}
+
+fn bad(dir: &Path, name: &str, reason: impl Into<String>) -> CaError {
+    CaError::Plugged {
+        file: dir.join(name).display().to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn certs(dir: &Path, name: &str) -> Result<Vec<CertificateDer<'static>>, CaError> {
+    pem::parse_certs(&read(dir, name)?).map_err(|e| bad(dir, name, e.to_string()))
+}
+
+/// Loads and checks a plugged-in CA; refuses anything incoherent.
+pub fn load(dir: &Path, td: &TrustDomain, now: OffsetDateTime) -> Result<Signer, CaError> {
+    let ca_cert = certs(dir, "ca-cert.pem")?.remove(0);
+    let info = chain::describe(&ca_cert).map_err(|e| bad(dir, "ca-cert.pem", e.to_string()))?;
+    if !info.is_ca {
+        return Err(bad(
+            dir,
+            "ca-cert.pem",
+            format!("{:?} is not a CA certificate (basicConstraints CA:true missing)", info.subject),
+        ));
+    }
+    if info.not_after <= now {
+        return Err(bad(dir, "ca-cert.pem", format!("expired at {}", info.not_after)));
+    }
+
+    let key = keys::load_private_key_pem(&read(dir, "ca-key.pem")?)
+        .map_err(|e| bad(dir, "ca-key.pem", e.to_string()))?;
+    if !chain::key_matches_cert(&key, &ca_cert).map_err(|e| bad(dir, "ca-cert.pem", e.to_string()))? {
+        return Err(bad(dir, "ca-key.pem", "does not match the public key in ca-cert.pem"));
+    }
+
+    let roots = certs(dir, "root-cert.pem")?;
+    for r in &roots {
+        let ri = chain::describe(r).map_err(|e| bad(dir, "root-cert.pem", e.to_string()))?;
+        if !ri.is_ca {
+            return Err(bad(dir, "root-cert.pem", format!("{:?} is not a CA certificate", ri.subject)));
+        }
+    }
+
+    // cert-chain.pem lists the signing CA up to the root; keep what lies strictly between.
+    let mut between = certs(dir, "cert-chain.pem")?;
+    between.retain(|c| c.as_ref() != ca_cert.as_ref() && !roots.iter().any(|r| r.as_ref() == c.as_ref()));
+    let mut link = ca_cert.clone();
+    for c in &between {
+        chain::check_issued_by(&link, c).map_err(|e| bad(dir, "cert-chain.pem", e.to_string()))?;
+        link = c.clone();
+    }
+    let anchored = roots
+        .iter()
+        .any(|r| r.as_ref() == link.as_ref() || chain::check_issued_by(&link, r).is_ok());
+    if !anchored {
+        return Err(bad(
+            dir,
+            "root-cert.pem",
+            "no certificate in it issued the top of cert-chain.pem (ca-cert.pem does not chain to this root)",
+        ));
+    }
+    if dir.join("ca-crl.pem").exists() {
+        tracing::info!(path = %dir.join("ca-crl.pem").display(), "plugged-in CA has a CRL");
+    }
+    Signer::new(td.clone(), ca_cert, key, between, roots).map_err(|e| bad(dir, "cert-chain.pem", e.to_string()))
+}

@@ -1,0 +1,248 @@
+//! The active signer: one signing key and certificate, the chain up to the roots, and the
+//! trust bundle. It is immutable; rotation builds a new one and swaps it in (see [`super::Ca`]).
+
+use std::time::Duration;
+
+use rcgen::{Issuer, KeyPair};
+use rustls_pki_types::CertificateDer;
+use time::OffsetDateTime;
+
+use crate::identity::{SpiffeId, TrustDomain};
+use crate::pki::chain::{self, CertInfo};
+use crate::pki::csr::SubjectKey;
+use crate::pki::{pem, profile, random_serial, PkiError, PublicKeyKind};
+
+/// A certificate just issued.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub serial_hex: String,
+    pub der: CertificateDer<'static>,
+    pub pem: String,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    #[error("the signing CA expired at {0}")]
+    Expired(OffsetDateTime),
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+}
+
+pub struct Signer {
+    trust_domain: TrustDomain,
+    issuer: Issuer<'static, KeyPair>,
+    key_kind: PublicKeyKind,
+    signing: CertInfo,
+    signing_der: CertificateDer<'static>,
+    /// CA certificates between a leaf and the roots, the signing certificate first.
+    intermediates_der: Vec<CertificateDer<'static>>,
+    intermediates_pem: Vec<String>,
+    roots_der: Vec<CertificateDer<'static>>,
+    roots_pem: String,
+    roots_info: Vec<CertInfo>,
+    /// The root that the signing chain leads to.
+    anchor: CertInfo,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer")
+            .field("signing", &self.signing.subject)
+            .field("serial", &self.signing.serial_hex)
+            .field("roots", &self.roots_der.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Signer {
+    /// Builds a signer and checks it is coherent: the key matches the signing certificate,
+    /// each certificate is signed by the next, and the last one by a root in `roots`.
+    ///
+    /// `chain` holds the CA certificates above the signing certificate and below the roots
+    /// (empty for root -> intermediate). If the signing certificate is itself a root, pass it
+    /// in `roots` as well.
+    pub fn new(
+        trust_domain: TrustDomain,
+        signing_der: CertificateDer<'static>,
+        key: KeyPair,
+        chain: Vec<CertificateDer<'static>>,
+        roots: Vec<CertificateDer<'static>>,
+    ) -> Result<Self, PkiError> {
+        if !chain::key_matches_cert(&key, &signing_der)? {
+            return Err(PkiError::invalid(
+                "the private key does not match the signing certificate",
+            ));
+        }
+        let signing = chain::describe(&signing_der)?;
+        if !signing.is_ca {
+            return Err(PkiError::invalid(format!(
+                "the signing certificate {:?} is not a CA (basicConstraints CA:true missing)",
+                signing.subject
+            )));
+        }
+        if roots.is_empty() {
+            return Err(PkiError::invalid("the trust bundle holds no root"));
+        }
+        let mut intermediates_der = vec![signing_der.clone()];
+        intermediates_der.extend(chain);
+        // Drop a trailing root if the caller's chain already included it.
+        intermediates_der.retain(|c| !roots.iter().any(|r| r.as_ref() == c.as_ref()));
+        for pair in intermediates_der.windows(2) {
+            chain::check_issued_by(&pair[0], &pair[1])?;
+        }
+        let top = intermediates_der.last().unwrap_or(&signing_der);
+        let anchor = roots
+            .iter()
+            .find(|r| r.as_ref() == top.as_ref() || chain::check_issued_by(top, r).is_ok())
+            .ok_or_else(|| {
+                PkiError::invalid(format!(
+                    "{:?} does not chain to any root in the trust bundle",
+                    chain::describe(top).map(|i| i.subject).unwrap_or_default()
+                ))
+            })?;
+        let anchor = chain::describe(anchor)?;
+        let roots_info = roots
+            .iter()
+            .map(|r| chain::describe(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let key_kind = crate::pki::keys::key_pair_kind(&key)?;
+        let issuer = Issuer::from_ca_cert_der(&signing_der, key)?;
+        Ok(Self {
+            trust_domain,
+            issuer,
+            key_kind,
+            signing,
+            intermediates_pem: intermediates_der.iter().map(|c| pem::cert_to_pem(c)).collect(),
+            intermediates_der,
+            roots_pem: pem::certs_to_pem(&roots),
+            roots_der: roots,
+            roots_info,
+            anchor,
+            signing_der,
+        })
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// The signing certificate's details.
+    pub fn signing_cert(&self) -> &CertInfo {
+        &self.signing
+    }
+
+    pub fn signing_der(&self) -> &CertificateDer<'static> {
+        &self.signing_der
+    }
+
+    pub fn key_kind(&self) -> PublicKeyKind {
+        self.key_kind
+    }
+
+    /// The roots as one PEM string: the last element of every CreateCertificate response.
+    pub fn roots_pem(&self) -> &str {
+        &self.roots_pem
+    }
+
+    pub fn roots_der(&self) -> &[CertificateDer<'static>] {
+        &self.roots_der
+    }
+
+    /// The root the signing chain leads to.
+    pub fn anchor_root(&self) -> &CertInfo {
+        &self.anchor
+    }
+
+    pub fn roots_info(&self) -> &[CertInfo] {
+        &self.roots_info
+    }
+
+    /// CA certificates between a leaf and the roots.
+    pub fn intermediates_der(&self) -> &[CertificateDer<'static>] {
+        &self.intermediates_der
+    }
+
+    /// The earliest notAfter among the signing chain (not the roots): leaves cannot outlive it.
+    pub fn chain_not_after(&self) -> OffsetDateTime {
+        self.intermediates_der
+            .iter()
+            .filter_map(|c| chain::describe(c).ok())
+            .map(|i| i.not_after)
+            .min()
+            .unwrap_or(self.signing.not_after)
+    }
+
+    /// Istio's response layout: leaf, each CA between leaf and root, then all roots as ONE
+    /// element (several PEM blocks during a root rotation).
+    pub fn response_chain(&self, leaf_pem: String) -> Vec<String> {
+        let mut out = Vec::with_capacity(self.intermediates_pem.len() + 2);
+        out.push(leaf_pem);
+        out.extend(self.intermediates_pem.iter().cloned());
+        out.push(self.roots_pem.clone());
+        out
+    }
+
+    /// notBefore/notAfter for a leaf: backdated a little, capped at the issuer's notAfter.
+    fn validity(
+        &self,
+        now: OffsetDateTime,
+        ttl: Duration,
+    ) -> Result<(OffsetDateTime, OffsetDateTime), SignError> {
+        let cap = self.signing.not_after;
+        if cap <= now {
+            return Err(SignError::Expired(cap));
+        }
+        let wanted = now + ttl;
+        Ok((now - profile::BACKDATE, wanted.min(cap)))
+    }
+
+    /// Issues a workload SVID for `id` over the CSR's public key.
+    pub fn issue_workload(
+        &self,
+        key: &SubjectKey,
+        id: &SpiffeId,
+        common_name: Option<&str>,
+        now: OffsetDateTime,
+        ttl: Duration,
+    ) -> Result<Issued, SignError> {
+        let (nb, na) = self.validity(now, ttl)?;
+        let serial = random_serial();
+        let params = profile::workload(id, common_name, &serial, nb, na)?;
+        let cert = params
+            .signed_by(key, &self.issuer)
+            .map_err(PkiError::from)?;
+        Ok(issued(&serial, cert, nb, na))
+    }
+
+    /// Issues citadel's own TLS serving certificate.
+    pub fn issue_serving(
+        &self,
+        key: &KeyPair,
+        names: &[String],
+        now: OffsetDateTime,
+        ttl: Duration,
+    ) -> Result<Issued, SignError> {
+        let (nb, na) = self.validity(now, ttl)?;
+        let serial = random_serial();
+        let params = profile::serving(names, &serial, nb, na)?;
+        let cert = params.signed_by(key, &self.issuer).map_err(PkiError::from)?;
+        Ok(issued(&serial, cert, nb, na))
+    }
+}
+
+fn issued(
+    serial: &[u8],
+    cert: rcgen::Certificate,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Issued {
+    Issued {
+        serial_hex: hex::encode(serial),
+        pem: cert.pem(),
+        der: cert.der().clone(),
+        not_before,
+        not_after,
+    }
+}

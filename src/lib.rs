@@ -1,0 +1,29 @@
+//! citadel: a mesh certificate authority and mTLS identity service, wire-compatible with
+//! Istio's CA protocol. See docs/architecture.md for the module map.
+//!
+//! Dependencies point one way: `cmd` -> `server` -> `auth` -> `ca` -> `store` -> `pki` ->
+//! `identity`, with `clock` underneath everything.
+
+pub mod auth;
+pub mod ca;
+pub mod client;
+pub mod clock;
+pub mod devkeys;
+pub mod duration;
+pub mod fsutil;
+pub mod identity;
+pub mod pki;
+pub mod server;
+pub mod shutdown;
+pub mod store;
+
+/// Generated from proto/ca.proto.
+pub mod proto {
+    tonic::include_proto!("istio.v1.auth");
+}
+
+/// Installs ring as the process-wide rustls provider. With two providers compiled in rustls
+/// panics on first use, so every entry point calls this once.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

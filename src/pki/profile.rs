@@ -1,0 +1,128 @@
+//! Certificate profiles: what a root, an intermediate, a workload leaf and citadel's own
+//! serving certificate look like. These mirror istiod's choices (see docs/architecture.md).
+
+use std::net::IpAddr;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    IsCa, KeyUsagePurpose, SanType, SerialNumber,
+};
+use time::OffsetDateTime;
+
+use crate::identity::{SpiffeId, TrustDomain};
+
+use super::PkiError;
+
+/// How far notBefore is backdated, to tolerate clock skew between CA and workloads.
+pub const BACKDATE: time::Duration = time::Duration::minutes(2);
+
+fn base(serial: &[u8], not_before: OffsetDateTime, not_after: OffsetDateTime) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    p.distinguished_name = DistinguishedName::new();
+    p.serial_number = Some(SerialNumber::from_slice(serial));
+    p.not_before = not_before;
+    p.not_after = not_after;
+    p
+}
+
+/// A self-signed root. No name constraints: rustls-webpki fails closed on URI constraints.
+pub fn root(
+    td: &TrustDomain,
+    serial: &[u8],
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> CertificateParams {
+    let mut p = base(serial, not_before, not_after);
+    p.distinguished_name.push(DnType::OrganizationName, td.as_str());
+    p.distinguished_name
+        .push(DnType::CommonName, format!("citadel root CA {}", short_id(serial)));
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p
+}
+
+/// The signing CA under a root: pathLen 0, so it can issue leaves only.
+pub fn intermediate(
+    td: &TrustDomain,
+    serial: &[u8],
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> CertificateParams {
+    let mut p = base(serial, not_before, not_after);
+    p.distinguished_name.push(DnType::OrganizationName, td.as_str());
+    p.distinguished_name.push(
+        DnType::CommonName,
+        format!("citadel intermediate CA {}", short_id(serial)),
+    );
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.use_authority_key_identifier_extension = true;
+    p
+}
+
+/// A workload SVID, istiod's leaf profile: empty subject (so the URI SAN is critical) unless
+/// the CSR carried a CN, KeyUsage digitalSignature + keyEncipherment, EKU server + client auth,
+/// CA:false.
+pub fn workload(
+    id: &SpiffeId,
+    common_name: Option<&str>,
+    serial: &[u8],
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<CertificateParams, PkiError> {
+    let mut p = base(serial, not_before, not_after);
+    if let Some(cn) = common_name {
+        p.distinguished_name.push(DnType::CommonName, cn);
+    }
+    p.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
+    leaf_usages(&mut p);
+    Ok(p)
+}
+
+/// citadel's own TLS serving certificate, with DNS and IP SANs.
+pub fn serving(
+    names: &[String],
+    serial: &[u8],
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<CertificateParams, PkiError> {
+    let mut p = base(serial, not_before, not_after);
+    p.distinguished_name.push(DnType::CommonName, "citadel");
+    for n in names {
+        p.subject_alt_names.push(match n.parse::<IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(
+                n.as_str()
+                    .try_into()
+                    .map_err(|_| PkiError::invalid(format!("{n:?} is not a valid DNS name")))?,
+            ),
+        });
+    }
+    leaf_usages(&mut p);
+    Ok(p)
+}
+
+fn leaf_usages(p: &mut CertificateParams) {
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    p.use_authority_key_identifier_extension = true;
+}
+
+fn short_id(serial: &[u8]) -> String {
+    hex::encode(&serial[..serial.len().min(4)])
+}

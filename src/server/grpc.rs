@@ -1,0 +1,203 @@
+//! `istio.v1.auth.IstioCertificateService/CreateCertificate`, with istiod's behaviour.
+//!
+//! This is the only place errors become `tonic::Status`; see [`IssueError::status`].
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tonic::{Code, Request, Response, Status};
+
+use crate::auth::{AuthChain, AuthError, Caller, Credentials};
+use crate::ca::policy::{TtlError, TtlPolicy};
+use crate::ca::{Ca, SignError};
+use crate::clock::SharedClock;
+use crate::pki::csr::{self, CsrError, MAX_CSR_BYTES};
+use crate::proto::istio_certificate_service_server::IstioCertificateService;
+use crate::proto::{IstioCertificateRequest, IstioCertificateResponse};
+
+use super::metrics::Metrics;
+
+/// Metadata key ztunnel uses to ask for another workload's certificate.
+const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    #[error("CSR is {0} bytes; the limit is {MAX_CSR_BYTES}")]
+    CsrTooLarge(usize),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error(transparent)]
+    Ttl(#[from] TtlError),
+    #[error("invalid CSR: {0}")]
+    Csr(#[from] CsrError),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("CA is not ready: {0}")]
+    NotReady(String),
+    #[error("signing failed")]
+    Sign(#[source] SignError),
+}
+
+impl IssueError {
+    /// istiod's codes: Unauthenticated, InvalidArgument, PermissionDenied, Unavailable, Internal.
+    pub fn status(&self) -> Status {
+        let code = match self {
+            IssueError::Unauthenticated(_) => Code::Unauthenticated,
+            IssueError::CsrTooLarge(_) | IssueError::Ttl(_) | IssueError::Csr(_) => Code::InvalidArgument,
+            IssueError::PermissionDenied(_) => Code::PermissionDenied,
+            IssueError::NotReady(_) => Code::Unavailable,
+            IssueError::Sign(_) => Code::Internal,
+        };
+        Status::new(code, self.to_string())
+    }
+}
+
+/// The CA gRPC service.
+pub struct CaService {
+    pub ca: Arc<Ca>,
+    pub auth: AuthChain,
+    pub ttl: TtlPolicy,
+    pub clock: SharedClock,
+    pub metrics: Arc<Metrics>,
+}
+
+fn bearer(req: &Request<IstioCertificateRequest>) -> Result<Option<&str>, IssueError> {
+    let Some(v) = req.metadata().get("authorization") else {
+        return Ok(None);
+    };
+    let v = v
+        .to_str()
+        .map_err(|_| IssueError::Unauthenticated("authorization header is not ASCII".into()))?;
+    match v.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => {
+            Ok(Some(token.trim()))
+        }
+        _ => Err(IssueError::Unauthenticated(
+            "authorization header must be \"Bearer <token>\"".into(),
+        )),
+    }
+}
+
+fn metadata_string<'a>(req: &'a IstioCertificateRequest, key: &str) -> Option<&'a str> {
+    use prost_types::value::Kind;
+    match req.metadata.as_ref()?.fields.get(key)?.kind.as_ref()? {
+        Kind::StringValue(s) if !s.is_empty() => Some(s),
+        _ => None,
+    }
+}
+
+impl CaService {
+    async fn issue(&self, req: &Request<IstioCertificateRequest>) -> Result<(Caller, IssueOutcome), IssueError> {
+        let msg = req.get_ref();
+        if msg.csr.len() > MAX_CSR_BYTES {
+            self.metrics.csr_parsing_err_count.inc();
+            return Err(IssueError::CsrTooLarge(msg.csr.len()));
+        }
+        let peer_chain = req.peer_certs();
+        let creds = Credentials {
+            bearer: bearer(req).inspect_err(|_| self.metrics.authentication_failure_count.inc())?,
+            peer_chain: peer_chain.as_ref().map(|c| c.as_slice()),
+        };
+        let caller = self.auth.authenticate(creds).await.map_err(|e| {
+            self.metrics.authentication_failure_count.inc();
+            IssueError::Unauthenticated(match e {
+                AuthError::NoCredentials => e.to_string(),
+                AuthError::Failed(_) => e.to_string(),
+            })
+        })?;
+
+        if let Some(other) = metadata_string(msg, IMPERSONATED_IDENTITY) {
+            if other != caller.identity.to_string() {
+                self.metrics.id_extraction_err_count.inc();
+                return Err(IssueError::PermissionDenied(format!(
+                    "{} may not request a certificate for {other:?}: impersonation is not supported",
+                    caller.identity
+                )));
+            }
+        }
+
+        let ttl = self.ttl.resolve(msg.validity_duration)?;
+        let csr = csr::parse_pem(msg.csr.as_bytes()).inspect_err(|_| self.metrics.csr_parsing_err_count.inc())?;
+        let want = caller.identity.to_string();
+        if let Some(other) = csr.uri_sans.iter().find(|u| **u != want) {
+            self.metrics.id_extraction_err_count.inc();
+            return Err(IssueError::PermissionDenied(format!(
+                "CSR asks for {:?}, but the caller is {want}",
+                other.chars().take(256).collect::<String>()
+            )));
+        }
+
+        let signer = self.ca.current().ok_or_else(|| {
+            self.metrics.sign_error("not_ready");
+            IssueError::NotReady("no signing CA is loaded yet".into())
+        })?;
+        let issued = signer
+            .issue_workload(&csr.key, &caller.identity, csr.common_name.as_deref(), self.clock.now(), ttl)
+            .map_err(|e| match e {
+                SignError::Expired(at) => {
+                    self.metrics.sign_error("ca_expired");
+                    IssueError::NotReady(format!("the signing CA expired at {at}"))
+                }
+                other => {
+                    self.metrics.sign_error("sign_failed");
+                    IssueError::Sign(other)
+                }
+            })?;
+        let chain = signer.response_chain(issued.pem.clone());
+        Ok((
+            caller,
+            IssueOutcome {
+                serial_hex: issued.serial_hex,
+                not_after: issued.not_after,
+                key_kind: csr.key.kind().to_string(),
+                chain,
+            },
+        ))
+    }
+}
+
+struct IssueOutcome {
+    serial_hex: String,
+    not_after: time::OffsetDateTime,
+    key_kind: String,
+    chain: Vec<String>,
+}
+
+#[tonic::async_trait]
+impl IstioCertificateService for CaService {
+    async fn create_certificate(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let start = Instant::now();
+        self.metrics.csr_count.inc();
+        let result = self.issue(&request).await;
+        self.metrics.latency.observe(start.elapsed());
+        match result {
+            Ok((caller, out)) => {
+                self.metrics.success_cert_issuance_count.inc();
+                tracing::info!(
+                    target: "citadel::audit",
+                    event = "certificate_issued",
+                    serial = %out.serial_hex,
+                    identity = %caller.identity,
+                    not_after = %out.not_after.unix_timestamp(),
+                    key_type = %out.key_kind,
+                    auth = %caller.method,
+                    pod = caller.pod_name.as_deref().unwrap_or(""),
+                    "issued workload certificate"
+                );
+                Ok(Response::new(IstioCertificateResponse { cert_chain: out.chain }))
+            }
+            Err(e) => {
+                let status = e.status();
+                match &e {
+                    IssueError::Sign(inner) => tracing::error!(error = %inner, "certificate signing failed"),
+                    IssueError::NotReady(_) => tracing::warn!(error = %e, "refused a CSR: CA not ready"),
+                    _ => tracing::info!(code = ?status.code(), error = %e, "refused a CSR"),
+                }
+                Err(status)
+            }
+        }
+    }
+}

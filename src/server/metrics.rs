@@ -1,0 +1,146 @@
+//! Prometheus metrics with istiod's `citadel_server_*` names, so existing Istio dashboards
+//! and alerts work unchanged. (istiod exports these counters without a `_total` suffix;
+//! we keep its names rather than the Prometheus-client convention.)
+//!
+//! Hand-rolled on atomics: the request path only does relaxed increments.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::ca::Ca;
+
+#[derive(Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+const BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// A fixed-bucket latency histogram.
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            sum_nanos: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|&b| secs <= b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos
+            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+    }
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub csr_count: Counter,
+    pub authentication_failure_count: Counter,
+    pub csr_parsing_err_count: Counter,
+    pub id_extraction_err_count: Counter,
+    pub success_cert_issuance_count: Counter,
+    sign_errors: Mutex<BTreeMap<&'static str, u64>>,
+    pub latency: Histogram,
+}
+
+impl Metrics {
+    /// Counts a signing failure under a fixed label (never free text, to bound cardinality).
+    pub fn sign_error(&self, kind: &'static str) {
+        *self
+            .sign_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(kind)
+            .or_default() += 1;
+    }
+
+    pub fn render(&self, ca: &Ca) -> String {
+        let mut out = String::with_capacity(4096);
+        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        };
+        counter(&mut out, "citadel_server_csr_count", "The number of CSRs received by the CA server.", self.csr_count.get());
+        counter(&mut out, "citadel_server_authentication_failure_count", "The number of authentication failures.", self.authentication_failure_count.get());
+        counter(&mut out, "citadel_server_csr_parsing_err_count", "The number of errors occurred when parsing the CSR.", self.csr_parsing_err_count.get());
+        counter(&mut out, "citadel_server_id_extraction_err_count", "The number of errors occurred when extracting or matching the identity.", self.id_extraction_err_count.get());
+        counter(&mut out, "citadel_server_success_cert_issuance_count", "The number of certificates issued successfully.", self.success_cert_issuance_count.get());
+
+        let _ = writeln!(out, "# HELP citadel_server_csr_sign_err_count The number of errors occurred when signing the CSR.\n# TYPE citadel_server_csr_sign_err_count counter");
+        for (kind, v) in self.sign_errors.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(out, "citadel_server_csr_sign_err_count{{error=\"{kind}\"}} {v}");
+        }
+
+        let name = "citadel_server_csr_latency_seconds";
+        let _ = writeln!(out, "# HELP {name} Time to handle a CreateCertificate request.\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            cumulative += self.latency.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        let count = self.latency.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.latency.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+
+        if let Some(signer) = ca.current() {
+            let gauge = |out: &mut String, name: &str, help: &str, v: i64| {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+            };
+            gauge(&mut out, "citadel_server_root_cert_expiry_timestamp", "Unix time the root anchoring the signing chain expires.", signer.anchor_root().not_after.unix_timestamp());
+            gauge(&mut out, "citadel_server_cert_chain_expiry_timestamp", "Unix time the first CA in the signing chain expires.", signer.chain_not_after().unix_timestamp());
+            gauge(&mut out, "citadel_server_trust_bundle_roots", "The number of roots in the trust bundle.", signer.roots_der().len() as i64);
+        }
+        let _ = writeln!(
+            out,
+            "# HELP citadel_build_info Build information.\n# TYPE citadel_build_info gauge\ncitadel_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative_and_counts() {
+        let m = Metrics::default();
+        m.latency.observe(Duration::from_micros(300));
+        m.latency.observe(Duration::from_millis(3));
+        m.latency.observe(Duration::from_secs(10));
+        m.csr_count.inc();
+        m.sign_error("ca_expired");
+        let text = m.render(&Ca::default());
+        assert!(text.contains("citadel_server_csr_latency_seconds_bucket{le=\"0.0005\"} 1\n"));
+        assert!(text.contains("citadel_server_csr_latency_seconds_bucket{le=\"0.005\"} 2\n"));
+        assert!(text.contains("citadel_server_csr_latency_seconds_bucket{le=\"+Inf\"} 3\n"));
+        assert!(text.contains("citadel_server_csr_count 1\n"));
+        assert!(text.contains("citadel_server_csr_sign_err_count{error=\"ca_expired\"} 1\n"));
+    }
+}

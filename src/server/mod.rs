@@ -1,0 +1,174 @@
+//! The network edge: the CA gRPC service over TLS, and the monitoring HTTP port.
+//!
+//! `run` takes already-bound listeners and a shutdown signal, so tests bind `127.0.0.1:0`
+//! and the CLI binds the configured addresses.
+
+pub mod grpc;
+pub mod http;
+pub mod metrics;
+pub mod tls;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::auth::AuthChain;
+use crate::ca::policy::TtlPolicy;
+use crate::ca::Ca;
+use crate::clock::SharedClock;
+use crate::proto::istio_certificate_service_server::IstioCertificateServiceServer;
+use crate::shutdown::Shutdown;
+
+pub use metrics::Metrics;
+
+/// gRPC messages above this are refused by the transport (our CSR limit is 64 KiB).
+const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything the CA port needs.
+pub struct Server {
+    pub ca: Arc<Ca>,
+    pub auth: AuthChain,
+    pub ttl: TtlPolicy,
+    pub clock: SharedClock,
+    pub metrics: Arc<Metrics>,
+    /// `None` serves plaintext (`--plaintext`, local experiments only).
+    pub tls: Option<Arc<tls::TlsState>>,
+}
+
+/// What the readiness probe and metrics page look at.
+pub struct Readiness {
+    pub ca: Arc<Ca>,
+    pub metrics: Arc<Metrics>,
+    pub tls: Option<Arc<tls::TlsState>>,
+    pub clock: SharedClock,
+}
+
+impl Readiness {
+    /// `None` when this replica can sign; otherwise why not.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        let Some(signer) = self.ca.current() else {
+            return Some("no signing CA loaded".into());
+        };
+        if signer.signing_cert().not_after <= self.clock.now() {
+            return Some(format!("signing CA expired at {}", signer.signing_cert().not_after));
+        }
+        if self.tls.as_ref().is_some_and(|t| !t.ready()) {
+            return Some("no serving certificate yet".into());
+        }
+        None
+    }
+}
+
+impl Server {
+    pub fn readiness(&self) -> Arc<Readiness> {
+        Arc::new(Readiness {
+            ca: self.ca.clone(),
+            metrics: self.metrics.clone(),
+            tls: self.tls.clone(),
+            clock: self.clock.clone(),
+        })
+    }
+
+    /// Serves the CA on `listener` and monitoring on `metrics` until `shutdown`.
+    pub async fn run(self, listener: TcpListener, metrics: Option<TcpListener>, shutdown: Shutdown) -> Result<(), tonic::transport::Error> {
+        if let Some(ml) = metrics {
+            let (state, sd) = (self.readiness(), shutdown.clone());
+            tokio::spawn(async move {
+                if let Err(e) = http::serve(ml, state, sd).await {
+                    tracing::error!(error = %e, "monitoring server failed");
+                }
+            });
+        }
+        let service = IstioCertificateServiceServer::new(grpc::CaService {
+            ca: self.ca.clone(),
+            auth: self.auth,
+            ttl: self.ttl,
+            clock: self.clock.clone(),
+            metrics: self.metrics,
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let router = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_service(service);
+        let stop = {
+            let sd = shutdown.clone();
+            async move { sd.wait().await }
+        };
+        match self.tls {
+            Some(tls) => {
+                tokio::spawn(tls.clone().maintain(self.ca.clone(), self.clock.clone(), shutdown.clone()));
+                let config = tls.server_config();
+                let incoming = accept_tls(listener, tokio_rustls::TlsAcceptor::from(config), shutdown);
+                router.serve_with_incoming_shutdown(incoming, stop).await
+            }
+            None => {
+                let incoming = accept_plain(listener, shutdown);
+                router.serve_with_incoming_shutdown(incoming, stop).await
+            }
+        }
+    }
+}
+
+/// Accepts TCP, sets TCP_NODELAY (tonic ignores it for custom incoming streams, and without
+/// it each small RPC waits ~40 ms on Nagle), and runs each TLS handshake in its own task so
+/// a slow client cannot stall the accept loop.
+fn accept_tls(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    shutdown: Shutdown,
+) -> ReceiverStream<Result<tokio_rustls::server::TlsStream<TcpStream>, std::io::Error>> {
+    let (tx, rx) = mpsc::channel(128);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.wait() => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+fn accept_plain(listener: TcpListener, shutdown: Shutdown) -> ReceiverStream<Result<TcpStream, std::io::Error>> {
+    let (tx, rx) = mpsc::channel(128);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((tcp, _)) => {
+                        let _ = tcp.set_nodelay(true);
+                        if tx.send(Ok(tcp)).await.is_err() { return; }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                _ = shutdown.wait() => return,
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}

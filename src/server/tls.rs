@@ -1,0 +1,234 @@
+//! TLS for the CA port: a serving certificate issued by citadel's own CA and renewed before
+//! expiry, and optional client certificates verified against the *current* trust bundle.
+//! Both are swapped in place, so a CA rotation never needs a restart.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use time::OffsetDateTime;
+
+use crate::ca::{Ca, Signer};
+use crate::clock::SharedClock;
+use crate::pki::KeyType;
+
+/// The longest a serving certificate lives; it is renewed at half that.
+pub const SERVING_TTL: Duration = Duration::from_secs(24 * 3600);
+
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The TLS material the acceptor reads on every handshake.
+#[derive(Debug)]
+pub struct TlsState {
+    serving: ArcSwapOption<CertifiedKey>,
+    serving_window: ArcSwapOption<(OffsetDateTime, OffsetDateTime)>,
+    verifier: ArcSwap<Arc<dyn ClientCertVerifier>>,
+    names: Vec<String>,
+}
+
+impl TlsState {
+    pub fn new(names: Vec<String>) -> Result<Arc<Self>, rustls::Error> {
+        let verifier = build_verifier(&[])?;
+        Ok(Arc::new(Self {
+            serving: ArcSwapOption::empty(),
+            serving_window: ArcSwapOption::empty(),
+            verifier: ArcSwap::from_pointee(verifier),
+            names,
+        }))
+    }
+
+    pub fn ready(&self) -> bool {
+        self.serving.load().is_some()
+    }
+
+    /// Issues a fresh serving certificate from `signer` and trusts its bundle for clients.
+    pub fn refresh(&self, signer: &Signer, now: OffsetDateTime) -> Result<(), String> {
+        let key = KeyType::EcP256.generate().map_err(|e| e.to_string())?;
+        let issued = signer
+            .issue_serving(&key, &self.names, now, SERVING_TTL)
+            .map_err(|e| e.to_string())?;
+        let mut chain = vec![issued.der.clone()];
+        chain.extend(signer.intermediates_der().iter().cloned());
+        let signing_key = provider()
+            .key_provider
+            .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+                key.serialize_der(),
+            )))
+            .map_err(|e| e.to_string())?;
+        self.serving
+            .store(Some(Arc::new(CertifiedKey::new(chain, signing_key))));
+        self.serving_window
+            .store(Some(Arc::new((issued.not_before, issued.not_after))));
+        self.verifier
+            .store(Arc::new(build_verifier(signer.roots_der()).map_err(|e| e.to_string())?));
+        tracing::info!(serial = %issued.serial_hex, not_after = %issued.not_after, names = ?self.names, "serving certificate issued");
+        Ok(())
+    }
+
+    /// When the serving certificate should be renewed: half-way through its life.
+    fn renew_at(&self) -> Option<OffsetDateTime> {
+        self.serving_window
+            .load()
+            .as_ref()
+            .map(|w| w.0 + (w.1 - w.0) / 2)
+    }
+
+    pub fn server_config(self: &Arc<Self>) -> Arc<rustls::ServerConfig> {
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .expect("ring supports TLS 1.2 and 1.3")
+            .with_client_cert_verifier(Arc::new(DynamicVerifier(self.clone())))
+            .with_cert_resolver(self.clone());
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Arc::new(cfg)
+    }
+
+    /// Keeps the serving certificate fresh: renews at half-life, and at once when the CA
+    /// changes (new intermediate or bundle). Runs until `shutdown` resolves.
+    pub async fn maintain(self: Arc<Self>, ca: Arc<Ca>, clock: SharedClock, shutdown: crate::shutdown::Shutdown) {
+        let mut changes = ca.subscribe();
+        loop {
+            let due = self.renew_at().is_none_or(|at| clock.now() >= at);
+            if due || changes.has_changed().unwrap_or(false) {
+                changes.mark_unchanged();
+                match ca.current() {
+                    Some(signer) => {
+                        if let Err(e) = self.refresh(&signer, clock.now()) {
+                            tracing::error!(error = %e, "could not renew the serving certificate; retrying in 10s");
+                        }
+                    }
+                    None => tracing::debug!("no signer yet; serving certificate waits"),
+                }
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                _ = shutdown.wait() => return,
+            }
+        }
+    }
+}
+
+impl ResolvesServerCert for TlsState {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.serving.load_full()
+    }
+}
+
+fn build_verifier(roots: &[CertificateDer<'static>]) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
+    if roots.is_empty() {
+        // No bundle yet: accept no client certificates, but still allow token callers.
+        return Ok(Arc::new(NoClientAuth));
+    }
+    let mut store = RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone())?;
+    }
+    WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))
+}
+
+/// Delegates to whatever verifier the current bundle produced.
+#[derive(Debug)]
+struct DynamicVerifier(Arc<TlsState>);
+
+impl DynamicVerifier {
+    fn inner(&self) -> Arc<Arc<dyn ClientCertVerifier>> {
+        self.0.verifier.load_full()
+    }
+}
+
+impl ClientCertVerifier for DynamicVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // Hints are optional; an empty list lets clients send any certificate they hold.
+        &[]
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner().verify_client_cert(end_entity, intermediates, now)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner().verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner().verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Used before any bundle exists: every client certificate is refused.
+#[derive(Debug)]
+struct NoClientAuth;
+
+impl ClientCertVerifier for NoClientAuth {
+    fn offer_client_auth(&self) -> bool {
+        false
+    }
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+    fn verify_client_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Err(rustls::Error::General("the CA has no trust bundle yet".into()))
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("the CA has no trust bundle yet".into()))
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("the CA has no trust bundle yet".into()))
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

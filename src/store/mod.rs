@@ -1,0 +1,56 @@
+//! Where CA state lives. The default is a directory ([`file::FileStore`]); a Kubernetes
+//! store (Secrets and ConfigMaps) plugs in behind the same trait.
+//!
+//! Writes are compare-and-swap on a revision, so two processes that race to create or
+//! rotate a CA cannot both win.
+
+pub mod file;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::ca::journal::Journal;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// An opaque version of stored state (a counter for files, a resourceVersion for Kubernetes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revision(pub String);
+
+#[derive(Debug, Clone)]
+pub struct Versioned<T> {
+    pub value: T,
+    pub revision: Revision,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Someone else wrote first; reload and retry.
+    #[error("the stored CA state changed concurrently")]
+    Conflict,
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} is corrupt: {reason}")]
+    Corrupt { what: String, reason: String },
+}
+
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// A short description for logs, e.g. `file:/var/lib/citadel`.
+    fn describe(&self) -> String;
+
+    fn load_journal(&self) -> BoxFuture<'_, Result<Option<Versioned<Journal>>, StoreError>>;
+
+    /// Writes `journal` if the stored revision is still `expected` (`None`: nothing stored).
+    fn save_journal<'a>(
+        &'a self,
+        journal: &'a Journal,
+        expected: Option<&'a Revision>,
+    ) -> BoxFuture<'a, Result<Revision, StoreError>>;
+
+    /// Publishes the trust bundle where clients look for it.
+    fn publish_bundle<'a>(&'a self, roots_pem: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
+}
