@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod ca;
+pub mod cmd;
 pub mod client;
 pub mod clock;
 pub mod devkeys;

@@ -1,0 +1,37 @@
+//! Wiring of each subcommand: turns flags into the library's types and runs them.
+//! The only layer that reads flags, prints to the terminal, or decides exit codes.
+
+pub mod bench;
+pub mod ca;
+pub mod dev_token;
+pub mod request;
+pub mod serve;
+
+/// A command failure: printed as `error: ...` and exit status 1.
+pub type CmdResult = Result<(), String>;
+
+/// Log output format, for operators and log pipelines.
+#[derive(Debug, Clone, Copy, clap::ValueEnum, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Sets up tracing on stderr (stdout stays clean for tokens and PEM). `RUST_LOG` overrides
+/// the default `info` level.
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+    }
+}
+
+pub(crate) fn read_file(path: &std::path::Path, what: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
+}

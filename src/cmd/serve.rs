@@ -1,0 +1,275 @@
+//! `citadel serve`: run the CA.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::auth::client_cert::ClientCertAuthenticator;
+use crate::auth::jwks::Jwks;
+use crate::auth::jwt::{JwtAuthenticator, JwtPolicy, DEFAULT_LEEWAY};
+use crate::auth::{AuthChain, Authenticator};
+use crate::ca::bootstrap::{self, CaOptions};
+use crate::ca::policy::TtlPolicy;
+use crate::ca::{plugged, Ca};
+use crate::clock::{self, SharedClock};
+use crate::duration::{self, clap_parse};
+use crate::identity::TrustDomain;
+use crate::pki::KeyType;
+use crate::server::{tls::TlsState, Metrics, Server};
+use crate::store::file::FileStore;
+use crate::store::Store;
+use crate::{devkeys, shutdown};
+use tokio::net::TcpListener;
+
+use super::CmdResult;
+
+#[derive(Debug, clap::Args)]
+#[command(after_long_help = "\
+Examples:
+  # Local development: a self-signed CA that trusts tokens from `citadel dev-token`.
+  citadel serve --dev
+
+  # Trust a cluster's service-account tokens (JWKS from GET /openid/v1/jwks).
+  citadel serve --jwks-file jwks.json --token-issuer https://kubernetes.default.svc.cluster.local
+
+  # Sign with a plugged-in CA in Istio's cacerts layout.
+  citadel serve --jwks-file jwks.json --ca-certs-dir /etc/cacerts")]
+pub struct Args {
+    /// Development mode: trust the dev JWT key compiled in from certs-dev/ (its private key is
+    /// public; never use in production). Tokens come from `citadel dev-token`.
+    #[arg(long)]
+    pub dev: bool,
+
+    /// Where CA state lives: ca-journal.json (keys, 0600) and root-cert.pem (trust bundle).
+    #[arg(long, default_value = "citadel-data", value_name = "DIR")]
+    pub state_dir: PathBuf,
+
+    /// Address for the CA gRPC service (TLS).
+    #[arg(long, default_value = "127.0.0.1:15012", value_name = "ADDR")]
+    pub listen: SocketAddr,
+
+    /// Address for /metrics, /healthz/ready and /healthz/live (plain HTTP).
+    #[arg(long, default_value = "127.0.0.1:15014", value_name = "ADDR")]
+    pub metrics_listen: SocketAddr,
+
+    /// SPIFFE trust domain of issued identities: spiffe://<TD>/ns/<ns>/sa/<sa>.
+    #[arg(long, default_value = "cluster.local", value_name = "TD")]
+    pub trust_domain: TrustDomain,
+
+    /// JWKS that verifies service-account tokens (the JSON a cluster serves at /openid/v1/jwks).
+    #[arg(long, value_name = "FILE")]
+    pub jwks_file: Option<PathBuf>,
+
+    /// Required `iss` of tokens. Unset: any issuer whose key is in the JWKS.
+    #[arg(long, value_name = "ISS")]
+    pub token_issuer: Option<String>,
+
+    /// Accepted token audience; repeat for several.
+    #[arg(long = "token-audience", value_name = "AUD", default_value = "istio-ca")]
+    pub token_audiences: Vec<String>,
+
+    /// Sign with a plugged-in CA: ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem.
+    #[arg(long, value_name = "DIR")]
+    pub ca_certs_dir: Option<PathBuf>,
+
+    /// Key type of a newly created self-signed CA (ignored once the CA exists).
+    #[arg(long, default_value = "ec-p256", value_name = "TYPE",
+          value_parser = ["ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096"])]
+    pub ca_key_type: String,
+
+    /// DNS name or IP for the serving certificate; repeat for several.
+    #[arg(long = "server-dns-name", value_name = "NAME",
+          default_values = ["istiod.istio-system.svc", "localhost", "127.0.0.1"])]
+    pub server_dns_names: Vec<String>,
+
+    /// Workload certificate TTL when a request asks for none.
+    #[arg(long, default_value = "24h", value_parser = clap_parse, value_name = "DUR")]
+    pub default_ttl: Duration,
+
+    /// Longest workload TTL; longer requests are rejected (InvalidArgument), not clamped.
+    #[arg(long, default_value = "90d", value_parser = clap_parse, value_name = "DUR")]
+    pub max_ttl: Duration,
+
+    /// Lifetime of a newly created self-signed root.
+    #[arg(long, default_value = "3650d", value_parser = clap_parse, value_name = "DUR")]
+    pub root_ttl: Duration,
+
+    /// Lifetime of a newly created intermediate signing CA.
+    #[arg(long, default_value = "365d", value_parser = clap_parse, value_name = "DUR")]
+    pub intermediate_ttl: Duration,
+
+    /// Serve gRPC without TLS. For local experiments only: tokens cross the wire in clear.
+    #[arg(long)]
+    pub plaintext: bool,
+}
+
+fn build_auth(args: &Args, ca: &Arc<Ca>, clock: &SharedClock) -> Result<AuthChain, String> {
+    let mut members: Vec<Arc<dyn Authenticator>> = vec![Arc::new(ClientCertAuthenticator::new(
+        ca.clone(),
+        args.trust_domain.clone(),
+        clock.clone(),
+    ))];
+    let (jwks_bytes, issuer) = match (&args.jwks_file, args.dev) {
+        (Some(path), _) => (super::read_file(path, "JWKS file")?, args.token_issuer.clone()),
+        (None, true) => (
+            devkeys::jwks_json().into_bytes(),
+            Some(args.token_issuer.clone().unwrap_or_else(|| devkeys::DEV_ISSUER.to_string())),
+        ),
+        (None, false) => {
+            return Err("no way to verify service-account tokens: pass --jwks-file FILE (the JSON \
+                        a cluster serves at /openid/v1/jwks), or --dev for local development"
+                .into())
+        }
+    };
+    let source = args
+        .jwks_file
+        .as_ref()
+        .map_or("the dev key (certs-dev/)".to_string(), |p| p.display().to_string());
+    let jwks = Jwks::from_json(&jwks_bytes).map_err(|e| format!("{source}: {e}"))?;
+    if issuer.is_none() {
+        tracing::warn!("--token-issuer is not set: tokens from any issuer whose key is in the JWKS are accepted");
+    }
+    tracing::info!(keys = jwks.len(), jwks = %source, issuer = issuer.as_deref().unwrap_or("(any)"), audiences = ?args.token_audiences, "JWT authentication enabled");
+    members.push(Arc::new(JwtAuthenticator::new(
+        jwks,
+        JwtPolicy {
+            issuer,
+            audiences: args.token_audiences.clone(),
+            leeway: DEFAULT_LEEWAY,
+        },
+        args.trust_domain.clone(),
+        clock.clone(),
+    )));
+    Ok(AuthChain::new(members))
+}
+
+/// Binds the configured addresses, wires SIGTERM/Ctrl-C, and serves until stopped.
+pub async fn run(args: Args) -> CmdResult {
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let metrics_listener = TcpListener::bind(args.metrics_listen)
+        .await
+        .map_err(|e| format!("cannot listen on {} (--metrics-listen): {e}", args.metrics_listen))?;
+    let (trigger, shutdown) = shutdown::channel();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: finishing in-flight requests");
+        trigger.trigger();
+    });
+    serve(args, listener, metrics_listener, shutdown).await
+}
+
+/// Loads or creates the CA and serves on already-bound listeners until `shutdown`.
+/// Tests call this with listeners on 127.0.0.1:0.
+pub async fn serve(
+    args: Args,
+    listener: TcpListener,
+    metrics_listener: TcpListener,
+    shutdown: shutdown::Shutdown,
+) -> CmdResult {
+    if args.default_ttl > args.max_ttl {
+        return Err(format!(
+            "--default-ttl {} exceeds --max-ttl {}",
+            duration::format(args.default_ttl),
+            duration::format(args.max_ttl)
+        ));
+    }
+    if args.default_ttl.is_zero() {
+        return Err("--default-ttl must be positive".into());
+    }
+    if args.dev {
+        tracing::warn!("DEV MODE: trusting the public dev JWT key from certs-dev/; anyone can mint tokens. Never use --dev in production.");
+    }
+    if args.plaintext {
+        tracing::warn!("--plaintext: the CA port serves WITHOUT TLS; bearer tokens and certificates cross the network in clear");
+    }
+    let clock = clock::system();
+    let store = FileStore::open(&args.state_dir).map_err(|e| e.to_string())?;
+    let ca = Ca::new();
+
+    let signer = match &args.ca_certs_dir {
+        Some(dir) => {
+            let s = plugged::load(dir, &args.trust_domain, clock.now()).map_err(|e| format!("plugged-in CA refused: {e}"))?;
+            tracing::info!(dir = %dir.display(), signer = %s.signing_cert().subject, "loaded plugged-in CA");
+            s
+        }
+        None => {
+            let mut opts = CaOptions::new(args.trust_domain.clone());
+            opts.key_type = args.ca_key_type.parse::<KeyType>()?;
+            opts.root_ttl = args.root_ttl;
+            opts.intermediate_ttl = args.intermediate_ttl;
+            let (_, s) = bootstrap::load_or_create(&store, &opts, clock.as_ref())
+                .await
+                .map_err(|e| e.to_string())?;
+            s
+        }
+    };
+    store
+        .publish_bundle(signer.roots_pem())
+        .await
+        .map_err(|e| format!("cannot publish the trust bundle: {e}"))?;
+    tracing::info!(
+        signer = %signer.signing_cert().subject,
+        signer_not_after = %signer.signing_cert().not_after,
+        roots = signer.roots_der().len(),
+        key_type = %signer.key_kind(),
+        bundle = %args.state_dir.join("root-cert.pem").display(),
+        "CA ready"
+    );
+    ca.install(signer);
+
+    let auth = build_auth(&args, &ca, &clock)?;
+    let tls = if args.plaintext {
+        None
+    } else {
+        let t = TlsState::new(args.server_dns_names.clone()).map_err(|e| e.to_string())?;
+        let signer = ca.current().ok_or("CA vanished")?;
+        t.refresh(&signer, clock.now())
+            .map_err(|e| format!("cannot issue the serving certificate: {e}"))?;
+        Some(t)
+    };
+
+    tracing::info!(
+        grpc = %listener.local_addr().map_err(|e| e.to_string())?,
+        metrics = %metrics_listener.local_addr().map_err(|e| e.to_string())?,
+        tls = !args.plaintext,
+        trust_domain = %args.trust_domain,
+        auth = ?auth.names(),
+        "citadel serving"
+    );
+    let server = Server {
+        ca,
+        auth,
+        ttl: TtlPolicy {
+            default: args.default_ttl,
+            max: args.max_ttl,
+        },
+        clock,
+        metrics: Arc::new(Metrics::default()),
+        tls,
+    };
+    server
+        .run(listener, Some(metrics_listener), shutdown)
+        .await
+        .map_err(|e| format!("server failed: {e}"))?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
