@@ -181,7 +181,7 @@ impl IstioCertificateService for CaService {
                     event = "certificate_issued",
                     serial = %out.serial_hex,
                     identity = %caller.identity,
-                    not_after = %out.not_after.unix_timestamp(),
+                    not_after = %out.not_after.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
                     key_type = %out.key_kind,
                     auth = %caller.method,
                     pod = caller.pod_name.as_deref().unwrap_or(""),

@@ -1,0 +1,144 @@
+//! Restarts, concurrency, readiness and shutdown.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use citadel::auth::AuthChain;
+use citadel::ca::bootstrap::{self, CaOptions};
+use citadel::ca::policy::TtlPolicy;
+use citadel::ca::Ca;
+use citadel::client::verify_response;
+use citadel::pki::{pem, KeyType};
+use citadel::server::{Metrics, Server};
+use citadel::store::file::FileStore;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn restart_keeps_the_same_ca() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::start_in(tmp.path(), &[]).await;
+    let root_before = ca.root_pem();
+    let id = spiffe("shop", "cart");
+    let (_, csr) = csr_for(KeyType::EcP256, &id);
+    let old = call(&mut ca.client().await, &csr, Some(&bearer(&token("shop", "cart"))), 0, None).await.unwrap();
+    ca.stop().await;
+
+    let ca = TestCa::start_in(tmp.path(), &["--ca-key-type", "rsa-2048"]).await;
+    assert_eq!(ca.root_pem(), root_before, "same root after restart (key type flag ignored once the CA exists)");
+    let new = call(&mut ca.client().await, &csr, Some(&bearer(&token("shop", "cart"))), 0, None).await.unwrap();
+    assert_eq!(old[1], new[1], "same intermediate");
+    // A certificate from before the restart still verifies against the bundle after it.
+    let bundle_now = String::from_utf8(ca.root_pem()).unwrap();
+    let mut old_with_new_bundle = old.clone();
+    *old_with_new_bundle.last_mut().unwrap() = bundle_now;
+    verify_response(&old_with_new_bundle, Some(&id), time::OffsetDateTime::now_utc()).unwrap();
+    ca.stop().await;
+
+    // A different trust domain on the same state is refused with a clear message.
+    let err = TestCa::try_start_in(tmp.path(), &["--trust-domain", "prod.example"]).await.err().unwrap();
+    assert!(err.contains("trust domain") && err.contains("cluster.local"), "{err}");
+}
+
+#[tokio::test]
+async fn key_files_are_private_and_keys_stay_out_of_logs() {
+    use std::os::unix::fs::PermissionsExt;
+    let ca = TestCa::start(&[]).await;
+    let state = ca.state_dir();
+    let mode = |p: &str| std::fs::metadata(state.join(p)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("ca-journal.json"), 0o600);
+    assert_eq!(mode("root-cert.pem"), 0o644);
+    let journal = std::fs::read_to_string(state.join("ca-journal.json")).unwrap();
+    assert!(journal.contains("PRIVATE KEY"));
+    let bundle = String::from_utf8(ca.root_pem()).unwrap();
+    assert!(!bundle.contains("PRIVATE"), "the bundle holds no key");
+    ca.stop().await;
+}
+
+#[tokio::test]
+async fn two_hundred_concurrent_requests_all_succeed_with_distinct_serials() {
+    let ca = TestCa::start(&[]).await;
+    let client = ca.client().await;
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let mut c = client.clone();
+        let sa = format!("w{i}");
+        let (t, (_, csr)) = (token("load", &sa), csr_for(KeyType::EcP256, &spiffe("load", &sa)));
+        tasks.push(tokio::spawn(async move {
+            let chain = call(&mut c, &csr, Some(&bearer(&t)), 0, None).await.unwrap();
+            let v = verify_response(&chain, Some(&spiffe("load", &sa)), time::OffsetDateTime::now_utc()).unwrap();
+            v.leaf.serial_hex
+        }));
+    }
+    let mut serials = HashSet::new();
+    for t in tasks {
+        assert!(serials.insert(t.await.unwrap()), "duplicate serial");
+    }
+    assert_eq!(serials.len(), 200);
+    ca.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_first_starts_on_one_state_dir_make_one_ca() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(FileStore::open(tmp.path()).unwrap());
+    let opts = CaOptions::new(td());
+    let clock = citadel::clock::system();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (store, opts, clock) = (store.clone(), opts.clone(), clock.clone());
+        tasks.push(tokio::spawn(async move {
+            let (_, signer) = bootstrap::load_or_create(store.as_ref(), &opts, clock.as_ref()).await.unwrap();
+            signer.roots_pem().to_string()
+        }));
+    }
+    let mut roots = HashSet::new();
+    for t in tasks {
+        roots.insert(t.await.unwrap());
+    }
+    assert_eq!(roots.len(), 1, "every starter ends with the same single CA");
+}
+
+#[tokio::test]
+async fn a_server_without_a_ca_answers_unavailable_then_recovers() {
+    citadel::install_crypto_provider();
+    let ca = Ca::new();
+    let server = Server {
+        ca: ca.clone(),
+        auth: AuthChain::new(vec![Arc::new(citadel::auth::jwt::JwtAuthenticator::new(
+            citadel::auth::jwks::Jwks::from_json(citadel::devkeys::jwks_json().as_bytes()).unwrap(),
+            citadel::auth::jwt::JwtPolicy { issuer: None, audiences: vec!["istio-ca".into()], leeway: citadel::auth::jwt::DEFAULT_LEEWAY },
+            td(),
+            citadel::clock::system(),
+        ))]),
+        ttl: TtlPolicy::default(),
+        clock: citadel::clock::system(),
+        metrics: Arc::new(Metrics::default()),
+        tls: None,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (addr, maddr) = (listener.local_addr().unwrap(), metrics.local_addr().unwrap());
+    let (trigger, sd) = citadel::shutdown::channel();
+    let task = tokio::spawn(server.run(listener, Some(metrics), sd));
+
+    let mut client = citadel::client::connect(&citadel::client::ConnectOptions { addr: addr.to_string(), plaintext: true, ..Default::default() })
+        .await
+        .unwrap();
+    let (_, csr) = csr_for(KeyType::EcP256, &spiffe("shop", "cart"));
+    let t = bearer(&token("shop", "cart"));
+    let err = call(&mut client, &csr, Some(&t), 0, None).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    let (code, body) = http_get(maddr, "/healthz/ready").await.unwrap();
+    assert_eq!(code, 503);
+    assert!(body.contains("no signing CA"), "{body}");
+
+    // Installing a signer makes the same server ready, without a restart.
+    let journal = bootstrap::new_journal(&CaOptions::new(td()), time::OffsetDateTime::now_utc()).unwrap();
+    ca.install(bootstrap::signer_from_journal(&journal, &td()).unwrap());
+    let chain = call(&mut client, &csr, Some(&t), 0, None).await.unwrap();
+    assert_eq!(pem::parse_certs(chain[2].as_bytes()).unwrap().len(), 1);
+    assert_eq!(http_get(maddr, "/healthz/ready").await.unwrap().0, 200);
+    trigger.trigger();
+    task.await.unwrap().unwrap();
+}

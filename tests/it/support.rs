@@ -1,0 +1,209 @@
+//! Test harness: a real `citadel serve` in-process on loopback, dev tokens, CSRs.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use citadel::client::{self, CaClient, ConnectOptions};
+use citadel::cmd::serve;
+use citadel::devkeys;
+use citadel::identity::{ServiceAccount, SpiffeId, TrustDomain};
+use citadel::pki::{csr, KeyType};
+use citadel::proto::IstioCertificateRequest;
+use citadel::shutdown::{self, Trigger};
+use clap::Parser;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+#[derive(Parser)]
+struct ServeCli {
+    #[command(flatten)]
+    args: serve::Args,
+}
+
+pub struct TestCa {
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    trigger: Trigger,
+    task: tokio::task::JoinHandle<Result<(), String>>,
+}
+
+impl TestCa {
+    /// `citadel serve --dev` with a fresh state directory, plus `extra` flags.
+    pub async fn start(extra: &[&str]) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut ca = Self::start_in(&dir, extra).await;
+        ca._tmp = Some(tmp);
+        ca
+    }
+
+    /// Same, on an existing directory (state lives in `dir/state`).
+    pub async fn start_in(dir: &Path, extra: &[&str]) -> Self {
+        Self::try_start_in(dir, extra).await.expect("server starts")
+    }
+
+    pub async fn try_start_in(dir: &Path, extra: &[&str]) -> Result<Self, String> {
+        citadel::install_crypto_provider();
+        let state = dir.join("state");
+        let mut argv: Vec<String> = vec!["serve".into(), "--dev".into(), "--state-dir".into(), state.display().to_string()];
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        let cli = ServeCli::try_parse_from(&argv).map_err(|e| e.to_string())?;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (addr, metrics_addr) = (listener.local_addr().unwrap(), metrics.local_addr().unwrap());
+        let (trigger, sd) = shutdown::channel();
+        let task = tokio::spawn(serve::serve(cli.args, listener, metrics, sd));
+        let ca = Self { dir: dir.to_path_buf(), _tmp: None, addr, metrics_addr, trigger, task };
+        for _ in 0..400 {
+            if ca.task.is_finished() {
+                let r = ca.task.await.map_err(|e| e.to_string())?;
+                return Err(r.err().unwrap_or_else(|| "server exited".into()));
+            }
+            if let Ok((200, _)) = http_get(ca.metrics_addr, "/healthz/ready").await {
+                return Ok(ca);
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        Err("server did not become ready".into())
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    pub fn root_pem(&self) -> Vec<u8> {
+        std::fs::read(self.state_dir().join("root-cert.pem")).unwrap()
+    }
+
+    pub async fn client(&self) -> CaClient {
+        self.client_with(None).await
+    }
+
+    pub async fn client_with(&self, identity: Option<(Vec<u8>, Vec<u8>)>) -> CaClient {
+        client::connect(&ConnectOptions {
+            addr: self.addr.to_string(),
+            root_pem: self.root_pem(),
+            server_name: Some("localhost".into()),
+            identity,
+            plaintext: false,
+        })
+        .await
+        .unwrap()
+    }
+
+    pub async fn stop(self) -> Option<tempfile::TempDir> {
+        self.trigger.trigger();
+        let r = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+        assert!(matches!(r, Ok(Ok(Ok(())))), "server did not stop cleanly: {r:?}");
+        self._tmp
+    }
+
+    pub async fn metrics(&self) -> String {
+        http_get(self.metrics_addr, "/metrics").await.unwrap().1
+    }
+}
+
+/// A minimal HTTP/1.1 GET, to avoid another client dependency.
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await?;
+    let code = buf.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = buf.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    Ok((code, body))
+}
+
+pub fn td() -> TrustDomain {
+    TrustDomain::new("cluster.local").unwrap()
+}
+
+pub fn spiffe(ns: &str, sa: &str) -> SpiffeId {
+    td().service_account_id(&ServiceAccount::new(ns, sa).unwrap())
+}
+
+pub fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// Dev-key claims for ns/sa, valid for an hour.
+pub fn claims(ns: &str, sa: &str) -> serde_json::Value {
+    citadel::cmd::dev_token::claims(&ServiceAccount::new(ns, sa).unwrap(), &["istio-ca".into()], now(), Duration::from_secs(3600), Some("pod-1"))
+}
+
+pub fn sign(claims: &serde_json::Value) -> String {
+    devkeys::signing_key().sign(claims)
+}
+
+pub fn token(ns: &str, sa: &str) -> String {
+    sign(&claims(ns, sa))
+}
+
+/// A key and an istio-agent-shaped CSR for `id`.
+pub fn csr_for(kt: KeyType, id: &SpiffeId) -> (rcgen::KeyPair, String) {
+    let key = kt.generate().unwrap();
+    let pem = csr::build(&key, &id.to_string()).unwrap();
+    (key, pem)
+}
+
+/// One raw CreateCertificate, returning the gRPC status on failure.
+pub async fn call(
+    client: &mut CaClient,
+    csr: &str,
+    auth_header: Option<&str>,
+    ttl: i64,
+    metadata: Option<prost_types::Struct>,
+) -> Result<Vec<String>, tonic::Status> {
+    let mut req = tonic::Request::new(IstioCertificateRequest {
+        csr: csr.to_string(),
+        validity_duration: ttl,
+        metadata,
+    });
+    if let Some(h) = auth_header {
+        req.metadata_mut().insert("authorization", h.parse().unwrap());
+    }
+    client.create_certificate(req).await.map(|r| r.into_inner().cert_chain)
+}
+
+pub fn bearer(t: &str) -> String {
+    format!("Bearer {t}")
+}
+
+/// A validator binary, or skip the test (fail under CI=true, where a missing tool is a bug
+/// in the set-up script).
+pub fn require_tool(name: &str) -> bool {
+    let ok = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{name} is required under CI=true; run scripts/test.sh");
+        eprintln!("SKIPPED: {name} not installed");
+    }
+    ok
+}
+
+/// Python with the `cryptography` package, for a second third-party validator.
+pub fn python() -> Option<String> {
+    let candidates = [
+        std::env::var("CITADEL_PYTHON").unwrap_or_default(),
+        "python3".to_string(),
+    ];
+    for py in candidates.iter().filter(|p| !p.is_empty()) {
+        let ok = std::process::Command::new(py)
+            .args(["-c", "import cryptography.x509.verification"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if ok {
+            return Some(py.clone());
+        }
+    }
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "python cryptography>=42 is required under CI=true; run scripts/test.sh");
+    eprintln!("SKIPPED: python cryptography not available");
+    None
+}

@@ -1,0 +1,177 @@
+//! Third-party validators and third-party material: openssl and Python `cryptography` check
+//! what we issue; openssl makes CSRs and a plugged-in CA for us to consume.
+
+use std::path::Path;
+use std::process::Command;
+
+use citadel::pki::KeyType;
+
+use crate::support::*;
+
+fn sh(dir: &Path, script: &str) -> std::process::Output {
+    let out = Command::new("sh").arg("-ec").arg(script).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "{script}\n{}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// Writes a response as openssl wants it: leaf.pem, chain.pem (intermediates), roots.pem.
+fn write_chain(dir: &Path, chain: &[String]) {
+    std::fs::write(dir.join("leaf.pem"), &chain[0]).unwrap();
+    std::fs::write(dir.join("chain.pem"), chain[1..chain.len() - 1].concat()).unwrap();
+    std::fs::write(dir.join("roots.pem"), chain.last().unwrap()).unwrap();
+}
+
+fn openssl_verify(dir: &Path) {
+    let out = Command::new("openssl")
+        .args(["verify", "-x509_strict", "-purpose", "sslclient", "-CAfile", "roots.pem", "-untrusted", "chain.pem", "leaf.pem"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("leaf.pem: OK"), "openssl verify failed: {text}");
+}
+
+const PY_VERIFY: &str = r#"
+import sys
+from cryptography import x509
+from cryptography.x509.verification import PolicyBuilder, Store
+roots = x509.load_pem_x509_certificates(open("roots.pem", "rb").read())
+inter = x509.load_pem_x509_certificates(open("chain.pem", "rb").read()) if open("chain.pem").read().strip() else []
+leaf = x509.load_pem_x509_certificate(open("leaf.pem", "rb").read())
+verified = PolicyBuilder().store(Store(roots)).build_client_verifier().verify(leaf, inter)
+print(" ".join(n.value for n in verified.subjects if isinstance(n, x509.UniformResourceIdentifier)))
+"#;
+
+fn python_verify(dir: &Path) -> Option<String> {
+    let py = python()?;
+    let out = Command::new(py).arg("-c").arg(PY_VERIFY).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "cryptography rejected the chain: {}", String::from_utf8_lossy(&out.stderr));
+    Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[tokio::test]
+async fn openssl_and_python_cryptography_accept_our_chains() {
+    if !require_tool("openssl") {
+        return;
+    }
+    for ca_key in ["ec-p256", "rsa-2048"] {
+        let ca = TestCa::start(&["--ca-key-type", ca_key]).await;
+        let id = spiffe("shop", "cart");
+        for kt in [KeyType::EcP256, KeyType::Rsa2048] {
+            let (_, csr) = csr_for(kt, &id);
+            let chain = call(&mut ca.client().await, &csr, Some(&bearer(&token("shop", "cart"))), 0, None).await.unwrap();
+            let tmp = tempfile::tempdir().unwrap();
+            write_chain(tmp.path(), &chain);
+            openssl_verify(tmp.path());
+            if let Some(sans) = python_verify(tmp.path()) {
+                assert_eq!(sans, id.to_string());
+            }
+        }
+        ca.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn openssl_csrs_with_extra_extensions_are_accepted_and_weak_keys_refused() {
+    if !require_tool("openssl") {
+        return;
+    }
+    let ca = TestCa::start(&[]).await;
+    let mut client = ca.client().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let id = spiffe("shop", "cart");
+    // SubjectKeyIdentifier and a CN: rcgen's own CSR parser would reject the SKI.
+    sh(tmp.path(), &format!(
+        "openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ec.key -out ec.csr \
+         -subj /CN=cart -addext 'subjectAltName=critical,URI:{id}' -addext subjectKeyIdentifier=hash 2>/dev/null
+         openssl req -new -newkey rsa:3072 -nodes -keyout rsa.key -out rsa.csr -subj /O=x \
+         -addext 'subjectAltName=URI:{id}' -addext 'keyUsage=digitalSignature' 2>/dev/null
+         openssl req -new -newkey rsa:1024 -nodes -keyout weak.key -out weak.csr -subj /O=x 2>/dev/null"
+    ));
+    let t = bearer(&token("shop", "cart"));
+    for name in ["ec.csr", "rsa.csr"] {
+        let csr = std::fs::read_to_string(tmp.path().join(name)).unwrap();
+        let chain = call(&mut client, &csr, Some(&t), 0, None).await.unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        write_chain(tmp.path(), &chain);
+        openssl_verify(tmp.path());
+    }
+    let weak = std::fs::read_to_string(tmp.path().join("weak.csr")).unwrap();
+    let err = call(&mut client, &weak, Some(&t), 0, None).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("RSA-1024"), "{}", err.message());
+    ca.stop().await;
+}
+
+/// Istio's cacerts layout, made by openssl: an RSA root and an intermediate whose key is in
+/// the traditional PKCS#1 (or SEC1) form many real secrets use.
+fn make_cacerts(dir: &Path, int_key_cmd: &str) {
+    sh(dir, &format!(
+        "openssl req -x509 -newkey rsa:2048 -nodes -keyout root-key.pem -out root-cert.pem -days 3650 \
+           -subj '/O=Istio/CN=Root CA' -addext 'basicConstraints=critical,CA:true' \
+           -addext 'keyUsage=critical,keyCertSign,cRLSign' 2>/dev/null
+         {int_key_cmd}
+         openssl req -new -key ca-key.pem -out ca.csr -subj '/O=Istio/CN=Intermediate CA' 2>/dev/null
+         printf 'basicConstraints=critical,CA:true,pathlen:0\\nkeyUsage=critical,keyCertSign,cRLSign,digitalSignature\\nsubjectKeyIdentifier=hash\\nauthorityKeyIdentifier=keyid\\n' > ext.cnf
+         openssl x509 -req -in ca.csr -CA root-cert.pem -CAkey root-key.pem -CAcreateserial -out ca-cert.pem -days 730 -extfile ext.cnf 2>/dev/null
+         cat ca-cert.pem root-cert.pem > cert-chain.pem"
+    ));
+}
+
+#[tokio::test]
+async fn plugged_in_openssl_ca_signs_and_chains() {
+    if !require_tool("openssl") {
+        return;
+    }
+    for key_cmd in [
+        "openssl genrsa -traditional -out ca-key.pem 2048 2>/dev/null",
+        "openssl ecparam -name prime256v1 -genkey -noout -out ca-key.pem",
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let cacerts = tmp.path().join("cacerts");
+        std::fs::create_dir(&cacerts).unwrap();
+        make_cacerts(&cacerts, key_cmd);
+        let ca = TestCa::start_in(tmp.path(), &["--ca-certs-dir", cacerts.to_str().unwrap()]).await;
+        assert_eq!(ca.root_pem(), std::fs::read(cacerts.join("root-cert.pem")).unwrap(), "bundle is the plugged root");
+        let id = spiffe("shop", "cart");
+        let (_, csr) = csr_for(KeyType::EcP256, &id);
+        let chain = call(&mut ca.client().await, &csr, Some(&bearer(&token("shop", "cart"))), 0, None).await.unwrap();
+        assert_eq!(chain.len(), 3);
+        assert_eq!(chain[1].trim(), std::fs::read_to_string(cacerts.join("ca-cert.pem")).unwrap().trim());
+        write_chain(tmp.path(), &chain);
+        openssl_verify(tmp.path());
+        ca.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn plugged_in_ca_problems_name_the_file() {
+    if !require_tool("openssl") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("good");
+    std::fs::create_dir(&good).unwrap();
+    make_cacerts(&good, "openssl genrsa -out ca-key.pem 2048 2>/dev/null");
+
+    let variant = |name: &str, script: &str| {
+        let d = tmp.path().join(name);
+        sh(tmp.path(), &format!("cp -r good {name}"));
+        sh(&d, script);
+        d
+    };
+    let cases = [
+        (variant("wrongkey", "openssl genrsa -out ca-key.pem 2048 2>/dev/null"), "ca-key.pem", "does not match"),
+        (variant("nochain", "rm cert-chain.pem"), "cert-chain.pem", "missing"),
+        (variant("nokey", "rm ca-key.pem"), "ca-key.pem", "missing"),
+        (variant("otherroot", "openssl req -x509 -newkey rsa:2048 -nodes -keyout k.pem -out root-cert.pem -days 10 -subj /CN=Other 2>/dev/null"), "root-cert.pem", "chain"),
+        (variant("leafca", "cp root-key.pem ca-key.pem; openssl req -new -key ca-key.pem -subj /CN=leaf -out l.csr 2>/dev/null; \
+                            printf 'basicConstraints=CA:false\\n' > leaf.cnf; \
+                            openssl x509 -req -in l.csr -CA root-cert.pem -CAkey root-key.pem -CAcreateserial -out ca-cert.pem -days 10 -extfile leaf.cnf 2>/dev/null"), "ca-cert.pem", "not a CA"),
+        (variant("garbage", "echo nonsense > ca-cert.pem"), "ca-cert.pem", "CERTIFICATE"),
+    ];
+    for (dir, file, says) in cases {
+        let err = TestCa::try_start_in(&dir, &["--ca-certs-dir", dir.to_str().unwrap()]).await.err().expect("refused");
+        assert!(err.contains(file) && err.contains(says), "{}: {err}", dir.display());
+        assert!(!err.contains("PRIVATE KEY"), "key material in error: {err}");
+    }
+}
