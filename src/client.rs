@@ -98,9 +98,9 @@ pub async fn create_certificate(
         }),
     });
     if let Some(t) = token {
-        let v = format!("Bearer {t}")
-            .parse()
-            .map_err(|_| ClientError::BadResponse("the token contains characters not allowed in a header".into()))?;
+        let v = format!("Bearer {t}").parse().map_err(|_| {
+            ClientError::BadResponse("the token contains characters not allowed in a header".into())
+        })?;
         req.metadata_mut().insert("authorization", v);
     }
     client
@@ -141,15 +141,21 @@ pub fn verify_response(
     let leaf = pem::parse_certs(chain_pem[0].as_bytes()).map_err(|e| bad(format!("leaf: {e}")))?;
     let mut intermediates = Vec::new();
     for (i, p) in chain_pem[1..chain_pem.len() - 1].iter().enumerate() {
-        intermediates.extend(pem::parse_certs(p.as_bytes()).map_err(|e| bad(format!("element {}: {e}", i + 1)))?);
+        intermediates.extend(
+            pem::parse_certs(p.as_bytes()).map_err(|e| bad(format!("element {}: {e}", i + 1)))?,
+        );
     }
     let roots_pem = chain_pem.last().cloned().unwrap_or_default();
     let roots = pem::parse_certs(roots_pem.as_bytes()).map_err(|e| bad(format!("roots: {e}")))?;
-    chain::verify_leaf(&leaf[0], &intermediates, &roots, now, Usage::ClientAuth).map_err(|e| bad(e.to_string()))?;
+    chain::verify_leaf(&leaf[0], &intermediates, &roots, now, Usage::ClientAuth)
+        .map_err(|e| bad(e.to_string()))?;
     let info = chain::describe(&leaf[0]).map_err(|e| bad(e.to_string()))?;
     if let Some(want) = expected {
         if info.uri_sans != [want.to_string()] {
-            return Err(bad(format!("certificate names {:?}, expected {want}", info.uri_sans)));
+            return Err(bad(format!(
+                "certificate names {:?}, expected {want}",
+                info.uri_sans
+            )));
         }
     }
     Ok(VerifiedChain {

@@ -11,7 +11,8 @@ pub const DEV_JWT_KEY_PEM: &str = include_str!("../certs-dev/jwt-signing-key.pem
 pub const DEV_ISSUER: &str = "https://citadel.dev.invalid";
 
 pub fn signing_key() -> SigningKey {
-    SigningKey::from_pkcs8_pem(DEV_JWT_KEY_PEM).expect("certs-dev/jwt-signing-key.pem is a valid RSA PKCS#8 key")
+    SigningKey::from_pkcs8_pem(DEV_JWT_KEY_PEM)
+        .expect("certs-dev/jwt-signing-key.pem is a valid RSA PKCS#8 key")
 }
 
 /// The JWKS that verifies dev tokens, as `certs-dev/jwks.json` holds it.
@@ -25,6 +26,10 @@ mod tests {
     #[test]
     fn checked_in_jwks_matches_the_key() {
         let file = include_str!("../certs-dev/jwks.json");
-        assert_eq!(file, super::jwks_json(), "regenerate with: citadel dev-token --print-jwks > certs-dev/jwks.json");
+        assert_eq!(
+            file,
+            super::jwks_json(),
+            "regenerate with: citadel dev-token --print-jwks > certs-dev/jwks.json"
+        );
     }
 }

@@ -32,7 +32,9 @@ pub fn parse(input: &str) -> Result<Duration, ParseDurationError> {
         if digits == 0 {
             return Err(err("expected a number"));
         }
-        let n: u64 = rest[..digits].parse().map_err(|_| err("number too large"))?;
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| err("number too large"))?;
         rest = &rest[digits..];
         let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
         let per_unit: u64 = match &rest[..unit_len] {
@@ -60,7 +62,7 @@ pub fn format(d: Duration) -> String {
         return format!("{}ms", d.as_millis());
     }
     for (unit, size) in [("d", 86_400), ("h", 3_600), ("m", 60)] {
-        if secs % size == 0 {
+        if secs.is_multiple_of(size) {
             return format!("{}{unit}", secs / size);
         }
     }
@@ -92,7 +94,10 @@ mod tests {
         for bad in ["", "10", "h", "5y", "-5s", "5 s", "99999999999999999999d"] {
             assert!(parse(bad).is_err(), "{bad:?} should be refused");
         }
-        assert!(parse("10").unwrap_err().to_string().contains("missing unit"));
+        assert!(parse("10")
+            .unwrap_err()
+            .to_string()
+            .contains("missing unit"));
     }
 
     #[test]
@@ -103,6 +108,9 @@ mod tests {
         // The largest exact unit wins, and parsing it back gives the same duration.
         assert_eq!(format(parse("24h").unwrap()), "1d");
         assert_eq!(format(parse("90m").unwrap()), "90m");
-        assert_eq!(parse(&format(Duration::from_secs(3601))).unwrap(), Duration::from_secs(3601));
+        assert_eq!(
+            parse(&format(Duration::from_secs(3601))).unwrap(),
+            Duration::from_secs(3601)
+        );
     }
 }

@@ -32,8 +32,7 @@ impl TrustDomain {
     pub fn new(s: &str) -> Result<Self, IdentityError> {
         let ok = !s.is_empty()
             && s.len() <= MAX_TRUST_DOMAIN_LEN
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
         if ok {
             Ok(Self(s.to_string()))
@@ -94,9 +93,8 @@ impl SpiffeId {
         if td.is_empty() {
             return Err(bad("trust domain is empty"));
         }
-        let trust_domain = TrustDomain::new(td).map_err(|_| {
-            bad("trust domain must be lowercase letters, digits, '.', '-' and '_'")
-        })?;
+        let trust_domain = TrustDomain::new(td)
+            .map_err(|_| bad("trust domain must be lowercase letters, digits, '.', '-' and '_'"))?;
         if !path.is_empty() {
             for seg in path[1..].split('/') {
                 if seg.is_empty() {
@@ -130,7 +128,13 @@ impl SpiffeId {
     /// The service account for Istio-shaped IDs (`/ns/<ns>/sa/<sa>`), if this is one.
     pub fn service_account(&self) -> Option<ServiceAccount> {
         let mut parts = self.path.strip_prefix('/')?.split('/');
-        match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
+        match (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) {
             (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => ServiceAccount::new(ns, sa).ok(),
             _ => None,
         }
@@ -192,8 +196,7 @@ impl ServiceAccount {
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
@@ -220,7 +223,10 @@ mod tests {
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/cart");
         let sa = id.service_account().unwrap();
         assert_eq!((sa.namespace.as_str(), sa.name.as_str()), ("shop", "cart"));
-        assert!(SpiffeId::parse("spiffe://td").unwrap().service_account().is_none());
+        assert!(SpiffeId::parse("spiffe://td")
+            .unwrap()
+            .service_account()
+            .is_none());
         assert!(SpiffeId::parse("spiffe://td/workload/x")
             .unwrap()
             .service_account()

@@ -6,9 +6,9 @@
 
 pub mod auth;
 pub mod ca;
-pub mod cmd;
 pub mod client;
 pub mod clock;
+pub mod cmd;
 pub mod devkeys;
 pub mod duration;
 pub mod fsutil;

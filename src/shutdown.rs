@@ -15,7 +15,12 @@ pub struct Trigger {
 
 pub fn channel() -> (Trigger, Shutdown) {
     let (tx, rx) = watch::channel(false);
-    (Trigger { tx: std::sync::Arc::new(tx) }, Shutdown { rx })
+    (
+        Trigger {
+            tx: std::sync::Arc::new(tx),
+        },
+        Shutdown { rx },
+    )
 }
 
 impl Trigger {

@@ -31,8 +31,14 @@ impl ClientCertAuthenticator {
     fn check(&self, peer: &[rustls_pki_types::CertificateDer<'static>]) -> Result<Caller, String> {
         let signer = self.ca.current().ok_or("the CA is not ready")?;
         let (leaf, intermediates) = peer.split_first().ok_or("empty certificate chain")?;
-        chain::verify_leaf(leaf, intermediates, signer.roots_der(), self.clock.now(), Usage::ClientAuth)
-            .map_err(|e| e.to_string())?;
+        chain::verify_leaf(
+            leaf,
+            intermediates,
+            signer.roots_der(),
+            self.clock.now(),
+            Usage::ClientAuth,
+        )
+        .map_err(|e| e.to_string())?;
         let info = chain::describe(leaf).map_err(|e| e.to_string())?;
         let ids: Vec<SpiffeId> = info
             .uri_sans
@@ -64,8 +70,14 @@ impl Authenticator for ClientCertAuthenticator {
         "client-cert"
     }
 
-    fn authenticate<'a>(&'a self, creds: Credentials<'a>) -> BoxFuture<'a, Result<Option<Caller>, String>> {
-        let result = creds.peer_chain.filter(|c| !c.is_empty()).map(|c| self.check(c));
+    fn authenticate<'a>(
+        &'a self,
+        creds: Credentials<'a>,
+    ) -> BoxFuture<'a, Result<Option<Caller>, String>> {
+        let result = creds
+            .peer_chain
+            .filter(|c| !c.is_empty())
+            .map(|c| self.check(c));
         Box::pin(std::future::ready(result.transpose()))
     }
 }

@@ -25,7 +25,9 @@ impl Key {
                     Alg::RS384 => &signature::RSA_PKCS1_2048_8192_SHA384,
                     _ => &signature::RSA_PKCS1_2048_8192_SHA512,
                 };
-                RsaPublicKeyComponents { n, e }.verify(params, msg, sig).is_ok()
+                RsaPublicKeyComponents { n, e }
+                    .verify(params, msg, sig)
+                    .is_ok()
             }
             (Key::EcP256(pt), Alg::ES256) => {
                 UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, pt)
@@ -80,7 +82,8 @@ pub enum JwksError {
 
 impl Jwks {
     pub fn from_json(bytes: &[u8]) -> Result<Self, JwksError> {
-        let raw: RawSet = serde_json::from_slice(bytes).map_err(|e| JwksError::Json(e.to_string()))?;
+        let raw: RawSet =
+            serde_json::from_slice(bytes).map_err(|e| JwksError::Json(e.to_string()))?;
         let mut set = Jwks::default();
         for (index, k) in raw.keys.into_iter().enumerate() {
             if k.use_.as_deref().is_some_and(|u| u != "sig") {
@@ -92,7 +95,10 @@ impl Jwks {
             };
             let b64 = |v: Option<String>, name: &str| {
                 v.ok_or_else(|| bad(&format!("missing {name}")))
-                    .and_then(|s| B64.decode(s).map_err(|_| bad(&format!("{name} is not base64url"))))
+                    .and_then(|s| {
+                        B64.decode(s)
+                            .map_err(|_| bad(&format!("{name} is not base64url")))
+                    })
             };
             let key = match k.kty.as_str() {
                 "RSA" => Key::Rsa {

@@ -92,17 +92,16 @@ pub fn parse(token: &str) -> Result<Parsed<'_>, JwsError> {
     let header: Header = serde_json::from_slice(&header_bytes)
         .map_err(|_| JwsError::Malformed("header is not a JSON object"))?;
     if header.crit.is_some() {
-        return Err(JwsError::Malformed("critical header parameters are not supported"));
+        return Err(JwsError::Malformed(
+            "critical header parameters are not supported",
+        ));
     }
-    let alg_name = header
-        .alg
-        .ok_or(JwsError::Malformed("header has no alg"))?;
+    let alg_name = header.alg.ok_or(JwsError::Malformed("header has no alg"))?;
     if alg_name.eq_ignore_ascii_case("none") {
         return Err(JwsError::AlgNone);
     }
-    let alg = Alg::parse(&alg_name).ok_or_else(|| {
-        JwsError::UnsupportedAlg(alg_name.chars().take(16).collect())
-    })?;
+    let alg = Alg::parse(&alg_name)
+        .ok_or_else(|| JwsError::UnsupportedAlg(alg_name.chars().take(16).collect()))?;
     let payload = B64
         .decode(p)
         .map_err(|_| JwsError::Malformed("payload is not base64url"))?;
@@ -115,7 +114,7 @@ pub fn parse(token: &str) -> Result<Parsed<'_>, JwsError> {
     Ok(Parsed {
         alg,
         kid: header.kid,
-        signing_input: token[..h.len() + 1 + p.len()].as_bytes(),
+        signing_input: &token.as_bytes()[..h.len() + 1 + p.len()],
         payload,
         signature,
     })
@@ -175,7 +174,8 @@ impl SigningKey {
 
     /// Signs `claims` into a compact JWS with this key's kid.
     pub fn sign(&self, claims: &serde_json::Value) -> String {
-        let header = serde_json::json!({"alg": self.alg().as_str(), "kid": self.kid(), "typ": "JWT"});
+        let header =
+            serde_json::json!({"alg": self.alg().as_str(), "kid": self.kid(), "typ": "JWT"});
         let input = format!(
             "{}.{}",
             B64.encode(header.to_string()),
@@ -185,8 +185,13 @@ impl SigningKey {
         let sig = match self {
             SigningKey::Rsa(k) => {
                 let mut sig = vec![0; k.public().modulus_len()];
-                k.sign(&signature::RSA_PKCS1_SHA256, &rng, input.as_bytes(), &mut sig)
-                    .expect("RSA signing failed");
+                k.sign(
+                    &signature::RSA_PKCS1_SHA256,
+                    &rng,
+                    input.as_bytes(),
+                    &mut sig,
+                )
+                .expect("RSA signing failed");
                 sig
             }
             SigningKey::EcP256(k) => k
@@ -205,13 +210,29 @@ mod tests {
 
     #[test]
     fn parse_rejects_malformed_shapes() {
-        assert_eq!(parse("a.b").err(), Some(JwsError::Malformed("expected three dot-separated parts")));
-        assert_eq!(parse("a.b.c.d").err(), Some(JwsError::Malformed("expected three dot-separated parts")));
-        assert_eq!(parse("!!.b.c").err(), Some(JwsError::Malformed("header is not base64url")));
+        assert_eq!(
+            parse("a.b").err(),
+            Some(JwsError::Malformed("expected three dot-separated parts"))
+        );
+        assert_eq!(
+            parse("a.b.c.d").err(),
+            Some(JwsError::Malformed("expected three dot-separated parts"))
+        );
+        assert_eq!(
+            parse("!!.b.c").err(),
+            Some(JwsError::Malformed("header is not base64url"))
+        );
         let none = format!("{}.{}.", B64.encode(r#"{"alg":"none"}"#), B64.encode("{}"));
         assert_eq!(parse(&none).err(), Some(JwsError::AlgNone));
-        let hs = format!("{}.{}.c2ln", B64.encode(r#"{"alg":"HS256"}"#), B64.encode("{}"));
-        assert_eq!(parse(&hs).err(), Some(JwsError::UnsupportedAlg("HS256".into())));
+        let hs = format!(
+            "{}.{}.c2ln",
+            B64.encode(r#"{"alg":"HS256"}"#),
+            B64.encode("{}")
+        );
+        assert_eq!(
+            parse(&hs).err(),
+            Some(JwsError::UnsupportedAlg("HS256".into()))
+        );
         let big = "a".repeat(MAX_TOKEN_BYTES + 1);
         assert_eq!(parse(&big).err(), Some(JwsError::TooLarge));
     }

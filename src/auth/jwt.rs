@@ -86,7 +86,12 @@ pub struct JwtPolicy {
 }
 
 /// Verifies a token completely at time `now` (unix seconds).
-pub fn verify(token: &str, keys: &Jwks, policy: &JwtPolicy, now: i64) -> Result<TokenIdentity, JwtError> {
+pub fn verify(
+    token: &str,
+    keys: &Jwks,
+    policy: &JwtPolicy,
+    now: i64,
+) -> Result<TokenIdentity, JwtError> {
     let parsed = jws::parse(token)?;
     keys.verify(&parsed)?;
     let claims: Claims = serde_json::from_slice(&parsed.payload).map_err(|_| JwtError::Claims)?;
@@ -121,7 +126,9 @@ pub fn verify(token: &str, keys: &Jwks, policy: &JwtPolicy, now: i64) -> Result<
             return Err(JwtError::NotYetValid { nbf, now });
         }
     }
-    let sub = claims.sub.ok_or_else(|| JwtError::Subject("missing".into()))?;
+    let sub = claims
+        .sub
+        .ok_or_else(|| JwtError::Subject("missing".into()))?;
     let service_account =
         ServiceAccount::from_username(&sub).map_err(|e| JwtError::Subject(e.to_string()))?;
     let pod = claims.kubernetes.and_then(|k| k.pod);
@@ -142,7 +149,12 @@ pub struct JwtAuthenticator {
 }
 
 impl JwtAuthenticator {
-    pub fn new(keys: Jwks, policy: JwtPolicy, trust_domain: TrustDomain, clock: SharedClock) -> Self {
+    pub fn new(
+        keys: Jwks,
+        policy: JwtPolicy,
+        trust_domain: TrustDomain,
+        clock: SharedClock,
+    ) -> Self {
         Self {
             keys: ArcSwap::from_pointee(keys),
             policy,
@@ -161,7 +173,10 @@ impl Authenticator for JwtAuthenticator {
         "jwt"
     }
 
-    fn authenticate<'a>(&'a self, creds: Credentials<'a>) -> BoxFuture<'a, Result<Option<Caller>, String>> {
+    fn authenticate<'a>(
+        &'a self,
+        creds: Credentials<'a>,
+    ) -> BoxFuture<'a, Result<Option<Caller>, String>> {
         let result = creds.bearer.map(|token| {
             let now = self.clock.now().unix_timestamp();
             verify(token, &self.keys.load(), &self.policy, now)
@@ -234,7 +249,10 @@ mod tests {
         let keys = jwks_of(&[&rsa, &ec]);
         for k in [&rsa, &ec] {
             let id = verify(&k.sign(&claims()), &keys, &policy(), NOW).unwrap();
-            assert_eq!(id.service_account, ServiceAccount::new("shop", "cart").unwrap());
+            assert_eq!(
+                id.service_account,
+                ServiceAccount::new("shop", "cart").unwrap()
+            );
             assert_eq!(id.pod_name.as_deref(), Some("cart-7d9"));
             assert_eq!(id.pod_uid.as_deref(), Some("u-1"));
         }
@@ -248,14 +266,26 @@ mod tests {
         let k = ec_key();
         let keys = jwks_of(&[&k]);
         let expired = k.sign(&with(claims(), "exp", json!(NOW - 31)));
-        assert!(matches!(verify(&expired, &keys, &policy(), NOW), Err(JwtError::Expired { .. })));
+        assert!(matches!(
+            verify(&expired, &keys, &policy(), NOW),
+            Err(JwtError::Expired { .. })
+        ));
         let just = k.sign(&with(claims(), "exp", json!(NOW - 29)));
-        assert!(verify(&just, &keys, &policy(), NOW).is_ok(), "within leeway");
+        assert!(
+            verify(&just, &keys, &policy(), NOW).is_ok(),
+            "within leeway"
+        );
         let future = k.sign(&with(claims(), "nbf", json!(NOW + 120)));
-        assert!(matches!(verify(&future, &keys, &policy(), NOW), Err(JwtError::NotYetValid { .. })));
+        assert!(matches!(
+            verify(&future, &keys, &policy(), NOW),
+            Err(JwtError::NotYetValid { .. })
+        ));
         let mut no_exp = claims();
         no_exp.as_object_mut().unwrap().remove("exp");
-        assert_eq!(verify(&k.sign(&no_exp), &keys, &policy(), NOW), Err(JwtError::MissingExp));
+        assert_eq!(
+            verify(&k.sign(&no_exp), &keys, &policy(), NOW),
+            Err(JwtError::MissingExp)
+        );
     }
 
     #[test]
@@ -263,12 +293,21 @@ mod tests {
         let k = ec_key();
         let keys = jwks_of(&[&k]);
         let t = k.sign(&with(claims(), "iss", json!("https://evil")));
-        assert!(matches!(verify(&t, &keys, &policy(), NOW), Err(JwtError::WrongIssuer { .. })));
+        assert!(matches!(
+            verify(&t, &keys, &policy(), NOW),
+            Err(JwtError::WrongIssuer { .. })
+        ));
         let t = k.sign(&with(claims(), "aud", json!(["kubernetes"])));
-        assert!(matches!(verify(&t, &keys, &policy(), NOW), Err(JwtError::WrongAudience { .. })));
+        assert!(matches!(
+            verify(&t, &keys, &policy(), NOW),
+            Err(JwtError::WrongAudience { .. })
+        ));
         for sub in ["admin", "system:serviceaccount:shop", "system:node:n1"] {
             let t = k.sign(&with(claims(), "sub", json!(sub)));
-            assert!(matches!(verify(&t, &keys, &policy(), NOW), Err(JwtError::Subject(_))), "{sub}");
+            assert!(
+                matches!(verify(&t, &keys, &policy(), NOW), Err(JwtError::Subject(_))),
+                "{sub}"
+            );
         }
         let mut any_iss = policy();
         any_iss.issuer = None;
@@ -282,31 +321,56 @@ mod tests {
         let keys = jwks_of(&[&good]);
         // Signed by a key that is not trusted, under its own kid: unknown kid.
         let t = other.sign(&claims());
-        assert!(matches!(verify(&t, &keys, &policy(), NOW), Err(JwtError::Jws(JwsError::UnknownKid(_)))));
+        assert!(matches!(
+            verify(&t, &keys, &policy(), NOW),
+            Err(JwtError::Jws(JwsError::UnknownKid(_)))
+        ));
         // Same kid as the trusted key, wrong signature: bad signature.
         let t = good.sign(&claims());
         let mut parts: Vec<&str> = t.split('.').collect();
         let forged = other.sign(&claims());
         parts[2] = forged.rsplit('.').next().unwrap();
         let t = parts.join(".");
-        assert_eq!(verify(&t, &keys, &policy(), NOW), Err(JwtError::Jws(JwsError::BadSignature)));
+        assert_eq!(
+            verify(&t, &keys, &policy(), NOW),
+            Err(JwtError::Jws(JwsError::BadSignature))
+        );
         // Tampered payload.
         let t = good.sign(&claims());
         let mut parts: Vec<String> = t.split('.').map(String::from).collect();
         use base64::Engine;
-        parts[1] = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode(with(claims(), "sub", json!("system:serviceaccount:kube-system:admin")).to_string());
-        assert_eq!(verify(&parts.join("."), &keys, &policy(), NOW), Err(JwtError::Jws(JwsError::BadSignature)));
+        parts[1] = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(
+            with(
+                claims(),
+                "sub",
+                json!("system:serviceaccount:kube-system:admin"),
+            )
+            .to_string(),
+        );
+        assert_eq!(
+            verify(&parts.join("."), &keys, &policy(), NOW),
+            Err(JwtError::Jws(JwsError::BadSignature))
+        );
         // alg none with the signature stripped.
         let none = format!(
             "{}.{}.",
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#),
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(r#"{"alg":"none","typ":"JWT"}"#),
             parts[1]
         );
-        assert_eq!(verify(&none, &keys, &policy(), NOW), Err(JwtError::Jws(JwsError::AlgNone)));
+        assert_eq!(
+            verify(&none, &keys, &policy(), NOW),
+            Err(JwtError::Jws(JwsError::AlgNone))
+        );
         // Malformed.
         for bad in ["", "abc", "a.b.c", "..."] {
-            assert!(matches!(verify(bad, &keys, &policy(), NOW), Err(JwtError::Jws(JwsError::Malformed(_)))), "{bad:?}");
+            assert!(
+                matches!(
+                    verify(bad, &keys, &policy(), NOW),
+                    Err(JwtError::Jws(JwsError::Malformed(_)))
+                ),
+                "{bad:?}"
+            );
         }
     }
 
@@ -317,7 +381,10 @@ mod tests {
         let set = json!({"keys": [with(rsa.public_jwk(), "kid", json!(ec.kid()))]});
         let keys = Jwks::from_json(set.to_string().as_bytes()).unwrap();
         let t = ec.sign(&claims());
-        assert_eq!(verify(&t, &keys, &policy(), NOW), Err(JwtError::Jws(JwsError::BadSignature)));
+        assert_eq!(
+            verify(&t, &keys, &policy(), NOW),
+            Err(JwtError::Jws(JwsError::BadSignature))
+        );
     }
 
     #[test]

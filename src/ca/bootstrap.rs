@@ -52,8 +52,8 @@ pub fn new_journal(opts: &CaOptions, now: OffsetDateTime) -> Result<Journal, CaE
         .signed_by(&int_key, &root_issuer)
         .map_err(PkiError::from)?;
 
-    let record = |serial: &[u8], role, cert: &rcgen::Certificate, key: &KeyPair, issuer| {
-        AuthorityRecord {
+    let record =
+        |serial: &[u8], role, cert: &rcgen::Certificate, key: &KeyPair, issuer| AuthorityRecord {
             id: hex::encode(serial),
             role,
             status: Status::Active,
@@ -63,8 +63,7 @@ pub fn new_journal(opts: &CaOptions, now: OffsetDateTime) -> Result<Journal, CaE
             created_at: now.unix_timestamp(),
             activated_at: Some(now.unix_timestamp()),
             retired_at: None,
-        }
-    };
+        };
     let root_id = hex::encode(root_serial);
     let mut journal = Journal::new(td.as_str());
     journal.authorities.push(record(
@@ -108,7 +107,13 @@ pub fn signer_from_journal(journal: &Journal, td: &TrustDomain) -> Result<Signer
         .trusted_roots()
         .map(cert_of)
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Signer::new(td.clone(), cert_of(active)?, key, Vec::new(), roots)?)
+    Ok(Signer::new(
+        td.clone(),
+        cert_of(active)?,
+        key,
+        Vec::new(),
+        roots,
+    )?)
 }
 
 /// Loads the CA from the store, or creates it if the store is empty.

@@ -103,6 +103,9 @@ mod tests {
         let s = Secret::new("-----BEGIN PRIVATE KEY-----abc".into());
         assert_eq!(format!("{s:?}"), "Secret(<redacted>)");
         let json = serde_json::to_string(&s).unwrap();
-        assert!(json.contains("abc"), "serialized form keeps the key for the store");
+        assert!(
+            json.contains("abc"),
+            "serialized form keeps the key for the store"
+        );
     }
 }

@@ -44,30 +44,49 @@ pub fn load(dir: &Path, td: &TrustDomain, now: OffsetDateTime) -> Result<Signer,
         return Err(bad(
             dir,
             "ca-cert.pem",
-            format!("{:?} is not a CA certificate (basicConstraints CA:true missing)", info.subject),
+            format!(
+                "{:?} is not a CA certificate (basicConstraints CA:true missing)",
+                info.subject
+            ),
         ));
     }
     if info.not_after <= now {
-        return Err(bad(dir, "ca-cert.pem", format!("expired at {}", info.not_after)));
+        return Err(bad(
+            dir,
+            "ca-cert.pem",
+            format!("expired at {}", info.not_after),
+        ));
     }
 
     let key = keys::load_private_key_pem(&read(dir, "ca-key.pem")?)
         .map_err(|e| bad(dir, "ca-key.pem", e.to_string()))?;
-    if !chain::key_matches_cert(&key, &ca_cert).map_err(|e| bad(dir, "ca-cert.pem", e.to_string()))? {
-        return Err(bad(dir, "ca-key.pem", "does not match the public key in ca-cert.pem"));
+    if !chain::key_matches_cert(&key, &ca_cert)
+        .map_err(|e| bad(dir, "ca-cert.pem", e.to_string()))?
+    {
+        return Err(bad(
+            dir,
+            "ca-key.pem",
+            "does not match the public key in ca-cert.pem",
+        ));
     }
 
     let roots = certs(dir, "root-cert.pem")?;
     for r in &roots {
         let ri = chain::describe(r).map_err(|e| bad(dir, "root-cert.pem", e.to_string()))?;
         if !ri.is_ca {
-            return Err(bad(dir, "root-cert.pem", format!("{:?} is not a CA certificate", ri.subject)));
+            return Err(bad(
+                dir,
+                "root-cert.pem",
+                format!("{:?} is not a CA certificate", ri.subject),
+            ));
         }
     }
 
     // cert-chain.pem lists the signing CA up to the root; keep what lies strictly between.
     let mut between = certs(dir, "cert-chain.pem")?;
-    between.retain(|c| c.as_ref() != ca_cert.as_ref() && !roots.iter().any(|r| r.as_ref() == c.as_ref()));
+    between.retain(|c| {
+        c.as_ref() != ca_cert.as_ref() && !roots.iter().any(|r| r.as_ref() == c.as_ref())
+    });
     let mut link = ca_cert.clone();
     for c in &between {
         chain::check_issued_by(&link, c).map_err(|e| bad(dir, "cert-chain.pem", e.to_string()))?;
@@ -86,5 +105,6 @@ pub fn load(dir: &Path, td: &TrustDomain, now: OffsetDateTime) -> Result<Signer,
     if dir.join("ca-crl.pem").exists() {
         tracing::info!(path = %dir.join("ca-crl.pem").display(), "plugged-in CA has a CRL");
     }
-    Signer::new(td.clone(), ca_cert, key, between, roots).map_err(|e| bad(dir, "cert-chain.pem", e.to_string()))
+    Signer::new(td.clone(), ca_cert, key, between, roots)
+        .map_err(|e| bad(dir, "cert-chain.pem", e.to_string()))
 }

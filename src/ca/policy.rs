@@ -54,7 +54,10 @@ mod tests {
         assert_eq!(p.resolve(0).unwrap(), Duration::from_secs(86_400));
         assert_eq!(p.resolve(-5).unwrap(), Duration::from_secs(86_400));
         assert_eq!(p.resolve(3600).unwrap(), Duration::from_secs(3600));
-        assert_eq!(p.resolve(90 * 86_400).unwrap(), Duration::from_secs(90 * 86_400));
+        assert_eq!(
+            p.resolve(90 * 86_400).unwrap(),
+            Duration::from_secs(90 * 86_400)
+        );
         let e = p.resolve(90 * 86_400 + 1).unwrap_err();
         assert_eq!(e.max_secs, 90 * 86_400);
         assert!(p.resolve(i64::MAX).is_err());

@@ -71,9 +71,16 @@ fn generate(n: usize, key_type: KeyType) -> Result<Vec<Work>, String> {
     (0..n)
         .map(|i| {
             let sa = ServiceAccount::new("bench", &format!("w{i}")).map_err(|e| e.to_string())?;
-            let token = key.sign(&dev_token::claims(&sa, &["istio-ca".into()], now, Duration::from_secs(3600), None));
+            let token = key.sign(&dev_token::claims(
+                &sa,
+                &["istio-ca".into()],
+                now,
+                Duration::from_secs(3600),
+                None,
+            ));
             let kp = key_type.generate().map_err(|e| e.to_string())?;
-            let csr = csr::build(&kp, &td.service_account_id(&sa).to_string()).map_err(|e| e.to_string())?;
+            let csr = csr::build(&kp, &td.service_account_id(&sa).to_string())
+                .map_err(|e| e.to_string())?;
             Ok(Work { csr, token })
         })
         .collect()
@@ -130,13 +137,22 @@ async fn start_server() -> Result<(Child, String, PathBuf), String> {
     let proc = std::process::Command::new(exe)
         .args(["serve", "--dev", "--state-dir"])
         .arg(dir.join("state"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", &format!("127.0.0.1:{mport}")])
-        .env("RUST_LOG", "warn")
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--metrics-listen",
+            &format!("127.0.0.1:{mport}"),
+        ])
+        // Default log level: the audit line per certificate is part of the measured cost.
+        .env_remove("RUST_LOG")
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn()
         .map_err(|e| format!("cannot start the server: {e}"))?;
-    let child = Child { proc, dir: dir.clone() };
+    let child = Child {
+        proc,
+        dir: dir.clone(),
+    };
     let root = dir.join("state").join("root-cert.pem");
     let addr = format!("127.0.0.1:{port}");
     for _ in 0..200 {
@@ -145,7 +161,10 @@ async fn start_server() -> Result<(Child, String, PathBuf), String> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Err(format!("the server did not start; see {}", dir.join("server.log").display()))
+    Err(format!(
+        "the server did not start; see {}",
+        dir.join("server.log").display()
+    ))
 }
 
 pub async fn run(args: Args) -> CmdResult {
@@ -156,11 +175,19 @@ pub async fn run(args: Args) -> CmdResult {
     if args.concurrency == 0 || args.connections == 0 || args.requests == 0 {
         return Err("--concurrency, --connections and --requests must be positive".into());
     }
-    eprintln!("generating {} distinct {} CSRs and RS256 tokens...", args.distinct, key_type);
+    eprintln!(
+        "generating {} distinct {} CSRs and RS256 tokens...",
+        args.distinct, key_type
+    );
     let work = Arc::new(generate(args.distinct.max(1), key_type)?);
 
     let (_child, addr, root, pid) = match &args.ca_addr {
-        Some(a) => (None, a.clone(), args.ca_root_cert.clone().unwrap_or_default(), args.server_pid),
+        Some(a) => (
+            None,
+            a.clone(),
+            args.ca_root_cert.clone().unwrap_or_default(),
+            args.server_pid,
+        ),
         None => {
             let (c, a, r) = start_server().await?;
             let pid = c.proc.id();
@@ -168,34 +195,40 @@ pub async fn run(args: Args) -> CmdResult {
         }
     };
     let root_pem = read_file(&root, "CA root certificate")?;
-    let mut channels = Vec::new();
-    for _ in 0..args.connections {
-        channels.push(
-            client::connect(&ConnectOptions {
-                addr: addr.clone(),
-                root_pem: root_pem.clone(),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?,
-        );
-    }
-
-    // Check one response end to end before trusting the numbers.
-    let first = client::create_certificate(&mut channels[0].clone(), work[0].csr.clone(), Some(&work[0].token), 0)
-        .await
-        .map_err(|e| e.to_string())?;
-    client::verify_response(&first, None, time::OffsetDateTime::now_utc()).map_err(|e| e.to_string())?;
-
-    drive(&channels, &work, args.warmup, args.concurrency).await;
-    let cpu0 = pid.and_then(cpu_time);
-    let t0 = Instant::now();
-    let (mut lat, errors) = drive(&channels, &work, args.requests, args.concurrency).await;
-    let wall = t0.elapsed();
-    let cpu = match (cpu0, pid.and_then(cpu_time)) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
-    };
+    // The load generator runs on ONE thread (a current-thread runtime), so on a small machine
+    // it takes at most one core from the server it measures.
+    let (opts, conns, warmup, requests, concurrency) = (
+        ConnectOptions { addr: addr.clone(), root_pem, ..Default::default() },
+        args.connections,
+        args.warmup,
+        args.requests,
+        args.concurrency,
+    );
+    let load = std::thread::spawn(move || -> Result<_, String> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        rt.block_on(async move {
+            let mut channels = Vec::new();
+            for _ in 0..conns {
+                channels.push(client::connect(&opts).await.map_err(|e| e.to_string())?);
+            }
+            // Check one response end to end before trusting the numbers.
+            let first = client::create_certificate(&mut channels[0].clone(), work[0].csr.clone(), Some(&work[0].token), 0)
+                .await
+                .map_err(|e| e.to_string())?;
+            client::verify_response(&first, None, time::OffsetDateTime::now_utc()).map_err(|e| e.to_string())?;
+            drive(&channels, &work, warmup, concurrency).await;
+            let cpu0 = pid.and_then(cpu_time);
+            let t0 = Instant::now();
+            let (lat, errors) = drive(&channels, &work, requests, concurrency).await;
+            let wall = t0.elapsed();
+            let cpu = match (cpu0, pid.and_then(cpu_time)) {
+                (Some(a), Some(b)) => Some(b - a),
+                _ => None,
+            };
+            Ok((lat, errors, wall, cpu))
+        })
+    });
+    let (mut lat, errors, wall, cpu) = load.join().map_err(|_| "the load generator panicked".to_string())??;
     lat.sort_unstable();
     let ok = lat.len();
     println!(
@@ -203,7 +236,10 @@ pub async fn run(args: Args) -> CmdResult {
         args.requests, args.concurrency, args.connections, key_type
     );
     println!("succeeded:               {ok} ({errors} errors)");
-    println!("throughput (wall clock): {:.0} certificates/s", ok as f64 / wall.as_secs_f64());
+    println!(
+        "throughput (wall clock): {:.0} certificates/s",
+        ok as f64 / wall.as_secs_f64()
+    );
     println!(
         "latency p50 / p99 / max: {} / {} / {}",
         ms(percentile(&lat, 0.50)),
@@ -227,7 +263,12 @@ pub async fn run(args: Args) -> CmdResult {
 
 /// Sends `total` requests with `concurrency` tasks; returns latencies of successes and the
 /// error count.
-async fn drive(channels: &[CaClient], work: &Arc<Vec<Work>>, total: usize, concurrency: usize) -> (Vec<Duration>, usize) {
+async fn drive(
+    channels: &[CaClient],
+    work: &Arc<Vec<Work>>,
+    total: usize,
+    concurrency: usize,
+) -> (Vec<Duration>, usize) {
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for t in 0..concurrency {
@@ -269,7 +310,8 @@ async fn drive(channels: &[CaClient], work: &Arc<Vec<Work>>, total: usize, concu
 fn micro(distinct: usize, iterations: usize, key_type: KeyType) -> CmdResult {
     let td = TrustDomain::new("cluster.local").map_err(|e| e.to_string())?;
     let now = time::OffsetDateTime::now_utc();
-    let journal = bootstrap::new_journal(&CaOptions::new(td.clone()), now).map_err(|e| e.to_string())?;
+    let journal =
+        bootstrap::new_journal(&CaOptions::new(td.clone()), now).map_err(|e| e.to_string())?;
     let signer = bootstrap::signer_from_journal(&journal, &td).map_err(|e| e.to_string())?;
     let keys = Jwks::from_json(devkeys::jwks_json().as_bytes()).map_err(|e| e.to_string())?;
     let policy = JwtPolicy {
@@ -293,7 +335,11 @@ fn micro(distinct: usize, iterations: usize, key_type: KeyType) -> CmdResult {
             f(i);
         }
         let per = t0.elapsed() / iterations as u32;
-        println!("{name:<42} {:>8.1} µs/op {:>10.0} ops/s", per.as_secs_f64() * 1e6, 1.0 / per.as_secs_f64());
+        println!(
+            "{name:<42} {:>8.1} µs/op {:>10.0} ops/s",
+            per.as_secs_f64() * 1e6,
+            1.0 / per.as_secs_f64()
+        );
     };
     println!("citadel bench --micro: {iterations} iterations per stage, {key_type} CSRs, RS256 tokens, {} CA", signer.key_kind());
     time_it("JWT verify (RS256, claims)", &mut |i| {
@@ -305,14 +351,22 @@ fn micro(distinct: usize, iterations: usize, key_type: KeyType) -> CmdResult {
     time_it("sign leaf + PEM encode", &mut |i| {
         let c = &parsed[i % distinct];
         let sa = ServiceAccount::new("bench", &format!("w{}", i % distinct)).expect("name");
-        signer.issue_workload(&c.key, &td.service_account_id(&sa), None, now, ttl).expect("signs");
+        signer
+            .issue_workload(&c.key, &td.service_account_id(&sa), None, now, ttl)
+            .expect("signs");
     });
     time_it("whole issue path (all of the above + chain)", &mut |i| {
         let w = &work[i % distinct];
         let id = jwt::verify(&w.token, &keys, &policy, ts).expect("token verifies");
         let c = csr::parse_pem(w.csr.as_bytes()).expect("CSR verifies");
         let issued = signer
-            .issue_workload(&c.key, &td.service_account_id(&id.service_account), None, now, ttl)
+            .issue_workload(
+                &c.key,
+                &td.service_account_id(&id.service_account),
+                None,
+                now,
+                ttl,
+            )
             .expect("signs");
         std::hint::black_box(signer.response_chain(issued.pem));
     });

@@ -50,7 +50,12 @@ async fn load(dir: &PathBuf) -> Result<Journal, String> {
         .await
         .map_err(|e| e.to_string())?
         .map(|v| v.value)
-        .ok_or_else(|| format!("{} holds no CA journal (a plugged-in CA keeps none; see its cacerts directory)", dir.display()))
+        .ok_or_else(|| {
+            format!(
+                "{} holds no CA journal (a plugged-in CA keeps none; see its cacerts directory)",
+                dir.display()
+            )
+        })
 }
 
 fn remaining(not_after: OffsetDateTime, now: OffsetDateTime) -> String {
@@ -77,7 +82,8 @@ pub async fn run(cmd: Command) -> CmdResult {
                 }
                 // A plugged-in CA keeps no journal; the published bundle is still there.
                 Err(e) => {
-                    let published = std::fs::read_to_string(a.state_dir.join(BUNDLE_FILE)).map_err(|_| e)?;
+                    let published =
+                        std::fs::read_to_string(a.state_dir.join(BUNDLE_FILE)).map_err(|_| e)?;
                     print!("{published}");
                 }
             }
@@ -88,7 +94,8 @@ pub async fn run(cmd: Command) -> CmdResult {
             let now = OffsetDateTime::now_utc();
             let mut rows = Vec::new();
             for rec in &j.authorities {
-                let der = pem::parse_certs(rec.cert_pem.as_bytes()).map_err(|e| format!("authority {}: {e}", rec.id))?;
+                let der = pem::parse_certs(rec.cert_pem.as_bytes())
+                    .map_err(|e| format!("authority {}: {e}", rec.id))?;
                 let info: CertInfo = chain::describe(&der[0]).map_err(|e| e.to_string())?;
                 rows.push((rec, info));
             }
@@ -107,17 +114,26 @@ pub async fn run(cmd: Command) -> CmdResult {
                     })
                     .collect();
                 let doc = serde_json::json!({"trust_domain": j.trust_domain, "authorities": out});
-                println!("{}", serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?
+                );
             } else {
                 println!("trust domain: {}", j.trust_domain);
-                println!("{:<13} {:<9} {:<9} {:<20} {:<20} {:<9} SUBJECT", "ROLE", "STATUS", "KEY", "NOT BEFORE", "NOT AFTER", "LEFT");
+                println!(
+                    "{:<13} {:<9} {:<9} {:<20} {:<20} {:<9} SUBJECT",
+                    "ROLE", "STATUS", "KEY", "NOT BEFORE", "NOT AFTER", "LEFT"
+                );
                 let fmt = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]");
                 for (rec, info) in rows {
                     println!(
                         "{:<13} {:<9} {:<9} {:<20} {:<20} {:<9} {}",
                         format!("{:?}", rec.role).to_lowercase(),
                         format!("{:?}", rec.status).to_lowercase(),
-                        info.key.as_ref().map(|k| k.to_string()).unwrap_or_else(|_| "?".into()),
+                        info.key
+                            .as_ref()
+                            .map(|k| k.to_string())
+                            .unwrap_or_else(|_| "?".into()),
                         info.not_before.format(&fmt).unwrap_or_default(),
                         info.not_after.format(&fmt).unwrap_or_default(),
                         remaining(info.not_after, now),

@@ -18,7 +18,12 @@ Example:
   citadel dev-token --namespace shop --service-account cart > token.jwt")]
 pub struct Args {
     /// Kubernetes namespace of the workload.
-    #[arg(long, short = 'n', value_name = "NS", required_unless_present = "print_jwks")]
+    #[arg(
+        long,
+        short = 'n',
+        value_name = "NS",
+        required_unless_present = "print_jwks"
+    )]
     pub namespace: Option<String>,
 
     /// Service account of the workload.
@@ -43,7 +48,13 @@ pub struct Args {
 }
 
 /// The claims of a projected service-account token, as kubelet receives them.
-pub fn claims(sa: &ServiceAccount, audiences: &[String], now: i64, ttl: Duration, pod: Option<&str>) -> serde_json::Value {
+pub fn claims(
+    sa: &ServiceAccount,
+    audiences: &[String],
+    now: i64,
+    ttl: Duration,
+    pod: Option<&str>,
+) -> serde_json::Value {
     let mut k8s = serde_json::json!({
         "namespace": sa.namespace,
         "serviceaccount": {"name": sa.name, "uid": "00000000-0000-0000-0000-000000000000"},
@@ -76,7 +87,13 @@ pub fn run(args: Args) -> CmdResult {
         return Err("--ttl must be positive".into());
     }
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let token = devkeys::signing_key().sign(&claims(&sa, &args.audiences, now, args.ttl, args.pod_name.as_deref()));
+    let token = devkeys::signing_key().sign(&claims(
+        &sa,
+        &args.audiences,
+        now,
+        args.ttl,
+        args.pod_name.as_deref(),
+    ));
     println!("{token}");
     Ok(())
 }

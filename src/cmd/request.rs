@@ -72,7 +72,9 @@ pub struct Args {
 /// istio-agent does. The CA verifies the token and overrides the SAN anyway.
 fn identity_from_token(token: &str, td: &TrustDomain) -> Option<SpiffeId> {
     let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
     let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     let sa = ServiceAccount::from_username(claims.get("sub")?.as_str()?).ok()?;
     Some(td.service_account_id(&sa))
@@ -94,13 +96,16 @@ pub async fn run(args: Args) -> CmdResult {
         Some(dir) => {
             let chain = read_file(&dir.join("cert-chain.pem"), "certificate chain")?;
             let key = read_file(&dir.join("key.pem"), "private key")?;
-            let leaf = crate::pki::pem::parse_certs(&chain).map_err(|e| format!("{}: {e}", dir.join("cert-chain.pem").display()))?;
+            let leaf = crate::pki::pem::parse_certs(&chain)
+                .map_err(|e| format!("{}: {e}", dir.join("cert-chain.pem").display()))?;
             let info = crate::pki::chain::describe(&leaf[0]).map_err(|e| e.to_string())?;
             let id = info.uri_sans.first().and_then(|u| SpiffeId::parse(u).ok());
             (Some((chain, key)), id)
         }
         None => {
-            let t = token.as_deref().ok_or("pass --token, --token-file or --renew-from")?;
+            let t = token
+                .as_deref()
+                .ok_or("pass --token, --token-file or --renew-from")?;
             (None, identity_from_token(t, &args.trust_domain))
         }
     };
@@ -119,7 +124,10 @@ pub async fn run(args: Args) -> CmdResult {
     .map_err(|e| e.to_string())?;
 
     let key = key_type.generate().map_err(|e| e.to_string())?;
-    let san = expected.as_ref().map(|id| id.to_string()).unwrap_or_default();
+    let san = expected
+        .as_ref()
+        .map(|id| id.to_string())
+        .unwrap_or_default();
     let csr_pem = if san.is_empty() {
         let mut p = rcgen::CertificateParams::default();
         p.distinguished_name = rcgen::DistinguishedName::new();
@@ -133,10 +141,12 @@ pub async fn run(args: Args) -> CmdResult {
     let chain = client::create_certificate(&mut ca, csr_pem, token.as_deref(), ttl)
         .await
         .map_err(|e| e.to_string())?;
-    let verified = client::verify_response(&chain, expected.as_ref(), time::OffsetDateTime::now_utc())
-        .map_err(|e| e.to_string())?;
+    let verified =
+        client::verify_response(&chain, expected.as_ref(), time::OffsetDateTime::now_utc())
+            .map_err(|e| e.to_string())?;
 
-    std::fs::create_dir_all(&args.out_dir).map_err(|e| format!("cannot create {}: {e}", args.out_dir.display()))?;
+    std::fs::create_dir_all(&args.out_dir)
+        .map_err(|e| format!("cannot create {}: {e}", args.out_dir.display()))?;
     let write = |name: &str, bytes: &[u8], mode| {
         let p = args.out_dir.join(name);
         write_atomic(&p, bytes, mode).map_err(|e| format!("cannot write {}: {e}", p.display()))

@@ -66,7 +66,11 @@ pub struct Args {
     pub token_issuer: Option<String>,
 
     /// Accepted token audience; repeat for several.
-    #[arg(long = "token-audience", value_name = "AUD", default_value = "istio-ca")]
+    #[arg(
+        long = "token-audience",
+        value_name = "AUD",
+        default_value = "istio-ca"
+    )]
     pub token_audiences: Vec<String>,
 
     /// Sign with a plugged-in CA: ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem.
@@ -111,21 +115,32 @@ fn build_auth(args: &Args, ca: &Arc<Ca>, clock: &SharedClock) -> Result<AuthChai
         clock.clone(),
     ))];
     let (jwks_bytes, issuer) = match (&args.jwks_file, args.dev) {
-        (Some(path), _) => (super::read_file(path, "JWKS file")?, args.token_issuer.clone()),
+        (Some(path), _) => (
+            super::read_file(path, "JWKS file")?,
+            args.token_issuer.clone(),
+        ),
         (None, true) => (
             devkeys::jwks_json().into_bytes(),
-            Some(args.token_issuer.clone().unwrap_or_else(|| devkeys::DEV_ISSUER.to_string())),
+            Some(
+                args.token_issuer
+                    .clone()
+                    .unwrap_or_else(|| devkeys::DEV_ISSUER.to_string()),
+            ),
         ),
         (None, false) => {
-            return Err("no way to verify service-account tokens: pass --jwks-file FILE (the JSON \
+            return Err(
+                "no way to verify service-account tokens: pass --jwks-file FILE (the JSON \
                         a cluster serves at /openid/v1/jwks), or --dev for local development"
-                .into())
+                    .into(),
+            )
         }
     };
     let source = args
         .jwks_file
         .as_ref()
-        .map_or("the dev key (certs-dev/)".to_string(), |p| p.display().to_string());
+        .map_or("the dev key (certs-dev/)".to_string(), |p| {
+            p.display().to_string()
+        });
     let jwks = Jwks::from_json(&jwks_bytes).map_err(|e| format!("{source}: {e}"))?;
     if issuer.is_none() {
         tracing::warn!("--token-issuer is not set: tokens from any issuer whose key is in the JWKS are accepted");
@@ -149,9 +164,12 @@ pub async fn run(args: Args) -> CmdResult {
     let listener = TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-    let metrics_listener = TcpListener::bind(args.metrics_listen)
-        .await
-        .map_err(|e| format!("cannot listen on {} (--metrics-listen): {e}", args.metrics_listen))?;
+    let metrics_listener = TcpListener::bind(args.metrics_listen).await.map_err(|e| {
+        format!(
+            "cannot listen on {} (--metrics-listen): {e}",
+            args.metrics_listen
+        )
+    })?;
     let (trigger, shutdown) = shutdown::channel();
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -191,7 +209,8 @@ pub async fn serve(
 
     let signer = match &args.ca_certs_dir {
         Some(dir) => {
-            let s = plugged::load(dir, &args.trust_domain, clock.now()).map_err(|e| format!("plugged-in CA refused: {e}"))?;
+            let s = plugged::load(dir, &args.trust_domain, clock.now())
+                .map_err(|e| format!("plugged-in CA refused: {e}"))?;
             tracing::info!(dir = %dir.display(), signer = %s.signing_cert().subject, "loaded plugged-in CA");
             s
         }

@@ -68,7 +68,10 @@ pub fn describe(der: &[u8]) -> Result<CertInfo, PkiError> {
 /// Lowercase hex of a serial's minimal big-endian bytes (no DER sign octet), the form used
 /// in audit logs, the issuance index and `citadel revoke --serial`.
 pub fn serial_hex(raw: &[u8]) -> String {
-    let start = raw.iter().position(|&b| b != 0).unwrap_or(raw.len().saturating_sub(1));
+    let start = raw
+        .iter()
+        .position(|&b| b != 0)
+        .unwrap_or(raw.len().saturating_sub(1));
     hex::encode(&raw[start..])
 }
 

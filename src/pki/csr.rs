@@ -144,7 +144,7 @@ pub fn build(key: &rcgen::KeyPair, uri_san: &str) -> Result<String, rcgen::Error
     let mut params = rcgen::CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     params.subject_alt_names = vec![rcgen::SanType::URI(uri_san.try_into()?)];
-    Ok(params.serialize_request(key)?.pem()?)
+    params.serialize_request(key)?.pem()
 }
 
 #[cfg(test)]
@@ -183,7 +183,10 @@ mod tests {
             .push(rcgen::DnType::CommonName, "cart.shop");
         params.subject_alt_names = vec![rcgen::SanType::URI(ID.try_into().unwrap())];
         // A private-arc extension nobody knows, plus an extra critical one.
-        let mut ext = rcgen::CustomExtension::from_oid_content(&[1, 3, 6, 1, 4, 1, 99999, 1], vec![0x05, 0x00]);
+        let mut ext = rcgen::CustomExtension::from_oid_content(
+            &[1, 3, 6, 1, 4, 1, 99999, 1],
+            vec![0x05, 0x00],
+        );
         ext.set_criticality(true);
         params.custom_extensions = vec![ext];
         let pem = params.serialize_request(&key).unwrap().pem().unwrap();
@@ -213,13 +216,27 @@ mod tests {
         assert!(matches!(err, CsrError::UnsupportedKey(_)), "{err:?}");
 
         assert_eq!(parse_pem(b"  \n").unwrap_err(), CsrError::Empty);
-        assert!(matches!(parse_pem(b"hello").unwrap_err(), CsrError::NotPem(_)));
+        assert!(matches!(
+            parse_pem(b"hello").unwrap_err(),
+            CsrError::NotPem(_)
+        ));
         let cert_pem = crate::pki::pem::encode("CERTIFICATE", b"\x30\x00");
-        assert!(matches!(parse_pem(cert_pem.as_bytes()).unwrap_err(), CsrError::NotPem(_)));
+        assert!(matches!(
+            parse_pem(cert_pem.as_bytes()).unwrap_err(),
+            CsrError::NotPem(_)
+        ));
         let junk = crate::pki::pem::encode("CERTIFICATE REQUEST", b"\x30\x03\x02\x01\x00");
-        assert!(matches!(parse_pem(junk.as_bytes()).unwrap_err(), CsrError::Malformed(_)));
+        assert!(matches!(
+            parse_pem(junk.as_bytes()).unwrap_err(),
+            CsrError::Malformed(_)
+        ));
         let big = vec![b'A'; MAX_CSR_BYTES + 1];
-        assert_eq!(parse_pem(&big).unwrap_err(), CsrError::TooLarge { len: MAX_CSR_BYTES + 1 });
+        assert_eq!(
+            parse_pem(&big).unwrap_err(),
+            CsrError::TooLarge {
+                len: MAX_CSR_BYTES + 1
+            }
+        );
     }
 
     #[test]
@@ -229,6 +246,9 @@ mod tests {
             .unwrap()
             .into_contents();
         der.push(0);
-        assert!(matches!(parse_der(&der).unwrap_err(), CsrError::Malformed(_)));
+        assert!(matches!(
+            parse_der(&der).unwrap_err(),
+            CsrError::Malformed(_)
+        ));
     }
 }

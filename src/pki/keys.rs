@@ -92,7 +92,10 @@ impl FromStr for KeyType {
             .find(|k| k.as_str() == s)
             .ok_or_else(|| {
                 let names: Vec<_> = KeyType::ALL.iter().map(|k| k.as_str()).collect();
-                format!("unknown key type {s:?}; expected one of {}", names.join(", "))
+                format!(
+                    "unknown key type {s:?}; expected one of {}",
+                    names.join(", ")
+                )
             })
     }
 }
@@ -216,7 +219,11 @@ fn sec1_to_pkcs8(sec1: &[u8], curve_oid_content: &[u8]) -> Vec<u8> {
     let ec_oid = OID_KEY_TYPE_EC_PUBLIC_KEY;
     let alg = der_tlv(
         0x30,
-        &[der_tlv(0x06, ec_oid.as_bytes()), der_tlv(0x06, curve_oid_content)].concat(),
+        &[
+            der_tlv(0x06, ec_oid.as_bytes()),
+            der_tlv(0x06, curve_oid_content),
+        ]
+        .concat(),
     );
     let body = [der_tlv(0x02, &[0]), alg, der_tlv(0x04, sec1)].concat();
     der_tlv(0x30, &body)
@@ -296,9 +303,10 @@ mod tests {
 
     #[test]
     fn garbage_keys_are_refused_without_echo() {
-        let err = load_private_key_pem(b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
-            .unwrap_err()
-            .to_string();
+        let err =
+            load_private_key_pem(b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+                .unwrap_err()
+                .to_string();
         assert!(!err.contains("AAAA"), "{err}");
         assert!(load_private_key_pem(b"not a key").is_err());
     }

@@ -41,12 +41,16 @@ mod tests {
     #[test]
     fn round_trip_and_errors() {
         let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::default().self_signed(&key).unwrap();
+        let cert = rcgen::CertificateParams::default()
+            .self_signed(&key)
+            .unwrap();
         let pem = format!("{}{}", cert.pem(), cert_to_pem(cert.der()));
         let certs = parse_certs(pem.as_bytes()).unwrap();
         assert_eq!(certs.len(), 2);
         assert_eq!(certs[0].as_ref(), cert.der().as_ref());
         assert!(parse_certs(b"").is_err());
-        assert!(parse_certs(b"-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n").is_err());
+        assert!(
+            parse_certs(b"-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n").is_err()
+        );
     }
 }

@@ -4,8 +4,8 @@
 use std::net::IpAddr;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyUsagePurpose, SanType, SerialNumber,
 };
 use time::OffsetDateTime;
 
@@ -33,9 +33,12 @@ pub fn root(
     not_after: OffsetDateTime,
 ) -> CertificateParams {
     let mut p = base(serial, not_before, not_after);
-    p.distinguished_name.push(DnType::OrganizationName, td.as_str());
     p.distinguished_name
-        .push(DnType::CommonName, format!("citadel root CA {}", short_id(serial)));
+        .push(DnType::OrganizationName, td.as_str());
+    p.distinguished_name.push(
+        DnType::CommonName,
+        format!("citadel root CA {}", short_id(serial)),
+    );
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     p.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -53,7 +56,8 @@ pub fn intermediate(
     not_after: OffsetDateTime,
 ) -> CertificateParams {
     let mut p = base(serial, not_before, not_after);
-    p.distinguished_name.push(DnType::OrganizationName, td.as_str());
+    p.distinguished_name
+        .push(DnType::OrganizationName, td.as_str());
     p.distinguished_name.push(
         DnType::CommonName,
         format!("citadel intermediate CA {}", short_id(serial)),

@@ -43,7 +43,9 @@ impl IssueError {
     pub fn status(&self) -> Status {
         let code = match self {
             IssueError::Unauthenticated(_) => Code::Unauthenticated,
-            IssueError::CsrTooLarge(_) | IssueError::Ttl(_) | IssueError::Csr(_) => Code::InvalidArgument,
+            IssueError::CsrTooLarge(_) | IssueError::Ttl(_) | IssueError::Csr(_) => {
+                Code::InvalidArgument
+            }
             IssueError::PermissionDenied(_) => Code::PermissionDenied,
             IssueError::NotReady(_) => Code::Unavailable,
             IssueError::Sign(_) => Code::Internal,
@@ -69,7 +71,9 @@ fn bearer(req: &Request<IstioCertificateRequest>) -> Result<Option<&str>, IssueE
         .to_str()
         .map_err(|_| IssueError::Unauthenticated("authorization header is not ASCII".into()))?;
     match v.split_once(' ') {
-        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
             Ok(Some(token.trim()))
         }
         _ => Err(IssueError::Unauthenticated(
@@ -87,7 +91,10 @@ fn metadata_string<'a>(req: &'a IstioCertificateRequest, key: &str) -> Option<&'
 }
 
 impl CaService {
-    async fn issue(&self, req: &Request<IstioCertificateRequest>) -> Result<(Caller, IssueOutcome), IssueError> {
+    async fn issue(
+        &self,
+        req: &Request<IstioCertificateRequest>,
+    ) -> Result<(Caller, IssueOutcome), IssueError> {
         let msg = req.get_ref();
         if msg.csr.len() > MAX_CSR_BYTES {
             self.metrics.csr_parsing_err_count.inc();
@@ -117,7 +124,8 @@ impl CaService {
         }
 
         let ttl = self.ttl.resolve(msg.validity_duration)?;
-        let csr = csr::parse_pem(msg.csr.as_bytes()).inspect_err(|_| self.metrics.csr_parsing_err_count.inc())?;
+        let csr = csr::parse_pem(msg.csr.as_bytes())
+            .inspect_err(|_| self.metrics.csr_parsing_err_count.inc())?;
         let want = caller.identity.to_string();
         if let Some(other) = csr.uri_sans.iter().find(|u| **u != want) {
             self.metrics.id_extraction_err_count.inc();
@@ -132,7 +140,13 @@ impl CaService {
             IssueError::NotReady("no signing CA is loaded yet".into())
         })?;
         let issued = signer
-            .issue_workload(&csr.key, &caller.identity, csr.common_name.as_deref(), self.clock.now(), ttl)
+            .issue_workload(
+                &csr.key,
+                &caller.identity,
+                csr.common_name.as_deref(),
+                self.clock.now(),
+                ttl,
+            )
             .map_err(|e| match e {
                 SignError::Expired(at) => {
                     self.metrics.sign_error("ca_expired");
@@ -187,13 +201,19 @@ impl IstioCertificateService for CaService {
                     pod = caller.pod_name.as_deref().unwrap_or(""),
                     "issued workload certificate"
                 );
-                Ok(Response::new(IstioCertificateResponse { cert_chain: out.chain }))
+                Ok(Response::new(IstioCertificateResponse {
+                    cert_chain: out.chain,
+                }))
             }
             Err(e) => {
                 let status = e.status();
                 match &e {
-                    IssueError::Sign(inner) => tracing::error!(error = %inner, "certificate signing failed"),
-                    IssueError::NotReady(_) => tracing::warn!(error = %e, "refused a CSR: CA not ready"),
+                    IssueError::Sign(inner) => {
+                        tracing::error!(error = %inner, "certificate signing failed")
+                    }
+                    IssueError::NotReady(_) => {
+                        tracing::warn!(error = %e, "refused a CSR: CA not ready")
+                    }
                     _ => tracing::info!(code = ?status.code(), error = %e, "refused a CSR"),
                 }
                 Err(status)

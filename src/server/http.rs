@@ -11,7 +11,11 @@ use tokio::net::TcpListener;
 use super::Readiness;
 use crate::shutdown::Shutdown;
 
-pub async fn serve(listener: TcpListener, state: Arc<Readiness>, shutdown: Shutdown) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<Readiness>,
+    shutdown: Shutdown,
+) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz/ready", get(ready))
@@ -32,6 +36,9 @@ async fn metrics(State(s): State<Arc<Readiness>>) -> ([(&'static str, &'static s
 async fn ready(State(s): State<Arc<Readiness>>) -> (StatusCode, String) {
     match s.not_ready_reason() {
         None => (StatusCode::OK, "ready\n".into()),
-        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
     }
 }

@@ -82,21 +82,60 @@ impl Metrics {
     pub fn render(&self, ca: &Ca) -> String {
         let mut out = String::with_capacity(4096);
         let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
         };
-        counter(&mut out, "citadel_server_csr_count", "The number of CSRs received by the CA server.", self.csr_count.get());
-        counter(&mut out, "citadel_server_authentication_failure_count", "The number of authentication failures.", self.authentication_failure_count.get());
-        counter(&mut out, "citadel_server_csr_parsing_err_count", "The number of errors occurred when parsing the CSR.", self.csr_parsing_err_count.get());
-        counter(&mut out, "citadel_server_id_extraction_err_count", "The number of errors occurred when extracting or matching the identity.", self.id_extraction_err_count.get());
-        counter(&mut out, "citadel_server_success_cert_issuance_count", "The number of certificates issued successfully.", self.success_cert_issuance_count.get());
+        counter(
+            &mut out,
+            "citadel_server_csr_count",
+            "The number of CSRs received by the CA server.",
+            self.csr_count.get(),
+        );
+        counter(
+            &mut out,
+            "citadel_server_authentication_failure_count",
+            "The number of authentication failures.",
+            self.authentication_failure_count.get(),
+        );
+        counter(
+            &mut out,
+            "citadel_server_csr_parsing_err_count",
+            "The number of errors occurred when parsing the CSR.",
+            self.csr_parsing_err_count.get(),
+        );
+        counter(
+            &mut out,
+            "citadel_server_id_extraction_err_count",
+            "The number of errors occurred when extracting or matching the identity.",
+            self.id_extraction_err_count.get(),
+        );
+        counter(
+            &mut out,
+            "citadel_server_success_cert_issuance_count",
+            "The number of certificates issued successfully.",
+            self.success_cert_issuance_count.get(),
+        );
 
         let _ = writeln!(out, "# HELP citadel_server_csr_sign_err_count The number of errors occurred when signing the CSR.\n# TYPE citadel_server_csr_sign_err_count counter");
-        for (kind, v) in self.sign_errors.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let _ = writeln!(out, "citadel_server_csr_sign_err_count{{error=\"{kind}\"}} {v}");
+        for (kind, v) in self
+            .sign_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "citadel_server_csr_sign_err_count{{error=\"{kind}\"}} {v}"
+            );
         }
 
         let name = "citadel_server_csr_latency_seconds";
-        let _ = writeln!(out, "# HELP {name} Time to handle a CreateCertificate request.\n# TYPE {name} histogram");
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time to handle a CreateCertificate request.\n# TYPE {name} histogram"
+        );
         let mut cumulative = 0;
         for (i, b) in BUCKETS.iter().enumerate() {
             cumulative += self.latency.buckets[i].load(Ordering::Relaxed);
@@ -111,9 +150,24 @@ impl Metrics {
             let gauge = |out: &mut String, name: &str, help: &str, v: i64| {
                 let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
             };
-            gauge(&mut out, "citadel_server_root_cert_expiry_timestamp", "Unix time the root anchoring the signing chain expires.", signer.anchor_root().not_after.unix_timestamp());
-            gauge(&mut out, "citadel_server_cert_chain_expiry_timestamp", "Unix time the first CA in the signing chain expires.", signer.chain_not_after().unix_timestamp());
-            gauge(&mut out, "citadel_server_trust_bundle_roots", "The number of roots in the trust bundle.", signer.roots_der().len() as i64);
+            gauge(
+                &mut out,
+                "citadel_server_root_cert_expiry_timestamp",
+                "Unix time the root anchoring the signing chain expires.",
+                signer.anchor_root().not_after.unix_timestamp(),
+            );
+            gauge(
+                &mut out,
+                "citadel_server_cert_chain_expiry_timestamp",
+                "Unix time the first CA in the signing chain expires.",
+                signer.chain_not_after().unix_timestamp(),
+            );
+            gauge(
+                &mut out,
+                "citadel_server_trust_bundle_roots",
+                "The number of roots in the trust bundle.",
+                signer.roots_der().len() as i64,
+            );
         }
         let _ = writeln!(
             out,

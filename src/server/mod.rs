@@ -54,7 +54,10 @@ impl Readiness {
             return Some("no signing CA loaded".into());
         };
         if signer.signing_cert().not_after <= self.clock.now() {
-            return Some(format!("signing CA expired at {}", signer.signing_cert().not_after));
+            return Some(format!(
+                "signing CA expired at {}",
+                signer.signing_cert().not_after
+            ));
         }
         if self.tls.as_ref().is_some_and(|t| !t.ready()) {
             return Some("no serving certificate yet".into());
@@ -74,7 +77,12 @@ impl Server {
     }
 
     /// Serves the CA on `listener` and monitoring on `metrics` until `shutdown`.
-    pub async fn run(self, listener: TcpListener, metrics: Option<TcpListener>, shutdown: Shutdown) -> Result<(), tonic::transport::Error> {
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        metrics: Option<TcpListener>,
+        shutdown: Shutdown,
+    ) -> Result<(), tonic::transport::Error> {
         if let Some(ml) = metrics {
             let (state, sd) = (self.readiness(), shutdown.clone());
             tokio::spawn(async move {
@@ -100,9 +108,14 @@ impl Server {
         };
         match self.tls {
             Some(tls) => {
-                tokio::spawn(tls.clone().maintain(self.ca.clone(), self.clock.clone(), shutdown.clone()));
+                tokio::spawn(tls.clone().maintain(
+                    self.ca.clone(),
+                    self.clock.clone(),
+                    shutdown.clone(),
+                ));
                 let config = tls.server_config();
-                let incoming = accept_tls(listener, tokio_rustls::TlsAcceptor::from(config), shutdown);
+                let incoming =
+                    accept_tls(listener, tokio_rustls::TlsAcceptor::from(config), shutdown);
                 router.serve_with_incoming_shutdown(incoming, stop).await
             }
             None => {
@@ -151,7 +164,10 @@ fn accept_tls(
     ReceiverStream::new(rx)
 }
 
-fn accept_plain(listener: TcpListener, shutdown: Shutdown) -> ReceiverStream<Result<TcpStream, std::io::Error>> {
+fn accept_plain(
+    listener: TcpListener,
+    shutdown: Shutdown,
+) -> ReceiverStream<Result<TcpStream, std::io::Error>> {
     let (tx, rx) = mpsc::channel(128);
     tokio::spawn(async move {
         loop {

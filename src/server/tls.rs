@@ -68,8 +68,9 @@ impl TlsState {
             .store(Some(Arc::new(CertifiedKey::new(chain, signing_key))));
         self.serving_window
             .store(Some(Arc::new((issued.not_before, issued.not_after))));
-        self.verifier
-            .store(Arc::new(build_verifier(signer.roots_der()).map_err(|e| e.to_string())?));
+        self.verifier.store(Arc::new(
+            build_verifier(signer.roots_der()).map_err(|e| e.to_string())?,
+        ));
         tracing::info!(serial = %issued.serial_hex, not_after = %issued.not_after, names = ?self.names, "serving certificate issued");
         Ok(())
     }
@@ -94,7 +95,12 @@ impl TlsState {
 
     /// Keeps the serving certificate fresh: renews at half-life, and at once when the CA
     /// changes (new intermediate or bundle). Runs until `shutdown` resolves.
-    pub async fn maintain(self: Arc<Self>, ca: Arc<Ca>, clock: SharedClock, shutdown: crate::shutdown::Shutdown) {
+    pub async fn maintain(
+        self: Arc<Self>,
+        ca: Arc<Ca>,
+        clock: SharedClock,
+        shutdown: crate::shutdown::Shutdown,
+    ) {
         let mut changes = ca.subscribe();
         loop {
             let due = self.renew_at().is_none_or(|at| clock.now() >= at);
@@ -124,7 +130,9 @@ impl ResolvesServerCert for TlsState {
     }
 }
 
-fn build_verifier(roots: &[CertificateDer<'static>]) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
+fn build_verifier(
+    roots: &[CertificateDer<'static>],
+) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
     if roots.is_empty() {
         // No bundle yet: accept no client certificates, but still allow token callers.
         return Ok(Arc::new(NoClientAuth));
@@ -166,7 +174,8 @@ impl ClientCertVerifier for DynamicVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner().verify_client_cert(end_entity, intermediates, now)
+        self.inner()
+            .verify_client_cert(end_entity, intermediates, now)
     }
     fn verify_tls12_signature(
         &self,
@@ -208,7 +217,9 @@ impl ClientCertVerifier for NoClientAuth {
         _: &[CertificateDer<'_>],
         _: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        Err(rustls::Error::General("the CA has no trust bundle yet".into()))
+        Err(rustls::Error::General(
+            "the CA has no trust bundle yet".into(),
+        ))
     }
     fn verify_tls12_signature(
         &self,
@@ -216,7 +227,9 @@ impl ClientCertVerifier for NoClientAuth {
         _: &CertificateDer<'_>,
         _: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("the CA has no trust bundle yet".into()))
+        Err(rustls::Error::General(
+            "the CA has no trust bundle yet".into(),
+        ))
     }
     fn verify_tls13_signature(
         &self,
@@ -224,11 +237,35 @@ impl ClientCertVerifier for NoClientAuth {
         _: &CertificateDer<'_>,
         _: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("the CA has no trust bundle yet".into()))
+        Err(rustls::Error::General(
+            "the CA has no trust bundle yet".into(),
+        ))
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         provider()
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::bootstrap::{self, CaOptions};
+    use crate::identity::TrustDomain;
+
+    #[test]
+    fn serving_certificate_renews_at_half_life() {
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let now = time::macros::datetime!(2030-01-01 0:00 UTC);
+        let signer = bootstrap::signer_from_journal(&bootstrap::new_journal(&CaOptions::new(td.clone()), now).unwrap(), &td).unwrap();
+        let state = TlsState::new(vec!["localhost".into()]).unwrap();
+        assert!(state.renew_at().is_none() && !state.ready());
+        state.refresh(&signer, now).unwrap();
+        assert!(state.ready());
+        // Backdated 2 minutes, 24h life: renewal at now + 12h - 1min.
+        let at = state.renew_at().unwrap();
+        assert_eq!(at, now - time::Duration::minutes(2) + (time::Duration::hours(24) + time::Duration::minutes(2)) / 2);
+        assert!(at > now && at < now + time::Duration::hours(13));
     }
 }

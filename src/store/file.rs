@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::{BoxFuture, Revision, Store, StoreError, Versioned};
-use crate::fsutil;
 use crate::ca::journal::Journal;
+use crate::fsutil;
 
 pub const JOURNAL_FILE: &str = "ca-journal.json";
 pub const BUNDLE_FILE: &str = "root-cert.pem";
@@ -85,7 +85,11 @@ impl FileStore {
         Ok(Some(disk))
     }
 
-    fn save_sync(&self, journal: &Journal, expected: Option<&Revision>) -> Result<Revision, StoreError> {
+    fn save_sync(
+        &self,
+        journal: &Journal,
+        expected: Option<&Revision>,
+    ) -> Result<Revision, StoreError> {
         let _guard = self.lock()?;
         let current = self.read()?.map(|d| d.revision);
         let expected_num = expected.map(|r| r.0.parse::<u64>().unwrap_or(u64::MAX));
@@ -101,7 +105,8 @@ impl FileStore {
             what: "journal".into(),
             reason: e.to_string(),
         })?;
-        fsutil::write_atomic(&self.dir.join(JOURNAL_FILE), &body, 0o600).map_err(|e| io(&self.dir.join(JOURNAL_FILE), e))?;
+        fsutil::write_atomic(&self.dir.join(JOURNAL_FILE), &body, 0o600)
+            .map_err(|e| io(&self.dir.join(JOURNAL_FILE), e))?;
         Ok(Revision(revision.to_string()))
     }
 }
@@ -177,10 +182,23 @@ mod tests {
         let store = FileStore::open(dir.path().join("s")).unwrap();
         store.save_journal(&journal(), None).await.unwrap();
         store.publish_bundle("PEM").await.unwrap();
-        let mode = |p: &str| fs::metadata(dir.path().join("s").join(p)).unwrap().permissions().mode() & 0o777;
+        let mode = |p: &str| {
+            fs::metadata(dir.path().join("s").join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
         assert_eq!(mode(JOURNAL_FILE), 0o600);
         assert_eq!(mode(BUNDLE_FILE), 0o644);
-        assert_eq!(fs::metadata(dir.path().join("s")).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            fs::metadata(dir.path().join("s"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o700
+        );
         let leftovers: Vec<_> = fs::read_dir(dir.path().join("s"))
             .unwrap()
             .filter_map(|e| e.ok())

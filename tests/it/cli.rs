@@ -6,7 +6,11 @@ use std::time::Duration;
 const BIN: &str = env!("CARGO_BIN_EXE_citadel");
 
 fn run(args: &[&str], dir: &std::path::Path) -> (i32, String, String) {
-    let out = Command::new(BIN).args(args).current_dir(dir).output().unwrap();
+    let out = Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into(),
@@ -15,7 +19,11 @@ fn run(args: &[&str], dir: &std::path::Path) -> (i32, String, String) {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[test]
@@ -23,32 +31,57 @@ fn help_teaches_and_bad_flags_explain() {
     let tmp = tempfile::tempdir().unwrap();
     let (code, out, _) = run(&["--help"], tmp.path());
     assert_eq!(code, 0);
-    for word in ["serve", "dev-token", "request", "ca", "bench", "Quick start"] {
+    for word in [
+        "serve",
+        "dev-token",
+        "request",
+        "ca",
+        "bench",
+        "Quick start",
+    ] {
         assert!(out.contains(word), "--help lacks {word}");
     }
     let (_, out, _) = run(&["serve", "--help"], tmp.path());
-    for word in ["--dev", "--jwks-file", "--ca-certs-dir", "--max-ttl", "Examples"] {
+    for word in [
+        "--dev",
+        "--jwks-file",
+        "--ca-certs-dir",
+        "--max-ttl",
+        "Examples",
+    ] {
         assert!(out.contains(word), "serve --help lacks {word}");
     }
     let (code, _, err) = run(&["serve"], tmp.path());
     assert_eq!(code, 1);
-    assert!(err.contains("--jwks-file") && err.contains("--dev"), "{err}");
+    assert!(
+        err.contains("--jwks-file") && err.contains("--dev"),
+        "{err}"
+    );
     let (code, _, err) = run(&["serve", "--dev", "--default-ttl", "100d"], tmp.path());
     assert_eq!(code, 1);
     assert!(err.contains("exceeds --max-ttl"), "{err}");
     let (code, _, err) = run(&["serve", "--dev", "--max-ttl", "10"], tmp.path());
     assert_eq!(code, 2, "usage error");
     assert!(err.contains("missing unit"), "{err}");
-    let (code, _, err) = run(&["serve", "--trust-domain", "Bad.Domain", "--dev"], tmp.path());
+    let (code, _, err) = run(
+        &["serve", "--trust-domain", "Bad.Domain", "--dev"],
+        tmp.path(),
+    );
     assert_eq!(code, 2);
     assert!(err.contains("trust domain"), "{err}");
-    let (code, _, err) = run(&["dev-token", "-n", "Shop", "--service-account", "x"], tmp.path());
+    let (code, _, err) = run(
+        &["dev-token", "-n", "Shop", "--service-account", "x"],
+        tmp.path(),
+    );
     assert_eq!(code, 1);
     assert!(err.contains("namespace"), "{err}");
     let (code, _, err) = run(&["ca", "status", "--state-dir", "nowhere"], tmp.path());
     assert_eq!(code, 1);
     assert!(err.contains("does not exist"), "{err}");
-    let (code, _, err) = run(&["serve", "--dev", "--jwks-file", "missing.json"], tmp.path());
+    let (code, _, err) = run(
+        &["serve", "--dev", "--jwks-file", "missing.json"],
+        tmp.path(),
+    );
     assert_eq!(code, 1);
     assert!(err.contains("missing.json"), "{err}");
 }
@@ -60,7 +93,16 @@ fn quickstart_as_a_real_process_with_json_audit_logs_and_sigterm() {
     let (port, mport) = (free_port(), free_port());
     let log = std::fs::File::create(dir.join("serve.log")).unwrap();
     let mut server = Command::new(BIN)
-        .args(["--log-format", "json", "serve", "--dev", "--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", &format!("127.0.0.1:{mport}")])
+        .args([
+            "--log-format",
+            "json",
+            "serve",
+            "--dev",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--metrics-listen",
+            &format!("127.0.0.1:{mport}"),
+        ])
         .current_dir(dir)
         .stdout(Stdio::null())
         .stderr(log)
@@ -75,16 +117,52 @@ fn quickstart_as_a_real_process_with_json_audit_logs_and_sigterm() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(up, "server did not start: {}", std::fs::read_to_string(dir.join("serve.log")).unwrap());
+    assert!(
+        up,
+        "server did not start: {}",
+        std::fs::read_to_string(dir.join("serve.log")).unwrap()
+    );
 
-    let (code, token, err) = run(&["dev-token", "--namespace", "shop", "--service-account", "cart"], dir);
+    let (code, token, err) = run(
+        &[
+            "dev-token",
+            "--namespace",
+            "shop",
+            "--service-account",
+            "cart",
+        ],
+        dir,
+    );
     assert_eq!(code, 0, "{err}");
     std::fs::write(dir.join("token.jwt"), token.trim()).unwrap();
-    let (code, out, err) = run(&["request", "--ca-addr", &format!("127.0.0.1:{port}"), "--ca-root-cert", "citadel-data/root-cert.pem", "--token-file", "token.jwt", "--out-dir", "certs"], dir);
+    let (code, out, err) = run(
+        &[
+            "request",
+            "--ca-addr",
+            &format!("127.0.0.1:{port}"),
+            "--ca-root-cert",
+            "citadel-data/root-cert.pem",
+            "--token-file",
+            "token.jwt",
+            "--out-dir",
+            "certs",
+        ],
+        dir,
+    );
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("spiffe://cluster.local/ns/shop/sa/cart"), "{out}");
+    assert!(
+        out.contains("spiffe://cluster.local/ns/shop/sa/cart"),
+        "{out}"
+    );
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(dir.join("certs/key.pem")).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(dir.join("certs/key.pem"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
 
     let (code, out, _) = run(&["ca", "bundle"], dir);
     assert_eq!(code, 0);
@@ -92,7 +170,12 @@ fn quickstart_as_a_real_process_with_json_audit_logs_and_sigterm() {
     let (code, out, _) = run(&["ca", "status", "--json"], dir);
     assert_eq!(code, 0);
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let roles: Vec<&str> = status["authorities"].as_array().unwrap().iter().map(|a| a["role"].as_str().unwrap()).collect();
+    let roles: Vec<&str> = status["authorities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["role"].as_str().unwrap())
+        .collect();
     assert_eq!(roles, ["root", "intermediate"]);
     let (code, out, _) = run(&["ca", "status"], dir);
     assert_eq!(code, 0);
@@ -105,7 +188,10 @@ fn quickstart_as_a_real_process_with_json_audit_logs_and_sigterm() {
     let log = std::fs::read_to_string(dir.join("serve.log")).unwrap();
     assert!(log.contains("stopped"), "{log}");
     let token = token.trim();
-    assert!(!log.contains(token) && !log.contains("PRIVATE KEY"), "secrets in logs");
+    assert!(
+        !log.contains(token) && !log.contains("PRIVATE KEY"),
+        "secrets in logs"
+    );
     // One JSON audit line per certificate, with the fields operators need.
     let audits: Vec<serde_json::Value> = log
         .lines()
@@ -114,13 +200,23 @@ fn quickstart_as_a_real_process_with_json_audit_logs_and_sigterm() {
         .collect();
     assert_eq!(audits.len(), 1, "{log}");
     for field in ["serial", "identity", "not_after", "key_type", "auth"] {
-        assert!(audits[0].get(field).is_some(), "audit lacks {field}: {}", audits[0]);
+        assert!(
+            audits[0].get(field).is_some(),
+            "audit lacks {field}: {}",
+            audits[0]
+        );
     }
-    assert_eq!(audits[0]["identity"], "spiffe://cluster.local/ns/shop/sa/cart");
+    assert_eq!(
+        audits[0]["identity"],
+        "spiffe://cluster.local/ns/shop/sa/cart"
+    );
     assert_eq!(audits[0]["auth"], "jwt");
 }
 
 fn unsafe_kill(pid: u32, sig: &str) {
-    let ok = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().unwrap();
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(ok.success());
 }

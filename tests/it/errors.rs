@@ -17,7 +17,13 @@ fn with(mut c: serde_json::Value, k: &str, v: serde_json::Value) -> serde_json::
 
 fn struct_with(key: &str, value: &str) -> prost_types::Struct {
     prost_types::Struct {
-        fields: [(key.to_string(), prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(value.into())) })].into(),
+        fields: [(
+            key.to_string(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue(value.into())),
+            },
+        )]
+        .into(),
     }
 }
 
@@ -41,11 +47,35 @@ async fn bad_inputs_get_exact_codes_and_the_server_keeps_serving() {
 
     // A token from a key the server does not trust, with a kid it does not know.
     let rng = ring::rand::SystemRandom::new();
-    let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(&ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-    let stranger = citadel::auth::jws::SigningKey::from_pkcs8_pem(&citadel::pki::pem::encode("PRIVATE KEY", pkcs8.as_ref())).unwrap();
+    let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        &rng,
+    )
+    .unwrap();
+    let stranger = citadel::auth::jws::SigningKey::from_pkcs8_pem(&citadel::pki::pem::encode(
+        "PRIVATE KEY",
+        pkcs8.as_ref(),
+    ))
+    .unwrap();
     let parts: Vec<&str> = good.split('.').collect();
-    let alg_none = format!("{}.{}.", B64.encode(r#"{"alg":"none","typ":"JWT"}"#), parts[1]);
-    let forged_payload = format!("{}.{}.{}", parts[0], B64.encode(with(claims("shop", "cart"), "sub", json!("system:serviceaccount:kube-system:admin")).to_string()), parts[2]);
+    let alg_none = format!(
+        "{}.{}.",
+        B64.encode(r#"{"alg":"none","typ":"JWT"}"#),
+        parts[1]
+    );
+    let forged_payload = format!(
+        "{}.{}.{}",
+        parts[0],
+        B64.encode(
+            with(
+                claims("shop", "cart"),
+                "sub",
+                json!("system:serviceaccount:kube-system:admin")
+            )
+            .to_string()
+        ),
+        parts[2]
+    );
 
     let mut tampered = ::pem::parse(good_csr.as_bytes()).unwrap().into_contents();
     let at = tampered.windows(4).position(|w| w == b"cart").unwrap();
@@ -54,31 +84,217 @@ async fn bad_inputs_get_exact_codes_and_the_server_keeps_serving() {
     let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
     let ed_csr = citadel::pki::csr::build(&ed, &id.to_string()).unwrap();
     let (_, other_csr) = csr_for(KeyType::EcP256, &spiffe("kube-system", "admin"));
-    let (_, foreign_td_csr) = csr_for(KeyType::EcP256, &citadel::identity::SpiffeId::parse("spiffe://evil.example/ns/shop/sa/cart").unwrap());
+    let (_, foreign_td_csr) = csr_for(
+        KeyType::EcP256,
+        &citadel::identity::SpiffeId::parse("spiffe://evil.example/ns/shop/sa/cart").unwrap(),
+    );
     let huge = format!("{}{}", good_csr, "A".repeat(64 * 1024));
 
     let ok = |s: &str| Some(bearer(s));
     let cases = vec![
-        Case { name: "no credentials", csr: good_csr.clone(), auth: None, ttl: 0, metadata: None, code: Code::Unauthenticated, says: "no credentials" },
-        Case { name: "not a bearer header", csr: good_csr.clone(), auth: Some(format!("Basic {good}")), ttl: 0, metadata: None, code: Code::Unauthenticated, says: "Bearer" },
-        Case { name: "malformed token", csr: good_csr.clone(), auth: ok("not-a-jwt"), ttl: 0, metadata: None, code: Code::Unauthenticated, says: "malformed" },
-        Case { name: "expired token", csr: good_csr.clone(), auth: ok(&sign(&with(claims("shop", "cart"), "exp", json!(now() - 3600)))), ttl: 0, metadata: None, code: Code::Unauthenticated, says: "expired" },
-        Case { name: "not yet valid token", csr: good_csr.clone(), auth: ok(&sign(&with(claims("shop", "cart"), "nbf", json!(now() + 3600)))), ttl: 0, metadata: None, code: Code::Unauthenticated, says: "not valid before" },
-        Case { name: "wrong audience", csr: good_csr.clone(), auth: ok(&sign(&with(claims("shop", "cart"), "aud", json!(["kubernetes"])))), ttl: 0, metadata: None, code: Code::Unauthenticated, says: "audience" },
-        Case { name: "wrong issuer", csr: good_csr.clone(), auth: ok(&sign(&with(claims("shop", "cart"), "iss", json!("https://evil")))), ttl: 0, metadata: None, code: Code::Unauthenticated, says: "issuer" },
-        Case { name: "wrong subject form", csr: good_csr.clone(), auth: ok(&sign(&with(claims("shop", "cart"), "sub", json!("system:node:n1")))), ttl: 0, metadata: None, code: Code::Unauthenticated, says: "subject" },
-        Case { name: "unknown kid", csr: good_csr.clone(), auth: ok(&stranger.sign(&claims("shop", "cart"))), ttl: 0, metadata: None, code: Code::Unauthenticated, says: "key id" },
-        Case { name: "forged payload", csr: good_csr.clone(), auth: ok(&forged_payload), ttl: 0, metadata: None, code: Code::Unauthenticated, says: "signature" },
-        Case { name: "alg none", csr: good_csr.clone(), auth: ok(&alg_none), ttl: 0, metadata: None, code: Code::Unauthenticated, says: "none" },
-        Case { name: "empty CSR", csr: String::new(), auth: ok(&good), ttl: 0, metadata: None, code: Code::InvalidArgument, says: "empty" },
-        Case { name: "garbage CSR", csr: "hello".into(), auth: ok(&good), ttl: 0, metadata: None, code: Code::InvalidArgument, says: "PEM" },
-        Case { name: "tampered CSR", csr: tampered, auth: ok(&good), ttl: 0, metadata: None, code: Code::InvalidArgument, says: "signature" },
-        Case { name: "Ed25519 CSR", csr: ed_csr, auth: ok(&good), ttl: 0, metadata: None, code: Code::InvalidArgument, says: "not accepted" },
-        Case { name: "CSR over 64 KiB", csr: huge, auth: ok(&good), ttl: 0, metadata: None, code: Code::InvalidArgument, says: "limit" },
-        Case { name: "TTL above max", csr: good_csr.clone(), auth: ok(&good), ttl: 31 * 86_400, metadata: None, code: Code::InvalidArgument, says: "exceeds the maximum" },
-        Case { name: "CSR names another identity", csr: other_csr, auth: ok(&good), ttl: 0, metadata: None, code: Code::PermissionDenied, says: "kube-system" },
-        Case { name: "CSR names another trust domain", csr: foreign_td_csr, auth: ok(&good), ttl: 0, metadata: None, code: Code::PermissionDenied, says: "evil.example" },
-        Case { name: "impersonation", csr: good_csr.clone(), auth: ok(&good), ttl: 0, metadata: Some(struct_with("ImpersonatedIdentity", "spiffe://cluster.local/ns/kube-system/sa/admin")), code: Code::PermissionDenied, says: "impersonation" },
+        Case {
+            name: "no credentials",
+            csr: good_csr.clone(),
+            auth: None,
+            ttl: 0,
+            metadata: None,
+            code: Code::Unauthenticated,
+            says: "no credentials",
+        },
+        Case {
+            name: "not a bearer header",
+            csr: good_csr.clone(),
+            auth: Some(format!("Basic {good}")),
+            ttl: 0,
+            metadata: None,
+            code: Code::Unauthenticated,
+            says: "Bearer",
+        },
+        Case {
+            name: "malformed token",
+            csr: good_csr.clone(),
+            auth: ok("not-a-jwt"),
+            ttl: 0,
+            metadata: None,
+            code: Code::Unauthenticated,
+            says: "malformed",
+        },
+        Case {
+            name: "expired token",
+            csr: good_csr.clone(),
+            auth: ok(&sign(&with(
+                claims("shop", "cart"),
+                "exp",
+                json!(now() - 3600),
+            ))),
+            ttl: 0,
+            metadata: None,
+            code: Code::Unauthenticated,
+            says: "expired",
+        },
+        Case {
+            name: "not yet valid token",
+            csr: good_csr.clone(),
+            auth: ok(&sign(&with(
+                claims("shop", "cart"),
+                "nbf",
+                json!(now() + 3600),
+            ))),
+            ttl: 0,
+            metadata: None,
+            code: Code::Unauthenticated,
+            says: "not valid before",
+        },
+        Case {
+            name: "wrong audience",
+            csr: good_csr.clone(),
+            auth: ok(&sign(&with(
+                claims("shop", "cart"),
+                "aud",
+                json!(["kubernetes"]),
+            ))),
+            ttl: 0,
+            metadata: None,
+            code: Code::Unauthenticated,
+            says: "audience",
+        },
+        Case {
+            name: "wrong issuer",
+            csr: good_csr.clone(),
+            auth: ok(&sign(&with(
+                claims("shop", "cart"),
+                "iss",
+                json!("https://evil"),
+            ))),
+            ttl: 0,
+            metadata: None,
+            code: Code::Unauthenticated,
+            says: "issuer",
+        },
+        Case {
+            name: "wrong subject form",
+            csr: good_csr.clone(),
+            auth: ok(&sign(&with(
+                claims("shop", "cart"),
+                "sub",
+                json!("system:node:n1"),
+            ))),
+            ttl: 0,
+            metadata: None,
+            code: Code::Unauthenticated,
+            says: "subject",
+        },
+        Case {
+            name: "unknown kid",
+            csr: good_csr.clone(),
+            auth: ok(&stranger.sign(&claims("shop", "cart"))),
+            ttl: 0,
+            metadata: None,
+            code: Code::Unauthenticated,
+            says: "key id",
+        },
+        Case {
+            name: "forged payload",
+            csr: good_csr.clone(),
+            auth: ok(&forged_payload),
+            ttl: 0,
+            metadata: None,
+            code: Code::Unauthenticated,
+            says: "signature",
+        },
+        Case {
+            name: "alg none",
+            csr: good_csr.clone(),
+            auth: ok(&alg_none),
+            ttl: 0,
+            metadata: None,
+            code: Code::Unauthenticated,
+            says: "none",
+        },
+        Case {
+            name: "empty CSR",
+            csr: String::new(),
+            auth: ok(&good),
+            ttl: 0,
+            metadata: None,
+            code: Code::InvalidArgument,
+            says: "empty",
+        },
+        Case {
+            name: "garbage CSR",
+            csr: "hello".into(),
+            auth: ok(&good),
+            ttl: 0,
+            metadata: None,
+            code: Code::InvalidArgument,
+            says: "PEM",
+        },
+        Case {
+            name: "tampered CSR",
+            csr: tampered,
+            auth: ok(&good),
+            ttl: 0,
+            metadata: None,
+            code: Code::InvalidArgument,
+            says: "signature",
+        },
+        Case {
+            name: "Ed25519 CSR",
+            csr: ed_csr,
+            auth: ok(&good),
+            ttl: 0,
+            metadata: None,
+            code: Code::InvalidArgument,
+            says: "not accepted",
+        },
+        Case {
+            name: "CSR over 64 KiB",
+            csr: huge,
+            auth: ok(&good),
+            ttl: 0,
+            metadata: None,
+            code: Code::InvalidArgument,
+            says: "limit",
+        },
+        Case {
+            name: "TTL above max",
+            csr: good_csr.clone(),
+            auth: ok(&good),
+            ttl: 31 * 86_400,
+            metadata: None,
+            code: Code::InvalidArgument,
+            says: "exceeds the maximum",
+        },
+        Case {
+            name: "CSR names another identity",
+            csr: other_csr,
+            auth: ok(&good),
+            ttl: 0,
+            metadata: None,
+            code: Code::PermissionDenied,
+            says: "kube-system",
+        },
+        Case {
+            name: "CSR names another trust domain",
+            csr: foreign_td_csr,
+            auth: ok(&good),
+            ttl: 0,
+            metadata: None,
+            code: Code::PermissionDenied,
+            says: "evil.example",
+        },
+        Case {
+            name: "impersonation",
+            csr: good_csr.clone(),
+            auth: ok(&good),
+            ttl: 0,
+            metadata: Some(struct_with(
+                "ImpersonatedIdentity",
+                "spiffe://cluster.local/ns/kube-system/sa/admin",
+            )),
+            code: Code::PermissionDenied,
+            says: "impersonation",
+        },
     ];
 
     for c in cases {
@@ -86,8 +302,18 @@ async fn bad_inputs_get_exact_codes_and_the_server_keeps_serving() {
             .await
             .expect_err(c.name);
         assert_eq!(err.code(), c.code, "{}: {err:?}", c.name);
-        assert!(err.message().contains(c.says), "{}: message {:?} should mention {:?}", c.name, err.message(), c.says);
-        assert!(!err.message().contains(&good), "{}: the token is echoed", c.name);
+        assert!(
+            err.message().contains(c.says),
+            "{}: message {:?} should mention {:?}",
+            c.name,
+            err.message(),
+            c.says
+        );
+        assert!(
+            !err.message().contains(&good),
+            "{}: the token is echoed",
+            c.name
+        );
         // The server still serves.
         let chain = call(&mut client, &good_csr, Some(&bearer(&good)), 0, None).await;
         assert!(chain.is_ok(), "after {}: {chain:?}", c.name);
@@ -95,8 +321,18 @@ async fn bad_inputs_get_exact_codes_and_the_server_keeps_serving() {
 
     // Matching impersonation (a no-op) and an empty CertSigner are fine.
     let md = struct_with("ImpersonatedIdentity", &id.to_string());
-    call(&mut client, &good_csr, Some(&bearer(&good)), 0, Some(md)).await.unwrap();
-    call(&mut client, &good_csr, Some(&bearer(&good)), 0, Some(struct_with("CertSigner", ""))).await.unwrap();
+    call(&mut client, &good_csr, Some(&bearer(&good)), 0, Some(md))
+        .await
+        .unwrap();
+    call(
+        &mut client,
+        &good_csr,
+        Some(&bearer(&good)),
+        0,
+        Some(struct_with("CertSigner", "")),
+    )
+    .await
+    .unwrap();
     ca.stop().await;
 }
 
@@ -104,10 +340,26 @@ async fn bad_inputs_get_exact_codes_and_the_server_keeps_serving() {
 async fn oversized_grpc_messages_are_refused_by_the_transport() {
     let ca = TestCa::start(&[]).await;
     let mut client = ca.client().await;
-    let err = call(&mut client, &"A".repeat(512 * 1024), Some(&bearer(&token("a", "b"))), 0, None).await.unwrap_err();
-    assert!(matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument), "{err:?}");
+    let err = call(
+        &mut client,
+        &"A".repeat(512 * 1024),
+        Some(&bearer(&token("a", "b"))),
+        0,
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument
+        ),
+        "{err:?}"
+    );
     let (_, csr) = csr_for(KeyType::EcP256, &spiffe("a", "b"));
-    call(&mut client, &csr, Some(&bearer(&token("a", "b"))), 0, None).await.unwrap();
+    call(&mut client, &csr, Some(&bearer(&token("a", "b"))), 0, None)
+        .await
+        .unwrap();
     ca.stop().await;
 }
 
@@ -117,8 +369,19 @@ async fn untrusted_client_certificate_is_refused_and_server_keeps_serving() {
     let stranger = TestCa::start(&[]).await;
     let id = spiffe("shop", "cart");
     let (key, csr) = csr_for(KeyType::EcP256, &id);
-    let foreign = call(&mut stranger.client().await, &csr, Some(&bearer(&token("shop", "cart"))), 0, None).await.unwrap();
-    let identity = Some((foreign[..2].concat().into_bytes(), key.serialize_pem().into_bytes()));
+    let foreign = call(
+        &mut stranger.client().await,
+        &csr,
+        Some(&bearer(&token("shop", "cart"))),
+        0,
+        None,
+    )
+    .await
+    .unwrap();
+    let identity = Some((
+        foreign[..2].concat().into_bytes(),
+        key.serialize_pem().into_bytes(),
+    ));
     // The handshake itself fails: the client certificate does not chain to our bundle.
     let r = citadel::client::connect(&citadel::client::ConnectOptions {
         addr: ca.addr.to_string(),
@@ -132,10 +395,24 @@ async fn untrusted_client_certificate_is_refused_and_server_keeps_serving() {
         Err(_) => {}
         Ok(mut c) => {
             let err = call(&mut c, &csr, None, 0, None).await.unwrap_err();
-            assert!(matches!(err.code(), Code::Unavailable | Code::Unknown | Code::Unauthenticated), "{err:?}");
+            assert!(
+                matches!(
+                    err.code(),
+                    Code::Unavailable | Code::Unknown | Code::Unauthenticated
+                ),
+                "{err:?}"
+            );
         }
     }
-    call(&mut ca.client().await, &csr, Some(&bearer(&token("shop", "cart"))), 0, None).await.unwrap();
+    call(
+        &mut ca.client().await,
+        &csr,
+        Some(&bearer(&token("shop", "cart"))),
+        0,
+        None,
+    )
+    .await
+    .unwrap();
     stranger.stop().await;
     ca.stop().await;
 }

@@ -21,23 +21,54 @@ async fn restart_keeps_the_same_ca() {
     let root_before = ca.root_pem();
     let id = spiffe("shop", "cart");
     let (_, csr) = csr_for(KeyType::EcP256, &id);
-    let old = call(&mut ca.client().await, &csr, Some(&bearer(&token("shop", "cart"))), 0, None).await.unwrap();
+    let old = call(
+        &mut ca.client().await,
+        &csr,
+        Some(&bearer(&token("shop", "cart"))),
+        0,
+        None,
+    )
+    .await
+    .unwrap();
     ca.stop().await;
 
     let ca = TestCa::start_in(tmp.path(), &["--ca-key-type", "rsa-2048"]).await;
-    assert_eq!(ca.root_pem(), root_before, "same root after restart (key type flag ignored once the CA exists)");
-    let new = call(&mut ca.client().await, &csr, Some(&bearer(&token("shop", "cart"))), 0, None).await.unwrap();
+    assert_eq!(
+        ca.root_pem(),
+        root_before,
+        "same root after restart (key type flag ignored once the CA exists)"
+    );
+    let new = call(
+        &mut ca.client().await,
+        &csr,
+        Some(&bearer(&token("shop", "cart"))),
+        0,
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(old[1], new[1], "same intermediate");
     // A certificate from before the restart still verifies against the bundle after it.
     let bundle_now = String::from_utf8(ca.root_pem()).unwrap();
     let mut old_with_new_bundle = old.clone();
     *old_with_new_bundle.last_mut().unwrap() = bundle_now;
-    verify_response(&old_with_new_bundle, Some(&id), time::OffsetDateTime::now_utc()).unwrap();
+    verify_response(
+        &old_with_new_bundle,
+        Some(&id),
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
     ca.stop().await;
 
     // A different trust domain on the same state is refused with a clear message.
-    let err = TestCa::try_start_in(tmp.path(), &["--trust-domain", "prod.example"]).await.err().unwrap();
-    assert!(err.contains("trust domain") && err.contains("cluster.local"), "{err}");
+    let err = TestCa::try_start_in(tmp.path(), &["--trust-domain", "prod.example"])
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        err.contains("trust domain") && err.contains("cluster.local"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -45,7 +76,13 @@ async fn key_files_are_private_and_keys_stay_out_of_logs() {
     use std::os::unix::fs::PermissionsExt;
     let ca = TestCa::start(&[]).await;
     let state = ca.state_dir();
-    let mode = |p: &str| std::fs::metadata(state.join(p)).unwrap().permissions().mode() & 0o777;
+    let mode = |p: &str| {
+        std::fs::metadata(state.join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
     assert_eq!(mode("ca-journal.json"), 0o600);
     assert_eq!(mode("root-cert.pem"), 0o644);
     let journal = std::fs::read_to_string(state.join("ca-journal.json")).unwrap();
@@ -63,10 +100,20 @@ async fn two_hundred_concurrent_requests_all_succeed_with_distinct_serials() {
     for i in 0..200 {
         let mut c = client.clone();
         let sa = format!("w{i}");
-        let (t, (_, csr)) = (token("load", &sa), csr_for(KeyType::EcP256, &spiffe("load", &sa)));
+        let (t, (_, csr)) = (
+            token("load", &sa),
+            csr_for(KeyType::EcP256, &spiffe("load", &sa)),
+        );
         tasks.push(tokio::spawn(async move {
-            let chain = call(&mut c, &csr, Some(&bearer(&t)), 0, None).await.unwrap();
-            let v = verify_response(&chain, Some(&spiffe("load", &sa)), time::OffsetDateTime::now_utc()).unwrap();
+            let chain = call(&mut c, &csr, Some(&bearer(&t)), 0, None)
+                .await
+                .unwrap();
+            let v = verify_response(
+                &chain,
+                Some(&spiffe("load", &sa)),
+                time::OffsetDateTime::now_utc(),
+            )
+            .unwrap();
             v.leaf.serial_hex
         }));
     }
@@ -88,7 +135,9 @@ async fn concurrent_first_starts_on_one_state_dir_make_one_ca() {
     for _ in 0..4 {
         let (store, opts, clock) = (store.clone(), opts.clone(), clock.clone());
         tasks.push(tokio::spawn(async move {
-            let (_, signer) = bootstrap::load_or_create(store.as_ref(), &opts, clock.as_ref()).await.unwrap();
+            let (_, signer) = bootstrap::load_or_create(store.as_ref(), &opts, clock.as_ref())
+                .await
+                .unwrap();
             signer.roots_pem().to_string()
         }));
     }
@@ -107,7 +156,11 @@ async fn a_server_without_a_ca_answers_unavailable_then_recovers() {
         ca: ca.clone(),
         auth: AuthChain::new(vec![Arc::new(citadel::auth::jwt::JwtAuthenticator::new(
             citadel::auth::jwks::Jwks::from_json(citadel::devkeys::jwks_json().as_bytes()).unwrap(),
-            citadel::auth::jwt::JwtPolicy { issuer: None, audiences: vec!["istio-ca".into()], leeway: citadel::auth::jwt::DEFAULT_LEEWAY },
+            citadel::auth::jwt::JwtPolicy {
+                issuer: None,
+                audiences: vec!["istio-ca".into()],
+                leeway: citadel::auth::jwt::DEFAULT_LEEWAY,
+            },
             td(),
             citadel::clock::system(),
         ))]),
@@ -118,27 +171,99 @@ async fn a_server_without_a_ca_answers_unavailable_then_recovers() {
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (addr, maddr) = (listener.local_addr().unwrap(), metrics.local_addr().unwrap());
+    let (addr, maddr) = (
+        listener.local_addr().unwrap(),
+        metrics.local_addr().unwrap(),
+    );
     let (trigger, sd) = citadel::shutdown::channel();
     let task = tokio::spawn(server.run(listener, Some(metrics), sd));
 
-    let mut client = citadel::client::connect(&citadel::client::ConnectOptions { addr: addr.to_string(), plaintext: true, ..Default::default() })
-        .await
-        .unwrap();
+    let mut client = citadel::client::connect(&citadel::client::ConnectOptions {
+        addr: addr.to_string(),
+        plaintext: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let (_, csr) = csr_for(KeyType::EcP256, &spiffe("shop", "cart"));
     let t = bearer(&token("shop", "cart"));
-    let err = call(&mut client, &csr, Some(&t), 0, None).await.unwrap_err();
+    let err = call(&mut client, &csr, Some(&t), 0, None)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     let (code, body) = http_get(maddr, "/healthz/ready").await.unwrap();
     assert_eq!(code, 503);
     assert!(body.contains("no signing CA"), "{body}");
 
     // Installing a signer makes the same server ready, without a restart.
-    let journal = bootstrap::new_journal(&CaOptions::new(td()), time::OffsetDateTime::now_utc()).unwrap();
+    let journal =
+        bootstrap::new_journal(&CaOptions::new(td()), time::OffsetDateTime::now_utc()).unwrap();
     ca.install(bootstrap::signer_from_journal(&journal, &td()).unwrap());
     let chain = call(&mut client, &csr, Some(&t), 0, None).await.unwrap();
     assert_eq!(pem::parse_certs(chain[2].as_bytes()).unwrap().len(), 1);
     assert_eq!(http_get(maddr, "/healthz/ready").await.unwrap().0, 200);
+    trigger.trigger();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_new_signer_takes_effect_for_tls_and_issuance_without_restart() {
+    use citadel::server::tls::TlsState;
+    citadel::install_crypto_provider();
+    let now = time::OffsetDateTime::now_utc();
+    let make = || bootstrap::signer_from_journal(&bootstrap::new_journal(&CaOptions::new(td()), now).unwrap(), &td()).unwrap();
+    let (a, b) = (make(), make());
+    let (root_a, root_b) = (a.roots_pem().to_string(), b.roots_pem().to_string());
+    let ca = Ca::new();
+    ca.install(a);
+    let tls = TlsState::new(vec!["localhost".into()]).unwrap();
+    tls.refresh(&ca.current().unwrap(), now).unwrap();
+    let server = Server {
+        ca: ca.clone(),
+        auth: AuthChain::new(vec![Arc::new(citadel::auth::jwt::JwtAuthenticator::new(
+            citadel::auth::jwks::Jwks::from_json(citadel::devkeys::jwks_json().as_bytes()).unwrap(),
+            citadel::auth::jwt::JwtPolicy { issuer: None, audiences: vec!["istio-ca".into()], leeway: citadel::auth::jwt::DEFAULT_LEEWAY },
+            td(),
+            citadel::clock::system(),
+        ))]),
+        ttl: TtlPolicy::default(),
+        clock: citadel::clock::system(),
+        metrics: Arc::new(Metrics::default()),
+        tls: Some(tls),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (trigger, sd) = citadel::shutdown::channel();
+    let task = tokio::spawn(server.run(listener, None, sd));
+    let connect = |root: String| {
+        citadel::client::connect(&citadel::client::ConnectOptions {
+            addr: addr.to_string(),
+            root_pem: root.into_bytes(),
+            server_name: Some("localhost".into()),
+            ..Default::default()
+        })
+    };
+    let (_, csr) = csr_for(KeyType::EcP256, &spiffe("shop", "cart"));
+    let t = bearer(&token("shop", "cart"));
+    let mut old = connect(root_a.clone()).await.unwrap();
+    assert_eq!(call(&mut old, &csr, Some(&t), 0, None).await.unwrap()[2], root_a);
+
+    ca.install(b);
+    // The serving certificate follows the new CA within a moment; poll, never sleep long.
+    let mut new = None;
+    for _ in 0..100 {
+        if let Ok(mut c) = connect(root_b.clone()).await {
+            if call(&mut c, &csr, Some(&t), 0, None).await.is_ok() {
+                new = Some(c);
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut new = new.expect("a client trusting only the new root connects");
+    assert_eq!(call(&mut new, &csr, Some(&t), 0, None).await.unwrap()[2], root_b);
+    // The connection opened before the swap keeps working and now gets the new chain.
+    assert_eq!(call(&mut old, &csr, Some(&t), 0, None).await.unwrap()[2], root_b);
     trigger.trigger();
     task.await.unwrap().unwrap();
 }

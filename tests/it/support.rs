@@ -48,15 +48,30 @@ impl TestCa {
     pub async fn try_start_in(dir: &Path, extra: &[&str]) -> Result<Self, String> {
         citadel::install_crypto_provider();
         let state = dir.join("state");
-        let mut argv: Vec<String> = vec!["serve".into(), "--dev".into(), "--state-dir".into(), state.display().to_string()];
+        let mut argv: Vec<String> = vec![
+            "serve".into(),
+            "--dev".into(),
+            "--state-dir".into(),
+            state.display().to_string(),
+        ];
         argv.extend(extra.iter().map(|s| s.to_string()));
         let cli = ServeCli::try_parse_from(&argv).map_err(|e| e.to_string())?;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (addr, metrics_addr) = (listener.local_addr().unwrap(), metrics.local_addr().unwrap());
+        let (addr, metrics_addr) = (
+            listener.local_addr().unwrap(),
+            metrics.local_addr().unwrap(),
+        );
         let (trigger, sd) = shutdown::channel();
         let task = tokio::spawn(serve::serve(cli.args, listener, metrics, sd));
-        let ca = Self { dir: dir.to_path_buf(), _tmp: None, addr, metrics_addr, trigger, task };
+        let ca = Self {
+            dir: dir.to_path_buf(),
+            _tmp: None,
+            addr,
+            metrics_addr,
+            trigger,
+            task,
+        };
         for _ in 0..400 {
             if ca.task.is_finished() {
                 let r = ca.task.await.map_err(|e| e.to_string())?;
@@ -97,7 +112,10 @@ impl TestCa {
     pub async fn stop(self) -> Option<tempfile::TempDir> {
         self.trigger.trigger();
         let r = tokio::time::timeout(Duration::from_secs(10), self.task).await;
-        assert!(matches!(r, Ok(Ok(Ok(())))), "server did not stop cleanly: {r:?}");
+        assert!(
+            matches!(r, Ok(Ok(Ok(())))),
+            "server did not stop cleanly: {r:?}"
+        );
         self._tmp
     }
 
@@ -109,11 +127,19 @@ impl TestCa {
 /// A minimal HTTP/1.1 GET, to avoid another client dependency.
 pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).await?;
-    let code = buf.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = buf.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    let code = buf
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
     Ok((code, body))
 }
 
@@ -131,7 +157,13 @@ pub fn now() -> i64 {
 
 /// Dev-key claims for ns/sa, valid for an hour.
 pub fn claims(ns: &str, sa: &str) -> serde_json::Value {
-    citadel::cmd::dev_token::claims(&ServiceAccount::new(ns, sa).unwrap(), &["istio-ca".into()], now(), Duration::from_secs(3600), Some("pod-1"))
+    citadel::cmd::dev_token::claims(
+        &ServiceAccount::new(ns, sa).unwrap(),
+        &["istio-ca".into()],
+        now(),
+        Duration::from_secs(3600),
+        Some("pod-1"),
+    )
 }
 
 pub fn sign(claims: &serde_json::Value) -> String {
@@ -163,9 +195,13 @@ pub async fn call(
         metadata,
     });
     if let Some(h) = auth_header {
-        req.metadata_mut().insert("authorization", h.parse().unwrap());
+        req.metadata_mut()
+            .insert("authorization", h.parse().unwrap());
     }
-    client.create_certificate(req).await.map(|r| r.into_inner().cert_chain)
+    client
+        .create_certificate(req)
+        .await
+        .map(|r| r.into_inner().cert_chain)
 }
 
 pub fn bearer(t: &str) -> String {
@@ -181,7 +217,10 @@ pub fn require_tool(name: &str) -> bool {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !ok {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{name} is required under CI=true; run scripts/test.sh");
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{name} is required under CI=true; run scripts/test.sh"
+        );
         eprintln!("SKIPPED: {name} not installed");
     }
     ok
@@ -203,7 +242,10 @@ pub fn python() -> Option<String> {
             return Some(py.clone());
         }
     }
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "python cryptography>=42 is required under CI=true; run scripts/test.sh");
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "python cryptography>=42 is required under CI=true; run scripts/test.sh"
+    );
     eprintln!("SKIPPED: python cryptography not available");
     None
 }

@@ -9,8 +9,17 @@ use citadel::pki::KeyType;
 use crate::support::*;
 
 fn sh(dir: &Path, script: &str) -> std::process::Output {
-    let out = Command::new("sh").arg("-ec").arg(script).current_dir(dir).output().unwrap();
-    assert!(out.status.success(), "{script}\n{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("sh")
+        .arg("-ec")
+        .arg(script)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
@@ -23,12 +32,26 @@ fn write_chain(dir: &Path, chain: &[String]) {
 
 fn openssl_verify(dir: &Path) {
     let out = Command::new("openssl")
-        .args(["verify", "-x509_strict", "-purpose", "sslclient", "-CAfile", "roots.pem", "-untrusted", "chain.pem", "leaf.pem"])
+        .args([
+            "verify",
+            "-x509_strict",
+            "-purpose",
+            "sslclient",
+            "-CAfile",
+            "roots.pem",
+            "-untrusted",
+            "chain.pem",
+            "leaf.pem",
+        ])
         .current_dir(dir)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && text.contains("leaf.pem: OK"), "openssl verify failed: {text}");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && text.contains("leaf.pem: OK"),
+        "openssl verify failed: {text}"
+    );
 }
 
 const PY_VERIFY: &str = r#"
@@ -44,8 +67,17 @@ print(" ".join(n.value for n in verified.subjects if isinstance(n, x509.UniformR
 
 fn python_verify(dir: &Path) -> Option<String> {
     let py = python()?;
-    let out = Command::new(py).arg("-c").arg(PY_VERIFY).current_dir(dir).output().unwrap();
-    assert!(out.status.success(), "cryptography rejected the chain: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(py)
+        .arg("-c")
+        .arg(PY_VERIFY)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cryptography rejected the chain: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
@@ -59,7 +91,15 @@ async fn openssl_and_python_cryptography_accept_our_chains() {
         let id = spiffe("shop", "cart");
         for kt in [KeyType::EcP256, KeyType::Rsa2048] {
             let (_, csr) = csr_for(kt, &id);
-            let chain = call(&mut ca.client().await, &csr, Some(&bearer(&token("shop", "cart"))), 0, None).await.unwrap();
+            let chain = call(
+                &mut ca.client().await,
+                &csr,
+                Some(&bearer(&token("shop", "cart"))),
+                0,
+                None,
+            )
+            .await
+            .unwrap();
             let tmp = tempfile::tempdir().unwrap();
             write_chain(tmp.path(), &chain);
             openssl_verify(tmp.path());
@@ -91,12 +131,16 @@ async fn openssl_csrs_with_extra_extensions_are_accepted_and_weak_keys_refused()
     let t = bearer(&token("shop", "cart"));
     for name in ["ec.csr", "rsa.csr"] {
         let csr = std::fs::read_to_string(tmp.path().join(name)).unwrap();
-        let chain = call(&mut client, &csr, Some(&t), 0, None).await.unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        let chain = call(&mut client, &csr, Some(&t), 0, None)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"));
         write_chain(tmp.path(), &chain);
         openssl_verify(tmp.path());
     }
     let weak = std::fs::read_to_string(tmp.path().join("weak.csr")).unwrap();
-    let err = call(&mut client, &weak, Some(&t), 0, None).await.unwrap_err();
+    let err = call(&mut client, &weak, Some(&t), 0, None)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("RSA-1024"), "{}", err.message());
     ca.stop().await;
@@ -131,12 +175,29 @@ async fn plugged_in_openssl_ca_signs_and_chains() {
         std::fs::create_dir(&cacerts).unwrap();
         make_cacerts(&cacerts, key_cmd);
         let ca = TestCa::start_in(tmp.path(), &["--ca-certs-dir", cacerts.to_str().unwrap()]).await;
-        assert_eq!(ca.root_pem(), std::fs::read(cacerts.join("root-cert.pem")).unwrap(), "bundle is the plugged root");
+        assert_eq!(
+            ca.root_pem(),
+            std::fs::read(cacerts.join("root-cert.pem")).unwrap(),
+            "bundle is the plugged root"
+        );
         let id = spiffe("shop", "cart");
         let (_, csr) = csr_for(KeyType::EcP256, &id);
-        let chain = call(&mut ca.client().await, &csr, Some(&bearer(&token("shop", "cart"))), 0, None).await.unwrap();
+        let chain = call(
+            &mut ca.client().await,
+            &csr,
+            Some(&bearer(&token("shop", "cart"))),
+            0,
+            None,
+        )
+        .await
+        .unwrap();
         assert_eq!(chain.len(), 3);
-        assert_eq!(chain[1].trim(), std::fs::read_to_string(cacerts.join("ca-cert.pem")).unwrap().trim());
+        assert_eq!(
+            chain[1].trim(),
+            std::fs::read_to_string(cacerts.join("ca-cert.pem"))
+                .unwrap()
+                .trim()
+        );
         write_chain(tmp.path(), &chain);
         openssl_verify(tmp.path());
         ca.stop().await;
@@ -170,8 +231,15 @@ async fn plugged_in_ca_problems_name_the_file() {
         (variant("garbage", "echo nonsense > ca-cert.pem"), "ca-cert.pem", "CERTIFICATE"),
     ];
     for (dir, file, says) in cases {
-        let err = TestCa::try_start_in(&dir, &["--ca-certs-dir", dir.to_str().unwrap()]).await.err().expect("refused");
-        assert!(err.contains(file) && err.contains(says), "{}: {err}", dir.display());
+        let err = TestCa::try_start_in(&dir, &["--ca-certs-dir", dir.to_str().unwrap()])
+            .await
+            .err()
+            .expect("refused");
+        assert!(
+            err.contains(file) && err.contains(says),
+            "{}: {err}",
+            dir.display()
+        );
         assert!(!err.contains("PRIVATE KEY"), "key material in error: {err}");
     }
 }

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Runs citadel's whole test suite, installing what it needs first.
+#
+#   scripts/test.sh            # everything: install checks, fmt, clippy, dependency policy, tests
+#   scripts/test.sh -- FILTER  # pass arguments through to `cargo test`
+#
+# Installs (and caches under ~/.cache/citadel, keyed by version):
+#   - openssl (Debian package), a third-party X.509 validator;
+#   - a Python venv with `cryptography`, a second third-party validator.
+# Under CI=true a missing component fails the run instead of skipping tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CACHE="${CITADEL_CACHE:-$HOME/.cache/citadel}"
+CRYPTOGRAPHY_VERSION="48.0.0"
+mkdir -p "$CACHE"
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+apt_install() {
+  log "installing Debian packages: $*"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
+}
+
+ensure_openssl() {
+  command -v openssl >/dev/null || apt_install openssl
+  log "openssl: $(openssl version)"
+}
+
+ensure_python_venv() {
+  local venv="$CACHE/venv-cryptography-$CRYPTOGRAPHY_VERSION"
+  if ! "$venv/bin/python" -c 'import cryptography.x509.verification' 2>/dev/null; then
+    command -v python3 >/dev/null || apt_install python3 python3-venv
+    log "creating $venv"
+    rm -rf "$venv"
+    python3 -m venv "$venv" || { apt_install python3-venv; python3 -m venv "$venv"; }
+    "$venv/bin/pip" install -q --disable-pip-version-check "cryptography==$CRYPTOGRAPHY_VERSION"
+  fi
+  export CITADEL_PYTHON="$venv/bin/python"
+  log "python validator: $("$CITADEL_PYTHON" -c 'import cryptography; print("cryptography", cryptography.__version__)')"
+}
+
+ensure_openssl
+ensure_python_venv
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "dependency policy: ring is the only crypto provider"
+if cargo tree -i aws-lc-sys >/dev/null 2>&1; then
+  echo "aws-lc-sys is in the dependency tree; ring must be the only crypto provider" >&2
+  exit 1
+fi
+
+log "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets --quiet -- -D warnings
+
+log "cargo test"
+if [ "${1:-}" = "--" ]; then shift; fi
+cargo test "$@"
