@@ -264,14 +264,18 @@ mod tests {
         let td = TrustDomain::new("cluster.local").unwrap();
         let mut opts = CaOptions::new(td.clone());
         opts.intermediate_ttl = intermediate_ttl;
-        let signer = bootstrap::signer_from_journal(&bootstrap::new_journal(&opts, now).unwrap(), &td).unwrap();
+        let signer =
+            bootstrap::signer_from_journal(&bootstrap::new_journal(&opts, now).unwrap(), &td)
+                .unwrap();
         let id = td.service_account_id(&ServiceAccount::new("shop", "cart").unwrap());
         (signer, id)
     }
 
     fn subject_key(id: &SpiffeId) -> SubjectKey {
         let key = KeyType::EcP256.generate().unwrap();
-        csr::parse_pem(csr::build(&key, &id.to_string()).unwrap().as_bytes()).unwrap().key
+        csr::parse_pem(csr::build(&key, &id.to_string()).unwrap().as_bytes())
+            .unwrap()
+            .key
     }
 
     #[test]
@@ -280,30 +284,42 @@ mod tests {
         let (signer, id) = setup(Duration::from_secs(48 * 3600), now);
         let key = subject_key(&id);
 
-        let leaf = signer.issue_workload(&key, &id, None, now, Duration::from_secs(3600)).unwrap();
+        let leaf = signer
+            .issue_workload(&key, &id, None, now, Duration::from_secs(3600))
+            .unwrap();
         assert_eq!(leaf.not_before, now - time::Duration::minutes(2));
         assert_eq!(leaf.not_after, now + time::Duration::hours(1));
 
         // 40h later the issuer has 8h left: a 24h request is capped there.
         let later = now + time::Duration::hours(40);
-        let leaf = signer.issue_workload(&key, &id, None, later, Duration::from_secs(86_400)).unwrap();
+        let leaf = signer
+            .issue_workload(&key, &id, None, later, Duration::from_secs(86_400))
+            .unwrap();
         assert_eq!(leaf.not_after, signer.signing_cert().not_after);
 
         // After the issuer expires nothing is signed.
         let dead = now + time::Duration::hours(49);
-        assert!(matches!(signer.issue_workload(&key, &id, None, dead, Duration::from_secs(60)), Err(SignError::Expired(_))));
+        assert!(matches!(
+            signer.issue_workload(&key, &id, None, dead, Duration::from_secs(60)),
+            Err(SignError::Expired(_))
+        ));
     }
 
     #[test]
     fn leaf_profile() {
         let now = OffsetDateTime::now_utc();
         let (signer, id) = setup(Duration::from_secs(86_400), now);
-        let leaf = signer.issue_workload(&subject_key(&id), &id, None, now, Duration::from_secs(3600)).unwrap();
+        let leaf = signer
+            .issue_workload(&subject_key(&id), &id, None, now, Duration::from_secs(3600))
+            .unwrap();
         let (_, c) = X509Certificate::from_der(&leaf.der).unwrap();
         assert_eq!(c.subject().iter().count(), 0);
         let san = c.subject_alternative_name().unwrap().unwrap();
         assert!(san.critical);
-        assert_eq!(format!("{:?}", san.value.general_names), format!("[URI({:?})]", id.to_string()));
+        assert_eq!(
+            format!("{:?}", san.value.general_names),
+            format!("[URI({:?})]", id.to_string())
+        );
         assert!(!c.basic_constraints().unwrap().unwrap().value.ca);
         let ku = c.key_usage().unwrap().unwrap().value;
         assert!(ku.digital_signature() && ku.key_encipherment() && !ku.key_cert_sign());
@@ -323,7 +339,12 @@ mod tests {
         let (signer, id) = setup(Duration::from_secs(86_400), now);
         let key = subject_key(&id);
         let serials: std::collections::HashSet<_> = (0..500)
-            .map(|_| signer.issue_workload(&key, &id, None, now, Duration::from_secs(60)).unwrap().serial_hex)
+            .map(|_| {
+                signer
+                    .issue_workload(&key, &id, None, now, Duration::from_secs(60))
+                    .unwrap()
+                    .serial_hex
+            })
             .collect();
         assert_eq!(serials.len(), 500, "same key, fresh serial every time");
     }

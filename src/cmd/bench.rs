@@ -198,24 +198,37 @@ pub async fn run(args: Args) -> CmdResult {
     // The load generator runs on ONE thread (a current-thread runtime), so on a small machine
     // it takes at most one core from the server it measures.
     let (opts, conns, warmup, requests, concurrency) = (
-        ConnectOptions { addr: addr.clone(), root_pem, ..Default::default() },
+        ConnectOptions {
+            addr: addr.clone(),
+            root_pem,
+            ..Default::default()
+        },
         args.connections,
         args.warmup,
         args.requests,
         args.concurrency,
     );
     let load = std::thread::spawn(move || -> Result<_, String> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
         rt.block_on(async move {
             let mut channels = Vec::new();
             for _ in 0..conns {
                 channels.push(client::connect(&opts).await.map_err(|e| e.to_string())?);
             }
             // Check one response end to end before trusting the numbers.
-            let first = client::create_certificate(&mut channels[0].clone(), work[0].csr.clone(), Some(&work[0].token), 0)
-                .await
+            let first = client::create_certificate(
+                &mut channels[0].clone(),
+                work[0].csr.clone(),
+                Some(&work[0].token),
+                0,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            client::verify_response(&first, None, time::OffsetDateTime::now_utc())
                 .map_err(|e| e.to_string())?;
-            client::verify_response(&first, None, time::OffsetDateTime::now_utc()).map_err(|e| e.to_string())?;
             drive(&channels, &work, warmup, concurrency).await;
             let cpu0 = pid.and_then(cpu_time);
             let t0 = Instant::now();
@@ -228,7 +241,9 @@ pub async fn run(args: Args) -> CmdResult {
             Ok((lat, errors, wall, cpu))
         })
     });
-    let (mut lat, errors, wall, cpu) = load.join().map_err(|_| "the load generator panicked".to_string())??;
+    let (mut lat, errors, wall, cpu) = load
+        .join()
+        .map_err(|_| "the load generator panicked".to_string())??;
     lat.sort_unstable();
     let ok = lat.len();
     println!(

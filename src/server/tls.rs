@@ -258,14 +258,22 @@ mod tests {
     fn serving_certificate_renews_at_half_life() {
         let td = TrustDomain::new("cluster.local").unwrap();
         let now = time::macros::datetime!(2030-01-01 0:00 UTC);
-        let signer = bootstrap::signer_from_journal(&bootstrap::new_journal(&CaOptions::new(td.clone()), now).unwrap(), &td).unwrap();
+        let signer = bootstrap::signer_from_journal(
+            &bootstrap::new_journal(&CaOptions::new(td.clone()), now).unwrap(),
+            &td,
+        )
+        .unwrap();
         let state = TlsState::new(vec!["localhost".into()]).unwrap();
         assert!(state.renew_at().is_none() && !state.ready());
         state.refresh(&signer, now).unwrap();
         assert!(state.ready());
         // Backdated 2 minutes, 24h life: renewal at now + 12h - 1min.
         let at = state.renew_at().unwrap();
-        assert_eq!(at, now - time::Duration::minutes(2) + (time::Duration::hours(24) + time::Duration::minutes(2)) / 2);
+        assert_eq!(
+            at,
+            now - time::Duration::minutes(2)
+                + (time::Duration::hours(24) + time::Duration::minutes(2)) / 2
+        );
         assert!(at > now && at < now + time::Duration::hours(13));
     }
 }

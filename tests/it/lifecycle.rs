@@ -211,7 +211,13 @@ async fn a_new_signer_takes_effect_for_tls_and_issuance_without_restart() {
     use citadel::server::tls::TlsState;
     citadel::install_crypto_provider();
     let now = time::OffsetDateTime::now_utc();
-    let make = || bootstrap::signer_from_journal(&bootstrap::new_journal(&CaOptions::new(td()), now).unwrap(), &td()).unwrap();
+    let make = || {
+        bootstrap::signer_from_journal(
+            &bootstrap::new_journal(&CaOptions::new(td()), now).unwrap(),
+            &td(),
+        )
+        .unwrap()
+    };
     let (a, b) = (make(), make());
     let (root_a, root_b) = (a.roots_pem().to_string(), b.roots_pem().to_string());
     let ca = Ca::new();
@@ -222,7 +228,11 @@ async fn a_new_signer_takes_effect_for_tls_and_issuance_without_restart() {
         ca: ca.clone(),
         auth: AuthChain::new(vec![Arc::new(citadel::auth::jwt::JwtAuthenticator::new(
             citadel::auth::jwks::Jwks::from_json(citadel::devkeys::jwks_json().as_bytes()).unwrap(),
-            citadel::auth::jwt::JwtPolicy { issuer: None, audiences: vec!["istio-ca".into()], leeway: citadel::auth::jwt::DEFAULT_LEEWAY },
+            citadel::auth::jwt::JwtPolicy {
+                issuer: None,
+                audiences: vec!["istio-ca".into()],
+                leeway: citadel::auth::jwt::DEFAULT_LEEWAY,
+            },
             td(),
             citadel::clock::system(),
         ))]),
@@ -246,7 +256,10 @@ async fn a_new_signer_takes_effect_for_tls_and_issuance_without_restart() {
     let (_, csr) = csr_for(KeyType::EcP256, &spiffe("shop", "cart"));
     let t = bearer(&token("shop", "cart"));
     let mut old = connect(root_a.clone()).await.unwrap();
-    assert_eq!(call(&mut old, &csr, Some(&t), 0, None).await.unwrap()[2], root_a);
+    assert_eq!(
+        call(&mut old, &csr, Some(&t), 0, None).await.unwrap()[2],
+        root_a
+    );
 
     ca.install(b);
     // The serving certificate follows the new CA within a moment; poll, never sleep long.
@@ -261,9 +274,15 @@ async fn a_new_signer_takes_effect_for_tls_and_issuance_without_restart() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let mut new = new.expect("a client trusting only the new root connects");
-    assert_eq!(call(&mut new, &csr, Some(&t), 0, None).await.unwrap()[2], root_b);
+    assert_eq!(
+        call(&mut new, &csr, Some(&t), 0, None).await.unwrap()[2],
+        root_b
+    );
     // The connection opened before the swap keeps working and now gets the new chain.
-    assert_eq!(call(&mut old, &csr, Some(&t), 0, None).await.unwrap()[2], root_b);
+    assert_eq!(
+        call(&mut old, &csr, Some(&t), 0, None).await.unwrap()[2],
+        root_b
+    );
     trigger.trigger();
     task.await.unwrap().unwrap();
 }
