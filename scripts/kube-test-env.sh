@@ -172,7 +172,9 @@ build_apiserver() {
   log "replacing vendored reflect2 with $(dpkg-query -W -f='${Version}' golang-github-modern-go-reflect2-dev) from $REFLECT2_SRC"
   rm -rf "$k/vendor/github.com/modern-go/reflect2"
   mkdir -p "$k/vendor/github.com/modern-go/reflect2"
-  (cd "$REFLECT2_SRC" && find . -maxdepth 1 -type f -name '*.go' ! -name '*_test.go' \
+  # The empty *.s files must come along: they let the bodyless go:linkname
+  # declarations compile. go.mod and tests are left out, as in 1.0.1.
+  (cd "$REFLECT2_SRC" && find . -maxdepth 1 -type f \( -name '*.go' -o -name '*.s' \) ! -name '*_test.go' \
       -exec cp -L {} "$k/vendor/github.com/modern-go/reflect2/" \;)
   [ -f "$REFLECT2_SRC/LICENSE" ] && cp -L "$REFLECT2_SRC/LICENSE" "$k/vendor/github.com/modern-go/reflect2/"
 

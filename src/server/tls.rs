@@ -102,16 +102,19 @@ impl TlsState {
         shutdown: crate::shutdown::Shutdown,
     ) {
         let mut changes = ca.subscribe();
+        // The CA generation this certificate was issued under; `None` forces a first refresh.
+        let mut issued_under = None;
         loop {
+            let generation = *changes.borrow_and_update();
             let due = self.renew_at().is_none_or(|at| clock.now() >= at);
-            if due || changes.has_changed().unwrap_or(false) {
-                changes.mark_unchanged();
+            if due || issued_under != Some(generation) {
                 match ca.current() {
-                    Some(signer) => {
-                        if let Err(e) = self.refresh(&signer, clock.now()) {
-                            tracing::error!(error = %e, "could not renew the serving certificate; retrying in 10s");
+                    Some(signer) => match self.refresh(&signer, clock.now()) {
+                        Ok(()) => issued_under = Some(generation),
+                        Err(e) => {
+                            tracing::error!(error = %e, "could not renew the serving certificate; retrying in 10s")
                         }
-                    }
+                    },
                     None => tracing::debug!("no signer yet; serving certificate waits"),
                 }
             }

@@ -246,12 +246,13 @@ async fn a_new_signer_takes_effect_for_tls_and_issuance_without_restart() {
     let (trigger, sd) = citadel::shutdown::channel();
     let task = tokio::spawn(server.run(listener, None, sd));
     let connect = |root: String| {
-        citadel::client::connect(&citadel::client::ConnectOptions {
+        let opts = citadel::client::ConnectOptions {
             addr: addr.to_string(),
             root_pem: root.into_bytes(),
             server_name: Some("localhost".into()),
             ..Default::default()
-        })
+        };
+        async move { citadel::client::connect(&opts).await }
     };
     let (_, csr) = csr_for(KeyType::EcP256, &spiffe("shop", "cart"));
     let t = bearer(&token("shop", "cart"));
