@@ -30,9 +30,11 @@ enum Command {
     DevToken(cmd::dev_token::Args),
     /// Request a workload certificate from a running CA and write it to files.
     Request(cmd::request::Args),
-    /// Inspect the CA state in a state directory.
+    /// Inspect and operate the CA in a state directory: status, bundle, crl, rotate-root.
     #[command(subcommand)]
     Ca(cmd::ca::Command),
+    /// Revoke a certificate by serial, or deny an identity and revoke its certificates.
+    Revoke(cmd::revoke::Args),
     /// Measure CreateCertificate throughput and latency, or the in-process issue path.
     Bench(cmd::bench::Args),
 }
@@ -48,6 +50,7 @@ fn main() -> std::process::ExitCode {
                 Command::DevToken(a) => cmd::dev_token::run(a),
                 Command::Request(a) => cmd::request::run(a).await,
                 Command::Ca(c) => cmd::ca::run(c).await,
+                Command::Revoke(a) => cmd::revoke::run(a).await,
                 Command::Bench(a) => cmd::bench::run(a).await,
             }
         }),

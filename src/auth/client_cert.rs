@@ -50,6 +50,15 @@ impl ClientCertAuthenticator {
             [] => return Err("client certificate has no SPIFFE ID".into()),
             _ => return Err("client certificate has more than one SPIFFE ID".into()),
         };
+        if signer.is_revoked(&info.serial_hex) {
+            return Err(format!(
+                "client certificate serial {} has been revoked",
+                info.serial_hex
+            ));
+        }
+        if signer.is_denied(&id.to_string()) {
+            return Err(format!("{id} has been revoked by an operator"));
+        }
         if id.trust_domain() != &self.trust_domain {
             return Err(format!(
                 "client certificate identity {id} is outside trust domain {}",

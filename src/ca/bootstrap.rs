@@ -2,15 +2,15 @@
 
 use std::time::Duration;
 
-use rcgen::{Issuer, KeyPair};
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 
-use super::journal::{AuthorityRecord, Journal, Role, Secret, Status};
-use super::{CaError, Signer};
+use super::journal::{AuthorityRecord, Journal, Status};
+use super::signer::RevocationView;
+use super::{crl, rotation, CaError, Signer};
 use crate::clock::Clock;
 use crate::identity::TrustDomain;
-use crate::pki::{self, keys, pem, profile, KeyType, PkiError};
+use crate::pki::{keys, pem, KeyType};
 use crate::store::{Store, StoreError};
 
 /// How a self-signed CA is made.
@@ -35,51 +35,24 @@ impl CaOptions {
 
 /// A fresh journal with one active root and one active intermediate under it.
 pub fn new_journal(opts: &CaOptions, now: OffsetDateTime) -> Result<Journal, CaError> {
-    let td = &opts.trust_domain;
-    let nb = now - profile::BACKDATE;
-
-    let root_key = opts.key_type.generate()?;
-    let root_serial = pki::random_serial();
-    let root_params = profile::root(td, &root_serial, nb, now + opts.root_ttl);
-    let root_cert = root_params.self_signed(&root_key).map_err(PkiError::from)?;
-
-    let int_key = opts.key_type.generate()?;
-    let int_serial = pki::random_serial();
-    let int_not_after = (now + opts.intermediate_ttl).min(root_params.not_after);
-    let int_params = profile::intermediate(td, &int_serial, nb, int_not_after);
-    let root_issuer = Issuer::new(root_params, root_key);
-    let int_cert = int_params
-        .signed_by(&int_key, &root_issuer)
-        .map_err(PkiError::from)?;
-
-    let record =
-        |serial: &[u8], role, cert: &rcgen::Certificate, key: &KeyPair, issuer| AuthorityRecord {
-            id: hex::encode(serial),
-            role,
-            status: Status::Active,
-            cert_pem: cert.pem(),
-            key_pem: Secret::new(key.serialize_pem()),
-            issuer,
-            created_at: now.unix_timestamp(),
-            activated_at: Some(now.unix_timestamp()),
-            retired_at: None,
-        };
-    let root_id = hex::encode(root_serial);
-    let mut journal = Journal::new(td.as_str());
-    journal.authorities.push(record(
-        &root_serial,
-        Role::Root,
-        &root_cert,
-        root_issuer.key(),
-        None,
-    ));
-    journal.authorities.push(record(
-        &int_serial,
-        Role::Intermediate,
-        &int_cert,
-        &int_key,
-        Some(root_id),
-    ));
+    let root = rotation::mint_root(
+        &opts.trust_domain,
+        opts.key_type,
+        now,
+        opts.root_ttl,
+        Status::Active,
+    )?;
+    let (int, _) = rotation::mint_intermediate(
+        &opts.trust_domain,
+        opts.key_type,
+        &root,
+        now,
+        opts.intermediate_ttl,
+        Status::Active,
+    )?;
+    let mut journal = Journal::new(opts.trust_domain.as_str());
+    journal.authorities.push(root);
+    journal.authorities.push(int);
     Ok(journal)
 }
 
@@ -107,13 +80,35 @@ pub fn signer_from_journal(journal: &Journal, td: &TrustDomain) -> Result<Signer
         .trusted_roots()
         .map(cert_of)
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Signer::new(
-        td.clone(),
-        cert_of(active)?,
-        key,
-        Vec::new(),
-        roots,
-    )?)
+    let mut alternates = Vec::new();
+    if let Some(pem) = &active.cross_cert_pem {
+        let cross = pem::parse_certs(pem.as_bytes()).map_err(|e| {
+            CaError::Config(format!("authority {} cross certificate: {e}", active.id))
+        })?;
+        alternates.extend(cross);
+    }
+    let view = RevocationView {
+        revoked_serials: journal
+            .revocations
+            .iter()
+            .map(|r| r.serial.clone())
+            .collect(),
+        denied_identities: journal.denied.iter().map(|d| d.identity.clone()).collect(),
+        crl_pem: crl::bundle(journal),
+        crl_entries: journal.revocations.len(),
+        crl_next_update: journal.crls.iter().map(|c| c.next_update).min(),
+    };
+    let stage = match &journal.root_rotation {
+        None => 0,
+        Some(r) if r.activated_at.is_none() => 1,
+        Some(_) => 2,
+    };
+    Ok(
+        Signer::new(td.clone(), cert_of(active)?, key, Vec::new(), roots)?
+            .with_alternates(alternates)?
+            .with_rotation_stage(stage)
+            .with_revocations(view),
+    )
 }
 
 /// Loads the CA from the store, or creates it if the store is empty.

@@ -12,6 +12,87 @@ pub struct Journal {
     pub format: u32,
     pub trust_domain: String,
     pub authorities: Vec<AuthorityRecord>,
+    /// A root rotation in progress, if any.
+    #[serde(default)]
+    pub root_rotation: Option<RootRotation>,
+    /// Revoked certificates not yet expired (pruned after their notAfter).
+    #[serde(default)]
+    pub revocations: Vec<Revocation>,
+    /// Identities that may get no new certificate, by token or by renewal.
+    #[serde(default)]
+    pub denied: Vec<DeniedIdentity>,
+    /// The latest CRL signed by each authority.
+    #[serde(default)]
+    pub crls: Vec<CrlRecord>,
+}
+
+/// A staged root rotation: prepared (new root published in the bundle, not yet signing),
+/// then activated (new chain signs), then complete (old root leaves the bundle).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RootRotation {
+    pub old_root: String,
+    pub old_intermediate: String,
+    pub new_root: String,
+    pub new_intermediate: String,
+    /// `automatic` (scheduler) or `operator` (`citadel ca rotate-root`).
+    pub trigger: String,
+    pub prepared_at: i64,
+    /// When the two-root bundle was first published; activation waits from here.
+    pub bundle_published_at: Option<i64>,
+    pub activate_after_secs: u64,
+    pub activated_at: Option<i64>,
+    /// How long after activation the old root stays trusted (the old chain's last leaf).
+    pub retire_after_secs: u64,
+}
+
+impl RootRotation {
+    pub fn stage(&self) -> &'static str {
+        match (self.activated_at, self.bundle_published_at) {
+            (Some(_), _) => "activated",
+            (None, Some(_)) => "prepared",
+            (None, None) => "preparing",
+        }
+    }
+
+    /// When the next stage is due (unix seconds), if it can be known yet.
+    pub fn next_due(&self) -> Option<i64> {
+        match self.activated_at {
+            Some(at) => Some(at + self.retire_after_secs as i64),
+            None => self
+                .bundle_published_at
+                .map(|p| p + self.activate_after_secs as i64),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Revocation {
+    /// Serial, lowercase hex without leading zero octets.
+    pub serial: String,
+    /// The authority that issued the certificate.
+    pub issuer: String,
+    pub identity: Option<String>,
+    pub not_after: i64,
+    pub revoked_at: i64,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeniedIdentity {
+    pub identity: String,
+    pub since: i64,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CrlRecord {
+    pub issuer: String,
+    pub number: u64,
+    pub this_update: i64,
+    pub next_update: i64,
+    /// Serials it lists, sorted: tells whether it is out of date.
+    pub serials: Vec<String>,
+    pub pem: String,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -44,6 +125,26 @@ pub struct AuthorityRecord {
     pub created_at: i64,
     pub activated_at: Option<i64>,
     pub retired_at: Option<i64>,
+    /// When it stopped signing (active -> retiring).
+    #[serde(default)]
+    pub deactivated_at: Option<i64>,
+    /// notAfter, unix seconds (also in the certificate; kept here for the planner).
+    #[serde(default)]
+    pub not_after: i64,
+    #[serde(default)]
+    pub not_before: i64,
+    /// The same key and subject certified by the previous root, so workloads that still hold
+    /// only the old bundle can verify leaves of the new chain during a root rotation.
+    #[serde(default)]
+    pub cross_cert_pem: Option<String>,
+}
+
+impl AuthorityRecord {
+    /// The fraction of its lifetime elapsed at `now`.
+    pub fn age_fraction(&self, now: i64) -> f64 {
+        let life = (self.not_after - self.not_before).max(1) as f64;
+        (now - self.not_before) as f64 / life
+    }
 }
 
 /// A string that never prints: keys live in the journal but must not reach logs.
@@ -72,7 +173,34 @@ impl Journal {
             format: FORMAT,
             trust_domain: trust_domain.to_string(),
             authorities: Vec::new(),
+            root_rotation: None,
+            revocations: Vec::new(),
+            denied: Vec::new(),
+            crls: Vec::new(),
         }
+    }
+
+    pub fn get_mut(&mut self, id: &str) -> Option<&mut AuthorityRecord> {
+        self.authorities.iter_mut().find(|a| a.id == id)
+    }
+
+    pub fn find(&self, role: Role, status: Status) -> Option<&AuthorityRecord> {
+        self.authorities
+            .iter()
+            .find(|a| a.role == role && a.status == status)
+    }
+
+    /// The root that issues new intermediates.
+    pub fn active_root(&self) -> Option<&AuthorityRecord> {
+        self.find(Role::Root, Status::Active)
+    }
+
+    pub fn is_denied(&self, identity: &str) -> Option<&DeniedIdentity> {
+        self.denied.iter().find(|d| d.identity == identity)
+    }
+
+    pub fn is_revoked(&self, serial: &str) -> Option<&Revocation> {
+        self.revocations.iter().find(|r| r.serial == serial)
     }
 
     pub fn get(&self, id: &str) -> Option<&AuthorityRecord> {

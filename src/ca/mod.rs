@@ -4,9 +4,13 @@
 //! Depends on `pki/`, `identity` and `store/`; knows nothing of gRPC.
 
 pub mod bootstrap;
+pub mod crl;
 pub mod journal;
 pub mod plugged;
 pub mod policy;
+pub mod revocation;
+pub mod rotation;
+pub mod scheduler;
 pub mod signer;
 
 use std::sync::Arc;

@@ -9,6 +9,7 @@ use std::path::Path;
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 
+use super::signer::RevocationView;
 use super::{CaError, Signer};
 use crate::identity::TrustDomain;
 use crate::pki::{chain, keys, pem};
@@ -102,9 +103,60 @@ pub fn load(dir: &Path, td: &TrustDomain, now: OffsetDateTime) -> Result<Signer,
             "no certificate in it issued the top of cert-chain.pem (ca-cert.pem does not chain to this root)",
         ));
     }
-    if dir.join("ca-crl.pem").exists() {
-        tracing::info!(path = %dir.join("ca-crl.pem").display(), "plugged-in CA has a CRL");
+    let view = if dir.join("ca-crl.pem").exists() {
+        load_crl(dir, &ca_cert, &roots)?
+    } else {
+        RevocationView::default()
+    };
+    Ok(Signer::new(td.clone(), ca_cert, key, between, roots)
+        .map_err(|e| bad(dir, "cert-chain.pem", e.to_string()))?
+        .with_revocations(view))
+}
+
+/// Honours the plugged-in CA's `ca-crl.pem`: every CRL in it must be signed by ca-cert.pem
+/// or a root; the serials it lists can no longer renew by client certificate.
+fn load_crl(
+    dir: &Path,
+    ca_cert: &CertificateDer<'_>,
+    roots: &[CertificateDer<'static>],
+) -> Result<RevocationView, CaError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    use x509_parser::revocation_list::CertificateRevocationList;
+    let text = read(dir, "ca-crl.pem")?;
+    let blocks = ::pem::parse_many(&text)
+        .map_err(|e| bad(dir, "ca-crl.pem", format!("malformed PEM: {e}")))?;
+    let mut view = RevocationView::default();
+    let issuers: Vec<X509Certificate<'_>> = std::iter::once(ca_cert.as_ref())
+        .chain(roots.iter().map(|r| r.as_ref()))
+        .filter_map(|d| X509Certificate::from_der(d).ok().map(|x| x.1))
+        .collect();
+    for b in blocks.iter().filter(|b| b.tag() == "X509 CRL") {
+        let (_, crl) = CertificateRevocationList::from_der(b.contents())
+            .map_err(|e| bad(dir, "ca-crl.pem", format!("unreadable CRL: {e}")))?;
+        let signed = issuers.iter().any(|i| {
+            i.subject().as_raw() == crl.issuer().as_raw()
+                && crl.verify_signature(i.public_key()).is_ok()
+        });
+        if !signed {
+            return Err(bad(
+                dir,
+                "ca-crl.pem",
+                format!(
+                    "a CRL from {:?} is not signed by ca-cert.pem or a root",
+                    crl.issuer().to_string()
+                ),
+            ));
+        }
+        for r in crl.iter_revoked_certificates() {
+            view.revoked_serials
+                .insert(chain::serial_hex(r.raw_serial()));
+        }
+        if let Some(next) = crl.next_update() {
+            let n = next.timestamp();
+            view.crl_next_update = Some(view.crl_next_update.map_or(n, |c: i64| c.min(n)));
+        }
     }
-    Signer::new(td.clone(), ca_cert, key, between, roots)
-        .map_err(|e| bad(dir, "cert-chain.pem", e.to_string()))
+    view.crl_entries = view.revoked_serials.len();
+    view.crl_pem = String::from_utf8_lossy(&text).into_owned();
+    Ok(view)
 }

@@ -44,6 +44,23 @@ pub struct Signer {
     roots_info: Vec<CertInfo>,
     /// The root that the signing chain leads to.
     anchor: CertInfo,
+    /// The signing certificate cross-signed by the previous root during a root rotation.
+    alternates_der: Vec<CertificateDer<'static>>,
+    alternates_pem: Vec<String>,
+    /// Revocation state this signer enforces and publishes.
+    revocations: RevocationView,
+    /// Root rotation stage: 0 none, 1 prepared, 2 activated.
+    rotation_stage: u8,
+}
+
+/// What a signer knows about revocation: revoked serials, denied identities, CRL PEM.
+#[derive(Debug, Clone, Default)]
+pub struct RevocationView {
+    pub revoked_serials: std::collections::HashSet<String>,
+    pub denied_identities: std::collections::HashSet<String>,
+    pub crl_pem: String,
+    pub crl_entries: usize,
+    pub crl_next_update: Option<i64>,
 }
 
 impl std::fmt::Debug for Signer {
@@ -124,7 +141,69 @@ impl Signer {
             roots_info,
             anchor,
             signing_der,
+            alternates_der: Vec::new(),
+            alternates_pem: Vec::new(),
+            revocations: RevocationView::default(),
+            rotation_stage: 0,
         })
+    }
+
+    /// Adds certificates for the signing key issued by another root (cross-signed), sent
+    /// after the regular chain so verifiers holding only that root can build a path.
+    pub fn with_alternates(
+        mut self,
+        certs: Vec<CertificateDer<'static>>,
+    ) -> Result<Self, PkiError> {
+        for c in &certs {
+            let ok = self
+                .roots_der
+                .iter()
+                .any(|r| chain::check_issued_by(c, r).is_ok());
+            if !ok {
+                return Err(PkiError::invalid(
+                    "a cross-signed certificate does not chain to a root in the bundle",
+                ));
+            }
+        }
+        self.alternates_pem = certs.iter().map(|c| pem::cert_to_pem(c)).collect();
+        self.alternates_der = certs;
+        Ok(self)
+    }
+
+    pub fn with_revocations(mut self, view: RevocationView) -> Self {
+        self.revocations = view;
+        self
+    }
+
+    pub fn with_rotation_stage(mut self, stage: u8) -> Self {
+        self.rotation_stage = stage;
+        self
+    }
+
+    pub fn revocations(&self) -> &RevocationView {
+        &self.revocations
+    }
+
+    pub fn rotation_stage(&self) -> u8 {
+        self.rotation_stage
+    }
+
+    /// The id (serial hex) of the signing certificate: the issuer recorded for each leaf.
+    pub fn id(&self) -> &str {
+        &self.signing.serial_hex
+    }
+
+    pub fn is_denied(&self, identity: &str) -> bool {
+        self.revocations.denied_identities.contains(identity)
+    }
+
+    pub fn is_revoked(&self, serial_hex: &str) -> bool {
+        self.revocations.revoked_serials.contains(serial_hex)
+    }
+
+    /// Cross-signed certificates sent after the intermediates.
+    pub fn alternates_der(&self) -> &[CertificateDer<'static>] {
+        &self.alternates_der
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {
@@ -180,9 +259,11 @@ impl Signer {
     /// Istio's response layout: leaf, each CA between leaf and root, then all roots as ONE
     /// element (several PEM blocks during a root rotation).
     pub fn response_chain(&self, leaf_pem: String) -> Vec<String> {
-        let mut out = Vec::with_capacity(self.intermediates_pem.len() + 2);
+        let mut out =
+            Vec::with_capacity(self.intermediates_pem.len() + self.alternates_pem.len() + 2);
         out.push(leaf_pem);
         out.extend(self.intermediates_pem.iter().cloned());
+        out.extend(self.alternates_pem.iter().cloned());
         out.push(self.roots_pem.clone());
         out
     }

@@ -18,6 +18,43 @@ pub enum Command {
     Status(StatusArgs),
     /// Print the trust bundle (PEM roots) that workloads should trust.
     Bundle(StateArgs),
+    /// Print the current CRLs (PEM), one per authority.
+    Crl(StateArgs),
+    /// Start a staged root rotation: prepare now, activate after a propagation period,
+    /// retire the old root after the old chain's last leaf expired.
+    RotateRoot(RotateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[command(after_long_help = "\
+Stages (see docs/operations.md):
+  1. prepare   now: a new root and an intermediate under it (cross-signed by the old root);
+               the bundle becomes old + new root and is published everywhere.
+  2. activate  after --activate-after: the new intermediate signs.
+  3. retire    --retire-after later: the old root leaves the bundle.
+
+Planned:    citadel ca rotate-root
+Emergency:  citadel ca rotate-root --now          (activate at once; cross-signing keeps
+                                                  workloads that hold only the old bundle working)")]
+pub struct RotateArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// Propagation period before the new chain signs. Default: 90d, the default --max-ttl
+    /// (pass the server's --max-ttl if you changed it).
+    #[arg(long, default_value = "90d", value_parser = crate::duration::clap_parse, value_name = "DUR")]
+    pub activate_after: std::time::Duration,
+    /// How long after activation the old root stays trusted (the old chain's last leaf).
+    #[arg(long, default_value = "90d", value_parser = crate::duration::clap_parse, value_name = "DUR")]
+    pub retire_after: std::time::Duration,
+    /// Emergency: activate at once (same as --activate-after 0).
+    #[arg(long)]
+    pub now: bool,
+    /// Lifetime of the new root.
+    #[arg(long, default_value = "3650d", value_parser = crate::duration::clap_parse, value_name = "DUR")]
+    pub root_ttl: std::time::Duration,
+    /// Lifetime of the new intermediate.
+    #[arg(long, default_value = "365d", value_parser = crate::duration::clap_parse, value_name = "DUR")]
+    pub intermediate_ttl: std::time::Duration,
 }
 
 #[derive(Debug, clap::Args)]
@@ -89,6 +126,19 @@ pub async fn run(cmd: Command) -> CmdResult {
             }
             Ok(())
         }
+        Command::Crl(a) => {
+            match load(&a.state_dir).await {
+                Ok(j) => print!("{}", crate::ca::crl::bundle(&j)),
+                Err(e) => {
+                    let published =
+                        std::fs::read_to_string(a.state_dir.join(crate::store::file::CRL_FILE))
+                            .map_err(|_| e)?;
+                    print!("{published}");
+                }
+            }
+            Ok(())
+        }
+        Command::RotateRoot(a) => rotate_root(a).await,
         Command::Status(a) => {
             let j = load(&a.state.state_dir).await?;
             let now = OffsetDateTime::now_utc();
@@ -113,7 +163,18 @@ pub async fn run(cmd: Command) -> CmdResult {
                         })
                     })
                     .collect();
-                let doc = serde_json::json!({"trust_domain": j.trust_domain, "authorities": out});
+                let doc = serde_json::json!({
+                    "trust_domain": j.trust_domain,
+                    "authorities": out,
+                    "root_rotation": j.root_rotation.as_ref().map(|r| serde_json::json!({
+                        "stage": r.stage(), "trigger": r.trigger, "prepared_at": r.prepared_at,
+                        "bundle_published_at": r.bundle_published_at, "activated_at": r.activated_at,
+                        "next_stage_due": r.next_due(), "old_root": r.old_root, "new_root": r.new_root,
+                    })),
+                    "revoked_certificates": j.revocations.len(),
+                    "denied_identities": j.denied.iter().map(|d| &d.identity).collect::<Vec<_>>(),
+                    "crl_next_update": j.crls.iter().map(|c| c.next_update).min(),
+                });
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?
@@ -140,8 +201,81 @@ pub async fn run(cmd: Command) -> CmdResult {
                         info.subject
                     );
                 }
+                let when = |t: i64| {
+                    OffsetDateTime::from_unix_timestamp(t)
+                        .map(|d| d.format(&fmt).unwrap_or_default())
+                        .unwrap_or_default()
+                };
+                match &j.root_rotation {
+                    None => println!("root rotation: none in progress"),
+                    Some(r) => println!(
+                        "root rotation: {} ({}), prepared {}, next stage due {}",
+                        r.stage(),
+                        r.trigger,
+                        when(r.prepared_at),
+                        r.next_due()
+                            .map(when)
+                            .unwrap_or_else(|| "after the bundle is published".into())
+                    ),
+                }
+                println!(
+                    "revocation: {} revoked certificate(s), {} denied identit{}; CRLs valid until {}",
+                    j.revocations.len(),
+                    j.denied.len(),
+                    if j.denied.len() == 1 { "y" } else { "ies" },
+                    j.crls.iter().map(|c| c.next_update).min().map(when).unwrap_or_else(|| "(not signed yet)".into())
+                );
             }
             Ok(())
         }
     }
+}
+
+async fn rotate_root(a: RotateArgs) -> CmdResult {
+    use crate::ca::rotation::{self, RotationPolicy};
+    let activate_after = if a.now {
+        std::time::Duration::ZERO
+    } else {
+        a.activate_after
+    };
+    let store =
+        std::sync::Arc::new(FileStore::open(&a.state.state_dir).map_err(|e| e.to_string())?);
+    load(&a.state.state_dir).await?;
+    let policy = RotationPolicy {
+        root_ttl: a.root_ttl,
+        intermediate_ttl: a.intermediate_ttl,
+        activate_after,
+        max_leaf_ttl: a.retire_after,
+        ..RotationPolicy::default()
+    };
+    let now = OffsetDateTime::now_utc();
+    let (_, j) = super::revoke::update_journal(&store, |j| {
+        rotation::prepare_root_rotation(j, now, &policy, "operator", activate_after, a.retire_after)
+            .map_err(|e| e.to_string())
+    })
+    .await?;
+    let r = j.root_rotation.as_ref().ok_or("rotation vanished")?;
+    tracing::info!(target: "citadel::audit", event = "root_rotation_prepared", new_root = %r.new_root, activate_after_secs = r.activate_after_secs, "operator started a root rotation");
+    // Publish the two-root bundle now (and, with --now, activate): the same step a running
+    // server performs, so it works whether or not one is running.
+    let td = crate::identity::TrustDomain::new(&j.trust_domain).map_err(|e| e.to_string())?;
+    let scheduler = crate::ca::scheduler::Scheduler::new(
+        store.clone(),
+        crate::ca::Ca::new(),
+        policy,
+        crate::clock::system(),
+        td,
+    );
+    scheduler.step().await.map_err(|e| e.to_string())?;
+    let j = load(&a.state.state_dir).await?;
+    let stage = j.root_rotation.as_ref().map_or("complete", |r| r.stage());
+    println!(
+        "root rotation started: new root {} is in the trust bundle ({}); stage {stage}",
+        r.new_root,
+        a.state.state_dir.join(BUNDLE_FILE).display()
+    );
+    if let Some(due) = j.root_rotation.as_ref().and_then(|r| r.next_due()) {
+        println!("next stage due at unix time {due}; `citadel ca status` shows progress");
+    }
+    Ok(())
 }

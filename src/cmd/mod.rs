@@ -5,6 +5,7 @@ pub mod bench;
 pub mod ca;
 pub mod dev_token;
 pub mod request;
+pub mod revoke;
 pub mod serve;
 
 /// A command failure: printed as `error: ...` and exit status 1.

@@ -11,6 +11,8 @@ use crate::auth::jwt::{JwtAuthenticator, JwtPolicy, DEFAULT_LEEWAY};
 use crate::auth::{AuthChain, Authenticator};
 use crate::ca::bootstrap::{self, CaOptions};
 use crate::ca::policy::TtlPolicy;
+use crate::ca::rotation::RotationPolicy;
+use crate::ca::scheduler::Scheduler;
 use crate::ca::{plugged, Ca};
 use crate::clock::{self, SharedClock};
 use crate::duration::{self, clap_parse};
@@ -18,6 +20,7 @@ use crate::identity::TrustDomain;
 use crate::pki::KeyType;
 use crate::server::{tls::TlsState, Metrics, Server};
 use crate::store::file::FileStore;
+use crate::store::index::{FileIndex, IssuanceIndex};
 use crate::store::Store;
 use crate::{devkeys, shutdown};
 use tokio::net::TcpListener;
@@ -106,6 +109,32 @@ pub struct Args {
     /// Serve gRPC without TLS. For local experiments only: tokens cross the wire in clear.
     #[arg(long)]
     pub plaintext: bool,
+
+    /// Fraction of the active intermediate's life at which its successor is prepared.
+    #[arg(long, default_value_t = 0.5, value_name = "F")]
+    pub intermediate_prepare_at: f64,
+
+    /// Fraction of the active intermediate's life at which its successor takes over.
+    #[arg(long, default_value_t = 5.0 / 6.0, value_name = "F")]
+    pub intermediate_activate_at: f64,
+
+    /// Fraction of the root's life at which an automatic root rotation starts.
+    #[arg(long, default_value_t = 5.0 / 6.0, value_name = "F")]
+    pub root_rotate_at: f64,
+
+    /// Propagation period of an automatic root rotation, between publishing the new root and
+    /// signing with it. Default: --max-ttl, so every workload has renewed and seen the bundle.
+    #[arg(long, value_parser = clap_parse, value_name = "DUR")]
+    pub activate_after: Option<Duration>,
+
+    /// Validity of each CRL; CRLs are re-signed at half of it.
+    #[arg(long, default_value = "24h", value_parser = clap_parse, value_name = "DUR")]
+    pub crl_validity: Duration,
+
+    /// How often the scheduler reloads state (picks up `citadel revoke` and
+    /// `citadel ca rotate-root`) and runs what is due.
+    #[arg(long, default_value = "1s", value_parser = clap_parse, value_name = "DUR")]
+    pub reconcile_interval: Duration,
 }
 
 fn build_auth(args: &Args, ca: &Arc<Ca>, clock: &SharedClock) -> Result<AuthChain, String> {
@@ -159,6 +188,38 @@ fn build_auth(args: &Args, ca: &Arc<Ca>, clock: &SharedClock) -> Result<AuthChai
     Ok(AuthChain::new(members))
 }
 
+fn fraction(name: &str, v: f64) -> Result<f64, String> {
+    if v > 0.0 && v < 1.0 {
+        Ok(v)
+    } else {
+        Err(format!(
+            "{name} must be between 0 and 1 (exclusive), got {v}"
+        ))
+    }
+}
+
+fn rotation_policy(args: &Args) -> Result<RotationPolicy, String> {
+    let p = RotationPolicy {
+        root_ttl: args.root_ttl,
+        intermediate_ttl: args.intermediate_ttl,
+        prepare_at: fraction("--intermediate-prepare-at", args.intermediate_prepare_at)?,
+        activate_at: fraction("--intermediate-activate-at", args.intermediate_activate_at)?,
+        root_rotate_at: fraction("--root-rotate-at", args.root_rotate_at)?,
+        activate_after: args.activate_after.unwrap_or(args.max_ttl),
+        max_leaf_ttl: args.max_ttl,
+        crl_validity: args.crl_validity,
+    };
+    if p.prepare_at > p.activate_at {
+        return Err(
+            "--intermediate-prepare-at must not be later than --intermediate-activate-at".into(),
+        );
+    }
+    if p.crl_validity < Duration::from_secs(60) {
+        return Err("--crl-validity must be at least 1m".into());
+    }
+    Ok(p)
+}
+
 /// Binds the configured addresses, wires SIGTERM/Ctrl-C, and serves until stopped.
 pub async fn run(args: Args) -> CmdResult {
     let listener = TcpListener::bind(args.listen)
@@ -204,31 +265,51 @@ pub async fn serve(
         tracing::warn!("--plaintext: the CA port serves WITHOUT TLS; bearer tokens and certificates cross the network in clear");
     }
     let clock = clock::system();
-    let store = FileStore::open(&args.state_dir).map_err(|e| e.to_string())?;
+    let store = Arc::new(FileStore::open(&args.state_dir).map_err(|e| e.to_string())?);
     let ca = Ca::new();
 
-    let signer = match &args.ca_certs_dir {
+    let (index, scheduler) = match &args.ca_certs_dir {
         Some(dir) => {
             let s = plugged::load(dir, &args.trust_domain, clock.now())
                 .map_err(|e| format!("plugged-in CA refused: {e}"))?;
-            tracing::info!(dir = %dir.display(), signer = %s.signing_cert().subject, "loaded plugged-in CA");
-            s
+            tracing::info!(dir = %dir.display(), signer = %s.signing_cert().subject, revoked = s.revocations().crl_entries, "loaded plugged-in CA (rotation and revocation are managed upstream)");
+            store
+                .publish_bundle(s.roots_pem())
+                .await
+                .map_err(|e| format!("cannot publish the trust bundle: {e}"))?;
+            store
+                .publish_crl(&s.revocations().crl_pem)
+                .await
+                .map_err(|e| format!("cannot publish the CRL: {e}"))?;
+            ca.install(s);
+            (None, None)
         }
         None => {
             let mut opts = CaOptions::new(args.trust_domain.clone());
             opts.key_type = args.ca_key_type.parse::<KeyType>()?;
             opts.root_ttl = args.root_ttl;
             opts.intermediate_ttl = args.intermediate_ttl;
-            let (_, s) = bootstrap::load_or_create(&store, &opts, clock.as_ref())
+            bootstrap::load_or_create(store.as_ref(), &opts, clock.as_ref())
                 .await
                 .map_err(|e| e.to_string())?;
-            s
+            let scheduler = Arc::new(Scheduler::new(
+                store.clone(),
+                ca.clone(),
+                rotation_policy(&args)?,
+                clock.clone(),
+                args.trust_domain.clone(),
+            ));
+            // Catch up on anything that fell due while we were down, publish, install.
+            scheduler.step().await.map_err(|e| e.to_string())?;
+            let index = Arc::new(FileIndex::new(&args.state_dir));
+            let live = index
+                .prune(clock.now().unix_timestamp())
+                .map_err(|e| e.to_string())?;
+            tracing::debug!(live, "issuance index pruned");
+            (Some(index as Arc<dyn IssuanceIndex>), Some(scheduler))
         }
     };
-    store
-        .publish_bundle(signer.roots_pem())
-        .await
-        .map_err(|e| format!("cannot publish the trust bundle: {e}"))?;
+    let signer = ca.current().ok_or("no CA was installed")?;
     tracing::info!(
         signer = %signer.signing_cert().subject,
         signer_not_after = %signer.signing_cert().not_after,
@@ -237,7 +318,6 @@ pub async fn serve(
         bundle = %args.state_dir.join("root-cert.pem").display(),
         "CA ready"
     );
-    ca.install(signer);
 
     let auth = build_auth(&args, &ca, &clock)?;
     let tls = if args.plaintext {
@@ -268,7 +348,25 @@ pub async fn serve(
         clock,
         metrics: Arc::new(Metrics::default()),
         tls,
+        index: index.clone(),
     };
+    if let Some(s) = scheduler {
+        tokio::spawn(s.run(args.reconcile_interval, shutdown.clone()));
+    }
+    if let Some(index) = index {
+        let (clock, sd) = (server.clock.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+                    _ = sd.wait() => return,
+                }
+                if let Err(e) = index.prune(clock.now().unix_timestamp()) {
+                    tracing::warn!(error = %e, "could not prune the issuance index");
+                }
+            }
+        });
+    }
     server
         .run(listener, Some(metrics_listener), shutdown)
         .await

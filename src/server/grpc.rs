@@ -14,6 +14,7 @@ use crate::clock::SharedClock;
 use crate::pki::csr::{self, CsrError, MAX_CSR_BYTES};
 use crate::proto::istio_certificate_service_server::IstioCertificateService;
 use crate::proto::{IstioCertificateRequest, IstioCertificateResponse};
+use crate::store::index::{IssuanceIndex, IssuedEntry};
 
 use super::metrics::Metrics;
 
@@ -61,6 +62,8 @@ pub struct CaService {
     pub ttl: TtlPolicy,
     pub clock: SharedClock,
     pub metrics: Arc<Metrics>,
+    /// Where issued certificates are recorded for `revoke --identity`; `None` keeps no index.
+    pub index: Option<Arc<dyn IssuanceIndex>>,
 }
 
 fn bearer(req: &Request<IstioCertificateRequest>) -> Result<Option<&str>, IssueError> {
@@ -139,6 +142,12 @@ impl CaService {
             self.metrics.sign_error("not_ready");
             IssueError::NotReady("no signing CA is loaded yet".into())
         })?;
+        if signer.is_denied(&want) {
+            self.metrics.id_extraction_err_count.inc();
+            return Err(IssueError::PermissionDenied(format!(
+                "{want} has been revoked by an operator and may get no new certificate"
+            )));
+        }
         let issued = signer
             .issue_workload(
                 &csr.key,
@@ -157,6 +166,18 @@ impl CaService {
                     IssueError::Sign(other)
                 }
             })?;
+        if let Some(index) = &self.index {
+            let entry = IssuedEntry {
+                serial: issued.serial_hex.clone(),
+                identity: want.clone(),
+                not_after: issued.not_after.unix_timestamp(),
+                issuer: signer.id().to_string(),
+            };
+            if let Err(e) = index.record(&entry) {
+                // The certificate is valid and in the audit log; only `revoke --identity` would miss it.
+                tracing::error!(error = %e, serial = %issued.serial_hex, "could not record the certificate in the issuance index");
+            }
+        }
         let chain = signer.response_chain(issued.pem.clone());
         Ok((
             caller,

@@ -37,6 +37,8 @@ pub struct Server {
     pub metrics: Arc<Metrics>,
     /// `None` serves plaintext (`--plaintext`, local experiments only).
     pub tls: Option<Arc<tls::TlsState>>,
+    /// Issuance index for `revoke --identity`.
+    pub index: Option<Arc<dyn crate::store::index::IssuanceIndex>>,
 }
 
 /// What the readiness probe and metrics page look at.
@@ -97,6 +99,7 @@ impl Server {
             ttl: self.ttl,
             clock: self.clock.clone(),
             metrics: self.metrics,
+            index: self.index,
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let router = tonic::transport::Server::builder()

@@ -20,6 +20,7 @@ use crate::fsutil;
 
 pub const JOURNAL_FILE: &str = "ca-journal.json";
 pub const BUNDLE_FILE: &str = "root-cert.pem";
+pub const CRL_FILE: &str = "ca-crl.pem";
 
 #[derive(Debug, Clone)]
 pub struct FileStore {
@@ -85,6 +86,15 @@ impl FileStore {
         Ok(Some(disk))
     }
 
+    /// Writes a public file (0644) if its content changed.
+    fn publish_file(&self, name: &str, content: &str) -> Result<(), StoreError> {
+        let path = self.dir.join(name);
+        if fs::read(&path).ok().as_deref() == Some(content.as_bytes()) {
+            return Ok(());
+        }
+        fsutil::write_atomic(&path, content.as_bytes(), 0o644).map_err(|e| io(&path, e))
+    }
+
     fn save_sync(
         &self,
         journal: &Journal,
@@ -134,13 +144,11 @@ impl Store for FileStore {
     }
 
     fn publish_bundle<'a>(&'a self, roots_pem: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            let path = self.dir.join(BUNDLE_FILE);
-            if fs::read(&path).ok().as_deref() == Some(roots_pem.as_bytes()) {
-                return Ok(());
-            }
-            fsutil::write_atomic(&path, roots_pem.as_bytes(), 0o644).map_err(|e| io(&path, e))
-        })
+        Box::pin(async move { self.publish_file(BUNDLE_FILE, roots_pem) })
+    }
+
+    fn publish_crl<'a>(&'a self, crl_pem: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move { self.publish_file(CRL_FILE, crl_pem) })
     }
 }
 

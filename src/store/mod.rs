@@ -5,6 +5,7 @@
 //! rotate a CA cannot both win.
 
 pub mod file;
+pub mod index;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -53,4 +54,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Publishes the trust bundle where clients look for it.
     fn publish_bundle<'a>(&'a self, roots_pem: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Publishes the CRLs (`ca-crl.pem`).
+    fn publish_crl<'a>(&'a self, crl_pem: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
 }

@@ -168,6 +168,7 @@ async fn a_server_without_a_ca_answers_unavailable_then_recovers() {
         clock: citadel::clock::system(),
         metrics: Arc::new(Metrics::default()),
         tls: None,
+        index: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -240,6 +241,7 @@ async fn a_new_signer_takes_effect_for_tls_and_issuance_without_restart() {
         clock: citadel::clock::system(),
         metrics: Arc::new(Metrics::default()),
         tls: Some(tls),
+        index: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

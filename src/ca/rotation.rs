@@ -1,0 +1,429 @@
+//! The rotation planner: a pure function from (now, journal, policy) to the actions due, and
+//! `apply`, which performs one action on a journal in memory. The scheduler persists the
+//! result with compare-and-swap before anything uses it, so a crash between two actions
+//! leaves a journal the next start continues from.
+//!
+//! Timeline (SPIRE's shape): the next intermediate is *prepared* at 1/2 of the active one's
+//! life and *activated* at 5/6; the old one is *retired* once its last leaf has expired.
+//! A root rotation is staged: prepare (new root joins the bundle), activate after a
+//! propagation period (new chain signs; its intermediate is also cross-signed by the old
+//! root), complete after the old chain's last leaf expired (old root leaves the bundle).
+
+use std::time::Duration;
+
+use rcgen::{Issuer, KeyPair};
+use time::OffsetDateTime;
+
+use super::crl;
+use super::journal::{AuthorityRecord, Journal, Role, RootRotation, Secret, Status};
+use super::CaError;
+use crate::identity::TrustDomain;
+use crate::pki::{self, keys, profile, KeyType, PkiError, PublicKeyKind};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RotationPolicy {
+    pub root_ttl: Duration,
+    pub intermediate_ttl: Duration,
+    /// Fraction of the active intermediate's life at which the next one is prepared.
+    pub prepare_at: f64,
+    /// ... and at which it takes over.
+    pub activate_at: f64,
+    /// Fraction of the active root's life at which an automatic root rotation starts.
+    pub root_rotate_at: f64,
+    /// Propagation period between publishing a new root and signing with it.
+    pub activate_after: Duration,
+    /// The longest workload TTL: how long an old chain's leaves can outlive its deactivation.
+    pub max_leaf_ttl: Duration,
+    /// CRL validity (nextUpdate - thisUpdate); CRLs are re-signed at half of it.
+    pub crl_validity: Duration,
+}
+
+impl Default for RotationPolicy {
+    fn default() -> Self {
+        Self {
+            root_ttl: Duration::from_secs(10 * 365 * 86_400),
+            intermediate_ttl: Duration::from_secs(365 * 86_400),
+            prepare_at: 0.5,
+            activate_at: 5.0 / 6.0,
+            root_rotate_at: 5.0 / 6.0,
+            activate_after: Duration::from_secs(90 * 86_400),
+            max_leaf_ttl: Duration::from_secs(90 * 86_400),
+            crl_validity: Duration::from_secs(86_400),
+        }
+    }
+}
+
+impl RotationPolicy {
+    /// How long after an intermediate stops signing its last leaf may still be valid.
+    fn leaf_grace(&self) -> i64 {
+        self.max_leaf_ttl.as_secs() as i64 + profile::BACKDATE.whole_seconds()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    PrepareIntermediate,
+    ActivateIntermediate,
+    Retire { id: String },
+    PrepareRootRotation,
+    ActivateRootRotation,
+    CompleteRootRotation,
+    PruneRevocations,
+    SignCrl { issuer: String },
+}
+
+/// What is due at `now`. Pure: no I/O, no clock, no randomness.
+pub fn plan(now: i64, j: &Journal, p: &RotationPolicy) -> Vec<Action> {
+    let mut out = Vec::new();
+    match &j.root_rotation {
+        Some(r) => {
+            if let (None, Some(published)) = (r.activated_at, r.bundle_published_at) {
+                // Activate after the propagation period, but never later than the old
+                // intermediate would have been replaced anyway.
+                let mut due = published + r.activate_after_secs as i64;
+                if let Some(old) = j.get(&r.old_intermediate) {
+                    due = due.min(fraction_point(old, p.activate_at));
+                }
+                if now >= due {
+                    out.push(Action::ActivateRootRotation);
+                }
+            }
+            if let Some(at) = r.activated_at {
+                if now >= at + r.retire_after_secs as i64 {
+                    out.push(Action::CompleteRootRotation);
+                }
+            }
+        }
+        None => {
+            if let Some(root) = j.active_root() {
+                if root.age_fraction(now) >= p.root_rotate_at {
+                    out.push(Action::PrepareRootRotation);
+                }
+            }
+        }
+    }
+    if j.root_rotation.is_none() && out.is_empty() {
+        if let Some(active) = j.active_signer() {
+            let prepared = j.find(Role::Intermediate, Status::Prepared);
+            let age = active.age_fraction(now);
+            match prepared {
+                None if age >= p.prepare_at => out.push(Action::PrepareIntermediate),
+                Some(_) if age >= p.activate_at => out.push(Action::ActivateIntermediate),
+                _ => {}
+            }
+        }
+    }
+    let in_rotation = |id: &str| {
+        j.root_rotation
+            .as_ref()
+            .is_some_and(|r| r.old_intermediate == id)
+    };
+    for a in &j.authorities {
+        if a.role == Role::Intermediate && a.status == Status::Retiring && !in_rotation(&a.id) {
+            let last_leaf = a
+                .deactivated_at
+                .map_or(a.not_after, |d| (d + p.leaf_grace()).min(a.not_after));
+            if now >= last_leaf {
+                out.push(Action::Retire { id: a.id.clone() });
+            }
+        }
+    }
+    if j.revocations.iter().any(|r| r.not_after < now) {
+        out.push(Action::PruneRevocations);
+    }
+    for a in j.authorities.iter().filter(|a| a.status != Status::Retired) {
+        let want = crl::serials_for(j, &a.id);
+        let due = match j.crls.iter().find(|c| c.issuer == a.id) {
+            None => true,
+            Some(c) => {
+                c.serials != want || now >= c.this_update + (c.next_update - c.this_update) / 2
+            }
+        };
+        if due {
+            out.push(Action::SignCrl {
+                issuer: a.id.clone(),
+            });
+        }
+    }
+    out
+}
+
+fn fraction_point(a: &AuthorityRecord, f: f64) -> i64 {
+    a.not_before + ((a.not_after - a.not_before) as f64 * f) as i64
+}
+
+fn key_of(a: &AuthorityRecord) -> Result<KeyPair, CaError> {
+    keys::load_private_key_pem(a.key_pem.expose().as_bytes())
+        .map_err(|e| CaError::Config(format!("authority {}: {e}", a.id)))
+}
+
+fn key_type_of(a: &AuthorityRecord) -> Result<KeyType, CaError> {
+    Ok(match keys::key_pair_kind(&key_of(a)?)? {
+        PublicKeyKind::EcP256 => KeyType::EcP256,
+        PublicKeyKind::EcP384 => KeyType::EcP384,
+        PublicKeyKind::Rsa { bits: 3072 } => KeyType::Rsa3072,
+        PublicKeyKind::Rsa { bits: 4096 } => KeyType::Rsa4096,
+        PublicKeyKind::Rsa { .. } => KeyType::Rsa2048,
+    })
+}
+
+fn issuer_of(a: &AuthorityRecord) -> Result<Issuer<'static, KeyPair>, CaError> {
+    Ok(Issuer::from_ca_cert_pem(&a.cert_pem, key_of(a)?).map_err(PkiError::from)?)
+}
+
+fn record(
+    role: Role,
+    status: Status,
+    serial: &[u8],
+    cert: &rcgen::Certificate,
+    key: &KeyPair,
+    issuer: Option<String>,
+    params: &rcgen::CertificateParams,
+    now: i64,
+) -> AuthorityRecord {
+    AuthorityRecord {
+        id: hex::encode(serial),
+        role,
+        status,
+        cert_pem: cert.pem(),
+        key_pem: Secret::new(key.serialize_pem()),
+        issuer,
+        created_at: now,
+        activated_at: (status == Status::Active).then_some(now),
+        retired_at: None,
+        deactivated_at: None,
+        not_after: params.not_after.unix_timestamp(),
+        not_before: params.not_before.unix_timestamp(),
+        cross_cert_pem: None,
+    }
+}
+
+/// A new self-signed root.
+pub fn mint_root(
+    td: &TrustDomain,
+    kt: KeyType,
+    now: OffsetDateTime,
+    ttl: Duration,
+    status: Status,
+) -> Result<AuthorityRecord, CaError> {
+    let key = kt.generate()?;
+    let serial = pki::random_serial();
+    let params = profile::root(td, &serial, now - profile::BACKDATE, now + ttl);
+    let cert = params.self_signed(&key).map_err(PkiError::from)?;
+    Ok(record(
+        Role::Root,
+        status,
+        &serial,
+        &cert,
+        &key,
+        None,
+        &params,
+        now.unix_timestamp(),
+    ))
+}
+
+/// A new intermediate under `parent`, living `ttl` but never past the parent.
+pub fn mint_intermediate(
+    td: &TrustDomain,
+    kt: KeyType,
+    parent: &AuthorityRecord,
+    now: OffsetDateTime,
+    ttl: Duration,
+    status: Status,
+) -> Result<(AuthorityRecord, KeyPair), CaError> {
+    let key = kt.generate()?;
+    let serial = pki::random_serial();
+    let not_after = (now + ttl).min(
+        OffsetDateTime::from_unix_timestamp(parent.not_after)
+            .map_err(|e| CaError::Config(e.to_string()))?,
+    );
+    let params = profile::intermediate(td, &serial, now - profile::BACKDATE, not_after);
+    let cert = params
+        .signed_by(&key, &issuer_of(parent)?)
+        .map_err(PkiError::from)?;
+    let rec = record(
+        Role::Intermediate,
+        status,
+        &serial,
+        &cert,
+        &key,
+        Some(parent.id.clone()),
+        &params,
+        now.unix_timestamp(),
+    );
+    Ok((rec, key))
+}
+
+/// Certifies `int`'s key and subject under `old_root` too (same serial space, new serial).
+fn cross_sign(
+    td: &TrustDomain,
+    int: &AuthorityRecord,
+    int_key: &KeyPair,
+    old_root: &AuthorityRecord,
+    now: OffsetDateTime,
+) -> Result<String, CaError> {
+    let serial = pki::random_serial();
+    let not_after = OffsetDateTime::from_unix_timestamp(int.not_after.min(old_root.not_after))
+        .map_err(|e| CaError::Config(e.to_string()))?;
+    // Same subject (CN carries the intermediate's own id) so leaves chain through either.
+    let int_serial = hex::decode(&int.id).unwrap_or_default();
+    let mut params = profile::intermediate(td, &int_serial, now - profile::BACKDATE, not_after);
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+    Ok(params
+        .signed_by(int_key, &issuer_of(old_root)?)
+        .map_err(PkiError::from)?
+        .pem())
+}
+
+/// Starts a root rotation: a new root and an intermediate under it, both prepared.
+pub fn prepare_root_rotation(
+    j: &mut Journal,
+    now: OffsetDateTime,
+    p: &RotationPolicy,
+    trigger: &str,
+    activate_after: Duration,
+    retire_after: Duration,
+) -> Result<(), CaError> {
+    if let Some(r) = &j.root_rotation {
+        return Err(CaError::Config(format!(
+            "a root rotation is already in progress (stage {}, started {})",
+            r.stage(),
+            r.prepared_at
+        )));
+    }
+    let td = TrustDomain::new(&j.trust_domain).map_err(|e| CaError::Config(e.to_string()))?;
+    let old_root = j
+        .active_root()
+        .ok_or_else(|| CaError::Config("no active root".into()))?
+        .clone();
+    let old_int = j
+        .active_signer()
+        .ok_or_else(|| CaError::Config("no active intermediate".into()))?
+        .clone();
+    let kt = key_type_of(&old_root)?;
+    let new_root = mint_root(&td, kt, now, p.root_ttl, Status::Prepared)?;
+    let (mut new_int, key) = mint_intermediate(
+        &td,
+        kt,
+        &new_root,
+        now,
+        p.intermediate_ttl,
+        Status::Prepared,
+    )?;
+    new_int.cross_cert_pem = Some(cross_sign(&td, &new_int, &key, &old_root, now)?);
+    // An intermediate prepared under the old root would never be used now.
+    for a in j.authorities.iter_mut() {
+        if a.role == Role::Intermediate && a.status == Status::Prepared {
+            a.status = Status::Retired;
+            a.retired_at = Some(now.unix_timestamp());
+        }
+    }
+    j.root_rotation = Some(RootRotation {
+        old_root: old_root.id.clone(),
+        old_intermediate: old_int.id.clone(),
+        new_root: new_root.id.clone(),
+        new_intermediate: new_int.id.clone(),
+        trigger: trigger.to_string(),
+        prepared_at: now.unix_timestamp(),
+        bundle_published_at: None,
+        activate_after_secs: activate_after.as_secs(),
+        activated_at: None,
+        retire_after_secs: retire_after.as_secs(),
+    });
+    j.authorities.push(new_root);
+    j.authorities.push(new_int);
+    Ok(())
+}
+
+fn set_status(j: &mut Journal, id: &str, status: Status, now: i64) {
+    if let Some(a) = j.get_mut(id) {
+        match status {
+            Status::Active => a.activated_at = Some(now),
+            Status::Retiring => a.deactivated_at = Some(now),
+            Status::Retired => a.retired_at = Some(now),
+            Status::Prepared => {}
+        }
+        a.status = status;
+    }
+}
+
+/// Performs one action on the journal in memory.
+pub fn apply(
+    j: &mut Journal,
+    action: &Action,
+    now: OffsetDateTime,
+    p: &RotationPolicy,
+) -> Result<(), CaError> {
+    let ts = now.unix_timestamp();
+    let td = TrustDomain::new(&j.trust_domain).map_err(|e| CaError::Config(e.to_string()))?;
+    match action {
+        Action::PrepareIntermediate => {
+            let root = j
+                .active_root()
+                .ok_or_else(|| CaError::Config("no active root".into()))?
+                .clone();
+            let kt = match j.active_signer() {
+                Some(a) => key_type_of(a)?,
+                None => key_type_of(&root)?,
+            };
+            let (rec, _) =
+                mint_intermediate(&td, kt, &root, now, p.intermediate_ttl, Status::Prepared)?;
+            j.authorities.push(rec);
+        }
+        Action::ActivateIntermediate => {
+            let next = j
+                .find(Role::Intermediate, Status::Prepared)
+                .map(|a| a.id.clone());
+            let cur = j.active_signer().map(|a| a.id.clone());
+            if let Some(next) = next {
+                if let Some(cur) = cur {
+                    set_status(j, &cur, Status::Retiring, ts);
+                }
+                set_status(j, &next, Status::Active, ts);
+            }
+        }
+        Action::Retire { id } => set_status(j, id, Status::Retired, ts),
+        Action::PrepareRootRotation => {
+            prepare_root_rotation(j, now, p, "automatic", p.activate_after, p.max_leaf_ttl)?;
+        }
+        Action::ActivateRootRotation => {
+            let r = j
+                .root_rotation
+                .clone()
+                .ok_or_else(|| CaError::Config("no root rotation".into()))?;
+            set_status(j, &r.old_intermediate, Status::Retiring, ts);
+            set_status(j, &r.old_root, Status::Retiring, ts);
+            set_status(j, &r.new_root, Status::Active, ts);
+            set_status(j, &r.new_intermediate, Status::Active, ts);
+            if let Some(rr) = j.root_rotation.as_mut() {
+                rr.activated_at = Some(ts);
+            }
+        }
+        Action::CompleteRootRotation => {
+            let r = j
+                .root_rotation
+                .take()
+                .ok_or_else(|| CaError::Config("no root rotation".into()))?;
+            // Everything under the old root goes, including intermediates retiring from
+            // before the rotation: their leaves have expired by now as well.
+            let under_old: Vec<String> = j
+                .authorities
+                .iter()
+                .filter(|a| {
+                    a.issuer.as_deref() == Some(r.old_root.as_str()) && a.status != Status::Retired
+                })
+                .map(|a| a.id.clone())
+                .collect();
+            for id in under_old {
+                set_status(j, &id, Status::Retired, ts);
+            }
+            set_status(j, &r.old_root, Status::Retired, ts);
+            if let Some(a) = j.get_mut(&r.new_intermediate) {
+                a.cross_cert_pem = None;
+            }
+        }
+        Action::PruneRevocations => j.revocations.retain(|r| r.not_after >= ts),
+        Action::SignCrl { issuer } => crl::sign(j, issuer, now, p.crl_validity)?,
+    }
+    Ok(())
+}

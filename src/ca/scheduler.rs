@@ -1,0 +1,156 @@
+//! The rotation scheduler: a thin loop around the pure planner.
+//!
+//! Each `step` reloads the journal (so changes made by `citadel revoke` or
+//! `citadel ca rotate-root`, or by another replica, are picked up), asks `plan` what is due,
+//! applies it in memory, and writes it with compare-and-swap BEFORE anything acts on it.
+//! Side effects (publishing the bundle and CRLs, installing the signer) are derived from the
+//! committed journal and are idempotent, so a crash between any two writes is completed by
+//! the next step. A new root is only marked published after the bundle file was written, and
+//! activation waits from that mark.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::journal::Journal;
+use super::rotation::{self, Action, RotationPolicy};
+use super::{bootstrap, crl, Ca, CaError};
+use crate::clock::SharedClock;
+use crate::identity::TrustDomain;
+use crate::shutdown::Shutdown;
+use crate::store::{Revision, Store, StoreError};
+
+pub struct Scheduler {
+    pub store: Arc<dyn Store>,
+    pub ca: Arc<Ca>,
+    pub policy: RotationPolicy,
+    pub clock: SharedClock,
+    pub trust_domain: TrustDomain,
+    installed: Mutex<Option<Revision>>,
+}
+
+/// What one step did.
+#[derive(Debug, Default)]
+pub struct StepReport {
+    pub actions: Vec<Action>,
+    pub installed: bool,
+}
+
+fn describe(a: &Action) -> String {
+    match a {
+        Action::Retire { id } => format!("retire authority {id}"),
+        Action::SignCrl { issuer } => format!("sign CRL of {issuer}"),
+        other => format!("{other:?}"),
+    }
+}
+
+impl Scheduler {
+    pub fn new(
+        store: Arc<dyn Store>,
+        ca: Arc<Ca>,
+        policy: RotationPolicy,
+        clock: SharedClock,
+        trust_domain: TrustDomain,
+    ) -> Self {
+        Self {
+            store,
+            ca,
+            policy,
+            clock,
+            trust_domain,
+            installed: Mutex::new(None),
+        }
+    }
+
+    /// Runs everything that is due now, then publishes and installs the result.
+    pub async fn step(&self) -> Result<StepReport, CaError> {
+        let mut report = StepReport::default();
+        for _ in 0..32 {
+            let current = self
+                .store
+                .load_journal()
+                .await?
+                .ok_or_else(|| CaError::Config("the store holds no CA journal".into()))?;
+            let now = self.clock.now();
+            let mut journal = current.value.clone();
+            let actions = rotation::plan(now.unix_timestamp(), &journal, &self.policy);
+            if actions.is_empty() {
+                self.publish(&journal).await?;
+                if let Some(r) = journal
+                    .root_rotation
+                    .as_mut()
+                    .filter(|r| r.bundle_published_at.is_none())
+                {
+                    r.bundle_published_at = Some(now.unix_timestamp());
+                    tracing::info!(target: "citadel::audit", event = "root_rotation_published", new_root = %r.new_root, "the two-root trust bundle is published; activation waits {}s from now", r.activate_after_secs);
+                    match self
+                        .store
+                        .save_journal(&journal, Some(&current.revision))
+                        .await
+                    {
+                        Ok(_) | Err(StoreError::Conflict) => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                report.installed = self.install(&journal, &current.revision)?;
+                return Ok(report);
+            }
+            for a in &actions {
+                rotation::apply(&mut journal, a, now, &self.policy)?;
+                if !matches!(a, Action::SignCrl { .. } | Action::PruneRevocations) {
+                    tracing::info!(target: "citadel::audit", event = "rotation_step", action = %describe(a), "CA rotation step");
+                } else {
+                    tracing::debug!(action = %describe(a), "CA maintenance");
+                }
+            }
+            match self
+                .store
+                .save_journal(&journal, Some(&current.revision))
+                .await
+            {
+                Ok(_) => report.actions.extend(actions),
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(CaError::Config(
+            "the CA journal kept changing; will retry".into(),
+        ))
+    }
+
+    async fn publish(&self, journal: &Journal) -> Result<(), CaError> {
+        let bundle: String = journal
+            .trusted_roots()
+            .map(|r| r.cert_pem.as_str())
+            .collect();
+        self.store.publish_bundle(&bundle).await?;
+        self.store.publish_crl(&crl::bundle(journal)).await?;
+        Ok(())
+    }
+
+    /// Installs the signer for `journal` unless that revision is already installed.
+    fn install(&self, journal: &Journal, revision: &Revision) -> Result<bool, CaError> {
+        let mut installed = self.installed.lock().unwrap_or_else(|p| p.into_inner());
+        if installed.as_ref() == Some(revision) && self.ca.current().is_some() {
+            return Ok(false);
+        }
+        let signer = bootstrap::signer_from_journal(journal, &self.trust_domain)?;
+        tracing::info!(signer = %signer.signing_cert().subject, roots = signer.roots_der().len(), revoked = signer.revocations().crl_entries, "installed CA state");
+        self.ca.install(signer);
+        *installed = Some(revision.clone());
+        Ok(true)
+    }
+
+    /// Steps every `interval` until `shutdown`. Errors are logged and retried: the CA keeps
+    /// signing with what it has.
+    pub async fn run(self: Arc<Self>, interval: Duration, shutdown: Shutdown) {
+        loop {
+            if let Err(e) = self.step().await {
+                tracing::error!(error = %e, "CA scheduler step failed; retrying");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = shutdown.wait() => return,
+            }
+        }
+    }
+}
