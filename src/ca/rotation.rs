@@ -78,11 +78,11 @@ pub fn plan(now: i64, j: &Journal, p: &RotationPolicy) -> Vec<Action> {
     match &j.root_rotation {
         Some(r) => {
             if let (None, Some(published)) = (r.activated_at, r.bundle_published_at) {
-                // Activate after the propagation period, but never later than the old
-                // intermediate would have been replaced anyway.
+                // Activate after the propagation period, but while the old intermediate
+                // can still cover a full-length leaf: never let the signer run out.
                 let mut due = published + r.activate_after_secs as i64;
                 if let Some(old) = j.get(&r.old_intermediate) {
-                    due = due.min(fraction_point(old, p.activate_at));
+                    due = due.min(old.not_after - p.leaf_grace());
                 }
                 if now >= due {
                     out.push(Action::ActivateRootRotation);
@@ -426,4 +426,173 @@ pub fn apply(
         Action::SignCrl { issuer } => crl::sign(j, issuer, now, p.crl_validity)?,
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::bootstrap::{new_journal, CaOptions};
+
+    const DAY: i64 = 86_400;
+
+    fn setup() -> (Journal, RotationPolicy, i64) {
+        let p = RotationPolicy {
+            root_ttl: Duration::from_secs(600 * DAY as u64),
+            intermediate_ttl: Duration::from_secs(60 * DAY as u64),
+            activate_after: Duration::from_secs(2 * DAY as u64),
+            max_leaf_ttl: Duration::from_secs(DAY as u64),
+            crl_validity: Duration::from_secs(30 * DAY as u64),
+            ..RotationPolicy::default()
+        };
+        let now = time::macros::datetime!(2030-01-01 0:00 UTC);
+        let mut opts = CaOptions::new(TrustDomain::new("cluster.local").unwrap());
+        opts.root_ttl = p.root_ttl;
+        opts.intermediate_ttl = p.intermediate_ttl;
+        let mut j = new_journal(&opts, now).unwrap();
+        for id in j
+            .authorities
+            .iter()
+            .map(|a| a.id.clone())
+            .collect::<Vec<_>>()
+        {
+            crl::sign(&mut j, &id, now, p.crl_validity).unwrap();
+        }
+        (j, p, now.unix_timestamp())
+    }
+
+    fn rotation_actions(j: &Journal, p: &RotationPolicy, t: i64) -> Vec<Action> {
+        plan(t, j, p)
+            .into_iter()
+            .filter(|a| !matches!(a, Action::SignCrl { .. }))
+            .collect()
+    }
+
+    #[test]
+    fn intermediate_is_prepared_at_half_and_activated_at_five_sixths() {
+        let (mut j, p, t0) = setup();
+        let int = j.active_signer().unwrap().clone();
+        let half = int.not_before + (int.not_after - int.not_before) / 2;
+        assert!(rotation_actions(&j, &p, half - 60).is_empty());
+        assert_eq!(
+            rotation_actions(&j, &p, half + 60),
+            vec![Action::PrepareIntermediate]
+        );
+        let at = OffsetDateTime::from_unix_timestamp(half + 60).unwrap();
+        apply(&mut j, &Action::PrepareIntermediate, at, &p).unwrap();
+        let five_sixths = fraction_point(&int, 5.0 / 6.0);
+        assert!(
+            rotation_actions(&j, &p, five_sixths - 60).is_empty(),
+            "prepared waits"
+        );
+        assert_eq!(
+            rotation_actions(&j, &p, five_sixths + 1),
+            vec![Action::ActivateIntermediate]
+        );
+        let at = OffsetDateTime::from_unix_timestamp(five_sixths + 1).unwrap();
+        apply(&mut j, &Action::ActivateIntermediate, at, &p).unwrap();
+        assert_ne!(j.active_signer().unwrap().id, int.id);
+        assert_eq!(j.get(&int.id).unwrap().status, Status::Retiring);
+        // Retired once its last possible leaf (max TTL + backdate) has expired.
+        let last_leaf = five_sixths + 1 + DAY + 120;
+        assert!(rotation_actions(&j, &p, last_leaf - 1).is_empty());
+        assert_eq!(
+            rotation_actions(&j, &p, last_leaf),
+            vec![Action::Retire { id: int.id.clone() }]
+        );
+        assert!(t0 < half);
+    }
+
+    #[test]
+    fn root_rotation_stages_wait_for_publication_and_propagation() {
+        let (mut j, p, t0) = setup();
+        let now = OffsetDateTime::from_unix_timestamp(t0 + DAY).unwrap();
+        prepare_root_rotation(
+            &mut j,
+            now,
+            &p,
+            "operator",
+            p.activate_after,
+            p.max_leaf_ttl,
+        )
+        .unwrap();
+        assert_eq!(
+            j.trusted_roots().count(),
+            2,
+            "new root joins the bundle at once"
+        );
+        assert!(
+            prepare_root_rotation(
+                &mut j,
+                now,
+                &p,
+                "operator",
+                p.activate_after,
+                p.max_leaf_ttl
+            )
+            .is_err(),
+            "one at a time"
+        );
+        // Not published yet: nothing may activate, however long we wait.
+        assert!(rotation_actions(&j, &p, t0 + 50 * DAY).is_empty());
+        j.root_rotation.as_mut().unwrap().bundle_published_at = Some(t0 + DAY);
+        assert!(rotation_actions(&j, &p, t0 + 3 * DAY - 1).is_empty());
+        assert_eq!(
+            rotation_actions(&j, &p, t0 + 3 * DAY),
+            vec![Action::ActivateRootRotation]
+        );
+        apply(
+            &mut j,
+            &Action::ActivateRootRotation,
+            OffsetDateTime::from_unix_timestamp(t0 + 3 * DAY).unwrap(),
+            &p,
+        )
+        .unwrap();
+        let r = j.root_rotation.clone().unwrap();
+        assert_eq!(j.active_signer().unwrap().id, r.new_intermediate);
+        assert!(j.active_signer().unwrap().cross_cert_pem.is_some());
+        assert_eq!(
+            j.trusted_roots().count(),
+            2,
+            "old root still trusted while its leaves live"
+        );
+        assert_eq!(
+            rotation_actions(&j, &p, t0 + 4 * DAY),
+            vec![Action::CompleteRootRotation]
+        );
+        apply(
+            &mut j,
+            &Action::CompleteRootRotation,
+            OffsetDateTime::from_unix_timestamp(t0 + 4 * DAY).unwrap(),
+            &p,
+        )
+        .unwrap();
+        assert!(j.root_rotation.is_none());
+        assert_eq!(
+            j.trusted_roots().map(|r| r.id.clone()).collect::<Vec<_>>(),
+            vec![r.new_root]
+        );
+        assert!(j.active_signer().unwrap().cross_cert_pem.is_none());
+    }
+
+    #[test]
+    fn crls_are_resigned_at_half_validity_and_when_revocations_change() {
+        let (mut j, p, t0) = setup();
+        assert!(plan(t0 + 14 * DAY, &j, &p)
+            .iter()
+            .all(|a| !matches!(a, Action::SignCrl { .. })));
+        assert!(plan(t0 + 16 * DAY, &j, &p)
+            .iter()
+            .any(|a| matches!(a, Action::SignCrl { .. })));
+        let int = j.active_signer().unwrap().id.clone();
+        j.revocations.push(crate::ca::journal::Revocation {
+            serial: "ab".into(),
+            issuer: int.clone(),
+            identity: None,
+            not_after: t0 + DAY,
+            revoked_at: t0,
+            reason: "unspecified".into(),
+        });
+        assert_eq!(plan(t0 + 60, &j, &p), vec![Action::SignCrl { issuer: int }]);
+        assert!(plan(t0 + 2 * DAY, &j, &p).contains(&Action::PruneRevocations));
+    }
 }

@@ -5,5 +5,6 @@ mod cli;
 mod errors;
 mod issue;
 mod lifecycle;
+mod rotation;
 mod support;
 mod thirdparty;
