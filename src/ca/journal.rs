@@ -41,24 +41,38 @@ pub struct RootRotation {
     pub bundle_published_at: Option<i64>,
     pub activate_after_secs: u64,
     pub activated_at: Option<i64>,
-    /// How long after activation the old root stays trusted (the old chain's last leaf).
+    /// How long after activation the cross-signed certificate is served, so stragglers that
+    /// hold only the old bundle keep verifying new leaves.
     pub retire_after_secs: u64,
+    /// When responses stopped carrying the cross-signed certificate.
+    #[serde(default)]
+    pub cross_withdrawn_at: Option<i64>,
+    /// How long the old root stays in the bundle after that: the longest leaf whose chain
+    /// may still lead with the cross-signed certificate.
+    #[serde(default)]
+    pub old_root_grace_secs: u64,
 }
 
 impl RootRotation {
     pub fn stage(&self) -> &'static str {
-        match (self.activated_at, self.bundle_published_at) {
-            (Some(_), _) => "activated",
-            (None, Some(_)) => "prepared",
-            (None, None) => "preparing",
+        match (
+            self.cross_withdrawn_at,
+            self.activated_at,
+            self.bundle_published_at,
+        ) {
+            (Some(_), _, _) => "retiring",
+            (None, Some(_), _) => "activated",
+            (None, None, Some(_)) => "prepared",
+            (None, None, None) => "preparing",
         }
     }
 
     /// When the next stage is due (unix seconds), if it can be known yet.
     pub fn next_due(&self) -> Option<i64> {
-        match self.activated_at {
-            Some(at) => Some(at + self.retire_after_secs as i64),
-            None => self
+        match (self.cross_withdrawn_at, self.activated_at) {
+            (Some(w), _) => Some(w + self.old_root_grace_secs as i64),
+            (None, Some(at)) => Some(at + self.retire_after_secs as i64),
+            (None, None) => self
                 .bundle_published_at
                 .map(|p| p + self.activate_after_secs as i64),
         }

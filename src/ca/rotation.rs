@@ -67,6 +67,7 @@ pub enum Action {
     Retire { id: String },
     PrepareRootRotation,
     ActivateRootRotation,
+    WithdrawCrossSigned,
     CompleteRootRotation,
     PruneRevocations,
     SignCrl { issuer: String },
@@ -88,10 +89,14 @@ pub fn plan(now: i64, j: &Journal, p: &RotationPolicy) -> Vec<Action> {
                     out.push(Action::ActivateRootRotation);
                 }
             }
-            if let Some(at) = r.activated_at {
-                if now >= at + r.retire_after_secs as i64 {
+            match (r.activated_at, r.cross_withdrawn_at) {
+                (Some(at), None) if now >= at + r.retire_after_secs as i64 => {
+                    out.push(Action::WithdrawCrossSigned);
+                }
+                (Some(_), Some(w)) if now >= w + r.old_root_grace_secs as i64 => {
                     out.push(Action::CompleteRootRotation);
                 }
+                _ => {}
             }
         }
         None => {
@@ -148,6 +153,7 @@ pub fn plan(now: i64, j: &Journal, p: &RotationPolicy) -> Vec<Action> {
     out
 }
 
+#[cfg(test)]
 fn fraction_point(a: &AuthorityRecord, f: f64) -> i64 {
     a.not_before + ((a.not_after - a.not_before) as f64 * f) as i64
 }
@@ -171,10 +177,10 @@ fn issuer_of(a: &AuthorityRecord) -> Result<Issuer<'static, KeyPair>, CaError> {
     Ok(Issuer::from_ca_cert_pem(&a.cert_pem, key_of(a)?).map_err(PkiError::from)?)
 }
 
+/// The journal entry for a freshly minted authority; its id is the certificate serial.
 fn record(
     role: Role,
     status: Status,
-    serial: &[u8],
     cert: &rcgen::Certificate,
     key: &KeyPair,
     issuer: Option<String>,
@@ -182,7 +188,11 @@ fn record(
     now: i64,
 ) -> AuthorityRecord {
     AuthorityRecord {
-        id: hex::encode(serial),
+        id: params
+            .serial_number
+            .as_ref()
+            .map(|s| hex::encode(s.to_bytes()))
+            .unwrap_or_default(),
         role,
         status,
         cert_pem: cert.pem(),
@@ -213,7 +223,6 @@ pub fn mint_root(
     Ok(record(
         Role::Root,
         status,
-        &serial,
         &cert,
         &key,
         None,
@@ -244,7 +253,6 @@ pub fn mint_intermediate(
     let rec = record(
         Role::Intermediate,
         status,
-        &serial,
         &cert,
         &key,
         Some(parent.id.clone()),
@@ -329,6 +337,8 @@ pub fn prepare_root_rotation(
         activate_after_secs: activate_after.as_secs(),
         activated_at: None,
         retire_after_secs: retire_after.as_secs(),
+        cross_withdrawn_at: None,
+        old_root_grace_secs: p.leaf_grace() as u64,
     });
     j.authorities.push(new_root);
     j.authorities.push(new_int);
@@ -399,6 +409,17 @@ pub fn apply(
                 rr.activated_at = Some(ts);
             }
         }
+        Action::WithdrawCrossSigned => {
+            let r = j
+                .root_rotation
+                .as_mut()
+                .ok_or_else(|| CaError::Config("no root rotation".into()))?;
+            r.cross_withdrawn_at = Some(ts);
+            let id = r.new_intermediate.clone();
+            if let Some(a) = j.get_mut(&id) {
+                a.cross_cert_pem = None;
+            }
+        }
         Action::CompleteRootRotation => {
             let r = j
                 .root_rotation
@@ -418,9 +439,6 @@ pub fn apply(
                 set_status(j, &id, Status::Retired, ts);
             }
             set_status(j, &r.old_root, Status::Retired, ts);
-            if let Some(a) = j.get_mut(&r.new_intermediate) {
-                a.cross_cert_pem = None;
-            }
         }
         Action::PruneRevocations => j.revocations.retain(|r| r.not_after >= ts),
         Action::SignCrl { issuer } => crl::sign(j, issuer, now, p.crl_validity)?,
@@ -555,17 +573,25 @@ mod tests {
             2,
             "old root still trusted while its leaves live"
         );
+        let at = |t| OffsetDateTime::from_unix_timestamp(t).unwrap();
         assert_eq!(
             rotation_actions(&j, &p, t0 + 4 * DAY),
+            vec![Action::WithdrawCrossSigned]
+        );
+        apply(&mut j, &Action::WithdrawCrossSigned, at(t0 + 4 * DAY), &p).unwrap();
+        assert!(j.active_signer().unwrap().cross_cert_pem.is_none());
+        assert_eq!(
+            j.trusted_roots().count(),
+            2,
+            "old root stays while cross-led chains live"
+        );
+        assert!(rotation_actions(&j, &p, t0 + 5 * DAY).is_empty());
+        let done = t0 + 5 * DAY + 120;
+        assert_eq!(
+            rotation_actions(&j, &p, done),
             vec![Action::CompleteRootRotation]
         );
-        apply(
-            &mut j,
-            &Action::CompleteRootRotation,
-            OffsetDateTime::from_unix_timestamp(t0 + 4 * DAY).unwrap(),
-            &p,
-        )
-        .unwrap();
+        apply(&mut j, &Action::CompleteRootRotation, at(done), &p).unwrap();
         assert!(j.root_rotation.is_none());
         assert_eq!(
             j.trusted_roots().map(|r| r.id.clone()).collect::<Vec<_>>(),

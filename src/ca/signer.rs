@@ -262,8 +262,10 @@ impl Signer {
         let mut out =
             Vec::with_capacity(self.intermediates_pem.len() + self.alternates_pem.len() + 2);
         out.push(leaf_pem);
-        out.extend(self.intermediates_pem.iter().cloned());
+        // Cross-signed first: OpenSSL and BoringSSL take the first matching issuer and do not
+        // backtrack, and while it is served every current bundle holds the old root.
         out.extend(self.alternates_pem.iter().cloned());
+        out.extend(self.intermediates_pem.iter().cloned());
         out.push(self.roots_pem.clone());
         out
     }

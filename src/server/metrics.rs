@@ -168,6 +168,38 @@ impl Metrics {
                 "The number of roots in the trust bundle.",
                 signer.roots_der().len() as i64,
             );
+            gauge(
+                &mut out,
+                "citadel_ca_intermediate_expiry_timestamp",
+                "Unix time the signing (intermediate) CA expires.",
+                signer.signing_cert().not_after.unix_timestamp(),
+            );
+            gauge(
+                &mut out,
+                "citadel_ca_root_rotation_stage",
+                "Root rotation stage: 0 none, 1 new root published, 2 new chain active.",
+                signer.rotation_stage() as i64,
+            );
+            gauge(
+                &mut out,
+                "citadel_ca_crl_entries",
+                "Revoked certificates listed in the CRLs.",
+                signer.revocations().crl_entries as i64,
+            );
+            gauge(
+                &mut out,
+                "citadel_ca_revoked_identities",
+                "Identities denied new certificates.",
+                signer.revocations().denied_identities.len() as i64,
+            );
+            if let Some(next) = signer.revocations().crl_next_update {
+                gauge(
+                    &mut out,
+                    "citadel_ca_crl_next_update_timestamp",
+                    "Unix time the earliest CRL must be re-signed by.",
+                    next,
+                );
+            }
         }
         let _ = writeln!(
             out,

@@ -5,6 +5,7 @@ mod cli;
 mod errors;
 mod issue;
 mod lifecycle;
+mod revocation;
 mod rotation;
 mod support;
 mod thirdparty;

@@ -1,0 +1,407 @@
+//! Revocation while the server runs: by serial and by identity, through the real CLI, with
+//! openssl checking the CRLs. And root rotation driven by the CLI against a running server.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use citadel::pki::{chain, pem, KeyType};
+use tonic::Code;
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_citadel");
+
+fn cli(args: &[&str], state: &Path) -> (bool, String) {
+    let mut argv: Vec<&str> = args.to_vec();
+    let s = state.to_str().unwrap();
+    argv.extend(["--state-dir", s]);
+    let out = Command::new(BIN).args(&argv).output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+fn serial_of(chain_pem: &[String]) -> String {
+    chain::describe(&pem::parse_certs(chain_pem[0].as_bytes()).unwrap()[0])
+        .unwrap()
+        .serial_hex
+}
+
+/// Polls `f` for up to 5 s (the server reloads every 100 ms in these tests).
+async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..100 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+#[tokio::test]
+async fn revoking_a_serial_and_an_identity_takes_effect_without_restart() {
+    let ca = TestCa::start(&["--reconcile-interval", "100ms"]).await;
+    let state = ca.state_dir();
+    let mut client = ca.client().await;
+    let (cart_key, cart_csr) = csr_for(KeyType::EcP256, &spiffe("shop", "cart"));
+    let (front_key, front_csr) = csr_for(KeyType::EcP256, &spiffe("shop", "frontend"));
+    let cart = call(
+        &mut client,
+        &cart_csr,
+        Some(&bearer(&token("shop", "cart"))),
+        0,
+        None,
+    )
+    .await
+    .unwrap();
+    let front = call(
+        &mut client,
+        &front_csr,
+        Some(&bearer(&token("shop", "frontend"))),
+        0,
+        None,
+    )
+    .await
+    .unwrap();
+    let mtls = |chain: &[String], key: &rcgen::KeyPair| {
+        Some((
+            chain[..2].concat().into_bytes(),
+            key.serialize_pem().into_bytes(),
+        ))
+    };
+
+    // Bad input changes nothing.
+    let journal_before = std::fs::read(state.join("ca-journal.json")).unwrap();
+    for (args, says) in [
+        (
+            vec!["revoke", "--serial", "not-hex"],
+            "not a certificate serial",
+        ),
+        (vec!["revoke", "--serial", "abcdef"], "no live certificate"),
+        (
+            vec![
+                "revoke",
+                "--identity",
+                "spiffe://other.domain/ns/shop/sa/cart",
+            ],
+            "outside this CA's trust domain",
+        ),
+        (vec!["revoke", "--identity", "not a spiffe id"], "invalid"),
+        (vec!["revoke"], "required"),
+    ] {
+        let (ok, out) = cli(&args, &state);
+        assert!(!ok && out.contains(says), "{args:?}: {out}");
+    }
+    assert_eq!(
+        std::fs::read(state.join("ca-journal.json")).unwrap(),
+        journal_before,
+        "failed commands change nothing"
+    );
+
+    // 1. Revoke the cart's certificate by serial.
+    let serial = serial_of(&cart);
+    let (ok, out) = cli(
+        &[
+            "revoke",
+            "--serial",
+            &serial.to_uppercase(),
+            "--reason",
+            "key-compromise",
+        ],
+        &state,
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = cli(&["revoke", "--serial", &serial], &state);
+    assert!(!ok && out.contains("already revoked"), "twice: {out}");
+
+    // Renewal with the revoked certificate is refused, once the server has reloaded.
+    eventually("revoked certificate cannot renew", || {
+        let (c, k) = (cart.clone(), cart_key.serialize_pem());
+        let csr = cart_csr.clone();
+        let ca = &ca;
+        async move {
+            let mut m = ca.client_with(Some((c[..2].concat().into_bytes(), k.into_bytes()))).await;
+            matches!(call(&mut m, &csr, None, 0, None).await, Err(s) if s.code() == Code::Unauthenticated && s.message().contains("revoked"))
+        }
+    })
+    .await;
+    // ...but the cart identity itself is not denied: its token still works.
+    call(
+        &mut client,
+        &cart_csr,
+        Some(&bearer(&token("shop", "cart"))),
+        0,
+        None,
+    )
+    .await
+    .unwrap();
+    // The frontend still renews by certificate.
+    let mut m = ca.client_with(mtls(&front, &front_key)).await;
+    call(&mut m, &front_csr, None, 0, None).await.unwrap();
+
+    // 2. Deny the frontend identity: no new certificates by token or by renewal.
+    let (ok, out) = cli(
+        &[
+            "revoke",
+            "--identity",
+            "spiffe://cluster.local/ns/shop/sa/frontend",
+        ],
+        &state,
+    );
+    assert!(ok && out.contains("revoked 2 live certificate(s)"), "{out}");
+    let (ok, out) = cli(
+        &[
+            "revoke",
+            "--identity",
+            "spiffe://cluster.local/ns/shop/sa/frontend",
+        ],
+        &state,
+    );
+    assert!(!ok && out.contains("already denied"), "{out}");
+    eventually("denied identity gets PermissionDenied", || {
+        let mut c = client.clone();
+        let csr = front_csr.clone();
+        async move { matches!(call(&mut c, &csr, Some(&bearer(&token("shop", "frontend"))), 0, None).await, Err(s) if s.code() == Code::PermissionDenied) }
+    })
+    .await;
+    let mut m = ca.client_with(mtls(&front, &front_key)).await;
+    assert_eq!(
+        call(&mut m, &front_csr, None, 0, None)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+
+    let metrics = ca.metrics().await;
+    assert!(metrics.contains("citadel_ca_crl_entries 3\n"), "{metrics}");
+    assert!(
+        metrics.contains("citadel_ca_revoked_identities 1\n"),
+        "{metrics}"
+    );
+
+    // 3. The CRLs verify with openssl and list exactly the revoked serials.
+    if require_tool("openssl") {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        std::fs::write(d.join("root.pem"), &cart[2]).unwrap();
+        std::fs::write(d.join("int.pem"), &cart[1]).unwrap();
+        std::fs::write(d.join("leaf-cart.pem"), &cart[0]).unwrap();
+        std::fs::write(
+            d.join("leaf-other.pem"),
+            &call(
+                &mut client,
+                &cart_csr,
+                Some(&bearer(&token("shop", "cart"))),
+                0,
+                None,
+            )
+            .await
+            .unwrap()[0],
+        )
+        .unwrap();
+        std::fs::write(d.join("chain.pem"), format!("{}{}", cart[1], cart[2])).unwrap();
+        let crls = ::pem::parse_many(std::fs::read(state.join("ca-crl.pem")).unwrap()).unwrap();
+        assert_eq!(crls.len(), 2, "one CRL per authority (root, intermediate)");
+        let mut listed = String::new();
+        for (i, c) in crls.iter().enumerate() {
+            std::fs::write(d.join(format!("crl{i}.pem")), ::pem::encode(c)).unwrap();
+            let out = Command::new("openssl")
+                .args([
+                    "crl",
+                    "-in",
+                    &format!("crl{i}.pem"),
+                    "-CAfile",
+                    "chain.pem",
+                    "-verify",
+                    "-noout",
+                    "-text",
+                ])
+                .current_dir(d)
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success() && text.contains("verify OK"),
+                "openssl crl -verify: {text}"
+            );
+            listed.push_str(&text.to_lowercase());
+        }
+        assert!(listed.contains(&serial), "CRL lists {serial}:\n{listed}");
+        assert!(listed.contains("key compromise"), "reason recorded");
+        // And openssl's chain check with CRLs: the revoked leaf fails, a fresh one passes.
+        let check = |leaf: &str| {
+            let out = Command::new("openssl")
+                .args([
+                    "verify",
+                    "-crl_check",
+                    "-CRLfile",
+                    "crl0.pem",
+                    "-CRLfile",
+                    "crl1.pem",
+                    "-CAfile",
+                    "root.pem",
+                    "-untrusted",
+                    "int.pem",
+                    leaf,
+                ])
+                .current_dir(d)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+        };
+        assert!(
+            check("leaf-cart.pem").contains("certificate revoked"),
+            "{}",
+            check("leaf-cart.pem")
+        );
+        assert!(
+            check("leaf-other.pem").contains("leaf-other.pem: OK"),
+            "{}",
+            check("leaf-other.pem")
+        );
+    }
+    let (ok, out) = cli(&["ca", "crl"], &state);
+    assert!(ok && out.matches("BEGIN X509 CRL").count() == 2, "{out}");
+    let (ok, out) = cli(&["ca", "status"], &state);
+    assert!(
+        ok && out.contains("3 revoked certificate(s), 1 denied identity"),
+        "{out}"
+    );
+    ca.stop().await;
+}
+
+#[tokio::test]
+async fn root_rotation_from_the_cli_reaches_a_running_server() {
+    let ca = TestCa::start(&["--reconcile-interval", "100ms"]).await;
+    let state = ca.state_dir();
+    let mut client = ca.client().await;
+    let id = spiffe("shop", "cart");
+    let (_, csr) = csr_for(KeyType::EcP256, &id);
+    let t = bearer(&token("shop", "cart"));
+    let before = call(&mut client, &csr, Some(&t), 0, None).await.unwrap();
+    assert_eq!(pem::parse_certs(before[2].as_bytes()).unwrap().len(), 1);
+
+    // Planned rotation: the new root is published at once, the old chain keeps signing.
+    let (ok, out) = cli(&["ca", "rotate-root"], &state);
+    assert!(ok, "{out}");
+    assert_eq!(
+        pem::parse_certs(&std::fs::read(state.join("root-cert.pem")).unwrap())
+            .unwrap()
+            .len(),
+        2
+    );
+    let (ok, out) = cli(&["ca", "rotate-root"], &state);
+    assert!(!ok && out.contains("already in progress"), "{out}");
+    let (_, status) = cli(&["ca", "status"], &state);
+    assert!(
+        status.contains("root rotation: prepared (operator)"),
+        "{status}"
+    );
+    eventually("responses carry the two-root bundle", || {
+        let (mut c, csr, t) = (client.clone(), csr.clone(), t.clone());
+        async move {
+            pem::parse_certs(call(&mut c, &csr, Some(&t), 0, None).await.unwrap()[2].as_bytes())
+                .unwrap()
+                .len()
+                == 2
+        }
+    })
+    .await;
+    let during = call(&mut client, &csr, Some(&t), 0, None).await.unwrap();
+    assert_eq!(
+        during[1], before[1],
+        "still the old intermediate until activation"
+    );
+    ca.stop().await;
+}
+
+#[tokio::test]
+async fn emergency_rotation_activates_at_once_and_old_bundle_holders_still_verify() {
+    let ca = TestCa::start(&["--reconcile-interval", "100ms"]).await;
+    let state = ca.state_dir();
+    let old_root = ca.root_pem();
+    let mut client = ca.client().await;
+    let id = spiffe("shop", "cart");
+    let (_, csr) = csr_for(KeyType::EcP256, &id);
+    let t = bearer(&token("shop", "cart"));
+    let (ok, out) = cli(
+        &["ca", "rotate-root", "--now", "--retire-after", "1h"],
+        &state,
+    );
+    assert!(ok && out.contains("stage activated"), "{out}");
+    eventually("the new chain signs", || {
+        let (mut c, csr, t) = (client.clone(), csr.clone(), t.clone());
+        async move { call(&mut c, &csr, Some(&t), 0, None).await.unwrap().len() == 4 }
+    })
+    .await;
+    let chain = call(&mut client, &csr, Some(&t), 0, None).await.unwrap();
+    // [leaf, the new intermediate cross-signed by the old root, the new intermediate, bundle].
+    let leaf = pem::parse_certs(chain[0].as_bytes()).unwrap();
+    let ints: Vec<_> = chain[1..3]
+        .iter()
+        .flat_map(|p| pem::parse_certs(p.as_bytes()).unwrap())
+        .collect();
+    let now = time::OffsetDateTime::now_utc();
+    let old_only = pem::parse_certs(&old_root).unwrap();
+    chain::verify_leaf(
+        &leaf[0],
+        &ints[..1],
+        &old_only,
+        now,
+        chain::Usage::ClientAuth,
+    )
+    .expect("old bundle verifies via the cross-signed intermediate");
+    let bundle = pem::parse_certs(chain[3].as_bytes()).unwrap();
+    assert_eq!(
+        bundle.len(),
+        2,
+        "the bundle keeps the old root while cross-signed chains live"
+    );
+    let new_only: Vec<_> = bundle
+        .into_iter()
+        .filter(|r| r.as_ref() != old_only[0].as_ref())
+        .collect();
+    chain::verify_leaf(
+        &leaf[0],
+        &ints[1..],
+        &new_only,
+        now,
+        chain::Usage::ClientAuth,
+    )
+    .expect("new root verifies the regular intermediate");
+    if require_tool("openssl") {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("leaf.pem"), &chain[0]).unwrap();
+        std::fs::write(
+            tmp.path().join("ints.pem"),
+            format!("{}{}", chain[1], chain[2]),
+        )
+        .unwrap();
+        std::fs::write(tmp.path().join("old.pem"), &old_root).unwrap();
+        let out = Command::new("openssl")
+            .args([
+                "verify",
+                "-CAfile",
+                "old.pem",
+                "-untrusted",
+                "ints.pem",
+                "leaf.pem",
+            ])
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl with the old root only: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    ca.stop().await;
+}
