@@ -103,7 +103,8 @@ pub async fn run(args: Args) -> CmdResult {
         .exists()
     {
         return Err(format!(
-            "{} holds no CA journal; pass --state-dir of the server",
+            "{} holds no CA journal: pass the server's --state-dir. (A plugged-in CA is revoked \
+             upstream: add the serial to its ca-crl.pem and restart citadel.)",
             args.state_dir.display()
         ));
     }

@@ -220,3 +220,130 @@ fn unsafe_kill(pid: u32, sig: &str) {
         .unwrap();
     assert!(ok.success());
 }
+
+/// Starts `citadel serve --dev` as a real process in `dir`; returns it and its CA port.
+fn spawn_serve(dir: &std::path::Path, extra: &[&str]) -> (std::process::Child, u16) {
+    let (port, mport) = (free_port(), free_port());
+    let log = std::fs::File::create(dir.join("serve.log")).unwrap();
+    let mut args = vec![
+        "serve".to_string(),
+        "--dev".into(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--metrics-listen".into(),
+        format!("127.0.0.1:{mport}"),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let child = Command::new(BIN)
+        .args(&args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        if dir.join("citadel-data/root-cert.pem").exists()
+            && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        {
+            return (child, port);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!(
+        "server did not start: {}",
+        std::fs::read_to_string(dir.join("serve.log")).unwrap()
+    );
+}
+
+#[test]
+fn operators_rotate_and_revoke_with_the_cli_while_serve_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (mut server, port) = spawn_serve(dir, &["--reconcile-interval", "200ms"]);
+    let addr = format!("127.0.0.1:{port}");
+    let (_, token, _) = run(
+        &["dev-token", "-n", "shop", "--service-account", "frontend"],
+        dir,
+    );
+    std::fs::write(dir.join("t.jwt"), token.trim()).unwrap();
+    let request = |out: &str| {
+        run(
+            &[
+                "request",
+                "--ca-addr",
+                &addr,
+                "--ca-root-cert",
+                "citadel-data/root-cert.pem",
+                "--token-file",
+                "t.jwt",
+                "--out-dir",
+                out,
+            ],
+            dir,
+        )
+    };
+    let roots_in = |out: &str| {
+        std::fs::read_to_string(dir.join(out).join("root-cert.pem"))
+            .unwrap()
+            .matches("BEGIN CERTIFICATE")
+            .count()
+    };
+    let wait_for = |what: &str, f: &dyn Fn() -> bool| {
+        for _ in 0..100 {
+            if f() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("timed out: {what}");
+    };
+
+    let (code, _, err) = request("a");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(roots_in("a"), 1);
+
+    // Planned root rotation: the running server hands out the two-root bundle.
+    let (code, out, err) = run(&["ca", "rotate-root"], dir);
+    assert_eq!(code, 0, "{out}{err}");
+    wait_for("two-root bundle in responses", &|| {
+        request("b").0 == 0 && roots_in("b") == 2
+    });
+    let (_, status, _) = run(&["ca", "status"], dir);
+    assert!(status.contains("root rotation: prepared"), "{status}");
+
+    // Deny the identity: the running server refuses it within a moment.
+    let (code, out, err) = run(
+        &[
+            "revoke",
+            "--identity",
+            "spiffe://cluster.local/ns/shop/sa/frontend",
+            "--reason",
+            "key-compromise",
+        ],
+        dir,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    // Every certificate issued so far (the polling above issued several) is revoked.
+    let n: usize = out
+        .split("revoked ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(n >= 2, "{out}");
+    wait_for("PermissionDenied for a denied identity", &|| {
+        let (code, _, err) = request("c");
+        code == 1 && err.contains("PermissionDenied")
+    });
+    assert!(std::fs::read_to_string(dir.join("citadel-data/ca-crl.pem"))
+        .unwrap()
+        .contains("BEGIN X509 CRL"));
+
+    unsafe_kill(server.id(), "TERM");
+    assert!(server.wait().unwrap().success());
+    let log = std::fs::read_to_string(dir.join("serve.log")).unwrap();
+    assert!(
+        log.contains("installed CA state"),
+        "the server reloaded the journal:\n{log}"
+    );
+}

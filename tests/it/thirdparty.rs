@@ -243,3 +243,87 @@ async fn plugged_in_ca_problems_name_the_file() {
         assert!(!err.contains("PRIVATE KEY"), "key material in error: {err}");
     }
 }
+
+#[tokio::test]
+async fn plugged_in_ca_crl_is_honoured_and_published() {
+    if !require_tool("openssl") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let cacerts = tmp.path().join("cacerts");
+    std::fs::create_dir(&cacerts).unwrap();
+    make_cacerts(
+        &cacerts,
+        "openssl ecparam -name prime256v1 -genkey -noout -out ca-key.pem",
+    );
+    let dir = cacerts.to_str().unwrap().to_string();
+    let id = spiffe("shop", "cart");
+    let (key, csr) = csr_for(KeyType::EcP256, &id);
+
+    let ca = TestCa::start_in(tmp.path(), &["--ca-certs-dir", &dir]).await;
+    let chain = call(
+        &mut ca.client().await,
+        &csr,
+        Some(&bearer(&token("shop", "cart"))),
+        0,
+        None,
+    )
+    .await
+    .unwrap();
+    ca.stop().await;
+    let serial = citadel::pki::chain::describe(
+        &citadel::pki::pem::parse_certs(chain[0].as_bytes()).unwrap()[0],
+    )
+    .unwrap()
+    .serial_hex;
+
+    // The upstream PKI revokes the leaf: `openssl ca` writes a CRL signed by the
+    // intermediate from its database, where the serial is marked revoked (R).
+    sh(&cacerts, &format!(
+        "mkdir -p db && echo 01 > db/crlnumber
+         printf 'R\\t300101000000Z\\t250101000000Z\\t{}\\tunknown\\t/CN=x\\n' > db/index
+         printf '[ca]\\ndefault_ca=c\\n[c]\\ndatabase=db/index\\ncrlnumber=db/crlnumber\\ndefault_md=sha256\\ndefault_crl_days=7\\n' > ca.cnf
+         openssl ca -config ca.cnf -cert ca-cert.pem -keyfile ca-key.pem -gencrl -out ca-crl.pem 2>/dev/null",
+        serial.to_uppercase()
+    ));
+
+    let ca = TestCa::start_in(tmp.path(), &["--ca-certs-dir", &dir]).await;
+    let identity = Some((
+        chain[..2].concat().into_bytes(),
+        key.serialize_pem().into_bytes(),
+    ));
+    let err = call(&mut ca.client_with(identity).await, &csr, None, 0, None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert!(err.message().contains("revoked"), "{}", err.message());
+    assert_eq!(
+        std::fs::read_to_string(ca.state_dir().join("ca-crl.pem")).unwrap(),
+        std::fs::read_to_string(cacerts.join("ca-crl.pem")).unwrap(),
+        "the plugged-in CRL is published beside the bundle"
+    );
+    assert!(ca.metrics().await.contains("citadel_ca_crl_entries 1\n"));
+    // Tokens still work: revoking a certificate does not deny the identity.
+    call(
+        &mut ca.client().await,
+        &csr,
+        Some(&bearer(&token("shop", "cart"))),
+        0,
+        None,
+    )
+    .await
+    .unwrap();
+    ca.stop().await;
+
+    // A CRL signed by someone else is refused at start, naming the file.
+    sh(&cacerts, "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout o.key -out o.pem -days 1 -subj /CN=other 2>/dev/null
+                  openssl ca -config ca.cnf -cert o.pem -keyfile o.key -gencrl -out ca-crl.pem 2>/dev/null");
+    let err = TestCa::try_start_in(tmp.path(), &["--ca-certs-dir", &dir])
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        err.contains("ca-crl.pem") && err.contains("not signed"),
+        "{err}"
+    );
+}
