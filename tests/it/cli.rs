@@ -234,7 +234,7 @@ fn spawn_serve(dir: &std::path::Path, extra: &[&str]) -> (std::process::Child, u
         format!("127.0.0.1:{mport}"),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
-    let child = Command::new(BIN)
+    let mut child = Command::new(BIN)
         .args(&args)
         .current_dir(dir)
         .stdout(Stdio::null())
@@ -249,6 +249,8 @@ fn spawn_serve(dir: &std::path::Path, extra: &[&str]) -> (std::process::Child, u
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!(
         "server did not start: {}",
         std::fs::read_to_string(dir.join("serve.log")).unwrap()

@@ -357,9 +357,7 @@ async fn oversized_grpc_messages_are_refused_by_the_transport() {
         "{err:?}"
     );
     let (_, csr) = csr_for(KeyType::EcP256, &spiffe("a", "b"));
-    call(&mut client, &csr, Some(&bearer(&token("a", "b"))), 0, None)
-        .await
-        .unwrap();
+    issue(&mut client, &csr, "a", "b").await;
     ca.stop().await;
 }
 
@@ -369,15 +367,7 @@ async fn untrusted_client_certificate_is_refused_and_server_keeps_serving() {
     let stranger = TestCa::start(&[]).await;
     let id = spiffe("shop", "cart");
     let (key, csr) = csr_for(KeyType::EcP256, &id);
-    let foreign = call(
-        &mut stranger.client().await,
-        &csr,
-        Some(&bearer(&token("shop", "cart"))),
-        0,
-        None,
-    )
-    .await
-    .unwrap();
+    let foreign = issue(&mut stranger.client().await, &csr, "shop", "cart").await;
     let identity = Some((
         foreign[..2].concat().into_bytes(),
         key.serialize_pem().into_bytes(),
@@ -404,15 +394,7 @@ async fn untrusted_client_certificate_is_refused_and_server_keeps_serving() {
             );
         }
     }
-    call(
-        &mut ca.client().await,
-        &csr,
-        Some(&bearer(&token("shop", "cart"))),
-        0,
-        None,
-    )
-    .await
-    .unwrap();
+    issue(&mut ca.client().await, &csr, "shop", "cart").await;
     stranger.stop().await;
     ca.stop().await;
 }

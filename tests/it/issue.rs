@@ -18,15 +18,7 @@ async fn ec_and_rsa_csrs_get_istio_shaped_chains() {
         (KeyType::Rsa2048, PublicKeyKind::Rsa { bits: 2048 }),
     ] {
         let (key, csr) = csr_for(kt, &id);
-        let chain = call(
-            &mut client,
-            &csr,
-            Some(&bearer(&token("shop", "cart"))),
-            0,
-            None,
-        )
-        .await
-        .unwrap();
+        let chain = issue(&mut client, &csr, "shop", "cart").await;
         // leaf, intermediate, roots-as-one-element.
         assert_eq!(chain.len(), 3, "{kt}");
         assert_eq!(
@@ -51,15 +43,7 @@ async fn leaf_profile_matches_istiod() {
     let id = spiffe("default", "httpbin");
     let (_, csr) = csr_for(KeyType::EcP256, &id);
     let before = now();
-    let chain = call(
-        &mut client,
-        &csr,
-        Some(&bearer(&token("default", "httpbin"))),
-        0,
-        None,
-    )
-    .await
-    .unwrap();
+    let chain = issue(&mut client, &csr, "default", "httpbin").await;
     let der = pem::parse_certs(chain[0].as_bytes()).unwrap().remove(0);
     let (_, cert) = X509Certificate::from_der(&der).unwrap();
 
@@ -144,15 +128,7 @@ async fn csr_without_san_or_with_cn_gets_the_callers_identity() {
     // A DNS SAN is overwritten, as istiod does.
     p.subject_alt_names = vec![rcgen::SanType::DnsName("evil.example".try_into().unwrap())];
     let csr = p.serialize_request(&key).unwrap().pem().unwrap();
-    let chain = call(
-        &mut client,
-        &csr,
-        Some(&bearer(&token("shop", "cart"))),
-        0,
-        None,
-    )
-    .await
-    .unwrap();
+    let chain = issue(&mut client, &csr, "shop", "cart").await;
     let der = pem::parse_certs(chain[0].as_bytes()).unwrap().remove(0);
     let (_, cert) = X509Certificate::from_der(&der).unwrap();
     let san = cert.subject_alternative_name().unwrap().unwrap();
@@ -178,15 +154,7 @@ async fn renewal_by_client_certificate_keeps_the_identity() {
     let ca = TestCa::start(&[]).await;
     let id = spiffe("shop", "frontend");
     let (key, csr) = csr_for(KeyType::EcP256, &id);
-    let chain = call(
-        &mut ca.client().await,
-        &csr,
-        Some(&bearer(&token("shop", "frontend"))),
-        0,
-        None,
-    )
-    .await
-    .unwrap();
+    let chain = issue(&mut ca.client().await, &csr, "shop", "frontend").await;
 
     // Reconnect presenting that SVID, with no token at all.
     let identity = (
@@ -217,15 +185,7 @@ async fn chain_verifies_with_webpki_for_client_and_server_use() {
     let mut client = ca.client().await;
     let id = spiffe("shop", "cart");
     let (_, csr) = csr_for(KeyType::EcP256, &id);
-    let chain = call(
-        &mut client,
-        &csr,
-        Some(&bearer(&token("shop", "cart"))),
-        0,
-        None,
-    )
-    .await
-    .unwrap();
+    let chain = issue(&mut client, &csr, "shop", "cart").await;
     let leaf = pem::parse_certs(chain[0].as_bytes()).unwrap();
     let ints = pem::parse_certs(chain[1].as_bytes()).unwrap();
     let roots = pem::parse_certs(chain[2].as_bytes()).unwrap();
@@ -252,15 +212,7 @@ async fn metrics_and_health_report_what_happened() {
     let ca = TestCa::start(&[]).await;
     let mut client = ca.client().await;
     let (_, csr) = csr_for(KeyType::EcP256, &spiffe("shop", "cart"));
-    call(
-        &mut client,
-        &csr,
-        Some(&bearer(&token("shop", "cart"))),
-        0,
-        None,
-    )
-    .await
-    .unwrap();
+    issue(&mut client, &csr, "shop", "cart").await;
     call(&mut client, &csr, None, 0, None).await.unwrap_err();
     call(
         &mut client,

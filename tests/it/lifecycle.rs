@@ -3,13 +3,10 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use citadel::auth::AuthChain;
 use citadel::ca::bootstrap::{self, CaOptions};
-use citadel::ca::policy::TtlPolicy;
 use citadel::ca::Ca;
 use citadel::client::verify_response;
 use citadel::pki::{pem, KeyType};
-use citadel::server::{Metrics, Server};
 use citadel::store::file::FileStore;
 
 use crate::support::*;
@@ -21,15 +18,7 @@ async fn restart_keeps_the_same_ca() {
     let root_before = ca.root_pem();
     let id = spiffe("shop", "cart");
     let (_, csr) = csr_for(KeyType::EcP256, &id);
-    let old = call(
-        &mut ca.client().await,
-        &csr,
-        Some(&bearer(&token("shop", "cart"))),
-        0,
-        None,
-    )
-    .await
-    .unwrap();
+    let old = issue(&mut ca.client().await, &csr, "shop", "cart").await;
     ca.stop().await;
 
     let ca = TestCa::start_in(tmp.path(), &["--ca-key-type", "rsa-2048"]).await;
@@ -38,15 +27,7 @@ async fn restart_keeps_the_same_ca() {
         root_before,
         "same root after restart (key type flag ignored once the CA exists)"
     );
-    let new = call(
-        &mut ca.client().await,
-        &csr,
-        Some(&bearer(&token("shop", "cart"))),
-        0,
-        None,
-    )
-    .await
-    .unwrap();
+    let new = issue(&mut ca.client().await, &csr, "shop", "cart").await;
     assert_eq!(old[1], new[1], "same intermediate");
     // A certificate from before the restart still verifies against the bundle after it.
     let bundle_now = String::from_utf8(ca.root_pem()).unwrap();
@@ -152,24 +133,7 @@ async fn concurrent_first_starts_on_one_state_dir_make_one_ca() {
 async fn a_server_without_a_ca_answers_unavailable_then_recovers() {
     citadel::install_crypto_provider();
     let ca = Ca::new();
-    let server = Server {
-        ca: ca.clone(),
-        auth: AuthChain::new(vec![Arc::new(citadel::auth::jwt::JwtAuthenticator::new(
-            citadel::auth::jwks::Jwks::from_json(citadel::devkeys::jwks_json().as_bytes()).unwrap(),
-            citadel::auth::jwt::JwtPolicy {
-                issuer: None,
-                audiences: vec!["istio-ca".into()],
-                leeway: citadel::auth::jwt::DEFAULT_LEEWAY,
-            },
-            td(),
-            citadel::clock::system(),
-        ))]),
-        ttl: TtlPolicy::default(),
-        clock: citadel::clock::system(),
-        metrics: Arc::new(Metrics::default()),
-        tls: None,
-        index: None,
-    };
+    let server = dev_server(ca.clone(), None);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (addr, maddr) = (
@@ -225,24 +189,7 @@ async fn a_new_signer_takes_effect_for_tls_and_issuance_without_restart() {
     ca.install(a);
     let tls = TlsState::new(vec!["localhost".into()]).unwrap();
     tls.refresh(&ca.current().unwrap(), now).unwrap();
-    let server = Server {
-        ca: ca.clone(),
-        auth: AuthChain::new(vec![Arc::new(citadel::auth::jwt::JwtAuthenticator::new(
-            citadel::auth::jwks::Jwks::from_json(citadel::devkeys::jwks_json().as_bytes()).unwrap(),
-            citadel::auth::jwt::JwtPolicy {
-                issuer: None,
-                audiences: vec!["istio-ca".into()],
-                leeway: citadel::auth::jwt::DEFAULT_LEEWAY,
-            },
-            td(),
-            citadel::clock::system(),
-        ))]),
-        ttl: TtlPolicy::default(),
-        clock: citadel::clock::system(),
-        metrics: Arc::new(Metrics::default()),
-        tls: Some(tls),
-        index: None,
-    };
+    let server = dev_server(ca.clone(), Some(tls));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (trigger, sd) = citadel::shutdown::channel();

@@ -50,24 +50,8 @@ async fn revoking_a_serial_and_an_identity_takes_effect_without_restart() {
     let mut client = ca.client().await;
     let (cart_key, cart_csr) = csr_for(KeyType::EcP256, &spiffe("shop", "cart"));
     let (front_key, front_csr) = csr_for(KeyType::EcP256, &spiffe("shop", "frontend"));
-    let cart = call(
-        &mut client,
-        &cart_csr,
-        Some(&bearer(&token("shop", "cart"))),
-        0,
-        None,
-    )
-    .await
-    .unwrap();
-    let front = call(
-        &mut client,
-        &front_csr,
-        Some(&bearer(&token("shop", "frontend"))),
-        0,
-        None,
-    )
-    .await
-    .unwrap();
+    let cart = issue(&mut client, &cart_csr, "shop", "cart").await;
+    let front = issue(&mut client, &front_csr, "shop", "frontend").await;
     let mtls = |chain: &[String], key: &rcgen::KeyPair| {
         Some((
             chain[..2].concat().into_bytes(),
@@ -131,15 +115,7 @@ async fn revoking_a_serial_and_an_identity_takes_effect_without_restart() {
     })
     .await;
     // ...but the cart identity itself is not denied: its token still works.
-    call(
-        &mut client,
-        &cart_csr,
-        Some(&bearer(&token("shop", "cart"))),
-        0,
-        None,
-    )
-    .await
-    .unwrap();
+    issue(&mut client, &cart_csr, "shop", "cart").await;
     // The frontend still renews by certificate.
     let mut m = ca.client_with(mtls(&front, &front_key)).await;
     call(&mut m, &front_csr, None, 0, None).await.unwrap();
@@ -194,15 +170,7 @@ async fn revoking_a_serial_and_an_identity_takes_effect_without_restart() {
         std::fs::write(d.join("leaf-cart.pem"), &cart[0]).unwrap();
         std::fs::write(
             d.join("leaf-other.pem"),
-            &call(
-                &mut client,
-                &cart_csr,
-                Some(&bearer(&token("shop", "cart"))),
-                0,
-                None,
-            )
-            .await
-            .unwrap()[0],
+            &issue(&mut client, &cart_csr, "shop", "cart").await[0],
         )
         .unwrap();
         std::fs::write(d.join("chain.pem"), format!("{}{}", cart[1], cart[2])).unwrap();

@@ -249,3 +249,37 @@ pub fn python() -> Option<String> {
     eprintln!("SKIPPED: python cryptography not available");
     None
 }
+
+/// A CreateCertificate with a dev token for ns/sa that must succeed.
+pub async fn issue(client: &mut CaClient, csr: &str, ns: &str, sa: &str) -> Vec<String> {
+    call(client, csr, Some(&bearer(&token(ns, sa))), 0, None)
+        .await
+        .unwrap_or_else(|e| panic!("issuing for {ns}/{sa}: {e:?}"))
+}
+
+/// A library-level server trusting dev tokens (any issuer), over `ca` and optional TLS.
+pub fn dev_server(
+    ca: std::sync::Arc<citadel::ca::Ca>,
+    tls: Option<std::sync::Arc<citadel::server::tls::TlsState>>,
+) -> citadel::server::Server {
+    use citadel::auth::jwt::{JwtAuthenticator, JwtPolicy, DEFAULT_LEEWAY};
+    let jwt = JwtAuthenticator::new(
+        citadel::auth::jwks::Jwks::from_json(devkeys::jwks_json().as_bytes()).unwrap(),
+        JwtPolicy {
+            issuer: None,
+            audiences: vec!["istio-ca".into()],
+            leeway: DEFAULT_LEEWAY,
+        },
+        td(),
+        citadel::clock::system(),
+    );
+    citadel::server::Server {
+        ca,
+        auth: citadel::auth::AuthChain::new(vec![std::sync::Arc::new(jwt)]),
+        ttl: citadel::ca::policy::TtlPolicy::default(),
+        clock: citadel::clock::system(),
+        metrics: std::sync::Arc::new(citadel::server::Metrics::default()),
+        tls,
+        index: None,
+    }
+}

@@ -91,15 +91,7 @@ async fn openssl_and_python_cryptography_accept_our_chains() {
         let id = spiffe("shop", "cart");
         for kt in [KeyType::EcP256, KeyType::Rsa2048] {
             let (_, csr) = csr_for(kt, &id);
-            let chain = call(
-                &mut ca.client().await,
-                &csr,
-                Some(&bearer(&token("shop", "cart"))),
-                0,
-                None,
-            )
-            .await
-            .unwrap();
+            let chain = issue(&mut ca.client().await, &csr, "shop", "cart").await;
             let tmp = tempfile::tempdir().unwrap();
             write_chain(tmp.path(), &chain);
             openssl_verify(tmp.path());
@@ -182,15 +174,7 @@ async fn plugged_in_openssl_ca_signs_and_chains() {
         );
         let id = spiffe("shop", "cart");
         let (_, csr) = csr_for(KeyType::EcP256, &id);
-        let chain = call(
-            &mut ca.client().await,
-            &csr,
-            Some(&bearer(&token("shop", "cart"))),
-            0,
-            None,
-        )
-        .await
-        .unwrap();
+        let chain = issue(&mut ca.client().await, &csr, "shop", "cart").await;
         assert_eq!(chain.len(), 3);
         assert_eq!(
             chain[1].trim(),
@@ -261,15 +245,7 @@ async fn plugged_in_ca_crl_is_honoured_and_published() {
     let (key, csr) = csr_for(KeyType::EcP256, &id);
 
     let ca = TestCa::start_in(tmp.path(), &["--ca-certs-dir", &dir]).await;
-    let chain = call(
-        &mut ca.client().await,
-        &csr,
-        Some(&bearer(&token("shop", "cart"))),
-        0,
-        None,
-    )
-    .await
-    .unwrap();
+    let chain = issue(&mut ca.client().await, &csr, "shop", "cart").await;
     ca.stop().await;
     let serial = citadel::pki::chain::describe(
         &citadel::pki::pem::parse_certs(chain[0].as_bytes()).unwrap()[0],
@@ -304,15 +280,7 @@ async fn plugged_in_ca_crl_is_honoured_and_published() {
     );
     assert!(ca.metrics().await.contains("citadel_ca_crl_entries 1\n"));
     // Tokens still work: revoking a certificate does not deny the identity.
-    call(
-        &mut ca.client().await,
-        &csr,
-        Some(&bearer(&token("shop", "cart"))),
-        0,
-        None,
-    )
-    .await
-    .unwrap();
+    issue(&mut ca.client().await, &csr, "shop", "cart").await;
     ca.stop().await;
 
     // A CRL signed by someone else is refused at start, naming the file.
