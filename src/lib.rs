@@ -4,6 +4,7 @@
 //! Dependencies point one way: `cmd` -> `server` -> `auth` -> `ca` -> `store` -> `pki` ->
 //! `identity`, with `clock` underneath everything.
 
+pub mod agent;
 pub mod auth;
 pub mod ca;
 pub mod client;

@@ -30,6 +30,8 @@ enum Command {
     DevToken(cmd::dev_token::Args),
     /// Request a workload certificate from a running CA and write it to files.
     Request(cmd::request::Args),
+    /// Sidecar agent: fetch and renew a workload certificate; serve Envoy over SDS and/or files.
+    Agent(Box<cmd::agent::Args>),
     /// Inspect and operate the CA in a state directory: status, bundle, crl, rotate-root.
     #[command(subcommand)]
     Ca(cmd::ca::Command),
@@ -49,6 +51,7 @@ fn main() -> std::process::ExitCode {
                 Command::Serve(a) => cmd::serve::run(*a).await,
                 Command::DevToken(a) => cmd::dev_token::run(a),
                 Command::Request(a) => cmd::request::run(a).await,
+                Command::Agent(a) => cmd::agent::run(*a).await,
                 Command::Ca(c) => cmd::ca::run(c).await,
                 Command::Revoke(a) => cmd::revoke::run(a).await,
                 Command::Bench(a) => cmd::bench::run(a).await,

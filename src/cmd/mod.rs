@@ -1,6 +1,7 @@
 //! Wiring of each subcommand: turns flags into the library's types and runs them.
 //! The only layer that reads flags, prints to the terminal, or decides exit codes.
 
+pub mod agent;
 pub mod bench;
 pub mod ca;
 pub mod dev_token;

@@ -1,0 +1,171 @@
+//! One certificate fetch: read the token, make a key and CSR, call CreateCertificate,
+//! verify the answer before anyone uses it.
+
+use std::path::PathBuf;
+
+use base64::Engine;
+use time::OffsetDateTime;
+
+use super::Credentials;
+use crate::client::{self, ClientError, ConnectOptions};
+use crate::identity::{ServiceAccount, SpiffeId, TrustDomain};
+use crate::pki::{chain, csr, pem, KeyType};
+
+#[derive(Debug, Clone)]
+pub struct FetchConfig {
+    pub ca_addr: String,
+    /// Roots trusted for the CA's serving certificate, besides the latest bundle received.
+    pub ca_root_pem: Vec<u8>,
+    pub tls_server_name: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub trust_domain: TrustDomain,
+    /// Fixed identity (from --namespace/--service-account); otherwise from the token.
+    pub identity: Option<SpiffeId>,
+    pub key_type: KeyType,
+    pub cert_ttl: std::time::Duration,
+    pub plaintext: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("no usable credential: {0}")]
+    NoCredential(String),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("the CA answered with a certificate we refuse: {0}")]
+    Rejected(String),
+}
+
+impl FetchError {
+    /// istio-agent retries these codes; everything else waits for the next attempt.
+    pub fn retryable(&self) -> bool {
+        use tonic::Code::*;
+        match self {
+            FetchError::Client(ClientError::Rpc { code, .. }) => {
+                matches!(
+                    code,
+                    Unavailable
+                        | DeadlineExceeded
+                        | ResourceExhausted
+                        | Aborted
+                        | Internal
+                        | Unknown
+                )
+            }
+            FetchError::Client(ClientError::Connect { .. }) => true,
+            _ => false,
+        }
+    }
+}
+
+/// The token, if the file exists and the token has not expired (by its unverified `exp`;
+/// the CA verifies it properly). kubelet rotates the file, so it is read on every fetch.
+fn read_token(cfg: &FetchConfig, now: i64) -> Result<Option<(String, Option<SpiffeId>)>, String> {
+    let Some(path) = &cfg.token_file else {
+        return Ok(None);
+    };
+    let token = match std::fs::read_to_string(path) {
+        Ok(t) => t.trim().to_string(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let claims: Option<serde_json::Value> = token
+        .split('.')
+        .nth(1)
+        .and_then(|p| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(p)
+                .ok()
+        })
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let exp = claims
+        .as_ref()
+        .and_then(|c| c.get("exp"))
+        .and_then(|e| e.as_i64());
+    if exp.is_some_and(|e| e <= now) {
+        return Ok(None);
+    }
+    let id = claims
+        .as_ref()
+        .and_then(|c| c.get("sub"))
+        .and_then(|s| s.as_str())
+        .and_then(|s| ServiceAccount::from_username(s).ok())
+        .map(|sa| cfg.trust_domain.service_account_id(&sa));
+    Ok(Some((token, id)))
+}
+
+/// Fetches a certificate, using the token if there is one, else renewing over mTLS with
+/// `current` (istio's first authenticator). `bundle` is the latest bundle received, trusted
+/// for the CA connection so a root rotation does not cut the agent off.
+pub async fn fetch(
+    cfg: &FetchConfig,
+    current: Option<&Credentials>,
+    now: OffsetDateTime,
+    version: u64,
+) -> Result<Credentials, FetchError> {
+    let token = read_token(cfg, now.unix_timestamp()).map_err(FetchError::NoCredential)?;
+    let usable_current = current.filter(|c| c.not_after > now);
+    let (bearer, identity, mtls) = match (&token, usable_current) {
+        (Some((t, id)), _) => {
+            let id = cfg.identity.clone().or(id.clone()).ok_or_else(|| {
+                FetchError::NoCredential(
+                    "the token names no service account; pass --namespace and --service-account"
+                        .into(),
+                )
+            })?;
+            (Some(t.as_str()), id, None)
+        }
+        (None, Some(c)) => (
+            None,
+            c.identity.clone(),
+            Some((
+                c.chain_pem.clone().into_bytes(),
+                c.key_pem.clone().into_bytes(),
+            )),
+        ),
+        (None, None) => return Err(FetchError::NoCredential(
+            "the token file is missing or expired and there is no valid certificate to renew with"
+                .into(),
+        )),
+    };
+    let mut roots = cfg.ca_root_pem.clone();
+    if let Some(c) = current {
+        roots.extend_from_slice(c.roots_pem.as_bytes());
+    }
+    let mut ca = client::connect(&ConnectOptions {
+        addr: cfg.ca_addr.clone(),
+        root_pem: roots,
+        server_name: cfg.tls_server_name.clone(),
+        identity: mtls,
+        plaintext: cfg.plaintext,
+    })
+    .await?;
+    let key = cfg
+        .key_type
+        .generate()
+        .map_err(|e| FetchError::Rejected(e.to_string()))?;
+    let csr =
+        csr::build(&key, &identity.to_string()).map_err(|e| FetchError::Rejected(e.to_string()))?;
+    let chain_pem =
+        client::create_certificate(&mut ca, csr, bearer, cfg.cert_ttl.as_secs() as i64).await?;
+    let verified = client::verify_response(&chain_pem, Some(&identity), now)
+        .map_err(|e| FetchError::Rejected(e.to_string()))?;
+    let leaf = pem::parse_certs(chain_pem[0].as_bytes())
+        .map_err(|e| FetchError::Rejected(e.to_string()))?;
+    if !chain::key_matches_cert(&key, &leaf[0]).map_err(|e| FetchError::Rejected(e.to_string()))? {
+        return Err(FetchError::Rejected(
+            "the certificate does not certify our key".into(),
+        ));
+    }
+    Ok(Credentials {
+        identity,
+        key_pem: key.serialize_pem(),
+        chain_pem: verified.cert_chain_pem,
+        roots_pem: verified.roots_pem,
+        crl_pem: current.and_then(|c| c.crl_pem.clone()),
+        serial_hex: verified.leaf.serial_hex,
+        not_before: verified.leaf.not_before,
+        not_after: verified.leaf.not_after,
+        version,
+    })
+}

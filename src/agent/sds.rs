@@ -1,0 +1,252 @@
+//! Envoy's Secret Discovery Service on a Unix socket: `default` (the workload certificate)
+//! and `ROOTCA` (trust bundle, and CRL when known).
+//!
+//! Per stream it tracks the subscribed names and the nonce it last sent. A request whose
+//! nonce is stale is ignored; an ACK changes nothing; a NACK is logged and counted and the
+//! same version is NOT re-sent (no loop): the next push happens when credentials change.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::{data_source::Specifier, DataSource};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    secret, CertificateValidationContext, Secret, TlsCertificate,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::{
+    SecretDiscoveryService, SecretDiscoveryServiceServer,
+};
+use envoy_types::pb::google::protobuf::Any;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{AgentStats, Credentials, CredentialsRx};
+use crate::shutdown::Shutdown;
+
+pub const SECRET_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+pub const WORKLOAD: &str = "default";
+pub const ROOTCA: &str = "ROOTCA";
+
+fn inline(bytes: &str) -> Option<DataSource> {
+    Some(DataSource {
+        specifier: Some(Specifier::InlineBytes(bytes.as_bytes().to_vec())),
+        ..Default::default()
+    })
+}
+
+/// The named secret, if we serve that name.
+pub fn secret_for(name: &str, c: &Credentials) -> Option<Secret> {
+    let kind = match name {
+        WORKLOAD => secret::Type::TlsCertificate(TlsCertificate {
+            certificate_chain: inline(&c.chain_pem),
+            private_key: inline(&c.key_pem),
+            ..Default::default()
+        }),
+        ROOTCA => secret::Type::ValidationContext(CertificateValidationContext {
+            trusted_ca: inline(&c.roots_pem),
+            crl: c.crl_pem.as_deref().and_then(inline),
+            // Check the leaf against its issuer's CRL only. With the full-chain default,
+            // Envoy fails every handshake whose chain has a CA without a CRL in the set
+            // (the root, a cross-signed certificate during a root rotation); citadel revokes
+            // workload certificates, and retires CAs by rotation instead.
+            only_verify_leaf_cert_crl: c.crl_pem.is_some(),
+            ..Default::default()
+        }),
+        _ => return None,
+    };
+    Some(Secret {
+        name: name.to_string(),
+        r#type: Some(kind),
+    })
+}
+
+pub struct Sds {
+    rx: CredentialsRx,
+    stats: Arc<AgentStats>,
+}
+
+impl Sds {
+    pub fn new(rx: CredentialsRx, stats: Arc<AgentStats>) -> Self {
+        Self { rx, stats }
+    }
+}
+
+/// What one stream has been sent.
+struct StreamState {
+    names: BTreeSet<String>,
+    last_nonce: String,
+    sent_version: Option<u64>,
+    nonces: u64,
+}
+
+impl StreamState {
+    fn response(&mut self, c: &Credentials) -> Option<DiscoveryResponse> {
+        let resources: Vec<Any> = self
+            .names
+            .iter()
+            .filter_map(|n| secret_for(n, c))
+            .map(|s| Any {
+                type_url: SECRET_TYPE.into(),
+                value: s.encode_to_vec(),
+            })
+            .collect();
+        if resources.is_empty() {
+            tracing::warn!(names = ?self.names, "Envoy asked only for secrets this agent does not serve (it serves \"default\" and \"ROOTCA\")");
+            return None;
+        }
+        self.nonces += 1;
+        self.last_nonce = format!("{}-{}", c.version, self.nonces);
+        self.sent_version = Some(c.version);
+        Some(DiscoveryResponse {
+            version_info: c.version.to_string(),
+            resources,
+            type_url: SECRET_TYPE.into(),
+            nonce: self.last_nonce.clone(),
+            ..Default::default()
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl SecretDiscoveryService for Sds {
+    type DeltaSecretsStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+    type StreamSecretsStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+
+    async fn delta_secrets(
+        &self,
+        _: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
+        Err(Status::unimplemented(
+            "delta SDS is not supported; use the state-of-the-world StreamSecrets",
+        ))
+    }
+
+    async fn fetch_secrets(
+        &self,
+        req: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        let c = self
+            .rx
+            .borrow()
+            .clone()
+            .ok_or_else(|| Status::unavailable("no certificate yet"))?;
+        let mut st = StreamState {
+            names: req.into_inner().resource_names.into_iter().collect(),
+            last_nonce: String::new(),
+            sent_version: None,
+            nonces: 0,
+        };
+        st.response(&c)
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found("unknown secret name"))
+    }
+
+    async fn stream_secrets(
+        &self,
+        req: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (out, rx) = mpsc::channel(8);
+        let (mut creds, stats) = (self.rx.clone(), self.stats.clone());
+        stats.sds_streams.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let mut st = StreamState {
+                names: BTreeSet::new(),
+                last_nonce: String::new(),
+                sent_version: None,
+                nonces: 0,
+            };
+            loop {
+                let push = tokio::select! {
+                    msg = inbound.message() => match msg {
+                        Ok(Some(r)) => {
+                            if !r.response_nonce.is_empty() && r.response_nonce != st.last_nonce {
+                                continue; // answers an older response; a newer one is in flight
+                            }
+                            if let Some(err) = &r.error_detail {
+                                stats.sds_nacks.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(version = %r.version_info, error = %err.message, names = ?r.resource_names, "Envoy rejected (NACK) a secret; not re-sending it");
+                                continue;
+                            }
+                            let names: BTreeSet<String> = r.resource_names.into_iter().collect();
+                            let first = st.last_nonce.is_empty();
+                            if names != st.names || first {
+                                st.names = names;
+                                Push::Always
+                            } else {
+                                Push::No // an ACK
+                            }
+                        }
+                        Ok(None) | Err(_) => break,
+                    },
+                    changed = creds.changed() => {
+                        if changed.is_err() { break }
+                        if st.names.is_empty() { Push::No } else { Push::IfNewVersion }
+                    }
+                };
+                if matches!(push, Push::No) {
+                    continue; // and leave any pending change unseen, so it is pushed next
+                }
+                let current = creds.borrow_and_update().clone();
+                let Some(c) = current else { continue }; // answered once the first certificate arrives
+                if matches!(push, Push::IfNewVersion) && st.sent_version == Some(c.version) {
+                    continue;
+                }
+                if let Some(resp) = st.response(&c) {
+                    stats.sds_pushes.fetch_add(1, Ordering::Relaxed);
+                    if out.send(Ok(resp)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            stats.sds_streams.fetch_sub(1, Ordering::Relaxed);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+enum Push {
+    /// The subscription changed (or is new): send the current version.
+    Always,
+    /// Credentials changed: send if this stream has not seen that version.
+    IfNewVersion,
+    No,
+}
+
+/// Serves SDS on a Unix socket at `path` (replacing a stale socket file) until shutdown.
+pub async fn serve(
+    path: &Path,
+    rx: CredentialsRx,
+    stats: Arc<AgentStats>,
+    shutdown: Shutdown,
+) -> Result<(), String> {
+    if path.exists() {
+        std::fs::remove_file(path)
+            .map_err(|e| format!("cannot remove stale socket {}: {e}", path.display()))?;
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // Only this user (Envoy runs as the same user in the pod) may fetch the private key.
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    }
+    tracing::info!(socket = %path.display(), "SDS serving");
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .add_service(SecretDiscoveryServiceServer::new(Sds::new(rx, stats)))
+        .serve_with_incoming_shutdown(incoming, async move { shutdown.wait().await })
+        .await
+        .map_err(|e| format!("SDS server failed: {e}"))
+}
