@@ -33,17 +33,27 @@ impl Default for RenewPolicy {
     }
 }
 
-/// When to renew a certificate valid over [not_before, not_after). `r` is uniform in [-1, 1].
+/// When to renew a certificate valid until `not_after`, received at `received`.
+/// `r` is uniform in [-1, 1].
+///
+/// The life is measured from when we received it, not from notBefore: CAs backdate
+/// notBefore (citadel and istiod by 2 minutes), which for short TTLs would put "half-life"
+/// in the past and renew in a loop.
 pub fn renew_time(
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
+    received: OffsetDateTime,
     p: &RenewPolicy,
     r: f64,
 ) -> OffsetDateTime {
-    let life = not_after - not_before;
+    let start = not_before.max(received);
+    let life = (not_after - start).max(time::Duration::ZERO);
     let f = (p.at + p.jitter * r.clamp(-1.0, 1.0)).clamp(0.05, 0.95);
-    not_before + life * f
+    (start + life * f).max(received + MIN_RENEW_INTERVAL)
 }
+
+/// Never renew more often than this, whatever the certificate says.
+pub const MIN_RENEW_INTERVAL: time::Duration = time::Duration::seconds(1);
 
 /// Exponential backoff with full jitter: attempt 1 waits ~initial, doubling up to max.
 /// `r` is uniform in [0, 1].
@@ -92,6 +102,7 @@ pub async fn run(
                 let next = renew_time(
                     creds.not_before,
                     creds.not_after,
+                    now,
                     &policy,
                     random_unit() * 2.0 - 1.0,
                 );
@@ -142,11 +153,42 @@ mod tests {
         let nb = time::macros::datetime!(2030-01-01 0:00 UTC);
         let na = nb + time::Duration::hours(24);
         let p = RenewPolicy::default();
-        assert_eq!(renew_time(nb, na, &p, 0.0), nb + time::Duration::hours(12));
-        let early = renew_time(nb, na, &p, -1.0);
-        let late = renew_time(nb, na, &p, 1.0);
+        assert_eq!(
+            renew_time(nb, na, nb, &p, 0.0),
+            nb + time::Duration::hours(12)
+        );
+        let early = renew_time(nb, na, nb, &p, -1.0);
+        let late = renew_time(nb, na, nb, &p, 1.0);
         assert_eq!(late - early, time::Duration::hours(24) * 0.02);
         assert!(early > nb + time::Duration::hours(11) && late < nb + time::Duration::hours(13));
+    }
+
+    #[test]
+    fn backdated_short_certificates_do_not_renew_in_a_loop() {
+        // Issued "now" for 20s, but notBefore backdated 2 minutes by the CA.
+        let now = time::macros::datetime!(2030-01-01 12:00 UTC);
+        let (nb, na) = (
+            now - time::Duration::minutes(2),
+            now + time::Duration::seconds(20),
+        );
+        let p = RenewPolicy {
+            jitter: 0.0,
+            ..Default::default()
+        };
+        assert_eq!(
+            renew_time(nb, na, now, &p, 0.0),
+            now + time::Duration::seconds(10),
+            "half of what is left when received"
+        );
+        // Already expired on arrival (clock skew): still wait the minimum, never spin.
+        let at = renew_time(
+            nb,
+            now - time::Duration::seconds(5),
+            now,
+            &RenewPolicy::default(),
+            0.0,
+        );
+        assert_eq!(at, now + MIN_RENEW_INTERVAL);
     }
 
     #[test]
