@@ -1,6 +1,7 @@
 //! Integration tests: one binary (link time on 2 cores), one module per area.
 //! Every test starts a real server on 127.0.0.1:0 and talks TLS gRPC to it.
 
+mod agent;
 mod cli;
 mod errors;
 mod issue;

@@ -46,6 +46,15 @@ impl TestCa {
     }
 
     pub async fn try_start_in(dir: &Path, extra: &[&str]) -> Result<Self, String> {
+        Self::try_start_on(dir, extra, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// On a chosen address, so a test can bring the "same" CA back after stopping it.
+    pub async fn try_start_on(
+        dir: &Path,
+        extra: &[&str],
+        listen: SocketAddr,
+    ) -> Result<Self, String> {
         citadel::install_crypto_provider();
         let state = dir.join("state");
         let mut argv: Vec<String> = vec![
@@ -56,7 +65,9 @@ impl TestCa {
         ];
         argv.extend(extra.iter().map(|s| s.to_string()));
         let cli = ServeCli::try_parse_from(&argv).map_err(|e| e.to_string())?;
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("bind {listen}: {e}"))?;
         let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (addr, metrics_addr) = (
             listener.local_addr().unwrap(),

@@ -1,0 +1,440 @@
+//! The sidecar agent against a real CA (and, for malformed answers, a fake one): retries,
+//! keeping the old certificate while the CA is down, token rotation, and the SDS protocol.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use citadel::agent::fetch::FetchConfig;
+use citadel::agent::renew::{self, RenewPolicy};
+use citadel::agent::{sds, AgentStats, Credentials, CredentialsRx};
+use citadel::pki::KeyType;
+use citadel::shutdown::{self, Trigger};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{secret, Secret};
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::support::*;
+
+struct Agent {
+    rx: CredentialsRx,
+    stats: Arc<AgentStats>,
+    trigger: Trigger,
+    task: tokio::task::JoinHandle<Result<(), String>>,
+}
+
+impl Agent {
+    fn start(cfg: FetchConfig) -> Self {
+        let policy = RenewPolicy {
+            retry_initial: Duration::from_millis(100),
+            retry_max: Duration::from_millis(800),
+            ..Default::default()
+        };
+        let (tx, rx) = watch::channel(None);
+        let stats = AgentStats::new();
+        let (trigger, sd) = shutdown::channel();
+        let task = tokio::spawn(renew::run(
+            cfg,
+            policy,
+            citadel::clock::system(),
+            tx,
+            stats.clone(),
+            false,
+            sd,
+        ));
+        Agent {
+            rx,
+            stats,
+            trigger,
+            task,
+        }
+    }
+
+    fn current(&self) -> Option<Arc<Credentials>> {
+        self.rx.borrow().clone()
+    }
+
+    async fn stop(self) {
+        self.trigger.trigger();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+    }
+}
+
+fn config(addr: &str, root: Vec<u8>, token_file: &Path, ttl: Duration) -> FetchConfig {
+    FetchConfig {
+        ca_addr: addr.to_string(),
+        ca_root_pem: root,
+        tls_server_name: Some("localhost".into()),
+        token_file: Some(token_file.to_path_buf()),
+        trust_domain: td(),
+        identity: None,
+        key_type: KeyType::EcP256,
+        cert_ttl: ttl,
+        plaintext: false,
+    }
+}
+
+async fn until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    for _ in 0..(secs * 20) {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out after {secs}s waiting for: {what}");
+}
+
+fn write_token(path: &Path, ns: &str, sa: &str) {
+    std::fs::write(path, token(ns, sa)).unwrap();
+}
+
+#[tokio::test]
+async fn ca_down_at_start_then_up_and_down_again_before_renewal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let addr: std::net::SocketAddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let token_file = tmp.path().join("token");
+    write_token(&token_file, "shop", "cart");
+    // The CA's root must exist before the CA: create the CA once, stop it, keep its state.
+    let ca = TestCa::start_in(tmp.path(), &[]).await;
+    let root = ca.root_pem();
+    ca.stop().await;
+
+    let agent = Agent::start(config(
+        &addr.to_string(),
+        root,
+        &token_file,
+        Duration::from_secs(4),
+    ));
+    until("a few failed attempts while the CA is down", 10, || {
+        agent.stats.renewals_failed.load(Ordering::Relaxed) >= 3
+    })
+    .await;
+    assert!(agent.current().is_none());
+    assert!(
+        agent.stats.retries.load(Ordering::Relaxed) >= 3,
+        "consecutive retries are counted"
+    );
+
+    let ca = TestCa::try_start_on(tmp.path(), &[], addr).await.unwrap();
+    until("the certificate once the CA is up", 10, || {
+        agent.current().is_some()
+    })
+    .await;
+    let first = agent.current().unwrap();
+    assert_eq!(first.identity, spiffe("shop", "cart"));
+    assert_eq!(agent.stats.retries.load(Ordering::Relaxed), 0);
+
+    // The CA goes away before renewal (at ~2s of a 4s certificate).
+    ca.stop().await;
+    let failures = agent.stats.renewals_failed.load(Ordering::Relaxed);
+    until("failed renewals while the CA is down", 10, || {
+        agent.stats.renewals_failed.load(Ordering::Relaxed) > failures
+    })
+    .await;
+    assert_eq!(
+        agent.current().unwrap().serial_hex,
+        first.serial_hex,
+        "keeps serving the current certificate"
+    );
+
+    let ca = TestCa::try_start_on(tmp.path(), &[], addr).await.unwrap();
+    until("renewal once the CA is back", 10, || {
+        agent.current().unwrap().serial_hex != first.serial_hex
+    })
+    .await;
+    agent.stop().await;
+    ca.stop().await;
+}
+
+#[tokio::test]
+async fn rotated_token_file_is_read_on_the_next_request() {
+    let ca = TestCa::start(&[]).await;
+    let token_file = ca.dir.join("token");
+    write_token(&token_file, "shop", "cart");
+    let agent = Agent::start(config(
+        &ca.addr.to_string(),
+        ca.root_pem(),
+        &token_file,
+        Duration::from_secs(3),
+    ));
+    until("first certificate", 10, || agent.current().is_some()).await;
+    assert_eq!(agent.current().unwrap().identity, spiffe("shop", "cart"));
+    // kubelet rotates the file; here the new token also names another account, which makes
+    // "the next request used the new token" visible in the next certificate.
+    write_token(&token_file, "shop", "cart-v2");
+    until("a certificate from the rotated token", 10, || {
+        agent.current().unwrap().identity == spiffe("shop", "cart-v2")
+    })
+    .await;
+
+    // With the token gone, renewal falls back to the current certificate over mTLS.
+    std::fs::remove_file(&token_file).unwrap();
+    let before = agent.current().unwrap().serial_hex.clone();
+    until("renewal by client certificate", 10, || {
+        agent.current().unwrap().serial_hex != before
+    })
+    .await;
+    assert_eq!(agent.current().unwrap().identity, spiffe("shop", "cart-v2"));
+    agent.stop().await;
+    ca.stop().await;
+}
+
+/// A CA that answers with whatever the test wants: the malformed-response cases.
+mod fake {
+    use citadel::proto::istio_certificate_service_server::{
+        IstioCertificateService, IstioCertificateServiceServer,
+    };
+    use citadel::proto::{IstioCertificateRequest, IstioCertificateResponse};
+    use tonic::{Request, Response, Status};
+
+    pub struct FakeCa(pub Box<dyn Fn(&IstioCertificateRequest) -> Vec<String> + Send + Sync>);
+
+    #[tonic::async_trait]
+    impl IstioCertificateService for FakeCa {
+        async fn create_certificate(
+            &self,
+            r: Request<IstioCertificateRequest>,
+        ) -> Result<Response<IstioCertificateResponse>, Status> {
+            Ok(Response::new(IstioCertificateResponse {
+                cert_chain: (self.0)(r.get_ref()),
+            }))
+        }
+    }
+
+    pub async fn serve(ca: FakeCa) -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(IstioCertificateServiceServer::new(ca))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+        );
+        addr
+    }
+}
+
+#[tokio::test]
+async fn malformed_answers_are_rejected_and_never_served() {
+    // A real CA signs for the *wrong* identity; another chain is from a stranger; one answer
+    // is too short; one is garbage.
+    let real = TestCa::start(&[]).await;
+    let stranger = TestCa::start(&[]).await;
+    let (_, other_csr) = csr_for(KeyType::EcP256, &spiffe("kube-system", "admin"));
+    let wrong_san = issue(&mut real.client().await, &other_csr, "kube-system", "admin").await;
+    let (_, csr) = csr_for(KeyType::EcP256, &spiffe("shop", "cart"));
+    let foreign = issue(&mut stranger.client().await, &csr, "shop", "cart").await;
+    let mut broken = foreign.clone();
+    *broken.last_mut().unwrap() = String::from_utf8(real.root_pem()).unwrap();
+    let cases: Vec<(&str, Vec<String>)> = vec![
+        ("wrong SAN", wrong_san),
+        ("chain to another root", broken),
+        ("one element", foreign[..1].to_vec()),
+        ("garbage", vec!["nope".into(), "nope".into()]),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    let token_file = tmp.path().join("token");
+    write_token(&token_file, "shop", "cart");
+    for (name, answer) in cases {
+        let addr = fake::serve(fake::FakeCa(Box::new(move |_| answer.clone()))).await;
+        let mut cfg = config(&addr, vec![], &token_file, Duration::from_secs(60));
+        cfg.plaintext = true;
+        let agent = Agent::start(cfg);
+        until(name, 10, || {
+            agent.stats.renewals_failed.load(Ordering::Relaxed) >= 2
+        })
+        .await;
+        assert!(
+            agent.current().is_none(),
+            "{name}: a refused answer was served"
+        );
+        agent.stop().await;
+    }
+    real.stop().await;
+    stranger.stop().await;
+}
+
+fn creds(version: u64, crl: Option<&str>) -> Arc<Credentials> {
+    Arc::new(Credentials {
+        identity: spiffe("shop", "cart"),
+        key_pem: "KEY".into(),
+        chain_pem: format!("CHAIN-{version}"),
+        roots_pem: "ROOTS".into(),
+        crl_pem: crl.map(str::to_string),
+        serial_hex: format!("{version:02x}"),
+        not_before: time::OffsetDateTime::now_utc(),
+        not_after: time::OffsetDateTime::now_utc() + time::Duration::hours(1),
+        version,
+    })
+}
+
+async fn sds_client(path: PathBuf) -> SecretDiscoveryServiceClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_static("http://sds")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(p).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap();
+    SecretDiscoveryServiceClient::new(channel)
+}
+
+/// An Envoy-like SDS stream: send requests, read responses.
+struct Stream {
+    tx: mpsc::Sender<DiscoveryRequest>,
+    rx: tonic::Streaming<DiscoveryResponse>,
+}
+
+impl Stream {
+    async fn open(path: &Path, names: &[&str]) -> Self {
+        let (tx, req_rx) = mpsc::channel(8);
+        let mut client = sds_client(path.to_path_buf()).await;
+        tx.send(request(names, "", "", None)).await.unwrap();
+        let rx = client
+            .stream_secrets(ReceiverStream::new(req_rx))
+            .await
+            .unwrap()
+            .into_inner();
+        Stream { tx, rx }
+    }
+    async fn next(&mut self) -> DiscoveryResponse {
+        tokio::time::timeout(Duration::from_secs(5), self.rx.message())
+            .await
+            .expect("a response within 5s")
+            .unwrap()
+            .unwrap()
+    }
+    async fn nothing_for(&mut self, ms: u64) {
+        if let Ok(r) = tokio::time::timeout(Duration::from_millis(ms), self.rx.message()).await {
+            panic!(
+                "unexpected response: {:?}",
+                r.map(|m| m.map(|m| m.version_info))
+            );
+        }
+    }
+}
+
+fn request(names: &[&str], version: &str, nonce: &str, error: Option<&str>) -> DiscoveryRequest {
+    DiscoveryRequest {
+        version_info: version.into(),
+        resource_names: names.iter().map(|s| s.to_string()).collect(),
+        type_url: sds::SECRET_TYPE.into(),
+        response_nonce: nonce.into(),
+        error_detail: error.map(|m| envoy_types::pb::google::rpc::Status {
+            code: 3,
+            message: m.into(),
+            details: vec![],
+        }),
+        ..Default::default()
+    }
+}
+
+fn secrets(r: &DiscoveryResponse) -> Vec<Secret> {
+    r.resources
+        .iter()
+        .map(|a| Secret::decode(a.value.as_slice()).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn sds_pushes_to_every_stream_handles_nack_without_looping_and_serves_reconnects() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("sds.sock");
+    let (tx, rx) = watch::channel(None);
+    let stats = AgentStats::new();
+    let (trigger, sd) = shutdown::channel();
+    let server = tokio::spawn({
+        let (path, rx, stats) = (path.clone(), rx.clone(), stats.clone());
+        async move { sds::serve(&path, rx, stats, sd).await }
+    });
+    until("socket", 5, || path.exists()).await;
+
+    // Streams opened before any certificate exists wait, then both get the first push.
+    let mut a = Stream::open(&path, &["default"]).await;
+    let mut b = Stream::open(&path, &["default", "ROOTCA"]).await;
+    a.nothing_for(200).await;
+    tx.send_replace(Some(creds(1, None)));
+    let (ra, rb) = (a.next().await, b.next().await);
+    assert_eq!(
+        (ra.version_info.as_str(), rb.version_info.as_str()),
+        ("1", "1")
+    );
+    assert_eq!(ra.type_url, sds::SECRET_TYPE);
+    match &secrets(&ra)[0].r#type {
+        Some(secret::Type::TlsCertificate(t)) => {
+            assert!(t.certificate_chain.is_some() && t.private_key.is_some())
+        }
+        other => panic!("default should be a TlsCertificate: {other:?}"),
+    }
+    let names: Vec<String> = secrets(&rb).iter().map(|s| s.name.clone()).collect();
+    assert_eq!(names, vec!["ROOTCA", "default"]);
+    // ACKs change nothing.
+    a.tx.send(request(&["default"], "1", &ra.nonce, None))
+        .await
+        .unwrap();
+    b.tx.send(request(&["default", "ROOTCA"], "1", &rb.nonce, None))
+        .await
+        .unwrap();
+    a.nothing_for(200).await;
+
+    // A renewal is pushed to both.
+    tx.send_replace(Some(creds(2, Some("CRL"))));
+    let (ra, rb) = (a.next().await, b.next().await);
+    assert_eq!(
+        (ra.version_info.as_str(), rb.version_info.as_str()),
+        ("2", "2")
+    );
+    let rootca = secrets(&rb)
+        .into_iter()
+        .find(|s| s.name == "ROOTCA")
+        .unwrap();
+    match rootca.r#type {
+        Some(secret::Type::ValidationContext(v)) => {
+            assert!(v.crl.is_some(), "the CRL travels in ROOTCA");
+            assert!(v.only_verify_leaf_cert_crl);
+        }
+        other => panic!("ROOTCA should be a validation context: {other:?}"),
+    }
+
+    // A NACK is counted and not answered: no loop.
+    a.tx.send(request(
+        &["default"],
+        "1",
+        &ra.nonce,
+        Some("bad certificate"),
+    ))
+    .await
+    .unwrap();
+    a.nothing_for(300).await;
+    until("nack counted", 5, || {
+        stats.sds_nacks.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    // A stale nonce is ignored.
+    b.tx.send(request(&["default"], "1", "stale-nonce", None))
+        .await
+        .unwrap();
+    b.nothing_for(200).await;
+
+    // A reconnecting Envoy gets the current state at once.
+    drop(a);
+    let mut c = Stream::open(&path, &["default"]).await;
+    let rc = c.next().await;
+    assert_eq!(rc.version_info, "2");
+    // Unknown names get nothing.
+    let mut d = Stream::open(&path, &["file-cert:/etc/x"]).await;
+    d.nothing_for(200).await;
+    assert!(stats.sds_pushes.load(Ordering::Relaxed) >= 5);
+    trigger.trigger();
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+}
