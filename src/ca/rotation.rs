@@ -36,6 +36,9 @@ pub struct RotationPolicy {
     pub max_leaf_ttl: Duration,
     /// CRL validity (nextUpdate - thisUpdate); CRLs are re-signed at half of it.
     pub crl_validity: Duration,
+    /// How long after notAfter a peer with a slow clock may still accept a leaf; every
+    /// retirement waits this much longer than the last leaf's notAfter.
+    pub skew_margin: Duration,
 }
 
 impl Default for RotationPolicy {
@@ -49,6 +52,7 @@ impl Default for RotationPolicy {
             activate_after: Duration::from_secs(90 * 86_400),
             max_leaf_ttl: Duration::from_secs(90 * 86_400),
             crl_validity: Duration::from_secs(86_400),
+            skew_margin: Duration::from_secs(120),
         }
     }
 }
@@ -56,7 +60,7 @@ impl Default for RotationPolicy {
 impl RotationPolicy {
     /// How long after an intermediate stops signing its last leaf may still be valid.
     fn leaf_grace(&self) -> i64 {
-        self.max_leaf_ttl.as_secs() as i64 + profile::BACKDATE.whole_seconds()
+        (self.max_leaf_ttl + self.skew_margin).as_secs() as i64
     }
 }
 

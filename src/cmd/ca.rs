@@ -52,6 +52,12 @@ pub struct RotateArgs {
     /// Lifetime of the new root.
     #[arg(long, default_value = "3650d", value_parser = crate::duration::clap_parse, value_name = "DUR")]
     pub root_ttl: std::time::Duration,
+    /// The server's --max-ttl: the longest a leaf of the old chain can live.
+    #[arg(long, default_value = "90d", value_parser = crate::duration::clap_parse, value_name = "DUR")]
+    pub max_ttl: std::time::Duration,
+    /// Clock skew tolerated by peers (match the server's --clock-skew-margin).
+    #[arg(long, default_value = "2m", value_parser = crate::duration::clap_parse, value_name = "DUR")]
+    pub clock_skew_margin: std::time::Duration,
     /// Lifetime of the new intermediate.
     #[arg(long, default_value = "365d", value_parser = crate::duration::clap_parse, value_name = "DUR")]
     pub intermediate_ttl: std::time::Duration,
@@ -245,7 +251,8 @@ async fn rotate_root(a: RotateArgs) -> CmdResult {
         root_ttl: a.root_ttl,
         intermediate_ttl: a.intermediate_ttl,
         activate_after,
-        max_leaf_ttl: a.retire_after,
+        max_leaf_ttl: a.max_ttl,
+        skew_margin: a.clock_skew_margin,
         ..RotationPolicy::default()
     };
     let now = OffsetDateTime::now_utc();

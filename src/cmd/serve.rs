@@ -135,6 +135,11 @@ pub struct Args {
     /// `citadel ca rotate-root`) and runs what is due.
     #[arg(long, default_value = "1s", value_parser = clap_parse, value_name = "DUR")]
     pub reconcile_interval: Duration,
+
+    /// Clock skew tolerated between the CA and validating peers: retiring a CA waits this
+    /// long past the notAfter of its last leaf.
+    #[arg(long, default_value = "2m", value_parser = clap_parse, value_name = "DUR")]
+    pub clock_skew_margin: Duration,
 }
 
 fn build_auth(args: &Args, ca: &Arc<Ca>, clock: &SharedClock) -> Result<AuthChain, String> {
@@ -208,6 +213,7 @@ fn rotation_policy(args: &Args) -> Result<RotationPolicy, String> {
         activate_after: args.activate_after.unwrap_or(args.max_ttl),
         max_leaf_ttl: args.max_ttl,
         crl_validity: args.crl_validity,
+        skew_margin: args.clock_skew_margin,
     };
     if p.prepare_at > p.activate_at {
         return Err(
