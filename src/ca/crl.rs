@@ -99,6 +99,7 @@ pub fn sign(
         number,
         this_update: this_update.unix_timestamp(),
         next_update: next_update.unix_timestamp(),
+        signed_at: now.unix_timestamp(),
         serials: serials_for(j, issuer),
         pem: crl.pem().map_err(PkiError::from)?,
     };

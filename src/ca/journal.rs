@@ -104,6 +104,9 @@ pub struct CrlRecord {
     pub number: u64,
     pub this_update: i64,
     pub next_update: i64,
+    /// When it was signed (thisUpdate is backdated a minute for clock skew).
+    #[serde(default)]
+    pub signed_at: i64,
     /// Serials it lists, sorted: tells whether it is out of date.
     pub serials: Vec<String>,
     pub pem: String,
@@ -154,10 +157,12 @@ pub struct AuthorityRecord {
 }
 
 impl AuthorityRecord {
-    /// The fraction of its lifetime elapsed at `now`.
+    /// The fraction of its lifetime elapsed at `now`, counted from when it was created:
+    /// notBefore is backdated for clock skew, which would age short-lived CAs prematurely.
     pub fn age_fraction(&self, now: i64) -> f64 {
-        let life = (self.not_after - self.not_before).max(1) as f64;
-        (now - self.not_before) as f64 / life
+        let start = self.created_at.max(self.not_before);
+        let life = (self.not_after - start).max(1) as f64;
+        (now - start) as f64 / life
     }
 }
 

@@ -145,7 +145,9 @@ pub fn plan(now: i64, j: &Journal, p: &RotationPolicy) -> Vec<Action> {
         let due = match j.crls.iter().find(|c| c.issuer == a.id) {
             None => true,
             Some(c) => {
-                c.serials != want || now >= c.this_update + (c.next_update - c.this_update) / 2
+                // Re-sign at half the validity, counted from signing (thisUpdate is backdated).
+                let signed = c.signed_at.max(c.this_update);
+                c.serials != want || now >= signed + (c.next_update - signed) / 2
             }
         };
         if due {
@@ -159,7 +161,8 @@ pub fn plan(now: i64, j: &Journal, p: &RotationPolicy) -> Vec<Action> {
 
 #[cfg(test)]
 fn fraction_point(a: &AuthorityRecord, f: f64) -> i64 {
-    a.not_before + ((a.not_after - a.not_before) as f64 * f) as i64
+    let start = a.created_at.max(a.not_before);
+    start + ((a.not_after - start) as f64 * f) as i64
 }
 
 fn key_of(a: &AuthorityRecord) -> Result<KeyPair, CaError> {
@@ -493,7 +496,7 @@ mod tests {
     fn intermediate_is_prepared_at_half_and_activated_at_five_sixths() {
         let (mut j, p, t0) = setup();
         let int = j.active_signer().unwrap().clone();
-        let half = int.not_before + (int.not_after - int.not_before) / 2;
+        let half = fraction_point(&int, 0.5);
         assert!(rotation_actions(&j, &p, half - 60).is_empty());
         assert_eq!(
             rotation_actions(&j, &p, half + 60),
@@ -624,5 +627,62 @@ mod tests {
         });
         assert_eq!(plan(t0 + 60, &j, &p), vec![Action::SignCrl { issuer: int }]);
         assert!(plan(t0 + 2 * DAY, &j, &p).contains(&Action::PruneRevocations));
+    }
+}
+
+#[cfg(test)]
+mod short_lifetimes {
+    use super::*;
+    use crate::ca::bootstrap::{new_journal, CaOptions};
+
+    /// A 40-second intermediate (notBefore backdated 2 minutes) is not "75% old" at birth:
+    /// nothing is due right after creation, and one rotation at a time happens later.
+    #[test]
+    fn backdating_does_not_age_short_intermediates() {
+        let p = RotationPolicy {
+            intermediate_ttl: Duration::from_secs(40),
+            crl_validity: Duration::from_secs(3600),
+            ..RotationPolicy::default()
+        };
+        let now = time::macros::datetime!(2030-01-01 0:00 UTC);
+        let mut opts = CaOptions::new(TrustDomain::new("cluster.local").unwrap());
+        opts.intermediate_ttl = p.intermediate_ttl;
+        let j = new_journal(&opts, now).unwrap();
+        let t = now.unix_timestamp();
+        let rot = |t| {
+            plan(t, &j, &p)
+                .into_iter()
+                .filter(|a| !matches!(a, Action::SignCrl { .. }))
+                .collect::<Vec<_>>()
+        };
+        assert!(rot(t + 1).is_empty());
+        assert_eq!(rot(t + 21), vec![Action::PrepareIntermediate]);
+    }
+}
+
+#[cfg(test)]
+mod short_crls {
+    use super::*;
+    use crate::ca::bootstrap::{new_journal, CaOptions};
+
+    #[test]
+    fn a_fresh_short_crl_is_not_due_again_at_once() {
+        let p = RotationPolicy {
+            crl_validity: Duration::from_secs(60),
+            ..RotationPolicy::default()
+        };
+        let now = time::macros::datetime!(2030-01-01 0:00 UTC);
+        let mut j = new_journal(
+            &CaOptions::new(TrustDomain::new("cluster.local").unwrap()),
+            now,
+        )
+        .unwrap();
+        for a in plan(now.unix_timestamp(), &j, &p) {
+            apply(&mut j, &a, now, &p).unwrap();
+        }
+        let t = now.unix_timestamp();
+        assert!(plan(t, &j, &p).is_empty(), "converged after one pass");
+        assert!(plan(t + 29, &j, &p).is_empty());
+        assert_eq!(plan(t + 30, &j, &p).len(), 2, "both CRLs at half of 60s");
     }
 }

@@ -3,6 +3,7 @@
 
 mod agent;
 mod cli;
+mod envoy;
 mod errors;
 mod issue;
 mod lifecycle;
