@@ -450,6 +450,15 @@ pub fn apply(
         Action::PruneRevocations => j.revocations.retain(|r| r.not_after >= ts),
         Action::SignCrl { issuer } => crl::sign(j, issuer, now, p.crl_validity)?,
     }
+    // A retired authority's CRL is no longer published or re-signed; drop it so status and
+    // the next-update gauge only speak of live CRLs.
+    let live: std::collections::HashSet<String> = j
+        .authorities
+        .iter()
+        .filter(|a| a.status != Status::Retired)
+        .map(|a| a.id.clone())
+        .collect();
+    j.crls.retain(|c| live.contains(&c.issuer));
     Ok(())
 }
 

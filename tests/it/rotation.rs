@@ -233,6 +233,15 @@ impl World {
             "responses carry the published bundle"
         );
         assert!(j.trusted_roots().count() <= 2);
+        for c in &j.crls {
+            let a = j.get(&c.issuer).expect("CRL of a known authority");
+            assert_ne!(
+                a.status,
+                Status::Retired,
+                "no CRL kept for a retired authority"
+            );
+            assert!(c.next_update > self.now(), "every kept CRL is current");
+        }
         assert!(
             signer.signing_cert().not_after.unix_timestamp() > self.now(),
             "the signer is never expired"
