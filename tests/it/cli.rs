@@ -349,3 +349,123 @@ fn operators_rotate_and_revoke_with_the_cli_while_serve_runs() {
         "the server reloaded the journal:\n{log}"
     );
 }
+
+#[tokio::test]
+async fn agent_once_writes_files_and_a_running_agent_reports_health_and_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (mut server, port) = spawn_serve(dir, &[]);
+    let addr = format!("127.0.0.1:{port}");
+    let (_, token, _) = run(
+        &["dev-token", "-n", "shop", "--service-account", "cart"],
+        dir,
+    );
+    std::fs::write(dir.join("t.jwt"), token.trim()).unwrap();
+    let base = [
+        "agent",
+        "--ca-addr",
+        &addr,
+        "--ca-root-cert",
+        "citadel-data/root-cert.pem",
+        "--token-file",
+        "t.jwt",
+    ];
+
+    let mut once = base.to_vec();
+    once.extend(["--once", "--out-dir", "once"]);
+    let (code, out, err) = run(&once, dir);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("spiffe://cluster.local/ns/shop/sa/cart"),
+        "{out}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(dir.join("once/key.pem"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    for f in ["cert-chain.pem", "root-cert.pem"] {
+        assert!(std::fs::read_to_string(dir.join("once").join(f))
+            .unwrap()
+            .contains("BEGIN CERTIFICATE"));
+    }
+    let (code, _, err) = run(
+        &[
+            "agent",
+            "--ca-addr",
+            &addr,
+            "--ca-root-cert",
+            "citadel-data/root-cert.pem",
+            "--token-file",
+            "t.jwt",
+        ],
+        dir,
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("--sds-socket") && err.contains("--out-dir"),
+        "{err}"
+    );
+
+    let mport = free_port();
+    let mut running = base.to_vec();
+    let metrics = format!("127.0.0.1:{mport}");
+    running.extend([
+        "--out-dir",
+        "live",
+        "--metrics-listen",
+        &metrics,
+        "--crl-file",
+        "citadel-data/ca-crl.pem",
+    ]);
+    let mut agent = Command::new(BIN)
+        .args(&running)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let maddr: std::net::SocketAddr = metrics.parse().unwrap();
+    let mut ready = false;
+    for _ in 0..100 {
+        if let Ok((200, body)) = crate::support::http_get(maddr, "/healthz/ready").await {
+            assert!(
+                body.contains("spiffe://cluster.local/ns/shop/sa/cart"),
+                "{body}"
+            );
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, m) = crate::support::http_get(maddr, "/metrics").await.unwrap();
+    // The CRL follows the first certificate within a moment.
+    for _ in 0..50 {
+        if dir.join("live/ca-crl.pem").exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = agent.kill();
+    let _ = agent.wait();
+    unsafe_kill(server.id(), "TERM");
+    let _ = server.wait();
+    assert!(ready, "agent never became ready");
+    for line in [
+        "citadel_agent_last_renewal_result 1\n",
+        "citadel_agent_renewal_retries 0\n",
+        "citadel_agent_cert_expiry_timestamp ",
+    ] {
+        assert!(m.contains(line), "metrics lack {line:?}:\n{m}");
+    }
+    assert!(
+        std::fs::read_to_string(dir.join("live/ca-crl.pem"))
+            .unwrap()
+            .contains("X509 CRL"),
+        "the CRL is written beside the certificate"
+    );
+}
