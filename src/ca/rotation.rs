@@ -111,7 +111,23 @@ pub fn plan(now: i64, j: &Journal, p: &RotationPolicy) -> Vec<Action> {
             }
         }
     }
-    if j.root_rotation.is_none() && out.is_empty() {
+    // Intermediates rotate as usual, also once a root rotation has activated: the active
+    // intermediate then lives under the new root, and letting it expire while the old root
+    // is being retired would stop all signing. (Before activation the old intermediate keeps
+    // signing, and activation is due before it runs out.) One that takes over while the
+    // cross-signed certificate is still served is not cross-signed itself; only workloads
+    // that missed the new bundle for that whole window are affected.
+    let intermediates_may_rotate = j
+        .root_rotation
+        .as_ref()
+        .is_none_or(|r| r.activated_at.is_some());
+    let root_step_now = out.iter().any(|a| {
+        matches!(
+            a,
+            Action::PrepareRootRotation | Action::ActivateRootRotation
+        )
+    });
+    if intermediates_may_rotate && !root_step_now {
         if let Some(active) = j.active_signer() {
             let prepared = j.find(Role::Intermediate, Status::Prepared);
             let age = active.age_fraction(now);
@@ -693,5 +709,51 @@ mod short_crls {
         assert!(plan(t, &j, &p).is_empty(), "converged after one pass");
         assert!(plan(t + 29, &j, &p).is_empty());
         assert_eq!(plan(t + 30, &j, &p).len(), 2, "both CRLs at half of 60s");
+    }
+}
+
+#[cfg(test)]
+mod long_root_rotation {
+    use super::*;
+    use crate::ca::bootstrap::{new_journal, CaOptions};
+
+    /// A root rotation that outlasts the new intermediate (found on a real clock with 2-minute
+    /// intermediates): the intermediate still rotates, under the new root, so signing never
+    /// stops.
+    #[test]
+    fn intermediates_keep_rotating_under_the_new_root_during_a_long_rotation() {
+        let p = RotationPolicy {
+            intermediate_ttl: Duration::from_secs(120),
+            max_leaf_ttl: Duration::from_secs(60),
+            skew_margin: Duration::from_secs(10),
+            crl_validity: Duration::from_secs(3600),
+            ..RotationPolicy::default()
+        };
+        let start = time::macros::datetime!(2030-01-01 0:00 UTC);
+        let mut opts = CaOptions::new(TrustDomain::new("cluster.local").unwrap());
+        opts.intermediate_ttl = p.intermediate_ttl;
+        let mut j = new_journal(&opts, start).unwrap();
+        prepare_root_rotation(
+            &mut j,
+            start,
+            &p,
+            "operator",
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        j.root_rotation.as_mut().unwrap().bundle_published_at = Some(start.unix_timestamp());
+        for s in (0..400).step_by(5) {
+            let now = start + time::Duration::seconds(s);
+            for a in plan(now.unix_timestamp(), &j, &p) {
+                apply(&mut j, &a, now, &p).unwrap();
+            }
+            let active = j.active_signer().expect("an active intermediate");
+            assert!(
+                active.not_after > now.unix_timestamp(),
+                "the signer expired at t+{s}s"
+            );
+        }
+        assert!(j.root_rotation.is_none(), "the rotation completed");
     }
 }
