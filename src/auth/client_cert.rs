@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use super::{AuthMethod, Authenticator, Caller, Credentials};
+use super::{AuthFailure, AuthMethod, Authenticator, Caller, Credentials};
 use crate::ca::Ca;
 use crate::clock::SharedClock;
 use crate::identity::{SpiffeId, TrustDomain};
@@ -82,11 +82,11 @@ impl Authenticator for ClientCertAuthenticator {
     fn authenticate<'a>(
         &'a self,
         creds: Credentials<'a>,
-    ) -> BoxFuture<'a, Result<Option<Caller>, String>> {
+    ) -> BoxFuture<'a, Result<Option<Caller>, AuthFailure>> {
         let result = creds
             .peer_chain
             .filter(|c| !c.is_empty())
-            .map(|c| self.check(c));
+            .map(|c| self.check(c).map_err(AuthFailure::invalid));
         Box::pin(std::future::ready(result.transpose()))
     }
 }

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::jwks::Jwks;
 use super::jws::{self, JwsError};
-use super::{AuthMethod, Authenticator, Caller, Credentials};
+use super::{AuthFailure, AuthMethod, Authenticator, Caller, Credentials};
 use crate::clock::SharedClock;
 use crate::identity::{ServiceAccount, TrustDomain};
 use crate::store::BoxFuture;
@@ -142,6 +142,8 @@ pub fn verify(
 
 /// The JWT authenticator. Its key set can be swapped at run time (JWKS refresh).
 pub struct JwtAuthenticator {
+    /// Told when a token names a kid we do not have (the JWKS may have rotated).
+    unknown_kid: std::sync::OnceLock<Arc<tokio::sync::Notify>>,
     keys: ArcSwap<Jwks>,
     policy: JwtPolicy,
     trust_domain: TrustDomain,
@@ -156,6 +158,7 @@ impl JwtAuthenticator {
         clock: SharedClock,
     ) -> Self {
         Self {
+            unknown_kid: std::sync::OnceLock::new(),
             keys: ArcSwap::from_pointee(keys),
             policy,
             trust_domain,
@@ -165,6 +168,11 @@ impl JwtAuthenticator {
 
     pub fn replace_keys(&self, keys: Jwks) {
         self.keys.store(Arc::new(keys));
+    }
+
+    /// Notifies `hook` whenever a token names an unknown kid.
+    pub fn on_unknown_kid(&self, hook: Arc<tokio::sync::Notify>) {
+        let _ = self.unknown_kid.set(hook);
     }
 }
 
@@ -176,7 +184,7 @@ impl Authenticator for JwtAuthenticator {
     fn authenticate<'a>(
         &'a self,
         creds: Credentials<'a>,
-    ) -> BoxFuture<'a, Result<Option<Caller>, String>> {
+    ) -> BoxFuture<'a, Result<Option<Caller>, AuthFailure>> {
         let result = creds.bearer.map(|token| {
             let now = self.clock.now().unix_timestamp();
             verify(token, &self.keys.load(), &self.policy, now)
@@ -186,7 +194,14 @@ impl Authenticator for JwtAuthenticator {
                     pod_name: t.pod_name,
                     pod_uid: t.pod_uid,
                 })
-                .map_err(|e| e.to_string())
+                .map_err(|e| {
+                    if matches!(e, JwtError::Jws(JwsError::UnknownKid(_))) {
+                        if let Some(n) = self.unknown_kid.get() {
+                            n.notify_one();
+                        }
+                    }
+                    AuthFailure::invalid(e)
+                })
         });
         Box::pin(std::future::ready(result.transpose()))
     }

@@ -9,6 +9,7 @@ pub mod client_cert;
 pub mod jwks;
 pub mod jws;
 pub mod jwt;
+pub mod tokenreview;
 
 use std::fmt;
 use std::sync::Arc;
@@ -53,6 +54,30 @@ pub struct Caller {
     pub pod_uid: Option<String>,
 }
 
+/// Why an authenticator refused a credential it found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthFailure {
+    pub reason: String,
+    /// The credential could not be checked right now (e.g. the API server is unreachable):
+    /// the caller should retry, and gets Unavailable rather than Unauthenticated.
+    pub transient: bool,
+}
+
+impl AuthFailure {
+    pub fn invalid(reason: impl std::fmt::Display) -> Self {
+        Self {
+            reason: reason.to_string(),
+            transient: false,
+        }
+    }
+    pub fn transient(reason: impl std::fmt::Display) -> Self {
+        Self {
+            reason: reason.to_string(),
+            transient: true,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     #[error("no credentials: send \"authorization: Bearer <service-account token>\" or present a client certificate")]
@@ -60,16 +85,19 @@ pub enum AuthError {
     /// Every applicable authenticator refused; each reason is listed.
     #[error("authentication failed: {}", .0.join("; "))]
     Failed(Vec<String>),
+    /// A credential could not be checked now; retry.
+    #[error("authentication is temporarily unavailable: {}", .0.join("; "))]
+    Unavailable(Vec<String>),
 }
 
 pub trait Authenticator: Send + Sync {
     fn name(&self) -> &'static str;
 
-    /// `Ok(None)`: no credential of this kind. `Err`: one was present and is not valid.
+    /// `Ok(None)`: no credential of this kind. `Err`: one was present and was refused.
     fn authenticate<'a>(
         &'a self,
         creds: Credentials<'a>,
-    ) -> BoxFuture<'a, Result<Option<Caller>, String>>;
+    ) -> BoxFuture<'a, Result<Option<Caller>, AuthFailure>>;
 }
 
 /// Authenticators tried in order.
@@ -88,18 +116,21 @@ impl AuthChain {
     }
 
     pub async fn authenticate(&self, creds: Credentials<'_>) -> Result<Caller, AuthError> {
-        let mut reasons = Vec::new();
+        let (mut reasons, mut transient) = (Vec::new(), false);
         for m in &self.members {
             match m.authenticate(creds).await {
                 Ok(Some(caller)) => return Ok(caller),
                 Ok(None) => {}
-                Err(reason) => reasons.push(format!("{}: {reason}", m.name())),
+                Err(f) => {
+                    transient |= f.transient;
+                    reasons.push(format!("{}: {}", m.name(), f.reason));
+                }
             }
         }
-        if reasons.is_empty() {
-            Err(AuthError::NoCredentials)
-        } else {
-            Err(AuthError::Failed(reasons))
+        match (reasons.is_empty(), transient) {
+            (true, _) => Err(AuthError::NoCredentials),
+            (false, true) => Err(AuthError::Unavailable(reasons)),
+            (false, false) => Err(AuthError::Failed(reasons)),
         }
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::auth::client_cert::ClientCertAuthenticator;
 use crate::auth::jwks::Jwks;
 use crate::auth::jwt::{JwtAuthenticator, JwtPolicy, DEFAULT_LEEWAY};
+use crate::auth::tokenreview::TokenReviewAuthenticator;
 use crate::auth::{AuthChain, Authenticator};
 use crate::ca::bootstrap::{self, CaOptions};
 use crate::ca::policy::TtlPolicy;
@@ -15,6 +16,7 @@ use crate::ca::rotation::RotationPolicy;
 use crate::ca::scheduler::Scheduler;
 use crate::ca::{plugged, Ca};
 use crate::clock::{self, SharedClock};
+use crate::cluster::{self, JwksRefresher};
 use crate::duration::{self, clap_parse};
 use crate::identity::TrustDomain;
 use crate::pki::KeyType;
@@ -131,6 +133,34 @@ pub struct Args {
     #[arg(long, default_value = "24h", value_parser = clap_parse, value_name = "DUR")]
     pub crl_validity: Duration,
 
+    /// How tokens are checked: locally against a JWKS (no API call per request), or by the
+    /// API server with a TokenReview (cached per token, see --token-cache-ttl).
+    #[arg(long, value_enum, default_value_t = AuthMode::Jwks)]
+    pub auth: AuthMode,
+
+    /// With --auth jwks: take the issuer and keys from the cluster's
+    /// /.well-known/openid-configuration and /openid/v1/jwks, refreshed every 5 minutes and
+    /// soon after an unknown key id (at most every 10s).
+    #[arg(long, conflicts_with = "jwks_file")]
+    pub jwks_from_cluster: bool,
+
+    /// kubeconfig for the API server; default KUBECONFIG, ~/.kube/config, or in-cluster.
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// How long a positive TokenReview is reused for the same token (never past the token's
+    /// expiry); 0 disables the cache.
+    #[arg(long, default_value = "60s", value_parser = clap_parse, value_name = "DUR")]
+    pub token_cache_ttl: Duration,
+
+    /// TokenReviews per second the API server may receive from this replica...
+    #[arg(long, default_value_t = 50.0, value_name = "QPS")]
+    pub kube_qps: f64,
+
+    /// ...and how many at once.
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    pub kube_burst: u32,
+
     /// How often the scheduler reloads state (picks up `citadel revoke` and
     /// `citadel ca rotate-root`) and runs what is due.
     #[arg(long, default_value = "1s", value_parser = clap_parse, value_name = "DUR")]
@@ -142,45 +172,79 @@ pub struct Args {
     pub clock_skew_margin: Duration,
 }
 
-fn build_auth(args: &Args, ca: &Arc<Ca>, clock: &SharedClock) -> Result<AuthChain, String> {
+/// The authenticators: client certificate first (renewal), then the token, verified locally
+/// against a JWKS (`--auth jwks`) or by the API server (`--auth tokenreview`). Also returns
+/// the JWKS refresher to run when the keys come from the cluster.
+async fn build_auth(
+    args: &Args,
+    ca: &Arc<Ca>,
+    clock: &SharedClock,
+) -> Result<(AuthChain, Option<Arc<JwksRefresher>>), String> {
     let mut members: Vec<Arc<dyn Authenticator>> = vec![Arc::new(ClientCertAuthenticator::new(
         ca.clone(),
         args.trust_domain.clone(),
         clock.clone(),
     ))];
-    let (jwks_bytes, issuer) = match (&args.jwks_file, args.dev) {
-        (Some(path), _) => (
-            super::read_file(path, "JWKS file")?,
-            args.token_issuer.clone(),
-        ),
-        (None, true) => (
-            devkeys::jwks_json().into_bytes(),
-            Some(
-                args.token_issuer
-                    .clone()
-                    .unwrap_or_else(|| devkeys::DEV_ISSUER.to_string()),
+    if args.auth == AuthMode::Tokenreview {
+        let client = cluster::client(args.kubeconfig.as_deref()).await?;
+        tracing::info!(audiences = ?args.token_audiences, cache_ttl = %duration::format(args.token_cache_ttl), qps = args.kube_qps, burst = args.kube_burst, "TokenReview authentication enabled");
+        members.push(Arc::new(TokenReviewAuthenticator::new(
+            client,
+            args.token_audiences.clone(),
+            args.trust_domain.clone(),
+            clock.clone(),
+            args.token_cache_ttl,
+            args.kube_qps,
+            args.kube_burst,
+        )));
+        return Ok((AuthChain::new(members), None));
+    }
+    let (jwks, issuer, source, client) = if args.jwks_from_cluster {
+        let client = cluster::client(args.kubeconfig.as_deref()).await?;
+        let (issuer, jwks) = cluster::fetch_jwks(&client).await?;
+        (
+            jwks,
+            args.token_issuer.clone().or(issuer),
+            "the cluster (/openid/v1/jwks)".to_string(),
+            Some(client),
+        )
+    } else {
+        let (bytes, issuer, source) = match (&args.jwks_file, args.dev) {
+            (Some(path), _) => (
+                super::read_file(path, "JWKS file")?,
+                args.token_issuer.clone(),
+                path.display().to_string(),
             ),
-        ),
-        (None, false) => {
-            return Err(
-                "no way to verify service-account tokens: pass --jwks-file FILE (the JSON \
-                        a cluster serves at /openid/v1/jwks), or --dev for local development"
-                    .into(),
-            )
-        }
+            (None, true) => (
+                devkeys::jwks_json().into_bytes(),
+                Some(
+                    args.token_issuer
+                        .clone()
+                        .unwrap_or_else(|| devkeys::DEV_ISSUER.to_string()),
+                ),
+                "the dev key (certs-dev/)".to_string(),
+            ),
+            (None, false) => {
+                return Err(
+                    "no way to verify service-account tokens: pass --jwks-file FILE (the JSON \
+                            a cluster serves at /openid/v1/jwks), --jwks-from-cluster, \
+                            --auth tokenreview, or --dev for local development"
+                        .into(),
+                )
+            }
+        };
+        (
+            Jwks::from_json(&bytes).map_err(|e| format!("{source}: {e}"))?,
+            issuer,
+            source,
+            None,
+        )
     };
-    let source = args
-        .jwks_file
-        .as_ref()
-        .map_or("the dev key (certs-dev/)".to_string(), |p| {
-            p.display().to_string()
-        });
-    let jwks = Jwks::from_json(&jwks_bytes).map_err(|e| format!("{source}: {e}"))?;
     if issuer.is_none() {
         tracing::warn!("--token-issuer is not set: tokens from any issuer whose key is in the JWKS are accepted");
     }
     tracing::info!(keys = jwks.len(), jwks = %source, issuer = issuer.as_deref().unwrap_or("(any)"), audiences = ?args.token_audiences, "JWT authentication enabled");
-    members.push(Arc::new(JwtAuthenticator::new(
+    let jwt = Arc::new(JwtAuthenticator::new(
         jwks,
         JwtPolicy {
             issuer,
@@ -189,8 +253,26 @@ fn build_auth(args: &Args, ca: &Arc<Ca>, clock: &SharedClock) -> Result<AuthChai
         },
         args.trust_domain.clone(),
         clock.clone(),
-    )));
-    Ok(AuthChain::new(members))
+    ));
+    let refresher = client.map(|client| {
+        let unknown_kid = Arc::new(tokio::sync::Notify::new());
+        jwt.on_unknown_kid(unknown_kid.clone());
+        Arc::new(JwksRefresher {
+            client,
+            auth: jwt.clone(),
+            unknown_kid,
+            fetches: Default::default(),
+        })
+    });
+    members.push(jwt);
+    Ok((AuthChain::new(members), refresher))
+}
+
+/// How bearer tokens are verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthMode {
+    Jwks,
+    Tokenreview,
 }
 
 fn fraction(name: &str, v: f64) -> Result<f64, String> {
@@ -325,7 +407,14 @@ pub async fn serve(
         "CA ready"
     );
 
-    let auth = build_auth(&args, &ca, &clock)?;
+    let (auth, jwks_refresher) = build_auth(&args, &ca, &clock).await?;
+    if let Some(r) = jwks_refresher {
+        tokio::spawn(r.run(
+            Duration::from_secs(300),
+            Duration::from_secs(10),
+            shutdown.clone(),
+        ));
+    }
     let tls = if args.plaintext {
         None
     } else {

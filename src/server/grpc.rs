@@ -110,10 +110,13 @@ impl CaService {
         };
         let caller = self.auth.authenticate(creds).await.map_err(|e| {
             self.metrics.authentication_failure_count.inc();
-            IssueError::Unauthenticated(match e {
-                AuthError::NoCredentials => e.to_string(),
-                AuthError::Failed(_) => e.to_string(),
-            })
+            match e {
+                // The credential could not be checked (API server down): retryable.
+                AuthError::Unavailable(_) => IssueError::NotReady(e.to_string()),
+                AuthError::NoCredentials | AuthError::Failed(_) => {
+                    IssueError::Unauthenticated(e.to_string())
+                }
+            }
         })?;
 
         if let Some(other) = metadata_string(msg, IMPERSONATED_IDENTITY) {

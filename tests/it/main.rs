@@ -6,6 +6,7 @@ mod cli;
 mod envoy;
 mod errors;
 mod issue;
+mod kube;
 mod lifecycle;
 mod revocation;
 mod rotation;
