@@ -26,6 +26,11 @@ pub struct Scheduler {
     pub clock: SharedClock,
     pub trust_domain: TrustDomain,
     installed: Mutex<Option<Revision>>,
+    /// With several replicas: only while this says true does the scheduler write; otherwise
+    /// it only loads and installs what the leader wrote.
+    leader: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Wakes `run` early (a watch saw the journal change).
+    pub wake: Arc<tokio::sync::Notify>,
 }
 
 /// What one step did.
@@ -58,11 +63,40 @@ impl Scheduler {
             clock,
             trust_domain,
             installed: Mutex::new(None),
+            leader: None,
+            wake: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    /// Makes this scheduler write only while `leader` is true.
+    pub fn with_leader(mut self, leader: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.leader = Some(leader);
+        self
+    }
+
+    fn leading(&self) -> bool {
+        self.leader.as_ref().is_none_or(|l| *l.borrow())
+    }
+
+    /// A follower's pass: install whatever the leader committed.
+    async fn follow(&self) -> Result<StepReport, CaError> {
+        let current = self
+            .store
+            .load_journal()
+            .await?
+            .ok_or_else(|| CaError::Config("the store holds no CA journal yet".into()))?;
+        let installed = self.install(&current.value, &current.revision)?;
+        Ok(StepReport {
+            actions: Vec::new(),
+            installed,
+        })
     }
 
     /// Runs everything that is due now, then publishes and installs the result.
     pub async fn step(&self) -> Result<StepReport, CaError> {
+        if !self.leading() {
+            return self.follow().await;
+        }
         let mut report = StepReport::default();
         for _ in 0..32 {
             let current = self
@@ -147,8 +181,11 @@ impl Scheduler {
             if let Err(e) = self.step().await {
                 tracing::error!(error = %e, "CA scheduler step failed; retrying");
             }
+            let mut leader = self.leader.clone();
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
+                _ = self.wake.notified() => {}
+                _ = async { match leader.as_mut() { Some(l) => { let _ = l.changed().await; } None => std::future::pending().await } } => {}
                 _ = shutdown.wait() => return,
             }
         }

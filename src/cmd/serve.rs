@@ -16,6 +16,8 @@ use crate::ca::rotation::RotationPolicy;
 use crate::ca::scheduler::Scheduler;
 use crate::ca::{plugged, Ca};
 use crate::clock::{self, SharedClock};
+use crate::cluster::leader::Elector;
+use crate::cluster::publish::ConfigMapPublisher;
 use crate::cluster::{self, JwksRefresher};
 use crate::duration::{self, clap_parse};
 use crate::identity::TrustDomain;
@@ -23,6 +25,7 @@ use crate::pki::KeyType;
 use crate::server::{tls::TlsState, Metrics, Server};
 use crate::store::file::FileStore;
 use crate::store::index::{FileIndex, IssuanceIndex};
+use crate::store::kube::KubeStore;
 use crate::store::Store;
 use crate::{devkeys, shutdown};
 use tokio::net::TcpListener;
@@ -132,6 +135,24 @@ pub struct Args {
     /// Validity of each CRL; CRLs are re-signed at half of it.
     #[arg(long, default_value = "24h", value_parser = clap_parse, value_name = "DUR")]
     pub crl_validity: Duration,
+
+    /// Where CA state lives: a directory (one replica), or Secrets in --namespace (N
+    /// replicas sharing one CA, with leader election on a Lease).
+    #[arg(long, value_enum, default_value_t = StoreKind::File)]
+    pub store: StoreKind,
+
+    /// citadel's namespace with --store kube: its Secrets, Lease and Events live here.
+    #[arg(long, default_value = "istio-system", value_name = "NS")]
+    pub namespace: String,
+
+    /// Leader lease duration: a new leader takes over at most this long after the old one
+    /// stopped renewing (at once after a clean stop).
+    #[arg(long, default_value = "15s", value_parser = clap_parse, value_name = "DUR")]
+    pub lease_duration: Duration,
+
+    /// This replica's identity in the Lease (default: hostname plus a random suffix).
+    #[arg(long, env = "POD_NAME", value_name = "NAME")]
+    pub pod_name: Option<String>,
 
     /// How tokens are checked: locally against a JWKS (no API call per request), or by the
     /// API server with a TokenReview (cached per token, see --token-cache-ttl).
@@ -268,6 +289,125 @@ async fn build_auth(
     Ok((AuthChain::new(members), refresher))
 }
 
+/// Where CA state lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    /// A directory (--state-dir): one replica.
+    File,
+    /// Secrets in --namespace: N replicas with leader election.
+    Kube,
+}
+
+/// The Kubernetes side of `--store kube`: client, leader election, ConfigMap publisher.
+struct KubeParts {
+    client: kube::Client,
+    elector: Arc<Elector>,
+    store: Arc<dyn Store>,
+}
+
+async fn kube_parts(
+    args: &Args,
+    clock: &SharedClock,
+    metrics: &Arc<Metrics>,
+    shutdown: &shutdown::Shutdown,
+) -> Result<KubeParts, String> {
+    let client = cluster::client(args.kubeconfig.as_deref()).await?;
+    let identity = args.pod_name.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!(
+            "{}-{}",
+            host.trim(),
+            &hex::encode(crate::pki::random_serial())[..8]
+        )
+    });
+    let elector = Elector::new(
+        client.clone(),
+        &args.namespace,
+        identity.clone(),
+        args.lease_duration,
+        clock.clone(),
+    );
+    let _ = metrics.leader.set(elector.subscribe());
+    tokio::spawn(elector.clone().run(shutdown.clone()));
+    let publisher = ConfigMapPublisher::new(client.clone(), Some(elector.subscribe()));
+    tokio::spawn(publisher.clone().run(shutdown.clone()));
+    tracing::info!(namespace = %args.namespace, identity = %identity, lease = %duration::format(args.lease_duration), "Kubernetes store with leader election");
+    let store: Arc<dyn Store> = Arc::new(KubeStore::new(
+        client.clone(),
+        &args.namespace,
+        Some(publisher),
+    ));
+    Ok(KubeParts {
+        client,
+        elector,
+        store,
+    })
+}
+
+impl KubeParts {
+    async fn wait_for_ca(
+        &self,
+        store: &dyn Store,
+        opts: &CaOptions,
+        clock: &dyn crate::clock::Clock,
+    ) -> Result<(), String> {
+        let mut waited = 0u32;
+        loop {
+            if store
+                .load_journal()
+                .await
+                .map_err(|e| e.to_string())?
+                .is_some()
+            {
+                return Ok(());
+            }
+            if self.elector.is_leader() {
+                bootstrap::load_or_create(store, opts, clock)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                return Ok(());
+            }
+            waited += 1;
+            if waited % 50 == 0 {
+                tracing::info!("waiting for the leader to create the CA");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Wakes the scheduler whenever the journal Secret changes (another replica or an operator
+/// wrote it), so every replica hot-reloads within moments, not at the next poll.
+async fn watch_journal(
+    client: kube::Client,
+    namespace: String,
+    wake: Arc<tokio::sync::Notify>,
+    shutdown: shutdown::Shutdown,
+) {
+    use futures_util::StreamExt;
+    use kube::runtime::{watcher, WatchStreamExt};
+    let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(client, &namespace);
+    let cfg = watcher::Config::default().fields(&format!(
+        "metadata.name={}",
+        crate::store::kube::JOURNAL_SECRET
+    ));
+    let mut events = watcher(api, cfg)
+        .default_backoff()
+        .touched_objects()
+        .boxed();
+    loop {
+        tokio::select! {
+            e = events.next() => match e {
+                Some(Ok(_)) => wake.notify_one(),
+                Some(Err(err)) => tracing::debug!(error = %err, "journal watch error; it restarts"),
+                None => return,
+            },
+            _ = shutdown.wait() => return,
+        }
+    }
+}
+
 /// How bearer tokens are verified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AuthMode {
@@ -353,8 +493,19 @@ pub async fn serve(
         tracing::warn!("--plaintext: the CA port serves WITHOUT TLS; bearer tokens and certificates cross the network in clear");
     }
     let clock = clock::system();
-    let store = Arc::new(FileStore::open(&args.state_dir).map_err(|e| e.to_string())?);
     let ca = Ca::new();
+    let metrics = Arc::new(Metrics::default());
+    let kube = match args.store {
+        StoreKind::File => None,
+        StoreKind::Kube => Some(kube_parts(&args, &clock, &metrics, &shutdown).await?),
+    };
+    let store: Arc<dyn Store> = match &kube {
+        Some(k) => k.store.clone(),
+        None => Arc::new(FileStore::open(&args.state_dir).map_err(|e| e.to_string())?),
+    };
+    // The issuance index stays a per-replica file in --state-dir (see docs/kubernetes.md).
+    std::fs::create_dir_all(&args.state_dir)
+        .map_err(|e| format!("cannot create {}: {e}", args.state_dir.display()))?;
 
     let (index, scheduler) = match &args.ca_certs_dir {
         Some(dir) => {
@@ -377,16 +528,32 @@ pub async fn serve(
             opts.key_type = args.ca_key_type.parse::<KeyType>()?;
             opts.root_ttl = args.root_ttl;
             opts.intermediate_ttl = args.intermediate_ttl;
-            bootstrap::load_or_create(store.as_ref(), &opts, clock.as_ref())
-                .await
-                .map_err(|e| e.to_string())?;
-            let scheduler = Arc::new(Scheduler::new(
+            match &kube {
+                // Only the leader creates the CA; the others wait for its journal.
+                Some(k) => k.wait_for_ca(store.as_ref(), &opts, clock.as_ref()).await?,
+                None => {
+                    bootstrap::load_or_create(store.as_ref(), &opts, clock.as_ref())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            let mut scheduler = Scheduler::new(
                 store.clone(),
                 ca.clone(),
                 rotation_policy(&args)?,
                 clock.clone(),
                 args.trust_domain.clone(),
-            ));
+            );
+            if let Some(k) = &kube {
+                scheduler = scheduler.with_leader(k.elector.subscribe());
+                tokio::spawn(watch_journal(
+                    k.client.clone(),
+                    args.namespace.clone(),
+                    scheduler.wake.clone(),
+                    shutdown.clone(),
+                ));
+            }
+            let scheduler = Arc::new(scheduler);
             // Catch up on anything that fell due while we were down, publish, install.
             scheduler.step().await.map_err(|e| e.to_string())?;
             let index = Arc::new(FileIndex::new(&args.state_dir));
@@ -441,7 +608,7 @@ pub async fn serve(
             max: args.max_ttl,
         },
         clock,
-        metrics: Arc::new(Metrics::default()),
+        metrics,
         tls,
         index: index.clone(),
     };

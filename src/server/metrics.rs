@@ -66,6 +66,8 @@ pub struct Metrics {
     pub success_cert_issuance_count: Counter,
     sign_errors: Mutex<BTreeMap<&'static str, u64>>,
     pub latency: Histogram,
+    /// Set with several replicas: whether this one leads.
+    pub leader: std::sync::OnceLock<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl Metrics {
@@ -200,6 +202,9 @@ impl Metrics {
                     next,
                 );
             }
+        }
+        if let Some(l) = self.leader.get() {
+            let _ = writeln!(out, "# HELP citadel_leader 1 if this replica holds the leader lease.\n# TYPE citadel_leader gauge\ncitadel_leader {}", i32::from(*l.borrow()));
         }
         let _ = writeln!(
             out,

@@ -6,6 +6,7 @@
 
 pub mod file;
 pub mod index;
+pub mod kube;
 
 use std::future::Future;
 use std::pin::Pin;

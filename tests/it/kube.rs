@@ -307,3 +307,278 @@ async fn jwks_from_the_cluster_needs_no_api_call_per_request() {
     call(&mut mtls, &csr, None, 0, None).await.unwrap();
     ca.stop().await;
 }
+
+/// A `citadel serve --store kube` replica as a real process.
+struct Replica {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    metrics: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn replica(kube: &KubeEnv, name: &str) -> Replica {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, metrics) = (free_addr(), free_addr());
+    let log = std::fs::File::create(kube.dir.join(format!("{name}.log"))).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_citadel"))
+        .args([
+            "serve",
+            "--dev",
+            "--store",
+            "kube",
+            "--namespace",
+            "citadel",
+            "--lease-duration",
+            "3s",
+            "--reconcile-interval",
+            "500ms",
+            "--pod-name",
+            name,
+        ])
+        .arg("--kubeconfig")
+        .arg(&kube.kubeconfig)
+        .arg("--state-dir")
+        .arg(dir.path())
+        .args([
+            "--listen",
+            &addr.to_string(),
+            "--metrics-listen",
+            &metrics.to_string(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Replica {
+        child,
+        addr,
+        metrics,
+        _dir: dir,
+    }
+}
+
+async fn ready(r: &Replica) -> bool {
+    matches!(http_get(r.metrics, "/healthz/ready").await, Ok((200, _)))
+}
+
+async fn leads(r: &Replica) -> bool {
+    http_get(r.metrics, "/metrics")
+        .await
+        .map(|(_, m)| m.contains("citadel_leader 1\n"))
+        .unwrap_or(false)
+}
+
+async fn eventually(what: &str, secs: u64, mut f: impl AsyncFnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !f().await {
+        assert!(
+            t0.elapsed() < Duration::from_secs(secs),
+            "timed out after {secs}s: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+impl KubeEnv {
+    async fn namespace(&self, ns: &str) {
+        let nss: Api<Namespace> = Api::all(self.client.clone());
+        let mut n = Namespace::default();
+        n.metadata.name = Some(ns.into());
+        let _ = nss.create(&PostParams::default(), &n).await;
+    }
+
+    async fn configmap(
+        &self,
+        ns: &str,
+        name: &str,
+    ) -> Option<k8s_openapi::api::core::v1::ConfigMap> {
+        Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(self.client.clone(), ns)
+            .get_opt(name)
+            .await
+            .unwrap()
+    }
+
+    async fn bundle(&self, ns: &str) -> Option<String> {
+        self.configmap(ns, "istio-ca-root-cert")
+            .await?
+            .data?
+            .get("root-cert.pem")
+            .cloned()
+    }
+}
+
+async fn issue_from(r: &Replica, bundle: &str, sa: &str) -> Vec<String> {
+    let mut c = citadel::client::connect(&citadel::client::ConnectOptions {
+        addr: r.addr.to_string(),
+        root_pem: bundle.as_bytes().to_vec(),
+        server_name: Some("localhost".into()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (_, csr) = csr_for(KeyType::EcP256, &spiffe("shop", sa));
+    issue(&mut c, &csr, "shop", sa).await
+}
+
+#[tokio::test]
+async fn replicas_share_one_ca_publish_the_bundle_everywhere_and_survive_the_leader() {
+    let Some(kube) = KubeEnv::start().await else {
+        return;
+    };
+    kube.namespace("citadel").await;
+    kube.namespace("shop").await;
+    // Two replicas start at the same moment on an empty cluster.
+    let (a, b) = (replica(&kube, "replica-a"), replica(&kube, "replica-b"));
+    eventually("both replicas ready", 30, async || {
+        ready(&a).await && ready(&b).await
+    })
+    .await;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(kube.client.clone(), "citadel");
+    let journals: Vec<_> = secrets
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|s| s.metadata.name.as_deref() == Some("citadel-ca-journal"))
+        .collect();
+    assert_eq!(journals.len(), 1, "exactly one CA journal");
+    let istio = secrets.get("istio-ca-secret").await.unwrap().data.unwrap();
+    for k in [
+        "ca-cert.pem",
+        "ca-key.pem",
+        "cert-chain.pem",
+        "root-cert.pem",
+    ] {
+        assert!(istio.contains_key(k), "istio-ca-secret lacks {k}");
+    }
+
+    // The bundle is in every namespace (kube-public and kube-node-lease excepted).
+    eventually("bundle ConfigMap in shop", 15, async || {
+        kube.bundle("shop").await.is_some()
+    })
+    .await;
+    let bundle = kube.bundle("shop").await.unwrap();
+    let cm = kube.configmap("shop", "istio-ca-root-cert").await.unwrap();
+    assert_eq!(
+        cm.metadata
+            .labels
+            .unwrap()
+            .get("istio.io/config")
+            .map(String::as_str),
+        Some("true")
+    );
+    assert!(kube
+        .configmap("kube-public", "istio-ca-root-cert")
+        .await
+        .is_none());
+    eventually("CRL ConfigMap in shop", 15, async || {
+        kube.configmap("shop", "istio-ca-crl").await.is_some()
+    })
+    .await;
+
+    // Both replicas sign, and each one's certificates verify against the other's bundle.
+    let (ca, cb) = (
+        issue_from(&a, &bundle, "cart").await,
+        issue_from(&b, &bundle, "cart").await,
+    );
+    let now = time::OffsetDateTime::now_utc();
+    let mut x = ca.clone();
+    *x.last_mut().unwrap() = cb.last().unwrap().clone();
+    citadel::client::verify_response(&x, Some(&spiffe("shop", "cart")), now).unwrap();
+    let mut y = cb.clone();
+    *y.last_mut().unwrap() = ca.last().unwrap().clone();
+    citadel::client::verify_response(&y, Some(&spiffe("shop", "cart")), now).unwrap();
+
+    // A new namespace gets its ConfigMap within seconds; an edited one is put back.
+    kube.namespace("payments").await;
+    eventually("bundle in a new namespace", 10, async || {
+        kube.bundle("payments").await.as_deref() == Some(bundle.as_str())
+    })
+    .await;
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(kube.client.clone(), "shop");
+    let mut edited = cms.get("istio-ca-root-cert").await.unwrap();
+    edited.data = Some([("root-cert.pem".to_string(), "tampered".to_string())].into());
+    cms.replace("istio-ca-root-cert", &PostParams::default(), &edited)
+        .await
+        .unwrap();
+    eventually("edited ConfigMap put back", 10, async || {
+        kube.bundle("shop").await.as_deref() == Some(bundle.as_str())
+    })
+    .await;
+
+    // Kill the leader (-9, no goodbye): the other takes over within the lease duration and
+    // repairs a deleted ConfigMap.
+    eventually("a leader", 10, async || leads(&a).await || leads(&b).await).await;
+    let (mut leader, follower) = if leads(&a).await { (a, b) } else { (b, a) };
+    assert!(!leads(&follower).await, "exactly one leader");
+    let _ = leader.child.kill();
+    let _ = leader.child.wait();
+    let t0 = std::time::Instant::now();
+    eventually("the follower takes over", 10, async || {
+        leads(&follower).await
+    })
+    .await;
+    eprintln!("takeover after {:?} (lease 3s)", t0.elapsed());
+    cms.delete("istio-ca-root-cert", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        "deleted ConfigMap repaired by the new leader",
+        10,
+        async || kube.bundle("shop").await.as_deref() == Some(bundle.as_str()),
+    )
+    .await;
+    // It still signs.
+    issue_from(&follower, &bundle, "frontend").await;
+    drop(leader);
+}
+
+#[tokio::test]
+async fn deploy_manifests_pass_server_side_dry_run() {
+    let Some(kube) = KubeEnv::start().await else {
+        return;
+    };
+    if !require_tool("kubectl") {
+        return;
+    }
+    // Namespaced objects need their namespace to exist, even in a dry run.
+    kube.namespace("istio-system").await;
+    let out = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&kube.kubeconfig)
+        .args(["apply", "--dry-run=server", "-f", "deploy/citadel.yaml"])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "kubectl apply --dry-run=server failed:\n{text}"
+    );
+    for kind in [
+        "serviceaccount/citadel",
+        "clusterrole.rbac.authorization.k8s.io/citadel",
+        "role.rbac.authorization.k8s.io/citadel",
+        "deployment.apps/citadel",
+        "service/citadel",
+    ] {
+        assert!(text.contains(kind), "{kind} missing from:\n{text}");
+    }
+}

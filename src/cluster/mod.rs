@@ -94,3 +94,6 @@ impl JwksRefresher {
         }
     }
 }
+
+pub mod leader;
+pub mod publish;

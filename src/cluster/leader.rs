@@ -1,0 +1,179 @@
+//! Leader election on a `coordination.k8s.io/v1` Lease. Only the leader writes (CA creation,
+//! rotation, CRLs, ConfigMaps); every replica signs.
+//!
+//! The holder renews every third of the lease duration. Anyone may take the lease once
+//! `renewTime + leaseDurationSeconds` has passed; every update is compare-and-swap on
+//! `resourceVersion`, so two candidates cannot both win. A leader that stops cleanly
+//! releases the lease so the next one takes over at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{Api, PostParams};
+use tokio::sync::watch;
+
+use crate::clock::SharedClock;
+use crate::shutdown::Shutdown;
+
+pub const LEASE_NAME: &str = "citadel-leader";
+
+pub struct Elector {
+    api: Api<Lease>,
+    identity: String,
+    duration: Duration,
+    clock: SharedClock,
+    leader: watch::Sender<bool>,
+}
+
+fn micro(t: time::OffsetDateTime) -> MicroTime {
+    MicroTime(
+        k8s_openapi::jiff::Timestamp::from_microsecond((t.unix_timestamp_nanos() / 1000) as i64)
+            .unwrap_or_default(),
+    )
+}
+
+impl Elector {
+    pub fn new(
+        client: kube::Client,
+        namespace: &str,
+        identity: String,
+        duration: Duration,
+        clock: SharedClock,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            api: Api::namespaced(client, namespace),
+            identity,
+            duration,
+            clock,
+            leader: watch::channel(false).0,
+        })
+    }
+
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    pub fn is_leader(&self) -> bool {
+        *self.leader.borrow()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.leader.subscribe()
+    }
+
+    fn spec(&self, transitions: i32, acquired: Option<MicroTime>) -> LeaseSpec {
+        let now = micro(self.clock.now());
+        LeaseSpec {
+            holder_identity: Some(self.identity.clone()),
+            lease_duration_seconds: Some(self.duration.as_secs().max(1) as i32),
+            acquire_time: Some(acquired.unwrap_or_else(|| now.clone())),
+            renew_time: Some(now),
+            lease_transitions: Some(transitions),
+            ..Default::default()
+        }
+    }
+
+    /// One attempt to acquire or renew. Returns whether we lead afterwards.
+    pub async fn try_lead(&self) -> Result<bool, kube::Error> {
+        let now = self.clock.now();
+        let Some(mut lease) = self.api.get_opt(LEASE_NAME).await? else {
+            let mut l = Lease {
+                spec: Some(self.spec(0, None)),
+                ..Default::default()
+            };
+            l.metadata.name = Some(LEASE_NAME.into());
+            return match self.api.create(&PostParams::default(), &l).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+                Err(e) => Err(e),
+            };
+        };
+        let spec = lease.spec.clone().unwrap_or_default();
+        let holder = spec.holder_identity.clone().unwrap_or_default();
+        let ours = holder == self.identity;
+        let expired = match (&spec.renew_time, spec.lease_duration_seconds) {
+            (Some(r), Some(d)) => r.0.as_second() + i64::from(d) < now.unix_timestamp(),
+            _ => true,
+        };
+        if !ours && !holder.is_empty() && !expired {
+            return Ok(false);
+        }
+        let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!ours);
+        let acquired = if ours {
+            spec.acquire_time.clone()
+        } else {
+            None
+        };
+        lease.spec = Some(self.spec(transitions, acquired));
+        match self
+            .api
+            .replace(LEASE_NAME, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => {
+                if !ours {
+                    tracing::info!(identity = %self.identity, previous = %holder, "became the leader");
+                }
+                Ok(true)
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Gives the lease up (on clean shutdown) so another replica takes over at once.
+    pub async fn release(&self) {
+        if let Ok(Some(mut lease)) = self.api.get_opt(LEASE_NAME).await {
+            if lease
+                .spec
+                .as_ref()
+                .and_then(|s| s.holder_identity.as_deref())
+                == Some(self.identity.as_str())
+            {
+                if let Some(s) = lease.spec.as_mut() {
+                    s.holder_identity = None;
+                    s.renew_time = None;
+                }
+                let _ = self
+                    .api
+                    .replace(LEASE_NAME, &PostParams::default(), &lease)
+                    .await;
+                tracing::info!(identity = %self.identity, "released the leader lease");
+            }
+        }
+    }
+
+    /// Campaigns and renews until shutdown. A leader that cannot renew within the lease
+    /// duration steps down rather than risk two writers.
+    pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
+        let mut last_renewed = tokio::time::Instant::now();
+        loop {
+            let lead = match self.try_lead().await {
+                Ok(l) => {
+                    if l {
+                        last_renewed = tokio::time::Instant::now();
+                    }
+                    l
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "leader election: the API server did not answer");
+                    self.is_leader() && last_renewed.elapsed() < self.duration
+                }
+            };
+            if lead != self.is_leader() {
+                self.leader.send_replace(lead);
+                tracing::info!(identity = %self.identity, leader = lead, "leadership changed");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.duration / 3) => {}
+                _ = shutdown.wait() => break,
+            }
+        }
+        if self.is_leader() {
+            self.leader.send_replace(false);
+            self.release().await;
+        }
+    }
+}

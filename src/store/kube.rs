@@ -1,0 +1,235 @@
+//! The Kubernetes store (`--store kube`): CA state in Secrets of citadel's namespace.
+//!
+//! - `citadel-ca-journal` (key `journal.json`): the journal, the source of truth. Every write
+//!   is compare-and-swap on `resourceVersion`: creating it when it exists, or replacing a
+//!   stale version, is a Conflict, so two replicas racing on an empty cluster end with ONE CA.
+//! - `istio-ca-secret`: the active CA in Istio's self-signed layout (`ca-cert.pem`,
+//!   `ca-key.pem`, `cert-chain.pem`, `root-cert.pem`), rewritten after each journal change
+//!   for tools that read Istio's secret.
+//! - The trust bundle and CRLs go to ConfigMaps in every namespace through [`Publisher`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::ByteString;
+use kube::api::{Api, PostParams};
+
+use super::{BoxFuture, Revision, Store, StoreError, Versioned};
+use crate::ca::journal::Journal;
+
+pub const JOURNAL_SECRET: &str = "citadel-ca-journal";
+pub const ISTIO_CA_SECRET: &str = "istio-ca-secret";
+const JOURNAL_KEY: &str = "journal.json";
+
+/// Where the bundle and CRLs are published (ConfigMaps in every namespace).
+pub trait Publisher: Send + Sync {
+    fn publish<'a>(
+        &'a self,
+        bundle_pem: Option<&'a str>,
+        crl_pem: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), String>>;
+}
+
+pub struct KubeStore {
+    api: Api<Secret>,
+    namespace: String,
+    publisher: Option<Arc<dyn Publisher>>,
+}
+
+impl std::fmt::Debug for KubeStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KubeStore({})", self.namespace)
+    }
+}
+
+fn backend(what: &str, e: kube::Error) -> StoreError {
+    StoreError::Corrupt {
+        what: what.to_string(),
+        reason: format!("Kubernetes API: {e}"),
+    }
+}
+
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+impl KubeStore {
+    pub fn new(
+        client: kube::Client,
+        namespace: &str,
+        publisher: Option<Arc<dyn Publisher>>,
+    ) -> Self {
+        Self {
+            api: Api::namespaced(client, namespace),
+            namespace: namespace.to_string(),
+            publisher,
+        }
+    }
+
+    /// Writes Istio's `istio-ca-secret` layout for the active CA (best effort, derived).
+    async fn mirror_istio_secret(&self, j: &Journal) {
+        let (Some(int), Some(root)) = (j.active_signer(), j.active_root()) else {
+            return;
+        };
+        let roots: String = j.trusted_roots().map(|r| r.cert_pem.as_str()).collect();
+        let data: BTreeMap<String, ByteString> = [
+            ("ca-cert.pem", int.cert_pem.clone()),
+            ("ca-key.pem", int.key_pem.expose().to_string()),
+            (
+                "cert-chain.pem",
+                format!("{}{}", int.cert_pem, root.cert_pem),
+            ),
+            ("root-cert.pem", roots),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), ByteString(v.into_bytes())))
+        .collect();
+        let mut s = Secret {
+            data: Some(data),
+            type_: Some("istio.io/ca-root".into()),
+            ..Default::default()
+        };
+        s.metadata.name = Some(ISTIO_CA_SECRET.into());
+        let result = match self.api.get_opt(ISTIO_CA_SECRET).await {
+            Ok(Some(cur)) => {
+                if cur.data == s.data {
+                    return;
+                }
+                s.metadata.resource_version = cur.metadata.resource_version;
+                self.api
+                    .replace(ISTIO_CA_SECRET, &PostParams::default(), &s)
+                    .await
+                    .map(|_| ())
+            }
+            Ok(None) => self
+                .api
+                .create(&PostParams::default(), &s)
+                .await
+                .map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "could not update istio-ca-secret (the journal is the source of truth)");
+        }
+    }
+}
+
+impl Store for KubeStore {
+    fn describe(&self) -> String {
+        format!("kube:{}/{JOURNAL_SECRET}", self.namespace)
+    }
+
+    fn load_journal(&self) -> BoxFuture<'_, Result<Option<Versioned<Journal>>, StoreError>> {
+        Box::pin(async move {
+            let Some(secret) = self
+                .api
+                .get_opt(JOURNAL_SECRET)
+                .await
+                .map_err(|e| backend(JOURNAL_SECRET, e))?
+            else {
+                return Ok(None);
+            };
+            let rv = secret.metadata.resource_version.clone().unwrap_or_default();
+            let bytes = secret
+                .data
+                .as_ref()
+                .and_then(|d| d.get(JOURNAL_KEY))
+                .ok_or_else(|| StoreError::Corrupt {
+                    what: format!("Secret {JOURNAL_SECRET}"),
+                    reason: format!("no {JOURNAL_KEY} key"),
+                })?;
+            let journal: Journal =
+                serde_json::from_slice(&bytes.0).map_err(|e| StoreError::Corrupt {
+                    what: format!("Secret {JOURNAL_SECRET}"),
+                    reason: e.to_string(),
+                })?;
+            Ok(Some(Versioned {
+                value: journal,
+                revision: Revision(rv),
+            }))
+        })
+    }
+
+    fn save_journal<'a>(
+        &'a self,
+        journal: &'a Journal,
+        expected: Option<&'a Revision>,
+    ) -> BoxFuture<'a, Result<Revision, StoreError>> {
+        Box::pin(async move {
+            let body = serde_json::to_vec(journal).map_err(|e| StoreError::Corrupt {
+                what: "journal".into(),
+                reason: e.to_string(),
+            })?;
+            let mut s = Secret {
+                data: Some([(JOURNAL_KEY.to_string(), ByteString(body))].into()),
+                type_: Some("Opaque".into()),
+                ..Default::default()
+            };
+            s.metadata.name = Some(JOURNAL_SECRET.into());
+            s.metadata.labels = Some(
+                [(
+                    "app.kubernetes.io/managed-by".to_string(),
+                    "citadel".to_string(),
+                )]
+                .into(),
+            );
+            let result = match expected {
+                None => self.api.create(&PostParams::default(), &s).await,
+                Some(rv) => {
+                    s.metadata.resource_version = Some(rv.0.clone());
+                    self.api
+                        .replace(JOURNAL_SECRET, &PostParams::default(), &s)
+                        .await
+                }
+            };
+            match result {
+                Ok(saved) => {
+                    self.mirror_istio_secret(journal).await;
+                    Ok(Revision(
+                        saved.metadata.resource_version.unwrap_or_default(),
+                    ))
+                }
+                Err(e) if is_conflict(&e) || (expected.is_some() && is_not_found(&e)) => {
+                    Err(StoreError::Conflict)
+                }
+                Err(e) => Err(backend(JOURNAL_SECRET, e)),
+            }
+        })
+    }
+
+    fn publish_bundle<'a>(&'a self, roots_pem: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            match &self.publisher {
+                Some(p) => {
+                    p.publish(Some(roots_pem), None)
+                        .await
+                        .map_err(|e| StoreError::Corrupt {
+                            what: "trust bundle ConfigMaps".into(),
+                            reason: e,
+                        })
+                }
+                None => Ok(()),
+            }
+        })
+    }
+
+    fn publish_crl<'a>(&'a self, crl_pem: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            match &self.publisher {
+                Some(p) => p
+                    .publish(None, Some(crl_pem))
+                    .await
+                    .map_err(|e| StoreError::Corrupt {
+                        what: "CRL ConfigMaps".into(),
+                        reason: e,
+                    }),
+                None => Ok(()),
+            }
+        })
+    }
+}
