@@ -29,6 +29,9 @@ pub const CRL_CONFIGMAP: &str = "istio-ca-crl";
 pub const CRL_KEY: &str = "ca-crl.pem";
 const SKIPPED: [&str; 2] = ["kube-public", "kube-node-lease"];
 
+/// Namespaces, then the root-cert and CRL ConfigMaps, as the list-watches see them.
+type Caches = (Cache<Namespace>, Cache<ConfigMap>, Cache<ConfigMap>);
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Desired {
     bundle: Option<String>,
@@ -39,8 +42,8 @@ pub struct ConfigMapPublisher {
     client: kube::Client,
     desired: watch::Sender<Desired>,
     leader: Option<watch::Receiver<bool>>,
-    /// Namespaces, then the two ConfigMaps, once the watches run.
-    caches: Mutex<Option<(Cache<Namespace>, Cache<ConfigMap>, Cache<ConfigMap>)>>,
+    /// Filled once the watches run.
+    caches: Mutex<Option<Caches>>,
     wake: Notify,
     /// ConfigMaps created or replaced.
     pub writes: AtomicU64,

@@ -368,7 +368,7 @@ impl KubeParts {
                 return Ok(());
             }
             waited += 1;
-            if waited % 50 == 0 {
+            if waited.is_multiple_of(50) {
                 tracing::info!("waiting for the leader to create the CA");
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
