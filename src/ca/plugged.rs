@@ -14,31 +14,77 @@ use super::{CaError, Signer};
 use crate::identity::TrustDomain;
 use crate::pki::{chain, keys, pem};
 
-fn read(dir: &Path, name: &str) -> Result<Vec<u8>, CaError> {
-    let path = dir.join(name);
-    std::fs::read(&path).map_err(|e| CaError::Plugged {
-        file: path.display().to_string(),
-        reason: if e.kind() == std::io::ErrorKind::NotFound {
-            "missing (a plugged-in CA needs ca-cert.pem, ca-key.pem, cert-chain.pem and root-cert.pem)".into()
-        } else {
-            format!("cannot read: {e}")
-        },
-    })
+/// Where the cacerts files come from: a directory, or the data of a `cacerts` Secret.
+pub trait Source {
+    /// How to name `file` in messages, e.g. `/etc/cacerts/ca-key.pem`.
+    fn describe(&self, file: &str) -> String;
+    /// The file's bytes, `None` when absent.
+    fn get(&self, file: &str) -> std::io::Result<Option<Vec<u8>>>;
 }
 
-fn bad(dir: &Path, name: &str, reason: impl Into<String>) -> CaError {
+pub struct DirSource<'a>(pub &'a Path);
+
+impl Source for DirSource<'_> {
+    fn describe(&self, file: &str) -> String {
+        self.0.join(file).display().to_string()
+    }
+    fn get(&self, file: &str) -> std::io::Result<Option<Vec<u8>>> {
+        match std::fs::read(self.0.join(file)) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Files held in memory (a Secret's data), named `<label>/<key>` in messages.
+pub struct MapSource {
+    pub label: String,
+    pub files: std::collections::BTreeMap<String, Vec<u8>>,
+}
+
+impl Source for MapSource {
+    fn describe(&self, file: &str) -> String {
+        format!("{}/{file}", self.label)
+    }
+    fn get(&self, file: &str) -> std::io::Result<Option<Vec<u8>>> {
+        Ok(self.files.get(file).cloned())
+    }
+}
+
+fn read(src: &dyn Source, name: &str) -> Result<Vec<u8>, CaError> {
+    match src.get(name) {
+        Ok(Some(b)) => Ok(b),
+        Ok(None) => Err(CaError::Plugged {
+            file: src.describe(name),
+            reason: "missing (a plugged-in CA needs ca-cert.pem, ca-key.pem, cert-chain.pem and root-cert.pem)".into(),
+        }),
+        Err(e) => Err(CaError::Plugged { file: src.describe(name), reason: format!("cannot read: {e}") }),
+    }
+}
+
+fn bad(src: &dyn Source, name: &str, reason: impl Into<String>) -> CaError {
     CaError::Plugged {
-        file: dir.join(name).display().to_string(),
+        file: src.describe(name),
         reason: reason.into(),
     }
 }
 
-fn certs(dir: &Path, name: &str) -> Result<Vec<CertificateDer<'static>>, CaError> {
-    pem::parse_certs(&read(dir, name)?).map_err(|e| bad(dir, name, e.to_string()))
+fn certs(src: &dyn Source, name: &str) -> Result<Vec<CertificateDer<'static>>, CaError> {
+    pem::parse_certs(&read(src, name)?).map_err(|e| bad(src, name, e.to_string()))
 }
 
-/// Loads and checks a plugged-in CA; refuses anything incoherent.
+/// Loads a plugged-in CA from a directory in Istio's cacerts layout.
 pub fn load(dir: &Path, td: &TrustDomain, now: OffsetDateTime) -> Result<Signer, CaError> {
+    load_from(&DirSource(dir), td, now)
+}
+
+/// Loads and checks a plugged-in CA from any source; refuses anything incoherent.
+pub fn load_from(
+    dir: &dyn Source,
+    td: &TrustDomain,
+    now: OffsetDateTime,
+) -> Result<Signer, CaError> {
     let ca_cert = certs(dir, "ca-cert.pem")?.remove(0);
     let info = chain::describe(&ca_cert).map_err(|e| bad(dir, "ca-cert.pem", e.to_string()))?;
     if !info.is_ca {
@@ -103,7 +149,7 @@ pub fn load(dir: &Path, td: &TrustDomain, now: OffsetDateTime) -> Result<Signer,
             "no certificate in it issued the top of cert-chain.pem (ca-cert.pem does not chain to this root)",
         ));
     }
-    let view = if dir.join("ca-crl.pem").exists() {
+    let view = if dir.get("ca-crl.pem").ok().flatten().is_some() {
         load_crl(dir, &ca_cert, &roots)?
     } else {
         RevocationView::default()
@@ -116,7 +162,7 @@ pub fn load(dir: &Path, td: &TrustDomain, now: OffsetDateTime) -> Result<Signer,
 /// Honours the plugged-in CA's `ca-crl.pem`: every CRL in it must be signed by ca-cert.pem
 /// or a root; the serials it lists can no longer renew by client certificate.
 fn load_crl(
-    dir: &Path,
+    dir: &dyn Source,
     ca_cert: &CertificateDer<'_>,
     roots: &[CertificateDer<'static>],
 ) -> Result<RevocationView, CaError> {

@@ -376,6 +376,28 @@ impl KubeParts {
     }
 }
 
+/// The `cacerts` Secret's files, if the Secret exists (Istio's plugged-in CA).
+async fn cacerts_secret(
+    client: &kube::Client,
+    namespace: &str,
+) -> Result<Option<plugged::MapSource>, String> {
+    let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(client.clone(), namespace);
+    let secret = api
+        .get_opt("cacerts")
+        .await
+        .map_err(|e| format!("cannot read Secret {namespace}/cacerts: {e}"))?;
+    Ok(secret.map(|s| plugged::MapSource {
+        label: format!("Secret {namespace}/cacerts"),
+        files: s
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect(),
+    }))
+}
+
 /// Wakes the scheduler whenever the journal Secret changes (another replica or an operator
 /// wrote it), so every replica hot-reloads within moments, not at the next poll.
 async fn watch_journal(
@@ -507,11 +529,24 @@ pub async fn serve(
     std::fs::create_dir_all(&args.state_dir)
         .map_err(|e| format!("cannot create {}: {e}", args.state_dir.display()))?;
 
-    let (index, scheduler) = match &args.ca_certs_dir {
-        Some(dir) => {
-            let s = plugged::load(dir, &args.trust_domain, clock.now())
-                .map_err(|e| format!("plugged-in CA refused: {e}"))?;
-            tracing::info!(dir = %dir.display(), signer = %s.signing_cert().subject, revoked = s.revocations().crl_entries, "loaded plugged-in CA (rotation and revocation are managed upstream)");
+    // A plugged-in CA: --ca-certs-dir, or (with --store kube) the `cacerts` Secret.
+    let plugged = match (&args.ca_certs_dir, &kube) {
+        (Some(dir), _) => Some(
+            plugged::load(dir, &args.trust_domain, clock.now())
+                .map_err(|e| format!("plugged-in CA refused: {e}"))?,
+        ),
+        (None, Some(k)) => match cacerts_secret(&k.client, &args.namespace).await? {
+            Some(src) => Some(
+                plugged::load_from(&src, &args.trust_domain, clock.now())
+                    .map_err(|e| format!("plugged-in CA refused: {e}"))?,
+            ),
+            None => None,
+        },
+        (None, None) => None,
+    };
+    let (index, scheduler) = match plugged {
+        Some(s) => {
+            tracing::info!(signer = %s.signing_cert().subject, revoked = s.revocations().crl_entries, "loaded plugged-in CA (rotation and revocation are managed upstream)");
             store
                 .publish_bundle(s.roots_pem())
                 .await

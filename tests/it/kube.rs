@@ -331,6 +331,10 @@ fn free_addr() -> std::net::SocketAddr {
 }
 
 fn replica(kube: &KubeEnv, name: &str) -> Replica {
+    replica_in(kube, name, "citadel")
+}
+
+fn replica_in(kube: &KubeEnv, name: &str, namespace: &str) -> Replica {
     let dir = tempfile::tempdir().unwrap();
     let (addr, metrics) = (free_addr(), free_addr());
     let log = std::fs::File::create(kube.dir.join(format!("{name}.log"))).unwrap();
@@ -341,7 +345,7 @@ fn replica(kube: &KubeEnv, name: &str) -> Replica {
             "--store",
             "kube",
             "--namespace",
-            "citadel",
+            namespace,
             "--lease-duration",
             "3s",
             "--reconcile-interval",
@@ -581,4 +585,68 @@ async fn deploy_manifests_pass_server_side_dry_run() {
     ] {
         assert!(text.contains(kind), "{kind} missing from:\n{text}");
     }
+}
+
+#[tokio::test]
+async fn a_cacerts_secret_is_the_plugged_in_ca() {
+    let Some(kube) = KubeEnv::start().await else {
+        return;
+    };
+    if !require_tool("openssl") {
+        return;
+    }
+    kube.namespace("mesh-ca").await;
+    kube.namespace("shop").await;
+    let tmp = tempfile::tempdir().unwrap();
+    crate::thirdparty::make_cacerts(
+        tmp.path(),
+        "openssl ecparam -name prime256v1 -genkey -noout -out ca-key.pem",
+    );
+    let mut secret = k8s_openapi::api::core::v1::Secret::default();
+    secret.metadata.name = Some("cacerts".into());
+    secret.data = Some(
+        [
+            "ca-cert.pem",
+            "ca-key.pem",
+            "cert-chain.pem",
+            "root-cert.pem",
+        ]
+        .iter()
+        .map(|f| {
+            (
+                f.to_string(),
+                k8s_openapi::ByteString(std::fs::read(tmp.path().join(f)).unwrap()),
+            )
+        })
+        .collect(),
+    );
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(kube.client.clone(), "mesh-ca")
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let r = replica_in(&kube, "plugged", "mesh-ca");
+    eventually("ready", 30, async || ready(&r).await).await;
+    let root = std::fs::read_to_string(tmp.path().join("root-cert.pem")).unwrap();
+    eventually("the plugged root published as the bundle", 15, async || {
+        kube.bundle("shop").await.as_deref() == Some(root.as_str())
+    })
+    .await;
+    let chain = issue_from(&r, &root, "cart").await;
+    assert_eq!(
+        chain[1].trim(),
+        std::fs::read_to_string(tmp.path().join("ca-cert.pem"))
+            .unwrap()
+            .trim(),
+        "signed by the Secret's ca-cert.pem"
+    );
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(kube.client.clone(), "mesh-ca");
+    assert!(
+        secrets
+            .get_opt("citadel-ca-journal")
+            .await
+            .unwrap()
+            .is_none(),
+        "no self-signed CA was created"
+    );
 }

@@ -140,7 +140,7 @@ async fn openssl_csrs_with_extra_extensions_are_accepted_and_weak_keys_refused()
 
 /// Istio's cacerts layout, made by openssl: an RSA root and an intermediate whose key is in
 /// the traditional PKCS#1 (or SEC1) form many real secrets use.
-fn make_cacerts(dir: &Path, int_key_cmd: &str) {
+pub(crate) fn make_cacerts(dir: &Path, int_key_cmd: &str) {
     sh(dir, &format!(
         "openssl req -x509 -newkey rsa:2048 -nodes -keyout root-key.pem -out root-cert.pem -days 3650 \
            -subj '/O=Istio/CN=Root CA' -addext 'basicConstraints=critical,CA:true' \
