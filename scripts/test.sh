@@ -62,6 +62,8 @@ ensure_openssl
 ensure_python_venv
 ensure_envoy
 log "kube-apiserver: $(scripts/kube-test-env.sh ensure)"
+command -v kubectl >/dev/null || apt_install kubernetes-client
+log "kubectl: $(kubectl version --client 2>/dev/null | head -1)"
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
