@@ -65,9 +65,57 @@ pub struct RotateArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct StateArgs {
-    /// The server's state directory.
+    /// The server's state directory (--store file).
     #[arg(long, default_value = "citadel-data", value_name = "DIR")]
     pub state_dir: PathBuf,
+    /// Where the server keeps its state: a directory, or Secrets (--store kube).
+    #[arg(long, value_enum, default_value_t = super::serve::StoreKind::File)]
+    pub store: super::serve::StoreKind,
+    /// citadel's namespace with --store kube.
+    #[arg(long, default_value = "istio-system", value_name = "NS")]
+    pub namespace: String,
+    /// kubeconfig with --store kube; default KUBECONFIG, ~/.kube/config or in-cluster.
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+impl StateArgs {
+    fn describe(&self) -> String {
+        match self.store {
+            super::serve::StoreKind::File => self.state_dir.display().to_string(),
+            super::serve::StoreKind::Kube => format!(
+                "Secret {}/{}",
+                self.namespace,
+                crate::store::kube::JOURNAL_SECRET
+            ),
+        }
+    }
+
+    /// The store the server uses, for reading and compare-and-swap writes.
+    pub async fn open(&self) -> Result<std::sync::Arc<dyn Store>, String> {
+        match self.store {
+            super::serve::StoreKind::File => {
+                if !self.state_dir.exists() {
+                    return Err(format!(
+                        "state directory {} does not exist; start `citadel serve --state-dir {}` first",
+                        self.state_dir.display(),
+                        self.state_dir.display()
+                    ));
+                }
+                Ok(std::sync::Arc::new(
+                    FileStore::open(&self.state_dir).map_err(|e| e.to_string())?,
+                ))
+            }
+            super::serve::StoreKind::Kube => {
+                let client = crate::cluster::client(self.kubeconfig.as_deref()).await?;
+                Ok(std::sync::Arc::new(crate::store::kube::KubeStore::new(
+                    client,
+                    &self.namespace,
+                    None,
+                )))
+            }
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -79,15 +127,8 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
-async fn load(dir: &PathBuf) -> Result<Journal, String> {
-    if !dir.exists() {
-        return Err(format!(
-            "state directory {} does not exist; start `citadel serve --state-dir {}` first",
-            dir.display(),
-            dir.display()
-        ));
-    }
-    let store = FileStore::open(dir).map_err(|e| e.to_string())?;
+async fn load(state: &StateArgs) -> Result<Journal, String> {
+    let store = state.open().await?;
     store
         .load_journal()
         .await
@@ -95,8 +136,8 @@ async fn load(dir: &PathBuf) -> Result<Journal, String> {
         .map(|v| v.value)
         .ok_or_else(|| {
             format!(
-                "{} holds no CA journal (a plugged-in CA keeps none; see its cacerts directory)",
-                dir.display()
+                "{} holds no CA journal (a plugged-in CA keeps none; see its cacerts)",
+                state.describe()
             )
         })
 }
@@ -117,7 +158,7 @@ fn remaining(not_after: OffsetDateTime, now: OffsetDateTime) -> String {
 pub async fn run(cmd: Command) -> CmdResult {
     match cmd {
         Command::Bundle(a) => {
-            match load(&a.state_dir).await {
+            match load(&a).await {
                 Ok(j) => {
                     for r in j.trusted_roots() {
                         print!("{}", r.cert_pem);
@@ -133,7 +174,7 @@ pub async fn run(cmd: Command) -> CmdResult {
             Ok(())
         }
         Command::Crl(a) => {
-            match load(&a.state_dir).await {
+            match load(&a).await {
                 Ok(j) => print!("{}", crate::ca::crl::bundle(&j)),
                 Err(e) => {
                     let published =
@@ -146,7 +187,7 @@ pub async fn run(cmd: Command) -> CmdResult {
         }
         Command::RotateRoot(a) => rotate_root(a).await,
         Command::Status(a) => {
-            let j = load(&a.state.state_dir).await?;
+            let j = load(&a.state).await?;
             let now = OffsetDateTime::now_utc();
             let mut rows = Vec::new();
             for rec in &j.authorities {
@@ -244,9 +285,8 @@ async fn rotate_root(a: RotateArgs) -> CmdResult {
     } else {
         a.activate_after
     };
-    let store =
-        std::sync::Arc::new(FileStore::open(&a.state.state_dir).map_err(|e| e.to_string())?);
-    load(&a.state.state_dir).await?;
+    let store = a.state.open().await?;
+    load(&a.state).await?;
     let policy = RotationPolicy {
         root_ttl: a.root_ttl,
         intermediate_ttl: a.intermediate_ttl,
@@ -256,13 +296,22 @@ async fn rotate_root(a: RotateArgs) -> CmdResult {
         ..RotationPolicy::default()
     };
     let now = OffsetDateTime::now_utc();
-    let (_, j) = super::revoke::update_journal(&store, |j| {
+    let (_, j) = super::revoke::update_journal(store.as_ref(), &a.state.describe(), |j| {
         rotation::prepare_root_rotation(j, now, &policy, "operator", activate_after, a.retire_after)
             .map_err(|e| e.to_string())
     })
     .await?;
     let r = j.root_rotation.as_ref().ok_or("rotation vanished")?;
     tracing::info!(target: "citadel::audit", event = "root_rotation_prepared", new_root = %r.new_root, activate_after_secs = r.activate_after_secs, "operator started a root rotation");
+    if a.state.store == super::serve::StoreKind::Kube {
+        // The leader publishes the two-root bundle to every namespace, marks it published,
+        // and activates after the propagation period: nothing to do here.
+        println!(
+            "root rotation prepared: new root {}; the leader publishes the two-root bundle to every namespace, then activates {}s later; `citadel ca status --store kube` shows progress",
+            r.new_root, r.activate_after_secs
+        );
+        return Ok(());
+    }
     // Publish the two-root bundle now (and, with --now, activate): the same step a running
     // server performs, so it works whether or not one is running.
     let td = crate::identity::TrustDomain::new(&j.trust_domain).map_err(|e| e.to_string())?;
@@ -274,7 +323,7 @@ async fn rotate_root(a: RotateArgs) -> CmdResult {
         td,
     );
     scheduler.step().await.map_err(|e| e.to_string())?;
-    let j = load(&a.state.state_dir).await?;
+    let j = load(&a.state).await?;
     let stage = j.root_rotation.as_ref().map_or("complete", |r| r.stage());
     println!(
         "root rotation started: new root {} is in the trust bundle ({}); stage {stage}",

@@ -70,7 +70,8 @@ pub fn normalize_serial(s: &str) -> Option<String> {
 /// Applies `change` to the journal with compare-and-swap, retrying on conflicts, then
 /// publishes the CRLs. Shared by revoke and rotate-root.
 pub(crate) async fn update_journal<T>(
-    store: &FileStore,
+    store: &dyn Store,
+    what: &str,
     mut change: impl FnMut(&mut Journal) -> Result<T, String>,
 ) -> Result<(T, Journal), String> {
     for _ in 0..10 {
@@ -78,7 +79,7 @@ pub(crate) async fn update_journal<T>(
             .load_journal()
             .await
             .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("{} holds no CA journal: revocation needs citadel's own CA (for a plugged-in CA, revoke upstream and update ca-crl.pem)", store.dir().display()))?;
+            .ok_or_else(|| format!("{what} holds no CA journal: this needs citadel's own CA (for a plugged-in CA, revoke upstream and update ca-crl.pem)"))?;
         let mut j = cur.value.clone();
         let out = change(&mut j)?;
         match store.save_journal(&j, Some(&cur.revision)).await {
@@ -119,7 +120,7 @@ pub async fn run(args: Args) -> CmdResult {
         let entry = live.iter().find(|e| e.serial == serial).cloned().ok_or_else(|| {
             format!("no live certificate with serial {serial} in {}: it may have expired (nothing to revoke) or come from another CA", index_path(&args))
         })?;
-        update_journal(&store, |j| {
+        update_journal(&store, &args.state_dir.display().to_string(), |j| {
             revocation::revoke_serial(j, &entry, &args.reason, now, args.crl_validity)
                 .map_err(|e| e.to_string())
         })
@@ -133,7 +134,7 @@ pub async fn run(args: Args) -> CmdResult {
         );
     } else if let Some(raw) = &args.identity {
         let id = SpiffeId::parse(raw).map_err(|e| e.to_string())?;
-        let (n, _) = update_journal(&store, |j| {
+        let (n, _) = update_journal(&store, &args.state_dir.display().to_string(), |j| {
             if id.trust_domain().as_str() != j.trust_domain {
                 return Err(format!(
                     "{id} is outside this CA's trust domain {:?}; nothing changed",

@@ -551,6 +551,51 @@ async fn replicas_share_one_ca_publish_the_bundle_everywhere_and_survive_the_lea
     .await;
     // It still signs.
     issue_from(&follower, &bundle, "frontend").await;
+
+    // An operator rotates the root against the Kubernetes store; the leader publishes the
+    // two-root bundle everywhere, then activates the new chain.
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_citadel"))
+            .args(args)
+            .args(["--store", "kube", "--namespace", "citadel"])
+            .arg("--kubeconfig")
+            .arg(&kube.kubeconfig)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = cli(&[
+        "ca",
+        "rotate-root",
+        "--activate-after",
+        "2s",
+        "--retire-after",
+        "1h",
+    ]);
+    assert!(ok, "{out}");
+    let roots = |b: &str| b.matches("BEGIN CERTIFICATE").count();
+    eventually("two-root bundle in every namespace", 15, async || {
+        kube.bundle("shop").await.is_some_and(|b| roots(&b) == 2)
+            && kube
+                .bundle("payments")
+                .await
+                .is_some_and(|b| roots(&b) == 2)
+    })
+    .await;
+    let two_roots = kube.bundle("shop").await.unwrap();
+    eventually("the new chain signs", 15, async || {
+        issue_from(&follower, &two_roots, "cart").await.len() == 4
+    })
+    .await;
+    let (ok, status) = cli(&["ca", "status"]);
+    assert!(
+        ok && status.contains("root rotation: activated (operator)"),
+        "{status}"
+    );
     drop(leader);
 }
 
