@@ -208,7 +208,7 @@ fn spawn_agent(dir: &Path, ca: &TestCa, ns: &str, sa: &str) -> (Child, PathBuf) 
         .arg(state.join("ca-crl.pem"))
         .args([
             "--cert-ttl",
-            "6s",
+            "10s",
             "--retry-initial",
             "200ms",
             "--retry-max",
@@ -266,14 +266,14 @@ async fn real_envoys_keep_mtls_up_through_renewal_and_rotation_then_enforce_revo
     let Some(envoy) = envoy_binary() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
-    // Short lifetimes on a real clock: leaves 6s, intermediates 40s.
+    // Short lifetimes on a real clock: leaves 10s (renewed every ~5s), intermediates 40s.
     let ca = TestCa::start_in(
         &dir,
         &[
             "--default-ttl",
-            "6s",
-            "--max-ttl",
             "10s",
+            "--max-ttl",
+            "12s",
             "--intermediate-ttl",
             "40s",
             "--reconcile-interval",
@@ -372,7 +372,7 @@ async fn real_envoys_keep_mtls_up_through_renewal_and_rotation_then_enforce_revo
             "--retire-after",
             "4s",
             "--max-ttl",
-            "10s",
+            "12s",
             "--clock-skew-margin",
             "1s",
             "--state-dir",
