@@ -154,15 +154,7 @@ fn quickstart_as_a_real_process_with_json_audit_logs_and_sigterm() {
         out.contains("spiffe://cluster.local/ns/shop/sa/cart"),
         "{out}"
     );
-    use std::os::unix::fs::PermissionsExt;
-    assert_eq!(
-        std::fs::metadata(dir.join("certs/key.pem"))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777,
-        0o600
-    );
+    assert_eq!(crate::support::file_mode(&dir.join("certs/key.pem")), 0o600);
 
     let (code, out, _) = run(&["ca", "bundle"], dir);
     assert_eq!(code, 0);
@@ -379,15 +371,7 @@ async fn agent_once_writes_files_and_a_running_agent_reports_health_and_metrics(
         out.contains("spiffe://cluster.local/ns/shop/sa/cart"),
         "{out}"
     );
-    use std::os::unix::fs::PermissionsExt;
-    assert_eq!(
-        std::fs::metadata(dir.join("once/key.pem"))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777,
-        0o600
-    );
+    assert_eq!(crate::support::file_mode(&dir.join("once/key.pem")), 0o600);
     for f in ["cert-chain.pem", "root-cert.pem"] {
         assert!(std::fs::read_to_string(dir.join("once").join(f))
             .unwrap()

@@ -54,16 +54,9 @@ async fn restart_keeps_the_same_ca() {
 
 #[tokio::test]
 async fn key_files_are_private_and_keys_stay_out_of_logs() {
-    use std::os::unix::fs::PermissionsExt;
     let ca = TestCa::start(&[]).await;
     let state = ca.state_dir();
-    let mode = |p: &str| {
-        std::fs::metadata(state.join(p))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777
-    };
+    let mode = |p: &str| file_mode(&state.join(p));
     assert_eq!(mode("ca-journal.json"), 0o600);
     assert_eq!(mode("root-cert.pem"), 0o644);
     let journal = std::fs::read_to_string(state.join("ca-journal.json")).unwrap();

@@ -294,3 +294,13 @@ pub fn dev_server(
         index: None,
     }
 }
+
+/// The permission bits of a file.
+pub fn file_mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
