@@ -32,7 +32,7 @@ pub enum ClientError {
 }
 
 /// How to reach the CA.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct ConnectOptions {
     /// `HOST:PORT`.
     pub addr: String,
@@ -44,6 +44,21 @@ pub struct ConnectOptions {
     pub identity: Option<(Vec<u8>, Vec<u8>)>,
     /// Plain HTTP/2, for a server run with `--plaintext`.
     pub plaintext: bool,
+}
+
+impl std::fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The client identity holds a private key: never print it.
+        f.debug_struct("ConnectOptions")
+            .field("addr", &self.addr)
+            .field("server_name", &self.server_name)
+            .field(
+                "client_identity",
+                &self.identity.as_ref().map(|_| "<redacted>"),
+            )
+            .field("plaintext", &self.plaintext)
+            .finish_non_exhaustive()
+    }
 }
 
 pub async fn connect(opts: &ConnectOptions) -> Result<CaClient, ClientError> {

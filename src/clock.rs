@@ -52,6 +52,14 @@ impl Clock for ManualClock {
     }
 }
 
+/// `t + d`, or `None` when it would leave the representable range (a 3-million-day TTL):
+/// `OffsetDateTime + Duration` panics instead.
+pub fn checked_add(t: OffsetDateTime, d: std::time::Duration) -> Option<OffsetDateTime> {
+    time::Duration::try_from(d)
+        .ok()
+        .and_then(|d| t.checked_add(d))
+}
+
 /// The shared handle the rest of the crate passes around.
 pub type SharedClock = Arc<dyn Clock>;
 

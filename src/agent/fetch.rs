@@ -16,6 +16,9 @@ pub struct FetchConfig {
     pub ca_addr: String,
     /// Roots trusted for the CA's serving certificate, besides the latest bundle received.
     pub ca_root_pem: Vec<u8>,
+    /// Re-read on every fetch when set (in a pod: the mounted istio-ca-root-cert ConfigMap,
+    /// which the CA updates during a root rotation).
+    pub ca_root_file: Option<PathBuf>,
     pub tls_server_name: Option<String>,
     pub token_file: Option<PathBuf>,
     pub trust_domain: TrustDomain,
@@ -128,7 +131,11 @@ pub async fn fetch(
                 .into(),
         )),
     };
-    let mut roots = cfg.ca_root_pem.clone();
+    let mut roots = cfg
+        .ca_root_file
+        .as_ref()
+        .and_then(|f| std::fs::read(f).ok())
+        .unwrap_or_else(|| cfg.ca_root_pem.clone());
     if let Some(c) = current {
         roots.extend_from_slice(c.roots_pem.as_bytes());
     }

@@ -107,7 +107,16 @@ pub async fn run(
                     random_unit() * 2.0 - 1.0,
                 );
                 tracing::info!(identity = %creds.identity, serial = %creds.serial_hex, not_after = %creds.not_after, renew_at = %next, "certificate obtained");
-                tx.send_replace(Some(Arc::new(creds)));
+                // Version and CRL are taken from the value current *now*: the CRL follower may
+                // have published a newer CRL (and version) while we were fetching.
+                tx.send_modify(|cur| {
+                    let mut next = creds;
+                    if let Some(c) = cur.as_ref() {
+                        next.version = c.version + 1;
+                        next.crl_pem = c.crl_pem.clone();
+                    }
+                    *cur = Some(Arc::new(next));
+                });
                 if once {
                     return Ok(());
                 }

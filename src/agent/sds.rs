@@ -235,12 +235,28 @@ pub async fn serve(
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     }
-    let listener = tokio::net::UnixListener::bind(path)
+    // Only this user (Envoy runs as the same user in the pod) may fetch the private key.
+    // Bind under a temporary name, restrict it, then rename into place: no moment exists
+    // in which the socket is reachable at `path` with looser permissions.
+    let tmp = path.with_file_name(format!(
+        ".{}.{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("sds"),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = tokio::net::UnixListener::bind(&tmp)
         .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
     {
         use std::os::unix::fs::PermissionsExt;
-        // Only this user (Envoy runs as the same user in the pod) may fetch the private key.
-        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                format!(
+                    "cannot restrict and publish the socket {}: {e}",
+                    path.display()
+                )
+            })?;
     }
     tracing::info!(socket = %path.display(), "SDS serving");
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);

@@ -167,6 +167,14 @@ impl TokenReviewAuthenticator {
             let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
             inflight.entry(key).or_default().clone()
         };
+        // Removes the in-flight entry however this future ends, also when the RPC is
+        // cancelled mid-review (otherwise garbage tokens with short deadlines would grow the
+        // map without bound).
+        let _guard = InflightGuard {
+            map: &self.inflight,
+            key,
+            cell: cell.clone(),
+        };
         let result = cell
             .get_or_init(|| async {
                 let caller = self.review(token).await?;
@@ -178,17 +186,29 @@ impl TokenReviewAuthenticator {
             })
             .await
             .clone();
-        {
-            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-            if inflight.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-                inflight.remove(&key);
-            }
-        }
         let (caller, until) = result?;
         if !self.cache_ttl.is_zero() {
             self.remember(key, &caller, until, now);
         }
         Ok(caller)
+    }
+}
+
+struct InflightGuard<'a> {
+    map: &'a Mutex<HashMap<Key, Shared>>,
+    key: Key,
+    cell: Shared,
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        let mut inflight = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if inflight
+            .get(&self.key)
+            .is_some_and(|c| Arc::ptr_eq(c, &self.cell))
+        {
+            inflight.remove(&self.key);
+        }
     }
 }
 

@@ -67,7 +67,8 @@ pub fn sign(
         .find(|c| c.issuer == issuer)
         .map_or(1, |c| c.number + 1);
     let this_update = now - time::Duration::minutes(1);
-    let next_update = now + validity;
+    let next_update = crate::clock::checked_add(now, validity)
+        .ok_or_else(|| CaError::Config("--crl-validity is out of range".into()))?;
     let revoked_certs = j
         .revocations
         .iter()

@@ -241,7 +241,9 @@ pub fn mint_root(
 ) -> Result<AuthorityRecord, CaError> {
     let key = kt.generate()?;
     let serial = pki::random_serial();
-    let params = profile::root(td, &serial, now - profile::BACKDATE, now + ttl);
+    let not_after = crate::clock::checked_add(now, ttl)
+        .ok_or_else(|| CaError::Config("the root lifetime is out of range".into()))?;
+    let params = profile::root(td, &serial, now - profile::BACKDATE, not_after);
     let cert = params.self_signed(&key).map_err(PkiError::from)?;
     Ok(record(
         Role::Root,
@@ -265,10 +267,12 @@ pub fn mint_intermediate(
 ) -> Result<(AuthorityRecord, KeyPair), CaError> {
     let key = kt.generate()?;
     let serial = pki::random_serial();
-    let not_after = (now + ttl).min(
-        OffsetDateTime::from_unix_timestamp(parent.not_after)
-            .map_err(|e| CaError::Config(e.to_string()))?,
-    );
+    let not_after = crate::clock::checked_add(now, ttl)
+        .ok_or_else(|| CaError::Config("the intermediate lifetime is out of range".into()))?
+        .min(
+            OffsetDateTime::from_unix_timestamp(parent.not_after)
+                .map_err(|e| CaError::Config(e.to_string()))?,
+        );
     let params = profile::intermediate(td, &serial, now - profile::BACKDATE, not_after);
     let cert = params
         .signed_by(&key, &issuer_of(parent)?)

@@ -108,6 +108,9 @@ impl Scheduler {
             let mut journal = current.value.clone();
             let actions = rotation::plan(now.unix_timestamp(), &journal, &self.policy);
             if actions.is_empty() {
+                // Install what is committed first (safe: a new chain activates only after its
+                // bundle was published), then publish; a failed publish is retried next pass.
+                report.installed = self.install(&journal, &current.revision)?;
                 self.publish(&journal).await?;
                 if let Some(r) = journal
                     .root_rotation
@@ -125,7 +128,7 @@ impl Scheduler {
                         Err(e) => return Err(e.into()),
                     }
                 }
-                report.installed = self.install(&journal, &current.revision)?;
+
                 return Ok(report);
             }
             for a in &actions {
@@ -177,11 +180,13 @@ impl Scheduler {
     /// Steps every `interval` until `shutdown`. Errors are logged and retried: the CA keeps
     /// signing with what it has.
     pub async fn run(self: Arc<Self>, interval: Duration, shutdown: Shutdown) {
+        // One receiver for the whole loop: a clone made per pass would see every past
+        // leadership change as new, and the loop would never sleep again.
+        let mut leader = self.leader.clone();
         loop {
             if let Err(e) = self.step().await {
                 tracing::error!(error = %e, "CA scheduler step failed; retrying");
             }
-            let mut leader = self.leader.clone();
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
                 _ = self.wake.notified() => {}

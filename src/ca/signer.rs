@@ -280,7 +280,8 @@ impl Signer {
         if cap <= now {
             return Err(SignError::Expired(cap));
         }
-        let wanted = now + ttl;
+        let wanted = crate::clock::checked_add(now, ttl)
+            .ok_or_else(|| PkiError::invalid("the requested TTL is out of range"))?;
         Ok((now - profile::BACKDATE, wanted.min(cap)))
     }
 

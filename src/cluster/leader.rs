@@ -19,12 +19,19 @@ use crate::shutdown::Shutdown;
 
 pub const LEASE_NAME: &str = "citadel-leader";
 
+/// (holder, renewTime in µs) and when this replica first saw the lease in that state.
+type Observation = ((String, Option<i64>), tokio::time::Instant);
+
 pub struct Elector {
     api: Api<Lease>,
     identity: String,
     duration: Duration,
     clock: SharedClock,
     leader: watch::Sender<bool>,
+    /// The other holder's lease as last seen (holder, renewTime in µs) and when we first saw
+    /// it so. Expiry is judged on OUR monotonic clock, like client-go: comparing another
+    /// replica's wall-clock renewTime with ours would let clock skew steal the lease.
+    observed: std::sync::Mutex<Option<Observation>>,
 }
 
 fn micro(t: time::OffsetDateTime) -> MicroTime {
@@ -48,6 +55,7 @@ impl Elector {
             duration,
             clock,
             leader: watch::channel(false).0,
+            observed: std::sync::Mutex::new(None),
         })
     }
 
@@ -77,7 +85,6 @@ impl Elector {
 
     /// One attempt to acquire or renew. Returns whether we lead afterwards.
     pub async fn try_lead(&self) -> Result<bool, kube::Error> {
-        let now = self.clock.now();
         let Some(mut lease) = self.api.get_opt(LEASE_NAME).await? else {
             let mut l = Lease {
                 spec: Some(self.spec(0, None)),
@@ -93,9 +100,22 @@ impl Elector {
         let spec = lease.spec.clone().unwrap_or_default();
         let holder = spec.holder_identity.clone().unwrap_or_default();
         let ours = holder == self.identity;
-        let expired = match (&spec.renew_time, spec.lease_duration_seconds) {
-            (Some(r), Some(d)) => r.0.as_second() + i64::from(d) < now.unix_timestamp(),
-            _ => true,
+        let expired = {
+            let seen = (
+                holder.clone(),
+                spec.renew_time.as_ref().map(|r| r.0.as_microsecond()),
+            );
+            let duration = spec
+                .lease_duration_seconds
+                .map_or(self.duration, |d| Duration::from_secs(d.max(1) as u64));
+            let mut observed = self.observed.lock().unwrap_or_else(|p| p.into_inner());
+            match observed.as_ref() {
+                Some((s, since)) if *s == seen => since.elapsed() > duration,
+                _ => {
+                    *observed = Some((seen, tokio::time::Instant::now()));
+                    spec.renew_time.is_none()
+                }
+            }
         };
         if !ours && !holder.is_empty() && !expired {
             return Ok(false);
@@ -150,7 +170,11 @@ impl Elector {
     pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
         let mut last_renewed = tokio::time::Instant::now();
         loop {
-            let lead = match self.try_lead().await {
+            // A blackholed API call must not keep us "leader" forever.
+            let attempt = tokio::time::timeout(self.duration / 3, self.try_lead()).await;
+            let lead = match attempt
+                .unwrap_or_else(|_| Err(kube::Error::Service("lease request timed out".into())))
+            {
                 Ok(l) => {
                     if l {
                         last_renewed = tokio::time::Instant::now();

@@ -230,9 +230,10 @@ impl ConfigMapPublisher {
                 tracing::info!(target: "citadel::audit", event = "configmap_published", namespace = ns, configmap = name, action = what, "published {name} in {ns}");
                 Ok(())
             }
-            // Someone wrote in between (or the namespace is going away): the watch brings
-            // the new state and the next pass compares again.
-            Err(kube::Error::Api(s)) if matches!(s.code, 409 | 404 | 403) => Ok(()),
+            // The namespace is going away: nothing to publish there.
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            // 409: someone wrote in between; 403: RBAC is missing a rule. Both are errors, so
+            // the bundle is not counted as published; the next pass compares again.
             Err(e) => Err(format!("{ns}/{name}: {e}")),
         }
     }
@@ -257,15 +258,19 @@ impl Publisher for ConfigMapPublisher {
                 *d = next;
                 changed
             });
-            if !changed || !self.leading() {
+            if changed {
+                tracing::debug!("desired bundle or CRL changed");
+            }
+            if !self.leading() {
                 return Ok(());
             }
-            // Publish now, before the caller counts the bundle as published.
+            // Reconcile now, every time: the caller counts the bundle as published only when
+            // this succeeds, so a failed or not-yet-possible write must be an error (it is
+            // retried on the next pass). Reconciling is idempotent and reads from the caches.
             let caches = self.caches.lock().await.clone();
             match caches {
                 Some((ns, root, crl)) => self.reconcile(&ns, &[&root, &crl]).await,
-                // Not watching yet: the first pass of `run` publishes it.
-                None => Ok(()),
+                None => Err("the namespace and ConfigMap watches are not ready yet".into()),
             }
         })
     }

@@ -94,6 +94,27 @@ pub async fn run(args: Args) -> CmdResult {
     if !(0.05..=0.95).contains(&args.renew_at) || !(0.0..0.5).contains(&args.renew_jitter) {
         return Err("--renew-at must be within 0.05..0.95 and --renew-jitter within 0..0.5".into());
     }
+    {
+        use super::{check_range, MAX_LIFETIME};
+        check_range(
+            "--cert-ttl",
+            args.cert_ttl,
+            Duration::from_secs(1),
+            MAX_LIFETIME,
+        )?;
+        check_range(
+            "--retry-initial",
+            args.retry_initial,
+            Duration::from_millis(10),
+            Duration::from_secs(3600),
+        )?;
+        check_range(
+            "--retry-max",
+            args.retry_max,
+            args.retry_initial,
+            Duration::from_secs(86_400),
+        )?;
+    }
     if args.token_file.is_none() {
         return Err("pass --token-file (the projected service-account token)".into());
     }
@@ -106,6 +127,7 @@ pub async fn run(args: Args) -> CmdResult {
     };
     let cfg = FetchConfig {
         ca_addr: args.ca_addr.clone(),
+        ca_root_file: args.ca_root_cert.clone(),
         ca_root_pem: match &args.ca_root_cert {
             Some(p) => read_file(p, "CA root certificate")?,
             None => Vec::new(),

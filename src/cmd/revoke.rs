@@ -54,7 +54,9 @@ pub fn normalize_serial(s: &str) -> Option<String> {
         .filter(|c| *c != ':')
         .collect::<String>()
         .to_ascii_lowercase();
-    let hex = hex.strip_prefix("0x").unwrap_or(&hex).to_string();
+    // Accept `openssl x509 -serial` output (`serial=3A9F...`) and 0x-prefixed forms.
+    let hex = hex.strip_prefix("serial=").unwrap_or(&hex);
+    let hex = hex.strip_prefix("0x").unwrap_or(hex).to_string();
     if hex.is_empty() || hex.len() > 40 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
         return None;
     }
@@ -174,6 +176,11 @@ mod tests {
         assert_eq!(normalize_serial("3A:9F:0C").as_deref(), Some("3a9f0c"));
         assert_eq!(normalize_serial("00ab").as_deref(), Some("ab"));
         assert_eq!(normalize_serial("0x1").as_deref(), Some("01"));
+        assert_eq!(
+            normalize_serial("serial=3A9F0C\n").as_deref(),
+            Some("3a9f0c"),
+            "openssl x509 -serial"
+        );
         for bad in ["", "xyz", "12 34", &"a".repeat(41)] {
             assert!(normalize_serial(bad).is_none(), "{bad:?}");
         }

@@ -508,6 +508,32 @@ pub async fn serve(
     if args.default_ttl.is_zero() {
         return Err("--default-ttl must be positive".into());
     }
+    {
+        use super::{check_range, MAX_LIFETIME};
+        let s = Duration::from_secs;
+        check_range("--max-ttl", args.max_ttl, s(1), MAX_LIFETIME)?;
+        check_range("--root-ttl", args.root_ttl, s(60), MAX_LIFETIME)?;
+        check_range(
+            "--intermediate-ttl",
+            args.intermediate_ttl,
+            s(30),
+            MAX_LIFETIME,
+        )?;
+        check_range("--crl-validity", args.crl_validity, s(60), MAX_LIFETIME)?;
+        check_range("--lease-duration", args.lease_duration, s(1), s(3600))?;
+        check_range(
+            "--reconcile-interval",
+            args.reconcile_interval,
+            Duration::from_millis(100),
+            s(3600),
+        )?;
+        check_range(
+            "--token-cache-ttl",
+            args.token_cache_ttl,
+            Duration::ZERO,
+            s(86_400),
+        )?;
+    }
     if args.dev {
         tracing::warn!("DEV MODE: trusting the public dev JWT key from certs-dev/; anyone can mint tokens. Never use --dev in production.");
     }
@@ -547,14 +573,20 @@ pub async fn serve(
     let (index, scheduler) = match plugged {
         Some(s) => {
             tracing::info!(signer = %s.signing_cert().subject, revoked = s.revocations().crl_entries, "loaded plugged-in CA (rotation and revocation are managed upstream)");
-            store
-                .publish_bundle(s.roots_pem())
-                .await
-                .map_err(|e| format!("cannot publish the trust bundle: {e}"))?;
-            store
-                .publish_crl(&s.revocations().crl_pem)
-                .await
-                .map_err(|e| format!("cannot publish the CRL: {e}"))?;
+            let published = async {
+                store.publish_bundle(s.roots_pem()).await?;
+                store.publish_crl(&s.revocations().crl_pem).await
+            }
+            .await;
+            match (published, &kube) {
+                (Ok(()), _) => {}
+                // The leader's ConfigMap publisher keeps the desired state and writes it once
+                // its watches are up.
+                (Err(e), Some(_)) => {
+                    tracing::info!(reason = %e, "bundle ConfigMaps will be published by the leader")
+                }
+                (Err(e), None) => return Err(format!("cannot publish the trust bundle: {e}")),
+            }
             ca.install(s);
             (None, None)
         }
@@ -589,8 +621,17 @@ pub async fn serve(
                 ));
             }
             let scheduler = Arc::new(scheduler);
-            // Catch up on anything that fell due while we were down, publish, install.
-            scheduler.step().await.map_err(|e| e.to_string())?;
+            // Catch up on anything that fell due while we were down, install, publish. With
+            // the Kubernetes store the first passes may find the ConfigMap watches not ready.
+            let mut attempts = 0;
+            while let Err(e) = scheduler.step().await {
+                attempts += 1;
+                if kube.is_none() || attempts >= 60 {
+                    return Err(e.to_string());
+                }
+                tracing::info!(reason = %e, "CA not fully published yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
             let index = Arc::new(FileIndex::new(&args.state_dir));
             let live = index
                 .prune(clock.now().unix_timestamp())

@@ -104,18 +104,23 @@ impl CaService {
             return Err(IssueError::CsrTooLarge(msg.csr.len()));
         }
         let peer_chain = req.peer_certs();
+        // A malformed Authorization header does not stop a valid client certificate from
+        // authenticating (first success wins); it is reported only if nothing succeeds.
+        let (bearer, header_problem) = match bearer(req) {
+            Ok(b) => (b, None),
+            Err(e) => (None, Some(e)),
+        };
         let creds = Credentials {
-            bearer: bearer(req).inspect_err(|_| self.metrics.authentication_failure_count.inc())?,
+            bearer,
             peer_chain: peer_chain.as_ref().map(|c| c.as_slice()),
         };
         let caller = self.auth.authenticate(creds).await.map_err(|e| {
             self.metrics.authentication_failure_count.inc();
-            match e {
+            match (e, header_problem) {
                 // The credential could not be checked (API server down): retryable.
-                AuthError::Unavailable(_) => IssueError::NotReady(e.to_string()),
-                AuthError::NoCredentials | AuthError::Failed(_) => {
-                    IssueError::Unauthenticated(e.to_string())
-                }
+                (e @ AuthError::Unavailable(_), _) => IssueError::NotReady(e.to_string()),
+                (_, Some(problem)) => problem,
+                (e, None) => IssueError::Unauthenticated(e.to_string()),
             }
         })?;
 

@@ -56,7 +56,11 @@ impl TlsState {
         let issued = signer
             .issue_serving(&key, &self.names, now, SERVING_TTL)
             .map_err(|e| e.to_string())?;
+        // During a root rotation the cross-signed intermediate goes along (first, as in
+        // responses): an agent that has not yet renewed holds only the old root and must
+        // still be able to reach the CA to get the new one.
         let mut chain = vec![issued.der.clone()];
+        chain.extend(signer.alternates_der().iter().cloned());
         chain.extend(signer.intermediates_der().iter().cloned());
         let signing_key = provider()
             .key_provider

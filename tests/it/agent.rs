@@ -68,6 +68,7 @@ fn config(addr: &str, root: Vec<u8>, token_file: &Path, ttl: Duration) -> FetchC
     FetchConfig {
         ca_addr: addr.to_string(),
         ca_root_pem: root,
+        ca_root_file: None,
         tls_server_name: Some("localhost".into()),
         token_file: Some(token_file.to_path_buf()),
         trust_domain: td(),

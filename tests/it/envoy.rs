@@ -405,6 +405,10 @@ async fn real_envoys_keep_mtls_up_through_renewal_and_rotation_then_enforce_revo
     load.await.unwrap();
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     eprintln!("through renewal and rotation: {ok} requests ok, {failed} failed");
+    if failed > 0 {
+        // Keep the Envoy and agent logs for whoever reads the failure.
+        std::mem::forget(tmp);
+    }
     assert_eq!(
         failed,
         0,

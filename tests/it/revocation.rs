@@ -344,6 +344,22 @@ async fn emergency_rotation_activates_at_once_and_old_bundle_holders_still_verif
         chain::Usage::ClientAuth,
     )
     .expect("new root verifies the regular intermediate");
+    // A client that still trusts only the OLD root can reach the CA (its serving chain
+    // carries the cross-signed intermediate) and so can fetch the new bundle.
+    let mut old_trust = citadel::client::connect(&citadel::client::ConnectOptions {
+        addr: ca.addr.to_string(),
+        root_pem: old_root.clone(),
+        server_name: Some("localhost".into()),
+        ..Default::default()
+    })
+    .await
+    .expect("the CA's serving chain verifies with the old root alone");
+    let fresh = issue(&mut old_trust, &csr, "shop", "cart").await;
+    assert_eq!(
+        pem::parse_certs(fresh[3].as_bytes()).unwrap().len(),
+        2,
+        "and it hands out the two-root bundle"
+    );
     if require_tool("openssl") {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join("leaf.pem"), &chain[0]).unwrap();
