@@ -32,7 +32,7 @@ enum Command {
     Request(cmd::request::Args),
     /// Sidecar agent: fetch and renew a workload certificate; serve Envoy over SDS and/or files.
     Agent(Box<cmd::agent::Args>),
-    /// Inspect and operate the CA in a state directory: status, bundle, crl, rotate-root.
+    /// Inspect and operate the CA (state directory or Kubernetes store): status, bundle, crl, rotate-root.
     #[command(subcommand)]
     Ca(cmd::ca::Command),
     /// Revoke a certificate by serial, or deny an identity and revoke its certificates.
