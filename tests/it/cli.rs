@@ -3,6 +3,8 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use crate::support::free_port;
+
 const BIN: &str = env!("CARGO_BIN_EXE_citadel");
 
 fn run(args: &[&str], dir: &std::path::Path) -> (i32, String, String) {
@@ -16,14 +18,6 @@ fn run(args: &[&str], dir: &std::path::Path) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into(),
         String::from_utf8_lossy(&out.stderr).into(),
     )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]

@@ -38,14 +38,6 @@ fn envoy_binary() -> Option<PathBuf> {
     None
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Child processes die with the test, pass or fail.
 struct Procs(Vec<Child>);
 
@@ -251,6 +243,21 @@ async fn backend() -> u16 {
     port
 }
 
+/// Runs `citadel ARGS --state-dir STATE` and requires success.
+fn citadel_ok(args: &[&str], state: &Path) {
+    let out = Command::new(BIN)
+        .args(args)
+        .arg("--state-dir")
+        .arg(state)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "citadel {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 async fn journal(state: &Path) -> citadel::ca::journal::Journal {
     FileStore::open(state)
         .unwrap()
@@ -363,8 +370,8 @@ async fn real_envoys_keep_mtls_up_through_renewal_and_rotation_then_enforce_revo
 
     // 2. A root rotation through all its stages, driven by the CLI.
     let first_root = journal(&state).await.active_root().unwrap().id.clone();
-    let out = Command::new(BIN)
-        .args([
+    citadel_ok(
+        &[
             "ca",
             "rotate-root",
             "--activate-after",
@@ -375,15 +382,8 @@ async fn real_envoys_keep_mtls_up_through_renewal_and_rotation_then_enforce_revo
             "12s",
             "--clock-skew-margin",
             "1s",
-            "--state-dir",
-        ])
-        .arg(&state)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        &state,
     );
     let t0 = Instant::now();
     loop {
@@ -453,22 +453,15 @@ async fn real_envoys_keep_mtls_up_through_renewal_and_rotation_then_enforce_revo
     // 4. Revoking the frontend: its certificate lands in the CRL, the CRL travels to the
     // cart's Envoy over SDS, and new connections are refused within seconds.
     let verify_before = stat(cart_admin, "fail_verify_error").await;
-    let out = Command::new(BIN)
-        .args([
+    citadel_ok(
+        &[
             "revoke",
             "--identity",
             &frontend_id,
             "--reason",
             "key-compromise",
-            "--state-dir",
-        ])
-        .arg(&state)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        &state,
     );
     let t0 = Instant::now();
     loop {

@@ -324,10 +324,7 @@ impl Drop for Replica {
 }
 
 fn free_addr() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    std::net::SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
 fn replica(kube: &KubeEnv, name: &str) -> Replica {

@@ -304,3 +304,12 @@ pub fn file_mode(path: &Path) -> u32 {
         .mode()
         & 0o777
 }
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
