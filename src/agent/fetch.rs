@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 
-use base64::Engine;
 use time::OffsetDateTime;
 
 use super::Credentials;
@@ -72,15 +71,7 @@ fn read_token(cfg: &FetchConfig, now: i64) -> Result<Option<(String, Option<Spif
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     };
-    let claims: Option<serde_json::Value> = token
-        .split('.')
-        .nth(1)
-        .and_then(|p| {
-            base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(p)
-                .ok()
-        })
-        .and_then(|b| serde_json::from_slice(&b).ok());
+    let claims = crate::auth::jws::unverified_claims(&token);
     let exp = claims
         .as_ref()
         .and_then(|c| c.get("exp"))

@@ -489,6 +489,14 @@ mod tests {
 
     const DAY: i64 = 86_400;
 
+    /// A fresh root and intermediate with the lifetimes `p` asks for.
+    fn journal_for(p: &RotationPolicy, now: OffsetDateTime) -> Journal {
+        let mut opts = CaOptions::new(TrustDomain::new("cluster.local").unwrap());
+        opts.root_ttl = p.root_ttl;
+        opts.intermediate_ttl = p.intermediate_ttl;
+        new_journal(&opts, now).unwrap()
+    }
+
     fn setup() -> (Journal, RotationPolicy, i64) {
         let p = RotationPolicy {
             root_ttl: Duration::from_secs(600 * DAY as u64),
@@ -499,10 +507,7 @@ mod tests {
             ..RotationPolicy::default()
         };
         let now = time::macros::datetime!(2030-01-01 0:00 UTC);
-        let mut opts = CaOptions::new(TrustDomain::new("cluster.local").unwrap());
-        opts.root_ttl = p.root_ttl;
-        opts.intermediate_ttl = p.intermediate_ttl;
-        let mut j = new_journal(&opts, now).unwrap();
+        let mut j = journal_for(&p, now);
         for id in j
             .authorities
             .iter()
@@ -657,12 +662,6 @@ mod tests {
         assert_eq!(plan(t0 + 60, &j, &p), vec![Action::SignCrl { issuer: int }]);
         assert!(plan(t0 + 2 * DAY, &j, &p).contains(&Action::PruneRevocations));
     }
-}
-
-#[cfg(test)]
-mod short_lifetimes {
-    use super::*;
-    use crate::ca::bootstrap::{new_journal, CaOptions};
 
     /// A 40-second intermediate (notBefore backdated 2 minutes) is not "75% old" at birth:
     /// nothing is due right after creation, and one rotation at a time happens later.
@@ -674,9 +673,7 @@ mod short_lifetimes {
             ..RotationPolicy::default()
         };
         let now = time::macros::datetime!(2030-01-01 0:00 UTC);
-        let mut opts = CaOptions::new(TrustDomain::new("cluster.local").unwrap());
-        opts.intermediate_ttl = p.intermediate_ttl;
-        let j = new_journal(&opts, now).unwrap();
+        let j = journal_for(&p, now);
         let t = now.unix_timestamp();
         let rot = |t| {
             plan(t, &j, &p)
@@ -687,12 +684,6 @@ mod short_lifetimes {
         assert!(rot(t + 1).is_empty());
         assert_eq!(rot(t + 21), vec![Action::PrepareIntermediate]);
     }
-}
-
-#[cfg(test)]
-mod short_crls {
-    use super::*;
-    use crate::ca::bootstrap::{new_journal, CaOptions};
 
     #[test]
     fn a_fresh_short_crl_is_not_due_again_at_once() {
@@ -701,11 +692,7 @@ mod short_crls {
             ..RotationPolicy::default()
         };
         let now = time::macros::datetime!(2030-01-01 0:00 UTC);
-        let mut j = new_journal(
-            &CaOptions::new(TrustDomain::new("cluster.local").unwrap()),
-            now,
-        )
-        .unwrap();
+        let mut j = journal_for(&p, now);
         for a in plan(now.unix_timestamp(), &j, &p) {
             apply(&mut j, &a, now, &p).unwrap();
         }
@@ -714,12 +701,6 @@ mod short_crls {
         assert!(plan(t + 29, &j, &p).is_empty());
         assert_eq!(plan(t + 30, &j, &p).len(), 2, "both CRLs at half of 60s");
     }
-}
-
-#[cfg(test)]
-mod long_root_rotation {
-    use super::*;
-    use crate::ca::bootstrap::{new_journal, CaOptions};
 
     /// A root rotation that outlasts the new intermediate (found on a real clock with 2-minute
     /// intermediates): the intermediate still rotates, under the new root, so signing never
@@ -734,9 +715,7 @@ mod long_root_rotation {
             ..RotationPolicy::default()
         };
         let start = time::macros::datetime!(2030-01-01 0:00 UTC);
-        let mut opts = CaOptions::new(TrustDomain::new("cluster.local").unwrap());
-        opts.intermediate_ttl = p.intermediate_ttl;
-        let mut j = new_journal(&opts, start).unwrap();
+        let mut j = journal_for(&p, start);
         prepare_root_rotation(
             &mut j,
             start,

@@ -4,8 +4,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use base64::Engine;
-
 use crate::client::{self, ConnectOptions};
 use crate::duration::clap_parse;
 use crate::fsutil::write_atomic;
@@ -71,11 +69,7 @@ pub struct Args {
 /// The identity a token names, read WITHOUT verifying it: only to fill the CSR's SAN the way
 /// istio-agent does. The CA verifies the token and overrides the SAN anyway.
 fn identity_from_token(token: &str, td: &TrustDomain) -> Option<SpiffeId> {
-    let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let claims = crate::auth::jws::unverified_claims(token)?;
     let sa = ServiceAccount::from_username(claims.get("sub")?.as_str()?).ok()?;
     Some(td.service_account_id(&sa))
 }
