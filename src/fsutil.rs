@@ -2,7 +2,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 /// Writes `bytes` to `path` with `mode`: temp file in the same directory, fsync, rename over
@@ -32,4 +32,32 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Creates `dir` and any missing parents with `mode` (e.g. 0o700), not with the process
+/// umask's default of 0755: directories that hold private keys or a socket serving them must
+/// not be listable by everyone. Existing directories are left as they are.
+pub fn create_private_dir(dir: &Path, mode: u32) -> std::io::Result<()> {
+    fs::DirBuilder::new().recursive(true).mode(mode).create(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn private_dirs_and_atomic_files_get_their_modes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("a/b");
+        create_private_dir(&dir, 0o700).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&tmp.path().join("a")), 0o700, "parents too");
+        create_private_dir(&dir, 0o700).unwrap();
+        write_atomic(&dir.join("key.pem"), b"k", 0o600).unwrap();
+        assert_eq!(mode(&dir.join("key.pem")), 0o600);
+    }
 }

@@ -4,11 +4,12 @@
 use std::path::Path;
 
 use super::{Credentials, CredentialsRx};
-use crate::fsutil::write_atomic;
+use crate::fsutil::{create_private_dir, write_atomic};
 use crate::shutdown::Shutdown;
 
 pub fn write(dir: &Path, c: &Credentials) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
+    // 0750: the workload's group may read the chain; the key file itself is 0600.
+    create_private_dir(dir, 0o750)?;
     // Key first: a reader that sees a new chain always finds its key.
     write_atomic(&dir.join("key.pem"), c.key_pem.as_bytes(), 0o600)?;
     write_atomic(&dir.join("cert-chain.pem"), c.chain_pem.as_bytes(), 0o644)?;

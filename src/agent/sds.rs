@@ -232,7 +232,8 @@ pub async fn serve(
             .map_err(|e| format!("cannot remove stale socket {}: {e}", path.display()))?;
     }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
+        // 0700: only this user (and Envoy, running as it) may reach the socket's directory.
+        crate::fsutil::create_private_dir(dir, 0o700)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     }
     // Only this user (Envoy runs as the same user in the pod) may fetch the private key.

@@ -40,21 +40,34 @@ impl ClientCertAuthenticator {
         )
         .map_err(|e| e.to_string())?;
         let info = chain::describe(leaf).map_err(|e| e.to_string())?;
-        let ids: Vec<SpiffeId> = info
-            .uri_sans
-            .iter()
-            .filter_map(|u| SpiffeId::parse(u).ok())
-            .collect();
-        let id = match ids.as_slice() {
-            [one] => one.clone(),
+        // An X509-SVID carries exactly one URI SAN, its SPIFFE ID. A certificate with more
+        // (even if one is a SPIFFE ID) is not an SVID, and whatever checks it elsewhere may
+        // read the other name.
+        let id = match info.uri_sans.as_slice() {
+            [one] => SpiffeId::parse(one)
+                .map_err(|e| format!("client certificate URI SAN is not a SPIFFE ID: {e}"))?,
             [] => return Err("client certificate has no SPIFFE ID".into()),
-            _ => return Err("client certificate has more than one SPIFFE ID".into()),
+            many => {
+                return Err(format!(
+                    "client certificate has {} URI SANs; an X509-SVID has exactly one",
+                    many.len()
+                ))
+            }
         };
-        if signer.is_revoked(&info.serial_hex) {
-            return Err(format!(
-                "client certificate serial {} has been revoked",
-                info.serial_hex
-            ));
+        // Every certificate the client presented, not only the leaf: a CRL may revoke an
+        // intermediate (a plugged-in CA's root signs one for its intermediates).
+        for (i, der) in peer.iter().enumerate() {
+            if signer.is_revoked(der) {
+                let what = if i == 0 {
+                    "client certificate"
+                } else {
+                    "a CA certificate in the client chain"
+                };
+                let serial = chain::describe(der)
+                    .map(|c| c.serial_hex)
+                    .unwrap_or_default();
+                return Err(format!("{what} (serial {serial}) has been revoked"));
+            }
         }
         if signer.is_denied(&id.to_string()) {
             return Err(format!("{id} has been revoked by an operator"));
@@ -88,5 +101,122 @@ impl Authenticator for ClientCertAuthenticator {
             .filter(|c| !c.is_empty())
             .map(|c| self.check(c).map_err(AuthFailure::invalid));
         Box::pin(std::future::ready(result.transpose()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::bootstrap::{self, CaOptions};
+    use crate::ca::journal::Journal;
+    use crate::ca::signer::RevocationView;
+    use crate::clock::ManualClock;
+    use crate::pki::{keys, pem, KeyType};
+    use rcgen::{CertificateParams, Issuer, SanType};
+    use rustls_pki_types::CertificateDer;
+    use time::OffsetDateTime;
+
+    struct Fixture {
+        journal: Journal,
+        td: TrustDomain,
+        now: OffsetDateTime,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let td = TrustDomain::new("cluster.local").unwrap();
+            let now = OffsetDateTime::now_utc();
+            let journal = bootstrap::new_journal(&CaOptions::new(td.clone()), now).unwrap();
+            Self { journal, td, now }
+        }
+
+        fn authenticator(&self, view: Option<RevocationView>) -> ClientCertAuthenticator {
+            let mut signer = bootstrap::signer_from_journal(&self.journal, &self.td).unwrap();
+            if let Some(v) = view {
+                signer = signer.with_revocations(v);
+            }
+            let ca = Ca::new();
+            ca.install(signer);
+            ClientCertAuthenticator::new(
+                ca,
+                self.td.clone(),
+                std::sync::Arc::new(ManualClock::new(self.now)),
+            )
+        }
+
+        /// A leaf signed by the active intermediate, with these URI SANs; leaf first, then
+        /// the intermediate, as a client presents it.
+        fn chain(&self, uris: &[&str]) -> Vec<CertificateDer<'static>> {
+            let active = self.journal.active_signer().unwrap();
+            let key = keys::load_private_key_pem(active.key_pem.expose().as_bytes()).unwrap();
+            let issuer = Issuer::from_ca_cert_pem(&active.cert_pem, key).unwrap();
+            let mut p = CertificateParams::default();
+            p.subject_alt_names = uris
+                .iter()
+                .map(|u| SanType::URI((*u).try_into().unwrap()))
+                .collect();
+            p.not_before = self.now - time::Duration::minutes(1);
+            p.not_after = self.now + time::Duration::hours(1);
+            p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+            let leaf = p
+                .signed_by(&KeyType::EcP256.generate().unwrap(), &issuer)
+                .unwrap();
+            let inter = pem::parse_certs(active.cert_pem.as_bytes())
+                .unwrap()
+                .remove(0);
+            vec![leaf.der().clone(), inter]
+        }
+    }
+
+    const ID: &str = "spiffe://cluster.local/ns/shop/sa/cart";
+
+    #[test]
+    fn exactly_one_uri_san() {
+        let f = Fixture::new();
+        let auth = f.authenticator(None);
+        assert_eq!(
+            auth.check(&f.chain(&[ID])).unwrap().identity.to_string(),
+            ID
+        );
+        let err = auth
+            .check(&f.chain(&[ID, "https://payments.example/"]))
+            .unwrap_err();
+        assert!(err.contains("2 URI SANs"), "{err}");
+        let err = auth
+            .check(&f.chain(&["https://payments.example/", ID]))
+            .unwrap_err();
+        assert!(err.contains("exactly one"), "{err}");
+    }
+
+    #[test]
+    fn a_revoked_ca_certificate_in_the_presented_chain_is_refused() {
+        let f = Fixture::new();
+        let chain = f.chain(&[ID]);
+        let inter = crate::pki::chain::parse(&chain[1]).unwrap();
+        let root_name = inter.issuer().as_raw().to_vec();
+        let inter_serial = crate::pki::chain::serial_hex(inter.raw_serial());
+
+        // The root's CRL lists the intermediate: the leaf's own serial is fine, the chain is not.
+        let mut view = RevocationView::default();
+        view.revoked
+            .insert((root_name.clone(), inter_serial.clone()));
+        let err = f.authenticator(Some(view)).check(&chain).unwrap_err();
+        assert!(err.contains("CA certificate in the client chain"), "{err}");
+
+        // The same serial under another issuer is a different certificate.
+        let mut view = RevocationView::default();
+        view.revoked
+            .insert((b"other issuer".to_vec(), inter_serial));
+        assert!(f.authenticator(Some(view)).check(&chain).is_ok());
+
+        // The leaf itself, by its issuer (the intermediate) and serial.
+        let leaf = crate::pki::chain::parse(&chain[0]).unwrap();
+        let mut view = RevocationView::default();
+        view.revoked.insert((
+            leaf.issuer().as_raw().to_vec(),
+            crate::pki::chain::serial_hex(leaf.raw_serial()),
+        ));
+        let err = f.authenticator(Some(view)).check(&chain).unwrap_err();
+        assert!(err.starts_with("client certificate (serial"), "{err}");
     }
 }

@@ -94,7 +94,20 @@ pub fn verify(
 ) -> Result<TokenIdentity, JwtError> {
     let parsed = jws::parse(token)?;
     keys.verify(&parsed)?;
-    let claims: Claims = serde_json::from_slice(&parsed.payload).map_err(|_| JwtError::Claims)?;
+    check_claims(&parsed.payload, policy, now)
+}
+
+/// Checks a token's claims (issuer, audience, exp/nbf, subject) without its signature.
+///
+/// On its own this proves nothing about who sent the token; `verify` calls it after the
+/// signature, and the TokenReview authenticator uses it to drop tokens that cannot be valid
+/// before spending an API call on them.
+pub fn check_claims(
+    payload: &[u8],
+    policy: &JwtPolicy,
+    now: i64,
+) -> Result<TokenIdentity, JwtError> {
+    let claims: Claims = serde_json::from_slice(payload).map_err(|_| JwtError::Claims)?;
 
     if let Some(want) = &policy.issuer {
         let got = claims.iss.unwrap_or_default();

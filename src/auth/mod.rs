@@ -20,12 +20,29 @@ use crate::identity::SpiffeId;
 use crate::store::BoxFuture;
 
 /// The credentials a request carries.
-#[derive(Debug, Default, Clone, Copy)]
+///
+/// `Debug` is written by hand: a derived one would print the bearer token into any log line
+/// or error that formats this value.
+#[derive(Default, Clone, Copy)]
 pub struct Credentials<'a> {
     /// The bearer token from `authorization: Bearer ...`, if any.
     pub bearer: Option<&'a str>,
     /// The TLS client certificate chain, leaf first, if the client presented one.
     pub peer_chain: Option<&'a [CertificateDer<'static>]>,
+}
+
+impl fmt::Debug for Credentials<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field(
+                "bearer",
+                &self
+                    .bearer
+                    .map(|t| format!("<redacted, {} bytes>", t.len())),
+            )
+            .field("peer_chain", &self.peer_chain.map(<[_]>::len))
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,5 +149,23 @@ impl AuthChain {
             (false, true) => Err(AuthError::Unavailable(reasons)),
             (false, false) => Err(AuthError::Failed(reasons)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_debug_never_shows_the_token() {
+        let token = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzZWNyZXQifQ.c2lnbmF0dXJl";
+        let c = Credentials {
+            bearer: Some(token),
+            peer_chain: None,
+        };
+        let shown = format!("{c:?} {c:#?}");
+        assert!(!shown.contains(token), "{shown}");
+        assert!(!shown.contains("eyJ"), "{shown}");
+        assert!(shown.contains("redacted, 56 bytes"), "{shown}");
     }
 }

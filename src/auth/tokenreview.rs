@@ -8,6 +8,12 @@
 //! the token's own expiry; concurrent requests with the same token share one review; and
 //! reviews are rate-limited (`--kube-qps`, `--kube-burst`) so a thundering herd cannot make
 //! the API server throttle the whole mesh.
+//!
+//! The rate limit is a shared resource an attacker could queue up with garbage, delaying
+//! every honest pod's first certificate. So a token only reaches the queue if it could be
+//! valid (a well-formed JWS whose unverified claims are unexpired, for one of our audiences,
+//! naming a service account), and nobody waits in the queue longer than
+//! `--kube-review-max-wait`: past that the request fails at once with a retryable code.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +25,8 @@ use tokio::time::Instant;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
 
-use super::{AuthFailure, AuthMethod, Authenticator, Caller, Credentials};
+use super::jwt::{self, JwtPolicy};
+use super::{jws, AuthFailure, AuthMethod, Authenticator, Caller, Credentials};
 use crate::clock::SharedClock;
 use crate::identity::{ServiceAccount, TrustDomain};
 use crate::store::BoxFuture;
@@ -30,9 +37,32 @@ const MAX_CACHE_ENTRIES: usize = 100_000;
 type Key = [u8; 32];
 type Shared = Arc<tokio::sync::OnceCell<Result<(Caller, i64), AuthFailure>>>;
 
+/// How hard this replica may lean on the API server for reviews.
+#[derive(Debug, Clone, Copy)]
+pub struct ReviewLimits {
+    /// Reviews per second...
+    pub qps: f64,
+    /// ...and how many at once.
+    pub burst: u32,
+    /// The longest a request waits for its turn; beyond it, Unavailable at once.
+    pub max_wait: Duration,
+}
+
+impl Default for ReviewLimits {
+    fn default() -> Self {
+        Self {
+            qps: 50.0,
+            burst: 100,
+            max_wait: Duration::from_secs(2),
+        }
+    }
+}
+
 pub struct TokenReviewAuthenticator {
     client: kube::Client,
     audiences: Vec<String>,
+    /// The claim checks a token must pass before it may cost a review.
+    prefilter: JwtPolicy,
     trust_domain: TrustDomain,
     clock: SharedClock,
     cache_ttl: Duration,
@@ -50,18 +80,22 @@ impl TokenReviewAuthenticator {
         trust_domain: TrustDomain,
         clock: SharedClock,
         cache_ttl: Duration,
-        qps: f64,
-        burst: u32,
+        limits: ReviewLimits,
     ) -> Self {
         Self {
             client,
+            prefilter: JwtPolicy {
+                issuer: None,
+                audiences: audiences.clone(),
+                leeway: jwt::DEFAULT_LEEWAY,
+            },
             audiences,
             trust_domain,
             clock,
             cache_ttl,
             cache: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
-            limiter: RateLimiter::new(qps, burst),
+            limiter: RateLimiter::new(limits.qps, limits.burst, limits.max_wait),
             reviews: AtomicU64::new(0),
         }
     }
@@ -78,8 +112,21 @@ impl TokenReviewAuthenticator {
         super::jws::unverified_claims(token)?.get("exp")?.as_i64()
     }
 
+    /// Refuses, without an API call, a token that cannot pass the review. The claims are
+    /// unverified here, so passing proves nothing; failing proves the token is useless.
+    fn prefilter(&self, token: &str, now: i64) -> Result<(), AuthFailure> {
+        let parsed = jws::parse(token).map_err(AuthFailure::invalid)?;
+        jwt::check_claims(&parsed.payload, &self.prefilter, now)
+            .map(|_| ())
+            .map_err(AuthFailure::invalid)
+    }
+
     async fn review(&self, token: &str) -> Result<Caller, AuthFailure> {
-        self.limiter.acquire().await;
+        if !self.limiter.acquire().await {
+            return Err(AuthFailure::transient(
+                "too many TokenReviews are waiting for the API server; retry shortly",
+            ));
+        }
         self.reviews.fetch_add(1, Ordering::Relaxed);
         let review = TokenReview {
             spec: TokenReviewSpec {
@@ -104,6 +151,16 @@ impl TokenReviewAuthenticator {
             return Err(AuthFailure::invalid(format!(
                 "the API server refused the token: {}",
                 redact(&why, token)
+            )));
+        }
+        // The API server says which of our audiences the token is good for; a token it
+        // authenticated for none of them (an authenticator that ignores audiences) is not
+        // meant for this CA.
+        let granted = status.audiences.unwrap_or_default();
+        if !granted.iter().any(|a| self.audiences.contains(a)) {
+            return Err(AuthFailure::invalid(format!(
+                "the API server did not confirm the token is for any of the audiences {:?}",
+                self.audiences
             )));
         }
         let user = status.user.unwrap_or_default();
@@ -155,6 +212,7 @@ impl TokenReviewAuthenticator {
         if let Some(c) = self.cached(&key, now) {
             return Ok(c);
         }
+        self.prefilter(token, now)?;
         let cell: Shared = {
             let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
             inflight.entry(key).or_default().clone()
@@ -234,35 +292,51 @@ impl Authenticator for TokenReviewAuthenticator {
     }
 }
 
-/// A token bucket: `qps` per second, up to `burst` at once.
+/// A token bucket: `qps` per second, up to `burst` at once, where a caller reserves its turn
+/// and gives up at once if that turn is more than `max_wait` away. Reservations are taken
+/// under a short lock and slept outside it, so the queue is bounded (about
+/// `burst + qps * max_wait` waiters) and never a FIFO that garbage can fill.
 struct RateLimiter {
     qps: f64,
     burst: f64,
-    state: tokio::sync::Mutex<(f64, Instant)>,
+    max_wait: Duration,
+    /// Tokens (may go negative: reserved ahead) and when they were last refilled.
+    state: Mutex<(f64, Instant)>,
 }
 
 impl RateLimiter {
-    fn new(qps: f64, burst: u32) -> Self {
+    fn new(qps: f64, burst: u32, max_wait: Duration) -> Self {
         let burst = f64::from(burst.max(1));
         Self {
             qps: qps.max(0.001),
             burst,
-            state: tokio::sync::Mutex::new((burst, Instant::now())),
+            max_wait,
+            state: Mutex::new((burst, Instant::now())),
         }
     }
 
-    async fn acquire(&self) {
-        let mut s = self.state.lock().await;
-        loop {
+    /// Waits for a turn; `false` if the turn is further away than `max_wait`.
+    async fn acquire(&self) -> bool {
+        let wait = {
+            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
             s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.qps).min(self.burst);
             s.1 = now;
-            if s.0 >= 1.0 {
-                s.0 -= 1.0;
-                return;
+            let wait = if s.0 >= 1.0 {
+                Duration::ZERO
+            } else {
+                Duration::from_secs_f64((1.0 - s.0) / self.qps)
+            };
+            if wait > self.max_wait {
+                return false;
             }
-            tokio::time::sleep(Duration::from_secs_f64((1.0 - s.0) / self.qps)).await;
+            s.0 -= 1.0;
+            wait
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
         }
+        true
     }
 }
 
@@ -273,20 +347,170 @@ mod tests {
     /// On tokio's paused clock: time only moves when the limiter sleeps.
     #[tokio::test(start_paused = true)]
     async fn rate_limiter_allows_a_burst_then_paces() {
-        let l = RateLimiter::new(20.0, 5);
+        let l = RateLimiter::new(20.0, 5, Duration::from_secs(10));
         let t0 = Instant::now();
         for _ in 0..5 {
-            l.acquire().await;
+            assert!(l.acquire().await);
         }
         assert_eq!(t0.elapsed(), Duration::ZERO, "the burst is immediate");
         for _ in 0..4 {
-            l.acquire().await;
+            assert!(l.acquire().await);
         }
         let e = t0.elapsed();
         assert!(
             e >= Duration::from_millis(199) && e <= Duration::from_millis(201),
             "4 more at 20/s take 200ms: {e:?}"
         );
+    }
+
+    /// Concurrent callers beyond what fits in `max_wait` are refused at once instead of
+    /// queueing behind each other.
+    #[tokio::test(start_paused = true)]
+    async fn rate_limiter_refuses_turns_beyond_max_wait() {
+        let l = Arc::new(RateLimiter::new(10.0, 2, Duration::from_secs(1)));
+        let t0 = Instant::now();
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let l = l.clone();
+                tokio::spawn(async move { (l.acquire().await, Instant::now()) })
+            })
+            .collect();
+        let mut granted = 0;
+        for t in tasks {
+            let (ok, at) = t.await.unwrap();
+            if ok {
+                granted += 1;
+                assert!(at - t0 <= Duration::from_secs(1), "waited {:?}", at - t0);
+            } else {
+                assert_eq!(at, t0, "a refusal is immediate");
+            }
+        }
+        // 2 at once, then 10 more within the second.
+        assert_eq!(granted, 12);
+        // Once the reservations are spent, turns come back.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(l.acquire().await);
+    }
+
+    fn offline() -> TokenReviewAuthenticator {
+        // Nothing listens there: any review that is sent fails as transient.
+        let cfg = kube::Config::new("https://127.0.0.1:9".parse().unwrap());
+        TokenReviewAuthenticator::new(
+            kube::Client::try_from(cfg).unwrap(),
+            vec!["istio-ca".into()],
+            TrustDomain::new("cluster.local").unwrap(),
+            crate::clock::system(),
+            Duration::from_secs(60),
+            ReviewLimits::default(),
+        )
+    }
+
+    fn token(claims: serde_json::Value) -> String {
+        use base64::Engine;
+        let b = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        format!(
+            "{}.{}.{}",
+            b(br#"{"alg":"RS256","kid":"k"}"#),
+            b(claims.to_string().as_bytes()),
+            b(b"not-a-signature")
+        )
+    }
+
+    /// A stand-in API server (unit tests only; the real one is in tests/it/kube.rs) that
+    /// authenticates every review as shop/cart, confirming `audiences`.
+    async fn fake_api_server(audiences: serde_json::Value) -> TokenReviewAuthenticator {
+        use axum::routing::post;
+        let app = axum::Router::new().route(
+            "/apis/authentication.k8s.io/v1/tokenreviews",
+            post(move |body: axum::body::Bytes| {
+                let audiences = audiences.clone();
+                async move {
+                    let mut review: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    review["status"] = serde_json::json!({
+                        "authenticated": true,
+                        "audiences": audiences,
+                        "user": {
+                            "username": "system:serviceaccount:shop:cart",
+                            "groups": ["system:serviceaccounts", "system:serviceaccounts:shop"],
+                        },
+                    });
+                    ([("content-type", "application/json")], review.to_string())
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        TokenReviewAuthenticator::new(
+            kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap(),
+            vec!["istio-ca".into()],
+            TrustDomain::new("cluster.local").unwrap(),
+            crate::clock::system(),
+            Duration::ZERO,
+            ReviewLimits::default(),
+        )
+    }
+
+    /// The review must confirm one of our audiences; an API server authenticator that
+    /// ignores audiences answers with none (or others), and that token is not for us.
+    #[tokio::test]
+    async fn a_review_must_confirm_one_of_our_audiences() {
+        crate::install_crypto_provider();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let t = token(serde_json::json!({
+            "sub": "system:serviceaccount:shop:cart", "aud": ["istio-ca"], "exp": now + 3600
+        }));
+        let ok = fake_api_server(serde_json::json!(["istio-ca"])).await;
+        let caller = ok.authenticate_token(&t).await.unwrap();
+        assert_eq!(
+            caller.identity.to_string(),
+            "spiffe://cluster.local/ns/shop/sa/cart"
+        );
+        for audiences in [
+            serde_json::json!(null),
+            serde_json::json!([]),
+            serde_json::json!(["https://kubernetes.default.svc"]),
+        ] {
+            let a = fake_api_server(audiences.clone()).await;
+            let err = a.authenticate_token(&t).await.unwrap_err();
+            assert!(
+                !err.transient && err.reason.contains("audiences"),
+                "{audiences}: {err:?}"
+            );
+            assert_eq!(a.reviews.load(Ordering::Relaxed), 1);
+        }
+    }
+
+    /// Tokens that cannot be valid are refused as invalid (not retryable) without a review.
+    #[tokio::test]
+    async fn hopeless_tokens_never_reach_the_api_server() {
+        crate::install_crypto_provider();
+        let a = offline();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let sub = "system:serviceaccount:shop:cart";
+        let hopeless = [
+            "garbage".to_string(),
+            "a.b.c".to_string(),
+            token(serde_json::json!({"sub": sub, "aud": ["istio-ca"], "exp": now - 3600})),
+            token(serde_json::json!({"sub": sub, "aud": ["kubernetes"], "exp": now + 3600})),
+            token(serde_json::json!({"sub": sub, "aud": "istio-ca"})),
+            token(serde_json::json!({"sub": "admin", "aud": "istio-ca", "exp": now + 3600})),
+            token(
+                serde_json::json!({"sub": sub, "aud": "istio-ca", "exp": now + 3600, "nbf": now + 3600}),
+            ),
+        ];
+        for t in &hopeless {
+            let err = a.authenticate_token(t).await.unwrap_err();
+            assert!(!err.transient, "{t}: {}", err.reason);
+        }
+        assert_eq!(a.reviews.load(Ordering::Relaxed), 0);
+
+        // A plausible token does cost a review (which fails here: no API server).
+        let plausible =
+            token(serde_json::json!({"sub": sub, "aud": ["istio-ca"], "exp": now + 3600}));
+        let err = a.authenticate_token(&plausible).await.unwrap_err();
+        assert!(err.transient, "{}", err.reason);
+        assert_eq!(a.reviews.load(Ordering::Relaxed), 1);
     }
 
     #[test]

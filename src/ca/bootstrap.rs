@@ -88,10 +88,10 @@ pub fn signer_from_journal(journal: &Journal, td: &TrustDomain) -> Result<Signer
         alternates.extend(cross);
     }
     let view = RevocationView {
-        revoked_serials: journal
+        revoked: journal
             .revocations
             .iter()
-            .map(|r| r.serial.clone())
+            .map(|r| (issuer_name(journal, &r.issuer), r.serial.clone()))
             .collect(),
         denied_identities: journal.denied.iter().map(|d| d.identity.clone()).collect(),
         crl_pem: crl::bundle(journal),
@@ -146,4 +146,19 @@ pub async fn load_or_create(
     Err(CaError::Config(
         "could not load or create the CA: the store kept changing underneath".into(),
     ))
+}
+
+/// The subject name (DER) of the authority `id`, which is the issuer name of what it signed;
+/// empty (matching any issuer) when the authority is gone from the journal.
+fn issuer_name(journal: &Journal, id: &str) -> Vec<u8> {
+    journal
+        .get(id)
+        .and_then(|a| crate::pki::pem::parse_certs(a.cert_pem.as_bytes()).ok())
+        .and_then(|certs| certs.into_iter().next())
+        .and_then(|der| {
+            crate::pki::chain::parse(&der)
+                .ok()
+                .map(|c| c.subject().as_raw().to_vec())
+        })
+        .unwrap_or_default()
 }

@@ -12,6 +12,7 @@ pub mod revocation;
 pub mod rotation;
 pub mod scheduler;
 pub mod signer;
+pub mod update;
 
 use std::sync::Arc;
 

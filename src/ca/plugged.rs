@@ -194,15 +194,17 @@ fn load_crl(
             ));
         }
         for r in crl.iter_revoked_certificates() {
-            view.revoked_serials
-                .insert(chain::serial_hex(r.raw_serial()));
+            view.revoked.insert((
+                crl.issuer().as_raw().to_vec(),
+                chain::serial_hex(r.raw_serial()),
+            ));
         }
         if let Some(next) = crl.next_update() {
             let n = next.timestamp();
             view.crl_next_update = Some(view.crl_next_update.map_or(n, |c: i64| c.min(n)));
         }
     }
-    view.crl_entries = view.revoked_serials.len();
+    view.crl_entries = view.revoked.len();
     view.crl_pem = String::from_utf8_lossy(&text).into_owned();
     Ok(view)
 }

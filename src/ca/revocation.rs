@@ -96,20 +96,71 @@ pub fn deny_identity(
             .to_string(),
         ));
     }
-    let ts = now.unix_timestamp();
     j.denied.push(DeniedIdentity {
         identity: identity.to_string(),
-        since: ts,
+        since: now.unix_timestamp(),
         reason: reason.to_string(),
     });
+    revoke_denied(j, live, now, crl_validity)
+}
+
+/// Puts on the CRL every certificate in `live` whose identity the journal denies and that is
+/// not revoked yet, with the denial's reason, and re-signs the CRLs of their issuers. Returns
+/// how many were newly revoked.
+///
+/// A denial is written by one process (the CLI, a controller) while servers keep signing
+/// until they load it; the certificates they sign in between are in their issuance index, and
+/// each server runs this over its index once it has installed the denial, so none of them
+/// stays valid.
+pub fn revoke_denied(
+    j: &mut Journal,
+    live: &[IssuedEntry],
+    now: OffsetDateTime,
+    crl_validity: std::time::Duration,
+) -> Result<usize, CaError> {
+    let ts = now.unix_timestamp();
     let before = j.revocations.len();
-    for e in live
-        .iter()
-        .filter(|e| e.identity == identity && e.not_after >= ts)
-    {
-        add(j, e, reason, ts);
+    let mut issuers = Vec::new();
+    for e in live.iter().filter(|e| e.not_after >= ts) {
+        let Some(reason) = j.is_denied(&e.identity).map(|d| d.reason.clone()) else {
+            continue;
+        };
+        if j.is_revoked(&e.serial).is_none() {
+            add(j, e, &reason, ts);
+            issuers.push(e.issuer.clone());
+        }
     }
     let newly = j.revocations.len() - before;
-    resign(j, live.iter().map(|e| e.issuer.clone()), now, crl_validity)?;
+    if newly > 0 {
+        resign(j, issuers, now, crl_validity)?;
+    }
     Ok(newly)
+}
+
+/// Asks the scheduler to sweep the issuance index for denied identities again, now.
+///
+/// The issue path calls it when it finds, after signing, that the identity was denied in the
+/// meantime: that certificate is not handed out, and the sweep puts it on the CRL anyway.
+#[derive(Debug, Default)]
+pub struct SweepRequest {
+    pending: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl SweepRequest {
+    pub fn request(&self) {
+        self.pending
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.notify.notify_one();
+    }
+
+    /// Whether a sweep was asked for since the last call.
+    pub fn take(&self) -> bool {
+        self.pending
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub async fn requested(&self) {
+        self.notify.notified().await
+    }
 }

@@ -7,16 +7,24 @@
 //! committed journal and are idempotent, so a crash between any two writes is completed by
 //! the next step. A new root is only marked published after the bundle file was written, and
 //! activation waits from that mark.
+//!
+//! Every replica, leader or not, also sweeps its own issuance index once it has installed a
+//! new identity denial (see [`revocation::revoke_denied`]): certificates it signed before it
+//! saw the denial go on the CRL. The issue path re-checks the installed signer after
+//! recording each certificate, so no certificate is handed out that this sweep can miss.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::journal::Journal;
+use super::revocation::{self, SweepRequest};
 use super::rotation::{self, Action, RotationPolicy};
 use super::{bootstrap, crl, Ca, CaError};
 use crate::clock::SharedClock;
 use crate::identity::TrustDomain;
 use crate::shutdown::Shutdown;
+use crate::store::index::IssuanceIndex;
 use crate::store::{Revision, Store, StoreError};
 
 pub struct Scheduler {
@@ -31,6 +39,12 @@ pub struct Scheduler {
     leader: Option<tokio::sync::watch::Receiver<bool>>,
     /// Wakes `run` early (a watch saw the journal change).
     pub wake: Arc<tokio::sync::Notify>,
+    /// This replica's record of what it signed, swept for denied identities.
+    index: Option<Arc<dyn IssuanceIndex>>,
+    /// Denied identities already swept from the index.
+    swept: Mutex<HashSet<String>>,
+    /// Set by the issue path to force another sweep.
+    pub sweep: Arc<SweepRequest>,
 }
 
 /// What one step did.
@@ -65,7 +79,16 @@ impl Scheduler {
             installed: Mutex::new(None),
             leader: None,
             wake: Arc::new(tokio::sync::Notify::new()),
+            index: None,
+            swept: Mutex::new(HashSet::new()),
+            sweep: Arc::new(SweepRequest::default()),
         }
+    }
+
+    /// Sweeps `index` for the certificates of newly denied identities (see the module docs).
+    pub fn with_index(mut self, index: Arc<dyn IssuanceIndex>) -> Self {
+        self.index = Some(index);
+        self
     }
 
     /// Makes this scheduler write only while `leader` is true.
@@ -85,11 +108,72 @@ impl Scheduler {
             .load_journal()
             .await?
             .ok_or_else(|| CaError::Config("the store holds no CA journal yet".into()))?;
-        let installed = self.install(&current.value, &current.revision)?;
+        let mut installed = self.install(&current.value, &current.revision)?;
+        match self.sweep_denied(&current.value).await {
+            Ok(Some((journal, revision))) => installed |= self.install(&journal, &revision)?,
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "revocation sweep failed; retrying"),
+        }
         Ok(StepReport {
             actions: Vec::new(),
             installed,
         })
+    }
+
+    /// After a journal with identity denials is installed: puts every certificate this
+    /// replica recorded for a denied identity on the CRL. Reads the index only when there is
+    /// a denial not swept yet, or the issue path asked. Returns the journal it wrote, if any.
+    async fn sweep_denied(
+        &self,
+        journal: &Journal,
+    ) -> Result<Option<(Journal, Revision)>, CaError> {
+        let Some(index) = &self.index else {
+            return Ok(None);
+        };
+        let asked = self.sweep.take();
+        let denied: HashSet<String> = journal.denied.iter().map(|d| d.identity.clone()).collect();
+        let new_denial = {
+            let swept = self.swept.lock().unwrap_or_else(|p| p.into_inner());
+            denied.iter().any(|d| !swept.contains(d))
+        };
+        if denied.is_empty() || !(asked || new_denial) {
+            return Ok(None);
+        }
+        let now = self.clock.now();
+        let live: Vec<_> = match index.live(now.unix_timestamp()) {
+            Ok(l) => l
+                .into_iter()
+                .filter(|e| denied.contains(&e.identity))
+                .collect(),
+            Err(e) => {
+                if asked {
+                    self.sweep.request();
+                }
+                return Err(e.into());
+            }
+        };
+        let mut written = None;
+        if live.iter().any(|e| journal.is_revoked(&e.serial).is_none()) {
+            let validity = self.policy.crl_validity;
+            let result = super::update::update_journal(self.store.as_ref(), |j| {
+                revocation::revoke_denied(j, &live, now, validity).map_err(|e| e.to_string())
+            })
+            .await;
+            match result {
+                Ok((n, j, rev)) => {
+                    tracing::info!(target: "citadel::audit", event = "denied_identity_swept", revoked_certificates = n, "revoked certificates of denied identities signed before the denial reached this replica");
+                    written = Some((j, rev));
+                }
+                Err(e) => {
+                    // Not marked as swept: the next pass tries again.
+                    return Err(CaError::Config(format!(
+                        "could not revoke certificates of denied identities: {e}"
+                    )));
+                }
+            }
+        }
+        *self.swept.lock().unwrap_or_else(|p| p.into_inner()) = denied;
+        Ok(written)
     }
 
     /// Runs everything that is due now, then publishes and installs the result.
@@ -111,6 +195,12 @@ impl Scheduler {
                 // Install what is committed first (safe: a new chain activates only after its
                 // bundle was published), then publish; a failed publish is retried next pass.
                 report.installed = self.install(&journal, &current.revision)?;
+                match self.sweep_denied(&journal).await {
+                    Ok(Some(_)) => continue, // install and publish the new revocations
+                    Ok(None) => {}
+                    // Signing and publishing go on; the sweep is retried next pass.
+                    Err(e) => tracing::error!(error = %e, "revocation sweep failed; retrying"),
+                }
                 self.publish(&journal).await?;
                 if let Some(r) = journal
                     .root_rotation
@@ -190,6 +280,7 @@ impl Scheduler {
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
                 _ = self.wake.notified() => {}
+                _ = self.sweep.requested() => {}
                 _ = async { match leader.as_mut() { Some(l) => { let _ = l.changed().await; } None => std::future::pending().await } } => {}
                 _ = shutdown.wait() => return,
             }

@@ -53,14 +53,32 @@ pub struct Signer {
     rotation_stage: u8,
 }
 
-/// What a signer knows about revocation: revoked serials, denied identities, CRL PEM.
+/// What a signer knows about revocation: revoked certificates, denied identities, CRL PEM.
 #[derive(Debug, Clone, Default)]
 pub struct RevocationView {
-    pub revoked_serials: std::collections::HashSet<String>,
+    /// Revoked certificates as (issuer name DER, serial hex): a serial is only unique per
+    /// issuer, and one CRL file may carry the CRLs of several issuers (a plugged-in CA's root
+    /// and intermediate). An empty issuer matches any issuer (a journal revocation whose
+    /// issuing authority is no longer known).
+    pub revoked: std::collections::HashSet<(Vec<u8>, String)>,
     pub denied_identities: std::collections::HashSet<String>,
     pub crl_pem: String,
     pub crl_entries: usize,
     pub crl_next_update: Option<i64>,
+}
+
+impl RevocationView {
+    /// Whether the certificate with this issuer name (DER) and serial is revoked.
+    pub fn revokes(&self, issuer_raw: &[u8], serial_hex: &str) -> bool {
+        // Probe without allocating the key on the common path (nothing revoked).
+        if self.revoked.is_empty() {
+            return false;
+        }
+        let serial = serial_hex.to_string();
+        self.revoked
+            .contains(&(issuer_raw.to_vec(), serial.clone()))
+            || self.revoked.contains(&(Vec::new(), serial))
+    }
 }
 
 impl std::fmt::Debug for Signer {
@@ -197,8 +215,14 @@ impl Signer {
         self.revocations.denied_identities.contains(identity)
     }
 
-    pub fn is_revoked(&self, serial_hex: &str) -> bool {
-        self.revocations.revoked_serials.contains(serial_hex)
+    /// Whether the certificate `der` is on a CRL this signer enforces, matched by its issuer
+    /// name and serial. An unreadable certificate counts as revoked (fail closed).
+    pub fn is_revoked(&self, der: &[u8]) -> bool {
+        let Ok(c) = chain::parse(der) else {
+            return true;
+        };
+        self.revocations
+            .revokes(c.issuer().as_raw(), &chain::serial_hex(c.raw_serial()))
     }
 
     /// Cross-signed certificates sent after the intermediates.
@@ -290,13 +314,12 @@ impl Signer {
         &self,
         key: &SubjectKey,
         id: &SpiffeId,
-        common_name: Option<&str>,
         now: OffsetDateTime,
         ttl: Duration,
     ) -> Result<Issued, SignError> {
         let (nb, na) = self.validity(now, ttl)?;
         let serial = random_serial();
-        let params = profile::workload(id, common_name, &serial, nb, na)?;
+        let params = profile::workload(id, &serial, nb, na)?;
         let cert = params
             .signed_by(key, &self.issuer)
             .map_err(PkiError::from)?;
@@ -369,7 +392,7 @@ mod tests {
         let key = subject_key(&id);
 
         let leaf = signer
-            .issue_workload(&key, &id, None, now, Duration::from_secs(3600))
+            .issue_workload(&key, &id, now, Duration::from_secs(3600))
             .unwrap();
         assert_eq!(leaf.not_before, now - time::Duration::minutes(2));
         assert_eq!(leaf.not_after, now + time::Duration::hours(1));
@@ -377,14 +400,14 @@ mod tests {
         // 40h later the issuer has 8h left: a 24h request is capped there.
         let later = now + time::Duration::hours(40);
         let leaf = signer
-            .issue_workload(&key, &id, None, later, Duration::from_secs(86_400))
+            .issue_workload(&key, &id, later, Duration::from_secs(86_400))
             .unwrap();
         assert_eq!(leaf.not_after, signer.signing_cert().not_after);
 
         // After the issuer expires nothing is signed.
         let dead = now + time::Duration::hours(49);
         assert!(matches!(
-            signer.issue_workload(&key, &id, None, dead, Duration::from_secs(60)),
+            signer.issue_workload(&key, &id, dead, Duration::from_secs(60)),
             Err(SignError::Expired(_))
         ));
     }
@@ -394,7 +417,7 @@ mod tests {
         let now = OffsetDateTime::now_utc();
         let (signer, id) = setup(Duration::from_secs(86_400), now);
         let leaf = signer
-            .issue_workload(&subject_key(&id), &id, None, now, Duration::from_secs(3600))
+            .issue_workload(&subject_key(&id), &id, now, Duration::from_secs(3600))
             .unwrap();
         let (_, c) = X509Certificate::from_der(&leaf.der).unwrap();
         assert_eq!(c.subject().iter().count(), 0);
@@ -425,7 +448,7 @@ mod tests {
         let serials: std::collections::HashSet<_> = (0..500)
             .map(|_| {
                 signer
-                    .issue_workload(&key, &id, None, now, Duration::from_secs(60))
+                    .issue_workload(&key, &id, now, Duration::from_secs(60))
                     .unwrap()
                     .serial_hex
             })

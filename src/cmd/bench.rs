@@ -367,7 +367,7 @@ fn micro(distinct: usize, iterations: usize, key_type: KeyType) -> CmdResult {
         let c = &parsed[i % distinct];
         let sa = ServiceAccount::new("bench", &format!("w{}", i % distinct)).expect("name");
         signer
-            .issue_workload(&c.key, &td.service_account_id(&sa), None, now, ttl)
+            .issue_workload(&c.key, &td.service_account_id(&sa), now, ttl)
             .expect("signs");
     });
     time_it("whole issue path (all of the above + chain)", &mut |i| {
@@ -378,7 +378,6 @@ fn micro(distinct: usize, iterations: usize, key_type: KeyType) -> CmdResult {
             .issue_workload(
                 &c.key,
                 &td.service_account_id(&id.service_account),
-                None,
                 now,
                 ttl,
             )

@@ -296,7 +296,7 @@ async fn rotate_root(a: RotateArgs) -> CmdResult {
         ..RotationPolicy::default()
     };
     let now = OffsetDateTime::now_utc();
-    let (_, j) = super::revoke::update_journal(store.as_ref(), &a.state.describe(), |j| {
+    let (_, j) = super::revoke::update_journal(store.as_ref(), |j| {
         rotation::prepare_root_rotation(j, now, &policy, "operator", activate_after, a.retire_after)
             .map_err(|e| e.to_string())
     })

@@ -12,7 +12,7 @@ use crate::duration::clap_parse;
 use crate::identity::SpiffeId;
 use crate::store::file::FileStore;
 use crate::store::index::{FileIndex, IssuanceIndex};
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 
 use super::CmdResult;
 
@@ -69,34 +69,16 @@ pub fn normalize_serial(s: &str) -> Option<String> {
     Some(crate::pki::chain::serial_hex(&bytes))
 }
 
-/// Applies `change` to the journal with compare-and-swap, retrying on conflicts, then
-/// publishes the CRLs. Shared by revoke and rotate-root.
+/// Applies `change` to the journal (see [`crate::ca::update`]); errors become CLI text.
+/// Shared by revoke and rotate-root.
 pub(crate) async fn update_journal<T>(
     store: &dyn Store,
-    what: &str,
-    mut change: impl FnMut(&mut Journal) -> Result<T, String>,
+    change: impl FnMut(&mut Journal) -> Result<T, String>,
 ) -> Result<(T, Journal), String> {
-    for _ in 0..10 {
-        let cur = store
-            .load_journal()
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("{what} holds no CA journal: this needs citadel's own CA (for a plugged-in CA, revoke upstream and update ca-crl.pem)"))?;
-        let mut j = cur.value.clone();
-        let out = change(&mut j)?;
-        match store.save_journal(&j, Some(&cur.revision)).await {
-            Ok(_) => {
-                store
-                    .publish_crl(&crl::bundle(&j))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                return Ok((out, j));
-            }
-            Err(StoreError::Conflict) => continue,
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-    Err("the CA journal kept changing; try again".into())
+    crate::ca::update::update_journal(store, change)
+        .await
+        .map(|(out, j, _)| (out, j))
+        .map_err(|e| e.to_string())
 }
 
 pub async fn run(args: Args) -> CmdResult {
@@ -122,7 +104,7 @@ pub async fn run(args: Args) -> CmdResult {
         let entry = live.iter().find(|e| e.serial == serial).cloned().ok_or_else(|| {
             format!("no live certificate with serial {serial} in {}: it may have expired (nothing to revoke) or come from another CA", index_path(&args))
         })?;
-        update_journal(&store, &args.state_dir.display().to_string(), |j| {
+        update_journal(&store, |j| {
             revocation::revoke_serial(j, &entry, &args.reason, now, args.crl_validity)
                 .map_err(|e| e.to_string())
         })
@@ -136,7 +118,7 @@ pub async fn run(args: Args) -> CmdResult {
         );
     } else if let Some(raw) = &args.identity {
         let id = SpiffeId::parse(raw).map_err(|e| e.to_string())?;
-        let (n, _) = update_journal(&store, &args.state_dir.display().to_string(), |j| {
+        let (n, _) = update_journal(&store, |j| {
             if id.trust_domain().as_str() != j.trust_domain {
                 return Err(format!(
                     "{id} is outside this CA's trust domain {:?}; nothing changed",

@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::auth::client_cert::ClientCertAuthenticator;
 use crate::auth::jwks::Jwks;
 use crate::auth::jwt::{JwtAuthenticator, JwtPolicy, DEFAULT_LEEWAY};
-use crate::auth::tokenreview::TokenReviewAuthenticator;
+use crate::auth::tokenreview::{ReviewLimits, TokenReviewAuthenticator};
 use crate::auth::{AuthChain, Authenticator};
 use crate::ca::bootstrap::{self, CaOptions};
 use crate::ca::policy::TtlPolicy;
@@ -182,6 +182,18 @@ pub struct Args {
     #[arg(long, default_value_t = 100, value_name = "N")]
     pub kube_burst: u32,
 
+    /// The longest a request waits for its turn under --kube-qps. A request that would wait
+    /// longer fails at once with Unavailable (istio-agent retries it), so a flood of tokens
+    /// cannot queue up honest pods' first certificates.
+    #[arg(long, default_value = "2s", value_parser = clap_parse, value_name = "DUR")]
+    pub kube_review_max_wait: Duration,
+
+    /// CreateCertificate calls in progress at once; beyond it a call is refused at once with
+    /// ResourceExhausted, which istio-agent retries. (Each HTTP/2 connection may also carry
+    /// at most 256 streams, headers are limited to 32 KiB and a call to 30s.)
+    #[arg(long, default_value_t = 1024, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_inflight: u32,
+
     /// How often the scheduler reloads state (picks up `citadel revoke` and
     /// `citadel ca rotate-root`) and runs what is due.
     #[arg(long, default_value = "1s", value_parser = clap_parse, value_name = "DUR")]
@@ -215,8 +227,11 @@ async fn build_auth(
             args.trust_domain.clone(),
             clock.clone(),
             args.token_cache_ttl,
-            args.kube_qps,
-            args.kube_burst,
+            ReviewLimits {
+                qps: args.kube_qps,
+                burst: args.kube_burst,
+                max_wait: args.kube_review_max_wait,
+            },
         )));
         return Ok((AuthChain::new(members), None));
     }
@@ -528,6 +543,12 @@ pub async fn serve(
             s(3600),
         )?;
         check_range(
+            "--kube-review-max-wait",
+            args.kube_review_max_wait,
+            Duration::ZERO,
+            s(60),
+        )?;
+        check_range(
             "--token-cache-ttl",
             args.token_cache_ttl,
             Duration::ZERO,
@@ -604,13 +625,19 @@ pub async fn serve(
                         .map_err(|e| e.to_string())?;
                 }
             }
+            let index = Arc::new(FileIndex::new(&args.state_dir));
+            let live = index
+                .prune(clock.now().unix_timestamp())
+                .map_err(|e| e.to_string())?;
+            tracing::debug!(live, "issuance index pruned");
             let mut scheduler = Scheduler::new(
                 store.clone(),
                 ca.clone(),
                 rotation_policy(&args)?,
                 clock.clone(),
                 args.trust_domain.clone(),
-            );
+            )
+            .with_index(index.clone());
             if let Some(k) = &kube {
                 scheduler = scheduler.with_leader(k.elector.subscribe());
                 tokio::spawn(watch_journal(
@@ -632,11 +659,6 @@ pub async fn serve(
                 tracing::info!(reason = %e, "CA not fully published yet; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            let index = Arc::new(FileIndex::new(&args.state_dir));
-            let live = index
-                .prune(clock.now().unix_timestamp())
-                .map_err(|e| e.to_string())?;
-            tracing::debug!(live, "issuance index pruned");
             (Some(index as Arc<dyn IssuanceIndex>), Some(scheduler))
         }
     };
@@ -687,6 +709,13 @@ pub async fn serve(
         metrics,
         tls,
         index: index.clone(),
+        sweep: scheduler
+            .as_ref()
+            .map(|s| s.sweep.clone())
+            .unwrap_or_default(),
+        limits: crate::server::Limits {
+            max_inflight: args.max_inflight as usize,
+        },
     };
     if let Some(s) = scheduler {
         tokio::spawn(s.run(args.reconcile_interval, shutdown.clone()));

@@ -68,7 +68,8 @@ pub struct VerifiedCsr {
     pub key: SubjectKey,
     /// URI SANs the CSR asked for (istio-agent sends its own SPIFFE ID).
     pub uri_sans: Vec<String>,
-    /// The subject CN, when the CSR had one.
+    /// The subject CN, when the CSR had one. Only for logs: it is never copied into a
+    /// certificate (see `profile::workload`).
     pub common_name: Option<String>,
 }
 

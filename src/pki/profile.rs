@@ -72,20 +72,19 @@ pub fn intermediate(
     p
 }
 
-/// A workload SVID, istiod's leaf profile: empty subject (so the URI SAN is critical) unless
-/// the CSR carried a CN, KeyUsage digitalSignature + keyEncipherment, EKU server + client auth,
-/// CA:false.
+/// A workload SVID, istiod's leaf profile: empty subject (so the URI SAN is critical),
+/// KeyUsage digitalSignature + keyEncipherment, EKU server + client auth, CA:false.
+///
+/// There is deliberately no way to put a subject CN here: a CN the caller chose would be
+/// signed unchecked, and OpenSSL-style clients fall back to the CN for hostname checks when a
+/// certificate has no DNS SAN, so a workload could pose as any host or identity it named.
 pub fn workload(
     id: &SpiffeId,
-    common_name: Option<&str>,
     serial: &[u8],
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
 ) -> Result<CertificateParams, PkiError> {
     let mut p = base(serial, not_before, not_after);
-    if let Some(cn) = common_name {
-        p.distinguished_name.push(DnType::CommonName, cn);
-    }
     p.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
     leaf_usages(&mut p);
     Ok(p)

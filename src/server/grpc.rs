@@ -37,6 +37,8 @@ pub enum IssueError {
     NotReady(String),
     #[error("signing failed")]
     Sign(#[source] SignError),
+    #[error("the CA is at its limit of requests in progress (--max-inflight); retry shortly")]
+    Busy,
 }
 
 impl IssueError {
@@ -49,6 +51,7 @@ impl IssueError {
             }
             IssueError::PermissionDenied(_) => Code::PermissionDenied,
             IssueError::NotReady(_) => Code::Unavailable,
+            IssueError::Busy => Code::ResourceExhausted,
             IssueError::Sign(_) => Code::Internal,
         };
         Status::new(code, self.to_string())
@@ -64,6 +67,10 @@ pub struct CaService {
     pub metrics: Arc<Metrics>,
     /// Where issued certificates are recorded for `revoke --identity`; `None` keeps no index.
     pub index: Option<Arc<dyn IssuanceIndex>>,
+    /// Asks the scheduler to sweep the index again (a denial raced with a signature).
+    pub sweep: Arc<crate::ca::revocation::SweepRequest>,
+    /// One permit per call in progress (`Limits::max_inflight`).
+    pub inflight: Arc<tokio::sync::Semaphore>,
 }
 
 fn bearer(req: &Request<IstioCertificateRequest>) -> Result<Option<&str>, IssueError> {
@@ -157,13 +164,7 @@ impl CaService {
             )));
         }
         let issued = signer
-            .issue_workload(
-                &csr.key,
-                &caller.identity,
-                csr.common_name.as_deref(),
-                self.clock.now(),
-                ttl,
-            )
+            .issue_workload(&csr.key, &caller.identity, self.clock.now(), ttl)
             .map_err(|e| match e {
                 SignError::Expired(at) => {
                     self.metrics.sign_error("ca_expired");
@@ -182,8 +183,25 @@ impl CaService {
                 issuer: signer.id().to_string(),
             };
             if let Err(e) = index.record(&entry) {
-                // The certificate is valid and in the audit log; only `revoke --identity` would miss it.
-                tracing::error!(error = %e, serial = %issued.serial_hex, "could not record the certificate in the issuance index");
+                // Fail closed: a certificate missing from the index could not be revoked by
+                // `revoke --identity`, so it is not handed out.
+                tracing::error!(error = %e, serial = %issued.serial_hex, identity = %want, "could not record the certificate in the issuance index; refusing it");
+                self.metrics.sign_error("index");
+                return Err(IssueError::NotReady(
+                    "the CA cannot record certificates right now".into(),
+                ));
+            }
+            // The identity may have been denied while this request signed with the signer it
+            // loaded before. The scheduler installs a denial before it sweeps the index, and
+            // this reads the installed signer after recording: so either the sweep sees this
+            // certificate, or this check sees the denial. Never hand out one that neither
+            // saw.
+            if self.ca.current().is_some_and(|s| s.is_denied(&want)) {
+                self.sweep.request();
+                self.metrics.id_extraction_err_count.inc();
+                return Err(IssueError::PermissionDenied(format!(
+                    "{want} has been revoked by an operator and may get no new certificate"
+                )));
             }
         }
         let chain = signer.response_chain(issued.pem.clone());
@@ -214,7 +232,13 @@ impl IstioCertificateService for CaService {
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         let start = Instant::now();
         self.metrics.csr_count.inc();
-        let result = self.issue(&request).await;
+        let result = match self.inflight.clone().try_acquire_owned() {
+            Ok(_permit) => self.issue(&request).await,
+            Err(_) => {
+                self.metrics.sign_error("busy");
+                Err(IssueError::Busy)
+            }
+        };
         self.metrics.latency.observe(start.elapsed());
         match result {
             Ok((caller, out)) => {

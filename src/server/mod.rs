@@ -27,6 +27,30 @@ pub use metrics::Metrics;
 /// gRPC messages above this are refused by the transport (our CSR limit is 64 KiB).
 const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 streams one connection may have open at once. An agent needs one; a load
+/// generator or a proxy multiplexing many agents needs more, and beyond this a client should
+/// open another connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// Request header bytes (HPACK-decoded). A service-account token is 1-2 KiB and we refuse
+/// tokens over 16 KiB anyway; a 1 MiB header is refused by the transport before we see it.
+pub const MAX_HEADER_LIST_BYTES: u32 = 32 * 1024;
+/// No CreateCertificate takes longer; a request stuck past it (an API server that never
+/// answers) is cancelled and its slot freed.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Limits on the CA port that operators may tune.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// CreateCertificate calls in progress at once, over all connections; beyond it a call
+    /// is refused at once with ResourceExhausted (istio-agent retries it with backoff).
+    pub max_inflight: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_inflight: 1024 }
+    }
+}
 
 /// Everything the CA port needs.
 pub struct Server {
@@ -39,6 +63,9 @@ pub struct Server {
     pub tls: Option<Arc<tls::TlsState>>,
     /// Issuance index for `revoke --identity`.
     pub index: Option<Arc<dyn crate::store::index::IssuanceIndex>>,
+    /// The scheduler's sweep trigger for that index.
+    pub sweep: Arc<crate::ca::revocation::SweepRequest>,
+    pub limits: Limits,
 }
 
 /// What the readiness probe and metrics page look at.
@@ -100,10 +127,15 @@ impl Server {
             clock: self.clock.clone(),
             metrics: self.metrics,
             index: self.index,
+            sweep: self.sweep,
+            inflight: Arc::new(tokio::sync::Semaphore::new(self.limits.max_inflight)),
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let router = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
+            .timeout(REQUEST_TIMEOUT)
             .add_service(service);
         let stop = {
             let sd = shutdown.clone();

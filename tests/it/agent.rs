@@ -352,7 +352,7 @@ fn secrets(r: &DiscoveryResponse) -> Vec<Secret> {
 #[tokio::test]
 async fn sds_pushes_to_every_stream_handles_nack_without_looping_and_serves_reconnects() {
     let tmp = tempfile::tempdir().unwrap();
-    let path = tmp.path().join("sds.sock");
+    let path = tmp.path().join("run/sds/sds.sock");
     let (tx, rx) = watch::channel(None);
     let stats = AgentStats::new();
     let (trigger, sd) = shutdown::channel();
@@ -361,6 +361,13 @@ async fn sds_pushes_to_every_stream_handles_nack_without_looping_and_serves_reco
         async move { sds::serve(&path, rx, stats, sd).await }
     });
     until("socket", 5, || path.exists()).await;
+    for d in ["run", "run/sds"] {
+        assert_eq!(
+            crate::support::file_mode(&tmp.path().join(d)),
+            0o700,
+            "{d}: the socket serves private keys; its directories are the agent's alone"
+        );
+    }
 
     // Streams opened before any certificate exists wait, then both get the first push.
     let mut a = Stream::open(&path, &["default"]).await;

@@ -366,6 +366,11 @@ async fn agent_once_writes_files_and_a_running_agent_reports_health_and_metrics(
         "{out}"
     );
     assert_eq!(crate::support::file_mode(&dir.join("once/key.pem")), 0o600);
+    assert_eq!(
+        crate::support::file_mode(&dir.join("once")),
+        0o750,
+        "the agent creates its output directory without world access, whatever the umask"
+    );
     for f in ["cert-chain.pem", "root-cert.pem"] {
         assert!(std::fs::read_to_string(dir.join("once").join(f))
             .unwrap()

@@ -120,32 +120,37 @@ async fn requested_ttl_is_honoured_and_clamped_to_the_signer() {
 async fn csr_without_san_or_with_cn_gets_the_callers_identity() {
     let ca = TestCa::start(&[]).await;
     let mut client = ca.client().await;
-    let key = KeyType::EcP256.generate().unwrap();
-    let mut p = rcgen::CertificateParams::default();
-    p.distinguished_name = rcgen::DistinguishedName::new();
-    p.distinguished_name
-        .push(rcgen::DnType::CommonName, "cart.shop.svc");
-    // A DNS SAN is overwritten, as istiod does.
-    p.subject_alt_names = vec![rcgen::SanType::DnsName("evil.example".try_into().unwrap())];
-    let csr = p.serialize_request(&key).unwrap().pem().unwrap();
-    let chain = issue(&mut client, &csr, "shop", "cart").await;
-    let der = pem::parse_certs(chain[0].as_bytes()).unwrap().remove(0);
-    let (_, cert) = X509Certificate::from_der(&der).unwrap();
-    let san = cert.subject_alternative_name().unwrap().unwrap();
-    assert_eq!(
-        san.value.general_names,
-        vec![GeneralName::URI("spiffe://cluster.local/ns/shop/sa/cart")]
-    );
-    assert!(!san.critical, "SAN is not critical when a CN is present");
-    assert_eq!(
-        cert.subject()
-            .iter_common_name()
-            .next()
-            .unwrap()
-            .as_str()
-            .unwrap(),
-        "cart.shop.svc"
-    );
+    // A caller-chosen CN is never signed: OpenSSL-style clients fall back to the CN for
+    // hostname checks when there is no DNS SAN, so each of these would let `cart` pose as
+    // someone else.
+    for cn in [
+        "payments.prod.svc.cluster.local",
+        "*.svc.cluster.local",
+        "spiffe://cluster.local/ns/prod/sa/payments",
+    ] {
+        let key = KeyType::EcP256.generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        // A DNS SAN is overwritten, as istiod does.
+        p.subject_alt_names = vec![rcgen::SanType::DnsName("evil.example".try_into().unwrap())];
+        let csr = p.serialize_request(&key).unwrap().pem().unwrap();
+        let chain = issue(&mut client, &csr, "shop", "cart").await;
+        let der = pem::parse_certs(chain[0].as_bytes()).unwrap().remove(0);
+        let (_, cert) = X509Certificate::from_der(&der).unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        assert_eq!(
+            san.value.general_names,
+            vec![GeneralName::URI("spiffe://cluster.local/ns/shop/sa/cart")]
+        );
+        assert!(san.critical, "empty subject, so the SAN is critical");
+        assert_eq!(
+            cert.subject().iter().count(),
+            0,
+            "CN {cn:?} was copied into the leaf: {}",
+            cert.subject()
+        );
+    }
     ca.stop().await;
 }
 

@@ -7,6 +7,7 @@ mod envoy;
 mod errors;
 mod issue;
 mod kube;
+mod kube_abuse;
 mod lifecycle;
 mod revocation;
 mod rotation;

@@ -3,6 +3,8 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use citadel::pki::{chain, pem, KeyType};
@@ -155,7 +157,15 @@ async fn revoking_a_serial_and_an_identity_takes_effect_without_restart() {
     );
 
     let metrics = ca.metrics().await;
-    assert!(metrics.contains("citadel_ca_crl_entries 3\n"), "{metrics}");
+    // The cart's serial and the frontend's two live certificates; possibly more: a request
+    // polling above may have signed just before the denial was installed, and was then
+    // refused and its certificate revoked by the sweep.
+    let entries: usize = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("citadel_ca_crl_entries "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(entries >= 3, "{metrics}");
     assert!(
         metrics.contains("citadel_ca_revoked_identities 1\n"),
         "{metrics}"
@@ -242,6 +252,100 @@ async fn revoking_a_serial_and_an_identity_takes_effect_without_restart() {
         ok && out.contains("3 revoked certificate(s), 1 denied identity"),
         "{out}"
     );
+    ca.stop().await;
+}
+
+/// Serials on the CRLs in `<state>/ca-crl.pem`.
+fn crl_serials(state: &Path) -> std::collections::HashSet<String> {
+    use x509_parser::prelude::FromDer;
+    use x509_parser::revocation_list::CertificateRevocationList;
+    let text = std::fs::read(state.join("ca-crl.pem")).unwrap_or_default();
+    let mut out = std::collections::HashSet::new();
+    for b in ::pem::parse_many(text).unwrap() {
+        let (_, crl) = CertificateRevocationList::from_der(b.contents()).unwrap();
+        for r in crl.iter_revoked_certificates() {
+            out.insert(chain::serial_hex(r.raw_serial()));
+        }
+    }
+    out
+}
+
+/// `revoke --identity` under steady load. The CLI reads the issuance index and writes the
+/// denial; the server goes on signing with what it has until it loads the denial (here up to
+/// a 1s reconcile interval later). Every certificate of the identity handed out, including
+/// those signed in that window, must end up on the CRL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denial_revokes_every_certificate_signed_while_it_was_being_applied() {
+    let ca = TestCa::start(&["--reconcile-interval", "1s"]).await;
+    let state = ca.state_dir();
+    let victim = spiffe("shop", "cart");
+    let (_, csr) = csr_for(KeyType::EcP256, &victim);
+    let stop = Arc::new(AtomicBool::new(false));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let handed_out = Arc::new(Mutex::new(Vec::new()));
+    let mut load = Vec::new();
+    for _ in 0..6 {
+        let (mut client, csr) = (ca.client().await, csr.clone());
+        let (stop, refused, handed_out) = (stop.clone(), refused.clone(), handed_out.clone());
+        load.push(tokio::spawn(async move {
+            let auth = bearer(&token("shop", "cart"));
+            while !stop.load(Ordering::Relaxed) {
+                match call(&mut client, &csr, Some(&auth), 0, None).await {
+                    Ok(chain) => handed_out.lock().unwrap().push(serial_of(&chain)),
+                    Err(s) if s.code() == Code::PermissionDenied => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(s) => panic!("unexpected refusal under load: {s:?}"),
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (ok, out) = tokio::task::spawn_blocking({
+        let state = state.clone();
+        move || {
+            cli(
+                &["revoke", "--identity", &spiffe("shop", "cart").to_string()],
+                &state,
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{out}");
+    let before_server = handed_out.lock().unwrap().len();
+    eventually("the server refuses the denied identity", || {
+        let r = refused.clone();
+        async move { r.load(Ordering::Relaxed) > 0 }
+    })
+    .await;
+    // A little more load after the denial is in force: all refused.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    let handed_out: Vec<String> = std::mem::take(&mut *handed_out.lock().unwrap());
+    assert!(
+        handed_out.len() > before_server,
+        "the test must exercise the window: certificates were signed after the CLI wrote the denial ({} before, {} in all)",
+        before_server,
+        handed_out.len()
+    );
+    eventually("every certificate handed out is on the CRL", || {
+        let (state, handed_out) = (state.clone(), handed_out.clone());
+        async move {
+            let crl = crl_serials(&state);
+            handed_out.iter().all(|s| crl.contains(s))
+        }
+    })
+    .await;
+    let crl = crl_serials(&state);
+    let missing = handed_out.iter().filter(|s| !crl.contains(*s)).count();
+    assert_eq!(missing, 0, "of {} handed out", handed_out.len());
+    // The server keeps serving everyone else.
+    let (_, other) = csr_for(KeyType::EcP256, &spiffe("shop", "frontend"));
+    issue(&mut ca.client().await, &other, "shop", "frontend").await;
     ca.stop().await;
 }
 

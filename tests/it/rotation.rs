@@ -251,13 +251,7 @@ impl World {
     fn issue(&mut self, ttl: Duration) {
         let signer = self.scheduler.ca.current().unwrap();
         let issued = signer
-            .issue_workload(
-                &self.key,
-                &spiffe("shop", "cart"),
-                None,
-                self.clock.now(),
-                ttl,
-            )
+            .issue_workload(&self.key, &spiffe("shop", "cart"), self.clock.now(), ttl)
             .unwrap();
         // Response order: cross-signed (if any) first, then the regular intermediates.
         let mut chain: Vec<CertificateDer<'static>> = signer.alternates_der().to_vec();

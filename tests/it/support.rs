@@ -292,6 +292,8 @@ pub fn dev_server(
         metrics: std::sync::Arc::new(citadel::server::Metrics::default()),
         tls,
         index: None,
+        sweep: Default::default(),
+        limits: citadel::server::Limits::default(),
     }
 }
 

@@ -1,0 +1,57 @@
+//! One compare-and-swap loop over the stored journal, for every writer outside the
+//! scheduler's own plan/apply pass: `citadel revoke`, `citadel ca rotate-root`, and the
+//! scheduler's revocation sweep.
+//!
+//! The change is applied to a fresh copy of what is stored and written only if nobody wrote
+//! in between; on a conflict it is re-applied to the newer journal. The CRLs derived from the
+//! committed journal are published afterwards, so a crash in between is repaired by the next
+//! publish (publishing is idempotent).
+
+use super::journal::Journal;
+use super::{crl, CaError};
+use crate::store::{Revision, Store, StoreError};
+
+/// How many times a change is re-applied after conflicting writes before giving up.
+const ATTEMPTS: usize = 10;
+
+/// Why an update did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    /// The store holds no journal (a plugged-in CA, or the wrong state directory).
+    #[error("{0} holds no CA journal: this needs citadel's own CA (for a plugged-in CA, revoke upstream and update ca-crl.pem)")]
+    NoJournal(String),
+    /// The change itself refused (already revoked, wrong trust domain, ...).
+    #[error("{0}")]
+    Refused(String),
+    #[error("the CA journal kept changing; try again")]
+    Contended,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Ca(#[from] CaError),
+}
+
+/// Applies `change` to the stored journal with compare-and-swap, retrying on conflicts, then
+/// publishes the CRLs. Returns what `change` returned, the committed journal and its revision.
+pub async fn update_journal<T>(
+    store: &dyn Store,
+    mut change: impl FnMut(&mut Journal) -> Result<T, String>,
+) -> Result<(T, Journal, Revision), UpdateError> {
+    for _ in 0..ATTEMPTS {
+        let cur = store
+            .load_journal()
+            .await?
+            .ok_or_else(|| UpdateError::NoJournal(store.describe()))?;
+        let mut j = cur.value.clone();
+        let out = change(&mut j).map_err(UpdateError::Refused)?;
+        match store.save_journal(&j, Some(&cur.revision)).await {
+            Ok(rev) => {
+                store.publish_crl(&crl::bundle(&j)).await?;
+                return Ok((out, j, rev));
+            }
+            Err(StoreError::Conflict) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(UpdateError::Contended)
+}
