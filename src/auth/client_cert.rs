@@ -9,9 +9,9 @@ use std::sync::Arc;
 use super::{AuthFailure, AuthMethod, Authenticator, Caller, Credentials};
 use crate::ca::Ca;
 use crate::clock::SharedClock;
+use crate::future::BoxFuture;
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::pki::chain::{self, Usage};
-use crate::store::BoxFuture;
 
 pub struct ClientCertAuthenticator {
     ca: Arc<Ca>,
@@ -108,9 +108,9 @@ impl Authenticator for ClientCertAuthenticator {
 mod tests {
     use super::*;
     use crate::ca::bootstrap::{self, CaOptions};
-    use crate::ca::journal::Journal;
     use crate::ca::signer::RevocationView;
     use crate::clock::ManualClock;
+    use crate::journal::Journal;
     use crate::pki::{keys, pem, KeyType};
     use rcgen::{CertificateParams, Issuer, SanType};
     use rustls_pki_types::CertificateDer;

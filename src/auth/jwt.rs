@@ -13,8 +13,8 @@ use super::jwks::Jwks;
 use super::jws::{self, JwsError};
 use super::{AuthFailure, AuthMethod, Authenticator, Caller, Credentials};
 use crate::clock::SharedClock;
+use crate::future::BoxFuture;
 use crate::identity::{ServiceAccount, TrustDomain};
-use crate::store::BoxFuture;
 
 /// Clock skew tolerated on exp and nbf.
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);

@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use rustls_pki_types::CertificateDer;
 
+use crate::future::BoxFuture;
 use crate::identity::SpiffeId;
-use crate::store::BoxFuture;
 
 /// The credentials a request carries.
 ///

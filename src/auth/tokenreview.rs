@@ -28,8 +28,8 @@ use kube::api::{Api, PostParams};
 use super::jwt::{self, JwtPolicy};
 use super::{jws, AuthFailure, AuthMethod, Authenticator, Caller, Credentials};
 use crate::clock::SharedClock;
+use crate::future::BoxFuture;
 use crate::identity::{ServiceAccount, TrustDomain};
-use crate::store::BoxFuture;
 
 /// Most entries the cache holds; beyond it, expired entries are dropped, then the oldest.
 const MAX_CACHE_ENTRIES: usize = 100_000;

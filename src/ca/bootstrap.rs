@@ -5,11 +5,11 @@ use std::time::Duration;
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 
-use super::journal::{AuthorityRecord, Journal, Status};
 use super::signer::RevocationView;
 use super::{crl, rotation, CaError, Signer};
 use crate::clock::Clock;
 use crate::identity::TrustDomain;
+use crate::journal::{AuthorityRecord, Journal, Status};
 use crate::pki::{keys, pem, KeyType};
 use crate::store::{Store, StoreError};
 

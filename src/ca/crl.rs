@@ -8,8 +8,8 @@ use rcgen::{
 };
 use time::OffsetDateTime;
 
-use super::journal::{CrlRecord, Journal};
 use super::CaError;
+use crate::journal::{CrlRecord, Journal};
 use crate::pki::{keys, PkiError};
 
 /// Revocation reasons operators may give (`citadel revoke --reason`), RFC 5280 names.
@@ -113,7 +113,7 @@ pub fn sign(
 pub fn bundle(j: &Journal) -> String {
     let live = |id: &str| {
         j.get(id)
-            .is_some_and(|a| a.status != super::journal::Status::Retired)
+            .is_some_and(|a| a.status != crate::journal::Status::Retired)
     };
     j.crls
         .iter()

@@ -5,7 +5,6 @@
 
 pub mod bootstrap;
 pub mod crl;
-pub mod journal;
 pub mod plugged;
 pub mod policy;
 pub mod revocation;

@@ -3,8 +3,8 @@
 
 use time::OffsetDateTime;
 
-use super::journal::{DeniedIdentity, Journal, Revocation};
 use super::{crl, CaError};
+use crate::journal::{DeniedIdentity, Journal, Revocation};
 use crate::store::index::IssuedEntry;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

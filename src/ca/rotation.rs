@@ -15,9 +15,9 @@ use rcgen::{Issuer, KeyPair};
 use time::OffsetDateTime;
 
 use super::crl;
-use super::journal::{AuthorityRecord, Journal, Role, RootRotation, Secret, Status};
 use super::CaError;
 use crate::identity::TrustDomain;
+use crate::journal::{AuthorityRecord, Journal, Role, RootRotation, Secret, Status};
 use crate::pki::{self, keys, profile, KeyType, PkiError, PublicKeyKind};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -651,7 +651,7 @@ mod tests {
             .iter()
             .any(|a| matches!(a, Action::SignCrl { .. })));
         let int = j.active_signer().unwrap().id.clone();
-        j.revocations.push(crate::ca::journal::Revocation {
+        j.revocations.push(crate::journal::Revocation {
             serial: "ab".into(),
             issuer: int.clone(),
             identity: None,

@@ -17,12 +17,12 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::journal::Journal;
 use super::revocation::{self, SweepRequest};
 use super::rotation::{self, Action, RotationPolicy};
 use super::{bootstrap, crl, Ca, CaError};
 use crate::clock::SharedClock;
 use crate::identity::TrustDomain;
+use crate::journal::Journal;
 use crate::shutdown::Shutdown;
 use crate::store::index::IssuanceIndex;
 use crate::store::{Revision, Store, StoreError};

@@ -7,8 +7,8 @@
 //! committed journal are published afterwards, so a crash in between is repaired by the next
 //! publish (publishing is idempotent).
 
-use super::journal::Journal;
 use super::{crl, CaError};
+use crate::journal::Journal;
 use crate::store::{Revision, Store, StoreError};
 
 /// How many times a change is re-applied after conflicting writes before giving up.

@@ -19,9 +19,9 @@ use kube::runtime::reflector::{self, Store as Cache};
 use kube::runtime::{watcher, WatchStreamExt};
 use tokio::sync::{watch, Mutex, Notify};
 
+use crate::future::BoxFuture;
 use crate::shutdown::Shutdown;
 use crate::store::kube::Publisher;
-use crate::store::BoxFuture;
 
 pub const ROOT_CONFIGMAP: &str = "istio-ca-root-cert";
 pub const ROOT_KEY: &str = "root-cert.pem";

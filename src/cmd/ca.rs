@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use time::OffsetDateTime;
 
-use crate::ca::journal::Journal;
+use crate::journal::Journal;
 use crate::pki::chain::{self, CertInfo};
 use crate::pki::pem;
 use crate::store::file::{FileStore, BUNDLE_FILE};

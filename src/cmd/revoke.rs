@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
-use crate::ca::journal::Journal;
 use crate::ca::{crl, revocation};
 use crate::duration::clap_parse;
 use crate::identity::SpiffeId;
+use crate::journal::Journal;
 use crate::store::file::FileStore;
 use crate::store::index::{FileIndex, IssuanceIndex};
 use crate::store::Store;

@@ -14,9 +14,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{BoxFuture, Revision, Store, StoreError, Versioned};
-use crate::ca::journal::Journal;
+use super::{Revision, Store, StoreError, Versioned};
 use crate::fsutil;
+use crate::future::BoxFuture;
+use crate::journal::Journal;
 
 pub const JOURNAL_FILE: &str = "ca-journal.json";
 pub const BUNDLE_FILE: &str = "root-cert.pem";

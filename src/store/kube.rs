@@ -15,8 +15,9 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::ByteString;
 use kube::api::{Api, PostParams};
 
-use super::{BoxFuture, Revision, Store, StoreError, Versioned};
-use crate::ca::journal::Journal;
+use super::{Revision, Store, StoreError, Versioned};
+use crate::future::BoxFuture;
+use crate::journal::Journal;
 
 pub const JOURNAL_SECRET: &str = "citadel-ca-journal";
 pub const ISTIO_CA_SECRET: &str = "istio-ca-secret";

@@ -7,13 +7,10 @@
 pub mod file;
 pub mod index;
 pub mod kube;
+pub mod mem;
 
-use std::future::Future;
-use std::pin::Pin;
-
-use crate::ca::journal::Journal;
-
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+use crate::future::BoxFuture;
+use crate::journal::Journal;
 
 /// An opaque version of stored state (a counter for files, a resourceVersion for Kubernetes).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -258,7 +258,7 @@ fn citadel_ok(args: &[&str], state: &Path) {
     );
 }
 
-async fn journal(state: &Path) -> citadel::ca::journal::Journal {
+async fn journal(state: &Path) -> citadel::journal::Journal {
     FileStore::open(state)
         .unwrap()
         .load_journal()

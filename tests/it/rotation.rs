@@ -2,103 +2,22 @@
 //! that matters: every leaf issued at any instant verifies against every trust bundle
 //! published at any instant of that leaf's lifetime. Plus a crash injected at every write.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use citadel::ca::bootstrap::{self, CaOptions};
-use citadel::ca::journal::{Journal, Role, Status};
 use citadel::ca::rotation::{self, RotationPolicy};
 use citadel::ca::scheduler::Scheduler;
 use citadel::ca::Ca;
 use citadel::clock::{Clock, ManualClock};
+use citadel::journal::{Role, Status};
 use citadel::pki::chain::{self, Usage};
 use citadel::pki::{csr, pem, KeyType};
-use citadel::store::{BoxFuture, Revision, Store, StoreError, Versioned};
+use citadel::store::mem::MemStore;
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 
 use crate::support::*;
-
-/// An in-memory store whose Nth mutation can "crash the process" (fault injection).
-#[derive(Debug, Default)]
-struct MemStore {
-    journal: Mutex<Option<(Journal, u64)>>,
-    bundle: Mutex<String>,
-    crl: Mutex<String>,
-    mutations: AtomicUsize,
-    /// Crash at this mutation number: before it takes effect, or just after.
-    crash_at: Mutex<Option<(usize, bool)>>,
-}
-
-impl MemStore {
-    /// Returns Err (the process died) if this mutation is the chosen one. `applied` says
-    /// whether the write itself happened first.
-    fn maybe_crash(&self, write: impl FnOnce()) -> Result<(), StoreError> {
-        let n = self.mutations.fetch_add(1, Ordering::SeqCst);
-        match *self.crash_at.lock().unwrap() {
-            Some((at, after)) if at == n => {
-                if after {
-                    write();
-                }
-                Err(StoreError::Corrupt {
-                    what: "process".into(),
-                    reason: format!("crash injected at mutation {n}"),
-                })
-            }
-            _ => {
-                write();
-                Ok(())
-            }
-        }
-    }
-}
-
-impl Store for MemStore {
-    fn describe(&self) -> String {
-        "memory".into()
-    }
-    fn load_journal(&self) -> BoxFuture<'_, Result<Option<Versioned<Journal>>, StoreError>> {
-        let v = self.journal.lock().unwrap().clone();
-        Box::pin(async move {
-            Ok(v.map(|(j, r)| Versioned {
-                value: j,
-                revision: Revision(r.to_string()),
-            }))
-        })
-    }
-    fn save_journal<'a>(
-        &'a self,
-        journal: &'a Journal,
-        expected: Option<&'a Revision>,
-    ) -> BoxFuture<'a, Result<Revision, StoreError>> {
-        Box::pin(async move {
-            let cur = self.journal.lock().unwrap().as_ref().map(|(_, r)| *r);
-            if cur.map(|r| r.to_string()) != expected.map(|r| r.0.clone()) {
-                return Err(StoreError::Conflict);
-            }
-            let next = cur.unwrap_or(0) + 1;
-            self.maybe_crash(|| *self.journal.lock().unwrap() = Some((journal.clone(), next)))?;
-            Ok(Revision(next.to_string()))
-        })
-    }
-    fn publish_bundle<'a>(&'a self, pem: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            if *self.bundle.lock().unwrap() == pem {
-                return Ok(());
-            }
-            self.maybe_crash(|| *self.bundle.lock().unwrap() = pem.to_string())
-        })
-    }
-    fn publish_crl<'a>(&'a self, pem: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            if *self.crl.lock().unwrap() == pem {
-                return Ok(());
-            }
-            self.maybe_crash(|| *self.crl.lock().unwrap() = pem.to_string())
-        })
-    }
-}
 
 struct Leaf {
     der: CertificateDer<'static>,
@@ -132,8 +51,9 @@ impl World {
         let mut opts = CaOptions::new(td());
         opts.root_ttl = policy.root_ttl;
         opts.intermediate_ttl = policy.intermediate_ttl;
-        let store = Arc::new(MemStore::default());
-        *store.journal.lock().unwrap() = Some((bootstrap::new_journal(&opts, start).unwrap(), 1));
+        let store = Arc::new(MemStore::with_journal(
+            bootstrap::new_journal(&opts, start).unwrap(),
+        ));
         let scheduler = Self::boot(&store, &policy, &clock);
         let k = KeyType::EcP256.generate().unwrap();
         let key = csr::parse_pem(
@@ -186,7 +106,7 @@ impl World {
 
     fn observe_bundle(&mut self) {
         let now = self.now();
-        let published = self.store.bundle.lock().unwrap().clone();
+        let published = self.store.bundle();
         let roots = pem::parse_certs(published.as_bytes()).unwrap();
         match self.bundles.last_mut() {
             Some(b) if b.roots == roots => b.until = now + 1,
@@ -208,7 +128,7 @@ impl World {
 
     /// Structural invariants after every pass.
     fn check_state(&self) {
-        let (j, _) = self.store.journal.lock().unwrap().clone().unwrap();
+        let j = self.store.journal().unwrap();
         let active: Vec<_> = j
             .authorities
             .iter()
@@ -223,7 +143,7 @@ impl World {
         );
         let bundle: String = j.trusted_roots().map(|r| r.cert_pem.as_str()).collect();
         assert_eq!(
-            *self.store.bundle.lock().unwrap(),
+            self.store.bundle(),
             bundle,
             "published bundle = journal's trusted roots"
         );
@@ -319,7 +239,7 @@ async fn ten_years_of_automatic_rotation_never_leave_a_validation_gap() {
         w.clock.advance(time::Duration::hours(12));
         w.step().await;
     }
-    let (j, _) = w.store.journal.lock().unwrap().clone().unwrap();
+    let j = w.store.journal().unwrap();
     let roots = j
         .authorities
         .iter()
@@ -358,20 +278,20 @@ async fn emergency_root_rotation_keeps_old_bundle_holders_working_via_cross_sign
     w.issue(Duration::from_secs(DAY));
     // Activate at once: the bundle published a moment ago (old root only) is still what
     // many workloads hold while the first new-chain leaves appear.
-    {
-        let mut g = w.store.journal.lock().unwrap();
-        let (j, r) = g.as_mut().unwrap();
+    let now = w.clock.now();
+    citadel::ca::update::update_journal(w.store.as_ref(), |j| {
         rotation::prepare_root_rotation(
             j,
-            w.clock.now(),
+            now,
             &policy,
             "operator",
             Duration::ZERO,
             policy.max_leaf_ttl,
         )
-        .unwrap();
-        *r += 1;
-    }
+        .map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap();
     w.step().await;
     let signer = w.scheduler.ca.current().unwrap();
     assert_eq!(signer.rotation_stage(), 2, "activated immediately");
@@ -421,21 +341,21 @@ async fn a_crash_at_every_write_is_completed_by_the_next_start() {
         let policy = policy.clone();
         async move {
             let mut w = World::new(policy, start);
-            *w.store.crash_at.lock().unwrap() = crash;
+            w.store.crash_at(crash);
             for _ in 0..days {
                 w.clock.advance(time::Duration::days(1));
                 w.step().await;
                 w.issue(Duration::from_secs(2 * DAY));
             }
             w.check_validity();
-            let (j, _) = w.store.journal.lock().unwrap().clone().unwrap();
+            let j = w.store.journal().unwrap();
             let mut shape: Vec<(String, String)> = j
                 .authorities
                 .iter()
                 .map(|a| (format!("{:?}", a.role), format!("{:?}", a.status)))
                 .collect();
             shape.sort();
-            (w.store.mutations.load(Ordering::SeqCst), shape, w.restarts)
+            (w.store.mutations(), shape, w.restarts)
         }
     };
     let (mutations, clean_shape, _) = run(None).await;

@@ -1,6 +1,9 @@
 //! The journal of authorities: every root and intermediate citadel has made or loaded, with
 //! its status. It is the CA's single source of truth and is written to the store *before* an
 //! authority is used, so a crash never leaves a certificate signed by an unrecorded key.
+//!
+//! Only the stored shape and its queries live here, below both `ca` (which decides what to
+//! write) and `store` (which persists it), so neither has to import the other's layer.
 
 use serde::{Deserialize, Serialize};
 
