@@ -6,7 +6,7 @@ use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 
 use super::signer::RevocationView;
-use super::{crl, rotation, CaError, Signer};
+use super::{crl, mint, CaError, Signer};
 use crate::clock::Clock;
 use crate::identity::TrustDomain;
 use crate::journal::{AuthorityRecord, Journal, Status};
@@ -35,14 +35,14 @@ impl CaOptions {
 
 /// A fresh journal with one active root and one active intermediate under it.
 pub fn new_journal(opts: &CaOptions, now: OffsetDateTime) -> Result<Journal, CaError> {
-    let root = rotation::mint_root(
+    let root = mint::mint_root(
         &opts.trust_domain,
         opts.key_type,
         now,
         opts.root_ttl,
         Status::Active,
     )?;
-    let (int, _) = rotation::mint_intermediate(
+    let (int, _) = mint::mint_intermediate(
         &opts.trust_domain,
         opts.key_type,
         &root,

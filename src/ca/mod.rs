@@ -3,12 +3,14 @@
 //!
 //! Depends on `pki/`, `identity` and `store/`; knows nothing of gRPC.
 
+pub mod apply;
 pub mod bootstrap;
 pub mod crl;
+pub mod mint;
+pub mod plan;
 pub mod plugged;
 pub mod policy;
 pub mod revocation;
-pub mod rotation;
 pub mod scheduler;
 pub mod signer;
 pub mod update;

@@ -63,3 +63,49 @@ mod tests {
         assert!(p.resolve(i64::MAX).is_err());
     }
 }
+
+/// When authorities are prepared, activated and retired, and for how long CRLs are valid:
+/// the rules `plan` reads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RotationPolicy {
+    pub root_ttl: Duration,
+    pub intermediate_ttl: Duration,
+    /// Fraction of the active intermediate's life at which the next one is prepared.
+    pub prepare_at: f64,
+    /// ... and at which it takes over.
+    pub activate_at: f64,
+    /// Fraction of the active root's life at which an automatic root rotation starts.
+    pub root_rotate_at: f64,
+    /// Propagation period between publishing a new root and signing with it.
+    pub activate_after: Duration,
+    /// The longest workload TTL: how long an old chain's leaves can outlive its deactivation.
+    pub max_leaf_ttl: Duration,
+    /// CRL validity (nextUpdate - thisUpdate); CRLs are re-signed at half of it.
+    pub crl_validity: Duration,
+    /// How long after notAfter a peer with a slow clock may still accept a leaf; every
+    /// retirement waits this much longer than the last leaf's notAfter.
+    pub skew_margin: Duration,
+}
+
+impl Default for RotationPolicy {
+    fn default() -> Self {
+        Self {
+            root_ttl: Duration::from_secs(10 * 365 * 86_400),
+            intermediate_ttl: Duration::from_secs(365 * 86_400),
+            prepare_at: 0.5,
+            activate_at: 5.0 / 6.0,
+            root_rotate_at: 5.0 / 6.0,
+            activate_after: Duration::from_secs(90 * 86_400),
+            max_leaf_ttl: Duration::from_secs(90 * 86_400),
+            crl_validity: Duration::from_secs(86_400),
+            skew_margin: Duration::from_secs(120),
+        }
+    }
+}
+
+impl RotationPolicy {
+    /// How long after an intermediate stops signing its last leaf may still be valid.
+    pub(crate) fn leaf_grace(&self) -> i64 {
+        (self.max_leaf_ttl + self.skew_margin).as_secs() as i64
+    }
+}

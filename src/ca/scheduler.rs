@@ -17,8 +17,10 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::apply::apply;
+use super::plan::{plan, Action};
+use super::policy::RotationPolicy;
 use super::revocation::{self, SweepRequest};
-use super::rotation::{self, Action, RotationPolicy};
 use super::{bootstrap, crl, Ca, CaError};
 use crate::clock::SharedClock;
 use crate::identity::TrustDomain;
@@ -190,7 +192,7 @@ impl Scheduler {
                 .ok_or_else(|| CaError::Config("the store holds no CA journal".into()))?;
             let now = self.clock.now();
             let mut journal = current.value.clone();
-            let actions = rotation::plan(now.unix_timestamp(), &journal, &self.policy);
+            let actions = plan(now.unix_timestamp(), &journal, &self.policy);
             if actions.is_empty() {
                 // Install what is committed first (safe: a new chain activates only after its
                 // bundle was published), then publish; a failed publish is retried next pass.
@@ -222,7 +224,7 @@ impl Scheduler {
                 return Ok(report);
             }
             for a in &actions {
-                rotation::apply(&mut journal, a, now, &self.policy)?;
+                apply(&mut journal, a, now, &self.policy)?;
                 if !matches!(a, Action::SignCrl { .. } | Action::PruneRevocations) {
                     tracing::info!(target: "citadel::audit", event = "rotation_step", action = %describe(a), "CA rotation step");
                 } else {

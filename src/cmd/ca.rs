@@ -279,7 +279,8 @@ pub async fn run(cmd: Command) -> CmdResult {
 }
 
 async fn rotate_root(a: RotateArgs) -> CmdResult {
-    use crate::ca::rotation::{self, RotationPolicy};
+    use crate::ca::apply::prepare_root_rotation;
+    use crate::ca::policy::RotationPolicy;
     let activate_after = if a.now {
         std::time::Duration::ZERO
     } else {
@@ -297,7 +298,7 @@ async fn rotate_root(a: RotateArgs) -> CmdResult {
     };
     let now = OffsetDateTime::now_utc();
     let (_, j) = super::revoke::update_journal(store.as_ref(), |j| {
-        rotation::prepare_root_rotation(j, now, &policy, "operator", activate_after, a.retire_after)
+        prepare_root_rotation(j, now, &policy, "operator", activate_after, a.retire_after)
             .map_err(|e| e.to_string())
     })
     .await?;

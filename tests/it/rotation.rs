@@ -5,8 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use citadel::ca::apply::prepare_root_rotation;
 use citadel::ca::bootstrap::{self, CaOptions};
-use citadel::ca::rotation::{self, RotationPolicy};
+use citadel::ca::policy::RotationPolicy;
 use citadel::ca::scheduler::Scheduler;
 use citadel::ca::Ca;
 use citadel::clock::{Clock, ManualClock};
@@ -280,7 +281,7 @@ async fn emergency_root_rotation_keeps_old_bundle_holders_working_via_cross_sign
     // many workloads hold while the first new-chain leaves appear.
     let now = w.clock.now();
     citadel::ca::update::update_journal(w.store.as_ref(), |j| {
-        rotation::prepare_root_rotation(
+        prepare_root_rotation(
             j,
             now,
             &policy,

@@ -1,0 +1,185 @@
+//! Applying one planned action (or an operator's root rotation) to a journal in memory.
+//! Nothing here writes anywhere: the scheduler or `ca::update` commits the result.
+
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use super::mint::{cross_sign, key_type_of, mint_intermediate, mint_root};
+use super::plan::Action;
+use super::policy::RotationPolicy;
+use super::{crl, CaError};
+use crate::identity::TrustDomain;
+use crate::journal::{Journal, Role, RootRotation, Status};
+
+/// Starts a root rotation: a new root and an intermediate under it, both prepared.
+pub fn prepare_root_rotation(
+    j: &mut Journal,
+    now: OffsetDateTime,
+    p: &RotationPolicy,
+    trigger: &str,
+    activate_after: Duration,
+    retire_after: Duration,
+) -> Result<(), CaError> {
+    if let Some(r) = &j.root_rotation {
+        return Err(CaError::Config(format!(
+            "a root rotation is already in progress (stage {}, started {})",
+            r.stage(),
+            r.prepared_at
+        )));
+    }
+    let td = TrustDomain::new(&j.trust_domain).map_err(|e| CaError::Config(e.to_string()))?;
+    let old_root = j
+        .active_root()
+        .ok_or_else(|| CaError::Config("no active root".into()))?
+        .clone();
+    let old_int = j
+        .active_signer()
+        .ok_or_else(|| CaError::Config("no active intermediate".into()))?
+        .clone();
+    let kt = key_type_of(&old_root)?;
+    let new_root = mint_root(&td, kt, now, p.root_ttl, Status::Prepared)?;
+    let (mut new_int, key) = mint_intermediate(
+        &td,
+        kt,
+        &new_root,
+        now,
+        p.intermediate_ttl,
+        Status::Prepared,
+    )?;
+    new_int.cross_cert_pem = Some(cross_sign(&td, &new_int, &key, &old_root, now)?);
+    // An intermediate prepared under the old root would never be used now.
+    for a in j.authorities.iter_mut() {
+        if a.role == Role::Intermediate && a.status == Status::Prepared {
+            a.status = Status::Retired;
+            a.retired_at = Some(now.unix_timestamp());
+        }
+    }
+    j.root_rotation = Some(RootRotation {
+        old_root: old_root.id.clone(),
+        old_intermediate: old_int.id.clone(),
+        new_root: new_root.id.clone(),
+        new_intermediate: new_int.id.clone(),
+        trigger: trigger.to_string(),
+        prepared_at: now.unix_timestamp(),
+        bundle_published_at: None,
+        activate_after_secs: activate_after.as_secs(),
+        activated_at: None,
+        retire_after_secs: retire_after.as_secs(),
+        cross_withdrawn_at: None,
+        old_root_grace_secs: p.leaf_grace() as u64,
+    });
+    j.authorities.push(new_root);
+    j.authorities.push(new_int);
+    Ok(())
+}
+
+fn set_status(j: &mut Journal, id: &str, status: Status, now: i64) {
+    if let Some(a) = j.get_mut(id) {
+        match status {
+            Status::Active => a.activated_at = Some(now),
+            Status::Retiring => a.deactivated_at = Some(now),
+            Status::Retired => a.retired_at = Some(now),
+            Status::Prepared => {}
+        }
+        a.status = status;
+    }
+}
+
+/// Performs one action on the journal in memory.
+pub fn apply(
+    j: &mut Journal,
+    action: &Action,
+    now: OffsetDateTime,
+    p: &RotationPolicy,
+) -> Result<(), CaError> {
+    let ts = now.unix_timestamp();
+    let td = TrustDomain::new(&j.trust_domain).map_err(|e| CaError::Config(e.to_string()))?;
+    match action {
+        Action::PrepareIntermediate => {
+            let root = j
+                .active_root()
+                .ok_or_else(|| CaError::Config("no active root".into()))?
+                .clone();
+            let kt = match j.active_signer() {
+                Some(a) => key_type_of(a)?,
+                None => key_type_of(&root)?,
+            };
+            let (rec, _) =
+                mint_intermediate(&td, kt, &root, now, p.intermediate_ttl, Status::Prepared)?;
+            j.authorities.push(rec);
+        }
+        Action::ActivateIntermediate => {
+            let next = j
+                .find(Role::Intermediate, Status::Prepared)
+                .map(|a| a.id.clone());
+            let cur = j.active_signer().map(|a| a.id.clone());
+            if let Some(next) = next {
+                if let Some(cur) = cur {
+                    set_status(j, &cur, Status::Retiring, ts);
+                }
+                set_status(j, &next, Status::Active, ts);
+            }
+        }
+        Action::Retire { id } => set_status(j, id, Status::Retired, ts),
+        Action::PrepareRootRotation => {
+            prepare_root_rotation(j, now, p, "automatic", p.activate_after, p.max_leaf_ttl)?;
+        }
+        Action::ActivateRootRotation => {
+            let r = j
+                .root_rotation
+                .clone()
+                .ok_or_else(|| CaError::Config("no root rotation".into()))?;
+            set_status(j, &r.old_intermediate, Status::Retiring, ts);
+            set_status(j, &r.old_root, Status::Retiring, ts);
+            set_status(j, &r.new_root, Status::Active, ts);
+            set_status(j, &r.new_intermediate, Status::Active, ts);
+            if let Some(rr) = j.root_rotation.as_mut() {
+                rr.activated_at = Some(ts);
+            }
+        }
+        Action::WithdrawCrossSigned => {
+            let r = j
+                .root_rotation
+                .as_mut()
+                .ok_or_else(|| CaError::Config("no root rotation".into()))?;
+            r.cross_withdrawn_at = Some(ts);
+            let id = r.new_intermediate.clone();
+            if let Some(a) = j.get_mut(&id) {
+                a.cross_cert_pem = None;
+            }
+        }
+        Action::CompleteRootRotation => {
+            let r = j
+                .root_rotation
+                .take()
+                .ok_or_else(|| CaError::Config("no root rotation".into()))?;
+            // Everything under the old root goes, including intermediates retiring from
+            // before the rotation: their leaves have expired by now as well.
+            let under_old: Vec<String> = j
+                .authorities
+                .iter()
+                .filter(|a| {
+                    a.issuer.as_deref() == Some(r.old_root.as_str()) && a.status != Status::Retired
+                })
+                .map(|a| a.id.clone())
+                .collect();
+            for id in under_old {
+                set_status(j, &id, Status::Retired, ts);
+            }
+            set_status(j, &r.old_root, Status::Retired, ts);
+        }
+        Action::PruneRevocations => j.revocations.retain(|r| r.not_after >= ts),
+        Action::SignCrl { issuer } => crl::sign(j, issuer, now, p.crl_validity)?,
+    }
+    // A retired authority's CRL is no longer published or re-signed; drop it so status and
+    // the next-update gauge only speak of live CRLs.
+    let live: std::collections::HashSet<String> = j
+        .authorities
+        .iter()
+        .filter(|a| a.status != Status::Retired)
+        .map(|a| a.id.clone())
+        .collect();
+    j.crls.retain(|c| live.contains(&c.issuer));
+    Ok(())
+}
