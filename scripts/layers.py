@@ -15,7 +15,8 @@ import sys
 
 # Top to bottom. Keep docs/architecture.md's diagram in step with this list.
 LAYERS = [
-    ("application", ["main", "cmd"]),
+    ("commands", ["main", "cmd"]),
+    ("application", ["app"]),
     ("dev keys", ["devkeys"]),
     ("edges", ["server", "agent", "cluster"]),
     ("ca client", ["client"]),

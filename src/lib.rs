@@ -5,6 +5,7 @@
 //! `identity`, with `clock` underneath everything.
 
 pub mod agent;
+pub mod app;
 pub mod auth;
 pub mod ca;
 pub mod client;

@@ -97,3 +97,4 @@ impl JwksRefresher {
 
 pub mod leader;
 pub mod publish;
+pub mod replica;

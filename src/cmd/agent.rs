@@ -169,7 +169,7 @@ pub async fn run(args: Args) -> CmdResult {
     tokio::spawn({
         let t = trigger.clone();
         async move {
-            super::serve::wait_for_signal().await;
+            crate::shutdown::signalled().await;
             tracing::info!("agent shutting down");
             t.trigger();
         }

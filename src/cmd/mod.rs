@@ -44,23 +44,4 @@ pub(crate) fn read_file(path: &std::path::Path, what: &str) -> Result<Vec<u8>, S
     std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
 }
 
-/// The longest lifetime any flag may ask for: beyond it times leave the representable range.
-pub const MAX_LIFETIME: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 86_400);
-
-/// Refuses a duration flag outside `min..=max`, naming the flag.
-pub(crate) fn check_range(
-    flag: &str,
-    d: std::time::Duration,
-    min: std::time::Duration,
-    max: std::time::Duration,
-) -> Result<(), String> {
-    if d < min || d > max {
-        return Err(format!(
-            "{flag} {} is out of range ({} to {})",
-            crate::duration::format(d),
-            crate::duration::format(min),
-            crate::duration::format(max)
-        ));
-    }
-    Ok(())
-}
+pub(crate) use crate::app::config::{check_range, MAX_LIFETIME};

@@ -2,33 +2,21 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use crate::auth::client_cert::ClientCertAuthenticator;
-use crate::auth::jwks::Jwks;
-use crate::auth::jwt::{JwtAuthenticator, JwtPolicy, DEFAULT_LEEWAY};
-use crate::auth::tokenreview::{ReviewLimits, TokenReviewAuthenticator};
-use crate::auth::{AuthChain, Authenticator};
-use crate::ca::bootstrap::{self, CaOptions};
-use crate::ca::policy::RotationPolicy;
-use crate::ca::policy::TtlPolicy;
-use crate::ca::scheduler::Scheduler;
-use crate::ca::{plugged, Ca};
+use tokio::net::TcpListener;
+
+use crate::app::config::{AuthConfig, CaSource, JwksSource, StoreConfig};
+pub use crate::app::config::{AuthMode, StoreKind};
+use crate::app::{Listeners, ServeConfig};
+use crate::auth::tokenreview::ReviewLimits;
+use crate::ca::bootstrap::CaOptions;
+use crate::ca::policy::{RotationPolicy, TtlPolicy};
 use crate::clock::{self, SharedClock};
-use crate::cluster::leader::Elector;
-use crate::cluster::publish::ConfigMapPublisher;
-use crate::cluster::{self, JwksRefresher};
-use crate::duration::{self, clap_parse};
+use crate::duration::clap_parse;
 use crate::identity::TrustDomain;
 use crate::pki::KeyType;
-use crate::server::{tls::TlsState, Metrics, Server};
-use crate::store::file::FileStore;
-use crate::store::index::{FileIndex, IssuanceIndex};
-use crate::store::kube::KubeStore;
-use crate::store::Store;
 use crate::{devkeys, shutdown};
-use tokio::net::TcpListener;
 
 use super::CmdResult;
 
@@ -205,292 +193,106 @@ pub struct Args {
     pub clock_skew_margin: Duration,
 }
 
-/// The authenticators: client certificate first (renewal), then the token, verified locally
-/// against a JWKS (`--auth jwks`) or by the API server (`--auth tokenreview`). Also returns
-/// the JWKS refresher to run when the keys come from the cluster.
-async fn build_auth(
-    args: &Args,
-    ca: &Arc<Ca>,
-    clock: &SharedClock,
-) -> Result<(AuthChain, Option<Arc<JwksRefresher>>), String> {
-    let mut members: Vec<Arc<dyn Authenticator>> = vec![Arc::new(ClientCertAuthenticator::new(
-        ca.clone(),
-        args.trust_domain.clone(),
-        clock.clone(),
-    ))];
-    if args.auth == AuthMode::Tokenreview {
-        let client = cluster::client(args.kubeconfig.as_deref()).await?;
-        tracing::info!(audiences = ?args.token_audiences, cache_ttl = %duration::format(args.token_cache_ttl), qps = args.kube_qps, burst = args.kube_burst, "TokenReview authentication enabled");
-        members.push(Arc::new(TokenReviewAuthenticator::new(
-            client,
-            args.token_audiences.clone(),
-            args.trust_domain.clone(),
-            clock.clone(),
-            args.token_cache_ttl,
-            ReviewLimits {
-                qps: args.kube_qps,
-                burst: args.kube_burst,
-                max_wait: args.kube_review_max_wait,
+impl Args {
+    /// The flags as a validated configuration.
+    pub fn into_config(self) -> Result<ServeConfig, String> {
+        let store = match self.store {
+            StoreKind::File => StoreConfig::File,
+            StoreKind::Kube => StoreConfig::Kube {
+                namespace: self.namespace.clone(),
+                lease_duration: self.lease_duration,
+                identity: self.pod_name.clone(),
             },
-        )));
-        return Ok((AuthChain::new(members), None));
-    }
-    let (jwks, issuer, source, client) = if args.jwks_from_cluster {
-        let client = cluster::client(args.kubeconfig.as_deref()).await?;
-        let (issuer, jwks) = cluster::fetch_jwks(&client).await?;
-        (
-            jwks,
-            args.token_issuer.clone().or(issuer),
-            "the cluster (/openid/v1/jwks)".to_string(),
-            Some(client),
-        )
-    } else {
-        let (bytes, issuer, source) = match (&args.jwks_file, args.dev) {
-            (Some(path), _) => (
-                super::read_file(path, "JWKS file")?,
-                args.token_issuer.clone(),
-                path.display().to_string(),
-            ),
-            (None, true) => (
-                devkeys::jwks_json().into_bytes(),
-                Some(
-                    args.token_issuer
-                        .clone()
-                        .unwrap_or_else(|| devkeys::DEV_ISSUER.to_string()),
-                ),
-                "the dev key (certs-dev/)".to_string(),
-            ),
-            (None, false) => {
-                return Err(
-                    "no way to verify service-account tokens: pass --jwks-file FILE (the JSON \
-                            a cluster serves at /openid/v1/jwks), --jwks-from-cluster, \
-                            --auth tokenreview, or --dev for local development"
-                        .into(),
-                )
+        };
+        let auth = match self.auth {
+            AuthMode::Tokenreview => AuthConfig::TokenReview {
+                audiences: self.token_audiences.clone(),
+                cache_ttl: self.token_cache_ttl,
+                limits: ReviewLimits {
+                    qps: self.kube_qps,
+                    burst: self.kube_burst,
+                    max_wait: self.kube_review_max_wait,
+                },
+            },
+            AuthMode::Jwks => {
+                let (source, issuer) =
+                    match (&self.jwks_file, self.jwks_from_cluster, self.dev) {
+                        (Some(path), _, _) => {
+                            (JwksSource::File(path.clone()), self.token_issuer.clone())
+                        }
+                        (None, true, _) => (JwksSource::Cluster, self.token_issuer.clone()),
+                        (None, false, true) => (
+                            JwksSource::Dev,
+                            Some(
+                                self.token_issuer
+                                    .clone()
+                                    .unwrap_or_else(|| devkeys::DEV_ISSUER.to_string()),
+                            ),
+                        ),
+                        (None, false, false) => return Err(
+                            "no way to verify service-account tokens: pass --jwks-file FILE (the \
+                             JSON a cluster serves at /openid/v1/jwks), --jwks-from-cluster, \
+                             --auth tokenreview, or --dev for local development"
+                                .into(),
+                        ),
+                    };
+                AuthConfig::Jwks {
+                    source,
+                    issuer,
+                    audiences: self.token_audiences.clone(),
+                }
             }
         };
-        (
-            Jwks::from_json(&bytes).map_err(|e| format!("{source}: {e}"))?,
-            issuer,
-            source,
-            None,
-        )
-    };
-    if issuer.is_none() {
-        tracing::warn!("--token-issuer is not set: tokens from any issuer whose key is in the JWKS are accepted");
-    }
-    tracing::info!(keys = jwks.len(), jwks = %source, issuer = issuer.as_deref().unwrap_or("(any)"), audiences = ?args.token_audiences, "JWT authentication enabled");
-    let jwt = Arc::new(JwtAuthenticator::new(
-        jwks,
-        JwtPolicy {
-            issuer,
-            audiences: args.token_audiences.clone(),
-            leeway: DEFAULT_LEEWAY,
-        },
-        args.trust_domain.clone(),
-        clock.clone(),
-    ));
-    let refresher = client.map(|client| {
-        let unknown_kid = Arc::new(tokio::sync::Notify::new());
-        jwt.on_unknown_kid(unknown_kid.clone());
-        Arc::new(JwksRefresher {
-            client,
-            auth: jwt.clone(),
-            unknown_kid,
-            fetches: Default::default(),
-        })
-    });
-    members.push(jwt);
-    Ok((AuthChain::new(members), refresher))
-}
-
-/// Where CA state lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum StoreKind {
-    /// A directory (--state-dir): one replica.
-    File,
-    /// Secrets in --namespace: N replicas with leader election.
-    Kube,
-}
-
-/// The Kubernetes side of `--store kube`: client, leader election, ConfigMap publisher.
-struct KubeParts {
-    client: kube::Client,
-    elector: Arc<Elector>,
-    store: Arc<dyn Store>,
-}
-
-async fn kube_parts(
-    args: &Args,
-    clock: &SharedClock,
-    metrics: &Arc<Metrics>,
-    shutdown: &shutdown::Shutdown,
-) -> Result<KubeParts, String> {
-    let client = cluster::client(args.kubeconfig.as_deref()).await?;
-    let identity = args.pod_name.clone().unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        format!(
-            "{}-{}",
-            host.trim(),
-            &hex::encode(crate::pki::random_serial())[..8]
-        )
-    });
-    let elector = Elector::new(
-        client.clone(),
-        &args.namespace,
-        identity.clone(),
-        args.lease_duration,
-        clock.clone(),
-    );
-    let _ = metrics.leader.set(elector.subscribe());
-    tokio::spawn(elector.clone().run(shutdown.clone()));
-    let publisher = ConfigMapPublisher::new(client.clone(), Some(elector.subscribe()));
-    tokio::spawn(publisher.clone().run(shutdown.clone()));
-    tracing::info!(namespace = %args.namespace, identity = %identity, lease = %duration::format(args.lease_duration), "Kubernetes store with leader election");
-    let store: Arc<dyn Store> = Arc::new(KubeStore::new(
-        client.clone(),
-        &args.namespace,
-        Some(publisher),
-    ));
-    Ok(KubeParts {
-        client,
-        elector,
-        store,
-    })
-}
-
-impl KubeParts {
-    async fn wait_for_ca(
-        &self,
-        store: &dyn Store,
-        opts: &CaOptions,
-        clock: &dyn crate::clock::Clock,
-    ) -> Result<(), String> {
-        let mut waited = 0u32;
-        loop {
-            if store
-                .load_journal()
-                .await
-                .map_err(|e| e.to_string())?
-                .is_some()
-            {
-                return Ok(());
+        let ca = match &self.ca_certs_dir {
+            Some(dir) => CaSource::Plugged(dir.clone()),
+            None => {
+                let mut o = CaOptions::new(self.trust_domain.clone());
+                o.key_type = self.ca_key_type.parse::<KeyType>()?;
+                o.root_ttl = self.root_ttl;
+                o.intermediate_ttl = self.intermediate_ttl;
+                CaSource::Own(o)
             }
-            if self.elector.is_leader() {
-                bootstrap::load_or_create(store, opts, clock)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                return Ok(());
-            }
-            waited += 1;
-            if waited.is_multiple_of(50) {
-                tracing::info!("waiting for the leader to create the CA");
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-}
-
-/// The `cacerts` Secret's files, if the Secret exists (Istio's plugged-in CA).
-async fn cacerts_secret(
-    client: &kube::Client,
-    namespace: &str,
-) -> Result<Option<plugged::MapSource>, String> {
-    let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
-        kube::Api::namespaced(client.clone(), namespace);
-    let secret = api
-        .get_opt("cacerts")
-        .await
-        .map_err(|e| format!("cannot read Secret {namespace}/cacerts: {e}"))?;
-    Ok(secret.map(|s| plugged::MapSource {
-        label: format!("Secret {namespace}/cacerts"),
-        files: s
-            .data
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k, v.0))
-            .collect(),
-    }))
-}
-
-/// Wakes the scheduler whenever the journal Secret changes (another replica or an operator
-/// wrote it), so every replica hot-reloads within moments, not at the next poll.
-async fn watch_journal(
-    client: kube::Client,
-    namespace: String,
-    wake: Arc<tokio::sync::Notify>,
-    shutdown: shutdown::Shutdown,
-) {
-    use futures_util::StreamExt;
-    use kube::runtime::{watcher, WatchStreamExt};
-    let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
-        kube::Api::namespaced(client, &namespace);
-    let cfg = watcher::Config::default().fields(&format!(
-        "metadata.name={}",
-        crate::store::kube::JOURNAL_SECRET
-    ));
-    let mut events = watcher(api, cfg)
-        .default_backoff()
-        .touched_objects()
-        .boxed();
-    loop {
-        tokio::select! {
-            e = events.next() => match e {
-                Some(Ok(_)) => wake.notify_one(),
-                Some(Err(err)) => tracing::debug!(error = %err, "journal watch error; it restarts"),
-                None => return,
+        };
+        let config = ServeConfig {
+            dev: self.dev,
+            state_dir: self.state_dir,
+            trust_domain: self.trust_domain,
+            store,
+            auth,
+            ca,
+            ttl: TtlPolicy {
+                default: self.default_ttl,
+                max: self.max_ttl,
             },
-            _ = shutdown.wait() => return,
-        }
+            rotation: RotationPolicy {
+                root_ttl: self.root_ttl,
+                intermediate_ttl: self.intermediate_ttl,
+                prepare_at: self.intermediate_prepare_at,
+                activate_at: self.intermediate_activate_at,
+                root_rotate_at: self.root_rotate_at,
+                activate_after: self.activate_after.unwrap_or(self.max_ttl),
+                max_leaf_ttl: self.max_ttl,
+                crl_validity: self.crl_validity,
+                skew_margin: self.clock_skew_margin,
+            },
+            tls_names: (!self.plaintext).then_some(self.server_dns_names),
+            reconcile_interval: self.reconcile_interval,
+            limits: crate::server::Limits {
+                max_inflight: self.max_inflight as usize,
+            },
+            kubeconfig: self.kubeconfig,
+        };
+        config.validate()?;
+        Ok(config)
     }
-}
-
-/// How bearer tokens are verified.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum AuthMode {
-    Jwks,
-    Tokenreview,
-}
-
-fn fraction(name: &str, v: f64) -> Result<f64, String> {
-    if v > 0.0 && v < 1.0 {
-        Ok(v)
-    } else {
-        Err(format!(
-            "{name} must be between 0 and 1 (exclusive), got {v}"
-        ))
-    }
-}
-
-fn rotation_policy(args: &Args) -> Result<RotationPolicy, String> {
-    let p = RotationPolicy {
-        root_ttl: args.root_ttl,
-        intermediate_ttl: args.intermediate_ttl,
-        prepare_at: fraction("--intermediate-prepare-at", args.intermediate_prepare_at)?,
-        activate_at: fraction("--intermediate-activate-at", args.intermediate_activate_at)?,
-        root_rotate_at: fraction("--root-rotate-at", args.root_rotate_at)?,
-        activate_after: args.activate_after.unwrap_or(args.max_ttl),
-        max_leaf_ttl: args.max_ttl,
-        crl_validity: args.crl_validity,
-        skew_margin: args.clock_skew_margin,
-    };
-    if p.prepare_at > p.activate_at {
-        return Err(
-            "--intermediate-prepare-at must not be later than --intermediate-activate-at".into(),
-        );
-    }
-    if p.crl_validity < Duration::from_secs(60) {
-        return Err("--crl-validity must be at least 1m".into());
-    }
-    Ok(p)
 }
 
 /// Binds the configured addresses, wires SIGTERM/Ctrl-C, and serves until stopped.
 pub async fn run(args: Args) -> CmdResult {
-    let listener = TcpListener::bind(args.listen)
+    let grpc = TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-    let metrics_listener = TcpListener::bind(args.metrics_listen).await.map_err(|e| {
+    let metrics = TcpListener::bind(args.metrics_listen).await.map_err(|e| {
         format!(
             "cannot listen on {} (--metrics-listen): {e}",
             args.metrics_listen
@@ -498,262 +300,36 @@ pub async fn run(args: Args) -> CmdResult {
     })?;
     let (trigger, shutdown) = shutdown::channel();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        shutdown::signalled().await;
         tracing::info!("shutting down: finishing in-flight requests");
         trigger.trigger();
     });
-    serve(args, listener, metrics_listener, shutdown).await
+    serve(args, grpc, metrics, shutdown).await
 }
 
-/// Loads or creates the CA and serves on already-bound listeners until `shutdown`.
-/// Tests call this with listeners on 127.0.0.1:0.
+/// Serves on already-bound listeners until `shutdown`, on the system clock.
 pub async fn serve(
     args: Args,
-    listener: TcpListener,
-    metrics_listener: TcpListener,
+    grpc: TcpListener,
+    metrics: TcpListener,
     shutdown: shutdown::Shutdown,
 ) -> CmdResult {
-    if args.default_ttl > args.max_ttl {
-        return Err(format!(
-            "--default-ttl {} exceeds --max-ttl {}",
-            duration::format(args.default_ttl),
-            duration::format(args.max_ttl)
-        ));
-    }
-    if args.default_ttl.is_zero() {
-        return Err("--default-ttl must be positive".into());
-    }
-    {
-        use super::{check_range, MAX_LIFETIME};
-        let s = Duration::from_secs;
-        check_range("--max-ttl", args.max_ttl, s(1), MAX_LIFETIME)?;
-        check_range("--root-ttl", args.root_ttl, s(60), MAX_LIFETIME)?;
-        check_range(
-            "--intermediate-ttl",
-            args.intermediate_ttl,
-            s(30),
-            MAX_LIFETIME,
-        )?;
-        check_range("--crl-validity", args.crl_validity, s(60), MAX_LIFETIME)?;
-        check_range("--lease-duration", args.lease_duration, s(1), s(3600))?;
-        check_range(
-            "--reconcile-interval",
-            args.reconcile_interval,
-            Duration::from_millis(100),
-            s(3600),
-        )?;
-        check_range(
-            "--kube-review-max-wait",
-            args.kube_review_max_wait,
-            Duration::ZERO,
-            s(60),
-        )?;
-        check_range(
-            "--token-cache-ttl",
-            args.token_cache_ttl,
-            Duration::ZERO,
-            s(86_400),
-        )?;
-    }
-    if args.dev {
-        tracing::warn!("DEV MODE: trusting the public dev JWT key from certs-dev/; anyone can mint tokens. Never use --dev in production.");
-    }
-    if args.plaintext {
-        tracing::warn!("--plaintext: the CA port serves WITHOUT TLS; bearer tokens and certificates cross the network in clear");
-    }
-    let clock = clock::system();
-    let ca = Ca::new();
-    let metrics = Arc::new(Metrics::default());
-    let kube = match args.store {
-        StoreKind::File => None,
-        StoreKind::Kube => Some(kube_parts(&args, &clock, &metrics, &shutdown).await?),
-    };
-    let store: Arc<dyn Store> = match &kube {
-        Some(k) => k.store.clone(),
-        None => Arc::new(FileStore::open(&args.state_dir).map_err(|e| e.to_string())?),
-    };
-    // The issuance index stays a per-replica file in --state-dir (see docs/kubernetes.md).
-    std::fs::create_dir_all(&args.state_dir)
-        .map_err(|e| format!("cannot create {}: {e}", args.state_dir.display()))?;
-
-    // A plugged-in CA: --ca-certs-dir, or (with --store kube) the `cacerts` Secret.
-    let plugged = match (&args.ca_certs_dir, &kube) {
-        (Some(dir), _) => Some(
-            plugged::load(dir, &args.trust_domain, clock.now())
-                .map_err(|e| format!("plugged-in CA refused: {e}"))?,
-        ),
-        (None, Some(k)) => match cacerts_secret(&k.client, &args.namespace).await? {
-            Some(src) => Some(
-                plugged::load_from(&src, &args.trust_domain, clock.now())
-                    .map_err(|e| format!("plugged-in CA refused: {e}"))?,
-            ),
-            None => None,
-        },
-        (None, None) => None,
-    };
-    let (index, scheduler) = match plugged {
-        Some(s) => {
-            tracing::info!(signer = %s.signing_cert().subject, revoked = s.revocations().crl_entries, "loaded plugged-in CA (rotation and revocation are managed upstream)");
-            let published = async {
-                store.publish_bundle(s.roots_pem()).await?;
-                store.publish_crl(&s.revocations().crl_pem).await
-            }
-            .await;
-            match (published, &kube) {
-                (Ok(()), _) => {}
-                // The leader's ConfigMap publisher keeps the desired state and writes it once
-                // its watches are up.
-                (Err(e), Some(_)) => {
-                    tracing::info!(reason = %e, "bundle ConfigMaps will be published by the leader")
-                }
-                (Err(e), None) => return Err(format!("cannot publish the trust bundle: {e}")),
-            }
-            ca.install(s);
-            (None, None)
-        }
-        None => {
-            let mut opts = CaOptions::new(args.trust_domain.clone());
-            opts.key_type = args.ca_key_type.parse::<KeyType>()?;
-            opts.root_ttl = args.root_ttl;
-            opts.intermediate_ttl = args.intermediate_ttl;
-            match &kube {
-                // Only the leader creates the CA; the others wait for its journal.
-                Some(k) => k.wait_for_ca(store.as_ref(), &opts, clock.as_ref()).await?,
-                None => {
-                    bootstrap::load_or_create(store.as_ref(), &opts, clock.as_ref())
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
-            }
-            let index = Arc::new(FileIndex::new(&args.state_dir));
-            let live = index
-                .prune(clock.now().unix_timestamp())
-                .map_err(|e| e.to_string())?;
-            tracing::debug!(live, "issuance index pruned");
-            let mut scheduler = Scheduler::new(
-                store.clone(),
-                ca.clone(),
-                rotation_policy(&args)?,
-                clock.clone(),
-                args.trust_domain.clone(),
-            )
-            .with_index(index.clone());
-            if let Some(k) = &kube {
-                scheduler = scheduler.with_leader(k.elector.subscribe());
-                tokio::spawn(watch_journal(
-                    k.client.clone(),
-                    args.namespace.clone(),
-                    scheduler.wake.clone(),
-                    shutdown.clone(),
-                ));
-            }
-            let scheduler = Arc::new(scheduler);
-            // Catch up on anything that fell due while we were down, install, publish. With
-            // the Kubernetes store the first passes may find the ConfigMap watches not ready.
-            let mut attempts = 0;
-            while let Err(e) = scheduler.step().await {
-                attempts += 1;
-                if kube.is_none() || attempts >= 60 {
-                    return Err(e.to_string());
-                }
-                tracing::info!(reason = %e, "CA not fully published yet; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            (Some(index as Arc<dyn IssuanceIndex>), Some(scheduler))
-        }
-    };
-    let signer = ca.current().ok_or("no CA was installed")?;
-    tracing::info!(
-        signer = %signer.signing_cert().subject,
-        signer_not_after = %signer.signing_cert().not_after,
-        roots = signer.roots_der().len(),
-        key_type = %signer.key_kind(),
-        bundle = %args.state_dir.join("root-cert.pem").display(),
-        "CA ready"
-    );
-
-    let (auth, jwks_refresher) = build_auth(&args, &ca, &clock).await?;
-    if let Some(r) = jwks_refresher {
-        tokio::spawn(r.run(
-            Duration::from_secs(300),
-            Duration::from_secs(10),
-            shutdown.clone(),
-        ));
-    }
-    let tls = if args.plaintext {
-        None
-    } else {
-        let t = TlsState::new(args.server_dns_names.clone()).map_err(|e| e.to_string())?;
-        let signer = ca.current().ok_or("CA vanished")?;
-        t.refresh(&signer, clock.now())
-            .map_err(|e| format!("cannot issue the serving certificate: {e}"))?;
-        Some(t)
-    };
-
-    tracing::info!(
-        grpc = %listener.local_addr().map_err(|e| e.to_string())?,
-        metrics = %metrics_listener.local_addr().map_err(|e| e.to_string())?,
-        tls = !args.plaintext,
-        trust_domain = %args.trust_domain,
-        auth = ?auth.names(),
-        "citadel serving"
-    );
-    let server = Server {
-        ca,
-        auth,
-        ttl: TtlPolicy {
-            default: args.default_ttl,
-            max: args.max_ttl,
-        },
-        clock,
-        metrics,
-        tls,
-        index: index.clone(),
-        sweep: scheduler
-            .as_ref()
-            .map(|s| s.sweep.clone())
-            .unwrap_or_default(),
-        limits: crate::server::Limits {
-            max_inflight: args.max_inflight as usize,
-        },
-    };
-    if let Some(s) = scheduler {
-        tokio::spawn(s.run(args.reconcile_interval, shutdown.clone()));
-    }
-    if let Some(index) = index {
-        let (clock, sd) = (server.clock.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
-                    _ = sd.wait() => return,
-                }
-                if let Err(e) = index.prune(clock.now().unix_timestamp()) {
-                    tracing::warn!(error = %e, "could not prune the issuance index");
-                }
-            }
-        });
-    }
-    server
-        .run(listener, Some(metrics_listener), shutdown)
-        .await
-        .map_err(|e| format!("server failed: {e}"))?;
-    tracing::info!("stopped");
-    Ok(())
+    serve_with_clock(args, grpc, metrics, clock::system(), shutdown).await
 }
 
-pub(crate) async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the server");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+/// The same on any clock: tests pass a `ManualClock` and move time.
+pub async fn serve_with_clock(
+    args: Args,
+    grpc: TcpListener,
+    metrics: TcpListener,
+    clock: SharedClock,
+    shutdown: shutdown::Shutdown,
+) -> CmdResult {
+    crate::app::run(
+        args.into_config()?,
+        Listeners { grpc, metrics },
+        clock,
+        shutdown,
+    )
+    .await
 }

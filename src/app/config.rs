@@ -1,0 +1,407 @@
+//! What `citadel serve` runs with: a configuration whose invalid combinations cannot be
+//! written (a plugged-in CA has no key type to choose, a JWKS source is one of three, TLS is
+//! a list of names or absent), validated once by [`ServeConfig::validate`].
+//!
+//! Flags are turned into this in `cmd::serve`; tests build it the same way, or directly.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::auth::tokenreview::ReviewLimits;
+use crate::ca::bootstrap::CaOptions;
+use crate::ca::policy::{RotationPolicy, TtlPolicy};
+use crate::duration;
+use crate::identity::TrustDomain;
+use crate::server::Limits;
+
+/// The longest lifetime any setting may ask for: beyond it, times leave the representable
+/// range.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// Where CA state lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    /// A directory (--state-dir): one replica.
+    File,
+    /// Secrets in --namespace: N replicas with leader election.
+    Kube,
+}
+
+/// How bearer tokens are verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthMode {
+    /// Locally, against a JWKS: no API call per request.
+    Jwks,
+    /// By the API server, with a TokenReview (cached per token).
+    Tokenreview,
+}
+
+/// Where CA state lives, and what that needs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreConfig {
+    /// `ca-journal.json` and friends in the state directory.
+    File,
+    /// Secrets in `namespace`, with leader election on a Lease.
+    Kube {
+        /// citadel's own namespace: its Secrets, Lease and Events.
+        namespace: String,
+        /// How long a leader's lease lasts without renewal.
+        lease_duration: Duration,
+        /// This replica's name in the Lease; `None` derives one from the hostname.
+        identity: Option<String>,
+    },
+}
+
+/// Where the keys that verify service-account tokens come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksSource {
+    /// A JWKS file (what a cluster serves at /openid/v1/jwks).
+    File(PathBuf),
+    /// The public dev key compiled in from certs-dev/ (`--dev`).
+    Dev,
+    /// The cluster's discovery document and JWKS, refreshed in the background.
+    Cluster,
+}
+
+/// How bearer tokens are checked (client certificates are always tried first).
+#[derive(Debug, Clone)]
+pub enum AuthConfig {
+    /// Verified locally against a key set.
+    Jwks {
+        /// The keys.
+        source: JwksSource,
+        /// Required `iss`; `None` accepts any issuer whose key is in the set.
+        issuer: Option<String>,
+        /// Accepted audiences.
+        audiences: Vec<String>,
+    },
+    /// Reviewed by the API server.
+    TokenReview {
+        /// Audiences sent with each review and required in its answer.
+        audiences: Vec<String>,
+        /// How long a positive review is reused for the same token.
+        cache_ttl: Duration,
+        /// Rate, burst and longest wait for reviews.
+        limits: ReviewLimits,
+    },
+}
+
+/// Which CA signs.
+#[derive(Debug, Clone)]
+pub enum CaSource {
+    /// citadel's own self-signed CA, created on first start and rotated by the scheduler.
+    /// (With the Kubernetes store, a `cacerts` Secret found at start takes precedence.)
+    Own(CaOptions),
+    /// A plugged-in CA in Istio's cacerts layout; rotated and revoked upstream.
+    Plugged(PathBuf),
+}
+
+/// Everything `app::serve::run` needs besides listeners, a clock and a shutdown signal.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Development mode (trusts the public dev key); logged loudly.
+    pub dev: bool,
+    /// The state directory: the file store, the issuance index, the published bundle.
+    pub state_dir: PathBuf,
+    /// The SPIFFE trust domain of issued identities.
+    pub trust_domain: TrustDomain,
+    /// Where the journal lives.
+    pub store: StoreConfig,
+    /// How tokens are checked.
+    pub auth: AuthConfig,
+    /// Which CA signs.
+    pub ca: CaSource,
+    /// Workload certificate lifetimes.
+    pub ttl: TtlPolicy,
+    /// Rotation and CRL timing.
+    pub rotation: RotationPolicy,
+    /// Names and IPs of the serving certificate; `None` serves plaintext.
+    pub tls_names: Option<Vec<String>>,
+    /// How often the scheduler reloads state and runs what is due.
+    pub reconcile_interval: Duration,
+    /// Limits on the CA port.
+    pub limits: Limits,
+    /// kubeconfig for the API server (store, TokenReview, JWKS); `None` infers one.
+    pub kubeconfig: Option<PathBuf>,
+}
+
+impl ServeConfig {
+    /// A development configuration: own CA in `state_dir`, dev tokens, TLS, the defaults of
+    /// every flag. Tests start from it.
+    pub fn dev(state_dir: impl Into<PathBuf>) -> Self {
+        let td = TrustDomain::new("cluster.local").expect("a valid trust domain");
+        Self {
+            dev: true,
+            state_dir: state_dir.into(),
+            trust_domain: td.clone(),
+            store: StoreConfig::File,
+            auth: AuthConfig::Jwks {
+                source: JwksSource::Dev,
+                issuer: Some(crate::devkeys::DEV_ISSUER.to_string()),
+                audiences: vec!["istio-ca".into()],
+            },
+            ca: CaSource::Own(CaOptions::new(td)),
+            ttl: TtlPolicy::default(),
+            rotation: RotationPolicy::default(),
+            tls_names: Some(vec![
+                "istiod.istio-system.svc".into(),
+                "localhost".into(),
+                "127.0.0.1".into(),
+            ]),
+            reconcile_interval: Duration::from_secs(1),
+            limits: Limits::default(),
+            kubeconfig: None,
+        }
+    }
+
+    /// Refuses settings that cannot work together or are out of range, naming the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        let s = Duration::from_secs;
+        if self.ttl.default > self.ttl.max {
+            return Err(format!(
+                "--default-ttl {} exceeds --max-ttl {}",
+                duration::format(self.ttl.default),
+                duration::format(self.ttl.max)
+            ));
+        }
+        if self.ttl.default.is_zero() {
+            return Err("--default-ttl must be positive".into());
+        }
+        check_range("--max-ttl", self.ttl.max, s(1), MAX_LIFETIME)?;
+        let r = &self.rotation;
+        check_range("--root-ttl", r.root_ttl, s(60), MAX_LIFETIME)?;
+        check_range(
+            "--intermediate-ttl",
+            r.intermediate_ttl,
+            s(30),
+            MAX_LIFETIME,
+        )?;
+        check_range("--crl-validity", r.crl_validity, s(60), MAX_LIFETIME)?;
+        check_range(
+            "--activate-after",
+            r.activate_after,
+            Duration::ZERO,
+            MAX_LIFETIME,
+        )?;
+        check_range(
+            "--clock-skew-margin",
+            r.skew_margin,
+            Duration::ZERO,
+            s(86_400),
+        )?;
+        for (flag, v) in [
+            ("--intermediate-prepare-at", r.prepare_at),
+            ("--intermediate-activate-at", r.activate_at),
+            ("--root-rotate-at", r.root_rotate_at),
+        ] {
+            if !(v > 0.0 && v < 1.0) {
+                return Err(format!(
+                    "{flag} must be between 0 and 1 (exclusive), got {v}"
+                ));
+            }
+        }
+        if r.prepare_at > r.activate_at {
+            return Err(
+                "--intermediate-prepare-at must not be later than --intermediate-activate-at"
+                    .into(),
+            );
+        }
+        if r.max_leaf_ttl != self.ttl.max {
+            return Err("the rotation policy's leaf TTL must be --max-ttl".into());
+        }
+        check_range(
+            "--reconcile-interval",
+            self.reconcile_interval,
+            Duration::from_millis(100),
+            s(3600),
+        )?;
+        if let StoreConfig::Kube {
+            lease_duration,
+            namespace,
+            ..
+        } = &self.store
+        {
+            check_range("--lease-duration", *lease_duration, s(1), s(3600))?;
+            if namespace.is_empty() {
+                return Err("--namespace must not be empty".into());
+            }
+        }
+        match &self.auth {
+            AuthConfig::TokenReview {
+                audiences,
+                cache_ttl,
+                limits,
+            } => {
+                check_range("--token-cache-ttl", *cache_ttl, Duration::ZERO, s(86_400))?;
+                check_range(
+                    "--kube-review-max-wait",
+                    limits.max_wait,
+                    Duration::ZERO,
+                    s(60),
+                )?;
+                if !(limits.qps > 0.0 && limits.qps.is_finite()) {
+                    return Err(format!("--kube-qps must be positive, got {}", limits.qps));
+                }
+                if audiences.is_empty() {
+                    return Err("at least one --token-audience is needed".into());
+                }
+            }
+            AuthConfig::Jwks { audiences, .. } => {
+                if audiences.is_empty() {
+                    return Err("at least one --token-audience is needed".into());
+                }
+            }
+        }
+        if self.limits.max_inflight == 0 {
+            return Err("--max-inflight must be at least 1".into());
+        }
+        if let CaSource::Own(o) = &self.ca {
+            if o.trust_domain != self.trust_domain {
+                return Err("the CA's trust domain must be --trust-domain".into());
+            }
+        }
+        if self.tls_names.as_ref().is_some_and(|n| n.is_empty()) {
+            return Err("TLS needs at least one --server-dns-name".into());
+        }
+        Ok(())
+    }
+}
+
+/// Refuses a duration outside `min..=max`, naming the flag.
+pub fn check_range(flag: &str, d: Duration, min: Duration, max: Duration) -> Result<(), String> {
+    if d < min || d > max {
+        return Err(format!(
+            "{flag} {} is out of range ({} to {})",
+            duration::format(d),
+            duration::format(min),
+            duration::format(max)
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Change = Box<dyn FnOnce(&mut ServeConfig)>;
+
+    fn err(f: impl FnOnce(&mut ServeConfig)) -> String {
+        let mut c = ServeConfig::dev("x");
+        f(&mut c);
+        c.validate().expect_err("should be refused")
+    }
+
+    #[test]
+    fn the_dev_defaults_are_valid() {
+        ServeConfig::dev("x").validate().unwrap();
+    }
+
+    #[test]
+    fn each_bad_setting_is_refused_naming_its_flag() {
+        let cases: Vec<(Change, &str)> = vec![
+            (
+                Box::new(|c| c.ttl.default = Duration::from_secs(100 * 86_400)),
+                "--default-ttl",
+            ),
+            (
+                Box::new(|c| c.ttl.default = Duration::ZERO),
+                "--default-ttl must be positive",
+            ),
+            (
+                Box::new(|c| {
+                    c.ttl.max = Duration::ZERO;
+                    c.ttl.default = Duration::ZERO;
+                }),
+                "--default-ttl",
+            ),
+            (
+                Box::new(|c| c.rotation.root_ttl = Duration::from_secs(5)),
+                "--root-ttl",
+            ),
+            (
+                Box::new(|c| c.rotation.intermediate_ttl = MAX_LIFETIME * 2),
+                "--intermediate-ttl",
+            ),
+            (
+                Box::new(|c| c.rotation.crl_validity = Duration::from_secs(59)),
+                "--crl-validity",
+            ),
+            (
+                Box::new(|c| c.rotation.prepare_at = 0.0),
+                "--intermediate-prepare-at",
+            ),
+            (
+                Box::new(|c| c.rotation.activate_at = 1.0),
+                "--intermediate-activate-at",
+            ),
+            (
+                Box::new(|c| c.rotation.root_rotate_at = f64::NAN),
+                "--root-rotate-at",
+            ),
+            (
+                Box::new(|c| {
+                    c.rotation.prepare_at = 0.9;
+                    c.rotation.activate_at = 0.8;
+                }),
+                "must not be later",
+            ),
+            (
+                Box::new(|c| c.reconcile_interval = Duration::from_millis(10)),
+                "--reconcile-interval",
+            ),
+            (
+                Box::new(|c| {
+                    c.store = StoreConfig::Kube {
+                        namespace: "ns".into(),
+                        lease_duration: Duration::ZERO,
+                        identity: None,
+                    }
+                }),
+                "--lease-duration",
+            ),
+            (
+                Box::new(|c| {
+                    c.auth = AuthConfig::TokenReview {
+                        audiences: vec!["istio-ca".into()],
+                        cache_ttl: Duration::from_secs(2 * 86_400),
+                        limits: ReviewLimits::default(),
+                    }
+                }),
+                "--token-cache-ttl",
+            ),
+            (
+                Box::new(|c| {
+                    c.auth = AuthConfig::TokenReview {
+                        audiences: vec!["istio-ca".into()],
+                        cache_ttl: Duration::ZERO,
+                        limits: ReviewLimits {
+                            max_wait: Duration::from_secs(61),
+                            ..ReviewLimits::default()
+                        },
+                    }
+                }),
+                "--kube-review-max-wait",
+            ),
+            (
+                Box::new(|c| {
+                    c.auth = AuthConfig::Jwks {
+                        source: JwksSource::Dev,
+                        issuer: None,
+                        audiences: vec![],
+                    }
+                }),
+                "--token-audience",
+            ),
+            (Box::new(|c| c.limits.max_inflight = 0), "--max-inflight"),
+            (
+                Box::new(|c| c.tls_names = Some(vec![])),
+                "--server-dns-name",
+            ),
+        ];
+        for (change, flag) in cases {
+            let e = err(change);
+            assert!(e.contains(flag), "expected {flag:?} in {e:?}");
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! Running the CA: from a validated [`ServeConfig`], bound listeners, a clock and a shutdown
+//! signal to a serving CA. Nothing here reads flags or the wall clock: `cmd::serve` binds the
+//! configured addresses and passes the system clock; tests pass `127.0.0.1:0` and a
+//! `ManualClock`, and move days in milliseconds.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use super::config::{AuthConfig, CaSource, JwksSource, ServeConfig, StoreConfig};
+use crate::auth::client_cert::ClientCertAuthenticator;
+use crate::auth::jwks::Jwks;
+use crate::auth::jwt::{JwtAuthenticator, JwtPolicy, DEFAULT_LEEWAY};
+use crate::auth::tokenreview::TokenReviewAuthenticator;
+use crate::auth::{AuthChain, Authenticator};
+use crate::ca::bootstrap;
+use crate::ca::scheduler::Scheduler;
+use crate::ca::{plugged, Ca};
+use crate::clock::SharedClock;
+use crate::cluster::replica::Replica;
+use crate::cluster::{self, JwksRefresher};
+use crate::server::{tls::TlsState, Metrics, Server};
+use crate::shutdown::Shutdown;
+use crate::store::file::FileStore;
+use crate::store::index::{FileIndex, IssuanceIndex};
+use crate::store::Store;
+
+/// The two sockets `serve` answers on.
+pub struct Listeners {
+    /// The CA gRPC service.
+    pub grpc: TcpListener,
+    /// /metrics and /healthz.
+    pub metrics: TcpListener,
+}
+
+/// Loads or creates the CA and serves until `shutdown`.
+pub async fn run(
+    config: ServeConfig,
+    listeners: Listeners,
+    clock: SharedClock,
+    shutdown: Shutdown,
+) -> Result<(), String> {
+    config.validate()?;
+    if config.dev {
+        tracing::warn!("DEV MODE: trusting the public dev JWT key from certs-dev/; anyone can mint tokens. Never use --dev in production.");
+    }
+    if config.tls_names.is_none() {
+        tracing::warn!("--plaintext: the CA port serves WITHOUT TLS; bearer tokens and certificates cross the network in clear");
+    }
+    let ca = Ca::new();
+    let metrics = Arc::new(Metrics::default());
+    let replica = match &config.store {
+        StoreConfig::File => None,
+        StoreConfig::Kube {
+            namespace,
+            lease_duration,
+            identity,
+        } => {
+            let r = Replica::start(
+                config.kubeconfig.as_deref(),
+                namespace,
+                identity.clone(),
+                *lease_duration,
+                &clock,
+                &shutdown,
+            )
+            .await?;
+            let _ = metrics.leader.set(r.elector.subscribe());
+            Some(r)
+        }
+    };
+    let store: Arc<dyn Store> = match &replica {
+        Some(r) => r.store.clone(),
+        None => Arc::new(FileStore::open(&config.state_dir).map_err(|e| e.to_string())?),
+    };
+    // The issuance index stays a per-replica file in the state directory (see
+    // docs/kubernetes.md).
+    std::fs::create_dir_all(&config.state_dir)
+        .map_err(|e| format!("cannot create {}: {e}", config.state_dir.display()))?;
+
+    // A plugged-in CA: a directory, or (with the Kubernetes store) the `cacerts` Secret.
+    let plugged = match (&config.ca, &replica) {
+        (CaSource::Plugged(dir), _) => Some(
+            plugged::load(dir, &config.trust_domain, clock.now())
+                .map_err(|e| format!("plugged-in CA refused: {e}"))?,
+        ),
+        (CaSource::Own(_), Some(r)) => match r.cacerts().await? {
+            Some(src) => Some(
+                plugged::load_from(&src, &config.trust_domain, clock.now())
+                    .map_err(|e| format!("plugged-in CA refused: {e}"))?,
+            ),
+            None => None,
+        },
+        (CaSource::Own(_), None) => None,
+    };
+    let (index, scheduler) = match (plugged, &config.ca) {
+        (Some(s), _) => {
+            tracing::info!(signer = %s.signing_cert().subject, revoked = s.revocations().crl_entries, "loaded plugged-in CA (rotation and revocation are managed upstream)");
+            let published = async {
+                store.publish_bundle(s.roots_pem()).await?;
+                store.publish_crl(&s.revocations().crl_pem).await
+            }
+            .await;
+            match (published, &replica) {
+                (Ok(()), _) => {}
+                // The leader's ConfigMap publisher keeps the desired state and writes it once
+                // its watches are up.
+                (Err(e), Some(_)) => {
+                    tracing::info!(reason = %e, "bundle ConfigMaps will be published by the leader")
+                }
+                (Err(e), None) => return Err(format!("cannot publish the trust bundle: {e}")),
+            }
+            ca.install(s);
+            (None, None)
+        }
+        (None, CaSource::Own(opts)) => {
+            match &replica {
+                // Only the leader creates the CA; the others wait for its journal.
+                Some(r) => r.wait_for_ca(opts, clock.as_ref()).await?,
+                None => {
+                    bootstrap::load_or_create(store.as_ref(), opts, clock.as_ref())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            let index = Arc::new(FileIndex::new(&config.state_dir));
+            let live = index
+                .prune(clock.now().unix_timestamp())
+                .map_err(|e| e.to_string())?;
+            tracing::debug!(live, "issuance index pruned");
+            let mut scheduler = Scheduler::new(
+                store.clone(),
+                ca.clone(),
+                config.rotation.clone(),
+                clock.clone(),
+                config.trust_domain.clone(),
+            )
+            .with_index(index.clone());
+            if let Some(r) = &replica {
+                scheduler = scheduler.with_leader(r.elector.subscribe());
+                r.watch_journal(scheduler.wake.clone(), shutdown.clone());
+            }
+            let scheduler = Arc::new(scheduler);
+            // Catch up on anything that fell due while we were down, install, publish. With
+            // the Kubernetes store the first passes may find the ConfigMap watches not ready.
+            let mut attempts = 0;
+            while let Err(e) = scheduler.step().await {
+                attempts += 1;
+                if replica.is_none() || attempts >= 60 {
+                    return Err(e.to_string());
+                }
+                tracing::info!(reason = %e, "CA not fully published yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            (Some(index as Arc<dyn IssuanceIndex>), Some(scheduler))
+        }
+        (None, CaSource::Plugged(_)) => {
+            unreachable!("a plugged-in directory always loads or fails")
+        }
+    };
+    let signer = ca.current().ok_or("no CA was installed")?;
+    tracing::info!(
+        signer = %signer.signing_cert().subject,
+        signer_not_after = %signer.signing_cert().not_after,
+        roots = signer.roots_der().len(),
+        key_type = %signer.key_kind(),
+        bundle = %config.state_dir.join("root-cert.pem").display(),
+        "CA ready"
+    );
+
+    let (auth, jwks_refresher) = build_auth(&config, &ca, &clock).await?;
+    if let Some(r) = jwks_refresher {
+        tokio::spawn(r.run(
+            Duration::from_secs(300),
+            Duration::from_secs(10),
+            shutdown.clone(),
+        ));
+    }
+    let tls = match &config.tls_names {
+        None => None,
+        Some(names) => {
+            let t = TlsState::new(names.clone()).map_err(|e| e.to_string())?;
+            let signer = ca.current().ok_or("CA vanished")?;
+            t.refresh(&signer, clock.now())
+                .map_err(|e| format!("cannot issue the serving certificate: {e}"))?;
+            Some(t)
+        }
+    };
+
+    tracing::info!(
+        grpc = %listeners.grpc.local_addr().map_err(|e| e.to_string())?,
+        metrics = %listeners.metrics.local_addr().map_err(|e| e.to_string())?,
+        tls = tls.is_some(),
+        trust_domain = %config.trust_domain,
+        auth = ?auth.names(),
+        "citadel serving"
+    );
+    let server = Server {
+        ca,
+        auth,
+        ttl: config.ttl,
+        clock,
+        metrics,
+        tls,
+        index: index.clone(),
+        sweep: scheduler
+            .as_ref()
+            .map(|s| s.sweep.clone())
+            .unwrap_or_default(),
+        limits: config.limits,
+    };
+    if let Some(s) = scheduler {
+        tokio::spawn(s.run(config.reconcile_interval, shutdown.clone()));
+    }
+    if let Some(index) = index {
+        let (clock, sd) = (server.clock.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+                    _ = sd.wait() => return,
+                }
+                if let Err(e) = index.prune(clock.now().unix_timestamp()) {
+                    tracing::warn!(error = %e, "could not prune the issuance index");
+                }
+            }
+        });
+    }
+    server
+        .run(listeners.grpc, Some(listeners.metrics), shutdown)
+        .await
+        .map_err(|e| format!("server failed: {e}"))?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The authenticators: client certificate first (renewal), then the token, verified locally
+/// against a JWKS or by the API server. Also returns the JWKS refresher to run when the keys
+/// come from the cluster.
+async fn build_auth(
+    config: &ServeConfig,
+    ca: &Arc<Ca>,
+    clock: &SharedClock,
+) -> Result<(AuthChain, Option<Arc<JwksRefresher>>), String> {
+    let mut members: Vec<Arc<dyn Authenticator>> = vec![Arc::new(ClientCertAuthenticator::new(
+        ca.clone(),
+        config.trust_domain.clone(),
+        clock.clone(),
+    ))];
+    let (source, issuer, audiences) = match &config.auth {
+        AuthConfig::TokenReview {
+            audiences,
+            cache_ttl,
+            limits,
+        } => {
+            let client = cluster::client(config.kubeconfig.as_deref()).await?;
+            tracing::info!(audiences = ?audiences, cache_ttl = %crate::duration::format(*cache_ttl), qps = limits.qps, burst = limits.burst, max_wait = %crate::duration::format(limits.max_wait), "TokenReview authentication enabled");
+            members.push(Arc::new(TokenReviewAuthenticator::new(
+                client,
+                audiences.clone(),
+                config.trust_domain.clone(),
+                clock.clone(),
+                *cache_ttl,
+                *limits,
+            )));
+            return Ok((AuthChain::new(members), None));
+        }
+        AuthConfig::Jwks {
+            source,
+            issuer,
+            audiences,
+        } => (source, issuer, audiences),
+    };
+    let (jwks, issuer, described, client) = match source {
+        JwksSource::Cluster => {
+            let client = cluster::client(config.kubeconfig.as_deref()).await?;
+            let (discovered, jwks) = cluster::fetch_jwks(&client).await?;
+            (
+                jwks,
+                issuer.clone().or(discovered),
+                "the cluster (/openid/v1/jwks)".to_string(),
+                Some(client),
+            )
+        }
+        JwksSource::File(path) => {
+            let bytes = std::fs::read(path)
+                .map_err(|e| format!("cannot read JWKS file {}: {e}", path.display()))?;
+            let label = path.display().to_string();
+            (
+                Jwks::from_json(&bytes).map_err(|e| format!("{label}: {e}"))?,
+                issuer.clone(),
+                label,
+                None,
+            )
+        }
+        JwksSource::Dev => (
+            Jwks::from_json(crate::devkeys::jwks_json().as_bytes())
+                .map_err(|e| format!("the dev key: {e}"))?,
+            issuer.clone(),
+            "the dev key (certs-dev/)".to_string(),
+            None,
+        ),
+    };
+    if issuer.is_none() {
+        tracing::warn!("--token-issuer is not set: tokens from any issuer whose key is in the JWKS are accepted");
+    }
+    tracing::info!(keys = jwks.len(), jwks = %described, issuer = issuer.as_deref().unwrap_or("(any)"), audiences = ?audiences, "JWT authentication enabled");
+    let jwt = Arc::new(JwtAuthenticator::new(
+        jwks,
+        JwtPolicy {
+            issuer,
+            audiences: audiences.clone(),
+            leeway: DEFAULT_LEEWAY,
+        },
+        config.trust_domain.clone(),
+        clock.clone(),
+    ));
+    let refresher = client.map(|client| {
+        let unknown_kid = Arc::new(tokio::sync::Notify::new());
+        jwt.on_unknown_kid(unknown_kid.clone());
+        Arc::new(JwksRefresher {
+            client,
+            auth: jwt.clone(),
+            unknown_kid,
+            fetches: Default::default(),
+        })
+    });
+    members.push(jwt);
+    Ok((AuthChain::new(members), refresher))
+}

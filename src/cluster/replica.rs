@@ -1,0 +1,147 @@
+//! One replica of a replicated CA (`--store kube`): the client, leader election on the
+//! Lease, the ConfigMap publisher, the journal Secret as the store, and a watch on that
+//! Secret that wakes the scheduler when another replica or an operator writes it.
+//!
+//! The application layer starts one of these and hands its store and leadership signal to
+//! the CA scheduler; everything that talks to the API server as a controller is started here.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::leader::Elector;
+use super::publish::ConfigMapPublisher;
+use crate::ca::bootstrap::{self, CaOptions};
+use crate::ca::plugged;
+use crate::clock::{Clock, SharedClock};
+use crate::shutdown::Shutdown;
+use crate::store::kube::KubeStore;
+use crate::store::Store;
+
+/// The Kubernetes side of one replica.
+pub struct Replica {
+    /// The API client every controller of this replica shares.
+    pub client: kube::Client,
+    /// Leader election; only the leader writes the journal and publishes.
+    pub elector: Arc<Elector>,
+    /// The journal Secret, publishing through the ConfigMap publisher.
+    pub store: Arc<dyn Store>,
+    namespace: String,
+}
+
+impl Replica {
+    /// Connects, and starts leader election and the ConfigMap publisher (which acts only
+    /// while this replica leads).
+    pub async fn start(
+        kubeconfig: Option<&Path>,
+        namespace: &str,
+        identity: Option<String>,
+        lease_duration: Duration,
+        clock: &SharedClock,
+        shutdown: &Shutdown,
+    ) -> Result<Self, String> {
+        let client = super::client(kubeconfig).await?;
+        let identity = identity.unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!(
+                "{}-{}",
+                host.trim(),
+                &hex::encode(crate::pki::random_serial())[..8]
+            )
+        });
+        let elector = Elector::new(
+            client.clone(),
+            namespace,
+            identity.clone(),
+            lease_duration,
+            clock.clone(),
+        );
+        tokio::spawn(elector.clone().run(shutdown.clone()));
+        let publisher = ConfigMapPublisher::new(client.clone(), Some(elector.subscribe()));
+        tokio::spawn(publisher.clone().run(shutdown.clone()));
+        tracing::info!(namespace = %namespace, identity = %identity, lease = %crate::duration::format(lease_duration), "Kubernetes store with leader election");
+        let store: Arc<dyn Store> =
+            Arc::new(KubeStore::new(client.clone(), namespace, Some(publisher)));
+        Ok(Self {
+            client,
+            elector,
+            store,
+            namespace: namespace.to_string(),
+        })
+    }
+
+    /// Waits until the store holds a CA journal; the leader creates it, the others wait.
+    pub async fn wait_for_ca(&self, opts: &CaOptions, clock: &dyn Clock) -> Result<(), String> {
+        let mut waited = 0u32;
+        loop {
+            if self
+                .store
+                .load_journal()
+                .await
+                .map_err(|e| e.to_string())?
+                .is_some()
+            {
+                return Ok(());
+            }
+            if self.elector.is_leader() {
+                bootstrap::load_or_create(self.store.as_ref(), opts, clock)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                return Ok(());
+            }
+            waited += 1;
+            if waited.is_multiple_of(50) {
+                tracing::info!("waiting for the leader to create the CA");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The `cacerts` Secret's files, if the Secret exists (Istio's plugged-in CA).
+    pub async fn cacerts(&self) -> Result<Option<plugged::MapSource>, String> {
+        let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
+            kube::Api::namespaced(self.client.clone(), &self.namespace);
+        let secret = api
+            .get_opt("cacerts")
+            .await
+            .map_err(|e| format!("cannot read Secret {}/cacerts: {e}", self.namespace))?;
+        Ok(secret.map(|s| plugged::MapSource {
+            label: format!("Secret {}/cacerts", self.namespace),
+            files: s
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.0))
+                .collect(),
+        }))
+    }
+
+    /// Wakes `wake` whenever the journal Secret changes (another replica or an operator
+    /// wrote it), so every replica hot-reloads within moments, not at the next poll.
+    pub fn watch_journal(&self, wake: Arc<tokio::sync::Notify>, shutdown: Shutdown) {
+        use futures_util::StreamExt;
+        use kube::runtime::{watcher, WatchStreamExt};
+        let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
+            kube::Api::namespaced(self.client.clone(), &self.namespace);
+        let cfg = watcher::Config::default().fields(&format!(
+            "metadata.name={}",
+            crate::store::kube::JOURNAL_SECRET
+        ));
+        tokio::spawn(async move {
+            let mut events = watcher(api, cfg)
+                .default_backoff()
+                .touched_objects()
+                .boxed();
+            loop {
+                tokio::select! {
+                    e = events.next() => match e {
+                        Some(Ok(_)) => wake.notify_one(),
+                        Some(Err(err)) => tracing::debug!(error = %err, "journal watch error; it restarts"),
+                        None => return,
+                    },
+                    _ = shutdown.wait() => return,
+                }
+            }
+        });
+    }
+}
