@@ -8,6 +8,7 @@ mod errors;
 mod issue;
 mod kube;
 mod lifecycle;
+mod pilot_agent;
 mod revocation;
 mod rotation;
 mod support;
