@@ -101,6 +101,9 @@ if cargo tree -i aws-lc-sys >/dev/null 2>&1; then
   exit 1
 fi
 
+log "module layering: dependencies point down (scripts/layers.py)"
+python3 scripts/layers.py
+
 log "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --quiet -- -D warnings
 
