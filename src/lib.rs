@@ -1,3 +1,4 @@
+#![forbid(unsafe_code)]
 //! citadel: a mesh certificate authority and mTLS identity service, wire-compatible with
 //! Istio's CA protocol. See docs/architecture.md for the module map.
 //!

@@ -1,3 +1,4 @@
+#![forbid(unsafe_code)]
 //! The `citadel` command line. Flags live here and in `cmd/`; behaviour lives in the library.
 
 use clap::{Parser, Subcommand};

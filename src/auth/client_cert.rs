@@ -125,7 +125,7 @@ mod tests {
     impl Fixture {
         fn new() -> Self {
             let td = TrustDomain::new("cluster.local").unwrap();
-            let now = OffsetDateTime::now_utc();
+            let now = crate::clock::system().now();
             let journal = bootstrap::new_journal(&CaOptions::new(td.clone()), now).unwrap();
             Self { journal, td, now }
         }

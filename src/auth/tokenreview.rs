@@ -456,7 +456,7 @@ mod tests {
     #[tokio::test]
     async fn a_review_must_confirm_one_of_our_audiences() {
         crate::install_crypto_provider();
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let now = crate::clock::system().now().unix_timestamp();
         let t = token(serde_json::json!({
             "sub": "system:serviceaccount:shop:cart", "aud": ["istio-ca"], "exp": now + 3600
         }));
@@ -486,7 +486,7 @@ mod tests {
     async fn hopeless_tokens_never_reach_the_api_server() {
         crate::install_crypto_provider();
         let a = offline();
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let now = crate::clock::system().now().unix_timestamp();
         let sub = "system:serviceaccount:shop:cart";
         let hopeless = [
             "garbage".to_string(),

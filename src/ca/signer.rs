@@ -414,7 +414,7 @@ mod tests {
 
     #[test]
     fn leaf_profile() {
-        let now = OffsetDateTime::now_utc();
+        let now = crate::clock::system().now();
         let (signer, id) = setup(Duration::from_secs(86_400), now);
         let leaf = signer
             .issue_workload(&subject_key(&id), &id, now, Duration::from_secs(3600))
@@ -442,7 +442,7 @@ mod tests {
 
     #[test]
     fn serials_are_unique() {
-        let now = OffsetDateTime::now_utc();
+        let now = crate::clock::system().now();
         let (signer, id) = setup(Duration::from_secs(86_400), now);
         let key = subject_key(&id);
         let serials: std::collections::HashSet<_> = (0..500)

@@ -66,7 +66,7 @@ struct Work {
 
 fn generate(n: usize, key_type: KeyType) -> Result<Vec<Work>, String> {
     let key = devkeys::signing_key();
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let now = crate::clock::system().now().unix_timestamp();
     let td = TrustDomain::new("cluster.local").map_err(|e| e.to_string())?;
     (0..n)
         .map(|i| {
@@ -227,7 +227,7 @@ pub async fn run(args: Args) -> CmdResult {
             )
             .await
             .map_err(|e| e.to_string())?;
-            client::verify_response(&first, None, time::OffsetDateTime::now_utc())
+            client::verify_response(&first, None, crate::clock::system().now())
                 .map_err(|e| e.to_string())?;
             drive(&channels, &work, warmup, concurrency).await;
             let cpu0 = pid.and_then(cpu_time);
@@ -324,7 +324,7 @@ async fn drive(
 /// Times each stage of the issue path in this process, on one core.
 fn micro(distinct: usize, iterations: usize, key_type: KeyType) -> CmdResult {
     let td = TrustDomain::new("cluster.local").map_err(|e| e.to_string())?;
-    let now = time::OffsetDateTime::now_utc();
+    let now = crate::clock::system().now();
     let journal =
         bootstrap::new_journal(&CaOptions::new(td.clone()), now).map_err(|e| e.to_string())?;
     let signer = bootstrap::signer_from_journal(&journal, &td).map_err(|e| e.to_string())?;

@@ -188,7 +188,7 @@ pub async fn run(cmd: Command) -> CmdResult {
         Command::RotateRoot(a) => rotate_root(a).await,
         Command::Status(a) => {
             let j = load(&a.state).await?;
-            let now = OffsetDateTime::now_utc();
+            let now = crate::clock::system().now();
             let mut rows = Vec::new();
             for rec in &j.authorities {
                 let der = pem::parse_certs(rec.cert_pem.as_bytes())
@@ -296,7 +296,7 @@ async fn rotate_root(a: RotateArgs) -> CmdResult {
         skew_margin: a.clock_skew_margin,
         ..RotationPolicy::default()
     };
-    let now = OffsetDateTime::now_utc();
+    let now = crate::clock::system().now();
     let (_, j) = super::revoke::update_journal(store.as_ref(), |j| {
         prepare_root_rotation(j, now, &policy, "operator", activate_after, a.retire_after)
             .map_err(|e| e.to_string())

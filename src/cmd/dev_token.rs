@@ -86,7 +86,7 @@ pub fn run(args: Args) -> CmdResult {
     if args.ttl.is_zero() {
         return Err("--ttl must be positive".into());
     }
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let now = crate::clock::system().now().unix_timestamp();
     let token = devkeys::signing_key().sign(&claims(
         &sa,
         &args.audiences,

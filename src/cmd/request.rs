@@ -135,9 +135,8 @@ pub async fn run(args: Args) -> CmdResult {
     let chain = client::create_certificate(&mut ca, csr_pem, token.as_deref(), ttl)
         .await
         .map_err(|e| e.to_string())?;
-    let verified =
-        client::verify_response(&chain, expected.as_ref(), time::OffsetDateTime::now_utc())
-            .map_err(|e| e.to_string())?;
+    let verified = client::verify_response(&chain, expected.as_ref(), crate::clock::system().now())
+        .map_err(|e| e.to_string())?;
 
     std::fs::create_dir_all(&args.out_dir)
         .map_err(|e| format!("cannot create {}: {e}", args.out_dir.display()))?;

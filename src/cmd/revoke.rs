@@ -4,8 +4,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use time::OffsetDateTime;
-
 use crate::ca::{crl, revocation};
 use crate::duration::clap_parse;
 use crate::identity::SpiffeId;
@@ -95,7 +93,7 @@ pub async fn run(args: Args) -> CmdResult {
     }
     let store = FileStore::open(&args.state_dir).map_err(|e| e.to_string())?;
     let index = FileIndex::new(&args.state_dir);
-    let now = OffsetDateTime::now_utc();
+    let now = crate::clock::system().now();
     let live = index
         .live(now.unix_timestamp())
         .map_err(|e| e.to_string())?;
