@@ -29,6 +29,33 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{AgentStats, Credentials, CredentialsRx};
 use crate::shutdown::Shutdown;
 
+/// Why an SDS call is refused. The only place this surface turns errors into
+/// `tonic::Status` is [`SdsError::status`].
+#[derive(Debug, thiserror::Error)]
+pub enum SdsError {
+    /// Incremental (delta) xDS; Envoy falls back to state-of-the-world streams.
+    #[error("delta SDS is not supported; use the state-of-the-world StreamSecrets")]
+    DeltaUnsupported,
+    /// The agent has no certificate yet (first fetch in progress); Envoy retries.
+    #[error("no certificate yet")]
+    NotReady,
+    /// None of the requested names is one this agent serves.
+    #[error("unknown secret name: this agent serves \"default\" and \"ROOTCA\"")]
+    UnknownName,
+}
+
+impl SdsError {
+    /// Envoy's expectations: Unimplemented, Unavailable (retry), NotFound.
+    pub fn status(&self) -> Status {
+        let code = match self {
+            SdsError::DeltaUnsupported => tonic::Code::Unimplemented,
+            SdsError::NotReady => tonic::Code::Unavailable,
+            SdsError::UnknownName => tonic::Code::NotFound,
+        };
+        Status::new(code, self.to_string())
+    }
+}
+
 pub const SECRET_TYPE: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 pub const WORKLOAD: &str = "default";
@@ -123,9 +150,7 @@ impl SecretDiscoveryService for Sds {
         &self,
         _: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
-        Err(Status::unimplemented(
-            "delta SDS is not supported; use the state-of-the-world StreamSecrets",
-        ))
+        Err(SdsError::DeltaUnsupported.status())
     }
 
     async fn fetch_secrets(
@@ -136,7 +161,7 @@ impl SecretDiscoveryService for Sds {
             .rx
             .borrow()
             .clone()
-            .ok_or_else(|| Status::unavailable("no certificate yet"))?;
+            .ok_or_else(|| SdsError::NotReady.status())?;
         let mut st = StreamState {
             names: req.into_inner().resource_names.into_iter().collect(),
             last_nonce: String::new(),
@@ -145,7 +170,7 @@ impl SecretDiscoveryService for Sds {
         };
         st.response(&c)
             .map(Response::new)
-            .ok_or_else(|| Status::not_found("unknown secret name"))
+            .ok_or_else(|| SdsError::UnknownName.status())
     }
 
     async fn stream_secrets(

@@ -138,12 +138,26 @@ async fn tokenreview_authenticates_real_tokens_caches_them_and_refuses_the_rest(
     kube.service_account("shop", "cart").await;
     kube.service_account("shop", "frontend").await;
     let tmp = tempfile::tempdir().unwrap();
-    let ca = ca_with(
-        &kube,
+    // The token cache runs on the server's clock: moved, not slept through.
+    let clock = std::sync::Arc::new(citadel::clock::ManualClock::new(
+        time::OffsetDateTime::now_utc(),
+    ));
+    let kubeconfig = kube.kubeconfig.to_str().unwrap().to_string();
+    let ca = TestCa::try_start_with(
         tmp.path(),
-        &["--auth", "tokenreview", "--token-cache-ttl", "2s"],
+        &[
+            "--kubeconfig",
+            &kubeconfig,
+            "--auth",
+            "tokenreview",
+            "--token-cache-ttl",
+            "2s",
+        ],
+        "127.0.0.1:0".parse().unwrap(),
+        clock.clone(),
     )
-    .await;
+    .await
+    .unwrap();
     let mut client = ca.client().await;
     let (cart_key, cart_csr) = csr_for(KeyType::EcP256, &spiffe("shop", "cart"));
 
@@ -181,7 +195,7 @@ async fn tokenreview_authenticates_real_tokens_caches_them_and_refuses_the_rest(
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
 
     // One review per distinct token per cache window, also for concurrent requests.
-    tokio::time::sleep(Duration::from_millis(2100)).await; // let the first token's entry expire
+    clock.advance(time::Duration::milliseconds(2100)); // the first token's entry expires
     let before = kube.token_reviews().await;
     let t1 = kube.token("shop", "frontend", "istio-ca").await;
     let (_, front_csr) = csr_for(KeyType::EcP256, &spiffe("shop", "frontend"));
@@ -211,7 +225,7 @@ async fn tokenreview_authenticates_real_tokens_caches_them_and_refuses_the_rest(
         "cached within the window"
     );
 
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    clock.advance(time::Duration::milliseconds(2100));
     call(&mut client, &front_csr, Some(&bearer(&t1)), 0, None)
         .await
         .unwrap();
@@ -240,7 +254,9 @@ async fn tokenreview_authenticates_real_tokens_caches_them_and_refuses_the_rest(
                 "a deleted service account is still accepted after 20s"
             ),
         }
+        // Real time for the API server's own cache, the same on our clock for ours.
         tokio::time::sleep(Duration::from_millis(500)).await;
+        clock.advance(time::Duration::milliseconds(500));
     }
 
     // The API server goes away: a token that needs a review gets Unavailable (retryable),

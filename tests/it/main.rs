@@ -19,3 +19,4 @@ mod revocation;
 mod rotation;
 mod support;
 mod thirdparty;
+mod timetravel;

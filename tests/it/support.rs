@@ -28,6 +28,7 @@ pub struct TestCa {
     pub metrics_addr: SocketAddr,
     trigger: Trigger,
     task: tokio::task::JoinHandle<Result<(), String>>,
+    plaintext: bool,
 }
 
 impl TestCa {
@@ -49,11 +50,32 @@ impl TestCa {
         Self::try_start_on(dir, extra, "127.0.0.1:0".parse().unwrap()).await
     }
 
+    /// The whole server on `clock`: tests move it (days in milliseconds) instead of
+    /// sleeping. Pass `--plaintext` unless the clock stays near real time: TLS clients check
+    /// the serving certificate against the real clock.
+    pub async fn start_on_clock(clock: citadel::clock::SharedClock, extra: &[&str]) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut ca = Self::try_start_with(tmp.path(), extra, "127.0.0.1:0".parse().unwrap(), clock)
+            .await
+            .expect("server starts");
+        ca._tmp = Some(tmp);
+        ca
+    }
+
     /// On a chosen address, so a test can bring the "same" CA back after stopping it.
     pub async fn try_start_on(
         dir: &Path,
         extra: &[&str],
         listen: SocketAddr,
+    ) -> Result<Self, String> {
+        Self::try_start_with(dir, extra, listen, citadel::clock::system()).await
+    }
+
+    pub async fn try_start_with(
+        dir: &Path,
+        extra: &[&str],
+        listen: SocketAddr,
+        clock: citadel::clock::SharedClock,
     ) -> Result<Self, String> {
         citadel::install_crypto_provider();
         let state = dir.join("state");
@@ -74,7 +96,10 @@ impl TestCa {
             metrics.local_addr().unwrap(),
         );
         let (trigger, sd) = shutdown::channel();
-        let task = tokio::spawn(serve::serve(cli.args, listener, metrics, sd));
+        let plaintext = cli.args.plaintext;
+        let task = tokio::spawn(serve::serve_with_clock(
+            cli.args, listener, metrics, clock, sd,
+        ));
         let ca = Self {
             dir: dir.to_path_buf(),
             _tmp: None,
@@ -82,6 +107,7 @@ impl TestCa {
             metrics_addr,
             trigger,
             task,
+            plaintext,
         };
         for _ in 0..400 {
             if ca.task.is_finished() {
@@ -114,7 +140,7 @@ impl TestCa {
             root_pem: self.root_pem(),
             server_name: Some("localhost".into()),
             identity,
-            plaintext: false,
+            plaintext: self.plaintext,
         })
         .await
         .unwrap()
