@@ -2,8 +2,9 @@
 //! citadel: a mesh certificate authority and mTLS identity service, wire-compatible with
 //! Istio's CA protocol. See docs/architecture.md for the module map.
 //!
-//! Dependencies point one way: `cmd` -> `server` -> `auth` -> `ca` -> `store` -> `pki` ->
-//! `identity`, with `clock` underneath everything.
+//! Dependencies point one way: `cmd` -> `app` -> `server`/`agent`/`cluster` -> `auth` -> `ca`
+//! -> `store` -> `journal` -> `pki` -> `identity`, with `clock` and the other leaves underneath
+//! everything. `scripts/layers.py` checks it.
 
 pub mod agent;
 pub mod app;
