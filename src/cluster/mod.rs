@@ -95,6 +95,7 @@ impl JwksRefresher {
     }
 }
 
+pub mod controller;
 pub mod leader;
 pub mod publish;
 pub mod replica;

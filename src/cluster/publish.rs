@@ -2,10 +2,14 @@
 //! `istio.io/config=true`) and the CRLs (`istio-ca-crl`, key `ca-crl.pem`) into every
 //! namespace but kube-public and kube-node-lease.
 //!
-//! A reconcile loop: observe (reflector caches fed by ONE list-watch each of namespaces and
-//! of the two ConfigMaps), compare, act. It writes only what differs, so it is idempotent and
-//! quiet; it runs when the desired content changes, a namespace appears, or someone edits or
-//! deletes a ConfigMap (drift is repaired and logged). Only the leader writes.
+//! Two ways in, one reconcile: the scheduler's `publish` (new bundle or CRL) makes a full pass
+//! over every namespace, and only returns Ok once every namespace holds it, because a new root
+//! may only start signing after that; a kube-runtime `Controller` over namespaces, fed by the
+//! same reflector caches (ONE list-watch each of namespaces and of the two ConfigMaps),
+//! reconciles one namespace when it appears or when someone edits or deletes a ConfigMap
+//! (drift is repaired, logged, and recorded as a Kubernetes Event on the ConfigMap). Both
+//! write only what differs, so they are idempotent and quiet. Only the leader runs the
+//! controller and writes ([`super::controller::while_leading`]).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,9 +19,12 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{Api, PostParams};
-use kube::runtime::reflector::{self, Store as Cache};
-use kube::runtime::{watcher, WatchStreamExt};
-use tokio::sync::{watch, Mutex, Notify};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store as Cache};
+use kube::runtime::{watcher, Controller, WatchStreamExt};
+use kube::Resource;
+use tokio::sync::{watch, Mutex};
 
 use crate::future::BoxFuture;
 use crate::shutdown::Shutdown;
@@ -42,21 +49,50 @@ pub struct ConfigMapPublisher {
     client: kube::Client,
     desired: watch::Sender<Desired>,
     leader: Option<watch::Receiver<bool>>,
-    /// Filled once the watches run.
+    /// Filled while the controller runs and its watches have listed once.
     caches: Mutex<Option<Caches>>,
-    wake: Notify,
+    /// Kubernetes Events for repaired ConfigMaps.
+    recorder: Recorder,
+    /// Digests of the last bundles and CRLs we were asked to publish: a ConfigMap holding one
+    /// of these is merely outdated, anything else was changed by someone.
+    history: Mutex<Vec<[u8; 32]>>,
     /// ConfigMaps created or replaced.
     pub writes: AtomicU64,
 }
 
+/// A reconcile that failed; the controller retries it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PublishError(String);
+
+/// How many past bundles and CRLs count as "ours" when deciding whether a ConfigMap drifted.
+const HISTORY: usize = 16;
+
+fn digest(s: &str) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// How often every namespace is compared again even if no watch event said so.
+const RESYNC: Duration = Duration::from_secs(300);
+
 impl ConfigMapPublisher {
     pub fn new(client: kube::Client, leader: Option<watch::Receiver<bool>>) -> Arc<Self> {
         Arc::new(Self {
-            client,
+            client: client.clone(),
             desired: watch::channel(Desired::default()).0,
             leader,
             caches: Mutex::new(None),
-            wake: Notify::new(),
+            recorder: Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: "citadel".into(),
+                    instance: std::env::var("POD_NAME").ok(),
+                },
+            ),
+            history: Mutex::new(Vec::new()),
             writes: AtomicU64::new(0),
         })
     }
@@ -65,11 +101,18 @@ impl ConfigMapPublisher {
         self.leader.as_ref().is_none_or(|l| *l.borrow())
     }
 
-    /// Starts the list-watches and reconciles on every change until shutdown.
+    /// Runs the namespace controller while this replica leads, until shutdown.
     pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
-        let (ns_cache, ns_writer) = reflector::store();
-        let (cm_cache, cm_writer) = reflector::store();
+        let leader = self.leader.clone();
+        super::controller::while_leading("configmap-publisher", leader, shutdown, |stop| {
+            self.clone().controller(stop)
+        })
+        .await
+    }
 
+    /// One run of the controller, from fresh caches, until `stop`.
+    async fn controller(self: Arc<Self>, stop: super::controller::Stop) {
+        let (ns_cache, ns_writer) = reflector::store();
         let ns_stream = reflector::reflector(
             ns_writer,
             watcher(
@@ -81,100 +124,119 @@ impl ConfigMapPublisher {
         .touched_objects();
         // Only our two ConfigMaps, in every namespace: a label selector would miss one whose
         // label was removed, so select by name.
-        let cm_stream = reflector::reflector(
-            cm_writer,
-            watcher(
-                Api::<ConfigMap>::all(self.client.clone()),
-                watcher::Config::default().fields(&format!("metadata.name={ROOT_CONFIGMAP}")),
-            )
-            .default_backoff(),
-        )
-        .touched_objects();
-        let crl_cache_and_stream = {
-            let (c, w) = reflector::store::<ConfigMap>();
-            let s = reflector::reflector(
-                w,
+        let configmaps = |name: &str| {
+            let (cache, writer) = reflector::store::<ConfigMap>();
+            let stream = reflector::reflector(
+                writer,
                 watcher(
                     Api::<ConfigMap>::all(self.client.clone()),
-                    watcher::Config::default().fields(&format!("metadata.name={CRL_CONFIGMAP}")),
-                )
-                .default_backoff(),
+                    watcher::Config::default().fields(&format!("metadata.name={name}")),
+                ),
             )
+            .default_backoff()
             .touched_objects();
-            (c, s)
+            (cache, stream)
         };
-        let crl_cache = crl_cache_and_stream.0.clone();
-        let mut events = futures_util::stream::select(
-            futures_util::stream::select(ns_stream.map(|_| ()), cm_stream.map(|_| ())),
-            crl_cache_and_stream.1.map(|_| ()),
-        )
-        .boxed();
-        // The reflectors fill only while their streams are polled: drive them in their own
-        // task, and turn every event into a wake-up.
-        let observed = Arc::new(Notify::new());
-        let driver = {
-            let observed = observed.clone();
+        let (root_cache, root_stream) = configmaps(ROOT_CONFIGMAP);
+        let (crl_cache, crl_stream) = configmaps(CRL_CONFIGMAP);
+        let to_namespace = |cm: ConfigMap| {
+            cm.metadata
+                .namespace
+                .map(|ns| ObjectRef::<Namespace>::new(&ns))
+        };
+        // `publish` can use the caches once each has listed once.
+        let ready = {
+            let (me, caches) = (
+                self.clone(),
+                (ns_cache.clone(), root_cache.clone(), crl_cache.clone()),
+            );
             tokio::spawn(async move {
-                while events.next().await.is_some() {
-                    observed.notify_one();
-                }
+                // Re-polled on a short timer rather than awaited once: the controller waits
+                // on the namespace store's readiness too, and kube-runtime's readiness signal
+                // wakes only the last of several concurrent waiters.
+                let ready = |c: &Cache<Namespace>| {
+                    let c = c.clone();
+                    async move {
+                        while tokio::time::timeout(Duration::from_millis(100), c.wait_until_ready())
+                            .await
+                            .is_err()
+                        {}
+                    }
+                };
+                ready(&caches.0).await;
+                let _ = caches.1.wait_until_ready().await;
+                let _ = caches.2.wait_until_ready().await;
+                tracing::debug!("namespace and ConfigMap caches ready");
+                *me.caches.lock().await = Some(caches);
             })
         };
-        let mut desired = self.desired.subscribe();
-        let mut leader = self.leader.clone();
-        let _ = ns_cache.wait_until_ready().await;
-        let _ = cm_cache.wait_until_ready().await;
-        let _ = crl_cache.wait_until_ready().await;
-        *self.caches.lock().await = Some((ns_cache.clone(), cm_cache.clone(), crl_cache.clone()));
-        loop {
-            if self.leading() {
-                if let Err(e) = self.reconcile(&ns_cache, &[&cm_cache, &crl_cache]).await {
-                    tracing::warn!(error = %e, "ConfigMap reconcile failed; will retry");
-                }
-            }
-            tokio::select! {
-                _ = observed.notified() => {
-                    // Coalesce a burst of watch events into one pass.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                _ = desired.changed() => {}
-                _ = async { match leader.as_mut() { Some(l) => { let _ = l.changed().await; } None => std::future::pending().await } } => {}
-                _ = self.wake.notified() => {}
-                                _ = tokio::time::sleep(Duration::from_secs(60)) => {}
-                _ = shutdown.wait() => {
-                    driver.abort();
-                    return;
-                }
-            }
-        }
+        Controller::for_stream(ns_stream, ns_cache)
+            .watches_stream(root_stream, to_namespace)
+            .watches_stream(crl_stream, to_namespace)
+            .graceful_shutdown_on(stop)
+            .run(
+                |ns, me: Arc<Self>| async move { me.reconcile_namespace(&ns).await },
+                |ns, e, _| {
+                    tracing::warn!(namespace = ns.metadata.name.as_deref().unwrap_or(""), error = %e, "ConfigMap reconcile failed; will retry");
+                    Action::requeue(Duration::from_secs(5))
+                },
+                self.clone(),
+            )
+            .for_each(|_| std::future::ready(()))
+            .await;
+        ready.abort();
+        // Lost the lease (or shutting down): nothing may act on these caches any more.
+        *self.caches.lock().await = None;
     }
 
+    /// The controller's reconcile: one namespace, from the caches.
+    async fn reconcile_namespace(&self, ns: &Namespace) -> Result<Action, PublishError> {
+        let Some((_, root, crl)) = self.caches.lock().await.clone() else {
+            // The ConfigMap caches are still listing; come back shortly.
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        };
+        self.reconcile_one(ns, &[&root, &crl])
+            .await
+            .map_err(PublishError)?;
+        Ok(Action::requeue(RESYNC))
+    }
+
+    /// A full pass: every namespace.
     async fn reconcile(
         &self,
         namespaces: &Cache<Namespace>,
         caches: &[&Cache<ConfigMap>],
     ) -> Result<(), String> {
+        for ns in namespaces.state() {
+            self.reconcile_one(&ns, caches).await?;
+        }
+        Ok(())
+    }
+
+    /// Both ConfigMaps of one namespace, as desired now.
+    async fn reconcile_one(
+        &self,
+        ns: &Namespace,
+        caches: &[&Cache<ConfigMap>],
+    ) -> Result<(), String> {
+        let Some(name) = ns.metadata.name.as_deref() else {
+            return Ok(());
+        };
+        if SKIPPED.contains(&name) || ns.metadata.deletion_timestamp.is_some() {
+            return Ok(());
+        }
         let want = self.desired.borrow().clone();
-        let items: Vec<(&str, &str, Option<&String>)> = vec![
+        let items: [(&str, &str, Option<&String>); 2] = [
             (ROOT_CONFIGMAP, ROOT_KEY, want.bundle.as_ref()),
             (CRL_CONFIGMAP, CRL_KEY, want.crl.as_ref()),
         ];
-        for ns in namespaces.state() {
-            let Some(name) = ns.metadata.name.as_deref() else {
-                continue;
-            };
-            if SKIPPED.contains(&name) || ns.metadata.deletion_timestamp.is_some() {
-                continue;
-            }
-            for (cm, key, content) in &items {
-                let Some(content) = content else { continue };
-                let current = caches.iter().flat_map(|c| c.state()).find(|c| {
-                    c.metadata.name.as_deref() == Some(cm)
-                        && c.metadata.namespace.as_deref() == Some(name)
-                });
-                self.ensure(name, cm, key, content, current.as_deref())
-                    .await?;
-            }
+        for (cm, key, content) in items {
+            let Some(content) = content else { continue };
+            let current = caches
+                .iter()
+                .find_map(|c| c.get(&ObjectRef::<ConfigMap>::new(cm).within(name)));
+            self.ensure(name, cm, key, content, current.as_deref())
+                .await?;
         }
         Ok(())
     }
@@ -195,13 +257,15 @@ impl ConfigMapPublisher {
                 .map(String::as_str)
                 == Some("true")
         };
+        let held = current.and_then(|c| c.data.as_ref()?.get(key).map(String::as_str));
         if let Some(c) = current {
-            if c.data.as_ref().and_then(|d| d.get(key)).map(String::as_str) == Some(content)
-                && labelled(c)
-            {
+            if held == Some(content) && labelled(c) {
                 return Ok(());
             }
         }
+        // Someone else's change, not merely an older bundle or CRL of ours.
+        let drifted =
+            current.is_some_and(|c| !labelled(c) || held.is_none_or(|h| !self.published_before(h)));
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
         let mut cm = ConfigMap {
             data: Some(BTreeMap::from([(key.to_string(), content.to_string())])),
@@ -228,6 +292,9 @@ impl ConfigMapPublisher {
             Ok(what) => {
                 self.writes.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(target: "citadel::audit", event = "configmap_published", namespace = ns, configmap = name, action = what, "published {name} in {ns}");
+                if let Some(c) = current.filter(|_| drifted) {
+                    self.record_repair(c, key).await;
+                }
                 Ok(())
             }
             // The namespace is going away: nothing to publish there.
@@ -235,6 +302,34 @@ impl ConfigMapPublisher {
             // 409: someone wrote in between; 403: RBAC is missing a rule. Both are errors, so
             // the bundle is not counted as published; the next pass compares again.
             Err(e) => Err(format!("{ns}/{name}: {e}")),
+        }
+    }
+}
+
+impl ConfigMapPublisher {
+    fn published_before(&self, content: &str) -> bool {
+        let d = digest(content);
+        self.history
+            .try_lock()
+            .map(|h| h.contains(&d))
+            // Contended only while a publish records history: treat as ours (no false alarm).
+            .unwrap_or(true)
+    }
+
+    /// A Warning Event on a ConfigMap someone changed, so `kubectl describe` and event
+    /// watchers see that citadel put it back. Best effort: a missing RBAC rule is logged.
+    async fn record_repair(&self, cm: &ConfigMap, key: &str) {
+        let ev = Event {
+            type_: EventType::Warning,
+            reason: "Drifted".into(),
+            note: Some(format!(
+                "{key} did not hold the current trust data (edited, or the istio.io/config label removed); citadel restored it"
+            )),
+            action: "Repair".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &cm.object_ref(&())).await {
+            tracing::debug!(error = %e, "could not record a Kubernetes Event");
         }
     }
 }
@@ -260,6 +355,12 @@ impl Publisher for ConfigMapPublisher {
             });
             if changed {
                 tracing::debug!("desired bundle or CRL changed");
+                let mut seen = self.history.lock().await;
+                for content in bundle.into_iter().chain(crl) {
+                    seen.push(digest(content));
+                }
+                let excess = seen.len().saturating_sub(HISTORY);
+                seen.drain(..excess);
             }
             if !self.leading() {
                 return Ok(());

@@ -543,6 +543,37 @@ async fn replicas_share_one_ca_publish_the_bundle_everywhere_and_survive_the_lea
         kube.bundle("shop").await.as_deref() == Some(bundle.as_str())
     })
     .await;
+    // ...and the repair is a Kubernetes Event on that ConfigMap, for `kubectl describe`.
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(kube.client.clone(), "shop");
+    eventually(
+        "a Drifted event on the repaired ConfigMap",
+        10,
+        async || {
+            events
+                .list(&Default::default())
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some("Drifted")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                            == Some("istio-ca-root-cert")
+                })
+        },
+    )
+    .await;
+    // A new bundle is an update, not drift: no Event for those in other namespaces.
+    let other: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(kube.client.clone(), "payments");
+    assert!(other
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .all(|e| e.reason.as_deref() != Some("Drifted")));
 
     // Kill the leader (-9, no goodbye): the other takes over within the lease duration and
     // repairs a deleted ConfigMap.
