@@ -79,16 +79,6 @@ fn config(addr: &str, root: Vec<u8>, token_file: &Path, ttl: Duration) -> FetchC
     }
 }
 
-async fn until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    for _ in 0..(secs * 20) {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out after {secs}s waiting for: {what}");
-}
-
 fn write_token(path: &Path, ns: &str, sa: &str) {
     std::fs::write(path, token(ns, sa)).unwrap();
 }
@@ -113,9 +103,11 @@ async fn ca_down_at_start_then_up_and_down_again_before_renewal() {
         &token_file,
         Duration::from_secs(4),
     ));
-    until("a few failed attempts while the CA is down", 10, || {
-        agent.stats.renewals_failed.load(Ordering::Relaxed) >= 3
-    })
+    eventually(
+        "a few failed attempts while the CA is down",
+        10,
+        async || agent.stats.renewals_failed.load(Ordering::Relaxed) >= 3,
+    )
     .await;
     assert!(agent.current().is_none());
     assert!(
@@ -124,7 +116,7 @@ async fn ca_down_at_start_then_up_and_down_again_before_renewal() {
     );
 
     let ca = TestCa::try_start_on(tmp.path(), &[], addr).await.unwrap();
-    until("the certificate once the CA is up", 10, || {
+    eventually("the certificate once the CA is up", 10, async || {
         agent.current().is_some()
     })
     .await;
@@ -135,7 +127,7 @@ async fn ca_down_at_start_then_up_and_down_again_before_renewal() {
     // The CA goes away before renewal (at ~2s of a 4s certificate).
     ca.stop().await;
     let failures = agent.stats.renewals_failed.load(Ordering::Relaxed);
-    until("failed renewals while the CA is down", 10, || {
+    eventually("failed renewals while the CA is down", 10, async || {
         agent.stats.renewals_failed.load(Ordering::Relaxed) > failures
     })
     .await;
@@ -146,7 +138,7 @@ async fn ca_down_at_start_then_up_and_down_again_before_renewal() {
     );
 
     let ca = TestCa::try_start_on(tmp.path(), &[], addr).await.unwrap();
-    until("renewal once the CA is back", 10, || {
+    eventually("renewal once the CA is back", 10, async || {
         agent.current().unwrap().serial_hex != first.serial_hex
     })
     .await;
@@ -165,12 +157,12 @@ async fn rotated_token_file_is_read_on_the_next_request() {
         &token_file,
         Duration::from_secs(3),
     ));
-    until("first certificate", 10, || agent.current().is_some()).await;
+    eventually("first certificate", 10, async || agent.current().is_some()).await;
     assert_eq!(agent.current().unwrap().identity, spiffe("shop", "cart"));
     // kubelet rotates the file; here the new token also names another account, which makes
     // "the next request used the new token" visible in the next certificate.
     write_token(&token_file, "shop", "cart-v2");
-    until("a certificate from the rotated token", 10, || {
+    eventually("a certificate from the rotated token", 10, async || {
         agent.current().unwrap().identity == spiffe("shop", "cart-v2")
     })
     .await;
@@ -178,7 +170,7 @@ async fn rotated_token_file_is_read_on_the_next_request() {
     // With the token gone, renewal falls back to the current certificate over mTLS.
     std::fs::remove_file(&token_file).unwrap();
     let before = agent.current().unwrap().serial_hex.clone();
-    until("renewal by client certificate", 10, || {
+    eventually("renewal by client certificate", 10, async || {
         agent.current().unwrap().serial_hex != before
     })
     .await;
@@ -249,7 +241,7 @@ async fn malformed_answers_are_rejected_and_never_served() {
         let mut cfg = config(&addr, vec![], &token_file, Duration::from_secs(60));
         cfg.plaintext = true;
         let agent = Agent::start(cfg);
-        until(name, 10, || {
+        eventually(name, 10, async || {
             agent.stats.renewals_failed.load(Ordering::Relaxed) >= 2
         })
         .await;
@@ -360,7 +352,7 @@ async fn sds_pushes_to_every_stream_handles_nack_without_looping_and_serves_reco
         let (path, rx, stats) = (path.clone(), rx.clone(), stats.clone());
         async move { sds::serve(&path, rx, stats, sd).await }
     });
-    until("socket", 5, || path.exists()).await;
+    eventually("socket", 5, async || path.exists()).await;
     for d in ["run", "run/sds"] {
         assert_eq!(
             crate::support::file_mode(&tmp.path().join(d)),
@@ -426,7 +418,7 @@ async fn sds_pushes_to_every_stream_handles_nack_without_looping_and_serves_reco
     .await
     .unwrap();
     a.nothing_for(300).await;
-    until("nack counted", 5, || {
+    eventually("nack counted", 5, async || {
         stats.sds_nacks.load(Ordering::Relaxed) == 1
     })
     .await;

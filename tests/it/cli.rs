@@ -3,22 +3,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::support::free_port;
-
-const BIN: &str = env!("CARGO_BIN_EXE_citadel");
-
-fn run(args: &[&str], dir: &std::path::Path) -> (i32, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
+use crate::support::{free_port, run, BIN};
 
 #[test]
 fn help_teaches_and_bad_flags_explain() {

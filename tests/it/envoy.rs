@@ -16,8 +16,6 @@ use citadel::store::Store;
 
 use crate::support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_citadel");
-
 /// The Envoy binary: $CITADEL_ENVOY, the venv scripts/test.sh caches, or PATH.
 pub(crate) fn envoy_binary() -> Option<PathBuf> {
     let mut candidates = vec![];
@@ -233,13 +231,11 @@ pub(crate) fn spawn_agent_with(
 
 pub(crate) async fn wait_ready(admin: u16, what: &str, dir: &Path) {
     let addr: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
-    for _ in 0..300 {
-        if let Ok((200, _)) = http_get(addr, "/ready").await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{what} did not become ready; logs in {}", dir.display());
+    let what = format!("{what} to become ready (logs in {})", dir.display());
+    eventually(&what, 30, async || {
+        matches!(http_get(addr, "/ready").await, Ok((200, _)))
+    })
+    .await;
 }
 
 pub(crate) async fn stat(admin: u16, name: &str) -> u64 {
@@ -257,21 +253,6 @@ pub(crate) async fn backend() -> u16 {
     let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
     tokio::spawn(async move { axum::serve(l, app).await });
     port
-}
-
-/// Runs `citadel ARGS --state-dir STATE` and requires success.
-pub(crate) fn citadel_ok(args: &[&str], state: &Path) {
-    let out = Command::new(BIN)
-        .args(args)
-        .arg("--state-dir")
-        .arg(state)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "citadel {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 pub(crate) async fn journal(state: &Path) -> citadel::journal::Journal {

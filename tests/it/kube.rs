@@ -2,127 +2,15 @@
 //! TokenReview authentication with its cache, JWKS from the cluster, and what happens when
 //! the API server goes away. Tokens come from the TokenRequest API, as kubelet gets them.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use citadel::pki::KeyType;
-use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kube::api::{Api, DeleteParams, PostParams};
 use tonic::Code;
 
 use crate::support::*;
-
-/// A running API server, stopped on drop.
-pub struct KubeEnv {
-    pub dir: PathBuf,
-    pub kubeconfig: PathBuf,
-    pub client: kube::Client,
-    _tmp: tempfile::TempDir,
-}
-
-impl Drop for KubeEnv {
-    fn drop(&mut self) {
-        let _ = Command::new("scripts/kube-test-env.sh")
-            .arg("stop")
-            .arg(&self.dir)
-            .output();
-    }
-}
-
-impl KubeEnv {
-    /// Starts one, or returns None (skipping) when it cannot run here; under CI=true that
-    /// is a failure instead.
-    pub async fn start() -> Option<Self> {
-        citadel::install_crypto_provider();
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("kube");
-        let out = Command::new("scripts/kube-test-env.sh")
-            .arg("start")
-            .arg(&dir)
-            .output()
-            .unwrap();
-        if !out.status.success() {
-            let msg = String::from_utf8_lossy(&out.stderr).to_string();
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "the Kubernetes test environment must start under CI=true:\n{msg}"
-            );
-            eprintln!(
-                "SKIPPED: no kube-apiserver here (run scripts/kube-test-env.sh ensure):\n{msg}"
-            );
-            return None;
-        }
-        let kubeconfig = dir.join("kubeconfig");
-        let client = citadel::cluster::client(Some(&kubeconfig)).await.unwrap();
-        Some(KubeEnv {
-            dir,
-            kubeconfig,
-            client,
-            _tmp: tmp,
-        })
-    }
-
-    pub fn stop(&self) {
-        let out = Command::new("scripts/kube-test-env.sh")
-            .arg("stop")
-            .arg(&self.dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    pub async fn service_account(&self, ns: &str, sa: &str) {
-        let nss: Api<Namespace> = Api::all(self.client.clone());
-        let mut n = Namespace::default();
-        n.metadata.name = Some(ns.into());
-        let _ = nss.create(&PostParams::default(), &n).await;
-        let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), ns);
-        let mut s = ServiceAccount::default();
-        s.metadata.name = Some(sa.into());
-        sas.create(&PostParams::default(), &s).await.unwrap();
-    }
-
-    pub async fn delete_service_account(&self, ns: &str, sa: &str) {
-        let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), ns);
-        sas.delete(sa, &DeleteParams::default()).await.unwrap();
-    }
-
-    /// A token from the TokenRequest API, exactly as kubelet gets a projected one.
-    pub async fn token(&self, ns: &str, sa: &str, audience: &str) -> String {
-        let body = serde_json::json!({
-            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-            "spec": {"audiences": [audience], "expirationSeconds": 3600}
-        });
-        let req = http::Request::post(format!(
-            "/api/v1/namespaces/{ns}/serviceaccounts/{sa}/token"
-        ))
-        .header("content-type", "application/json")
-        .body(serde_json::to_vec(&body).unwrap())
-        .unwrap();
-        let resp: serde_json::Value = self.client.request(req).await.unwrap();
-        resp["status"]["token"]
-            .as_str()
-            .expect("a token")
-            .to_string()
-    }
-
-    /// TokenReviews the API server has served, from its own metrics (a third-party count).
-    pub async fn token_reviews(&self) -> u64 {
-        let req = http::Request::get("/metrics").body(Vec::new()).unwrap();
-        let text = self.client.request_text(req).await.unwrap();
-        text.lines()
-            .filter(|l| {
-                l.starts_with("apiserver_request_total{") && l.contains("resource=\"tokenreviews\"")
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64
-    }
-}
 
 async fn ca_with(kube: &KubeEnv, dir: &Path, extra: &[&str]) -> TestCa {
     let mut args = vec!["--kubeconfig", kube.kubeconfig.to_str().unwrap()];
@@ -355,7 +243,7 @@ fn replica_in(kube: &KubeEnv, name: &str, namespace: &str) -> Replica {
     let dir = tempfile::tempdir().unwrap();
     let (addr, metrics) = (free_addr(), free_addr());
     let log = std::fs::File::create(kube.dir.join(format!("{name}.log"))).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_citadel"))
+    let child = Command::new(BIN)
         .args([
             "serve",
             "--dev",
@@ -401,45 +289,6 @@ async fn leads(r: &Replica) -> bool {
         .await
         .map(|(_, m)| m.contains("citadel_leader 1\n"))
         .unwrap_or(false)
-}
-
-async fn eventually(what: &str, secs: u64, mut f: impl AsyncFnMut() -> bool) {
-    let t0 = std::time::Instant::now();
-    while !f().await {
-        assert!(
-            t0.elapsed() < Duration::from_secs(secs),
-            "timed out after {secs}s: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-impl KubeEnv {
-    async fn namespace(&self, ns: &str) {
-        let nss: Api<Namespace> = Api::all(self.client.clone());
-        let mut n = Namespace::default();
-        n.metadata.name = Some(ns.into());
-        let _ = nss.create(&PostParams::default(), &n).await;
-    }
-
-    async fn configmap(
-        &self,
-        ns: &str,
-        name: &str,
-    ) -> Option<k8s_openapi::api::core::v1::ConfigMap> {
-        Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(self.client.clone(), ns)
-            .get_opt(name)
-            .await
-            .unwrap()
-    }
-
-    async fn bundle(&self, ns: &str) -> Option<String> {
-        self.configmap(ns, "istio-ca-root-cert")
-            .await?
-            .data?
-            .get("root-cert.pem")
-            .cloned()
-    }
 }
 
 async fn issue_from(r: &Replica, bundle: &str, sa: &str) -> Vec<String> {
@@ -603,7 +452,7 @@ async fn replicas_share_one_ca_publish_the_bundle_everywhere_and_survive_the_lea
     // An operator rotates the root against the Kubernetes store; the leader publishes the
     // two-root bundle everywhere, then activates the new chain.
     let cli = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_citadel"))
+        let out = Command::new(BIN)
             .args(args)
             .args(["--store", "kube", "--namespace", "citadel"])
             .arg("--kubeconfig")

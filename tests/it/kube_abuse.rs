@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 use citadel::pki::KeyType;
 use tonic::Code;
 
-use crate::kube::KubeEnv;
 use crate::support::*;
 
 /// Every kind of token that cannot pass a review, each distinct.

@@ -20,13 +20,11 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 
 use crate::envoy::{
-    backend, citadel_ok, envoy_binary, journal, sds_cluster, spawn_agent_with, stat, tls_context,
-    wait_ready, Procs,
+    backend, envoy_binary, journal, sds_cluster, spawn_agent_with, stat, tls_context, wait_ready,
+    Procs,
 };
-use crate::kube::KubeEnv;
 use crate::support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_citadel");
 const NS: &str = "shop";
 const POD: &str = "cart-7c9d5b8f4-q2x7m";
 

@@ -12,37 +12,10 @@ use tonic::Code;
 
 use crate::support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_citadel");
-
-fn cli(args: &[&str], state: &Path) -> (bool, String) {
-    let mut argv: Vec<&str> = args.to_vec();
-    let s = state.to_str().unwrap();
-    argv.extend(["--state-dir", s]);
-    let out = Command::new(BIN).args(&argv).output().unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
-}
-
 fn serial_of(chain_pem: &[String]) -> String {
     chain::describe(&pem::parse_certs(chain_pem[0].as_bytes()).unwrap()[0])
         .unwrap()
         .serial_hex
-}
-
-/// Polls `f` for up to 5 s (the server reloads every 100 ms in these tests).
-async fn eventually<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..100 {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for: {what}");
 }
 
 #[tokio::test]
@@ -106,11 +79,11 @@ async fn revoking_a_serial_and_an_identity_takes_effect_without_restart() {
     assert!(!ok && out.contains("already revoked"), "twice: {out}");
 
     // Renewal with the revoked certificate is refused, once the server has reloaded.
-    eventually("revoked certificate cannot renew", || {
+    eventually("revoked certificate cannot renew", 5, async || {
         let (c, k) = (cart.clone(), cart_key.serialize_pem());
         let csr = cart_csr.clone();
         let ca = &ca;
-        async move {
+        {
             let mut m = ca.client_with(Some((c[..2].concat().into_bytes(), k.into_bytes()))).await;
             matches!(call(&mut m, &csr, None, 0, None).await, Err(s) if s.code() == Code::Unauthenticated && s.message().contains("revoked"))
         }
@@ -141,10 +114,10 @@ async fn revoking_a_serial_and_an_identity_takes_effect_without_restart() {
         &state,
     );
     assert!(!ok && out.contains("already denied"), "{out}");
-    eventually("denied identity gets PermissionDenied", || {
+    eventually("denied identity gets PermissionDenied", 5, async || {
         let mut c = client.clone();
         let csr = front_csr.clone();
-        async move { matches!(call(&mut c, &csr, Some(&bearer(&token("shop", "frontend"))), 0, None).await, Err(s) if s.code() == Code::PermissionDenied) }
+        matches!(call(&mut c, &csr, Some(&bearer(&token("shop", "frontend"))), 0, None).await, Err(s) if s.code() == Code::PermissionDenied)
     })
     .await;
     let mut m = ca.client_with(mtls(&front, &front_key)).await;
@@ -316,9 +289,9 @@ async fn a_denial_revokes_every_certificate_signed_while_it_was_being_applied() 
     .unwrap();
     assert!(ok, "{out}");
     let before_server = handed_out.lock().unwrap().len();
-    eventually("the server refuses the denied identity", || {
+    eventually("the server refuses the denied identity", 5, async || {
         let r = refused.clone();
-        async move { r.load(Ordering::Relaxed) > 0 }
+        r.load(Ordering::Relaxed) > 0
     })
     .await;
     // A little more load after the denial is in force: all refused.
@@ -334,13 +307,17 @@ async fn a_denial_revokes_every_certificate_signed_while_it_was_being_applied() 
         before_server,
         handed_out.len()
     );
-    eventually("every certificate handed out is on the CRL", || {
-        let (state, handed_out) = (state.clone(), handed_out.clone());
-        async move {
-            let crl = crl_serials(&state);
-            handed_out.iter().all(|s| crl.contains(s))
-        }
-    })
+    eventually(
+        "every certificate handed out is on the CRL",
+        5,
+        async || {
+            let (state, handed_out) = (state.clone(), handed_out.clone());
+            {
+                let crl = crl_serials(&state);
+                handed_out.iter().all(|s| crl.contains(s))
+            }
+        },
+    )
     .await;
     let crl = crl_serials(&state);
     let missing = handed_out.iter().filter(|s| !crl.contains(*s)).count();
@@ -378,9 +355,9 @@ async fn root_rotation_from_the_cli_reaches_a_running_server() {
         status.contains("root rotation: prepared (operator)"),
         "{status}"
     );
-    eventually("responses carry the two-root bundle", || {
+    eventually("responses carry the two-root bundle", 5, async || {
         let (mut c, csr, t) = (client.clone(), csr.clone(), t.clone());
-        async move {
+        {
             pem::parse_certs(call(&mut c, &csr, Some(&t), 0, None).await.unwrap()[2].as_bytes())
                 .unwrap()
                 .len()
@@ -410,9 +387,9 @@ async fn emergency_rotation_activates_at_once_and_old_bundle_holders_still_verif
         &state,
     );
     assert!(ok && out.contains("stage activated"), "{out}");
-    eventually("the new chain signs", || {
+    eventually("the new chain signs", 5, async || {
         let (mut c, csr, t) = (client.clone(), csr.clone(), t.clone());
-        async move { call(&mut c, &csr, Some(&t), 0, None).await.unwrap().len() == 4 }
+        call(&mut c, &csr, Some(&t), 0, None).await.unwrap().len() == 4
     })
     .await;
     let chain = call(&mut client, &csr, Some(&t), 0, None).await.unwrap();

@@ -1,4 +1,14 @@
-//! Test harness: a real `citadel serve` in-process on loopback, dev tokens, CSRs.
+//! The suite's test kit: a real `citadel serve` in-process on loopback (on the real clock or
+//! a ManualClock), dev tokens, CSRs, third-party validators; polling (`poll`), the binary as a
+//! process (`process`), and the real API server harness (`apiserver`).
+
+pub mod apiserver;
+pub mod poll;
+pub mod process;
+
+pub use apiserver::KubeEnv;
+pub use poll::eventually;
+pub use process::{citadel_ok, cli, run, BIN};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

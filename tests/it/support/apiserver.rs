@@ -1,0 +1,147 @@
+//! A REAL kube-apiserver + etcd for a test (scripts/kube-test-env.sh builds and caches
+//! them), with the few API calls the tests share.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use kube::api::{Api, DeleteParams, PostParams};
+
+/// A running API server, stopped on drop.
+pub struct KubeEnv {
+    pub dir: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub client: kube::Client,
+    _tmp: tempfile::TempDir,
+}
+
+impl Drop for KubeEnv {
+    fn drop(&mut self) {
+        let _ = Command::new("scripts/kube-test-env.sh")
+            .arg("stop")
+            .arg(&self.dir)
+            .output();
+    }
+}
+
+impl KubeEnv {
+    /// Starts one, or returns None (skipping) when it cannot run here; under CI=true that
+    /// is a failure instead.
+    pub async fn start() -> Option<Self> {
+        citadel::install_crypto_provider();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("kube");
+        let out = Command::new("scripts/kube-test-env.sh")
+            .arg("start")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            let msg = String::from_utf8_lossy(&out.stderr).to_string();
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "the Kubernetes test environment must start under CI=true:\n{msg}"
+            );
+            eprintln!(
+                "SKIPPED: no kube-apiserver here (run scripts/kube-test-env.sh ensure):\n{msg}"
+            );
+            return None;
+        }
+        let kubeconfig = dir.join("kubeconfig");
+        let client = citadel::cluster::client(Some(&kubeconfig)).await.unwrap();
+        Some(KubeEnv {
+            dir,
+            kubeconfig,
+            client,
+            _tmp: tmp,
+        })
+    }
+
+    pub fn stop(&self) {
+        let out = Command::new("scripts/kube-test-env.sh")
+            .arg("stop")
+            .arg(&self.dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub async fn service_account(&self, ns: &str, sa: &str) {
+        let nss: Api<Namespace> = Api::all(self.client.clone());
+        let mut n = Namespace::default();
+        n.metadata.name = Some(ns.into());
+        let _ = nss.create(&PostParams::default(), &n).await;
+        let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), ns);
+        let mut s = ServiceAccount::default();
+        s.metadata.name = Some(sa.into());
+        sas.create(&PostParams::default(), &s).await.unwrap();
+    }
+
+    pub async fn delete_service_account(&self, ns: &str, sa: &str) {
+        let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), ns);
+        sas.delete(sa, &DeleteParams::default()).await.unwrap();
+    }
+
+    /// A token from the TokenRequest API, exactly as kubelet gets a projected one.
+    pub async fn token(&self, ns: &str, sa: &str, audience: &str) -> String {
+        let body = serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "spec": {"audiences": [audience], "expirationSeconds": 3600}
+        });
+        let req = http::Request::post(format!(
+            "/api/v1/namespaces/{ns}/serviceaccounts/{sa}/token"
+        ))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&body).unwrap())
+        .unwrap();
+        let resp: serde_json::Value = self.client.request(req).await.unwrap();
+        resp["status"]["token"]
+            .as_str()
+            .expect("a token")
+            .to_string()
+    }
+
+    /// TokenReviews the API server has served, from its own metrics (a third-party count).
+    pub async fn token_reviews(&self) -> u64 {
+        let req = http::Request::get("/metrics").body(Vec::new()).unwrap();
+        let text = self.client.request_text(req).await.unwrap();
+        text.lines()
+            .filter(|l| {
+                l.starts_with("apiserver_request_total{") && l.contains("resource=\"tokenreviews\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+}
+
+impl KubeEnv {
+    pub async fn namespace(&self, ns: &str) {
+        let nss: Api<Namespace> = Api::all(self.client.clone());
+        let mut n = Namespace::default();
+        n.metadata.name = Some(ns.into());
+        let _ = nss.create(&PostParams::default(), &n).await;
+    }
+
+    pub async fn configmap(
+        &self,
+        ns: &str,
+        name: &str,
+    ) -> Option<k8s_openapi::api::core::v1::ConfigMap> {
+        Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(self.client.clone(), ns)
+            .get_opt(name)
+            .await
+            .unwrap()
+    }
+
+    pub async fn bundle(&self, ns: &str) -> Option<String> {
+        self.configmap(ns, "istio-ca-root-cert")
+            .await?
+            .data?
+            .get("root-cert.pem")
+            .cloned()
+    }
+}
