@@ -190,6 +190,22 @@ impl std::fmt::Debug for Secret {
 }
 
 impl Journal {
+    /// Refuses a journal whose layout this build does not know. A newer or foreign format is
+    /// never guessed at: reading it wrong could sign with the wrong key or drop revocations,
+    /// and writing it back would destroy what the newer citadel stored.
+    pub fn check_format(&self) -> Result<(), String> {
+        if self.format == FORMAT {
+            Ok(())
+        } else {
+            Err(format!(
+                "journal format {} is not one this citadel understands (it reads and writes \
+                 format {FORMAT}); it was written by another version. Refusing to use or \
+                 overwrite it: run the citadel that wrote it, or restore a backup",
+                self.format
+            ))
+        }
+    }
+
     pub fn new(trust_domain: &str) -> Self {
         Self {
             format: FORMAT,

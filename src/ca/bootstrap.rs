@@ -122,7 +122,9 @@ pub async fn load_or_create(
 ) -> Result<(Journal, Signer), CaError> {
     for _ in 0..5 {
         if let Some(current) = store.load_journal().await? {
-            let signer = signer_from_journal(&current.value, &opts.trust_domain)?;
+            // Name where the bad journal lives: the operator has to find it to restore it.
+            let signer = signer_from_journal(&current.value, &opts.trust_domain)
+                .map_err(|e| CaError::Config(format!("{}: {e}", store.describe())))?;
             return Ok((current.value, signer));
         }
         let journal = new_journal(opts, clock.now())?;

@@ -262,7 +262,8 @@ impl Scheduler {
         if installed.as_ref() == Some(revision) && self.ca.current().is_some() {
             return Ok(false);
         }
-        let signer = bootstrap::signer_from_journal(journal, &self.trust_domain)?;
+        let signer = bootstrap::signer_from_journal(journal, &self.trust_domain)
+            .map_err(|e| CaError::Config(format!("{}: {e}", self.store.describe())))?;
         tracing::info!(signer = %signer.signing_cert().subject, roots = signer.roots_der().len(), revoked = signer.revocations().crl_entries, "installed CA state");
         self.ca.install(signer);
         *installed = Some(revision.clone());

@@ -84,6 +84,12 @@ impl FileStore {
             what: path.display().to_string(),
             reason: e.to_string(),
         })?;
+        disk.journal
+            .check_format()
+            .map_err(|reason| StoreError::Corrupt {
+                what: path.display().to_string(),
+                reason,
+            })?;
         Ok(Some(disk))
     }
 

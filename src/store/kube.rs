@@ -149,6 +149,12 @@ impl Store for KubeStore {
                     what: format!("Secret {JOURNAL_SECRET}"),
                     reason: e.to_string(),
                 })?;
+            journal
+                .check_format()
+                .map_err(|reason| StoreError::Corrupt {
+                    what: format!("Secret {}/{JOURNAL_SECRET}", self.namespace),
+                    reason,
+                })?;
             Ok(Some(Versioned {
                 value: journal,
                 revision: Revision(rv),

@@ -229,3 +229,44 @@ async fn a_new_signer_takes_effect_for_tls_and_issuance_without_restart() {
     trigger.trigger();
     task.await.unwrap().unwrap();
 }
+
+/// A journal citadel cannot trust is refused at start, named, and never overwritten: an
+/// unknown format (a newer or foreign layout), and a key that does not match its
+/// certificate.
+#[tokio::test]
+async fn a_journal_it_cannot_trust_is_refused_named_and_left_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::start_in(tmp.path(), &[]).await;
+    let state = ca.state_dir();
+    ca.stop().await;
+    let path = state.join("ca-journal.json");
+    let good: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+
+    let mut newer = good.clone();
+    newer["journal"]["format"] = serde_json::json!(2);
+    let mut swapped = good.clone();
+    // The root's key in place of the intermediate's: parses, but cannot sign for its cert.
+    let auths = swapped["journal"]["authorities"].as_array_mut().unwrap();
+    let root_key = auths.iter().find(|a| a["role"] == "root").unwrap()["key_pem"].clone();
+    for a in auths.iter_mut().filter(|a| a["role"] == "intermediate") {
+        a["key_pem"] = root_key.clone();
+    }
+    for (bad, says) in [
+        (newer, "journal format 2"),
+        (swapped, "private key does not match"),
+    ] {
+        let bytes = serde_json::to_vec_pretty(&bad).unwrap();
+        std::fs::write(&path, &bytes).unwrap();
+        let err = TestCa::try_start_in(tmp.path(), &[]).await.err().unwrap();
+        assert!(err.contains(says), "{err}");
+        assert!(
+            err.contains(&state.display().to_string()),
+            "the error names where the journal is: {err}"
+        );
+        assert!(
+            !err.contains("PRIVATE KEY"),
+            "no key material in errors: {err}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "left as it was");
+    }
+}
