@@ -17,6 +17,7 @@ pub const MAX_CSR_BYTES: usize = 64 * 1024;
 /// Why a CSR was refused; the server answers InvalidArgument.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CsrError {
+    /// Over [`MAX_CSR_BYTES`]; refused before parsing.
     #[error("CSR is {len} bytes; the limit is {MAX_CSR_BYTES}")]
     TooLarge {
         /// The CSR's size in bytes.
