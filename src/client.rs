@@ -74,7 +74,8 @@ impl std::fmt::Debug for ConnectOptions {
     }
 }
 
-/// Opens a channel to the CA: TLS trusting `root_pem` (and presenting `identity` if set) unless `plaintext`; 5 s connect timeout, TCP_NODELAY.
+/// Opens a channel to the CA: TLS trusting `root_pem` (and presenting `identity` if set) unless
+/// `plaintext`; 5 s connect timeout, TCP_NODELAY.
 pub async fn connect(opts: &ConnectOptions) -> Result<CaClient, ClientError> {
     let host = opts
         .addr

@@ -68,7 +68,8 @@ pub struct RootRotation {
 }
 
 impl RootRotation {
-    /// The stage name for status output and logs: `preparing`, `prepared`, `activated` or `retiring`.
+    /// The stage name for status output and logs: `preparing`, `prepared`, `activated` or
+    /// `retiring`.
     pub fn stage(&self) -> &'static str {
         match (
             self.cross_withdrawn_at,
@@ -118,7 +119,8 @@ pub struct DeniedIdentity {
     pub identity: String,
     /// When the denial was written (unix seconds).
     pub since: i64,
-    /// The CRL reason name, one of `ca::crl::REASONS`; also used for its certificates revoked by the sweep.
+    /// The CRL reason name, one of `ca::crl::REASONS`; also used for its certificates revoked by
+    /// the sweep.
     pub reason: String,
 }
 

@@ -22,7 +22,8 @@ pub struct FetchConfig {
     pub ca_root_file: Option<PathBuf>,
     /// Name to verify in the CA's serving certificate; `None` uses the host of `ca_addr`.
     pub tls_server_name: Option<String>,
-    /// The service-account token file (projected, `aud: istio-ca`); `None` or a missing or expired token means renewing by client certificate only.
+    /// The service-account token file (projected, `aud: istio-ca`); `None` or a missing or expired
+    /// token means renewing by client certificate only.
     pub token_file: Option<PathBuf>,
     /// The trust domain of the expected identity.
     pub trust_domain: TrustDomain,
@@ -39,7 +40,8 @@ pub struct FetchConfig {
 /// Why a fetch produced no credentials.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    /// Neither a usable token nor a current certificate to renew with.
+    /// No unexpired token and no unexpired certificate to renew with, an unreadable token file, or
+    /// a token that names no service account.
     #[error("no usable credential: {0}")]
     NoCredential(String),
     /// Connecting to the CA or the RPC itself failed.

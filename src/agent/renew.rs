@@ -12,7 +12,7 @@ use super::{AgentStats, Credentials, CredentialsTx};
 use crate::clock::SharedClock;
 use crate::shutdown::Shutdown;
 
-/// When to renew and how to retry, istio-agent's defaults unless configured.
+/// When to renew and how to retry after a failure; the defaults follow istio-agent's renewal point.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RenewPolicy {
     /// Fraction of the certificate's life at which to renew (istio-agent: 0.5).

@@ -90,7 +90,8 @@ pub enum JwksError {
 }
 
 impl Jwks {
-    /// Parses a JWKS document, skipping keys whose `use` is not `sig` and key types Kubernetes does not use.
+    /// Parses a JWKS document, skipping keys whose `use` is not `sig` and key types Kubernetes does
+    /// not use.
     pub fn from_json(bytes: &[u8]) -> Result<Self, JwksError> {
         let raw: RawSet =
             serde_json::from_slice(bytes).map_err(|e| JwksError::Json(e.to_string()))?;

@@ -98,7 +98,8 @@ struct Header {
     crit: Option<serde_json::Value>,
 }
 
-/// Splits and decodes a compact JWS, refusing oversized tokens, `alg: none`, unknown algorithms and `crit` headers. Verifies nothing.
+/// Splits and decodes a compact JWS, refusing oversized tokens, `alg: none`, unknown algorithms and
+/// `crit` headers. Verifies nothing.
 pub fn parse(token: &str) -> Result<Parsed<'_>, JwsError> {
     if token.len() > MAX_TOKEN_BYTES {
         return Err(JwsError::TooLarge);

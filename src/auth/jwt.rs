@@ -115,7 +115,7 @@ pub struct TokenIdentity {
 pub struct JwtPolicy {
     /// `None` accepts any issuer (the JWKS already pins the signer).
     pub issuer: Option<String>,
-    /// A token must name at least one of these in `aud` (istio-agent sends `istio-ca`).
+    /// A token must name at least one of these in `aud` (istio-agent's tokens carry `istio-ca`).
     pub audiences: Vec<String>,
     /// Clock skew tolerated on exp and nbf; [`DEFAULT_LEEWAY`] in the server.
     pub leeway: Duration,

@@ -149,7 +149,9 @@ impl AuthChain {
         self.members.iter().map(|m| m.name()).collect()
     }
 
-    /// Tries each member in order: the first that accepts wins. Otherwise Unavailable if any refusal was transient, else Failed with every reason, or NoCredentials if none found a credential.
+    /// Tries each member in order: the first that accepts wins. Otherwise Unavailable if any
+    /// refusal was transient, else Failed with every reason, or NoCredentials if none found a
+    /// credential.
     pub async fn authenticate(&self, creds: Credentials<'_>) -> Result<Caller, AuthError> {
         let (mut reasons, mut transient) = (Vec::new(), false);
         for m in &self.members {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-/// The TTL rules for workload certificates (istiod's `--workload-cert-ttl` / `--max-workload-cert-ttl`).
+/// The TTL rules for workload certificates (`serve --default-ttl` and `--max-ttl`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TtlPolicy {
     /// Used when the request asks for 0 or a negative duration.

@@ -29,7 +29,8 @@ use crate::shutdown::Shutdown;
 use crate::store::index::IssuanceIndex;
 use crate::store::{Revision, Store, StoreError};
 
-/// Plans and applies rotation, publishes the bundle and CRLs, and installs the signer: one `step` at a time.
+/// Plans and applies rotation, publishes the bundle and CRLs, and installs the signer: one `step`
+/// at a time.
 pub struct Scheduler {
     /// Where the journal lives.
     pub store: Arc<dyn Store>,
@@ -73,7 +74,8 @@ fn describe(a: &Action) -> String {
 }
 
 impl Scheduler {
-    /// A scheduler that writes whenever it runs (no leader election; see [`Scheduler::with_leader`]).
+    /// A scheduler that writes whenever it runs (no leader election; see
+    /// [`Scheduler::with_leader`]).
     pub fn new(
         store: Arc<dyn Store>,
         ca: Arc<Ca>,

@@ -38,7 +38,8 @@ pub enum SignError {
     Pki(#[from] PkiError),
 }
 
-/// The immutable signing state: key, signing certificate, chain to the roots, trust bundle and revocations.
+/// The immutable signing state: key, signing certificate, chain to the roots, trust bundle and
+/// revocations.
 pub struct Signer {
     trust_domain: TrustDomain,
     issuer: Issuer<'static, KeyPair>,
@@ -218,7 +219,8 @@ impl Signer {
         &self.revocations
     }
 
-    /// Root rotation stage: 0 none, 1 prepared, 2 activated (the `citadel_ca_root_rotation_stage` gauge).
+    /// Root rotation stage: 0 none, 1 prepared, 2 activated (the `citadel_ca_root_rotation_stage`
+    /// gauge).
     pub fn rotation_stage(&self) -> u8 {
         self.rotation_stage
     }

@@ -44,7 +44,8 @@ fn micro(t: time::OffsetDateTime) -> MicroTime {
 }
 
 impl Elector {
-    /// A candidate in `namespace` under `identity` (the holder name written in the Lease); a lease lasts `duration`.
+    /// A candidate in `namespace` under `identity` (the holder name written in the Lease); a lease
+    /// lasts `duration`.
     pub fn new(
         client: kube::Client,
         namespace: &str,

@@ -69,7 +69,8 @@ pub struct JwksRefresher {
 }
 
 impl JwksRefresher {
-    /// Refreshes every `interval`, and after an unknown kid at most once per `min_gap`, until shutdown.
+    /// Refreshes every `interval`, and after an unknown kid at most once per `min_gap`, until
+    /// shutdown.
     pub async fn run(self: Arc<Self>, interval: Duration, min_gap: Duration, shutdown: Shutdown) {
         let mut last = tokio::time::Instant::now();
         loop {

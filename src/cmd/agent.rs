@@ -87,7 +87,8 @@ pub struct Args {
     pub plaintext: bool,
 }
 
-/// Runs the agent (renewal loop, SDS server and/or file writer, monitoring port) until stopped, or for one fetch with `--once`.
+/// Runs the agent (renewal loop, SDS server and/or file writer, monitoring port) until stopped, or
+/// for one fetch with `--once`.
 pub async fn run(args: Args) -> CmdResult {
     if args.out_dir.is_none() && args.sds_socket.is_none() {
         return Err(

@@ -39,7 +39,8 @@ pub enum IssueError {
     /// The caller asked for another identity, or its identity is denied (PermissionDenied).
     #[error("{0}")]
     PermissionDenied(String),
-    /// Cannot issue now: no signer, the signer expired, a credential could not be checked, or the issuance index failed (Unavailable).
+    /// Cannot issue now: no signer, the signer expired, a credential could not be checked, or the
+    /// issuance index failed (Unavailable).
     #[error("CA is not ready: {0}")]
     NotReady(String),
     /// Building the certificate failed (Internal); the cause is logged, not sent.

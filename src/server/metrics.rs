@@ -70,7 +70,8 @@ pub struct Metrics {
     pub authentication_failure_count: Counter,
     /// Oversized or unparsable CSRs (`citadel_server_csr_parsing_err_count`).
     pub csr_parsing_err_count: Counter,
-    /// Requests refused for their identity: another one asked for, or denied (`citadel_server_id_extraction_err_count`).
+    /// Requests refused for their identity: another one asked for, or denied
+    /// (`citadel_server_id_extraction_err_count`).
     pub id_extraction_err_count: Counter,
     /// Certificates issued (`citadel_server_success_cert_issuance_count`).
     pub success_cert_issuance_count: Counter,
@@ -92,7 +93,8 @@ impl Metrics {
             .or_default() += 1;
     }
 
-    /// The Prometheus text exposition of these counters and of `ca`'s signer (expiry, roots, rotation, CRLs).
+    /// The Prometheus text exposition of these counters and of `ca`'s signer (expiry, roots,
+    /// rotation, CRLs).
     pub fn render(&self, ca: &Ca) -> String {
         let mut out = String::with_capacity(4096);
         let counter = |out: &mut String, name: &str, help: &str, v: u64| {

@@ -55,7 +55,8 @@ impl IssuedEntry {
 
 /// Where issued certificates are recorded, so a denied identity's live certificates can be found.
 pub trait IssuanceIndex: Send + Sync {
-    /// Records one certificate; the issue path calls it after signing and refuses the certificate if it fails.
+    /// Records one certificate; the issue path calls it after signing and refuses the certificate
+    /// if it fails.
     fn record(&self, e: &IssuedEntry) -> Result<(), StoreError>;
     /// Every entry still valid at `now`.
     fn live(&self, now: i64) -> Result<Vec<IssuedEntry>, StoreError>;

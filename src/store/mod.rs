@@ -50,7 +50,8 @@ pub enum StoreError {
     },
 }
 
-/// Where the journal is kept and the bundle and CRLs are published; compare-and-swap on a [`Revision`].
+/// Where the journal is kept and the bundle and CRLs are published; compare-and-swap on a
+/// [`Revision`].
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// A short description for logs, e.g. `file:/var/lib/citadel`.
     fn describe(&self) -> String;
