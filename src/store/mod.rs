@@ -43,7 +43,7 @@ pub enum StoreError {
     /// Stored data does not decode, or the backend (the Kubernetes API) failed.
     #[error("{what} is corrupt: {reason}")]
     Corrupt {
-        /// What was being read.
+        /// What was being read or written.
         what: String,
         /// What went wrong.
         reason: String,
