@@ -13,20 +13,33 @@ use crate::pki::pem;
 use crate::proto::istio_certificate_service_client::IstioCertificateServiceClient;
 use crate::proto::IstioCertificateRequest;
 
+/// A gRPC client of Istio's `IstioCertificateService`.
 pub type CaClient = IstioCertificateServiceClient<Channel>;
 
+/// Why a CreateCertificate call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// Not `HOST:PORT`.
     #[error("invalid CA address {0:?}: expected HOST:PORT")]
     Address(String),
+    /// The channel could not be set up (TLS config, TCP or handshake).
     #[error("cannot connect to the CA at {addr}: {source}")]
     Connect {
+        /// The address as given.
         addr: String,
+        /// The transport error.
         #[source]
         source: tonic::transport::Error,
     },
+    /// The CA answered with a gRPC error.
     #[error("the CA refused the request: {code:?}: {message}")]
-    Rpc { code: tonic::Code, message: String },
+    Rpc {
+        /// The gRPC status code.
+        code: tonic::Code,
+        /// The status message.
+        message: String,
+    },
+    /// The response did not verify (chain length, signature, roots, identity).
     #[error("the CA's response is unusable: {0}")]
     BadResponse(String),
 }
@@ -61,6 +74,8 @@ impl std::fmt::Debug for ConnectOptions {
     }
 }
 
+/// Opens a channel to the CA: TLS trusting `root_pem` (and presenting `identity` if set) unless
+/// `plaintext`; 5 s connect timeout, TCP_NODELAY.
 pub async fn connect(opts: &ConnectOptions) -> Result<CaClient, ClientError> {
     let host = opts
         .addr
@@ -131,11 +146,13 @@ pub async fn create_certificate(
 /// A response that verified.
 #[derive(Debug, Clone)]
 pub struct VerifiedChain {
+    /// The leaf, described.
     pub leaf: CertInfo,
     /// Leaf followed by the intermediates, PEM: what `cert-chain.pem` holds.
     pub cert_chain_pem: String,
     /// The trust bundle, PEM: what `root-cert.pem` holds.
     pub roots_pem: String,
+    /// The trust bundle, DER, in the order of the last element.
     pub roots: Vec<CertificateDer<'static>>,
 }
 

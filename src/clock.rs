@@ -9,6 +9,7 @@ use time::OffsetDateTime;
 
 /// A source of the current wall-clock time.
 pub trait Clock: Send + Sync + std::fmt::Debug {
+    /// The current wall-clock time, UTC.
     fn now(&self) -> OffsetDateTime;
 }
 
@@ -31,6 +32,7 @@ pub struct ManualClock {
 }
 
 impl ManualClock {
+    /// A clock stopped at `start`.
     pub fn new(start: OffsetDateTime) -> Self {
         Self {
             now: Arc::new(Mutex::new(start)),
@@ -43,6 +45,7 @@ impl ManualClock {
         *now += by;
     }
 
+    /// Jumps the clock to `to`.
     pub fn set(&self, to: OffsetDateTime) {
         *self.now.lock().unwrap_or_else(|e| e.into_inner()) = to;
     }
@@ -65,6 +68,7 @@ pub fn checked_add(t: OffsetDateTime, d: std::time::Duration) -> Option<OffsetDa
 /// The shared handle the rest of the crate passes around.
 pub type SharedClock = Arc<dyn Clock>;
 
+/// The real clock, for entry points.
 pub fn system() -> SharedClock {
     Arc::new(SystemClock)
 }

@@ -5,11 +5,13 @@
 
 use crate::auth::jws::SigningKey;
 
+/// The dev RSA private key, PKCS#8 PEM, compiled in from `certs-dev/jwt-signing-key.pem`.
 pub const DEV_JWT_KEY_PEM: &str = include_str!("../certs-dev/jwt-signing-key.pem");
 
 /// The issuer dev tokens carry and `serve --dev` requires.
 pub const DEV_ISSUER: &str = "https://citadel.dev.invalid";
 
+/// The dev key, ready to sign dev tokens.
 pub fn signing_key() -> SigningKey {
     SigningKey::from_pkcs8_pem(DEV_JWT_KEY_PEM)
         .expect("certs-dev/jwt-signing-key.pem is a valid RSA PKCS#8 key")

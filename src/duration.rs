@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+/// A flag value that is not a duration; the message shows the accepted forms.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("invalid duration {input:?}: {reason} (use e.g. 90s, 15m, 24h, 90d or 1h30m)")]
 pub struct ParseDurationError {

@@ -12,14 +12,29 @@ use std::fmt;
 const MAX_ID_LEN: usize = 2048;
 const MAX_TRUST_DOMAIN_LEN: usize = 255;
 
+/// A string that is not a valid identity; the text names the rule it broke.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentityError {
+    /// Not lowercase `[a-z0-9._-]`, empty, or over 255 characters.
     #[error("trust domain {0:?} is invalid: use lowercase letters, digits, '.', '-' and '_' (at most 255 characters)")]
     TrustDomain(String),
+    /// Not a valid SPIFFE ID URI.
     #[error("SPIFFE ID {id:?} is invalid: {reason}")]
-    SpiffeId { id: String, reason: &'static str },
+    SpiffeId {
+        /// The refused input (at most 120 characters).
+        id: String,
+        /// Which rule it broke.
+        reason: &'static str,
+    },
+    /// A namespace or service-account name Kubernetes would not accept.
     #[error("{what} {value:?} is not a valid Kubernetes name")]
-    KubeName { what: &'static str, value: String },
+    KubeName {
+        /// `namespace` or `service account`.
+        what: &'static str,
+        /// The refused name.
+        value: String,
+    },
+    /// A token subject not of the form `system:serviceaccount:<ns>:<sa>`.
     #[error("subject {0:?} is not of the form system:serviceaccount:<namespace>:<name>")]
     Subject(String),
 }
@@ -29,6 +44,7 @@ pub enum IdentityError {
 pub struct TrustDomain(String);
 
 impl TrustDomain {
+    /// Checks the SPIFFE rules; an uppercase trust domain is rejected, not lowercased.
     pub fn new(s: &str) -> Result<Self, IdentityError> {
         let ok = !s.is_empty()
             && s.len() <= MAX_TRUST_DOMAIN_LEN
@@ -41,6 +57,7 @@ impl TrustDomain {
         }
     }
 
+    /// The trust domain as written, e.g. `cluster.local`.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -75,6 +92,7 @@ pub struct SpiffeId {
 }
 
 impl SpiffeId {
+    /// Parses `spiffe://<trust-domain><path>` strictly per the SPIFFE ID specification.
     pub fn parse(s: &str) -> Result<Self, IdentityError> {
         let bad = |reason| IdentityError::SpiffeId {
             id: s.chars().take(120).collect(),
@@ -117,10 +135,12 @@ impl SpiffeId {
         })
     }
 
+    /// The trust domain part.
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.trust_domain
     }
 
+    /// The path, starting with `/`; empty for a trust domain's own ID.
     pub fn path(&self) -> &str {
         &self.path
     }
@@ -157,11 +177,14 @@ impl std::str::FromStr for SpiffeId {
 /// A Kubernetes service account, `<namespace>/<name>`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ServiceAccount {
+    /// A DNS label (RFC 1123), as Kubernetes requires of namespaces.
     pub namespace: String,
+    /// A DNS subdomain (RFC 1123), as Kubernetes requires of service-account names.
     pub name: String,
 }
 
 impl ServiceAccount {
+    /// Checks both names against Kubernetes' naming rules.
     pub fn new(namespace: &str, name: &str) -> Result<Self, IdentityError> {
         // Namespaces are DNS labels; service-account names are DNS subdomains.
         if !is_dns_label(namespace) {

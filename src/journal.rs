@@ -10,10 +10,14 @@ use serde::{Deserialize, Serialize};
 /// Bumped when the on-disk shape changes incompatibly.
 pub const FORMAT: u32 = 1;
 
+/// The whole CA state as stored: authorities, rotation, revocations, denials and CRLs.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Journal {
+    /// Shape version of this record; [`FORMAT`] when written by this build.
     pub format: u32,
+    /// The trust domain every authority here was issued for.
     pub trust_domain: String,
+    /// Every root and intermediate made or loaded, in creation order; retired ones stay.
     pub authorities: Vec<AuthorityRecord>,
     /// A root rotation in progress, if any.
     #[serde(default)]
@@ -33,16 +37,23 @@ pub struct Journal {
 /// then activated (new chain signs), then complete (old root leaves the bundle).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RootRotation {
+    /// Id (serial) of the root being replaced.
     pub old_root: String,
+    /// Id of the intermediate that signs under the old root until activation.
     pub old_intermediate: String,
+    /// Id of the root that replaces it.
     pub new_root: String,
+    /// Id of the intermediate under the new root that signs after activation.
     pub new_intermediate: String,
     /// `automatic` (scheduler) or `operator` (`citadel ca rotate-root`).
     pub trigger: String,
+    /// When the new root and intermediate were written to the journal (unix seconds).
     pub prepared_at: i64,
     /// When the two-root bundle was first published; activation waits from here.
     pub bundle_published_at: Option<i64>,
+    /// How long after `bundle_published_at` the new chain starts signing.
     pub activate_after_secs: u64,
+    /// When the new chain started signing (unix seconds); `None` until then.
     pub activated_at: Option<i64>,
     /// How long after activation the cross-signed certificate is served, so stragglers that
     /// hold only the old bundle keep verifying new leaves.
@@ -57,6 +68,8 @@ pub struct RootRotation {
 }
 
 impl RootRotation {
+    /// The stage name for status output and logs: `preparing`, `prepared`, `activated` or
+    /// `retiring`.
     pub fn stage(&self) -> &'static str {
         match (
             self.cross_withdrawn_at,
@@ -82,68 +95,99 @@ impl RootRotation {
     }
 }
 
+/// A revoked certificate, kept in the journal so its issuer's CRL lists it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Revocation {
     /// Serial, lowercase hex without leading zero octets.
     pub serial: String,
     /// The authority that issued the certificate.
     pub issuer: String,
+    /// The certificate's SPIFFE ID, from the issuance-index entry it was revoked by.
     pub identity: Option<String>,
+    /// The certificate's notAfter (unix seconds); the entry is pruned after it.
     pub not_after: i64,
+    /// When it was revoked (unix seconds).
     pub revoked_at: i64,
+    /// The CRL reason name, one of `ca::crl::REASONS`.
     pub reason: String,
 }
 
+/// An identity refused new certificates (`citadel revoke --identity`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DeniedIdentity {
+    /// The SPIFFE ID, as a URI string.
     pub identity: String,
+    /// When the denial was written (unix seconds).
     pub since: i64,
+    /// The CRL reason name, one of `ca::crl::REASONS`; also used for its certificates revoked by
+    /// the sweep.
     pub reason: String,
 }
 
+/// The latest CRL one authority signed, as published.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CrlRecord {
+    /// Id of the authority that signed it.
     pub issuer: String,
+    /// The CRL number extension: increases with every CRL of this issuer.
     pub number: u64,
+    /// thisUpdate, unix seconds (backdated a minute for clock skew).
     pub this_update: i64,
+    /// nextUpdate, unix seconds.
     pub next_update: i64,
     /// When it was signed (thisUpdate is backdated a minute for clock skew).
     #[serde(default)]
     pub signed_at: i64,
     /// Serials it lists, sorted: tells whether it is out of date.
     pub serials: Vec<String>,
+    /// The CRL, PEM-encoded.
     pub pem: String,
 }
 
+/// Whether an authority is a root or an intermediate.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    /// Self-signed root: in the trust bundle, signs intermediates.
     Root,
+    /// Intermediate: signed by a root, signs workload certificates.
     Intermediate,
 }
 
+/// Lifecycle of an authority: prepared -> active -> retiring -> retired.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
+    /// Written to the journal, but not signing yet.
     Prepared,
+    /// Signing: the current intermediate, or the root that issues intermediates.
     Active,
+    /// No longer signs, but still trusted while certificates it issued may be live.
     Retiring,
+    /// Out of the trust bundle and no longer planned for; kept as history.
     Retired,
 }
 
+/// One root or intermediate: its certificate, key and lifecycle timestamps.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AuthorityRecord {
     /// The certificate serial, hex. Unique within the journal.
     pub id: String,
+    /// Root or intermediate.
     pub role: Role,
+    /// Where it is in its lifecycle.
     pub status: Status,
+    /// The certificate, PEM-encoded.
     pub cert_pem: String,
+    /// The private key, PEM-encoded; redacted in `Debug`.
     pub key_pem: Secret,
     /// The id of the authority that signed this one; `None` for a self-signed root.
     pub issuer: Option<String>,
     /// Unix seconds.
     pub created_at: i64,
+    /// When it became active (unix seconds).
     pub activated_at: Option<i64>,
+    /// When it became retired (unix seconds).
     pub retired_at: Option<i64>,
     /// When it stopped signing (active -> retiring).
     #[serde(default)]
@@ -151,6 +195,7 @@ pub struct AuthorityRecord {
     /// notAfter, unix seconds (also in the certificate; kept here for the planner).
     #[serde(default)]
     pub not_after: i64,
+    /// notBefore, unix seconds (backdated for clock skew, so see `created_at` for ageing).
     #[serde(default)]
     pub not_before: i64,
     /// The same key and subject certified by the previous root, so workloads that still hold
@@ -175,9 +220,11 @@ impl AuthorityRecord {
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps a key's PEM text.
     pub fn new(s: String) -> Self {
         Self(s)
     }
+    /// The secret text; call only where the key is used or stored, never to log it.
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -206,6 +253,7 @@ impl Journal {
         }
     }
 
+    /// An empty journal for `trust_domain`, in the current [`FORMAT`].
     pub fn new(trust_domain: &str) -> Self {
         Self {
             format: FORMAT,
@@ -218,10 +266,12 @@ impl Journal {
         }
     }
 
+    /// The authority with this id, for changing it in place.
     pub fn get_mut(&mut self, id: &str) -> Option<&mut AuthorityRecord> {
         self.authorities.iter_mut().find(|a| a.id == id)
     }
 
+    /// The first authority with this role and status.
     pub fn find(&self, role: Role, status: Status) -> Option<&AuthorityRecord> {
         self.authorities
             .iter()
@@ -233,14 +283,17 @@ impl Journal {
         self.find(Role::Root, Status::Active)
     }
 
+    /// The denial of this identity (a SPIFFE ID string), if any.
     pub fn is_denied(&self, identity: &str) -> Option<&DeniedIdentity> {
         self.denied.iter().find(|d| d.identity == identity)
     }
 
+    /// The revocation of this serial (lowercase hex), if any.
     pub fn is_revoked(&self, serial: &str) -> Option<&Revocation> {
         self.revocations.iter().find(|r| r.serial == serial)
     }
 
+    /// The authority with this id.
     pub fn get(&self, id: &str) -> Option<&AuthorityRecord> {
         self.authorities.iter().find(|a| a.id == id)
     }

@@ -3,16 +3,19 @@
 
 use tokio::sync::watch;
 
+/// The waiting side: cheap to clone, one per server or loop.
 #[derive(Debug, Clone)]
 pub struct Shutdown {
     rx: watch::Receiver<bool>,
 }
 
+/// The side that stops everything: triggering it wakes every [`Shutdown`].
 #[derive(Debug, Clone)]
 pub struct Trigger {
     tx: std::sync::Arc<watch::Sender<bool>>,
 }
 
+/// A new trigger and the signal it sets.
 pub fn channel() -> (Trigger, Shutdown) {
     let (tx, rx) = watch::channel(false);
     (
@@ -24,6 +27,7 @@ pub fn channel() -> (Trigger, Shutdown) {
 }
 
 impl Trigger {
+    /// Signals shutdown to every receiver; triggering twice is harmless.
     pub fn trigger(&self) {
         let _ = self.tx.send(true);
     }
@@ -36,6 +40,7 @@ impl Shutdown {
         let _ = rx.wait_for(|v| *v).await;
     }
 
+    /// Whether shutdown has been triggered yet.
     pub fn is_triggered(&self) -> bool {
         *self.rx.borrow()
     }

@@ -10,30 +10,44 @@ use crate::client::{self, ClientError, ConnectOptions};
 use crate::identity::{ServiceAccount, SpiffeId, TrustDomain};
 use crate::pki::{chain, csr, pem, KeyType};
 
+/// Everything one fetch needs: where the CA is, what to trust, which credential and key to use.
 #[derive(Debug, Clone)]
 pub struct FetchConfig {
+    /// The CA's gRPC address, `HOST:PORT` (istiod's is `:15012`).
     pub ca_addr: String,
     /// Roots trusted for the CA's serving certificate, besides the latest bundle received.
     pub ca_root_pem: Vec<u8>,
     /// Re-read on every fetch when set (in a pod: the mounted istio-ca-root-cert ConfigMap,
     /// which the CA updates during a root rotation).
     pub ca_root_file: Option<PathBuf>,
+    /// Name to verify in the CA's serving certificate; `None` uses the host of `ca_addr`.
     pub tls_server_name: Option<String>,
+    /// The service-account token file (projected, `aud: istio-ca`); `None` or a missing or expired
+    /// token means renewing by client certificate only.
     pub token_file: Option<PathBuf>,
+    /// The trust domain of the expected identity.
     pub trust_domain: TrustDomain,
     /// Fixed identity (from --namespace/--service-account); otherwise from the token.
     pub identity: Option<SpiffeId>,
+    /// The key algorithm of each new CSR; a new key is made on every fetch.
     pub key_type: KeyType,
+    /// The validity asked for (`validity_duration`); the CA may refuse more than its maximum.
     pub cert_ttl: std::time::Duration,
+    /// Talk to the CA without TLS (tests only; a bearer token then crosses in clear).
     pub plaintext: bool,
 }
 
+/// Why a fetch produced no credentials.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
+    /// No unexpired token and no unexpired certificate to renew with, an unreadable token file, or
+    /// a token that names no service account.
     #[error("no usable credential: {0}")]
     NoCredential(String),
+    /// Connecting to the CA or the RPC itself failed.
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// The CA's answer did not verify (chain, roots or identity), so it is not used.
     #[error("the CA answered with a certificate we refuse: {0}")]
     Rejected(String),
 }

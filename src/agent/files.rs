@@ -7,6 +7,8 @@ use super::{Credentials, CredentialsRx};
 use crate::fsutil::{create_private_dir, write_atomic};
 use crate::shutdown::Shutdown;
 
+/// Writes `c` into `dir` (created 0750 if needed): `key.pem` 0600, the rest 0644; `ca-crl.pem` only
+/// when a CRL is known.
 pub fn write(dir: &Path, c: &Credentials) -> std::io::Result<()> {
     // 0750: the workload's group may read the chain; the key file itself is 0600.
     create_private_dir(dir, 0o750)?;

@@ -22,6 +22,7 @@ struct AgentState {
     clock: SharedClock,
 }
 
+/// Serves `/healthz/ready`, `/healthz/live` and `/metrics` on `listener` until shutdown.
 pub async fn serve(
     listener: TcpListener,
     rx: CredentialsRx,

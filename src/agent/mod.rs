@@ -22,6 +22,7 @@ use crate::identity::SpiffeId;
 /// What the agent currently serves. Immutable; a renewal or a CRL change makes a new one.
 #[derive(Clone)]
 pub struct Credentials {
+    /// The SPIFFE ID the certificate carries.
     pub identity: SpiffeId,
     /// PKCS#8 PEM. Never logged.
     pub key_pem: String,
@@ -31,8 +32,11 @@ pub struct Credentials {
     pub roots_pem: String,
     /// CRLs, PEM (`ca-crl.pem`), when the agent is given a CRL file.
     pub crl_pem: Option<String>,
+    /// The leaf's serial, lowercase hex.
     pub serial_hex: String,
+    /// The leaf's notBefore.
     pub not_before: OffsetDateTime,
+    /// The leaf's notAfter: renewal is planned from this and `not_before`.
     pub not_after: OffsetDateTime,
     /// Increases with every change; the SDS version.
     pub version: u64,
@@ -49,25 +53,34 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+/// The receiving side: `None` until the first fetch succeeds.
 pub type CredentialsRx = watch::Receiver<Option<Arc<Credentials>>>;
+/// The sending side, held by the renewal loop.
 pub type CredentialsTx = watch::Sender<Option<Arc<Credentials>>>;
 
 /// Counters the agent reports on /metrics.
 #[derive(Debug, Default)]
 pub struct AgentStats {
+    /// Successful fetches (`citadel_agent_renewals_total`).
     pub renewals_ok: AtomicU64,
+    /// Failed fetches (`citadel_agent_renewal_failures_total`).
     pub renewals_failed: AtomicU64,
     /// Consecutive failures since the last success.
     pub retries: AtomicU64,
     /// Unix time of the last attempt and its result (1 ok, 0 failed, -1 none yet).
     pub last_attempt: AtomicI64,
+    /// Result of the last attempt: 1 ok, 0 failed, -1 none yet.
     pub last_result: AtomicI64,
+    /// SDS streams currently open (a gauge).
     pub sds_streams: AtomicI64,
+    /// Secrets pushed to Envoy over SDS.
     pub sds_pushes: AtomicU64,
+    /// Responses Envoy rejected (NACKed).
     pub sds_nacks: AtomicU64,
 }
 
 impl AgentStats {
+    /// Zeroed counters, with `last_result` at -1 (no attempt yet).
     pub fn new() -> Arc<Self> {
         let s = Self::default();
         s.last_result.store(-1, Ordering::Relaxed);

@@ -12,13 +12,16 @@ use super::{AgentStats, Credentials, CredentialsTx};
 use crate::clock::SharedClock;
 use crate::shutdown::Shutdown;
 
+/// When to renew and how to retry after a failure; the defaults follow istio-agent's renewal point.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RenewPolicy {
     /// Fraction of the certificate's life at which to renew (istio-agent: 0.5).
     pub at: f64,
     /// Plus or minus this fraction of the life, at random (istio-agent: 0.01).
     pub jitter: f64,
+    /// Wait before the first retry after a failure; doubles per attempt (with jitter).
     pub retry_initial: Duration,
+    /// The longest wait between retries.
     pub retry_max: Duration,
 }
 

@@ -56,9 +56,12 @@ impl SdsError {
     }
 }
 
+/// The type URL of every resource sent: Envoy's TLS `Secret`.
 pub const SECRET_TYPE: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+/// The resource name Envoy asks for the workload certificate and key (Istio's).
 pub const WORKLOAD: &str = "default";
+/// The resource name Envoy asks for the trust bundle (Istio's).
 pub const ROOTCA: &str = "ROOTCA";
 
 fn inline(bytes: &str) -> Option<DataSource> {
@@ -94,12 +97,14 @@ pub fn secret_for(name: &str, c: &Credentials) -> Option<Secret> {
     })
 }
 
+/// The SDS gRPC service: streams the current [`Credentials`] to every subscriber.
 pub struct Sds {
     rx: CredentialsRx,
     stats: Arc<AgentStats>,
 }
 
 impl Sds {
+    /// A service that reads credentials from `rx` and counts streams and pushes in `stats`.
     pub fn new(rx: CredentialsRx, stats: Arc<AgentStats>) -> Self {
         Self { rx, stats }
     }

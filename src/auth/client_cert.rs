@@ -13,6 +13,7 @@ use crate::future::BoxFuture;
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::pki::chain::{self, Usage};
 
+/// Authenticates a caller by the client certificate it presented during the TLS handshake.
 pub struct ClientCertAuthenticator {
     ca: Arc<Ca>,
     trust_domain: TrustDomain,
@@ -20,6 +21,7 @@ pub struct ClientCertAuthenticator {
 }
 
 impl ClientCertAuthenticator {
+    /// Checks chains against `ca`'s current bundle and revocations, at `clock`'s time.
     pub fn new(ca: Arc<Ca>, trust_domain: TrustDomain, clock: SharedClock) -> Self {
         Self {
             ca,

@@ -70,17 +70,28 @@ pub struct Jwks {
     all: Vec<Key>,
 }
 
+/// Why a JWKS document was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum JwksError {
+    /// Not JSON of the shape `{"keys": [...]}`.
     #[error("JWKS is not valid JSON of the form {{\"keys\": [...]}}: {0}")]
     Json(String),
+    /// One key is unusable; `index` is its position in `keys`.
     #[error("JWKS key {index}: {reason}")]
-    Key { index: usize, reason: String },
+    Key {
+        /// Position of the key in `keys`.
+        index: usize,
+        /// Why it is unusable.
+        reason: String,
+    },
+    /// No usable signing key once keys for other uses or of other types are skipped.
     #[error("JWKS holds no usable signing key")]
     Empty,
 }
 
 impl Jwks {
+    /// Parses a JWKS document, skipping keys whose `use` is not `sig` and key types Kubernetes does
+    /// not use.
     pub fn from_json(bytes: &[u8]) -> Result<Self, JwksError> {
         let raw: RawSet =
             serde_json::from_slice(bytes).map_err(|e| JwksError::Json(e.to_string()))?;
@@ -135,10 +146,12 @@ impl Jwks {
         Ok(set)
     }
 
+    /// How many keys it holds.
     pub fn len(&self) -> usize {
         self.all.len()
     }
 
+    /// Whether it holds no key.
     pub fn is_empty(&self) -> bool {
         self.all.is_empty()
     }

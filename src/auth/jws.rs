@@ -12,16 +12,23 @@ use serde::Deserialize;
 /// Tokens larger than this are refused before decoding. Real SA tokens are ~1 KiB.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
+/// The JWS algorithms accepted: those Kubernetes issuers use, none of them HMAC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Alg {
+    /// RSASSA-PKCS1-v1_5 with SHA-256.
     RS256,
+    /// RSASSA-PKCS1-v1_5 with SHA-384.
     RS384,
+    /// RSASSA-PKCS1-v1_5 with SHA-512.
     RS512,
+    /// ECDSA P-256 with SHA-256.
     ES256,
+    /// ECDSA P-384 with SHA-384.
     ES384,
 }
 
 impl Alg {
+    /// The algorithm with this JOSE `alg` name; `None` for any other (including `none` and HMAC).
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "RS256" => Alg::RS256,
@@ -32,6 +39,7 @@ impl Alg {
             _ => return None,
         })
     }
+    /// The JOSE `alg` name.
     pub fn as_str(self) -> &'static str {
         match self {
             Alg::RS256 => "RS256",
@@ -43,30 +51,43 @@ impl Alg {
     }
 }
 
+/// Why a token's JWS layer was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JwsError {
+    /// Over [`MAX_TOKEN_BYTES`]; refused before decoding.
     #[error("token is larger than {MAX_TOKEN_BYTES} bytes")]
     TooLarge,
+    /// Not three base64url parts with a JSON header; the text says which part.
     #[error("token is malformed: {0}")]
     Malformed(&'static str),
+    /// `alg: none`: unsigned tokens are never accepted.
     #[error("unsigned tokens (alg \"none\") are not accepted")]
     AlgNone,
+    /// An `alg` outside [`Alg`] (HMAC included); holds at most 16 characters of it.
     #[error("token algorithm {0:?} is not accepted (RS256, RS384, RS512, ES256, ES384 are)")]
     UnsupportedAlg(String),
+    /// The `kid` names no key in the JWKS (the issuer may have rotated its keys).
     #[error("token key id {0:?} is not in the trusted key set")]
     UnknownKid(String),
+    /// No `kid`, and no key of the algorithm's type verifies the signature.
     #[error("token has no key id and no trusted key of its type verifies it")]
     NoMatchingKey,
+    /// The key was found but the signature does not verify.
     #[error("token signature does not verify")]
     BadSignature,
 }
 
 /// A decoded but not yet verified token.
 pub struct Parsed<'a> {
+    /// From the header.
     pub alg: Alg,
+    /// From the header; `None` means every key of the algorithm's type is tried.
     pub kid: Option<String>,
+    /// The bytes the signature covers: `header.payload`, still base64url.
     pub signing_input: &'a [u8],
+    /// The decoded payload (the claims JSON).
     pub payload: Vec<u8>,
+    /// The decoded signature.
     pub signature: Vec<u8>,
 }
 
@@ -77,6 +98,8 @@ struct Header {
     crit: Option<serde_json::Value>,
 }
 
+/// Splits and decodes a compact JWS, refusing oversized tokens, `alg: none`, unknown algorithms and
+/// `crit` headers. Verifies nothing.
 pub fn parse(token: &str) -> Result<Parsed<'_>, JwsError> {
     if token.len() > MAX_TOKEN_BYTES {
         return Err(JwsError::TooLarge);
@@ -133,7 +156,9 @@ pub fn unverified_claims(token: &str) -> Option<serde_json::Value> {
 
 /// A key that signs tokens: dev tokens, the benchmark and tests.
 pub enum SigningKey {
+    /// RS256 key.
     Rsa(RsaKeyPair),
+    /// ES256 key.
     EcP256(EcdsaKeyPair),
 }
 
@@ -152,6 +177,7 @@ impl SigningKey {
             .map_err(|_| "the key is neither RSA nor EC P-256 PKCS#8".to_string())
     }
 
+    /// The algorithm its signatures use: RS256 or ES256.
     pub fn alg(&self) -> Alg {
         match self {
             SigningKey::Rsa(_) => Alg::RS256,

@@ -19,22 +19,51 @@ use crate::identity::{ServiceAccount, TrustDomain};
 /// Clock skew tolerated on exp and nbf.
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
 
+/// Why a bearer token was refused; the message ends up in the Unauthenticated status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JwtError {
+    /// The compact JWS itself: shape, algorithm, key or signature.
     #[error(transparent)]
     Jws(#[from] JwsError),
+    /// The claims did not decode.
     #[error("token claims are not a JSON object with the expected types")]
     Claims,
+    /// A token without exp would never expire, so it is refused.
     #[error("token has no exp claim")]
     MissingExp,
+    /// `exp` plus the leeway is before `now`.
     #[error("token expired at {exp} (now {now})")]
-    Expired { exp: i64, now: i64 },
+    Expired {
+        /// The token's exp, unix seconds.
+        exp: i64,
+        /// The verifier's time, unix seconds.
+        now: i64,
+    },
+    /// `nbf` minus the leeway is after `now`.
     #[error("token is not valid before {nbf} (now {now})")]
-    NotYetValid { nbf: i64, now: i64 },
+    NotYetValid {
+        /// The token's nbf, unix seconds.
+        nbf: i64,
+        /// The verifier's time, unix seconds.
+        now: i64,
+    },
+    /// `iss` differs from the configured issuer.
     #[error("token issuer {got:?} is not the trusted issuer {want:?}")]
-    WrongIssuer { got: String, want: String },
+    WrongIssuer {
+        /// The token's iss (cut to 200 characters).
+        got: String,
+        /// The configured issuer.
+        want: String,
+    },
+    /// No `aud` entry is one of the accepted audiences.
     #[error("token audience {got:?} does not include any of {want:?}")]
-    WrongAudience { got: Vec<String>, want: Vec<String> },
+    WrongAudience {
+        /// The token's aud (at most 8 entries).
+        got: Vec<String>,
+        /// The accepted audiences.
+        want: Vec<String>,
+    },
+    /// `sub` is missing or not `system:serviceaccount:<ns>:<sa>`.
     #[error("token subject: {0}")]
     Subject(String),
 }
@@ -71,17 +100,24 @@ struct NameUid {
 /// What a valid token says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenIdentity {
+    /// From `sub` (`system:serviceaccount:<ns>:<sa>`).
     pub service_account: ServiceAccount,
+    /// From the `kubernetes.io.pod.name` claim, present in projected tokens.
     pub pod_name: Option<String>,
+    /// From the `kubernetes.io.pod.uid` claim, present in projected tokens.
     pub pod_uid: Option<String>,
+    /// The token's `exp`, unix seconds.
     pub expires_at: i64,
 }
 
+/// What a token must say besides its signature.
 #[derive(Debug, Clone)]
 pub struct JwtPolicy {
     /// `None` accepts any issuer (the JWKS already pins the signer).
     pub issuer: Option<String>,
+    /// A token must name at least one of these in `aud` (istio-agent's tokens carry `istio-ca`).
     pub audiences: Vec<String>,
+    /// Clock skew tolerated on exp and nbf; [`DEFAULT_LEEWAY`] in the server.
     pub leeway: Duration,
 }
 
@@ -164,6 +200,7 @@ pub struct JwtAuthenticator {
 }
 
 impl JwtAuthenticator {
+    /// An authenticator for `trust_domain` that starts with `keys`.
     pub fn new(
         keys: Jwks,
         policy: JwtPolicy,
@@ -179,6 +216,7 @@ impl JwtAuthenticator {
         }
     }
 
+    /// Swaps the key set atomically; requests in flight keep the set they started with.
     pub fn replace_keys(&self, keys: Jwks) {
         self.keys.store(Arc::new(keys));
     }

@@ -45,10 +45,14 @@ impl fmt::Debug for Credentials<'_> {
     }
 }
 
+/// How a caller proved its identity: logged in the audit line and labelled in metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthMethod {
+    /// A Kubernetes service-account JWT verified locally against the JWKS.
     Jwt,
+    /// A client certificate this CA issued (renewal).
     ClientCert,
+    /// A service-account token approved by the API server's TokenReview.
     TokenReview,
 }
 
@@ -65,15 +69,20 @@ impl fmt::Display for AuthMethod {
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
+    /// The SPIFFE ID the certificate will carry.
     pub identity: SpiffeId,
+    /// How it was established.
     pub method: AuthMethod,
+    /// The pod's name, when the token carries it (projected tokens do); for the audit log.
     pub pod_name: Option<String>,
+    /// The pod's UID, when the token carries it; for the audit log.
     pub pod_uid: Option<String>,
 }
 
 /// Why an authenticator refused a credential it found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthFailure {
+    /// Why it was refused; shown to the client after the authenticator's name.
     pub reason: String,
     /// The credential could not be checked right now (e.g. the API server is unreachable):
     /// the caller should retry, and gets Unavailable rather than Unauthenticated.
@@ -81,12 +90,14 @@ pub struct AuthFailure {
 }
 
 impl AuthFailure {
+    /// A refusal: the credential is bad, so the caller gets Unauthenticated.
     pub fn invalid(reason: impl std::fmt::Display) -> Self {
         Self {
             reason: reason.to_string(),
             transient: false,
         }
     }
+    /// A failure to check the credential now: the caller gets Unavailable and should retry.
     pub fn transient(reason: impl std::fmt::Display) -> Self {
         Self {
             reason: reason.to_string(),
@@ -95,8 +106,10 @@ impl AuthFailure {
     }
 }
 
+/// Why the chain authenticated nobody; the server maps it to a gRPC status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
+    /// No authenticator found a credential of its kind.
     #[error("no credentials: send \"authorization: Bearer <service-account token>\" or present a client certificate")]
     NoCredentials,
     /// Every applicable authenticator refused; each reason is listed.
@@ -107,7 +120,9 @@ pub enum AuthError {
     Unavailable(Vec<String>),
 }
 
+/// One way to establish a caller's identity from the request's credentials.
 pub trait Authenticator: Send + Sync {
+    /// A short name used in refusal reasons and in the startup log.
     fn name(&self) -> &'static str;
 
     /// `Ok(None)`: no credential of this kind. `Err`: one was present and was refused.
@@ -124,14 +139,19 @@ pub struct AuthChain {
 }
 
 impl AuthChain {
+    /// The chain that tries `members` in this order.
     pub fn new(members: Vec<Arc<dyn Authenticator>>) -> Self {
         Self { members }
     }
 
+    /// The members' names, in order.
     pub fn names(&self) -> Vec<&'static str> {
         self.members.iter().map(|m| m.name()).collect()
     }
 
+    /// Tries each member in order: the first that accepts wins. Otherwise Unavailable if any
+    /// refusal was transient, else Failed with every reason, or NoCredentials if none found a
+    /// credential.
     pub async fn authenticate(&self, creds: Credentials<'_>) -> Result<Caller, AuthError> {
         let (mut reasons, mut transient) = (Vec::new(), false);
         for m in &self.members {

@@ -58,6 +58,7 @@ impl Default for ReviewLimits {
     }
 }
 
+/// Authenticates a bearer token by asking the API server (TokenReview), caching positive results.
 pub struct TokenReviewAuthenticator {
     client: kube::Client,
     audiences: Vec<String>,
@@ -74,6 +75,7 @@ pub struct TokenReviewAuthenticator {
 }
 
 impl TokenReviewAuthenticator {
+    /// An authenticator that sends reviews through `client` with these audiences.
     pub fn new(
         client: kube::Client,
         audiences: Vec<String>,

@@ -16,13 +16,18 @@ use crate::store::{Store, StoreError};
 /// How a self-signed CA is made.
 #[derive(Debug, Clone)]
 pub struct CaOptions {
+    /// The trust domain written into the journal and the CA subjects (O=).
     pub trust_domain: TrustDomain,
+    /// Key algorithm of the root and intermediate (default P-256).
     pub key_type: KeyType,
+    /// Root validity (default 10 years).
     pub root_ttl: Duration,
+    /// Intermediate validity (default 1 year, capped at the root).
     pub intermediate_ttl: Duration,
 }
 
 impl CaOptions {
+    /// Defaults: P-256 keys, a 10-year root and a 1-year intermediate.
     pub fn new(trust_domain: TrustDomain) -> Self {
         Self {
             trust_domain,

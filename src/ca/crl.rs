@@ -23,6 +23,7 @@ pub const REASONS: [&str; 7] = [
     "privilege-withdrawn",
 ];
 
+/// The RFC 5280 reason for a name in [`REASONS`]; `None` for an unknown name.
 pub fn reason_code(reason: &str) -> Option<RevocationReason> {
     Some(match reason {
         "unspecified" => RevocationReason::Unspecified,

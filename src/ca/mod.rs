@@ -25,15 +25,24 @@ pub use signer::{Issued, SignError, Signer};
 use crate::pki::PkiError;
 use crate::store::StoreError;
 
+/// Why CA material could not be loaded, created or changed.
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
     /// A plugged-in CA file is missing or wrong; names the file.
     #[error("{file}: {reason}")]
-    Plugged { file: String, reason: String },
+    Plugged {
+        /// The file, as its source names it.
+        file: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Reading or writing the store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A certificate or key is unusable.
     #[error("CA material is invalid: {0}")]
     Pki(#[from] PkiError),
+    /// Anything else, explained in the message.
     #[error("{0}")]
     Config(String),
 }
@@ -58,6 +67,7 @@ impl Default for Ca {
 }
 
 impl Ca {
+    /// A CA with no signer yet: requests are Unavailable until [`Ca::install`].
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
     }

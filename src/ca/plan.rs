@@ -13,17 +13,33 @@ use super::crl;
 use super::policy::RotationPolicy;
 use crate::journal::{Journal, Role, Status};
 
+/// One change the planner finds due; `apply` performs it on the journal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
+    /// Mint the next intermediate under the active root, in status prepared.
     PrepareIntermediate,
+    /// The prepared intermediate starts signing; the active one starts retiring.
     ActivateIntermediate,
-    Retire { id: String },
+    /// Mark a retiring authority retired: its last leaf has expired.
+    Retire {
+        /// The authority's id.
+        id: String,
+    },
+    /// Start an automatic root rotation: mint a new root and intermediate (prepared).
     PrepareRootRotation,
+    /// The new chain starts signing; the old root and intermediate start retiring.
     ActivateRootRotation,
+    /// Stop serving the cross-signed certificate of the new intermediate.
     WithdrawCrossSigned,
+    /// The old root leaves the bundle; it and everything it issued are retired.
     CompleteRootRotation,
+    /// Drop revocations whose certificates have expired.
     PruneRevocations,
-    SignCrl { issuer: String },
+    /// (Re-)sign one authority's CRL: its list changed or half its validity passed.
+    SignCrl {
+        /// The id of the authority whose CRL is due.
+        issuer: String,
+    },
 }
 
 /// What is due at `now`. Pure: no I/O, no clock, no randomness.

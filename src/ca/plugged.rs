@@ -22,6 +22,7 @@ pub trait Source {
     fn get(&self, file: &str) -> std::io::Result<Option<Vec<u8>>>;
 }
 
+/// The cacerts files in a directory (Istio mounts them at `/etc/cacerts`).
 pub struct DirSource<'a>(pub &'a Path);
 
 impl Source for DirSource<'_> {
@@ -39,7 +40,9 @@ impl Source for DirSource<'_> {
 
 /// Files held in memory (a Secret's data), named `<label>/<key>` in messages.
 pub struct MapSource {
+    /// Names the source in messages, as `<label>/<file>`.
     pub label: String,
+    /// File name (the Secret's data key) -> contents.
     pub files: std::collections::BTreeMap<String, Vec<u8>>,
 }
 

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+/// The TTL rules for workload certificates (`serve --default-ttl` and `--max-ttl`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TtlPolicy {
     /// Used when the request asks for 0 or a negative duration.
@@ -11,10 +12,13 @@ pub struct TtlPolicy {
     pub max: Duration,
 }
 
+/// A requested TTL above the maximum: refused with InvalidArgument, as istiod does.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("requested TTL {requested_secs}s exceeds the maximum of {max_secs}s")]
 pub struct TtlError {
+    /// What the request asked for (`validity_duration`), seconds.
     pub requested_secs: i64,
+    /// The maximum, seconds.
     pub max_secs: u64,
 }
 
@@ -68,7 +72,9 @@ mod tests {
 /// the rules `plan` reads.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RotationPolicy {
+    /// Validity of each new root.
     pub root_ttl: Duration,
+    /// Validity of each new intermediate (capped at its root).
     pub intermediate_ttl: Duration,
     /// Fraction of the active intermediate's life at which the next one is prepared.
     pub prepare_at: f64,

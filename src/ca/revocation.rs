@@ -7,14 +7,31 @@ use super::{crl, CaError};
 use crate::journal::{DeniedIdentity, Journal, Revocation};
 use crate::store::index::IssuedEntry;
 
+/// Why a revocation or denial changed nothing.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RevokeError {
+    /// The serial is on a CRL already.
     #[error("serial {serial} is already revoked (since {at})")]
-    AlreadyRevoked { serial: String, at: i64 },
+    AlreadyRevoked {
+        /// The serial, lowercase hex.
+        serial: String,
+        /// When it was revoked, unix seconds.
+        at: i64,
+    },
+    /// The identity is denied already.
     #[error("{identity} is already denied (since {since}); nothing changed")]
-    AlreadyDenied { identity: String, since: i64 },
+    AlreadyDenied {
+        /// The SPIFFE ID.
+        identity: String,
+        /// When it was denied, unix seconds.
+        since: i64,
+    },
+    /// The reason is not one of `crl::REASONS`.
     #[error("unknown reason {reason:?}; use one of: {}", crl::REASONS.join(", "))]
-    Reason { reason: String },
+    Reason {
+        /// The name given.
+        reason: String,
+    },
 }
 
 fn check_reason(reason: &str) -> Result<(), RevokeError> {
@@ -148,6 +165,7 @@ pub struct SweepRequest {
 }
 
 impl SweepRequest {
+    /// Asks for a sweep and wakes the scheduler.
     pub fn request(&self) {
         self.pending
             .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -160,6 +178,7 @@ impl SweepRequest {
             .swap(false, std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Waits until a sweep is asked for.
     pub async fn requested(&self) {
         self.notify.notified().await
     }

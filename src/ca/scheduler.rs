@@ -29,11 +29,18 @@ use crate::shutdown::Shutdown;
 use crate::store::index::IssuanceIndex;
 use crate::store::{Revision, Store, StoreError};
 
+/// Plans and applies rotation, publishes the bundle and CRLs, and installs the signer: one `step`
+/// at a time.
 pub struct Scheduler {
+    /// Where the journal lives.
     pub store: Arc<dyn Store>,
+    /// The live CA whose signer each step installs.
     pub ca: Arc<Ca>,
+    /// When to prepare, activate and retire authorities.
     pub policy: RotationPolicy,
+    /// The time every step plans with.
     pub clock: SharedClock,
+    /// The trust domain the installed signer certifies.
     pub trust_domain: TrustDomain,
     installed: Mutex<Option<Revision>>,
     /// With several replicas: only while this says true does the scheduler write; otherwise
@@ -52,7 +59,9 @@ pub struct Scheduler {
 /// What one step did.
 #[derive(Debug, Default)]
 pub struct StepReport {
+    /// The actions applied and written, in order.
     pub actions: Vec<Action>,
+    /// Whether a new signer was installed.
     pub installed: bool,
 }
 
@@ -65,6 +74,8 @@ fn describe(a: &Action) -> String {
 }
 
 impl Scheduler {
+    /// A scheduler that writes whenever it runs (no leader election; see
+    /// [`Scheduler::with_leader`]).
     pub fn new(
         store: Arc<dyn Store>,
         ca: Arc<Ca>,

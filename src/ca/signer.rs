@@ -15,21 +15,31 @@ use crate::pki::{pem, profile, random_serial, PkiError, PublicKeyKind};
 /// A certificate just issued.
 #[derive(Debug, Clone)]
 pub struct Issued {
+    /// The serial, lowercase hex; the key of the issuance index and of revocations.
     pub serial_hex: String,
+    /// The certificate, DER.
     pub der: CertificateDer<'static>,
+    /// The certificate, PEM: what goes first in the response chain.
     pub pem: String,
+    /// notBefore: backdated for clock skew.
     pub not_before: OffsetDateTime,
+    /// notAfter: the requested TTL, capped at the issuer's notAfter.
     pub not_after: OffsetDateTime,
 }
 
+/// Why a certificate could not be signed.
 #[derive(Debug, thiserror::Error)]
 pub enum SignError {
+    /// The signing CA's notAfter has passed (the time it expired); the server answers Unavailable.
     #[error("the signing CA expired at {0}")]
     Expired(OffsetDateTime),
+    /// Building or checking the certificate failed.
     #[error(transparent)]
     Pki(#[from] PkiError),
 }
 
+/// The immutable signing state: key, signing certificate, chain to the roots, trust bundle and
+/// revocations.
 pub struct Signer {
     trust_domain: TrustDomain,
     issuer: Issuer<'static, KeyPair>,
@@ -61,9 +71,13 @@ pub struct RevocationView {
     /// and intermediate). An empty issuer matches any issuer (a journal revocation whose
     /// issuing authority is no longer known).
     pub revoked: std::collections::HashSet<(Vec<u8>, String)>,
+    /// SPIFFE IDs (URI strings) that may get no new certificate.
     pub denied_identities: std::collections::HashSet<String>,
+    /// The CRLs of every authority, concatenated PEM, as published.
     pub crl_pem: String,
+    /// How many revocations the journal holds (the `citadel_ca_crl_entries` gauge).
     pub crl_entries: usize,
+    /// The earliest nextUpdate among the CRLs (unix seconds); `None` when none is signed yet.
     pub crl_next_update: Option<i64>,
 }
 
@@ -188,20 +202,25 @@ impl Signer {
         Ok(self)
     }
 
+    /// Sets the revocation state this signer enforces and publishes.
     pub fn with_revocations(mut self, view: RevocationView) -> Self {
         self.revocations = view;
         self
     }
 
+    /// Sets the root rotation stage: 0 none, 1 prepared, 2 activated.
     pub fn with_rotation_stage(mut self, stage: u8) -> Self {
         self.rotation_stage = stage;
         self
     }
 
+    /// The revocation state this signer enforces and publishes.
     pub fn revocations(&self) -> &RevocationView {
         &self.revocations
     }
 
+    /// Root rotation stage: 0 none, 1 prepared, 2 activated (the `citadel_ca_root_rotation_stage`
+    /// gauge).
     pub fn rotation_stage(&self) -> u8 {
         self.rotation_stage
     }
@@ -211,6 +230,7 @@ impl Signer {
         &self.signing.serial_hex
     }
 
+    /// Whether this SPIFFE ID (URI string) is denied new certificates.
     pub fn is_denied(&self, identity: &str) -> bool {
         self.revocations.denied_identities.contains(identity)
     }
@@ -230,6 +250,7 @@ impl Signer {
         &self.alternates_der
     }
 
+    /// The trust domain whose identities this signer certifies.
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.trust_domain
     }
@@ -239,10 +260,12 @@ impl Signer {
         &self.signing
     }
 
+    /// The signing certificate, DER.
     pub fn signing_der(&self) -> &CertificateDer<'static> {
         &self.signing_der
     }
 
+    /// The signing key's type; it decides the signature algorithm of what it issues.
     pub fn key_kind(&self) -> PublicKeyKind {
         self.key_kind
     }
@@ -252,6 +275,7 @@ impl Signer {
         &self.roots_pem
     }
 
+    /// Every root in the trust bundle, DER.
     pub fn roots_der(&self) -> &[CertificateDer<'static>] {
         &self.roots_der
     }
@@ -261,6 +285,7 @@ impl Signer {
         &self.anchor
     }
 
+    /// Every root in the trust bundle, described; same order as [`Signer::roots_der`].
     pub fn roots_info(&self) -> &[CertInfo] {
         &self.roots_info
     }

@@ -23,10 +23,13 @@ pub enum UpdateError {
     /// The change itself refused (already revoked, wrong trust domain, ...).
     #[error("{0}")]
     Refused(String),
+    /// Kept losing the compare-and-swap race; nothing was written.
     #[error("the CA journal kept changing; try again")]
     Contended,
+    /// Reading or writing the store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The updated journal did not produce a valid signer or CRL.
     #[error(transparent)]
     Ca(#[from] CaError),
 }

@@ -17,11 +17,13 @@ use tokio::sync::watch;
 use crate::clock::SharedClock;
 use crate::shutdown::Shutdown;
 
+/// The name of the Lease replicas compete for, in citadel's namespace.
 pub const LEASE_NAME: &str = "citadel-leader";
 
 /// (holder, renewTime in µs) and when this replica first saw the lease in that state.
 type Observation = ((String, Option<i64>), tokio::time::Instant);
 
+/// One replica's candidacy for the Lease; publishes whether it leads.
 pub struct Elector {
     api: Api<Lease>,
     identity: String,
@@ -42,6 +44,8 @@ fn micro(t: time::OffsetDateTime) -> MicroTime {
 }
 
 impl Elector {
+    /// A candidate in `namespace` under `identity` (the holder name written in the Lease); a lease
+    /// lasts `duration`.
     pub fn new(
         client: kube::Client,
         namespace: &str,
@@ -59,14 +63,17 @@ impl Elector {
         })
     }
 
+    /// The holder name this replica writes in the Lease.
     pub fn identity(&self) -> &str {
         &self.identity
     }
 
+    /// Whether this replica holds the Lease right now.
     pub fn is_leader(&self) -> bool {
         *self.leader.borrow()
     }
 
+    /// Follows leadership: true while this replica holds the Lease.
     pub fn subscribe(&self) -> watch::Receiver<bool> {
         self.leader.subscribe()
     }

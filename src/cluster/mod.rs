@@ -58,14 +58,19 @@ pub async fn fetch_jwks(client: &kube::Client) -> Result<(Option<String>, Jwks),
 /// Keeps a JWT authenticator's keys fresh: every `interval`, and soon after a token with an
 /// unknown kid (at most once per `min_gap`, so garbage tokens cannot hammer the API server).
 pub struct JwksRefresher {
+    /// Client for the GETs of the issuer discovery document and the JWKS.
     pub client: kube::Client,
+    /// The authenticator whose keys are replaced.
     pub auth: Arc<JwtAuthenticator>,
+    /// Notified when a token names an unknown kid; triggers an early refresh.
     pub unknown_kid: Arc<Notify>,
     /// JWKS fetches made (each is two GETs); requests themselves make none.
     pub fetches: AtomicU64,
 }
 
 impl JwksRefresher {
+    /// Refreshes every `interval`, and after an unknown kid at most once per `min_gap`, until
+    /// shutdown.
     pub async fn run(self: Arc<Self>, interval: Duration, min_gap: Duration, shutdown: Shutdown) {
         let mut last = tokio::time::Instant::now();
         loop {

@@ -30,9 +30,13 @@ use crate::future::BoxFuture;
 use crate::shutdown::Shutdown;
 use crate::store::kube::Publisher;
 
+/// The trust bundle ConfigMap, the name istio-agent mounts.
 pub const ROOT_CONFIGMAP: &str = "istio-ca-root-cert";
+/// The key of the bundle in that ConfigMap.
 pub const ROOT_KEY: &str = "root-cert.pem";
+/// The CRL ConfigMap.
 pub const CRL_CONFIGMAP: &str = "istio-ca-crl";
+/// The key of the CRLs in that ConfigMap.
 pub const CRL_KEY: &str = "ca-crl.pem";
 const SKIPPED: [&str; 2] = ["kube-public", "kube-node-lease"];
 
@@ -45,6 +49,7 @@ struct Desired {
     crl: Option<String>,
 }
 
+/// Publishes the bundle and CRLs into every namespace's ConfigMaps, reconciling drift.
 pub struct ConfigMapPublisher {
     client: kube::Client,
     desired: watch::Sender<Desired>,
@@ -79,6 +84,7 @@ fn digest(s: &str) -> [u8; 32] {
 const RESYNC: Duration = Duration::from_secs(300);
 
 impl ConfigMapPublisher {
+    /// A publisher that writes only while `leader` says true (`None`: always).
     pub fn new(client: kube::Client, leader: Option<watch::Receiver<bool>>) -> Arc<Self> {
         Arc::new(Self {
             client: client.clone(),

@@ -26,6 +26,7 @@ Examples:
       --token-file token.jwt --out-dir certs/ --once
 
 See docs/agent.md for an Envoy bootstrap.")]
+/// Flags of `citadel agent`.
 pub struct Args {
     /// The CA's gRPC address.
     #[arg(long, value_name = "HOST:PORT")]
@@ -72,6 +73,7 @@ pub struct Args {
     /// First retry delay after a failure; doubles up to --retry-max.
     #[arg(long, default_value = "1s", value_parser = clap_parse, value_name = "DUR")]
     pub retry_initial: Duration,
+    /// Longest delay between retries.
     #[arg(long, default_value = "60s", value_parser = clap_parse, value_name = "DUR")]
     pub retry_max: Duration,
     /// /healthz/ready and /metrics. Empty to disable.
@@ -85,6 +87,8 @@ pub struct Args {
     pub plaintext: bool,
 }
 
+/// Runs the agent (renewal loop, SDS server and/or file writer, monitoring port) until stopped, or
+/// for one fetch with `--once`.
 pub async fn run(args: Args) -> CmdResult {
     if args.out_dir.is_none() && args.sds_socket.is_none() {
         return Err(

@@ -26,6 +26,7 @@ Examples:
   cargo build --release
   target/release/citadel bench --concurrency 64 --requests 20000
   target/release/citadel bench --micro")]
+/// Flags of `citadel bench`.
 pub struct Args {
     /// Run the in-process micro-benchmark of the issue path instead.
     #[arg(long)]
@@ -167,6 +168,7 @@ async fn start_server() -> Result<(Child, String, PathBuf), String> {
     ))
 }
 
+/// Runs the load test (or the in-process micro benchmark) and prints the results.
 pub async fn run(args: Args) -> CmdResult {
     let key_type: KeyType = args.key_type.parse()?;
     if args.micro {

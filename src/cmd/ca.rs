@@ -12,6 +12,7 @@ use crate::store::Store;
 
 use super::CmdResult;
 
+/// `citadel ca` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Show each CA certificate: role, status, subject, key type, validity, remaining life.
@@ -36,7 +37,9 @@ Stages (see docs/operations.md):
 Planned:    citadel ca rotate-root
 Emergency:  citadel ca rotate-root --now          (activate at once; cross-signing keeps
                                                   workloads that hold only the old bundle working)")]
+/// Flags of `citadel ca rotate-root`.
 pub struct RotateArgs {
+    /// Where the CA state is.
     #[command(flatten)]
     pub state: StateArgs,
     /// Propagation period before the new chain signs. Default: 90d, the default --max-ttl
@@ -63,6 +66,7 @@ pub struct RotateArgs {
     pub intermediate_ttl: std::time::Duration,
 }
 
+/// Where the CA state lives: the flags every `citadel ca` subcommand shares.
 #[derive(Debug, clap::Args)]
 pub struct StateArgs {
     /// The server's state directory (--store file).
@@ -118,8 +122,10 @@ impl StateArgs {
     }
 }
 
+/// Flags of `citadel ca status`.
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
+    /// Where the CA state is.
     #[command(flatten)]
     pub state: StateArgs,
     /// Machine-readable output.
@@ -155,6 +161,7 @@ fn remaining(not_after: OffsetDateTime, now: OffsetDateTime) -> String {
     }
 }
 
+/// Runs one `citadel ca` subcommand.
 pub async fn run(cmd: Command) -> CmdResult {
     match cmd {
         Command::Bundle(a) => {

@@ -8,6 +8,7 @@ use crate::identity::ServiceAccount;
 
 use super::CmdResult;
 
+/// Flags of `citadel dev-token`.
 #[derive(Debug, clap::Args)]
 #[command(after_long_help = "\
 The token is signed with the dev key in certs-dev/ (its private key is public), and is
@@ -73,6 +74,7 @@ pub fn claims(
     })
 }
 
+/// Prints a dev token (or, with `--print-jwks`, the dev JWKS) to stdout.
 pub fn run(args: Args) -> CmdResult {
     if args.print_jwks {
         print!("{}", devkeys::jwks_json());

@@ -15,8 +15,10 @@ pub type CmdResult = Result<(), String>;
 /// Log output format, for operators and log pipelines.
 #[derive(Debug, Clone, Copy, clap::ValueEnum, Default)]
 pub enum LogFormat {
+    /// Human-readable lines.
     #[default]
     Text,
+    /// One JSON object per line, for log pipelines.
     Json,
 }
 

@@ -12,6 +12,7 @@ use crate::pki::{csr, KeyType};
 
 use super::{read_file, CmdResult};
 
+/// Flags of `citadel request`.
 #[derive(Debug, clap::Args)]
 #[command(after_long_help = "\
 Examples:
@@ -74,6 +75,7 @@ fn identity_from_token(token: &str, td: &TrustDomain) -> Option<SpiffeId> {
     Some(td.service_account_id(&sa))
 }
 
+/// Requests one certificate and writes it to files.
 pub async fn run(args: Args) -> CmdResult {
     let key_type: KeyType = args.key_type.parse()?;
     let token = match (&args.token, &args.token_file) {

@@ -26,6 +26,7 @@ Examples:
 
 The CRL is re-signed at once and written to <state-dir>/ca-crl.pem; a running server reloads
 it within --reconcile-interval (default 1s).")]
+/// Flags of `citadel revoke`.
 pub struct Args {
     /// Serial number in hex (colons and case are ignored).
     #[arg(long, value_name = "HEX")]
@@ -79,6 +80,7 @@ pub(crate) async fn update_journal<T>(
         .map_err(|e| e.to_string())
 }
 
+/// Revokes a serial or denies an identity, writing the journal with compare-and-swap.
 pub async fn run(args: Args) -> CmdResult {
     if !args
         .state_dir

@@ -31,6 +31,7 @@ Examples:
 
   # Sign with a plugged-in CA in Istio's cacerts layout.
   citadel serve --jwks-file jwks.json --ca-certs-dir /etc/cacerts")]
+/// Flags of `citadel serve`.
 pub struct Args {
     /// Development mode: trust the dev JWT key compiled in from certs-dev/ (its private key is
     /// public; never use in production). Tokens come from `citadel dev-token`.

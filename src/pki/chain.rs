@@ -16,18 +16,29 @@ use super::PkiError;
 /// What operators and tests want to know about a certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertInfo {
+    /// Subject DN, as x509-parser prints it.
     pub subject: String,
+    /// Issuer DN, as x509-parser prints it.
     pub issuer: String,
+    /// Serial, lowercase hex (see [`serial_hex`]).
     pub serial_hex: String,
+    /// notBefore.
     pub not_before: OffsetDateTime,
+    /// notAfter.
     pub not_after: OffsetDateTime,
+    /// basicConstraints CA flag; false when the extension is absent.
     pub is_ca: bool,
+    /// basicConstraints pathLenConstraint, if any.
     pub path_len: Option<u32>,
+    /// The public key's type, or why it is not one citadel knows.
     pub key: Result<PublicKeyKind, String>,
+    /// Every URI SAN, in order (a SPIFFE ID for workload certificates).
     pub uri_sans: Vec<String>,
+    /// Subject equals issuer and the certificate's signature verifies with its own key.
     pub self_signed: bool,
 }
 
+/// Parses one DER certificate; trailing bytes are an error.
 pub fn parse(der: &[u8]) -> Result<X509Certificate<'_>, PkiError> {
     let (rest, cert) = X509Certificate::from_der(der)
         .map_err(|e| PkiError::invalid(format!("unreadable certificate: {e}")))?;
@@ -37,6 +48,7 @@ pub fn parse(der: &[u8]) -> Result<X509Certificate<'_>, PkiError> {
     Ok(cert)
 }
 
+/// Parses and describes one DER certificate.
 pub fn describe(der: &[u8]) -> Result<CertInfo, PkiError> {
     let c = parse(der)?;
     let bc = c.basic_constraints().ok().flatten().map(|e| e.value);
@@ -117,7 +129,9 @@ pub fn key_matches_cert(key: &rcgen::KeyPair, cert_der: &[u8]) -> Result<bool, P
 /// Which end of a TLS connection a leaf is checked for.
 #[derive(Debug, Clone, Copy)]
 pub enum Usage {
+    /// The certificate must allow TLS client authentication (a workload renewing).
     ClientAuth,
+    /// The certificate must allow TLS server authentication.
     ServerAuth,
 }
 

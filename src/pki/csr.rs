@@ -14,20 +14,31 @@ use super::keys::PublicKeyKind;
 /// CSRs larger than this are refused before any parsing. Real ones are under 2 KiB.
 pub const MAX_CSR_BYTES: usize = 64 * 1024;
 
+/// Why a CSR was refused; the server answers InvalidArgument.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CsrError {
+    /// Over [`MAX_CSR_BYTES`]; refused before parsing.
     #[error("CSR is {len} bytes; the limit is {MAX_CSR_BYTES}")]
-    TooLarge { len: usize },
+    TooLarge {
+        /// The CSR's size in bytes.
+        len: usize,
+    },
+    /// The CSR field was empty or only whitespace.
     #[error("CSR is empty")]
     Empty,
+    /// No `CERTIFICATE REQUEST` PEM block.
     #[error("CSR is not PEM with a CERTIFICATE REQUEST block: {0}")]
     NotPem(String),
+    /// The PEM block is not a valid PKCS#10 request.
     #[error("CSR is not valid DER: {0}")]
     Malformed(String),
+    /// The self-signature does not verify.
     #[error("CSR signature does not verify with its own public key")]
     BadSignature,
+    /// Signed with SHA-1.
     #[error("CSR is signed with SHA-1, which is not accepted")]
     WeakSignature,
+    /// The key is not P-256, P-384 or RSA 2048-8192; the text says what it is.
     #[error("CSR {0}")]
     UnsupportedKey(String),
 }
@@ -41,9 +52,11 @@ pub struct SubjectKey {
 }
 
 impl SubjectKey {
+    /// The key's type and size.
     pub fn kind(&self) -> PublicKeyKind {
         self.kind
     }
+    /// The SubjectPublicKeyInfo, DER, exactly as the CSR carried it.
     pub fn spki_der(&self) -> &[u8] {
         &self.spki_der
     }
@@ -65,6 +78,7 @@ impl rcgen::PublicKeyData for SubjectKey {
 /// A CSR that parsed and whose self-signature verified.
 #[derive(Debug, Clone)]
 pub struct VerifiedCsr {
+    /// The public key to certify.
     pub key: SubjectKey,
     /// URI SANs the CSR asked for (istio-agent sends its own SPIFFE ID).
     pub uri_sans: Vec<String>,

@@ -21,14 +21,20 @@ use super::PkiError;
 /// A key type citadel can generate, for CAs and for its own client keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KeyType {
+    /// ECDSA P-256 (`ec-p256`), the default for new CAs.
     EcP256,
+    /// ECDSA P-384 (`ec-p384`).
     EcP384,
+    /// RSA 2048 bits (`rsa-2048`), istio-agent's default.
     Rsa2048,
+    /// RSA 3072 bits (`rsa-3072`).
     Rsa3072,
+    /// RSA 4096 bits (`rsa-4096`).
     Rsa4096,
 }
 
 impl KeyType {
+    /// Every key type, in the order parse errors list them.
     pub const ALL: [KeyType; 5] = [
         KeyType::EcP256,
         KeyType::EcP384,
@@ -37,6 +43,7 @@ impl KeyType {
         KeyType::Rsa4096,
     ];
 
+    /// The name used on the command line and in messages, e.g. `ec-p256`.
     pub fn as_str(self) -> &'static str {
         match self {
             KeyType::EcP256 => "ec-p256",
@@ -103,9 +110,15 @@ impl FromStr for KeyType {
 /// What kind of public key a CSR or certificate carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PublicKeyKind {
+    /// ECDSA P-256.
     EcP256,
+    /// ECDSA P-384.
     EcP384,
-    Rsa { bits: u32 },
+    /// RSA, of the given modulus size.
+    Rsa {
+        /// Modulus size in bits.
+        bits: u32,
+    },
 }
 
 impl fmt::Display for PublicKeyKind {

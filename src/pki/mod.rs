@@ -14,10 +14,13 @@ pub use keys::{KeyType, PublicKeyKind};
 /// Errors from the pure PKI layer. Messages name the problem and never include key material.
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
+    /// A certificate, CSR or chain is malformed or breaks a rule; the text says which.
     #[error("{0}")]
     Invalid(String),
+    /// A key of a type or size citadel does not accept.
     #[error("unsupported key: {0}")]
     UnsupportedKey(String),
+    /// rcgen could not build or sign a certificate.
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
 }

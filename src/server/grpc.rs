@@ -21,22 +21,32 @@ use super::metrics::Metrics;
 /// Metadata key ztunnel uses to ask for another workload's certificate.
 const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 
+/// Why a CreateCertificate failed; [`IssueError::status`] maps each to istiod's gRPC code.
 #[derive(Debug, thiserror::Error)]
 pub enum IssueError {
+    /// The CSR field is over `MAX_CSR_BYTES`, refused before parsing (InvalidArgument).
     #[error("CSR is {0} bytes; the limit is {MAX_CSR_BYTES}")]
     CsrTooLarge(usize),
+    /// No authenticator accepted the caller (Unauthenticated).
     #[error("{0}")]
     Unauthenticated(String),
+    /// The requested TTL is above the maximum (InvalidArgument).
     #[error(transparent)]
     Ttl(#[from] TtlError),
+    /// The CSR is malformed, badly signed or has a refused key (InvalidArgument).
     #[error("invalid CSR: {0}")]
     Csr(#[from] CsrError),
+    /// The caller asked for another identity, or its identity is denied (PermissionDenied).
     #[error("{0}")]
     PermissionDenied(String),
+    /// Cannot issue now: no signer, the signer expired, a credential could not be checked, or the
+    /// issuance index failed (Unavailable).
     #[error("CA is not ready: {0}")]
     NotReady(String),
+    /// Building the certificate failed (Internal); the cause is logged, not sent.
     #[error("signing failed")]
     Sign(#[source] SignError),
+    /// `--max-inflight` requests are already in progress (ResourceExhausted).
     #[error("the CA is at its limit of requests in progress (--max-inflight); retry shortly")]
     Busy,
 }
@@ -60,10 +70,15 @@ impl IssueError {
 
 /// The CA gRPC service.
 pub struct CaService {
+    /// The CA whose current signer issues.
     pub ca: Arc<Ca>,
+    /// The authenticators, tried in order.
     pub auth: AuthChain,
+    /// How requested TTLs are resolved.
     pub ttl: TtlPolicy,
+    /// The time certificates are issued at.
     pub clock: SharedClock,
+    /// Counters on the `citadel_server_*` metrics.
     pub metrics: Arc<Metrics>,
     /// Where issued certificates are recorded for `revoke --identity`; `None` keeps no index.
     pub index: Option<Arc<dyn IssuanceIndex>>,

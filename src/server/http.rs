@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use super::Readiness;
 use crate::shutdown::Shutdown;
 
+/// Serves `/metrics`, `/healthz/ready` and `/healthz/live` on `listener` until shutdown.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<Readiness>,

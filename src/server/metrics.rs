@@ -12,13 +12,16 @@ use std::time::Duration;
 
 use crate::ca::Ca;
 
+/// A monotonic counter; relaxed atomics.
 #[derive(Default)]
 pub struct Counter(AtomicU64);
 
 impl Counter {
+    /// Adds one.
     pub fn inc(&self) {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
+    /// The current value.
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
@@ -46,6 +49,7 @@ impl Default for Histogram {
 }
 
 impl Histogram {
+    /// Records one request's duration, in seconds buckets from 0.5 ms to 2.5 s.
     pub fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
         if let Some(i) = BUCKETS.iter().position(|&b| secs <= b) {
@@ -57,14 +61,22 @@ impl Histogram {
     }
 }
 
+/// The CA port's counters, under istiod's `citadel_server_*` names.
 #[derive(Default)]
 pub struct Metrics {
+    /// Every CreateCertificate received (`citadel_server_csr_count`).
     pub csr_count: Counter,
+    /// Requests whose authentication failed (`citadel_server_authentication_failure_count`).
     pub authentication_failure_count: Counter,
+    /// Oversized or unparsable CSRs (`citadel_server_csr_parsing_err_count`).
     pub csr_parsing_err_count: Counter,
+    /// Requests refused for their identity: another one asked for, or denied
+    /// (`citadel_server_id_extraction_err_count`).
     pub id_extraction_err_count: Counter,
+    /// Certificates issued (`citadel_server_success_cert_issuance_count`).
     pub success_cert_issuance_count: Counter,
     sign_errors: Mutex<BTreeMap<&'static str, u64>>,
+    /// CreateCertificate latency (`citadel_server_csr_latency_seconds`).
     pub latency: Histogram,
     /// Set with several replicas: whether this one leads.
     pub leader: std::sync::OnceLock<tokio::sync::watch::Receiver<bool>>,
@@ -81,6 +93,8 @@ impl Metrics {
             .or_default() += 1;
     }
 
+    /// The Prometheus text exposition of these counters and of `ca`'s signer (expiry, roots,
+    /// rotation, CRLs).
     pub fn render(&self, ca: &Ca) -> String {
         let mut out = String::with_capacity(4096);
         let counter = |out: &mut String, name: &str, help: &str, v: u64| {

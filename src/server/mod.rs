@@ -54,10 +54,15 @@ impl Default for Limits {
 
 /// Everything the CA port needs.
 pub struct Server {
+    /// The CA whose current signer issues.
     pub ca: Arc<Ca>,
+    /// The authenticators, tried in order.
     pub auth: AuthChain,
+    /// How requested TTLs are resolved.
     pub ttl: TtlPolicy,
+    /// The time certificates are issued and checked at.
     pub clock: SharedClock,
+    /// Shared with the monitoring port.
     pub metrics: Arc<Metrics>,
     /// `None` serves plaintext (`--plaintext`, local experiments only).
     pub tls: Option<Arc<tls::TlsState>>,
@@ -65,14 +70,19 @@ pub struct Server {
     pub index: Option<Arc<dyn crate::store::index::IssuanceIndex>>,
     /// The scheduler's sweep trigger for that index.
     pub sweep: Arc<crate::ca::revocation::SweepRequest>,
+    /// Operator-tunable limits.
     pub limits: Limits,
 }
 
 /// What the readiness probe and metrics page look at.
 pub struct Readiness {
+    /// Ready only while it has an unexpired signer.
     pub ca: Arc<Ca>,
+    /// Rendered on `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// With TLS, ready only once a serving certificate is issued.
     pub tls: Option<Arc<tls::TlsState>>,
+    /// The time the signer's expiry is checked against.
     pub clock: SharedClock,
 }
 
@@ -96,6 +106,7 @@ impl Readiness {
 }
 
 impl Server {
+    /// The readiness view of this server, for the monitoring port.
     pub fn readiness(&self) -> Arc<Readiness> {
         Arc::new(Readiness {
             ca: self.ca.clone(),

@@ -22,6 +22,7 @@ use crate::pki::KeyType;
 /// The longest a serving certificate lives; it is renewed at half that.
 pub const SERVING_TTL: Duration = Duration::from_secs(24 * 3600);
 
+/// The ring crypto provider, for every rustls config citadel builds (aws-lc is never linked).
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -36,6 +37,8 @@ pub struct TlsState {
 }
 
 impl TlsState {
+    /// TLS state that serves the DNS/IP `names`; not ready until [`TlsState::refresh`] issues a
+    /// certificate.
     pub fn new(names: Vec<String>) -> Result<Arc<Self>, rustls::Error> {
         let verifier = build_verifier(&[])?;
         Ok(Arc::new(Self {
@@ -46,6 +49,7 @@ impl TlsState {
         }))
     }
 
+    /// Whether a serving certificate is issued yet.
     pub fn ready(&self) -> bool {
         self.serving.load().is_some()
     }
@@ -87,6 +91,8 @@ impl TlsState {
             .map(|w| w.0 + (w.1 - w.0) / 2)
     }
 
+    /// A rustls server config (TLS 1.2 and 1.3, ALPN h2) that reads the current certificate and
+    /// client verifier on every handshake.
     pub fn server_config(self: &Arc<Self>) -> Arc<rustls::ServerConfig> {
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])

@@ -19,10 +19,14 @@ use crate::fsutil;
 use crate::future::BoxFuture;
 use crate::journal::Journal;
 
+/// The journal's file name (0600: it holds the CA keys).
 pub const JOURNAL_FILE: &str = "ca-journal.json";
+/// The trust bundle's file name (0644).
 pub const BUNDLE_FILE: &str = "root-cert.pem";
+/// The CRLs' file name (0644).
 pub const CRL_FILE: &str = "ca-crl.pem";
 
+/// CA state in a local directory; see the module comment for the layout.
 #[derive(Debug, Clone)]
 pub struct FileStore {
     dir: PathBuf,
@@ -55,6 +59,7 @@ impl FileStore {
         Ok(Self { dir })
     }
 
+    /// The state directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }

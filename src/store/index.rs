@@ -17,13 +17,19 @@ use std::sync::Mutex;
 use super::StoreError;
 use crate::fsutil;
 
+/// The index file's name in the state directory.
 pub const INDEX_FILE: &str = "issued.log";
 
+/// One issued certificate, as one line of `issued.log`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IssuedEntry {
+    /// Serial, lowercase hex.
     pub serial: String,
+    /// The SPIFFE ID it was issued for.
     pub identity: String,
+    /// notAfter, unix seconds; the entry is pruned after it.
     pub not_after: i64,
+    /// Id of the authority that signed it.
     pub issuer: String,
 }
 
@@ -47,7 +53,10 @@ impl IssuedEntry {
     }
 }
 
+/// Where issued certificates are recorded, so a denied identity's live certificates can be found.
 pub trait IssuanceIndex: Send + Sync {
+    /// Records one certificate; the issue path calls it after signing and refuses the certificate
+    /// if it fails.
     fn record(&self, e: &IssuedEntry) -> Result<(), StoreError>;
     /// Every entry still valid at `now`.
     fn live(&self, now: i64) -> Result<Vec<IssuedEntry>, StoreError>;
@@ -55,6 +64,7 @@ pub trait IssuanceIndex: Send + Sync {
     fn prune(&self, now: i64) -> Result<usize, StoreError>;
 }
 
+/// The index in `issued.log` of one replica's state directory.
 #[derive(Debug)]
 pub struct FileIndex {
     path: PathBuf,
@@ -69,6 +79,7 @@ fn io(path: &std::path::Path, source: std::io::Error) -> StoreError {
 }
 
 impl FileIndex {
+    /// The index at `dir/issued.log`; the file is created on first write (0600).
     pub fn new(dir: &std::path::Path) -> Self {
         Self {
             path: dir.join(INDEX_FILE),

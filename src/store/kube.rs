@@ -19,12 +19,15 @@ use super::{Revision, Store, StoreError, Versioned};
 use crate::future::BoxFuture;
 use crate::journal::Journal;
 
+/// Name of the Secret that holds the journal.
 pub const JOURNAL_SECRET: &str = "citadel-ca-journal";
+/// Name of the Secret written in Istio's self-signed CA layout.
 pub const ISTIO_CA_SECRET: &str = "istio-ca-secret";
 const JOURNAL_KEY: &str = "journal.json";
 
 /// Where the bundle and CRLs are published (ConfigMaps in every namespace).
 pub trait Publisher: Send + Sync {
+    /// Publishes the bundle and/or the CRLs; `None` leaves that one unchanged.
     fn publish<'a>(
         &'a self,
         bundle_pem: Option<&'a str>,
@@ -32,6 +35,7 @@ pub trait Publisher: Send + Sync {
     ) -> BoxFuture<'a, Result<(), String>>;
 }
 
+/// CA state in Secrets of one namespace, published through an optional [`Publisher`].
 pub struct KubeStore {
     api: Api<Secret>,
     namespace: String,
@@ -60,6 +64,7 @@ fn is_not_found(e: &kube::Error) -> bool {
 }
 
 impl KubeStore {
+    /// A store in `namespace`; without `publisher` the bundle and CRLs are not published.
     pub fn new(
         client: kube::Client,
         namespace: &str,

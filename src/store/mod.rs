@@ -16,31 +16,47 @@ use crate::journal::Journal;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Revision(pub String);
 
+/// A stored value with the revision to pass back for compare-and-swap.
 #[derive(Debug, Clone)]
 pub struct Versioned<T> {
+    /// What was stored.
     pub value: T,
+    /// Its revision when read.
     pub revision: Revision,
 }
 
+/// Why the store could not read or write.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// Someone else wrote first; reload and retry.
     #[error("the stored CA state changed concurrently")]
     Conflict,
+    /// A file or directory could not be read or written.
     #[error("{path}: {source}")]
     Io {
+        /// The path involved.
         path: String,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
+    /// Stored data does not decode, or the backend (the Kubernetes API) failed.
     #[error("{what} is corrupt: {reason}")]
-    Corrupt { what: String, reason: String },
+    Corrupt {
+        /// What was being read or written.
+        what: String,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
+/// Where the journal is kept and the bundle and CRLs are published; compare-and-swap on a
+/// [`Revision`].
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// A short description for logs, e.g. `file:/var/lib/citadel`.
     fn describe(&self) -> String;
 
+    /// The stored journal and its revision; `None` when nothing is stored yet.
     fn load_journal(&self) -> BoxFuture<'_, Result<Option<Versioned<Journal>>, StoreError>>;
 
     /// Writes `journal` if the stored revision is still `expected` (`None`: nothing stored).
