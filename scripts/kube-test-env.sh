@@ -103,7 +103,10 @@ ensure_pkgs() {
 # ---------------------------------------------------------------- build
 
 apiserver_ok() { [ -x "$1" ] && [ "$("$1" --version 2>/dev/null)" = "Kubernetes $KUBE_VERSION" ]; }
-etcd_ok() { [ -x "$1" ] && "$1" --version 2>/dev/null | head -n1 | grep -qx "etcd Version: ${ETCD_VERSION#v}"; }
+etcd_ok() {
+  local v
+  [ -x "$1" ] && v=$("$1" --version 2>/dev/null) && [ "${v%%$'\n'*}" = "etcd Version: ${ETCD_VERSION#v}" ]
+}
 
 # The go command for the builds: the machine's GOPROXY/GOMODCACHE, no cgo, no
 # workspace, no toolchain download unless GOTOOLCHAIN says so, and a private
@@ -125,12 +128,15 @@ run_niced() { # log what cmd...
   local logf=$1 what=$2
   shift 2
   nice -n 19 "$@" >>"$logf" 2>&1 &
-  local bpid=$! n=0 rc=0
+  local bpid=$! t0=$SECONDS next=60 rc=0
   while kill -0 "$bpid" 2>/dev/null; do
     sleep 1
-    n=$((n + 1))
-    if [ $((n % 60)) -eq 0 ]; then log "  ... still $what ($((n / 60)) min)"; fi
+    if [ $((SECONDS - t0)) -ge "$next" ]; then
+      log "  ... still $what ($((next / 60)) min)"
+      next=$((next + 60))
+    fi
   done
+  log "  $what took $((SECONDS - t0)) s"
   wait "$bpid" || rc=$?
   return "$rc"
 }
@@ -141,6 +147,7 @@ publish() { # tmp final-dir
   local tmp=$1 final=$2
   if [ -e "$final" ]; then mv -T "$final" "$tmp/stale"; fi
   mv -T "$tmp/out" "$final"
+  rm -f "$CACHE/$(basename "$final").build-failed.log"
 }
 
 build_failed() { # tmp name message
@@ -164,7 +171,7 @@ build_apiserver() {
   log "downloading $KUBE_MODULE@$KUBE_VERSION from ${GOPROXY:-$(go env GOPROXY)}"
   local dl gomod
   dl=$(cd "$tmp" && gocmd mod download -json "$KUBE_MODULE@$KUBE_VERSION" 2>>"$tmp/build.log") \
-    || build_failed "$tmp" kube-apiserver "go mod download $KUBE_MODULE@$KUBE_VERSION failed: $(jq -r '.Error // empty' <<<"$dl" 2>/dev/null)"
+    || build_failed "$tmp" "kube-apiserver-$KUBE_VERSION" "go mod download $KUBE_MODULE@$KUBE_VERSION failed: $(jq -r '.Error // empty' <<<"$dl" 2>/dev/null)"
   gomod=$(jq -r '.GoMod' <<<"$dl")
   [ -f "$gomod" ] || die "no go.mod for $KUBE_MODULE@$KUBE_VERSION in: $dl"
 
@@ -197,7 +204,7 @@ build_apiserver() {
   #    moved: the wrapper must select exactly the pinned version.
   log "resolving dependencies (go get $KUBE_MODULE/cmd/kube-apiserver@$KUBE_VERSION; log: $tmp/build.log)"
   (cd "$tmp/wrap" && run_niced "$tmp/build.log" downloading "${GOENV[@]}" get "$KUBE_MODULE/cmd/kube-apiserver@$KUBE_VERSION") \
-    || build_failed "$tmp" kube-apiserver "go get for the kube-apiserver wrapper failed"
+    || build_failed "$tmp" "kube-apiserver-$KUBE_VERSION" "go get for the kube-apiserver wrapper failed"
   local selected
   selected=$(cd "$tmp/wrap" && gocmd list -m "$KUBE_MODULE" | awk '{print $2}')
   [ "$selected" = "$KUBE_VERSION" ] || die "wrapper selected $KUBE_MODULE $selected, not $KUBE_VERSION"
@@ -214,9 +221,9 @@ build_apiserver() {
   log "building kube-apiserver $KUBE_VERSION with $(go env GOVERSION) (about 10 min on 2 cores)"
   (cd "$tmp/wrap" && run_niced "$tmp/build.log" compiling "${GOENV[@]}" build -trimpath -ldflags="$ld" \
     -o "$tmp/out/kube-apiserver" "$KUBE_MODULE/cmd/kube-apiserver") \
-    || build_failed "$tmp" kube-apiserver "kube-apiserver build failed"
+    || build_failed "$tmp" "kube-apiserver-$KUBE_VERSION" "kube-apiserver build failed"
   apiserver_ok "$tmp/out/kube-apiserver" \
-    || build_failed "$tmp" kube-apiserver "built kube-apiserver reports '$("$tmp/out/kube-apiserver" --version 2>&1 | head -n1)', not Kubernetes $KUBE_VERSION"
+    || build_failed "$tmp" "kube-apiserver-$KUBE_VERSION" "built kube-apiserver reports '$("$tmp/out/kube-apiserver" --version 2>&1 | head -n1)', not Kubernetes $KUBE_VERSION"
 
   # 6. Publish atomically, with what it was built from.
   cp "$tmp/wrap/go.mod" "$tmp/out/go.mod.wrapper"
@@ -272,7 +279,7 @@ EOF
   )
   log "resolving $ETCD_MODULE@$ETCD_VERSION (log: $tmp/build.log)"
   (cd "$tmp/wrap" && run_niced "$tmp/build.log" downloading "${GOENV[@]}" get "$ETCD_MODULE/etcdmain@$ETCD_VERSION") \
-    || build_failed "$tmp" etcd "go get $ETCD_MODULE@$ETCD_VERSION failed"
+    || build_failed "$tmp" "etcd-$ETCD_VERSION" "go get $ETCD_MODULE@$ETCD_VERSION failed"
   local m v
   for m in go.etcd.io/etcd/server/v3 go.etcd.io/etcd/api/v3; do
     v=$(cd "$tmp/wrap" && gocmd list -m "$m" | awk '{print $2}')
@@ -280,9 +287,9 @@ EOF
   done
   log "building etcd $ETCD_VERSION with $(go env GOVERSION)"
   (cd "$tmp/wrap" && run_niced "$tmp/build.log" compiling "${GOENV[@]}" build -trimpath -ldflags="-s -w" -o "$tmp/out/etcd" .) \
-    || build_failed "$tmp" etcd "etcd build failed"
+    || build_failed "$tmp" "etcd-$ETCD_VERSION" "etcd build failed"
   etcd_ok "$tmp/out/etcd" \
-    || build_failed "$tmp" etcd "built etcd reports '$("$tmp/out/etcd" --version 2>&1 | head -n1)', not etcd Version: ${ETCD_VERSION#v}"
+    || build_failed "$tmp" "etcd-$ETCD_VERSION" "built etcd reports '$("$tmp/out/etcd" --version 2>&1 | head -n1)', not etcd Version: ${ETCD_VERSION#v}"
 
   cp "$tmp/wrap/go.mod" "$tmp/out/go.mod.wrapper"
   cp "$tmp/wrap/go.sum" "$tmp/out/go.sum.wrapper"
