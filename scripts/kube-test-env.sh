@@ -109,12 +109,16 @@ etcd_ok() {
 }
 
 # The go command for the builds: the machine's GOPROXY/GOMODCACHE, no cgo, no
-# workspace, no toolchain download unless GOTOOLCHAIN says so, and a private
-# build cache ($tmp/gocache) so ~/.cache/go-build is not filled with ~1 GB.
+# workspace, none of the caller's GOFLAGS (no VCS stamping: the temp dir may sit
+# inside a git checkout), no toolchain download unless GOTOOLCHAIN says so, and
+# a private build cache ($tmp/gocache) so ~/.cache/go-build is not filled with
+# ~2 GB. Go's work dirs go to $tmp/gotmp, so an interrupted build leaves
+# nothing in /tmp.
 GOENV=()
 set_goenv() { # tmp
-  GOENV=(env GOTOOLCHAIN="${GOTOOLCHAIN:-local}" GOFLAGS= GOWORK=off CGO_ENABLED=0
-    GOCACHE="$1/gocache" GOTMPDIR= go)
+  GOENV=(env GOTOOLCHAIN="${GOTOOLCHAIN:-local}" GOFLAGS=-buildvcs=false GOWORK=off CGO_ENABLED=0
+    GOCACHE="$1/gocache" GOTMPDIR="$1/gotmp" go)
+  mkdir -p "$1/gotmp"
 }
 gocmd() { "${GOENV[@]}" "$@"; }
 
@@ -122,13 +126,16 @@ need_go() {
   command -v go >/dev/null || die "go not found on PATH (Go >= $1 is needed to build from the module proxy)"
 }
 
-# Runs "$@" niced in the background with its output in LOG, reporting progress
-# every minute; returns its exit status.
-run_niced() { # log what cmd...
-  local logf=$1 what=$2
-  shift 2
-  nice -n 19 "$@" >>"$logf" 2>&1 &
-  local bpid=$! t0=$SECONDS next=60 rc=0
+# Runs "$@" in DIR, niced, in its own process group, with its output in LOG,
+# reporting progress every minute; returns its exit status. The script waits
+# in `sleep 1`, not on the build, so an INT/TERM is handled within a second
+# and cleanup_build can stop the whole group (go and its compile processes).
+run_niced() { # dir log what cmd...
+  local dir=$1 logf=$2 what=$3
+  shift 3
+  (cd "$dir" && exec setsid nice -n 19 "$@") >>"$logf" 2>&1 &
+  RUN_PID=$!
+  local bpid=$RUN_PID t0=$SECONDS next=60 rc=0
   while kill -0 "$bpid" 2>/dev/null; do
     sleep 1
     if [ $((SECONDS - t0)) -ge "$next" ]; then
@@ -138,7 +145,17 @@ run_niced() { # log what cmd...
   done
   log "  $what took $((SECONDS - t0)) s"
   wait "$bpid" || rc=$?
+  RUN_PID=
   return "$rc"
+}
+
+# EXIT trap of a build: stop a go command still running (interrupted ensure),
+# then remove the temp dir.
+RUN_PID=
+cleanup_build() { # tmp
+  if [ -n "${RUN_PID:-}" ]; then kill -TERM -- "-$RUN_PID" 2>/dev/null || true; fi
+  chmod -R u+w "$1" 2>/dev/null
+  rm -rf "$1"
 }
 
 # Atomic install: $tmp/out (binary + BUILD-INFO + wrapper go.mod/go.sum) is
@@ -162,7 +179,8 @@ build_apiserver() {
   start=$(date +%s)
   tmp=$(mktemp -d "$CACHE/.build-kube-apiserver.XXXXXX")
   # shellcheck disable=SC2064
-  trap "chmod -R u+w '$tmp' 2>/dev/null; rm -rf '$tmp'" EXIT
+  trap "cleanup_build '$tmp'" EXIT
+  trap 'exit 130' INT TERM
   mkdir -p "$tmp/out" "$tmp/wrap"
   : >"$tmp/build.log"
   set_goenv "$tmp"
@@ -203,7 +221,7 @@ build_apiserver() {
   # 4. Resolve (fills go.sum, adds the staging requires) and check nothing
   #    moved: the wrapper must select exactly the pinned version.
   log "resolving dependencies (go get $KUBE_MODULE/cmd/kube-apiserver@$KUBE_VERSION; log: $tmp/build.log)"
-  (cd "$tmp/wrap" && run_niced "$tmp/build.log" downloading "${GOENV[@]}" get "$KUBE_MODULE/cmd/kube-apiserver@$KUBE_VERSION") \
+  run_niced "$tmp/wrap" "$tmp/build.log" downloading "${GOENV[@]}" get "$KUBE_MODULE/cmd/kube-apiserver@$KUBE_VERSION" \
     || build_failed "$tmp" "kube-apiserver-$KUBE_VERSION" "go get for the kube-apiserver wrapper failed"
   local selected
   selected=$(cd "$tmp/wrap" && gocmd list -m "$KUBE_MODULE" | awk '{print $2}')
@@ -218,9 +236,9 @@ build_apiserver() {
     ld+=" -X $pkg.gitVersion=$KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
     ld+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
   done
-  log "building kube-apiserver $KUBE_VERSION with $(go env GOVERSION) (about 10 min on 2 cores)"
-  (cd "$tmp/wrap" && run_niced "$tmp/build.log" compiling "${GOENV[@]}" build -trimpath -ldflags="$ld" \
-    -o "$tmp/out/kube-apiserver" "$KUBE_MODULE/cmd/kube-apiserver") \
+  log "building kube-apiserver $KUBE_VERSION with $(go env GOVERSION) (10-25 min on 2 cores, depending on load)"
+  run_niced "$tmp/wrap" "$tmp/build.log" compiling "${GOENV[@]}" build -trimpath -ldflags="$ld" \
+    -o "$tmp/out/kube-apiserver" "$KUBE_MODULE/cmd/kube-apiserver" \
     || build_failed "$tmp" "kube-apiserver-$KUBE_VERSION" "kube-apiserver build failed"
   apiserver_ok "$tmp/out/kube-apiserver" \
     || build_failed "$tmp" "kube-apiserver-$KUBE_VERSION" "built kube-apiserver reports '$("$tmp/out/kube-apiserver" --version 2>&1 | head -n1)', not Kubernetes $KUBE_VERSION"
@@ -250,7 +268,8 @@ build_etcd() {
   start=$(date +%s)
   tmp=$(mktemp -d "$CACHE/.build-etcd.XXXXXX")
   # shellcheck disable=SC2064
-  trap "chmod -R u+w '$tmp' 2>/dev/null; rm -rf '$tmp'" EXIT
+  trap "cleanup_build '$tmp'" EXIT
+  trap 'exit 130' INT TERM
   mkdir -p "$tmp/out" "$tmp/wrap"
   : >"$tmp/build.log"
   set_goenv "$tmp"
@@ -278,7 +297,7 @@ EOF
     printf 'module citadel.test/etcd-build\n\ngo 1.26.0\n' >go.mod
   )
   log "resolving $ETCD_MODULE@$ETCD_VERSION (log: $tmp/build.log)"
-  (cd "$tmp/wrap" && run_niced "$tmp/build.log" downloading "${GOENV[@]}" get "$ETCD_MODULE/etcdmain@$ETCD_VERSION") \
+  run_niced "$tmp/wrap" "$tmp/build.log" downloading "${GOENV[@]}" get "$ETCD_MODULE/etcdmain@$ETCD_VERSION" \
     || build_failed "$tmp" "etcd-$ETCD_VERSION" "go get $ETCD_MODULE@$ETCD_VERSION failed"
   local m v
   for m in go.etcd.io/etcd/server/v3 go.etcd.io/etcd/api/v3; do
@@ -286,7 +305,7 @@ EOF
     [ "$v" = "$ETCD_VERSION" ] || die "etcd wrapper selected $m $v, not $ETCD_VERSION"
   done
   log "building etcd $ETCD_VERSION with $(go env GOVERSION)"
-  (cd "$tmp/wrap" && run_niced "$tmp/build.log" compiling "${GOENV[@]}" build -trimpath -ldflags="-s -w" -o "$tmp/out/etcd" .) \
+  run_niced "$tmp/wrap" "$tmp/build.log" compiling "${GOENV[@]}" build -trimpath -ldflags="-s -w" -o "$tmp/out/etcd" . \
     || build_failed "$tmp" "etcd-$ETCD_VERSION" "etcd build failed"
   etcd_ok "$tmp/out/etcd" \
     || build_failed "$tmp" "etcd-$ETCD_VERSION" "built etcd reports '$("$tmp/out/etcd" --version 2>&1 | head -n1)', not etcd Version: ${ETCD_VERSION#v}"
