@@ -255,6 +255,41 @@ pub(crate) async fn backend() -> u16 {
     port
 }
 
+/// A staged root rotation by the CLI (`--activate-after` and `--retire-after` = `period`,
+/// leaves of at most 12s), waited for until the old root has left the bundle.
+pub(crate) async fn rotate_root_to_completion(state: &Path, period: &str, limit_secs: u64) {
+    let first_root = journal(state).await.active_root().unwrap().id.clone();
+    citadel_ok(
+        &[
+            "ca",
+            "rotate-root",
+            "--activate-after",
+            period,
+            "--retire-after",
+            period,
+            "--max-ttl",
+            "12s",
+            "--clock-skew-margin",
+            "1s",
+        ],
+        state,
+    );
+    let t0 = Instant::now();
+    loop {
+        let j = journal(state).await;
+        if j.root_rotation.is_none() && j.active_root().unwrap().id != first_root {
+            assert_eq!(j.trusted_roots().count(), 1, "the old root left the bundle");
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(limit_secs),
+            "root rotation did not complete: {:?}",
+            j.root_rotation.map(|r| r.stage())
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 pub(crate) async fn journal(state: &Path) -> citadel::journal::Journal {
     FileStore::open(state)
         .unwrap()
@@ -366,36 +401,7 @@ async fn real_envoys_keep_mtls_up_through_renewal_and_rotation_then_enforce_revo
     tokio::time::sleep(Duration::from_secs(8)).await;
 
     // 2. A root rotation through all its stages, driven by the CLI.
-    let first_root = journal(&state).await.active_root().unwrap().id.clone();
-    citadel_ok(
-        &[
-            "ca",
-            "rotate-root",
-            "--activate-after",
-            "4s",
-            "--retire-after",
-            "4s",
-            "--max-ttl",
-            "12s",
-            "--clock-skew-margin",
-            "1s",
-        ],
-        &state,
-    );
-    let t0 = Instant::now();
-    loop {
-        let j = journal(&state).await;
-        if j.root_rotation.is_none() && j.active_root().unwrap().id != first_root {
-            assert_eq!(j.trusted_roots().count(), 1, "the old root left the bundle");
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "root rotation did not complete: {:?}",
-            j.root_rotation.map(|r| r.stage())
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    rotate_root_to_completion(&state, "4s", 60).await;
     // Renewals with the new-only bundle.
     tokio::time::sleep(Duration::from_secs(8)).await;
     stop.store(true, Ordering::Relaxed);

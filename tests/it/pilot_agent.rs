@@ -20,8 +20,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 
 use crate::envoy::{
-    backend, envoy_binary, journal, sds_cluster, spawn_agent_with, stat, tls_context, wait_ready,
-    Procs,
+    backend, envoy_binary, journal, rotate_root_to_completion, sds_cluster, spawn_agent_with, stat,
+    tls_context, wait_ready, Procs,
 };
 use crate::support::*;
 
@@ -502,36 +502,7 @@ async fn istio_pilot_agent_gets_certificates_from_citadel_through_renewal_and_ro
     // 2. A staged root rotation, driven by the CLI on the file store. Propagation and
     // retirement periods of one full leaf lifetime (12s), as an operator would choose them,
     // so that even a peer that never renewed holds a bundle that verifies every chain.
-    let first_root = journal(&state).await.active_root().unwrap().id.clone();
-    citadel_ok(
-        &[
-            "ca",
-            "rotate-root",
-            "--activate-after",
-            "12s",
-            "--retire-after",
-            "12s",
-            "--max-ttl",
-            "12s",
-            "--clock-skew-margin",
-            "1s",
-        ],
-        &state,
-    );
-    let t0 = Instant::now();
-    loop {
-        let j = journal(&state).await;
-        if j.root_rotation.is_none() && j.active_root().unwrap().id != first_root {
-            assert_eq!(j.trusted_roots().count(), 1, "the old root left the bundle");
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(90),
-            "root rotation did not complete: {:?}",
-            j.root_rotation.map(|r| r.stage())
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    rotate_root_to_completion(&state, "12s", 90).await;
     // Renewals under the new-only bundle.
     tokio::time::sleep(Duration::from_secs(8)).await;
     stop.store(true, Ordering::Relaxed);
