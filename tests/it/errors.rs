@@ -398,3 +398,126 @@ async fn untrusted_client_certificate_is_refused_and_server_keeps_serving() {
     stranger.stop().await;
     ca.stop().await;
 }
+
+/// An authenticator that holds every request until released: a stand-in for a slow
+/// TokenReview, so a test can keep calls in flight.
+struct Gate(std::sync::Arc<tokio::sync::Semaphore>);
+
+impl citadel::auth::Authenticator for Gate {
+    fn name(&self) -> &'static str {
+        "gate"
+    }
+    fn authenticate<'a>(
+        &'a self,
+        _: citadel::auth::Credentials<'a>,
+    ) -> citadel::future::BoxFuture<
+        'a,
+        Result<Option<citadel::auth::Caller>, citadel::auth::AuthFailure>,
+    > {
+        Box::pin(async move {
+            let _pass = self.0.acquire().await;
+            Ok(None)
+        })
+    }
+}
+
+/// Calls beyond --max-inflight are refused at once with ResourceExhausted (istio-agent
+/// retries it), the ones in progress finish, and the server keeps serving.
+#[tokio::test]
+async fn calls_beyond_the_inflight_limit_get_resource_exhausted() {
+    use citadel::ca::bootstrap::{self, CaOptions};
+    citadel::install_crypto_provider();
+    let ca = citadel::ca::Ca::new();
+    let journal =
+        bootstrap::new_journal(&CaOptions::new(td()), time::OffsetDateTime::now_utc()).unwrap();
+    ca.install(bootstrap::signer_from_journal(&journal, &td()).unwrap());
+    let mut server = dev_server(ca, None);
+    server.limits.max_inflight = 2;
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let jwt = server.auth.clone();
+    server.auth = citadel::auth::AuthChain::new(vec![
+        std::sync::Arc::new(Gate(gate.clone())),
+        std::sync::Arc::new(Chain(jwt)),
+    ]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (trigger, sd) = citadel::shutdown::channel();
+    let task = tokio::spawn(server.run(listener, None, sd));
+    let client = citadel::client::connect(&citadel::client::ConnectOptions {
+        addr: addr.to_string(),
+        plaintext: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (_, csr) = csr_for(KeyType::EcP256, &spiffe("shop", "cart"));
+    let t = bearer(&token("shop", "cart"));
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let (mut c, csr, t) = (client.clone(), csr.clone(), t.clone());
+            tokio::spawn(async move { call(&mut c, &csr, Some(&t), 0, None).await })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let err = call(&mut client.clone(), &csr, Some(&t), 0, None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("--max-inflight"), "{err:?}");
+    gate.add_permits(1000);
+    for h in held {
+        h.await.unwrap().expect("calls in progress finish");
+    }
+    call(&mut client.clone(), &csr, Some(&t), 0, None)
+        .await
+        .expect("the server keeps serving");
+    trigger.trigger();
+    task.await.unwrap().unwrap();
+}
+
+/// The dev server's own chain, as one member (so the gate can stand in front of it).
+struct Chain(citadel::auth::AuthChain);
+
+impl citadel::auth::Authenticator for Chain {
+    fn name(&self) -> &'static str {
+        "jwt"
+    }
+    fn authenticate<'a>(
+        &'a self,
+        creds: citadel::auth::Credentials<'a>,
+    ) -> citadel::future::BoxFuture<
+        'a,
+        Result<Option<citadel::auth::Caller>, citadel::auth::AuthFailure>,
+    > {
+        Box::pin(async move {
+            self.0
+                .authenticate(creds)
+                .await
+                .map(Some)
+                .map_err(|e| citadel::auth::AuthFailure::invalid(e))
+        })
+    }
+}
+
+/// A 1 MiB `authorization` header is refused by the transport (header list limit) before
+/// any of our code reads it, and the server keeps serving.
+#[tokio::test]
+async fn a_huge_header_is_refused_by_the_transport() {
+    let ca = TestCa::start(&[]).await;
+    let mut client = ca.client().await;
+    let (_, csr) = csr_for(KeyType::EcP256, &spiffe("shop", "cart"));
+    let huge = format!("Bearer {}", "a".repeat(1024 * 1024));
+    let err = call(&mut client, &csr, Some(&huge), 0, None)
+        .await
+        .unwrap_err();
+    assert_ne!(err.code(), Code::Ok);
+    assert_ne!(
+        err.code(),
+        Code::Unauthenticated,
+        "the header reached the authenticator: {err:?}"
+    );
+    let mut fresh = ca.client().await;
+    issue(&mut fresh, &csr, "shop", "cart").await;
+    issue(&mut client, &csr, "shop", "cart").await;
+    ca.stop().await;
+}
