@@ -494,7 +494,7 @@ impl citadel::auth::Authenticator for Chain {
                 .authenticate(creds)
                 .await
                 .map(Some)
-                .map_err(|e| citadel::auth::AuthFailure::invalid(e))
+                .map_err(citadel::auth::AuthFailure::invalid)
         })
     }
 }
