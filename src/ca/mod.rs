@@ -4,6 +4,7 @@
 //! Depends on `pki/`, `identity` and `store/`; knows nothing of gRPC.
 
 pub mod apply;
+pub mod backup;
 pub mod bootstrap;
 pub mod crl;
 pub mod mint;

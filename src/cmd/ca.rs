@@ -24,6 +24,47 @@ pub enum Command {
     /// Start a staged root rotation: prepare now, activate after a propagation period,
     /// retire the old root after the old chain's last leaf expired.
     RotateRoot(RotateArgs),
+    /// Write the whole CA state (keys included) to a checksummed file, mode 0600.
+    Backup(BackupArgs),
+    /// Put a backup's CA state back into the store (stop every citadel first).
+    Restore(RestoreArgs),
+}
+
+/// Flags of `citadel ca backup`.
+#[derive(Debug, clap::Args)]
+#[command(after_long_help = "\
+The file holds every CA private key: keep it as you keep the CA. It is written atomically
+with mode 0600, and carries a SHA-256 that `citadel ca restore` checks.
+
+  citadel ca backup --out ca-backup.json
+  citadel ca backup --store kube --namespace istio-system --out ca-backup.json")]
+pub struct BackupArgs {
+    /// Where the CA state is.
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// The backup file to write (replaced atomically if it exists).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+/// Flags of `citadel ca restore`.
+#[derive(Debug, clap::Args)]
+#[command(after_long_help = "\
+Checks the file first (checksum, formats, that its CA can sign) and writes nothing if any
+check fails. Stop every citadel using the store before restoring, and start them after.
+
+  citadel ca restore --from ca-backup.json                 # into an empty state directory
+  citadel ca restore --from ca-backup.json --force         # replace the CA that is there")]
+pub struct RestoreArgs {
+    /// Where the CA state goes.
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// The backup file to read.
+    #[arg(long, value_name = "FILE")]
+    pub from: PathBuf,
+    /// Replace a CA journal the store already holds.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -161,9 +202,94 @@ fn remaining(not_after: OffsetDateTime, now: OffsetDateTime) -> String {
     }
 }
 
+/// `citadel ca backup`: the journal, checksummed, to a 0600 file.
+async fn backup(a: BackupArgs) -> CmdResult {
+    let store = a.state.open().await?;
+    let current = store
+        .load_journal()
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("{} holds no CA journal to back up", a.state.describe()))?;
+    let now = crate::clock::system().now().unix_timestamp();
+    let bytes = crate::ca::backup::make(&current.value, &store.describe(), now)?;
+    crate::fsutil::write_atomic(&a.out, &bytes, 0o600)
+        .map_err(|e| format!("cannot write {}: {e}", a.out.display()))?;
+    let b = crate::ca::backup::open(&bytes)?;
+    println!(
+        "backed up {} ({} authorities, {} revocations) to {} (mode 0600, sha256 {})",
+        b.source,
+        b.journal.authorities.len(),
+        b.journal.revocations.len(),
+        a.out.display(),
+        b.sha256
+    );
+    Ok(())
+}
+
+/// `citadel ca restore`: a checked backup into the store (refuses to replace without --force).
+async fn restore(a: RestoreArgs) -> CmdResult {
+    let bytes =
+        std::fs::read(&a.from).map_err(|e| format!("cannot read {}: {e}", a.from.display()))?;
+    let b = crate::ca::backup::open(&bytes).map_err(|e| format!("{}: {e}", a.from.display()))?;
+    if a.state.store == super::serve::StoreKind::File {
+        std::fs::create_dir_all(&a.state.state_dir)
+            .map_err(|e| format!("cannot create {}: {e}", a.state.state_dir.display()))?;
+    }
+    let store = a.state.open().await?;
+    let current = store.load_journal().await;
+    let expected = match current {
+        Ok(None) => None,
+        Ok(Some(c)) if a.force => Some(c.revision),
+        Ok(Some(c)) => {
+            return Err(format!(
+                "{} already holds a CA journal (trust domain {:?}, {} authorities); pass --force \
+                 to replace it with the backup (stop every citadel using it first)",
+                store.describe(),
+                c.value.trust_domain,
+                c.value.authorities.len()
+            ))
+        }
+        // An unreadable journal is what a restore is for, but only on request.
+        Err(e) if a.force => {
+            return Err(format!(
+                "{e}; move the damaged journal aside, then restore into the empty store"
+            ))
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    store
+        .save_journal(&b.journal, expected.as_ref())
+        .await
+        .map_err(|e| e.to_string())?;
+    let bundle: String = b
+        .journal
+        .trusted_roots()
+        .map(|r| r.cert_pem.as_str())
+        .collect();
+    store
+        .publish_bundle(&bundle)
+        .await
+        .map_err(|e| e.to_string())?;
+    store
+        .publish_crl(&crate::ca::crl::bundle(&b.journal))
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(target: "citadel::audit", event = "ca_restored", store = %store.describe(), backup_source = %b.source, backup_created_at = b.created_at, "restored the CA state from a backup");
+    println!(
+        "restored {} from {} (taken from {} at unix time {}); start citadel to use it",
+        store.describe(),
+        a.from.display(),
+        b.source,
+        b.created_at
+    );
+    Ok(())
+}
+
 /// Runs one `citadel ca` subcommand.
 pub async fn run(cmd: Command) -> CmdResult {
     match cmd {
+        Command::Backup(a) => backup(a).await,
+        Command::Restore(a) => restore(a).await,
         Command::Bundle(a) => {
             match load(&a).await {
                 Ok(j) => {

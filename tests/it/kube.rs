@@ -592,3 +592,59 @@ async fn a_cacerts_secret_is_the_plugged_in_ca() {
         "no self-signed CA was created"
     );
 }
+
+/// `ca backup` from the journal Secret, `ca restore` into another namespace's: a replica
+/// there serves the same CA.
+#[tokio::test]
+async fn backup_and_restore_through_the_kubernetes_store() {
+    let Some(kube) = KubeEnv::start().await else {
+        return;
+    };
+    kube.namespace("citadel").await;
+    kube.namespace("restored").await;
+    let a = replica_in(&kube, "a", "citadel");
+    eventually("replica ready", 30, async || ready(&a).await).await;
+    let bundle = kube.bundle("citadel").await;
+    let kc = kube.kubeconfig.to_str().unwrap();
+    let file = kube.dir.join("backup.json");
+    let run_ca = |args: &[&str]| {
+        let (code, out, err) = run(args, &kube.dir);
+        (code == 0, out + &err)
+    };
+    let (ok, text) = run_ca(&[
+        "ca",
+        "backup",
+        "--store",
+        "kube",
+        "--namespace",
+        "citadel",
+        "--kubeconfig",
+        kc,
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    assert!(ok, "{text}");
+    assert_eq!(file_mode(&file), 0o600);
+    drop(a);
+    let (ok, text) = run_ca(&[
+        "ca",
+        "restore",
+        "--store",
+        "kube",
+        "--namespace",
+        "restored",
+        "--kubeconfig",
+        kc,
+        "--from",
+        file.to_str().unwrap(),
+    ]);
+    assert!(ok, "{text}");
+    let b = replica_in(&kube, "b", "restored");
+    eventually("restored replica ready", 30, async || ready(&b).await).await;
+    let root = bundle.expect("the first replica published its bundle");
+    eventually("the same root published", 15, async || {
+        kube.bundle("restored").await.as_deref() == Some(root.as_str())
+    })
+    .await;
+    issue_from(&b, &root, "cart").await;
+}

@@ -270,3 +270,59 @@ async fn a_journal_it_cannot_trust_is_refused_named_and_left_alone() {
         assert_eq!(std::fs::read(&path).unwrap(), bytes, "left as it was");
     }
 }
+
+/// `ca backup` and `ca restore` with the real binary: the whole CA round-trips, the file is
+/// 0600 and checksummed, damage is refused before anything is written, and a CA that is
+/// already there is only replaced with --force.
+#[tokio::test]
+async fn backup_and_restore_round_trip_the_ca() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::start_in(tmp.path(), &[]).await;
+    let state = ca.state_dir();
+    let id = spiffe("shop", "cart");
+    let (_, csr) = csr_for(KeyType::EcP256, &id);
+    let leaf = issue(&mut ca.client().await, &csr, "shop", "cart").await;
+    let root = ca.root_pem();
+    ca.stop().await;
+
+    let file = tmp.path().join("backup.json");
+    let out = file.to_str().unwrap();
+    let (ok, text) = cli(&["ca", "backup", "--out", out], &state);
+    assert!(ok && text.contains("mode 0600"), "{text}");
+    assert_eq!(file_mode(&file), 0o600);
+
+    // Damage is refused, and nothing is written.
+    let fresh = tmp.path().join("fresh");
+    let mut bad: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    bad["journal"]["denied"] = serde_json::json!([{"identity": "x", "since": 1, "reason": "r"}]);
+    let bad_file = tmp.path().join("bad.json");
+    std::fs::write(&bad_file, serde_json::to_vec(&bad).unwrap()).unwrap();
+    let (ok, text) = cli(
+        &["ca", "restore", "--from", bad_file.to_str().unwrap()],
+        &fresh,
+    );
+    assert!(!ok && text.contains("checksum"), "{text}");
+    assert!(!fresh.join("ca-journal.json").exists());
+
+    // Not over an existing CA without --force.
+    let (ok, text) = cli(&["ca", "restore", "--from", out], &state);
+    assert!(!ok && text.contains("--force"), "{text}");
+
+    // Into an empty directory: the same CA serves again, and the old leaf still verifies.
+    let (ok, text) = cli(&["ca", "restore", "--from", out], &fresh);
+    assert!(ok, "{text}");
+    assert_eq!(file_mode(&fresh.join("ca-journal.json")), 0o600);
+    let restored_dir = tempfile::tempdir().unwrap();
+    std::fs::rename(&fresh, restored_dir.path().join("state")).unwrap();
+    let ca = TestCa::start_in(restored_dir.path(), &[]).await;
+    assert_eq!(ca.root_pem(), root, "the same root");
+    let again = issue(&mut ca.client().await, &csr, "shop", "cart").await;
+    assert_eq!(again[1], leaf[1], "the same intermediate signs");
+    verify_response(&leaf, Some(&id), time::OffsetDateTime::now_utc()).unwrap();
+    ca.stop().await;
+
+    // --force replaces what is there.
+    let (ok, text) = cli(&["ca", "restore", "--from", out, "--force"], &state);
+    assert!(ok, "{text}");
+}
