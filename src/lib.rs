@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod ca;
 pub mod client;

@@ -31,7 +31,11 @@ pub fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        // A failed write must not become a panic (the default reports it with eprintln!,
+        // which panics on a full disk and kills the request mid-stream): it is reported to
+        // `audit`, and the issue path refuses to hand out a certificate it could not log.
+        .log_internal_errors(false)
+        .with_writer(|| AuditedStderr(std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder
@@ -39,6 +43,20 @@ pub fn init_logging(format: LogFormat) {
             .flatten_event(true)
             .with_current_span(false)
             .init(),
+    }
+}
+
+/// stderr, telling [`crate::audit`] about every failed write.
+struct AuditedStderr(std::io::Stderr);
+
+impl std::io::Write for AuditedStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .write(buf)
+            .inspect_err(|_| crate::audit::write_failed())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush().inspect_err(|_| crate::audit::write_failed())
     }
 }
 

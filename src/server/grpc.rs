@@ -257,7 +257,7 @@ impl IstioCertificateService for CaService {
         self.metrics.latency.observe(start.elapsed());
         match result {
             Ok((caller, out)) => {
-                self.metrics.success_cert_issuance_count.inc();
+                crate::audit::begin();
                 tracing::info!(
                     target: "citadel::audit",
                     event = "certificate_issued",
@@ -269,6 +269,17 @@ impl IstioCertificateService for CaService {
                     pod = caller.pod_name.as_deref().unwrap_or(""),
                     "issued workload certificate"
                 );
+                if crate::audit::failed() {
+                    // Vault's rule: no audit, no certificate. It is in the issuance index (so
+                    // revocable by identity) but never handed out; the caller retries.
+                    self.metrics.sign_error("audit");
+                    return Err(IssueError::NotReady(
+                        "the audit log cannot be written; no certificate is handed out unaudited"
+                            .into(),
+                    )
+                    .status());
+                }
+                self.metrics.success_cert_issuance_count.inc();
                 Ok(Response::new(IstioCertificateResponse {
                     cert_chain: out.chain,
                 }))

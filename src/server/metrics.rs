@@ -111,6 +111,12 @@ impl Metrics {
         );
         counter(
             &mut out,
+            "citadel_audit_write_failures",
+            "Log lines (audit lines included) that could not be written; while they fail, no certificate is handed out.",
+            crate::audit::failures(),
+        );
+        counter(
+            &mut out,
             "citadel_server_authentication_failure_count",
             "The number of authentication failures.",
             self.authentication_failure_count.get(),

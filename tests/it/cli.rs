@@ -437,3 +437,67 @@ async fn agent_once_writes_files_and_a_running_agent_reports_health_and_metrics(
         "the CRL is written beside the certificate"
     );
 }
+
+/// The log destination full (stderr on /dev/full, which fails every write with ENOSPC):
+/// citadel neither panics nor drops the stream; it refuses to hand out a certificate it could
+/// not audit (Unavailable, so agents retry) and counts the lost lines.
+#[tokio::test]
+async fn with_the_log_destination_full_no_certificate_goes_out_unaudited() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (port, mport) = (free_port(), free_port());
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let mut server = Command::new(BIN)
+        .args(["serve", "--dev", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--metrics-listen", &format!("127.0.0.1:{mport}")])
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(full)
+        .spawn()
+        .unwrap();
+    let maddr: std::net::SocketAddr = format!("127.0.0.1:{mport}").parse().unwrap();
+    crate::support::eventually("the server is ready", 20, async || {
+        matches!(
+            crate::support::http_get(maddr, "/healthz/ready").await,
+            Ok((200, _))
+        )
+    })
+    .await;
+    let mut client = citadel::client::connect(&citadel::client::ConnectOptions {
+        addr: format!("127.0.0.1:{port}"),
+        root_pem: std::fs::read(dir.join("citadel-data/root-cert.pem")).unwrap(),
+        server_name: Some("localhost".into()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (_, csr) = crate::support::csr_for(
+        citadel::pki::KeyType::EcP256,
+        &crate::support::spiffe("shop", "cart"),
+    );
+    let t = crate::support::bearer(&crate::support::token("shop", "cart"));
+    for _ in 0..5 {
+        let err = crate::support::call(&mut client, &csr, Some(&t), 0, None)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+        assert!(err.message().contains("audit log"), "{err:?}");
+    }
+    let (_, m) = crate::support::http_get(maddr, "/metrics").await.unwrap();
+    let lost: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("citadel_audit_write_failures "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{m}"));
+    assert!(lost >= 5, "{m}");
+    assert!(
+        m.contains("citadel_server_csr_sign_err_count{error=\"audit\"} 5"),
+        "{m}"
+    );
+    assert!(server.try_wait().unwrap().is_none(), "the server died");
+    let _ = server.kill();
+    let _ = server.wait();
+}
