@@ -26,7 +26,7 @@ LAYERS = [
     ("stored state", ["journal"]),
     ("X.509", ["pki"]),
     ("identity", ["identity"]),
-    ("leaves", ["audit", "clock", "duration", "fsutil", "shutdown", "future", "proto", "lib"]),
+    ("leaves", ["audit", "leadership", "clock", "duration", "fsutil", "shutdown", "future", "proto", "lib"]),
 ]
 # Items defined in lib.rs itself, reachable as crate::<item>.
 LIB_ITEMS = {"install_crypto_provider", "proto"}

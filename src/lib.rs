@@ -22,6 +22,7 @@ pub mod fsutil;
 pub mod future;
 pub mod identity;
 pub mod journal;
+pub mod leadership;
 pub mod pki;
 pub mod server;
 pub mod shutdown;

@@ -66,7 +66,7 @@ pub async fn run(
                 &shutdown,
             )
             .await?;
-            let _ = metrics.leader.set(r.elector.subscribe());
+            let _ = metrics.leader.set(r.elector.subscribe().changes());
             Some(r)
         }
     };

@@ -45,7 +45,7 @@ pub struct Scheduler {
     installed: Mutex<Option<Revision>>,
     /// With several replicas: only while this says true does the scheduler write; otherwise
     /// it only loads and installs what the leader wrote.
-    leader: Option<tokio::sync::watch::Receiver<bool>>,
+    leader: Option<crate::leadership::Leadership>,
     /// Wakes `run` early (a watch saw the journal change).
     pub wake: Arc<tokio::sync::Notify>,
     /// This replica's record of what it signed, swept for denied identities.
@@ -105,13 +105,13 @@ impl Scheduler {
     }
 
     /// Makes this scheduler write only while `leader` is true.
-    pub fn with_leader(mut self, leader: tokio::sync::watch::Receiver<bool>) -> Self {
+    pub fn with_leader(mut self, leader: crate::leadership::Leadership) -> Self {
         self.leader = Some(leader);
         self
     }
 
     fn leading(&self) -> bool {
-        self.leader.as_ref().is_none_or(|l| *l.borrow())
+        self.leader.as_ref().is_none_or(|l| l.leading())
     }
 
     /// A follower's pass: install whatever the leader committed.
@@ -286,7 +286,7 @@ impl Scheduler {
     pub async fn run(self: Arc<Self>, interval: Duration, shutdown: Shutdown) {
         // One receiver for the whole loop: a clone made per pass would see every past
         // leadership change as new, and the loop would never sleep again.
-        let mut leader = self.leader.clone();
+        let mut leader = self.leader.as_ref().map(|l| l.changes());
         loop {
             if let Err(e) = self.step().await {
                 tracing::error!(error = %e, "CA scheduler step failed; retrying");

@@ -10,8 +10,6 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use tokio::sync::watch;
-
 use crate::shutdown::Shutdown;
 
 /// Resolves when the controller it was given to must stop.
@@ -22,14 +20,14 @@ pub type Stop = Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
 /// expected to finish its in-flight reconciles and return then.
 pub async fn while_leading<F, Fut>(
     name: &'static str,
-    leader: Option<watch::Receiver<bool>>,
+    leader: Option<crate::leadership::Leadership>,
     shutdown: Shutdown,
     mut start: F,
 ) where
     F: FnMut(Stop) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let mut leader = leader;
+    let mut leader = leader.map(|l| l.changes());
     loop {
         // Wait to lead (or shutdown).
         if let Some(l) = leader.as_mut() {
@@ -74,7 +72,7 @@ mod tests {
     /// shutdown: never two at once.
     #[tokio::test]
     async fn runs_only_while_leading() {
-        let (tx, rx) = watch::channel(false);
+        let (tx, rx) = crate::leadership::channel();
         let (trigger, sd) = crate::shutdown::channel();
         let (started, running) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let task = tokio::spawn({
@@ -92,17 +90,17 @@ mod tests {
         let settle = || tokio::time::sleep(std::time::Duration::from_millis(20));
         settle().await;
         assert_eq!(started.load(Ordering::SeqCst), 0, "not leading yet");
-        tx.send_replace(true);
+        tx.set(true);
         settle().await;
         assert_eq!(running.load(Ordering::SeqCst), 1);
-        tx.send_replace(false);
+        tx.set(false);
         settle().await;
         assert_eq!(
             running.load(Ordering::SeqCst),
             0,
             "stopped on losing the lease"
         );
-        tx.send_replace(true);
+        tx.set(true);
         settle().await;
         assert_eq!(
             started.load(Ordering::SeqCst),

@@ -12,7 +12,6 @@ use std::time::Duration;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, PostParams};
-use tokio::sync::watch;
 
 use crate::clock::SharedClock;
 use crate::shutdown::Shutdown;
@@ -29,7 +28,9 @@ pub struct Elector {
     identity: String,
     duration: Duration,
     clock: SharedClock,
-    leader: watch::Sender<bool>,
+    leader: crate::leadership::LeadershipWriter,
+    /// Our own reader of `leader`, for [`Elector::is_leader`].
+    reader: crate::leadership::Leadership,
     /// The other holder's lease as last seen (holder, renewTime in µs) and when we first saw
     /// it so. Expiry is judged on OUR monotonic clock, like client-go: comparing another
     /// replica's wall-clock renewTime with ours would let clock skew steal the lease.
@@ -53,12 +54,14 @@ impl Elector {
         duration: Duration,
         clock: SharedClock,
     ) -> Arc<Self> {
+        let (leader, reader) = crate::leadership::channel();
         Arc::new(Self {
             api: Api::namespaced(client, namespace),
             identity,
             duration,
             clock,
-            leader: watch::channel(false).0,
+            leader,
+            reader,
             observed: std::sync::Mutex::new(None),
         })
     }
@@ -70,12 +73,19 @@ impl Elector {
 
     /// Whether this replica holds the Lease right now.
     pub fn is_leader(&self) -> bool {
-        *self.leader.borrow()
+        self.reader.leading()
     }
 
-    /// Follows leadership: true while this replica holds the Lease.
-    pub fn subscribe(&self) -> watch::Receiver<bool> {
+    /// Follows leadership: leading while this replica holds the Lease and its last renewal
+    /// is still valid.
+    pub fn subscribe(&self) -> crate::leadership::Leadership {
         self.leader.subscribe()
+    }
+
+    /// How long a renewal lets this replica act as leader, from the moment the renewal was
+    /// sent: less than the lease, so it stops before anyone else may start.
+    fn validity(&self) -> Duration {
+        self.duration * 4 / 5
     }
 
     fn spec(&self, transitions: i32, acquired: Option<MicroTime>) -> LeaseSpec {
@@ -177,24 +187,24 @@ impl Elector {
     pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
         let mut last_renewed = tokio::time::Instant::now();
         loop {
+            let sent = tokio::time::Instant::now();
             // A blackholed API call must not keep us "leader" forever.
             let attempt = tokio::time::timeout(self.duration / 3, self.try_lead()).await;
             let lead = match attempt
                 .unwrap_or_else(|_| Err(kube::Error::Service("lease request timed out".into())))
             {
-                Ok(l) => {
-                    if l {
-                        last_renewed = tokio::time::Instant::now();
-                    }
-                    l
+                Ok(true) => {
+                    last_renewed = sent;
+                    self.leader.renewed(sent + self.validity());
+                    true
                 }
+                Ok(false) => false,
                 Err(e) => {
                     tracing::warn!(error = %e, "leader election: the API server did not answer");
-                    self.is_leader() && last_renewed.elapsed() < self.duration
+                    self.leader.flag() && last_renewed.elapsed() < self.duration
                 }
             };
-            if lead != self.is_leader() {
-                self.leader.send_replace(lead);
+            if self.leader.set(lead) {
                 tracing::info!(identity = %self.identity, leader = lead, "leadership changed");
             }
             tokio::select! {
@@ -202,8 +212,8 @@ impl Elector {
                 _ = shutdown.wait() => break,
             }
         }
-        if self.is_leader() {
-            self.leader.send_replace(false);
+        if self.leader.flag() {
+            self.leader.set(false);
             self.release().await;
         }
     }

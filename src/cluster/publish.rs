@@ -53,7 +53,7 @@ struct Desired {
 pub struct ConfigMapPublisher {
     client: kube::Client,
     desired: watch::Sender<Desired>,
-    leader: Option<watch::Receiver<bool>>,
+    leader: Option<crate::leadership::Leadership>,
     /// Filled while the controller runs and its watches have listed once.
     caches: Mutex<Option<Caches>>,
     /// Kubernetes Events for repaired ConfigMaps.
@@ -85,7 +85,7 @@ const RESYNC: Duration = Duration::from_secs(300);
 
 impl ConfigMapPublisher {
     /// A publisher that writes only while `leader` says true (`None`: always).
-    pub fn new(client: kube::Client, leader: Option<watch::Receiver<bool>>) -> Arc<Self> {
+    pub fn new(client: kube::Client, leader: Option<crate::leadership::Leadership>) -> Arc<Self> {
         Arc::new(Self {
             client: client.clone(),
             desired: watch::channel(Desired::default()).0,
@@ -104,7 +104,7 @@ impl ConfigMapPublisher {
     }
 
     fn leading(&self) -> bool {
-        self.leader.as_ref().is_none_or(|l| *l.borrow())
+        self.leader.as_ref().is_none_or(|l| l.leading())
     }
 
     /// Runs the namespace controller while this replica leads, until shutdown.
@@ -272,6 +272,11 @@ impl ConfigMapPublisher {
         // Someone else's change, not merely an older bundle or CRL of ours.
         let drifted =
             current.is_some_and(|c| !labelled(c) || held.is_none_or(|h| !self.published_before(h)));
+        // Checked at each write, not only when the controller starts: a replica that was
+        // paused past its lease must not write from what it saw before.
+        if !self.leading() {
+            return Err("this replica does not lead (any more); not writing".into());
+        }
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
         let mut cm = ConfigMap {
             data: Some(BTreeMap::from([(key.to_string(), content.to_string())])),

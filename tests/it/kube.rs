@@ -648,3 +648,93 @@ async fn backup_and_restore_through_the_kubernetes_store() {
     .await;
     issue_from(&b, &root, "cart").await;
 }
+
+fn signal(child: &std::process::Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig}");
+}
+
+/// Freeze the leader (SIGSTOP) past its lease; the follower takes over and the operator
+/// rotates the root through it; resume the old leader (SIGCONT). It must not act on its stale
+/// view: no leadership claim, no second CA, no stale bundle written back, and it signs with
+/// the new chain.
+#[tokio::test]
+async fn a_paused_leader_is_fenced_off() {
+    let Some(kube) = KubeEnv::start().await else {
+        return;
+    };
+    kube.namespace("citadel").await;
+    kube.namespace("shop").await;
+    let a = replica(&kube, "a");
+    let b = replica(&kube, "b");
+    eventually("both replicas ready", 30, async || {
+        ready(&a).await && ready(&b).await
+    })
+    .await;
+    eventually("a leader", 10, async || leads(&a).await || leads(&b).await).await;
+    let (old, new) = if leads(&a).await { (a, b) } else { (b, a) };
+    eventually("the bundle in shop", 15, async || {
+        kube.bundle("shop").await.is_some()
+    })
+    .await;
+    let before = kube.bundle("shop").await.unwrap();
+
+    signal(&old.child, "STOP");
+    eventually("the follower takes over", 15, async || leads(&new).await).await;
+    let kc = kube.kubeconfig.to_str().unwrap().to_string();
+    let ca = |args: &[&str]| {
+        let mut argv = args.to_vec();
+        argv.extend([
+            "--store",
+            "kube",
+            "--namespace",
+            "citadel",
+            "--kubeconfig",
+            &kc,
+        ]);
+        let (code, out, err) = run(&argv, &kube.dir);
+        assert_eq!(code, 0, "citadel {args:?}: {err}");
+        out
+    };
+    ca(&["ca", "rotate-root", "--now"]);
+    // The new leader publishes the two-root bundle, then activates the new chain.
+    eventually("the new bundle everywhere", 30, async || {
+        let want = ca(&["ca", "bundle"]);
+        want != before && kube.bundle("shop").await.as_deref() == Some(want.as_str())
+    })
+    .await;
+
+    signal(&old.child, "CONT");
+    // Let the old leader's timers, watches and scheduler all fire on its stale state.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        leads(&new).await && !leads(&old).await,
+        "exactly one leader: the new one"
+    );
+    let want = ca(&["ca", "bundle"]);
+    for ns in ["shop", "citadel", "default"] {
+        assert_eq!(
+            kube.bundle(ns).await.as_deref(),
+            Some(want.as_str()),
+            "{ns}: no stale bundle written back"
+        );
+    }
+    let status = ca(&["ca", "status", "--json"]);
+    let s: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let roots = s["authorities"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|x| x["role"] == "root" && x["status"] != "retired")
+                .count()
+        })
+        .unwrap_or(0);
+    assert!(roots <= 2, "one CA, mid-rotation at most: {status}");
+    // Both replicas sign, with a chain the current bundle verifies.
+    issue_from(&new, &want, "cart").await;
+    issue_from(&old, &want, "cart").await;
+}
