@@ -255,6 +255,9 @@ impl ServeConfig {
         if self.limits.max_inflight == 0 {
             return Err("--max-inflight must be at least 1".into());
         }
+        if self.limits.max_connections == 0 {
+            return Err("--max-connections must be at least 1".into());
+        }
         if let CaSource::Own(o) = &self.ca {
             if o.trust_domain != self.trust_domain {
                 return Err("the CA's trust domain must be --trust-domain".into());
@@ -394,6 +397,10 @@ mod tests {
                 "--token-audience",
             ),
             (Box::new(|c| c.limits.max_inflight = 0), "--max-inflight"),
+            (
+                Box::new(|c| c.limits.max_connections = 0),
+                "--max-connections",
+            ),
             (
                 Box::new(|c| c.tls_names = Some(vec![])),
                 "--server-dns-name",

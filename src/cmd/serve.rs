@@ -183,6 +183,11 @@ pub struct Args {
     #[arg(long, default_value_t = 1024, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_inflight: u32,
 
+    /// Open connections to the CA port at once, counting those still in their TLS handshake
+    /// (which is cut off after 10s); a connection beyond it is closed at once.
+    #[arg(long, default_value_t = 10_000, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+
     /// How often the scheduler reloads state (picks up `citadel revoke` and
     /// `citadel ca rotate-root`) and runs what is due.
     #[arg(long, default_value = "1s", value_parser = clap_parse, value_name = "DUR")]
@@ -280,6 +285,7 @@ impl Args {
             reconcile_interval: self.reconcile_interval,
             limits: crate::server::Limits {
                 max_inflight: self.max_inflight as usize,
+                max_connections: self.max_connections as usize,
             },
             kubeconfig: self.kubeconfig,
         };

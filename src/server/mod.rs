@@ -44,11 +44,86 @@ pub struct Limits {
     /// CreateCertificate calls in progress at once, over all connections; beyond it a call
     /// is refused at once with ResourceExhausted (istio-agent retries it with backoff).
     pub max_inflight: usize,
+    /// Open connections (including ones still in their TLS handshake); a connection beyond
+    /// it is closed at once, so held-open sockets cannot exhaust file descriptors.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_inflight: 1024 }
+        Self {
+            max_inflight: 1024,
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// A connection holding one of the `max_connections` slots until it is dropped.
+struct Limited<S> {
+    inner: S,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected for Limited<S> {
+    type ConnectInfo = S::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Limited<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Limited<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Takes a connection slot, or refuses the connection (it is dropped, which closes it).
+fn slot(
+    slots: &Arc<tokio::sync::Semaphore>,
+    peer: &std::net::SocketAddr,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    match slots.clone().try_acquire_owned() {
+        Ok(p) => Some(p),
+        Err(_) => {
+            tracing::warn!(%peer, "connection refused: at the --max-connections limit");
+            None
+        }
     }
 }
 
@@ -152,6 +227,7 @@ impl Server {
             let sd = shutdown.clone();
             async move { sd.wait().await }
         };
+        let slots = Arc::new(tokio::sync::Semaphore::new(self.limits.max_connections));
         match self.tls {
             Some(tls) => {
                 tokio::spawn(tls.clone().maintain(
@@ -160,12 +236,16 @@ impl Server {
                     shutdown.clone(),
                 ));
                 let config = tls.server_config();
-                let incoming =
-                    accept_tls(listener, tokio_rustls::TlsAcceptor::from(config), shutdown);
+                let incoming = accept_tls(
+                    listener,
+                    tokio_rustls::TlsAcceptor::from(config),
+                    slots,
+                    shutdown,
+                );
                 router.serve_with_incoming_shutdown(incoming, stop).await
             }
             None => {
-                let incoming = accept_plain(listener, shutdown);
+                let incoming = accept_plain(listener, slots, shutdown);
                 router.serve_with_incoming_shutdown(incoming, stop).await
             }
         }
@@ -178,8 +258,9 @@ impl Server {
 fn accept_tls(
     listener: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
+    slots: Arc<tokio::sync::Semaphore>,
     shutdown: Shutdown,
-) -> ReceiverStream<Result<tokio_rustls::server::TlsStream<TcpStream>, std::io::Error>> {
+) -> ReceiverStream<Result<Limited<tokio_rustls::server::TlsStream<TcpStream>>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(128);
     tokio::spawn(async move {
         loop {
@@ -194,12 +275,21 @@ fn accept_tls(
                 },
                 _ = shutdown.wait() => return,
             };
+            // The slot is taken before the handshake: half-open handshakes count too.
+            let Some(slot) = slot(&slots, &peer) else {
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
+                        let _ = tx
+                            .send(Ok(Limited {
+                                inner: tls,
+                                _slot: slot,
+                            }))
+                            .await;
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -212,16 +302,18 @@ fn accept_tls(
 
 fn accept_plain(
     listener: TcpListener,
+    slots: Arc<tokio::sync::Semaphore>,
     shutdown: Shutdown,
-) -> ReceiverStream<Result<TcpStream, std::io::Error>> {
+) -> ReceiverStream<Result<Limited<TcpStream>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(128);
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 r = listener.accept() => match r {
-                    Ok((tcp, _)) => {
+                    Ok((tcp, peer)) => {
+                        let Some(slot) = slot(&slots, &peer) else { continue };
                         let _ = tcp.set_nodelay(true);
-                        if tx.send(Ok(tcp)).await.is_err() { return; }
+                        if tx.send(Ok(Limited { inner: tcp, _slot: slot })).await.is_err() { return; }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");

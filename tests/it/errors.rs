@@ -521,3 +521,41 @@ async fn a_huge_header_is_refused_by_the_transport() {
     issue(&mut client, &csr, "shop", "cart").await;
     ca.stop().await;
 }
+
+/// Sockets that connect and never finish a TLS handshake hold connection slots only until
+/// the 10 s handshake timeout; beyond --max-connections a connection is closed at once; and
+/// a well-behaved client gets its certificate once the slots are free again.
+#[tokio::test]
+async fn held_open_handshakes_are_bounded_and_cut_off() {
+    use tokio::io::AsyncReadExt;
+    let ca = TestCa::start(&["--max-connections", "4"]).await;
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(tokio::net::TcpStream::connect(ca.addr).await.unwrap());
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let opts = citadel::client::ConnectOptions {
+        addr: ca.addr.to_string(),
+        root_pem: ca.root_pem(),
+        server_name: Some("localhost".into()),
+        ..Default::default()
+    };
+    let refused = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        citadel::client::connect(&opts),
+    )
+    .await
+    .expect("refused at once, not hung");
+    assert!(refused.is_err(), "a fifth connection is over the limit");
+    // The server closes the silent sockets after its handshake timeout.
+    for mut s in idle {
+        let mut buf = [0u8; 16];
+        let r = tokio::time::timeout(std::time::Duration::from_secs(15), s.read(&mut buf))
+            .await
+            .expect("closed by the server within the handshake timeout");
+        assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    }
+    let (_, csr) = csr_for(KeyType::EcP256, &spiffe("shop", "cart"));
+    issue(&mut ca.client().await, &csr, "shop", "cart").await;
+    ca.stop().await;
+}
