@@ -255,6 +255,19 @@ pub(crate) async fn backend() -> u16 {
     port
 }
 
+/// Waits (up to 60s) until the scheduler has activated a new intermediate.
+pub(crate) async fn wait_for_intermediate_rotation(state: &Path) {
+    let first = journal(state).await.active_signer().unwrap().id.clone();
+    let t0 = Instant::now();
+    while journal(state).await.active_signer().unwrap().id == first {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no intermediate rotation"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// A staged root rotation by the CLI (`--activate-after` and `--retire-after` = `period`,
 /// leaves of at most 12s), waited for until the old root has left the bundle.
 pub(crate) async fn rotate_root_to_completion(state: &Path, period: &str, limit_secs: u64) {
@@ -388,15 +401,7 @@ async fn real_envoys_keep_mtls_up_through_renewal_and_rotation_then_enforce_revo
     });
 
     // 1. The intermediate rotates on its own (prepared at 20s, active at ~33s).
-    let first_int = journal(&state).await.active_signer().unwrap().id.clone();
-    let t0 = Instant::now();
-    while journal(&state).await.active_signer().unwrap().id == first_int {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "no intermediate rotation"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_for_intermediate_rotation(&state).await;
     // Let every workload renew under the new intermediate.
     tokio::time::sleep(Duration::from_secs(8)).await;
 

@@ -443,13 +443,7 @@ async fn calls_beyond_the_inflight_limit_get_resource_exhausted() {
     let addr = listener.local_addr().unwrap();
     let (trigger, sd) = citadel::shutdown::channel();
     let task = tokio::spawn(server.run(listener, None, sd));
-    let client = citadel::client::connect(&citadel::client::ConnectOptions {
-        addr: addr.to_string(),
-        plaintext: true,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let client = plaintext_client(addr).await;
     let (_, csr) = csr_for(KeyType::EcP256, &spiffe("shop", "cart"));
     let t = bearer(&token("shop", "cart"));
     let held: Vec<_> = (0..2)

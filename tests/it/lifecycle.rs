@@ -136,13 +136,7 @@ async fn a_server_without_a_ca_answers_unavailable_then_recovers() {
     let (trigger, sd) = citadel::shutdown::channel();
     let task = tokio::spawn(server.run(listener, Some(metrics), sd));
 
-    let mut client = citadel::client::connect(&citadel::client::ConnectOptions {
-        addr: addr.to_string(),
-        plaintext: true,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let mut client = plaintext_client(addr).await;
     let (_, csr) = csr_for(KeyType::EcP256, &spiffe("shop", "cart"));
     let t = bearer(&token("shop", "cart"));
     let err = call(&mut client, &csr, Some(&t), 0, None)

@@ -20,8 +20,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 
 use crate::envoy::{
-    backend, envoy_binary, journal, rotate_root_to_completion, sds_cluster, spawn_agent_with, stat,
-    tls_context, wait_ready, Procs,
+    backend, envoy_binary, rotate_root_to_completion, sds_cluster, spawn_agent_with, stat,
+    tls_context, wait_for_intermediate_rotation, wait_ready, Procs,
 };
 use crate::support::*;
 
@@ -488,15 +488,7 @@ async fn istio_pilot_agent_gets_certificates_from_citadel_through_renewal_and_ro
     ];
 
     // 1. The intermediate rotates on its own (prepared at 20s, active at ~33s).
-    let first_int = journal(&state).await.active_signer().unwrap().id.clone();
-    let t0 = Instant::now();
-    while journal(&state).await.active_signer().unwrap().id == first_int {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "no intermediate rotation"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_for_intermediate_rotation(&state).await;
     tokio::time::sleep(Duration::from_secs(8)).await;
 
     // 2. A staged root rotation, driven by the CLI on the file store. Propagation and

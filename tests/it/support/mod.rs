@@ -171,6 +171,17 @@ impl TestCa {
     }
 }
 
+/// A client for a server run without TLS (`--plaintext`, or `Server` with `tls: None`).
+pub async fn plaintext_client(addr: SocketAddr) -> CaClient {
+    client::connect(&ConnectOptions {
+        addr: addr.to_string(),
+        plaintext: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
 /// A minimal HTTP/1.1 GET, to avoid another client dependency.
 pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;
