@@ -60,7 +60,7 @@ pub struct ConfigMapPublisher {
     recorder: Recorder,
     /// Digests of the last bundles and CRLs we were asked to publish: a ConfigMap holding one
     /// of these is merely outdated, anything else was changed by someone.
-    history: Mutex<Vec<[u8; 32]>>,
+    history: std::sync::Mutex<Vec<[u8; 32]>>,
     /// ConfigMaps created or replaced.
     pub writes: AtomicU64,
 }
@@ -98,7 +98,7 @@ impl ConfigMapPublisher {
                     instance: std::env::var("POD_NAME").ok(),
                 },
             ),
-            history: Mutex::new(Vec::new()),
+            history: std::sync::Mutex::new(Vec::new()),
             writes: AtomicU64::new(0),
         })
     }
@@ -321,10 +321,9 @@ impl ConfigMapPublisher {
     fn published_before(&self, content: &str) -> bool {
         let d = digest(content);
         self.history
-            .try_lock()
-            .map(|h| h.contains(&d))
-            // Contended only while a publish records history: treat as ours (no false alarm).
-            .unwrap_or(true)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&d)
     }
 
     /// A Warning Event on a ConfigMap someone changed, so `kubectl describe` and event
@@ -366,7 +365,7 @@ impl Publisher for ConfigMapPublisher {
             });
             if changed {
                 tracing::debug!("desired bundle or CRL changed");
-                let mut seen = self.history.lock().await;
+                let mut seen = self.history.lock().unwrap_or_else(|p| p.into_inner());
                 for content in bundle.into_iter().chain(crl) {
                     seen.push(digest(content));
                 }
