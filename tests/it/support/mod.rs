@@ -145,12 +145,26 @@ impl TestCa {
     }
 
     pub async fn client_with(&self, identity: Option<(Vec<u8>, Vec<u8>)>) -> CaClient {
+        self.client_opts(identity, None).await
+    }
+
+    /// A client speaking from `local` (another loopback address is another peer).
+    pub async fn client_from(&self, local: std::net::IpAddr) -> CaClient {
+        self.client_opts(None, Some(local)).await
+    }
+
+    async fn client_opts(
+        &self,
+        identity: Option<(Vec<u8>, Vec<u8>)>,
+        local_address: Option<std::net::IpAddr>,
+    ) -> CaClient {
         client::connect(&ConnectOptions {
             addr: self.addr.to_string(),
             root_pem: self.root_pem(),
             server_name: Some("localhost".into()),
             identity,
             plaintext: self.plaintext,
+            local_address,
         })
         .await
         .unwrap()
