@@ -232,6 +232,12 @@ impl Metrics {
                 );
             }
         }
+        counter(
+            &mut out,
+            "citadel_ca_step_failures_total",
+            "Scheduler passes that failed (rotation, CRL or revocation steps that could not be journaled); each is retried while the CA signs with what it has.",
+            ca.step_failures(),
+        );
         if let Some(l) = self.leader.get() {
             let _ = writeln!(out, "# HELP citadel_leader 1 if this replica holds the leader lease.\n# TYPE citadel_leader gauge\ncitadel_leader {}", i32::from(*l.borrow()));
         }

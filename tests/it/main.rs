@@ -18,6 +18,7 @@ mod pilot_agent;
 mod properties;
 mod revocation;
 mod rotation;
+mod storage;
 mod support;
 mod thirdparty;
 mod timetravel;

@@ -246,6 +246,17 @@ pub fn token(ns: &str, sa: &str) -> String {
     sign(&claims(ns, sa))
 }
 
+/// A dev token minted at `clock`'s time (the server checks exp against it).
+pub fn token_at(clock: &dyn citadel::clock::Clock, ns: &str, sa: &str) -> String {
+    sign(&citadel::cmd::dev_token::claims(
+        &ServiceAccount::new(ns, sa).unwrap(),
+        &["istio-ca".into()],
+        clock.now().unix_timestamp(),
+        Duration::from_secs(3600),
+        Some("pod-1"),
+    ))
+}
+
 /// A key and an istio-agent-shaped CSR for `id`.
 pub fn csr_for(kt: KeyType, id: &SpiffeId) -> (rcgen::KeyPair, String) {
     let key = kt.generate().unwrap();
