@@ -13,6 +13,7 @@ mod errors;
 mod issue;
 mod kube;
 mod kube_abuse;
+mod kube_faults;
 mod lifecycle;
 mod pilot_agent;
 mod properties;
