@@ -12,7 +12,9 @@
 #     (scripts/kube-test-env.sh; 20-25 minutes the first time on 2 busy cores,
 #     cached after).
 #   - tests/gospiffe built against go-spiffe (a third-party SVID validator, CITADEL_GOSPIFFE);
-#   - Istio's pilot-agent from the Go module proxy (scripts/istio-agent.sh, CITADEL_PILOT_AGENT).
+#   - Istio's pilot-agent from the Go module proxy (scripts/istio-agent.sh, CITADEL_PILOT_AGENT);
+#   - cargo-fuzz from crates.io, to run each fuzz target for CITADEL_FUZZ_SECONDS (default 10)
+#     after the tests (scripts/fuzz.sh).
 # Under CI=true a missing component fails the run instead of skipping tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -111,3 +113,10 @@ cargo clippy --all-targets --quiet -- -D warnings
 log "cargo test"
 if [ "${1:-}" = "--" ]; then shift; fi
 cargo test "$@"
+
+# A short run of every fuzz target over its committed seeds and what earlier runs found: a
+# regression in a parser fails the build. Only for the whole suite (not a filtered run).
+if [ "$#" -eq 0 ]; then
+  log "fuzz targets, ${CITADEL_FUZZ_SECONDS:-10}s each (scripts/fuzz.sh)"
+  scripts/fuzz.sh "${CITADEL_FUZZ_SECONDS:-10}"
+fi
