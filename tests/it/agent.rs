@@ -284,6 +284,27 @@ async fn sds_client(path: PathBuf) -> SecretDiscoveryServiceClient<tonic::transp
     SecretDiscoveryServiceClient::new(channel)
 }
 
+/// SDS served at `path` from a credentials channel starting at `first`, until `Trigger`.
+async fn sds_server(
+    path: &Path,
+    first: Option<Arc<Credentials>>,
+) -> (
+    watch::Sender<Option<Arc<Credentials>>>,
+    Arc<AgentStats>,
+    Trigger,
+    tokio::task::JoinHandle<Result<(), String>>,
+) {
+    let (tx, rx) = watch::channel(first);
+    let stats = AgentStats::new();
+    let (trigger, sd) = shutdown::channel();
+    let server = tokio::spawn({
+        let (path, stats) = (path.to_path_buf(), stats.clone());
+        async move { sds::serve(&path, rx, stats, sd).await }
+    });
+    eventually("socket", 5, async || path.exists()).await;
+    (tx, stats, trigger, server)
+}
+
 /// An Envoy-like SDS stream: send requests, read responses.
 struct Stream {
     tx: mpsc::Sender<DiscoveryRequest>,
@@ -345,14 +366,7 @@ fn secrets(r: &DiscoveryResponse) -> Vec<Secret> {
 async fn sds_pushes_to_every_stream_handles_nack_without_looping_and_serves_reconnects() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("run/sds/sds.sock");
-    let (tx, rx) = watch::channel(None);
-    let stats = AgentStats::new();
-    let (trigger, sd) = shutdown::channel();
-    let server = tokio::spawn({
-        let (path, rx, stats) = (path.clone(), rx.clone(), stats.clone());
-        async move { sds::serve(&path, rx, stats, sd).await }
-    });
-    eventually("socket", 5, async || path.exists()).await;
+    let (tx, stats, trigger, server) = sds_server(&path, None).await;
     for d in ["run", "run/sds"] {
         assert_eq!(
             crate::support::file_mode(&tmp.path().join(d)),
@@ -448,14 +462,7 @@ async fn sds_abuse_is_bounded_and_a_well_behaved_stream_keeps_its_secrets() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("sds.sock");
-    let (tx, rx) = watch::channel(Some(creds(1, None)));
-    let stats = AgentStats::new();
-    let (trigger, sd) = shutdown::channel();
-    let server = tokio::spawn({
-        let (path, rx, stats) = (path.clone(), rx.clone(), stats.clone());
-        async move { sds::serve(&path, rx, stats, sd).await }
-    });
-    eventually("socket", 5, async || path.exists()).await;
+    let (tx, stats, trigger, server) = sds_server(&path, Some(creds(1, None))).await;
     let mut envoy = Stream::open(&path, &["default", "ROOTCA"]).await;
     assert_eq!(envoy.next().await.version_info, "1");
 

@@ -73,15 +73,7 @@ async fn the_api_server_killed_mid_step_and_a_writer_storm_leave_one_consistent_
     let (_, csr) = csr_for(KeyType::EcP256, &id);
     let mut client = plaintext_client(ca.addr).await;
     let mut issue_now = async || {
-        let chain = call(
-            &mut client,
-            &csr,
-            Some(&bearer(&token_at(&*clock, "shop", "cart"))),
-            0,
-            None,
-        )
-        .await
-        .expect("the CA keeps signing");
+        let chain = issue_at(&mut client, &csr, &*clock).await;
         (serial(&chain[1]), chain.last().unwrap().clone())
     };
 

@@ -16,6 +16,8 @@ use citadel::store::{file::FileStore, Store};
 
 use crate::support::*;
 
+const DAY: i64 = 86_400;
+
 /// A tmpfs mounted for one test, unmounted on drop.
 struct Tmpfs {
     dir: PathBuf,
@@ -98,7 +100,6 @@ async fn a_full_or_read_only_state_dir_fails_steps_cleanly_keeps_signing_and_rec
     let Some(fs) = Tmpfs::mount("8m") else {
         return;
     };
-    const DAY: i64 = 86_400;
     let clock = Arc::new(ManualClock::new(time::OffsetDateTime::now_utc()));
     let ca = TestCa::try_start_with(
         &fs.dir,
@@ -123,15 +124,7 @@ async fn a_full_or_read_only_state_dir_fails_steps_cleanly_keeps_signing_and_rec
     let (_, csr) = csr_for(KeyType::EcP256, &id);
     let mut client = ca.client().await;
     let mut issue_now = async || {
-        let chain = call(
-            &mut client,
-            &csr,
-            Some(&bearer(&token_at(&*clock, "shop", "cart"))),
-            0,
-            None,
-        )
-        .await
-        .expect("the CA keeps signing");
+        let chain = issue_at(&mut client, &csr, &*clock).await;
         (serial(&chain[0]), serial(&chain[1]))
     };
     let (victim, first_intermediate) = issue_now().await;
@@ -151,24 +144,15 @@ async fn a_full_or_read_only_state_dir_fails_steps_cleanly_keeps_signing_and_rec
         "{out}"
     );
     // The intermediate is due for rotation: the step fails and is retried, nothing is written.
-    let failed = step_failures(&ca).await;
-    clock.advance(time::Duration::seconds(25 * DAY));
-    eventually(
-        "the scheduler to try (and fail) three times",
-        10,
-        async || step_failures(&ca).await >= failed + 3,
+    a_due_rotation_fails_and_changes_nothing(
+        &ca,
+        &clock,
+        &mut issue_now,
+        &journal_path,
+        &before,
+        &first_intermediate,
     )
     .await;
-    let (_, inter) = issue_now().await;
-    assert_eq!(
-        inter, first_intermediate,
-        "still signing with the current CA"
-    );
-    assert_eq!(
-        std::fs::read(&journal_path).unwrap(),
-        before,
-        "journal untouched"
-    );
     assert_eq!(
         temp_files(&state),
         Vec::<String>::new(),
@@ -206,24 +190,15 @@ async fn a_full_or_read_only_state_dir_fails_steps_cleanly_keeps_signing_and_rec
     );
     assert!(!ok, "{out}");
     assert!(out.contains("Read-only file system"), "{out}");
-    let failed = step_failures(&ca).await;
-    clock.advance(time::Duration::seconds(25 * DAY));
-    eventually(
-        "the scheduler to try (and fail) three times",
-        10,
-        async || step_failures(&ca).await >= failed + 3,
+    a_due_rotation_fails_and_changes_nothing(
+        &ca,
+        &clock,
+        &mut issue_now,
+        &journal_path,
+        &before,
+        &second_intermediate,
     )
     .await;
-    let (_, inter) = issue_now().await;
-    assert_eq!(
-        inter, second_intermediate,
-        "still signing with the current CA"
-    );
-    assert_eq!(
-        std::fs::read(&journal_path).unwrap(),
-        before,
-        "journal untouched"
-    );
     sh(&["umount", s]);
     eventually("the rotation after write access returned", 15, async || {
         issue_now().await.1 != second_intermediate
@@ -242,6 +217,33 @@ async fn a_full_or_read_only_state_dir_fails_steps_cleanly_keeps_signing_and_rec
         assert_eq!(line.split(' ').count(), 4, "a torn index line: {line:?}");
     }
     ca.stop().await;
+}
+
+/// Moves the clock so the intermediate is due, waits for the scheduler to try and fail three
+/// times, and checks the CA still signs with `intermediate` and the journal is unchanged.
+async fn a_due_rotation_fails_and_changes_nothing(
+    ca: &TestCa,
+    clock: &ManualClock,
+    issue_now: &mut impl AsyncFnMut() -> (String, String),
+    journal_path: &Path,
+    before: &[u8],
+    intermediate: &str,
+) {
+    let failed = step_failures(ca).await;
+    clock.advance(time::Duration::seconds(25 * DAY));
+    eventually(
+        "the scheduler to try (and fail) three times",
+        10,
+        async || step_failures(ca).await >= failed + 3,
+    )
+    .await;
+    let (_, inter) = issue_now().await;
+    assert_eq!(inter, intermediate, "still signing with the current CA");
+    assert_eq!(
+        std::fs::read(journal_path).unwrap(),
+        before,
+        "journal untouched"
+    );
 }
 
 /// `citadel_ca_step_failures_total` from the server's metrics.
