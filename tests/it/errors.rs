@@ -422,6 +422,106 @@ impl citadel::auth::Authenticator for Gate {
     }
 }
 
+/// Calls that reached the authenticators, for tests that count what the server lets in.
+struct Counted(
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<tokio::sync::Semaphore>,
+);
+
+impl citadel::auth::Authenticator for Counted {
+    fn name(&self) -> &'static str {
+        "counted"
+    }
+    fn authenticate<'a>(
+        &'a self,
+        _: citadel::auth::Credentials<'a>,
+    ) -> citadel::future::BoxFuture<
+        'a,
+        Result<Option<citadel::auth::Caller>, citadel::auth::AuthFailure>,
+    > {
+        Box::pin(async move {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _pass = self.1.acquire().await;
+            Ok(None)
+        })
+    }
+}
+
+/// One HTTP/2 connection gets at most MAX_STREAMS_PER_CONNECTION calls in progress (the
+/// client queues the rest), while another connection is not held up by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_gets_at_most_its_stream_limit_at_once() {
+    use citadel::ca::bootstrap::{self, CaOptions};
+    use citadel::server::MAX_STREAMS_PER_CONNECTION as LIMIT;
+    use std::sync::atomic::Ordering::SeqCst;
+    citadel::install_crypto_provider();
+    let ca = citadel::ca::Ca::new();
+    let journal =
+        bootstrap::new_journal(&CaOptions::new(td()), time::OffsetDateTime::now_utc()).unwrap();
+    ca.install(bootstrap::signer_from_journal(&journal, &td()).unwrap());
+    let mut server = dev_server(ca, None);
+    server.limits.max_inflight = 10_000;
+    let (entered, gate) = (
+        std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        std::sync::Arc::new(tokio::sync::Semaphore::new(0)),
+    );
+    let jwt = server.auth.clone();
+    server.auth = citadel::auth::AuthChain::new(vec![
+        std::sync::Arc::new(Counted(entered.clone(), gate.clone())),
+        std::sync::Arc::new(Chain(jwt)),
+    ]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (trigger, sd) = citadel::shutdown::channel();
+    let task = tokio::spawn(server.run(listener, None, sd));
+    let (_, csr) = csr_for(KeyType::EcP256, &spiffe("shop", "cart"));
+    let t = bearer(&token("shop", "cart"));
+    let one = plaintext_client(addr).await;
+    let extra = LIMIT as usize + 44;
+    let calls: Vec<_> = (0..extra)
+        .map(|_| {
+            let (mut c, csr, t) = (one.clone(), csr.clone(), t.clone());
+            tokio::spawn(async move { call(&mut c, &csr, Some(&t), 0, None).await })
+        })
+        .collect();
+    eventually(
+        "the connection's streams to reach the server",
+        10,
+        async || entered.load(SeqCst) >= LIMIT as usize,
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        entered.load(SeqCst),
+        LIMIT as usize,
+        "no more than the limit at once"
+    );
+    // Another connection is served meanwhile.
+    let other = {
+        let (mut c, csr, t) = (plaintext_client(addr).await, csr.clone(), t.clone());
+        tokio::spawn(async move { call(&mut c, &csr, Some(&t), 0, None).await })
+    };
+    eventually(
+        "another connection's call to reach the server",
+        10,
+        async || entered.load(SeqCst) == LIMIT as usize + 1,
+    )
+    .await;
+    gate.add_permits(100_000);
+    for c in calls {
+        c.await
+            .unwrap()
+            .expect("queued calls are served once streams free up");
+    }
+    other
+        .await
+        .unwrap()
+        .expect("the other connection's call is served");
+    assert_eq!(entered.load(SeqCst), extra + 1);
+    trigger.trigger();
+    task.await.unwrap().unwrap();
+}
+
 /// Calls beyond --max-inflight are refused at once with ResourceExhausted (istio-agent
 /// retries it), the ones in progress finish, and the server keeps serving.
 #[tokio::test]
