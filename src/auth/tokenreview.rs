@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::api::{Api, PostParams};
 
 use super::jwt::{self, JwtPolicy};
@@ -147,41 +147,12 @@ impl TokenReviewAuthenticator {
                     redact(&e.to_string(), token)
                 ))
             })?;
-        let status = result.status.unwrap_or_default();
-        if status.authenticated != Some(true) {
-            let why = status.error.unwrap_or_else(|| "not authenticated".into());
-            return Err(AuthFailure::invalid(format!(
-                "the API server refused the token: {}",
-                redact(&why, token)
-            )));
-        }
-        // The API server says which of our audiences the token is good for; a token it
-        // authenticated for none of them (an authenticator that ignores audiences) is not
-        // meant for this CA.
-        let granted = status.audiences.unwrap_or_default();
-        if !granted.iter().any(|a| self.audiences.contains(a)) {
-            return Err(AuthFailure::invalid(format!(
-                "the API server did not confirm the token is for any of the audiences {:?}",
-                self.audiences
-            )));
-        }
-        let user = status.user.unwrap_or_default();
-        let groups = user.groups.unwrap_or_default();
-        if !groups.iter().any(|g| g == "system:serviceaccounts") {
-            return Err(AuthFailure::invalid(
-                "the token is not a service-account token (group system:serviceaccounts missing)",
-            ));
-        }
-        let username = user.username.unwrap_or_default();
-        let sa = ServiceAccount::from_username(&username).map_err(AuthFailure::invalid)?;
-        let extra = user.extra.unwrap_or_default();
-        let first = |k: &str| extra.get(k).and_then(|v| v.first().cloned());
-        Ok(Caller {
-            identity: self.trust_domain.service_account_id(&sa),
-            method: AuthMethod::TokenReview,
-            pod_name: first("authentication.kubernetes.io/pod-name"),
-            pod_uid: first("authentication.kubernetes.io/pod-uid"),
-        })
+        caller_from_review(
+            result.status.unwrap_or_default(),
+            &self.audiences,
+            &self.trust_domain,
+        )
+        .map_err(|e| AuthFailure::invalid(redact(&e, token)))
     }
 
     fn cached(&self, key: &Key, now: i64) -> Option<Caller> {
@@ -265,6 +236,48 @@ impl Drop for InflightGuard<'_> {
 }
 
 /// Error texts from the API server never get to echo the token.
+/// What a TokenReview's status says about the caller: authenticated, for one of `audiences`,
+/// a service account. Separate from the API call so the fuzzer
+/// (fuzz/fuzz_targets/tokenreview.rs) reaches exactly this code. The error text may quote
+/// the API server; the caller redacts the token from it.
+pub fn caller_from_review(
+    status: TokenReviewStatus,
+    audiences: &[String],
+    trust_domain: &TrustDomain,
+) -> Result<Caller, String> {
+    if status.authenticated != Some(true) {
+        let why = status.error.unwrap_or_else(|| "not authenticated".into());
+        return Err(format!("the API server refused the token: {why}"));
+    }
+    // The API server says which of our audiences the token is good for; a token it
+    // authenticated for none of them (an authenticator that ignores audiences) is not
+    // meant for this CA.
+    let granted = status.audiences.unwrap_or_default();
+    if !granted.iter().any(|a| audiences.contains(a)) {
+        return Err(format!(
+            "the API server did not confirm the token is for any of the audiences {audiences:?}"
+        ));
+    }
+    let user = status.user.unwrap_or_default();
+    let groups = user.groups.unwrap_or_default();
+    if !groups.iter().any(|g| g == "system:serviceaccounts") {
+        return Err(
+            "the token is not a service-account token (group system:serviceaccounts missing)"
+                .into(),
+        );
+    }
+    let username = user.username.unwrap_or_default();
+    let sa = ServiceAccount::from_username(&username).map_err(|e| e.to_string())?;
+    let extra = user.extra.unwrap_or_default();
+    let first = |k: &str| extra.get(k).and_then(|v| v.first().cloned());
+    Ok(Caller {
+        identity: trust_domain.service_account_id(&sa),
+        method: AuthMethod::TokenReview,
+        pod_name: first("authentication.kubernetes.io/pod-name"),
+        pod_uid: first("authentication.kubernetes.io/pod-uid"),
+    })
+}
+
 fn redact(msg: &str, token: &str) -> String {
     if token.len() > 8 {
         msg.replace(token, "<token>")
