@@ -26,7 +26,7 @@ With --rate the load is open-loop: requests leave on a fixed schedule whether or
 have come back, and each latency counts from when its request was due, so a stall shows up
 in the percentiles instead of slowing the generator down (no coordinated omission).
 
---soak runs the whole lifecycle under steady load: the server gets a 12-minute intermediate
+--soak runs the whole lifecycle under steady load: the server gets an 8-minute intermediate
 and 2-minute leaves (an intermediate rotation happens a few minutes in), and half-way through
 one identity is denied with `citadel revoke --identity`; its later requests are counted as
 denied, not failed. With --samples the server's RSS and open descriptors are written every
@@ -253,11 +253,12 @@ pub async fn run(args: Args) -> CmdResult {
     );
     let work = Arc::new(generate(args.distinct.max(1), key_type)?);
 
-    // Soak: leaves live 2 minutes and the intermediate 12, so it rotates a few minutes in.
+    // Soak: leaves live 2 minutes and the intermediate 8, so its successor is made at 4
+    // minutes and signs from 6m40s, all under load.
     let soak_flags: &[&str] = if args.soak {
         &[
             "--intermediate-ttl",
-            "12m",
+            "8m",
             "--max-ttl",
             "2m",
             "--default-ttl",
