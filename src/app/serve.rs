@@ -12,6 +12,7 @@ use super::config::{AuthConfig, CaSource, JwksSource, ServeConfig, StoreConfig};
 use crate::auth::client_cert::ClientCertAuthenticator;
 use crate::auth::jwks::Jwks;
 use crate::auth::jwt::{JwtAuthenticator, JwtPolicy, DEFAULT_LEEWAY};
+use crate::auth::node::{NodeAuthorizer, PodIndex};
 use crate::auth::tokenreview::TokenReviewAuthenticator;
 use crate::auth::{AuthChain, Authenticator};
 use crate::ca::bootstrap;
@@ -196,6 +197,7 @@ pub async fn run(
         auth = ?auth.names(),
         "citadel serving"
     );
+    let node_auth = start_node_authorizer(&config, replica.as_ref(), &metrics, &shutdown).await?;
     let server = Server {
         ca,
         auth,
@@ -209,6 +211,7 @@ pub async fn run(
             .map(|s| s.sweep.clone())
             .unwrap_or_default(),
         limits: config.limits,
+        node_auth,
     };
     if let Some(s) = scheduler {
         tokio::spawn(s.run(config.reconcile_interval, shutdown.clone()));
@@ -233,6 +236,36 @@ pub async fn run(
         .map_err(|e| format!("server failed: {e}"))?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Node impersonation, when `--trusted-node-accounts` lists anyone: the pod index and the
+/// one watch that fills it (on the replica's client, or one of its own). Requests that need
+/// it before its first list get Unavailable, so start-up does not wait for it.
+async fn start_node_authorizer(
+    config: &ServeConfig,
+    replica: Option<&Replica>,
+    metrics: &Metrics,
+    shutdown: &Shutdown,
+) -> Result<Option<Arc<NodeAuthorizer>>, String> {
+    if config.trusted_node_accounts.is_empty() {
+        return Ok(None);
+    }
+    let client = match replica {
+        Some(r) => r.client.clone(),
+        None => cluster::client(config.kubeconfig.as_deref()).await?,
+    };
+    let pods = Arc::new(PodIndex::default());
+    cluster::pods::watch(client, pods.clone(), shutdown.clone());
+    let _ = metrics.impersonation.pods.set(pods.clone());
+    tracing::info!(
+        trusted_node_accounts = ?config.trusted_node_accounts.names(),
+        "node impersonation enabled: watching pods in all namespaces"
+    );
+    Ok(Some(Arc::new(NodeAuthorizer::new(
+        config.trusted_node_accounts.clone(),
+        config.trust_domain.clone(),
+        pods,
+    ))))
 }
 
 /// The authenticators: client certificate first (renewal), then the token, verified locally

@@ -9,6 +9,7 @@ pub mod client_cert;
 pub mod jwks;
 pub mod jws;
 pub mod jwt;
+pub mod node;
 pub mod tokenreview;
 
 use std::fmt;
@@ -75,8 +76,11 @@ pub struct Caller {
     pub method: AuthMethod,
     /// The pod's name, when the token carries it (projected tokens do); for the audit log.
     pub pod_name: Option<String>,
-    /// The pod's UID, when the token carries it; for the audit log.
+    /// The pod's UID, when the token carries it; for the audit log and node impersonation.
     pub pod_uid: Option<String>,
+    /// The pod's node, when the token carries it (bound tokens since Kubernetes 1.32): node
+    /// impersonation checks it against the node the pod index says the pod is on.
+    pub node_name: Option<String>,
 }
 
 /// Why an authenticator refused a credential it found.

@@ -181,6 +181,7 @@ impl TokenReviewAuthenticator {
             method: AuthMethod::TokenReview,
             pod_name: first("authentication.kubernetes.io/pod-name"),
             pod_uid: first("authentication.kubernetes.io/pod-uid"),
+            node_name: first("authentication.kubernetes.io/node-name"),
         })
     }
 

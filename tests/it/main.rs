@@ -7,6 +7,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod agent;
+mod ambient;
 mod cli;
 mod envoy;
 mod errors;
