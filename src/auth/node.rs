@@ -107,13 +107,16 @@ struct PodEntry {
     node: Option<Box<str>>,
 }
 
+/// namespace -> service account -> number of pods (on one node).
+type AccountCounts = HashMap<Box<str>, HashMap<Box<str>, u32>>;
+
 /// Pods by namespace and name, and how many pods of each service account each node runs.
 #[derive(Default)]
 struct Pods {
     /// namespace -> pod name -> entry.
     by_name: HashMap<Box<str>, HashMap<Box<str>, PodEntry>>,
     /// node -> namespace -> service account -> number of pods.
-    on_node: HashMap<Box<str>, HashMap<Box<str>, HashMap<Box<str>, u32>>>,
+    on_node: HashMap<Box<str>, AccountCounts>,
     len: usize,
 }
 
