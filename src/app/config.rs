@@ -127,6 +127,9 @@ pub struct ServeConfig {
     /// Service accounts that may ask for the certificates of workloads on their node (ztunnel);
     /// empty refuses impersonation. Needs a cluster: the pod index watches its pods.
     pub trusted_node_accounts: TrustedNodeAccounts,
+    /// This cluster's name in the `clusterid` header (`--cluster-id`); tokens that say they
+    /// come from another cluster are refused.
+    pub cluster_id: String,
 }
 
 impl ServeConfig {
@@ -156,6 +159,7 @@ impl ServeConfig {
             limits: Limits::default(),
             kubeconfig: None,
             trusted_node_accounts: TrustedNodeAccounts::default(),
+            cluster_id: crate::auth::cluster::DEFAULT_CLUSTER_ID.to_string(),
         }
     }
 
@@ -267,6 +271,9 @@ impl ServeConfig {
             if o.trust_domain != self.trust_domain {
                 return Err("the CA's trust domain must be --trust-domain".into());
             }
+        }
+        if self.cluster_id.is_empty() {
+            return Err("--cluster-id must not be empty".into());
         }
         if !self.trusted_node_accounts.is_empty() && !self.uses_cluster() {
             return Err(

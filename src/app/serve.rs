@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 
 use super::config::{AuthConfig, CaSource, JwksSource, ServeConfig, StoreConfig};
 use crate::auth::client_cert::ClientCertAuthenticator;
+use crate::auth::cluster::LocalCluster;
 use crate::auth::jwks::Jwks;
 use crate::auth::jwt::{JwtAuthenticator, JwtPolicy, DEFAULT_LEEWAY};
 use crate::auth::node::{NodeAuthorizer, PodIndex};
@@ -289,13 +290,16 @@ async fn build_auth(
         } => {
             let client = cluster::client(config.kubeconfig.as_deref()).await?;
             tracing::info!(audiences = ?audiences, cache_ttl = %crate::duration::format(*cache_ttl), qps = limits.qps, burst = limits.burst, max_wait = %crate::duration::format(limits.max_wait), "TokenReview authentication enabled");
-            members.push(Arc::new(TokenReviewAuthenticator::new(
-                client,
-                audiences.clone(),
-                config.trust_domain.clone(),
-                clock.clone(),
-                *cache_ttl,
-                *limits,
+            members.push(Arc::new(LocalCluster::new(
+                config.cluster_id.clone(),
+                Arc::new(TokenReviewAuthenticator::new(
+                    client,
+                    audiences.clone(),
+                    config.trust_domain.clone(),
+                    clock.clone(),
+                    *cache_ttl,
+                    *limits,
+                )),
             )));
             return Ok((AuthChain::new(members), None));
         }
@@ -359,6 +363,6 @@ async fn build_auth(
             fetches: Default::default(),
         })
     });
-    members.push(jwt);
+    members.push(Arc::new(LocalCluster::new(config.cluster_id.clone(), jwt)));
     Ok((AuthChain::new(members), refresher))
 }

@@ -6,6 +6,7 @@
 //! final Unauthenticated message explains every attempt.
 
 pub mod client_cert;
+pub mod cluster;
 pub mod jwks;
 pub mod jws;
 pub mod jwt;
@@ -30,6 +31,9 @@ pub struct Credentials<'a> {
     pub bearer: Option<&'a str>,
     /// The TLS client certificate chain, leaf first, if the client presented one.
     pub peer_chain: Option<&'a [CertificateDer<'static>]>,
+    /// The `clusterid` header: which cluster the token says it comes from (see
+    /// [`cluster`]); `None` when absent or sent more than once.
+    pub cluster_id: Option<&'a str>,
 }
 
 impl fmt::Debug for Credentials<'_> {
@@ -42,6 +46,7 @@ impl fmt::Debug for Credentials<'_> {
                     .map(|t| format!("<redacted, {} bytes>", t.len())),
             )
             .field("peer_chain", &self.peer_chain.map(<[_]>::len))
+            .field("cluster_id", &self.cluster_id)
             .finish()
     }
 }
@@ -186,6 +191,7 @@ mod tests {
         let c = Credentials {
             bearer: Some(token),
             peer_chain: None,
+            cluster_id: None,
         };
         let shown = format!("{c:?} {c:#?}");
         assert!(!shown.contains(token), "{shown}");

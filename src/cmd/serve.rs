@@ -207,6 +207,17 @@ pub struct Args {
     #[arg(long = "trusted-node-accounts", env = "CA_TRUSTED_NODE_ACCOUNTS", value_delimiter = ',',
           value_name = "NS/SA", value_parser = parse_node_account)]
     pub trusted_node_accounts: Vec<String>,
+
+    /// This cluster's name, as workloads send it in the `clusterid` header
+    /// (ISTIO_META_CLUSTER_ID). A token whose request names another cluster is refused
+    /// (Unauthenticated, naming it); an absent header means this cluster.
+    #[arg(
+        long,
+        env = "CLUSTER_ID",
+        default_value = "Kubernetes",
+        value_name = "ID"
+    )]
+    pub cluster_id: String,
 }
 
 /// Checks one `--trusted-node-accounts` entry at parse time, so a typo stops the start with
@@ -311,6 +322,7 @@ impl Args {
             trusted_node_accounts: crate::auth::node::TrustedNodeAccounts::parse(
                 &self.trusted_node_accounts,
             )?,
+            cluster_id: self.cluster_id,
         };
         config.validate()?;
         Ok(config)

@@ -176,9 +176,16 @@ impl CaService {
             Ok(b) => (b, None),
             Err(e) => (None, Some(e)),
         };
+        // istiod reads `clusterid` only when sent exactly once.
+        let mut cluster_ids = req.metadata().get_all("clusterid").iter();
+        let cluster_id = match (cluster_ids.next(), cluster_ids.next()) {
+            (Some(v), None) => v.to_str().ok().filter(|v| !v.is_empty()),
+            _ => None,
+        };
         let creds = Credentials {
             bearer,
             peer_chain: peer_chain.as_ref().map(|c| c.as_slice()),
+            cluster_id,
         };
         let caller = self.auth.authenticate(creds).await.map_err(|e| {
             self.metrics.authentication_failure_count.inc();

@@ -15,6 +15,7 @@ mod issue;
 mod kube;
 mod kube_abuse;
 mod lifecycle;
+mod multicluster;
 mod pilot_agent;
 mod properties;
 mod revocation;
