@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::auth::node::TrustedNodeAccounts;
 use crate::auth::tokenreview::ReviewLimits;
 use crate::ca::bootstrap::CaOptions;
 use crate::ca::policy::{RotationPolicy, TtlPolicy};
@@ -123,6 +124,12 @@ pub struct ServeConfig {
     pub limits: Limits,
     /// kubeconfig for the API server (store, TokenReview, JWKS); `None` infers one.
     pub kubeconfig: Option<PathBuf>,
+    /// Service accounts that may ask for the certificates of workloads on their node (ztunnel);
+    /// empty refuses impersonation. Needs a cluster: the pod index watches its pods.
+    pub trusted_node_accounts: TrustedNodeAccounts,
+    /// This cluster's name in the `clusterid` header (`--cluster-id`); tokens that say they
+    /// come from another cluster are refused.
+    pub cluster_id: String,
 }
 
 impl ServeConfig {
@@ -151,6 +158,8 @@ impl ServeConfig {
             reconcile_interval: Duration::from_secs(1),
             limits: Limits::default(),
             kubeconfig: None,
+            trusted_node_accounts: TrustedNodeAccounts::default(),
+            cluster_id: crate::auth::cluster::DEFAULT_CLUSTER_ID.to_string(),
         }
     }
 
@@ -270,10 +279,36 @@ impl ServeConfig {
                 return Err("the CA's trust domain must be --trust-domain".into());
             }
         }
+        if self.cluster_id.is_empty() {
+            return Err("--cluster-id must not be empty".into());
+        }
+        if !self.trusted_node_accounts.is_empty() && !self.uses_cluster() {
+            return Err(
+                "--trusted-node-accounts needs the cluster's pods, and no cluster is \
+                        configured: add --store kube, --auth tokenreview or --jwks-from-cluster \
+                        (with --kubeconfig, KUBECONFIG or in-cluster credentials)"
+                    .into(),
+            );
+        }
         if self.tls_names.as_ref().is_some_and(|n| n.is_empty()) {
             return Err("TLS needs at least one --server-dns-name".into());
         }
         Ok(())
+    }
+}
+
+impl ServeConfig {
+    /// Whether some setting already makes this server talk to an API server.
+    pub fn uses_cluster(&self) -> bool {
+        matches!(self.store, StoreConfig::Kube { .. })
+            || matches!(self.auth, AuthConfig::TokenReview { .. })
+            || matches!(
+                self.auth,
+                AuthConfig::Jwks {
+                    source: JwksSource::Cluster,
+                    ..
+                }
+            )
     }
 }
 
@@ -411,6 +446,13 @@ mod tests {
             (
                 Box::new(|c| c.tls_names = Some(vec![])),
                 "--server-dns-name",
+            ),
+            (
+                Box::new(|c| {
+                    c.trusted_node_accounts =
+                        TrustedNodeAccounts::parse(&["istio-system/ztunnel"]).unwrap()
+                }),
+                "--trusted-node-accounts needs the cluster",
             ),
         ];
         for (change, flag) in cases {

@@ -10,8 +10,10 @@ use tokio::net::TcpListener;
 
 use super::config::{AuthConfig, CaSource, JwksSource, ServeConfig, StoreConfig};
 use crate::auth::client_cert::ClientCertAuthenticator;
+use crate::auth::cluster::LocalCluster;
 use crate::auth::jwks::Jwks;
 use crate::auth::jwt::{JwtAuthenticator, JwtPolicy, DEFAULT_LEEWAY};
+use crate::auth::node::{NodeAuthorizer, PodIndex};
 use crate::auth::tokenreview::TokenReviewAuthenticator;
 use crate::auth::{AuthChain, Authenticator};
 use crate::ca::bootstrap;
@@ -196,6 +198,7 @@ pub async fn run(
         auth = ?auth.names(),
         "citadel serving"
     );
+    let node_auth = start_node_authorizer(&config, replica.as_ref(), &metrics, &shutdown).await?;
     let server = Server {
         ca,
         auth,
@@ -209,6 +212,7 @@ pub async fn run(
             .map(|s| s.sweep.clone())
             .unwrap_or_default(),
         limits: config.limits,
+        node_auth,
     };
     if let Some(s) = scheduler {
         tokio::spawn(s.run(config.reconcile_interval, shutdown.clone()));
@@ -235,6 +239,36 @@ pub async fn run(
     Ok(())
 }
 
+/// Node impersonation, when `--trusted-node-accounts` lists anyone: the pod index and the
+/// one watch that fills it (on the replica's client, or one of its own). Requests that need
+/// it before its first list get Unavailable, so start-up does not wait for it.
+async fn start_node_authorizer(
+    config: &ServeConfig,
+    replica: Option<&Replica>,
+    metrics: &Metrics,
+    shutdown: &Shutdown,
+) -> Result<Option<Arc<NodeAuthorizer>>, String> {
+    if config.trusted_node_accounts.is_empty() {
+        return Ok(None);
+    }
+    let client = match replica {
+        Some(r) => r.client.clone(),
+        None => cluster::client(config.kubeconfig.as_deref()).await?,
+    };
+    let pods = Arc::new(PodIndex::default());
+    cluster::pods::watch(client, pods.clone(), shutdown.clone());
+    let _ = metrics.impersonation.pods.set(pods.clone());
+    tracing::info!(
+        trusted_node_accounts = ?config.trusted_node_accounts.names(),
+        "node impersonation enabled: watching pods in all namespaces"
+    );
+    Ok(Some(Arc::new(NodeAuthorizer::new(
+        config.trusted_node_accounts.clone(),
+        config.trust_domain.clone(),
+        pods,
+    ))))
+}
+
 /// The authenticators: client certificate first (renewal), then the token, verified locally
 /// against a JWKS or by the API server. Also returns the JWKS refresher to run when the keys
 /// come from the cluster.
@@ -256,13 +290,16 @@ async fn build_auth(
         } => {
             let client = cluster::client(config.kubeconfig.as_deref()).await?;
             tracing::info!(audiences = ?audiences, cache_ttl = %crate::duration::format(*cache_ttl), qps = limits.qps, burst = limits.burst, max_wait = %crate::duration::format(limits.max_wait), "TokenReview authentication enabled");
-            members.push(Arc::new(TokenReviewAuthenticator::new(
-                client,
-                audiences.clone(),
-                config.trust_domain.clone(),
-                clock.clone(),
-                *cache_ttl,
-                *limits,
+            members.push(Arc::new(LocalCluster::new(
+                config.cluster_id.clone(),
+                Arc::new(TokenReviewAuthenticator::new(
+                    client,
+                    audiences.clone(),
+                    config.trust_domain.clone(),
+                    clock.clone(),
+                    *cache_ttl,
+                    *limits,
+                )),
             )));
             return Ok((AuthChain::new(members), None));
         }
@@ -326,6 +363,6 @@ async fn build_auth(
             fetches: Default::default(),
         })
     });
-    members.push(jwt);
+    members.push(Arc::new(LocalCluster::new(config.cluster_id.clone(), jwt)));
     Ok((AuthChain::new(members), refresher))
 }

@@ -85,6 +85,7 @@ impl ClientCertAuthenticator {
             method: AuthMethod::ClientCert,
             pod_name: None,
             pod_uid: None,
+            node_name: None,
         })
     }
 }

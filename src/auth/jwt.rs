@@ -89,6 +89,7 @@ struct Claims {
 #[derive(Deserialize)]
 struct KubeClaims {
     pod: Option<NameUid>,
+    node: Option<NameUid>,
 }
 
 #[derive(Deserialize)]
@@ -106,6 +107,8 @@ pub struct TokenIdentity {
     pub pod_name: Option<String>,
     /// From the `kubernetes.io.pod.uid` claim, present in projected tokens.
     pub pod_uid: Option<String>,
+    /// From the `kubernetes.io.node.name` claim, present in tokens bound to a scheduled pod.
+    pub node_name: Option<String>,
     /// The token's `exp`, unix seconds.
     pub expires_at: i64,
 }
@@ -180,11 +183,15 @@ pub fn check_claims(
         .ok_or_else(|| JwtError::Subject("missing".into()))?;
     let service_account =
         ServiceAccount::from_username(&sub).map_err(|e| JwtError::Subject(e.to_string()))?;
-    let pod = claims.kubernetes.and_then(|k| k.pod);
+    let (pod, node) = match claims.kubernetes {
+        Some(k) => (k.pod, k.node),
+        None => (None, None),
+    };
     Ok(TokenIdentity {
         service_account,
         pod_name: pod.as_ref().and_then(|p| p.name.clone()),
         pod_uid: pod.and_then(|p| p.uid),
+        node_name: node.and_then(|n| n.name),
         expires_at: exp,
     })
 }
@@ -244,6 +251,7 @@ impl Authenticator for JwtAuthenticator {
                     method: AuthMethod::Jwt,
                     pod_name: t.pod_name,
                     pod_uid: t.pod_uid,
+                    node_name: t.node_name,
                 })
                 .map_err(|e| {
                     if matches!(e, JwtError::Jws(JwsError::UnknownKid(_))) {

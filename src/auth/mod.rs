@@ -6,9 +6,11 @@
 //! final Unauthenticated message explains every attempt.
 
 pub mod client_cert;
+pub mod cluster;
 pub mod jwks;
 pub mod jws;
 pub mod jwt;
+pub mod node;
 pub mod tokenreview;
 
 use std::fmt;
@@ -29,6 +31,9 @@ pub struct Credentials<'a> {
     pub bearer: Option<&'a str>,
     /// The TLS client certificate chain, leaf first, if the client presented one.
     pub peer_chain: Option<&'a [CertificateDer<'static>]>,
+    /// The `clusterid` header: which cluster the token says it comes from (see
+    /// [`cluster`]); `None` when absent or sent more than once.
+    pub cluster_id: Option<&'a str>,
 }
 
 impl fmt::Debug for Credentials<'_> {
@@ -41,6 +46,7 @@ impl fmt::Debug for Credentials<'_> {
                     .map(|t| format!("<redacted, {} bytes>", t.len())),
             )
             .field("peer_chain", &self.peer_chain.map(<[_]>::len))
+            .field("cluster_id", &self.cluster_id)
             .finish()
     }
 }
@@ -75,8 +81,11 @@ pub struct Caller {
     pub method: AuthMethod,
     /// The pod's name, when the token carries it (projected tokens do); for the audit log.
     pub pod_name: Option<String>,
-    /// The pod's UID, when the token carries it; for the audit log.
+    /// The pod's UID, when the token carries it; for the audit log and node impersonation.
     pub pod_uid: Option<String>,
+    /// The pod's node, when the token carries it (bound tokens since Kubernetes 1.32): node
+    /// impersonation checks it against the node the pod index says the pod is on.
+    pub node_name: Option<String>,
 }
 
 /// Why an authenticator refused a credential it found.
@@ -182,6 +191,7 @@ mod tests {
         let c = Credentials {
             bearer: Some(token),
             peer_chain: None,
+            cluster_id: None,
         };
         let shown = format!("{c:?} {c:#?}");
         assert!(!shown.contains(token), "{shown}");

@@ -102,5 +102,6 @@ impl JwksRefresher {
 
 pub mod controller;
 pub mod leader;
+pub mod pods;
 pub mod publish;
 pub mod replica;

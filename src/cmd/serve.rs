@@ -207,6 +207,37 @@ pub struct Args {
     /// long past the notAfter of its last leaf.
     #[arg(long, default_value = "2m", value_parser = clap_parse, value_name = "DUR")]
     pub clock_skew_margin: Duration,
+
+    /// Ambient mode: a service account (NAMESPACE/NAME, e.g. istio-system/ztunnel) whose pods
+    /// may ask for the certificate of any workload with a pod on their own node, naming it in
+    /// the ImpersonatedIdentity metadata. Repeat, or give a comma-separated list (also read
+    /// from CA_TRUSTED_NODE_ACCOUNTS, as istiod). Needs a cluster (--store kube, --auth
+    /// tokenreview or --jwks-from-cluster): citadel watches all pods (RBAC: pods list/watch).
+    /// Unset: impersonation is refused.
+    #[arg(long = "trusted-node-accounts", env = "CA_TRUSTED_NODE_ACCOUNTS", value_delimiter = ',',
+          value_name = "NS/SA", value_parser = parse_node_account)]
+    pub trusted_node_accounts: Vec<String>,
+
+    /// This cluster's name, as workloads send it in the `clusterid` header
+    /// (ISTIO_META_CLUSTER_ID). A token whose request names another cluster is refused
+    /// (Unauthenticated, naming it); an absent header means this cluster.
+    #[arg(
+        long,
+        env = "CLUSTER_ID",
+        default_value = "Kubernetes",
+        value_name = "ID"
+    )]
+    pub cluster_id: String,
+}
+
+/// Checks one `--trusted-node-accounts` entry at parse time, so a typo stops the start with
+/// the entry named (istiod only logs and skips it).
+fn parse_node_account(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if !s.is_empty() {
+        crate::auth::node::parse_account(s)?;
+    }
+    Ok(s.to_string())
 }
 
 impl Args {
@@ -302,6 +333,10 @@ impl Args {
                 },
             },
             kubeconfig: self.kubeconfig,
+            trusted_node_accounts: crate::auth::node::TrustedNodeAccounts::parse(
+                &self.trusted_node_accounts,
+            )?,
+            cluster_id: self.cluster_id,
         };
         config.validate()?;
         Ok(config)

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use tonic::{Code, Request, Response, Status};
 
+use crate::auth::node::{Impersonation, NodeAuthError, NodeAuthorizer, Refusal};
 use crate::auth::{AuthChain, AuthError, Caller, Credentials};
 use crate::ca::policy::{TtlError, TtlPolicy};
 use crate::ca::{Ca, SignError};
@@ -20,6 +21,10 @@ use super::metrics::Metrics;
 
 /// Metadata key ztunnel uses to ask for another workload's certificate.
 const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+
+/// The one answer to every refused impersonation, istiod's words: which check failed is for
+/// the server log only, so a caller cannot probe which pods run where.
+pub const IMPERSONATION_REFUSED: &str = "request impersonation authentication failure";
 
 /// Why a CreateCertificate failed; [`IssueError::status`] maps each to istiod's gRPC code.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +97,9 @@ pub struct CaService {
     pub inflight: Arc<tokio::sync::Semaphore>,
     /// Failed authentications per peer address (`Limits::auth_throttle`).
     pub throttle: Arc<super::throttle::AuthThrottle>,
+    /// Judges `ImpersonatedIdentity` requests (`--trusted-node-accounts`); `None` refuses
+    /// them all.
+    pub node_auth: Option<Arc<NodeAuthorizer>>,
 }
 
 fn bearer(req: &Request<IstioCertificateRequest>) -> Result<Option<&str>, IssueError> {
@@ -122,6 +130,42 @@ fn metadata_string<'a>(req: &'a IstioCertificateRequest, key: &str) -> Option<&'
 }
 
 impl CaService {
+    /// Judges an `ImpersonatedIdentity` request. A refusal is counted and logged with its
+    /// check, and answered with [`IMPERSONATION_REFUSED`] only.
+    fn impersonate(&self, caller: &Caller, requested: &str) -> Result<Impersonation, IssueError> {
+        let shown: String = requested.chars().take(256).collect();
+        let result = match &self.node_auth {
+            Some(a) => a.authorize(caller, requested),
+            None => Err(NodeAuthError::Denied(crate::auth::node::Denied {
+                reason: Refusal::Disabled,
+                detail: "no --trusted-node-accounts are configured".into(),
+            })),
+        };
+        match result {
+            Ok(granted) => Ok(granted),
+            Err(NodeAuthError::NotSynced) => {
+                tracing::warn!(caller = %caller.identity, requested = %shown, "impersonation cannot be judged yet: the pod index has not synced");
+                Err(IssueError::NotReady(
+                    "the pod index is not synced yet; retry shortly".into(),
+                ))
+            }
+            Err(NodeAuthError::Denied(d)) => {
+                self.metrics.id_extraction_err_count.inc();
+                self.metrics.impersonation.refused(d.reason);
+                tracing::warn!(
+                    caller = %caller.identity,
+                    auth = %caller.method,
+                    pod = caller.pod_name.as_deref().unwrap_or(""),
+                    requested = %shown,
+                    check = d.reason.label(),
+                    detail = %d.detail,
+                    "refused impersonation"
+                );
+                Err(IssueError::PermissionDenied(IMPERSONATION_REFUSED.into()))
+            }
+        }
+    }
+
     async fn issue(
         &self,
         req: &Request<IstioCertificateRequest>,
@@ -148,9 +192,16 @@ impl CaService {
             Ok(b) => (b, None),
             Err(e) => (None, Some(e)),
         };
+        // istiod reads `clusterid` only when sent exactly once.
+        let mut cluster_ids = req.metadata().get_all("clusterid").iter();
+        let cluster_id = match (cluster_ids.next(), cluster_ids.next()) {
+            (Some(v), None) => v.to_str().ok().filter(|v| !v.is_empty()),
+            _ => None,
+        };
         let creds = Credentials {
             bearer,
             peer_chain: peer_chain.as_ref().map(|c| c.as_slice()),
+            cluster_id,
         };
         let caller = self.auth.authenticate(creds).await.map_err(|e| {
             self.metrics.authentication_failure_count.inc();
@@ -167,20 +218,22 @@ impl CaService {
             }
         })?;
 
-        if let Some(other) = metadata_string(msg, IMPERSONATED_IDENTITY) {
-            if other != caller.identity.to_string() {
-                self.metrics.id_extraction_err_count.inc();
-                return Err(IssueError::PermissionDenied(format!(
-                    "{} may not request a certificate for {other:?}: impersonation is not supported",
-                    caller.identity
-                )));
+        // Naming the caller's own identity is a no-op; naming another is node impersonation.
+        let via_node = match metadata_string(msg, IMPERSONATED_IDENTITY) {
+            Some(other) if other != caller.identity.to_string() => {
+                Some(self.impersonate(&caller, other)?)
             }
-        }
+            _ => None,
+        };
+        let identity = match &via_node {
+            Some(i) => i.identity.clone(),
+            None => caller.identity.clone(),
+        };
 
         let ttl = self.ttl.resolve(msg.validity_duration)?;
         let csr = csr::parse_pem(msg.csr.as_bytes())
             .inspect_err(|_| self.metrics.csr_parsing_err_count.inc())?;
-        let want = caller.identity.to_string();
+        let want = identity.to_string();
         if let Some(other) = csr.uri_sans.iter().find(|u| **u != want) {
             self.metrics.id_extraction_err_count.inc();
             return Err(IssueError::PermissionDenied(format!(
@@ -200,7 +253,7 @@ impl CaService {
             )));
         }
         let issued = signer
-            .issue_workload(&csr.key, &caller.identity, self.clock.now(), ttl)
+            .issue_workload(&csr.key, &identity, self.clock.now(), ttl)
             .map_err(|e| match e {
                 SignError::Expired(at) => {
                     self.metrics.sign_error("ca_expired");
@@ -244,6 +297,8 @@ impl CaService {
         Ok((
             caller,
             IssueOutcome {
+                identity,
+                via_node,
                 serial_hex: issued.serial_hex,
                 not_after: issued.not_after,
                 key_kind: csr.key.kind().to_string(),
@@ -254,6 +309,10 @@ impl CaService {
 }
 
 struct IssueOutcome {
+    /// The identity the certificate carries: the caller's, or the one a node impersonated.
+    identity: crate::identity::SpiffeId,
+    /// Set when a node proxy asked on a workload's behalf.
+    via_node: Option<Impersonation>,
     serial_hex: String,
     not_after: time::OffsetDateTime,
     key_kind: String,
@@ -283,7 +342,9 @@ impl IstioCertificateService for CaService {
                     target: "citadel::audit",
                     event = "certificate_issued",
                     serial = %out.serial_hex,
-                    identity = %caller.identity,
+                    identity = %out.identity,
+                    caller = %caller.identity,
+                    node = out.via_node.as_ref().map(|i| i.node.as_str()).unwrap_or(""),
                     not_after = %out.not_after.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
                     key_type = %out.key_kind,
                     auth = %caller.method,
@@ -301,6 +362,9 @@ impl IstioCertificateService for CaService {
                     .status());
                 }
                 self.metrics.success_cert_issuance_count.inc();
+                if let Some(i) = &out.via_node {
+                    self.metrics.impersonation.issued(&i.node_account);
+                }
                 Ok(Response::new(IstioCertificateResponse {
                     cert_chain: out.chain,
                 }))

@@ -83,6 +83,60 @@ pub struct Metrics {
     pub latency: Histogram,
     /// Set with several replicas: whether this one leads.
     pub leader: std::sync::OnceLock<tokio::sync::watch::Receiver<bool>>,
+    /// Node impersonation (ambient mode): grants, refusals and the pod index.
+    pub impersonation: ImpersonationMetrics,
+}
+
+/// Node impersonation's metrics (`citadel_impersonation_*`, `citadel_pod_index_*`): which
+/// node accounts got certificates for others, and which check refused the rest.
+#[derive(Default)]
+pub struct ImpersonationMetrics {
+    refusals: [Counter; crate::auth::node::Refusal::ALL.len()],
+    /// Keyed by the node account (`ns/sa`): only listed accounts are ever granted, so the
+    /// label's cardinality is bounded by `--trusted-node-accounts`.
+    issued: Mutex<BTreeMap<String, u64>>,
+    /// The pod index, for its size and sync state; set when impersonation is configured.
+    pub pods: std::sync::OnceLock<std::sync::Arc<crate::auth::node::PodIndex>>,
+}
+
+impl ImpersonationMetrics {
+    /// Counts a refusal under its check's label.
+    pub fn refused(&self, reason: crate::auth::node::Refusal) {
+        if let Some(i) = crate::auth::node::Refusal::ALL
+            .iter()
+            .position(|r| *r == reason)
+        {
+            self.refusals[i].inc();
+        }
+    }
+
+    /// Counts a certificate issued to `node_account` for another workload.
+    pub fn issued(&self, node_account: &str) {
+        let mut m = self.issued.lock().unwrap_or_else(|e| e.into_inner());
+        match m.get_mut(node_account) {
+            Some(v) => *v += 1,
+            None => {
+                m.insert(node_account.to_string(), 1);
+            }
+        }
+    }
+
+    fn render(&self, out: &mut String) {
+        let name = "citadel_impersonation_refusals";
+        let _ = writeln!(out, "# HELP {name} Impersonation requests refused, by the check that failed (the caller only sees one vague message).\n# TYPE {name} counter");
+        for (r, c) in crate::auth::node::Refusal::ALL.iter().zip(&self.refusals) {
+            let _ = writeln!(out, "{name}{{reason=\"{}\"}} {}", r.label(), c.get());
+        }
+        let name = "citadel_impersonated_issuance_count";
+        let _ = writeln!(out, "# HELP {name} Certificates issued to a node account for a workload on its node.\n# TYPE {name} counter");
+        for (account, v) in self.issued.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(out, "{name}{{node_account=\"{account}\"}} {v}");
+        }
+        if let Some(p) = self.pods.get() {
+            let _ = writeln!(out, "# HELP citadel_pod_index_pods Pods (not Failed or Succeeded) in the node-impersonation index.\n# TYPE citadel_pod_index_pods gauge\ncitadel_pod_index_pods {}", p.len());
+            let _ = writeln!(out, "# HELP citadel_pod_index_synced 1 once the pod watch has delivered its first complete list.\n# TYPE citadel_pod_index_synced gauge\ncitadel_pod_index_synced {}", i32::from(p.is_synced()));
+        }
+    }
 }
 
 impl Metrics {
@@ -241,6 +295,7 @@ impl Metrics {
         if let Some(l) = self.leader.get() {
             let _ = writeln!(out, "# HELP citadel_leader 1 if this replica holds the leader lease.\n# TYPE citadel_leader gauge\ncitadel_leader {}", i32::from(*l.borrow()));
         }
+        self.impersonation.render(&mut out);
         let _ = writeln!(
             out,
             "# HELP citadel_build_info Build information.\n# TYPE citadel_build_info gauge\ncitadel_build_info{{version=\"{}\"}} 1",

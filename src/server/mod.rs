@@ -151,6 +151,8 @@ pub struct Server {
     pub sweep: Arc<crate::ca::revocation::SweepRequest>,
     /// Operator-tunable limits.
     pub limits: Limits,
+    /// Node impersonation (`--trusted-node-accounts`); `None` refuses it.
+    pub node_auth: Option<Arc<crate::auth::node::NodeAuthorizer>>,
 }
 
 /// What the readiness probe and metrics page look at.
@@ -220,6 +222,7 @@ impl Server {
             sweep: self.sweep,
             inflight: Arc::new(tokio::sync::Semaphore::new(self.limits.max_inflight)),
             throttle: Arc::new(throttle::AuthThrottle::new(self.limits.auth_throttle)),
+            node_auth: self.node_auth,
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let router = tonic::transport::Server::builder()

@@ -7,6 +7,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod agent;
+mod ambient;
 mod cli;
 mod envoy;
 mod errors;
@@ -15,6 +16,7 @@ mod kube;
 mod kube_abuse;
 mod kube_faults;
 mod lifecycle;
+mod multicluster;
 mod pilot_agent;
 mod properties;
 mod revocation;

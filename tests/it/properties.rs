@@ -101,6 +101,7 @@ fn no_accepted_csr_names_anyone_but_the_caller() {
         throttle: std::sync::Arc::new(citadel::server::throttle::AuthThrottle::new(
             Default::default(),
         )),
+        node_auth: None,
     };
     let token = bearer(&token("shop", "cart"));
     let me = "spiffe://cluster.local/ns/shop/sa/cart";

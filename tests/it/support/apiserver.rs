@@ -159,3 +159,91 @@ impl KubeEnv {
             .cloned()
     }
 }
+
+/// Nodes, pods bound to them and pod-bound tokens, for node impersonation (ambient mode).
+/// There is no kubelet or scheduler: a pod is "on" a node because its spec.nodeName says so.
+impl KubeEnv {
+    /// A Node object (no kubelet behind it).
+    pub async fn node(&self, name: &str) {
+        let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Node", "metadata": {"name": name}
+        }))
+        .unwrap();
+        Api::<k8s_openapi::api::core::v1::Node>::all(self.client.clone())
+            .create(&PostParams::default(), &node)
+            .await
+            .unwrap();
+    }
+
+    /// A pod of `sa` bound to `node` (unscheduled when `None`); returns its UID.
+    pub async fn pod_on(&self, ns: &str, name: &str, sa: &str, node: Option<&str>) -> String {
+        let mut spec = serde_json::json!({
+            "serviceAccountName": sa,
+            "automountServiceAccountToken": false,
+            "containers": [{"name": "app", "image": "registry.invalid/app:1"}]
+        });
+        if let Some(n) = node {
+            spec["nodeName"] = n.into();
+        }
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec
+        }))
+        .unwrap();
+        Api::<k8s_openapi::api::core::v1::Pod>::namespaced(self.client.clone(), ns)
+            .create(&PostParams::default(), &pod)
+            .await
+            .unwrap()
+            .metadata
+            .uid
+            .expect("a pod UID")
+    }
+
+    /// Deletes a pod at once (no kubelet to wait for).
+    pub async fn delete_pod(&self, ns: &str, name: &str) {
+        Api::<k8s_openapi::api::core::v1::Pod>::namespaced(self.client.clone(), ns)
+            .delete(name, &DeleteParams::default().grace_period(0))
+            .await
+            .unwrap();
+        // Pods without a kubelet may linger with a deletionTimestamp; wait until gone.
+        let api = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(self.client.clone(), ns);
+        crate::support::eventually("the pod is gone", 20, async || {
+            api.get_opt(name).await.unwrap().is_none()
+        })
+        .await;
+    }
+
+    /// Sets a pod's status.phase through the status subresource (Failed, Succeeded...).
+    pub async fn set_phase(&self, ns: &str, name: &str, phase: &str) {
+        let api = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(self.client.clone(), ns);
+        let patch = serde_json::json!({"status": {"phase": phase}});
+        api.patch_status(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    }
+
+    /// A token from the TokenRequest API bound to a pod, as kubelet projects ztunnel's.
+    pub async fn pod_token(&self, ns: &str, sa: &str, pod: &str, uid: &str) -> String {
+        let body = serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "spec": {
+                "audiences": ["istio-ca"], "expirationSeconds": 3600,
+                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": pod, "uid": uid}
+            }
+        });
+        let req = http::Request::post(format!(
+            "/api/v1/namespaces/{ns}/serviceaccounts/{sa}/token"
+        ))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&body).unwrap())
+        .unwrap();
+        let resp: serde_json::Value = self.client.request(req).await.unwrap();
+        resp["status"]["token"]
+            .as_str()
+            .expect("a token")
+            .to_string()
+    }
+}

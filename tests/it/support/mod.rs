@@ -383,6 +383,7 @@ pub fn dev_server(
         index: None,
         sweep: Default::default(),
         limits: citadel::server::Limits::default(),
+        node_auth: None,
     }
 }
 

@@ -1,0 +1,755 @@
+//! Node impersonation (ambient mode): a node proxy such as ztunnel, authenticated with its
+//! own service-account token, asks for the certificate of a workload on its node by naming it
+//! in the `ImpersonatedIdentity` metadata. istiod's rules (`CA_TRUSTED_NODE_ACCOUNTS`,
+//! security/pkg/server/ca/node_auth.go), plus a trust-domain check istiod leaves out:
+//!
+//! 1. the caller authenticated with a service-account token (a client certificate carries no
+//!    pod, so nothing ties it to a node), and its service account is listed;
+//! 2. the requested identity is `spiffe://<this trust domain>/ns/<ns>/sa/<sa>`;
+//! 3. the caller's pod exists with the name and UID its token carries, runs under the
+//!    caller's service account, and is scheduled on a node;
+//! 4. a pod of the requested service account is on that node and is neither Failed nor
+//!    Succeeded.
+//!
+//! Pods come from one watch kept in memory ([`PodIndex`], filled by `cluster::pods`), never
+//! from an API call per request, so a flood of impersonation requests costs the API server
+//! nothing. The index keeps only name, UID, service account and node per pod.
+//!
+//! Every refusal names its [`Refusal`] reason for the server log and the metrics; the caller
+//! only ever gets one vague message (istiod's choice: an attacker learns nothing about which
+//! check failed, e.g. whether a pod exists on some node).
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::RwLock;
+
+use super::{AuthMethod, Caller};
+use crate::identity::{ServiceAccount, SpiffeId, TrustDomain};
+
+/// The service accounts allowed to impersonate (`--trusted-node-accounts`,
+/// `CA_TRUSTED_NODE_ACCOUNTS`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedNodeAccounts(HashSet<ServiceAccount>);
+
+impl TrustedNodeAccounts {
+    /// The accounts `entries` name, each `<namespace>/<service account>`. Unlike istiod,
+    /// which logs and skips a malformed entry, a malformed entry is an error: a typo would
+    /// otherwise silently break every ambient workload's certificate.
+    pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<Self, String> {
+        let mut set = HashSet::new();
+        for e in entries {
+            let e = e.as_ref().trim();
+            if e.is_empty() {
+                continue;
+            }
+            set.insert(parse_account(e)?);
+        }
+        Ok(Self(set))
+    }
+
+    /// Whether no account may impersonate (the default: impersonation is refused).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether `sa` is listed.
+    pub fn contains(&self, sa: &ServiceAccount) -> bool {
+        self.0.contains(sa)
+    }
+
+    /// The listed accounts as `ns/sa`, sorted (for the startup log).
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .0
+            .iter()
+            .map(|s| format!("{}/{}", s.namespace, s.name))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// One `--trusted-node-accounts` entry, `<namespace>/<service account>`.
+pub fn parse_account(entry: &str) -> Result<ServiceAccount, String> {
+    let bad = |why: &str| {
+        format!(
+            "--trusted-node-accounts / CA_TRUSTED_NODE_ACCOUNTS entry {:?}: {why}; expected \
+             NAMESPACE/SERVICE_ACCOUNT, e.g. istio-system/ztunnel",
+            entry.chars().take(200).collect::<String>()
+        )
+    };
+    let (ns, sa) = entry
+        .split_once('/')
+        .ok_or_else(|| bad("no '/' between namespace and service account"))?;
+    ServiceAccount::new(ns, sa).map_err(|e| bad(&e.to_string()))
+}
+
+/// What the index keeps of one pod: about 100 bytes of strings plus map overhead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRecord {
+    /// `metadata.namespace`.
+    pub namespace: String,
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.uid`.
+    pub uid: String,
+    /// `spec.serviceAccountName`.
+    pub service_account: String,
+    /// `spec.nodeName`; `None` until the pod is scheduled.
+    pub node: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct PodEntry {
+    uid: Box<str>,
+    service_account: Box<str>,
+    node: Option<Box<str>>,
+}
+
+/// namespace -> service account -> number of pods (on one node).
+type AccountCounts = HashMap<Box<str>, HashMap<Box<str>, u32>>;
+
+/// Pods by namespace and name, and how many pods of each service account each node runs.
+#[derive(Default)]
+struct Pods {
+    /// namespace -> pod name -> entry.
+    by_name: HashMap<Box<str>, HashMap<Box<str>, PodEntry>>,
+    /// node -> namespace -> service account -> number of pods.
+    on_node: HashMap<Box<str>, AccountCounts>,
+    len: usize,
+}
+
+impl Pods {
+    fn count(&mut self, node: &str, ns: &str, sa: &str, add: bool) {
+        if add {
+            *self
+                .on_node
+                .entry(node.into())
+                .or_default()
+                .entry(ns.into())
+                .or_default()
+                .entry(sa.into())
+                .or_default() += 1;
+            return;
+        }
+        let Some(by_ns) = self.on_node.get_mut(node) else {
+            return;
+        };
+        if let Some(by_sa) = by_ns.get_mut(ns) {
+            if let Some(n) = by_sa.get_mut(sa) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    by_sa.remove(sa);
+                }
+            }
+            if by_sa.is_empty() {
+                by_ns.remove(ns);
+            }
+        }
+        if by_ns.is_empty() {
+            self.on_node.remove(node);
+        }
+    }
+
+    fn remove(&mut self, ns: &str, name: &str) {
+        let Some(pods) = self.by_name.get_mut(ns) else {
+            return;
+        };
+        let Some(old) = pods.remove(name) else {
+            return;
+        };
+        if pods.is_empty() {
+            self.by_name.remove(ns);
+        }
+        self.len -= 1;
+        if let Some(node) = &old.node {
+            self.count(node, ns, &old.service_account, false);
+        }
+    }
+
+    fn upsert(&mut self, p: PodRecord) {
+        self.remove(&p.namespace, &p.name);
+        if let Some(node) = &p.node {
+            self.count(node, &p.namespace, &p.service_account, true);
+        }
+        self.by_name
+            .entry(p.namespace.into_boxed_str())
+            .or_default()
+            .insert(
+                p.name.into_boxed_str(),
+                PodEntry {
+                    uid: p.uid.into_boxed_str(),
+                    service_account: p.service_account.into_boxed_str(),
+                    node: p.node.map(String::into_boxed_str),
+                },
+            );
+        self.len += 1;
+    }
+}
+
+/// The pods of the cluster that are not Failed or Succeeded, kept current by one watch.
+///
+/// Readers take a read lock for two hash lookups; the watch takes the write lock per event,
+/// and once to swap in a complete relist.
+#[derive(Default)]
+pub struct PodIndex {
+    pods: RwLock<Pods>,
+    synced: AtomicBool,
+}
+
+impl PodIndex {
+    /// Adds or replaces a pod (the watch saw it created or changed).
+    pub fn apply(&self, pod: PodRecord) {
+        self.write().upsert(pod);
+    }
+
+    /// Forgets a pod (deleted, or no longer matching: it became Failed or Succeeded).
+    pub fn delete(&self, namespace: &str, name: &str) {
+        self.write().remove(namespace, name);
+    }
+
+    /// Replaces everything with a complete list (the watch's initial list or a relist), and
+    /// marks the index synced: until the first list, requests cannot be judged.
+    pub fn replace_all(&self, pods: impl IntoIterator<Item = PodRecord>) {
+        let mut fresh = Pods::default();
+        for p in pods {
+            fresh.upsert(p);
+        }
+        *self.write() = fresh;
+        self.synced.store(true, Ordering::Release);
+    }
+
+    /// Whether the first complete list has arrived.
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    /// Pods indexed.
+    pub fn len(&self) -> usize {
+        self.read().len
+    }
+
+    /// Whether no pod is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The heap the index holds, by accounting: every map's table (capacity times key,
+    /// value and control byte) and every string's bytes. Allocator overhead per allocation
+    /// (about 16 bytes for each of the ~4 strings per pod) is not included.
+    pub fn heap_bytes(&self) -> usize {
+        use std::mem::size_of;
+        fn table<K, V>(m: &HashMap<K, V>) -> usize {
+            m.capacity() * (size_of::<K>() + size_of::<V>() + 1)
+        }
+        let p = self.read();
+        let mut n = table(&p.by_name) + table(&p.on_node);
+        for (ns, pods) in &p.by_name {
+            n += ns.len() + table(pods);
+            for (name, e) in pods {
+                n += name.len() + e.uid.len() + e.service_account.len();
+                n += e.node.as_ref().map_or(0, |x| x.len());
+            }
+        }
+        for (node, by_ns) in &p.on_node {
+            n += node.len() + table(by_ns);
+            for (ns, by_sa) in by_ns {
+                n += ns.len() + table(by_sa) + by_sa.keys().map(|k| k.len()).sum::<usize>();
+            }
+        }
+        n
+    }
+
+    /// The caller pod `namespace/name`: its UID, service account and node.
+    fn pod(&self, namespace: &str, name: &str) -> Option<PodEntry> {
+        self.read().by_name.get(namespace)?.get(name).cloned()
+    }
+
+    /// Whether `node` runs a pod of `sa`.
+    pub fn runs_on(&self, node: &str, sa: &ServiceAccount) -> bool {
+        self.read()
+            .on_node
+            .get(node)
+            .and_then(|n| n.get(sa.namespace.as_str()))
+            .and_then(|n| n.get(sa.name.as_str()))
+            .is_some_and(|c| *c > 0)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Pods> {
+        self.pods.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Pods> {
+        self.pods.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Which check refused an impersonation: logged, and the `reason` label of
+/// `citadel_impersonation_refusals` (a fixed set, so the label's cardinality is bounded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `--trusted-node-accounts` is empty: impersonation is off.
+    Disabled,
+    /// The caller authenticated with a client certificate, which names no pod.
+    NotTokenAuthenticated,
+    /// The caller's service account is not listed.
+    UntrustedAccount,
+    /// The requested identity is not a SPIFFE ID, or not of the form `ns/<ns>/sa/<sa>`.
+    MalformedIdentity,
+    /// The requested identity is in another trust domain.
+    ForeignTrustDomain,
+    /// The caller's token carries no pod name or UID (not a pod-bound token).
+    NoPodInToken,
+    /// No (running) pod has the name the caller's token carries.
+    CallerPodNotFound,
+    /// The pod of that name has another UID (deleted and re-created).
+    CallerPodUidMismatch,
+    /// The pod runs under another service account than the caller's.
+    CallerPodAccountMismatch,
+    /// The caller's pod is not scheduled, or its token names another node.
+    CallerNodeUnknown,
+    /// No pod of the requested service account (that is not Failed or Succeeded) is on the
+    /// caller's node.
+    NotOnNode,
+}
+
+impl Refusal {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Disabled => "disabled",
+            Refusal::NotTokenAuthenticated => "not_token_authenticated",
+            Refusal::UntrustedAccount => "untrusted_account",
+            Refusal::MalformedIdentity => "malformed_identity",
+            Refusal::ForeignTrustDomain => "foreign_trust_domain",
+            Refusal::NoPodInToken => "no_pod_in_token",
+            Refusal::CallerPodNotFound => "caller_pod_not_found",
+            Refusal::CallerPodUidMismatch => "caller_pod_uid_mismatch",
+            Refusal::CallerPodAccountMismatch => "caller_pod_account_mismatch",
+            Refusal::CallerNodeUnknown => "caller_node_unknown",
+            Refusal::NotOnNode => "not_on_node",
+        }
+    }
+
+    /// Every reason, for rendering all metric series from the start.
+    pub const ALL: [Refusal; 11] = [
+        Refusal::Disabled,
+        Refusal::NotTokenAuthenticated,
+        Refusal::UntrustedAccount,
+        Refusal::MalformedIdentity,
+        Refusal::ForeignTrustDomain,
+        Refusal::NoPodInToken,
+        Refusal::CallerPodNotFound,
+        Refusal::CallerPodUidMismatch,
+        Refusal::CallerPodAccountMismatch,
+        Refusal::CallerNodeUnknown,
+        Refusal::NotOnNode,
+    ];
+}
+
+/// A refused impersonation: the check, and details for the server log only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denied {
+    /// The check that failed.
+    pub reason: Refusal,
+    /// What exactly did not hold (names pods and nodes: never sent to the caller).
+    pub detail: String,
+}
+
+impl fmt::Display for Denied {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.reason.label(), self.detail)
+    }
+}
+
+/// Why an impersonation could not be judged or was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeAuthError {
+    /// The pod watch has not delivered its first complete list: retry (Unavailable).
+    NotSynced,
+    /// A check failed (PermissionDenied, with one vague message).
+    Denied(Denied),
+}
+
+/// A granted impersonation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Impersonation {
+    /// The identity the certificate carries.
+    pub identity: SpiffeId,
+    /// The node both pods are on.
+    pub node: String,
+    /// The caller's service account, `ns/sa` (the label of the issuance metric).
+    pub node_account: String,
+}
+
+/// Judges impersonation requests against the trusted accounts and the pod index.
+pub struct NodeAuthorizer {
+    trusted: TrustedNodeAccounts,
+    trust_domain: TrustDomain,
+    pods: std::sync::Arc<PodIndex>,
+}
+
+impl NodeAuthorizer {
+    /// An authorizer for `trusted` accounts over `pods`, issuing in `trust_domain`.
+    pub fn new(
+        trusted: TrustedNodeAccounts,
+        trust_domain: TrustDomain,
+        pods: std::sync::Arc<PodIndex>,
+    ) -> Self {
+        Self {
+            trusted,
+            trust_domain,
+            pods,
+        }
+    }
+
+    /// The index this authorizer reads (for metrics).
+    pub fn pods(&self) -> &std::sync::Arc<PodIndex> {
+        &self.pods
+    }
+
+    /// Whether `caller` may get a certificate for `requested`; istiod's checks in its order
+    /// (account, identity, caller pod, node), the cheap ones first.
+    pub fn authorize(
+        &self,
+        caller: &Caller,
+        requested: &str,
+    ) -> Result<Impersonation, NodeAuthError> {
+        let deny = |reason, detail: String| NodeAuthError::Denied(Denied { reason, detail });
+        if self.trusted.is_empty() {
+            return Err(deny(
+                Refusal::Disabled,
+                "no --trusted-node-accounts are configured".into(),
+            ));
+        }
+        if caller.method == AuthMethod::ClientCert {
+            return Err(deny(
+                Refusal::NotTokenAuthenticated,
+                format!(
+                    "{} authenticated with a client certificate, which names no pod",
+                    caller.identity
+                ),
+            ));
+        }
+        let caller_sa = caller
+            .identity
+            .service_account()
+            .filter(|sa| self.trusted.contains(sa))
+            .ok_or_else(|| {
+                deny(
+                    Refusal::UntrustedAccount,
+                    format!("{} is not a trusted node account", caller.identity),
+                )
+            })?;
+        let shown: String = requested.chars().take(256).collect();
+        let identity = SpiffeId::parse(requested).map_err(|e| {
+            deny(
+                Refusal::MalformedIdentity,
+                format!("requested identity: {e}"),
+            )
+        })?;
+        if identity.trust_domain() != &self.trust_domain {
+            return Err(deny(
+                Refusal::ForeignTrustDomain,
+                format!(
+                    "requested {shown:?} is not in trust domain {}",
+                    self.trust_domain
+                ),
+            ));
+        }
+        let target = identity.service_account().ok_or_else(|| {
+            deny(
+                Refusal::MalformedIdentity,
+                format!("requested {shown:?} is not of the form ns/<ns>/sa/<sa>"),
+            )
+        })?;
+        if !self.pods.is_synced() {
+            return Err(NodeAuthError::NotSynced);
+        }
+        let (Some(pod_name), Some(pod_uid)) = (&caller.pod_name, &caller.pod_uid) else {
+            return Err(deny(
+                Refusal::NoPodInToken,
+                format!(
+                    "the token of {} is not bound to a pod (no pod name and UID)",
+                    caller.identity
+                ),
+            ));
+        };
+        let ns = &caller_sa.namespace;
+        let pod = self.pods.pod(ns, pod_name).ok_or_else(|| {
+            deny(
+                Refusal::CallerPodNotFound,
+                format!("caller pod {ns}/{pod_name} not found (or Failed/Succeeded)"),
+            )
+        })?;
+        if *pod.uid != **pod_uid {
+            // A pod re-created under the same name while the caller still holds the old
+            // pod's token; istiod notes this is eventually consistent, the client retries.
+            return Err(deny(
+                Refusal::CallerPodUidMismatch,
+                format!(
+                    "caller pod {ns}/{pod_name} has UID {} but the token names {pod_uid}",
+                    pod.uid
+                ),
+            ));
+        }
+        if *pod.service_account != *caller_sa.name {
+            return Err(deny(
+                Refusal::CallerPodAccountMismatch,
+                format!(
+                    "caller pod {ns}/{pod_name} runs as {} but the token is {}",
+                    pod.service_account, caller_sa.name
+                ),
+            ));
+        }
+        let Some(node) = pod.node.as_deref() else {
+            return Err(deny(
+                Refusal::CallerNodeUnknown,
+                format!("caller pod {ns}/{pod_name} is not scheduled on a node"),
+            ));
+        };
+        if let Some(claimed) = caller.node_name.as_deref() {
+            if claimed != node {
+                return Err(deny(
+                    Refusal::CallerNodeUnknown,
+                    format!(
+                        "caller pod {ns}/{pod_name} is on {node} but its token names {claimed}"
+                    ),
+                ));
+            }
+        }
+        if !self.pods.runs_on(node, &target) {
+            return Err(deny(
+                Refusal::NotOnNode,
+                format!(
+                    "no pod of {}/{} is on node {node}",
+                    target.namespace, target.name
+                ),
+            ));
+        }
+        Ok(Impersonation {
+            identity,
+            node: node.to_string(),
+            node_account: format!("{}/{}", caller_sa.namespace, caller_sa.name),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn rec(ns: &str, name: &str, uid: &str, sa: &str, node: Option<&str>) -> PodRecord {
+        PodRecord {
+            namespace: ns.into(),
+            name: name.into(),
+            uid: uid.into(),
+            service_account: sa.into(),
+            node: node.map(Into::into),
+        }
+    }
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("cluster.local").unwrap()
+    }
+
+    fn ztunnel(method: AuthMethod, pod: Option<(&str, &str)>) -> Caller {
+        Caller {
+            identity: td()
+                .service_account_id(&ServiceAccount::new("istio-system", "ztunnel").unwrap()),
+            method,
+            pod_name: pod.map(|p| p.0.to_string()),
+            pod_uid: pod.map(|p| p.1.to_string()),
+            node_name: None,
+        }
+    }
+
+    fn setup() -> NodeAuthorizer {
+        let pods = Arc::new(PodIndex::default());
+        pods.replace_all([
+            rec("istio-system", "zt-1", "u1", "ztunnel", Some("n1")),
+            rec("istio-system", "zt-2", "u2", "ztunnel", Some("n2")),
+            rec("istio-system", "zt-pending", "u3", "ztunnel", None),
+            rec("istio-system", "other", "u4", "other", Some("n1")),
+            rec("shop", "cart-1", "c1", "cart", Some("n1")),
+            rec("shop", "pay-1", "p1", "pay", Some("n2")),
+        ]);
+        NodeAuthorizer::new(
+            TrustedNodeAccounts::parse(&["istio-system/ztunnel"]).unwrap(),
+            td(),
+            pods,
+        )
+    }
+
+    fn refusal(r: Result<Impersonation, NodeAuthError>) -> Refusal {
+        match r {
+            Err(NodeAuthError::Denied(d)) => d.reason,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn grants_only_what_runs_on_the_callers_node() {
+        let a = setup();
+        let c = ztunnel(AuthMethod::TokenReview, Some(("zt-1", "u1")));
+        let ok = a
+            .authorize(&c, "spiffe://cluster.local/ns/shop/sa/cart")
+            .unwrap();
+        assert_eq!(
+            ok.identity.to_string(),
+            "spiffe://cluster.local/ns/shop/sa/cart"
+        );
+        assert_eq!(ok.node, "n1");
+        assert_eq!(ok.node_account, "istio-system/ztunnel");
+        let cases: Vec<(Caller, &str, Refusal)> = vec![
+            (
+                c.clone(),
+                "spiffe://cluster.local/ns/shop/sa/pay",
+                Refusal::NotOnNode,
+            ),
+            (
+                c.clone(),
+                "spiffe://evil.example/ns/shop/sa/cart",
+                Refusal::ForeignTrustDomain,
+            ),
+            (
+                c.clone(),
+                "spiffe://cluster.local/ns/shop",
+                Refusal::MalformedIdentity,
+            ),
+            (c.clone(), "not a spiffe id", Refusal::MalformedIdentity),
+            (
+                c.clone(),
+                "spiffe://cluster.local/ns/shop/sa/cart/x",
+                Refusal::MalformedIdentity,
+            ),
+            (
+                ztunnel(AuthMethod::ClientCert, Some(("zt-1", "u1"))),
+                "spiffe://cluster.local/ns/shop/sa/cart",
+                Refusal::NotTokenAuthenticated,
+            ),
+            (
+                ztunnel(AuthMethod::Jwt, None),
+                "spiffe://cluster.local/ns/shop/sa/cart",
+                Refusal::NoPodInToken,
+            ),
+            (
+                ztunnel(AuthMethod::Jwt, Some(("zt-9", "u9"))),
+                "spiffe://cluster.local/ns/shop/sa/cart",
+                Refusal::CallerPodNotFound,
+            ),
+            (
+                ztunnel(AuthMethod::Jwt, Some(("zt-1", "u2"))),
+                "spiffe://cluster.local/ns/shop/sa/cart",
+                Refusal::CallerPodUidMismatch,
+            ),
+            (
+                ztunnel(AuthMethod::Jwt, Some(("other", "u4"))),
+                "spiffe://cluster.local/ns/shop/sa/cart",
+                Refusal::CallerPodAccountMismatch,
+            ),
+            (
+                ztunnel(AuthMethod::Jwt, Some(("zt-pending", "u3"))),
+                "spiffe://cluster.local/ns/shop/sa/cart",
+                Refusal::CallerNodeUnknown,
+            ),
+            (
+                Caller {
+                    node_name: Some("n2".into()),
+                    ..c.clone()
+                },
+                "spiffe://cluster.local/ns/shop/sa/cart",
+                Refusal::CallerNodeUnknown,
+            ),
+            (
+                Caller {
+                    identity: td()
+                        .service_account_id(&ServiceAccount::new("shop", "cart").unwrap()),
+                    ..c.clone()
+                },
+                "spiffe://cluster.local/ns/shop/sa/cart",
+                Refusal::UntrustedAccount,
+            ),
+        ];
+        for (caller, req, want) in cases {
+            assert_eq!(
+                refusal(a.authorize(&caller, req)),
+                want,
+                "{req} by {caller:?}"
+            );
+        }
+        // The details never leave the server, but they name the check.
+        let Err(NodeAuthError::Denied(d)) =
+            a.authorize(&c, "spiffe://cluster.local/ns/shop/sa/pay")
+        else {
+            panic!()
+        };
+        assert!(d.to_string().contains("n1"), "{d}");
+    }
+
+    #[test]
+    fn disabled_and_unsynced() {
+        let a = NodeAuthorizer::new(TrustedNodeAccounts::default(), td(), Arc::default());
+        let c = ztunnel(AuthMethod::TokenReview, Some(("zt-1", "u1")));
+        assert_eq!(
+            refusal(a.authorize(&c, "spiffe://cluster.local/ns/shop/sa/cart")),
+            Refusal::Disabled
+        );
+        let a = NodeAuthorizer::new(
+            TrustedNodeAccounts::parse(&["istio-system/ztunnel"]).unwrap(),
+            td(),
+            Arc::default(),
+        );
+        assert_eq!(
+            a.authorize(&c, "spiffe://cluster.local/ns/shop/sa/cart"),
+            Err(NodeAuthError::NotSynced)
+        );
+    }
+
+    #[test]
+    fn the_index_follows_moves_updates_and_deletes() {
+        let pods = PodIndex::default();
+        pods.replace_all([]);
+        let cart = ServiceAccount::new("shop", "cart").unwrap();
+        pods.apply(rec("shop", "cart-1", "c1", "cart", None));
+        assert!(!pods.runs_on("n1", &cart), "not scheduled yet");
+        pods.apply(rec("shop", "cart-1", "c1", "cart", Some("n1")));
+        pods.apply(rec("shop", "cart-2", "c2", "cart", Some("n1")));
+        assert!(pods.runs_on("n1", &cart));
+        assert_eq!(pods.len(), 2);
+        pods.delete("shop", "cart-1");
+        assert!(pods.runs_on("n1", &cart), "cart-2 is still there");
+        pods.delete("shop", "cart-2");
+        pods.delete("shop", "cart-2");
+        assert!(!pods.runs_on("n1", &cart));
+        assert!(pods.is_empty());
+        let inner = pods.read();
+        assert!(
+            inner.on_node.is_empty() && inner.by_name.is_empty(),
+            "no empty maps left behind"
+        );
+    }
+
+    #[test]
+    fn trusted_accounts_parse_strictly() {
+        let t =
+            TrustedNodeAccounts::parse(&["istio-system/ztunnel", " kube-system/node-proxy ", ""])
+                .unwrap();
+        assert_eq!(
+            t.names(),
+            vec!["istio-system/ztunnel", "kube-system/node-proxy"]
+        );
+        for bad in [
+            "ztunnel",
+            "istio-system/",
+            "/ztunnel",
+            "Istio/ztunnel",
+            "a/b/c",
+        ] {
+            let e = TrustedNodeAccounts::parse(&[bad]).unwrap_err();
+            assert!(e.contains("NAMESPACE/SERVICE_ACCOUNT"), "{bad}: {e}");
+        }
+    }
+}
