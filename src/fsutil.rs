@@ -8,6 +8,15 @@ use std::path::Path;
 /// Writes `bytes` to `path` with `mode`: temp file in the same directory, fsync, rename over
 /// the target, fsync the directory. A crash leaves the old file or the new one, never half.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    write_atomic_with(path, mode, &mut |f| f.write_all(bytes))
+}
+
+/// [`write_atomic`] for content produced by `fill` (streamed, never all in memory).
+pub fn write_atomic_with(
+    path: &Path,
+    mode: u32,
+    fill: &mut dyn FnMut(&mut File) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -23,7 +32,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
             .open(&tmp)?;
         // The umask may have narrowed the mode; set it exactly.
         f.set_permissions(fs::Permissions::from_mode(mode))?;
-        f.write_all(bytes)?;
+        fill(&mut f)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
         File::open(dir)?.sync_all()

@@ -153,11 +153,9 @@ impl Scheduler {
             return Ok(None);
         }
         let now = self.clock.now();
-        let live: Vec<_> = match index.live(now.unix_timestamp()) {
-            Ok(l) => l
-                .into_iter()
-                .filter(|e| denied.contains(&e.identity))
-                .collect(),
+        let live: Vec<_> = match index.live(now.unix_timestamp(), &|e| denied.contains(&e.identity))
+        {
+            Ok(l) => l,
             Err(e) => {
                 if asked {
                     self.sweep.request();

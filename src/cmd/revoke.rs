@@ -96,12 +96,12 @@ pub async fn run(args: Args) -> CmdResult {
     let store = FileStore::open(&args.state_dir).map_err(|e| e.to_string())?;
     let index = FileIndex::new(&args.state_dir);
     let now = crate::clock::system().now();
-    let live = index
-        .live(now.unix_timestamp())
-        .map_err(|e| e.to_string())?;
     if let Some(raw) = &args.serial {
         let serial = normalize_serial(raw).ok_or_else(|| format!("{raw:?} is not a certificate serial: expected up to 20 bytes of hex, e.g. 3a:9f:0c or 3a9f0c"))?;
-        let entry = live.iter().find(|e| e.serial == serial).cloned().ok_or_else(|| {
+        let live = index
+            .live(now.unix_timestamp(), &|e| e.serial == serial)
+            .map_err(|e| e.to_string())?;
+        let entry = live.first().cloned().ok_or_else(|| {
             format!("no live certificate with serial {serial} in {}: it may have expired (nothing to revoke) or come from another CA", index_path(&args))
         })?;
         update_journal(&store, |j| {
@@ -118,6 +118,10 @@ pub async fn run(args: Args) -> CmdResult {
         );
     } else if let Some(raw) = &args.identity {
         let id = SpiffeId::parse(raw).map_err(|e| e.to_string())?;
+        let wanted = id.to_string();
+        let live = index
+            .live(now.unix_timestamp(), &|e| e.identity == wanted)
+            .map_err(|e| e.to_string())?;
         let (n, _) = update_journal(&store, |j| {
             if id.trust_domain().as_str() != j.trust_domain {
                 return Err(format!(

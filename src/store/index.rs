@@ -66,8 +66,13 @@ pub trait IssuanceIndex: Send + Sync {
     /// Records one certificate; the issue path calls it after signing and refuses the certificate
     /// if it fails.
     fn record(&self, e: &IssuedEntry) -> Result<(), StoreError>;
-    /// Every entry still valid at `now`.
-    fn live(&self, now: i64) -> Result<Vec<IssuedEntry>, StoreError>;
+    /// The entries still valid at `now` that `keep` accepts. Read as a stream: memory grows
+    /// with what is kept, not with the index (millions of entries at mesh scale).
+    fn live(
+        &self,
+        now: i64,
+        keep: &dyn Fn(&IssuedEntry) -> bool,
+    ) -> Result<Vec<IssuedEntry>, StoreError>;
     /// Drops expired entries; returns how many remain.
     fn prune(&self, now: i64) -> Result<usize, StoreError>;
 }
@@ -152,18 +157,21 @@ impl FileIndex {
         Ok(open)
     }
 
-    fn read_all(&self) -> Result<Vec<IssuedEntry>, StoreError> {
+    /// Calls `each` with every well-formed entry, reading line by line. A torn or garbled
+    /// line (a crash mid-write) is skipped, and reading goes on past it.
+    fn scan(&self, mut each: impl FnMut(IssuedEntry)) -> Result<(), StoreError> {
         let f = match File::open(&self.path) {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(io(&self.path, e)),
         };
-        // A torn last line (crash mid-write) is skipped, not fatal.
-        Ok(BufReader::new(f)
-            .lines()
-            .map_while(Result::ok)
-            .filter_map(|l| IssuedEntry::parse(&l))
-            .collect())
+        for line in BufReader::new(f).split(b'\n') {
+            let line = line.map_err(|e| io(&self.path, e))?;
+            if let Some(e) = std::str::from_utf8(&line).ok().and_then(IssuedEntry::parse) {
+                each(e);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -198,21 +206,44 @@ impl IssuanceIndex for FileIndex {
         }
     }
 
-    fn live(&self, now: i64) -> Result<Vec<IssuedEntry>, StoreError> {
-        Ok(self
-            .read_all()?
-            .into_iter()
-            .filter(|e| e.not_after >= now)
-            .collect())
+    fn live(
+        &self,
+        now: i64,
+        keep: &dyn Fn(&IssuedEntry) -> bool,
+    ) -> Result<Vec<IssuedEntry>, StoreError> {
+        let mut out = Vec::new();
+        self.scan(|e| {
+            if e.not_after >= now && keep(&e) {
+                out.push(e)
+            }
+        })?;
+        Ok(out)
     }
 
     fn prune(&self, now: i64) -> Result<usize, StoreError> {
         let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        let keep = self.live(now)?;
-        let body: String = keep.iter().map(IssuedEntry::line).collect();
-        fsutil::write_atomic(&self.path, body.as_bytes(), 0o600).map_err(|e| io(&self.path, e))?;
+        // Streamed into the replacement file: pruning ten million entries holds one line.
+        let mut kept = 0;
+        let mut failed = None;
+        fsutil::write_atomic_with(&self.path, 0o600, &mut |w| {
+            let mut w = std::io::BufWriter::new(w);
+            self.scan(|e| {
+                if failed.is_none() && e.not_after >= now {
+                    kept += 1;
+                    if let Err(err) = w.write_all(e.line().as_bytes()) {
+                        failed = Some(err);
+                    }
+                }
+            })
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+            match failed.take() {
+                Some(err) => Err(err),
+                None => w.flush(),
+            }
+        })
+        .map_err(|e| io(&self.path, e))?;
         *guard = Some(self.open()?);
-        Ok(keep.len())
+        Ok(kept)
     }
 }
 
@@ -256,7 +287,31 @@ mod tests {
                 meta.blocks()
             );
         }
-        assert_eq!(idx.live(0).unwrap().len(), 1);
+        assert_eq!(idx.live(0, &|_| true).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_garbled_line_is_skipped_and_reading_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = FileIndex::new(dir.path());
+        idx.record(&e("aa", "spiffe://td/ns/a/sa/b", 100)).unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(INDEX_FILE))
+            .unwrap()
+            .write_all(b"\xff\xfe torn\n")
+            .unwrap();
+        idx.record(&e("bb", "spiffe://td/ns/a/sa/c", 200)).unwrap();
+        let all = idx.live(0, &|_| true).unwrap();
+        assert_eq!(
+            all.len(),
+            2,
+            "the entry after the garbage is still found: {all:?}"
+        );
+        let only = idx.live(0, &|x| x.identity.ends_with("/c")).unwrap();
+        assert_eq!(only, vec![e("bb", "spiffe://td/ns/a/sa/c", 200)]);
+        assert_eq!(idx.prune(150).unwrap(), 1);
+        assert_eq!(idx.live(0, &|_| true).unwrap().len(), 1);
     }
 
     #[test]
@@ -272,13 +327,13 @@ mod tests {
             .write_all(b"cc spiffe://x 3")
             .unwrap();
         assert_eq!(
-            idx.live(150).unwrap(),
+            idx.live(150, &|_| true).unwrap(),
             vec![e("bb", "spiffe://td/ns/a/sa/c", 200)]
         );
         assert_eq!(idx.prune(150).unwrap(), 1);
         idx.record(&e("dd", "spiffe://td/ns/a/sa/d", 300)).unwrap();
         assert_eq!(
-            idx.live(0).unwrap().len(),
+            idx.live(0, &|_| true).unwrap().len(),
             2,
             "appends continue after a prune"
         );
