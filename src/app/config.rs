@@ -10,6 +10,7 @@ use std::time::Duration;
 use crate::auth::tokenreview::ReviewLimits;
 use crate::ca::bootstrap::CaOptions;
 use crate::ca::policy::{RotationPolicy, TtlPolicy};
+pub use crate::cluster::podcert::PodCertConfig;
 use crate::duration;
 use crate::identity::TrustDomain;
 use crate::server::Limits;
@@ -123,6 +124,9 @@ pub struct ServeConfig {
     pub limits: Limits,
     /// kubeconfig for the API server (store, TokenReview, JWKS); `None` infers one.
     pub kubeconfig: Option<PathBuf>,
+    /// The Pod Certificates signer and its ClusterTrustBundle (`--store kube` only); `None`
+    /// signs no PodCertificateRequests.
+    pub pod_certificates: Option<PodCertConfig>,
 }
 
 impl ServeConfig {
@@ -151,6 +155,7 @@ impl ServeConfig {
             reconcile_interval: Duration::from_secs(1),
             limits: Limits::default(),
             kubeconfig: None,
+            pod_certificates: None,
         }
     }
 
@@ -262,6 +267,12 @@ impl ServeConfig {
             if o.trust_domain != self.trust_domain {
                 return Err("the CA's trust domain must be --trust-domain".into());
             }
+        }
+        if let Some(p) = &self.pod_certificates {
+            if self.store == StoreConfig::File {
+                return Err("the Pod Certificates signer needs --store kube".into());
+            }
+            p.validate()?;
         }
         if self.tls_names.as_ref().is_some_and(|n| n.is_empty()) {
             return Err("TLS needs at least one --server-dns-name".into());

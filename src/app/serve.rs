@@ -18,6 +18,7 @@ use crate::ca::bootstrap;
 use crate::ca::scheduler::Scheduler;
 use crate::ca::{plugged, Ca};
 use crate::clock::SharedClock;
+use crate::cluster::podcert::PodCertSigner;
 use crate::cluster::replica::Replica;
 use crate::cluster::{self, JwksRefresher};
 use crate::server::{tls::TlsState, Metrics, Server};
@@ -62,6 +63,10 @@ pub async fn run(
                 namespace,
                 identity.clone(),
                 *lease_duration,
+                config
+                    .pod_certificates
+                    .as_ref()
+                    .map(|p| p.signer_name.as_str()),
                 &clock,
                 &shutdown,
             )
@@ -196,6 +201,24 @@ pub async fn run(
         auth = ?auth.names(),
         "citadel serving"
     );
+    let sweep = scheduler
+        .as_ref()
+        .map(|s| s.sweep.clone())
+        .unwrap_or_default();
+    if let (Some(r), Some(pc)) = (&replica, &config.pod_certificates) {
+        let signer = PodCertSigner::new(
+            r.client.clone(),
+            Some(r.elector.subscribe()),
+            ca.clone(),
+            index.clone(),
+            sweep.clone(),
+            clock.clone(),
+            config.trust_domain.clone(),
+            pc.clone(),
+            config.ttl.max,
+        );
+        tokio::spawn(signer.run(shutdown.clone()));
+    }
     let server = Server {
         ca,
         auth,
@@ -204,10 +227,7 @@ pub async fn run(
         metrics,
         tls,
         index: index.clone(),
-        sweep: scheduler
-            .as_ref()
-            .map(|s| s.sweep.clone())
-            .unwrap_or_default(),
+        sweep,
         limits: config.limits,
     };
     if let Some(s) = scheduler {

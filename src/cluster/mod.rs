@@ -102,5 +102,7 @@ impl JwksRefresher {
 
 pub mod controller;
 pub mod leader;
+pub mod podcert;
 pub mod publish;
 pub mod replica;
+pub mod trustbundle;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use super::leader::Elector;
 use super::publish::ConfigMapPublisher;
+use super::trustbundle::{AllPublishers, TrustBundlePublisher};
 use crate::ca::bootstrap::{self, CaOptions};
 use crate::ca::plugged;
 use crate::clock::{Clock, SharedClock};
@@ -37,6 +38,7 @@ impl Replica {
         namespace: &str,
         identity: Option<String>,
         lease_duration: Duration,
+        trust_bundle_signer: Option<&str>,
         clock: &SharedClock,
         shutdown: &Shutdown,
     ) -> Result<Self, String> {
@@ -59,6 +61,17 @@ impl Replica {
         tokio::spawn(elector.clone().run(shutdown.clone()));
         let publisher = ConfigMapPublisher::new(client.clone(), Some(elector.subscribe()));
         tokio::spawn(publisher.clone().run(shutdown.clone()));
+        // With the Pod Certificates signer, the bundle is also a ClusterTrustBundle.
+        let publisher: Arc<dyn crate::store::kube::Publisher> = match trust_bundle_signer {
+            Some(signer) => {
+                let ctb =
+                    TrustBundlePublisher::new(client.clone(), signer, Some(elector.subscribe()));
+                tokio::spawn(ctb.clone().run(shutdown.clone()));
+                tracing::info!(clustertrustbundle = %ctb.name(), "publishing the trust bundle as a ClusterTrustBundle");
+                Arc::new(AllPublishers(vec![publisher, ctb]))
+            }
+            None => publisher,
+        };
         tracing::info!(namespace = %namespace, identity = %identity, lease = %crate::duration::format(lease_duration), "Kubernetes store with leader election");
         let store: Arc<dyn Store> =
             Arc::new(KubeStore::new(client.clone(), namespace, Some(publisher)));
