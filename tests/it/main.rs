@@ -15,6 +15,7 @@ mod kube;
 mod kube_abuse;
 mod lifecycle;
 mod pilot_agent;
+mod podcert;
 mod properties;
 mod revocation;
 mod rotation;
