@@ -399,11 +399,18 @@ impl PodCertSigner {
         let spec = &pcr.spec;
         let api_err = |what: &str, e: kube::Error| PodCertError(format!("reading {what}: {e}"));
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
-        let Some(pod) = pods
-            .get_opt(&spec.pod_name)
-            .await
-            .map_err(|e| api_err("the pod", e))?
-        else {
+        let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), ns);
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        // Three independent reads, at once: one round trip of latency instead of three.
+        let (pod, sa, node) = tokio::join!(
+            pods.get_opt(&spec.pod_name),
+            sas.get_opt(&spec.service_account_name),
+            nodes.get_opt(&spec.node_name),
+        );
+        let pod = pod.map_err(|e| api_err("the pod", e))?;
+        let sa = sa.map_err(|e| api_err("the service account", e))?;
+        let node = node.map_err(|e| api_err("the node", e))?;
+        let Some(pod) = pod else {
             return Ok(Some(deny(
                 reason::POD_NOT_FOUND,
                 format!("pod {ns}/{} does not exist", spec.pod_name),
@@ -453,11 +460,6 @@ impl PodCertSigner {
                 ),
             )));
         }
-        let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), ns);
-        let sa = sas
-            .get_opt(&spec.service_account_name)
-            .await
-            .map_err(|e| api_err("the service account", e))?;
         if sa.as_ref().and_then(|s| s.metadata.uid.as_deref())
             != Some(spec.service_account_uid.as_str())
         {
@@ -469,11 +471,6 @@ impl PodCertSigner {
                 ),
             )));
         }
-        let nodes: Api<Node> = Api::all(self.client.clone());
-        let node = nodes
-            .get_opt(&spec.node_name)
-            .await
-            .map_err(|e| api_err("the node", e))?;
         if node.as_ref().and_then(|n| n.metadata.uid.as_deref()) != Some(spec.node_uid.as_str()) {
             return Ok(Some(deny(
                 reason::NODE_MISMATCH,
