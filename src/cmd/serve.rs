@@ -151,7 +151,7 @@ pub struct Args {
     pub pod_cert_signer_name: String,
 
     /// With --store kube: PodCertificateRequests decided at once by the leader.
-    #[arg(long, default_value_t = 8, value_name = "N")]
+    #[arg(long, default_value_t = 32, value_name = "N")]
     pub pod_cert_workers: u16,
 
     /// Do not sign PodCertificateRequests nor publish a ClusterTrustBundle (with --store kube,
