@@ -205,7 +205,10 @@ pub async fn run(
         .as_ref()
         .map(|s| s.sweep.clone())
         .unwrap_or_default();
-    if let (Some(r), Some(pc)) = (&replica, &config.pod_certificates) {
+    if let (Some(r), Some(pc)) = (
+        replica.as_ref().filter(|r| r.pod_certificates),
+        &config.pod_certificates,
+    ) {
         let signer = PodCertSigner::new(
             r.client.clone(),
             Some(r.elector.subscribe()),

@@ -106,6 +106,26 @@ impl PodCertConfig {
     }
 }
 
+/// Whether the API server serves what the signer needs: `certificates.k8s.io/v1`
+/// PodCertificateRequests (with their status) and ClusterTrustBundles (Kubernetes 1.37; the
+/// v1beta1 forms of 1.34-1.36 are off by default there and not used). `Err` when discovery
+/// itself failed.
+pub async fn served(client: &kube::Client) -> Result<bool, String> {
+    match client
+        .list_api_group_resources("certificates.k8s.io/v1")
+        .await
+    {
+        Ok(list) => {
+            let has = |n: &str| list.resources.iter().any(|r| r.name == n);
+            Ok(has("podcertificaterequests")
+                && has("podcertificaterequests/status")
+                && has("clustertrustbundles"))
+        }
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+        Err(e) => Err(format!("API discovery of certificates.k8s.io/v1: {e}")),
+    }
+}
+
 /// A signer name is `<DNS subdomain>/<path>`; names under kubernetes.io and k8s.io are
 /// reserved for the Kubernetes project. The ClusterTrustBundle name derived from it must stay
 /// a valid object name.
@@ -257,6 +277,10 @@ impl PodCertSigner {
     async fn reconcile(&self, pcr: &PodCertificateRequest) -> Result<Action, PodCertError> {
         if is_decided(pcr) || pcr.spec.signer_name != self.config.signer_name {
             return Ok(Action::await_change());
+        }
+        // Not leading any more: sign nothing the new leader will sign again.
+        if !self.leading() {
+            return Err(PodCertError("this replica does not lead (any more)".into()));
         }
         let decision = self.decide(pcr).await?;
         self.write(pcr, decision).await

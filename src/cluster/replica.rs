@@ -27,6 +27,8 @@ pub struct Replica {
     pub elector: Arc<Elector>,
     /// The journal Secret, publishing through the ConfigMap publisher.
     pub store: Arc<dyn Store>,
+    /// Whether the Pod Certificates signer runs: asked for, and served by the API server.
+    pub pod_certificates: bool,
     namespace: String,
 }
 
@@ -61,7 +63,16 @@ impl Replica {
         tokio::spawn(elector.clone().run(shutdown.clone()));
         let publisher = ConfigMapPublisher::new(client.clone(), Some(elector.subscribe()));
         tokio::spawn(publisher.clone().run(shutdown.clone()));
-        // With the Pod Certificates signer, the bundle is also a ClusterTrustBundle.
+        // With the Pod Certificates signer, the bundle is also a ClusterTrustBundle, if this
+        // API server has them (a citadel on an older cluster must still start).
+        let trust_bundle_signer = match trust_bundle_signer {
+            Some(s) if super::podcert::served(&client).await? => Some(s),
+            Some(_) => {
+                tracing::warn!("this API server does not serve certificates.k8s.io/v1 PodCertificateRequests and ClusterTrustBundles (Kubernetes 1.37+): the Pod Certificates signer is off");
+                None
+            }
+            None => None,
+        };
         let publisher: Arc<dyn crate::store::kube::Publisher> = match trust_bundle_signer {
             Some(signer) => {
                 let ctb =
@@ -76,6 +87,7 @@ impl Replica {
         let store: Arc<dyn Store> =
             Arc::new(KubeStore::new(client.clone(), namespace, Some(publisher)));
         Ok(Self {
+            pod_certificates: trust_bundle_signer.is_some(),
             client,
             elector,
             store,
