@@ -416,6 +416,43 @@ mod tests {
                 Box::new(|c| c.tls_names = Some(vec![])),
                 "--server-dns-name",
             ),
+            (
+                Box::new(|c| {
+                    c.pod_certificates = Some(PodCertConfig {
+                        signer_name: "citadel.dev/spiffe".into(),
+                        workers: 8,
+                    })
+                }),
+                "needs --store kube",
+            ),
+            (
+                Box::new(|c| {
+                    c.store = StoreConfig::Kube {
+                        namespace: "ns".into(),
+                        lease_duration: Duration::from_secs(15),
+                        identity: None,
+                    };
+                    c.pod_certificates = Some(PodCertConfig {
+                        signer_name: "kubernetes.io/mine".into(),
+                        workers: 8,
+                    })
+                }),
+                "--pod-cert-signer-name",
+            ),
+            (
+                Box::new(|c| {
+                    c.store = StoreConfig::Kube {
+                        namespace: "ns".into(),
+                        lease_duration: Duration::from_secs(15),
+                        identity: None,
+                    };
+                    c.pod_certificates = Some(PodCertConfig {
+                        signer_name: "citadel.dev/spiffe".into(),
+                        workers: 0,
+                    })
+                }),
+                "--pod-cert-workers",
+            ),
         ];
         for (change, flag) in cases {
             let e = err(change);
