@@ -18,7 +18,7 @@ KUBE_MODULE="k8s.io/kubernetes"
 STAGING_VERSION="v0.${KUBE_VERSION#v1.}"
 ETCD_VERSION="v3.7.3"
 ETCD_MODULE="go.etcd.io/etcd/server/v3"
-RUN_PKGS=(openssl curl)
+RUN_PKGS=(openssl curl procps)
 BUILD_PKGS=(jq)
 SA_ISSUER="https://kubernetes.default.svc.cluster.local"
 API_AUDIENCES="${SA_ISSUER},istio-ca"
@@ -54,6 +54,8 @@ Commands:
                prints DIR/env.
   stop DIR     Stop the processes recorded in DIR/*.pid (TERM, then KILL).
                Idempotent.
+  stop-apiserver DIR   Kill only kube-apiserver (etcd and its data stay).
+  start-apiserver DIR  Start it again on the same port, and wait for /readyz.
   status DIR   Print process and readiness state; exit 0 only if ready.
   help         This text.
 
@@ -584,6 +586,86 @@ write_env() { # dir server etcd-url
   mv -f "$f" "$dir/env"
 }
 
+launch_apiserver() { # dir bin etcd-url port
+  local dir=$1 bin=$2 etcd_url=$3 api_port=$4
+  local server="https://127.0.0.1:$api_port"
+  log "starting kube-apiserver on $server"
+  setsid "$bin" \
+    --etcd-servers="$etcd_url" \
+    --bind-address=127.0.0.1 \
+    --advertise-address=127.0.0.1 \
+    --secure-port="$api_port" \
+    --cert-dir="$dir/pki" \
+    --tls-cert-file="$dir/pki/apiserver.crt" \
+    --tls-private-key-file="$dir/pki/apiserver.key" \
+    --client-ca-file="$dir/pki/client-ca.crt" \
+    --token-auth-file="$dir/pki/tokens.csv" \
+    --authorization-mode=Node,RBAC \
+    --enable-admission-plugins=NodeRestriction \
+    --service-account-issuer="$SA_ISSUER" \
+    --service-account-jwks-uri="$server/openid/v1/jwks" \
+    --service-account-key-file="$dir/pki/sa.pub" \
+    --service-account-signing-key-file="$dir/pki/sa.key" \
+    --api-audiences="$API_AUDIENCES" \
+    --service-cluster-ip-range="$SERVICE_CIDR" \
+    --allow-privileged=true \
+    --endpoint-reconciler-type=none \
+    --profiling=false \
+    </dev/null >>"$dir/kube-apiserver.log" 2>&1 &
+  local pid=$! i real
+  # setsid forks when it happens to lead a process group, and then $! is a wrapper that has
+  # already exited: record the process actually serving the port.
+  for i in $(seq 1 20); do
+    real=$(pgrep -f -- "kube-apiserver .*--secure-port=$api_port( |$)" | head -n 1)
+    [ -n "$real" ] && { pid=$real; break; }
+    sleep 0.1
+  done
+  echo "$pid" >"$dir/kube-apiserver.pid"
+}
+
+wait_apiserver_ready() { # dir
+  local dir=$1
+  local deadline=$(($(date +%s) + READY_TIMEOUT))
+  until readyz "$dir"; do
+    if ! pid_alive "$dir/kube-apiserver.pid" kube-apiserver; then
+      grep -E '^[EF][0-9]{4} |^(panic|fatal error|Error)' "$dir/kube-apiserver.log" | tail -n 20 >&2
+      tail -n 10 "$dir/kube-apiserver.log" >&2
+      die "kube-apiserver exited (log: $dir/kube-apiserver.log)"
+    fi
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+      tail -n 40 "$dir/kube-apiserver.log" >&2
+      die "kube-apiserver not ready after ${READY_TIMEOUT}s (log: $dir/kube-apiserver.log)"
+    fi
+    sleep 0.2
+  done
+
+}
+
+# Stops only kube-apiserver (KILL, as a crash would), leaving etcd and its data: tests use
+# it to take the API away in the middle of a write, then bring it back.
+cmd_stop_apiserver() {
+  local dir=$1 pid
+  pid_alive "$dir/kube-apiserver.pid" kube-apiserver || { log "kube-apiserver is not running"; return 0; }
+  pid=$(cat "$dir/kube-apiserver.pid")
+  kill -KILL "$pid" 2>/dev/null || true
+  for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  log "killed kube-apiserver (pid $pid)"
+}
+
+# Starts kube-apiserver again on the same port and etcd, after stop-apiserver.
+cmd_start_apiserver() {
+  local dir=$1 server etcd_url
+  pid_alive "$dir/etcd.pid" etcd || die "etcd is not running in $dir (use start)"
+  pid_alive "$dir/kube-apiserver.pid" kube-apiserver && { log "already running"; return 0; }
+  ensure_bins
+  server=$(sed -n "s/^export CITADEL_KUBE_SERVER='\(.*\)'$/\1/p" "$dir/env")
+  etcd_url=$(sed -n "s/^export CITADEL_ETCD_ENDPOINT='\(.*\)'$/\1/p" "$dir/env")
+  [ -n "$server" ] && [ -n "$etcd_url" ] || die "no server or etcd endpoint in $dir/env"
+  launch_apiserver "$dir" "$APISERVER_BIN" "$etcd_url" "${server##*:}"
+  wait_apiserver_ready "$dir"
+  log "kube-apiserver back on $server"
+}
+
 cmd_start() {
   local dir=$1
   mkdir -p "$dir"
@@ -636,44 +718,9 @@ cmd_start() {
   curl -fsS --max-time 1 "$etcd_url/health" 2>/dev/null | grep -q '"health":"true"' \
     || { tail -n 30 "$dir/etcd.log" >&2; die "etcd not healthy after 10 s"; }
 
-  log "starting kube-apiserver on $server"
-  setsid "$bin" \
-    --etcd-servers="$etcd_url" \
-    --bind-address=127.0.0.1 \
-    --advertise-address=127.0.0.1 \
-    --secure-port="$api_port" \
-    --cert-dir="$dir/pki" \
-    --tls-cert-file="$dir/pki/apiserver.crt" \
-    --tls-private-key-file="$dir/pki/apiserver.key" \
-    --client-ca-file="$dir/pki/client-ca.crt" \
-    --token-auth-file="$dir/pki/tokens.csv" \
-    --authorization-mode=Node,RBAC \
-    --enable-admission-plugins=NodeRestriction \
-    --service-account-issuer="$SA_ISSUER" \
-    --service-account-jwks-uri="$server/openid/v1/jwks" \
-    --service-account-key-file="$dir/pki/sa.pub" \
-    --service-account-signing-key-file="$dir/pki/sa.key" \
-    --api-audiences="$API_AUDIENCES" \
-    --service-cluster-ip-range="$SERVICE_CIDR" \
-    --allow-privileged=true \
-    --endpoint-reconciler-type=none \
-    --profiling=false \
-    </dev/null >"$dir/kube-apiserver.log" 2>&1 &
-  echo $! >"$dir/kube-apiserver.pid"
+  launch_apiserver "$dir" "$bin" "$etcd_url" "$api_port"
   printf "export CITADEL_KUBE_SERVER='%s'\n" "$server" >"$dir/env"
-
-  local deadline=$(($(date +%s) + READY_TIMEOUT))
-  until readyz "$dir"; do
-    if ! pid_alive "$dir/kube-apiserver.pid" kube-apiserver; then
-      tail -n 40 "$dir/kube-apiserver.log" >&2
-      die "kube-apiserver exited (log: $dir/kube-apiserver.log)"
-    fi
-    if [ "$(date +%s)" -ge "$deadline" ]; then
-      tail -n 40 "$dir/kube-apiserver.log" >&2
-      die "kube-apiserver not ready after ${READY_TIMEOUT}s (log: $dir/kube-apiserver.log)"
-    fi
-    sleep 0.2
-  done
+  wait_apiserver_ready "$dir"
 
   # /readyz does not prove that writes decode (a 1.20 build once panicked on
   # the first JSON body with a map), so do one dry-run create with labels.
@@ -711,6 +758,8 @@ case "${1:-help}" in
   ensure) cmd_ensure ;;
   start) need_dir "${2:-}"; cmd_start "$2" ;;
   stop) need_dir "${2:-}"; cmd_stop "$(cd "$2" 2>/dev/null && pwd || echo "$2")" ;;
+  stop-apiserver) need_dir "${2:-}"; cmd_stop_apiserver "$(cd "$2" && pwd)" ;;
+  start-apiserver) need_dir "${2:-}"; cmd_start_apiserver "$(cd "$2" && pwd)" ;;
   status) need_dir "${2:-}"; cmd_status "$(cd "$2" 2>/dev/null && pwd || echo "$2")" ;;
   help | -h | --help) usage ;;
   *) usage >&2; die "unknown command: $1" ;;

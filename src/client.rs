@@ -57,6 +57,9 @@ pub struct ConnectOptions {
     pub identity: Option<(Vec<u8>, Vec<u8>)>,
     /// Plain HTTP/2, for a server run with `--plaintext`.
     pub plaintext: bool,
+    /// The local address to connect from (the kernel picks when `None`): lets a load
+    /// generator or a test speak from several loopback addresses, as many peers would.
+    pub local_address: Option<std::net::IpAddr>,
 }
 
 impl std::fmt::Debug for ConnectOptions {
@@ -87,7 +90,8 @@ pub async fn connect(opts: &ConnectOptions) -> Result<CaClient, ClientError> {
     let mut ep = Endpoint::from_shared(format!("{scheme}://{}", opts.addr))
         .map_err(|_| ClientError::Address(opts.addr.clone()))?
         .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5));
+        .connect_timeout(Duration::from_secs(5))
+        .local_address(opts.local_address);
     if !opts.plaintext {
         let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&opts.root_pem))

@@ -150,6 +150,7 @@ pub async fn fetch(
         server_name: cfg.tls_server_name.clone(),
         identity: mtls,
         plaintext: cfg.plaintext,
+        local_address: None,
     })
     .await?;
     let key = cfg

@@ -130,5 +130,11 @@ async fn metrics(State(s): State<AgentState>) -> String {
         "SDS responses Envoy rejected.",
         st.sds_nacks.load(Ordering::Relaxed) as i64,
     );
+    put(
+        "citadel_agent_sds_refused_total",
+        "counter",
+        "SDS calls refused by a limit (streams, resource names).",
+        st.sds_refused.load(Ordering::Relaxed) as i64,
+    );
     out
 }

@@ -77,6 +77,8 @@ pub struct AgentStats {
     pub sds_pushes: AtomicU64,
     /// Responses Envoy rejected (NACKed).
     pub sds_nacks: AtomicU64,
+    /// SDS calls refused by a limit (too many streams, too many or too long names).
+    pub sds_refused: AtomicU64,
 }
 
 impl AgentStats {

@@ -4,6 +4,12 @@
 //! Per stream it tracks the subscribed names and the nonce it last sent. A request whose
 //! nonce is stale is ignored; an ACK changes nothing; a NACK is logged and counted and the
 //! same version is NOT re-sent (no loop): the next push happens when credentials change.
+//!
+//! Only processes of this user reach the socket (0700 directory, 0600 socket), but one buggy
+//! or compromised process in the pod must still not exhaust the agent that serves Envoy, so
+//! every dimension a client controls is bounded (see the `MAX_*` constants and
+//! docs/operations.md): open streams, streams per connection, message size, and the number
+//! and length of resource names.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -29,6 +35,19 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{AgentStats, Credentials, CredentialsRx};
 use crate::shutdown::Shutdown;
 
+/// SDS streams open at once, over all connections. Envoy opens one per secret config
+/// (usually one or two); the rest wait for a free slot by retrying.
+pub const MAX_STREAMS: usize = 64;
+/// Resource names in one request. Envoy asks for `default` and `ROOTCA`.
+pub const MAX_RESOURCE_NAMES: usize = 16;
+/// Bytes in one resource name.
+pub const MAX_NAME_BYTES: usize = 256;
+/// Bytes of HTTP/2 headers in one request (Envoy sends a few hundred).
+pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+/// Bytes in one decoded request. Envoy's node metadata is the bulk of a DiscoveryRequest
+/// and stays far below this.
+pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+
 /// Why an SDS call is refused. The only place this surface turns errors into
 /// `tonic::Status` is [`SdsError::status`].
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +61,12 @@ pub enum SdsError {
     /// None of the requested names is one this agent serves.
     #[error("unknown secret name: this agent serves \"default\" and \"ROOTCA\"")]
     UnknownName,
+    /// [`MAX_STREAMS`] streams are open already.
+    #[error("too many SDS streams are open (at most {MAX_STREAMS}); retry when one closes")]
+    TooManyStreams,
+    /// More than [`MAX_RESOURCE_NAMES`] names, or one longer than [`MAX_NAME_BYTES`].
+    #[error("{0}")]
+    BadNames(String),
 }
 
 impl SdsError {
@@ -51,6 +76,8 @@ impl SdsError {
             SdsError::DeltaUnsupported => tonic::Code::Unimplemented,
             SdsError::NotReady => tonic::Code::Unavailable,
             SdsError::UnknownName => tonic::Code::NotFound,
+            SdsError::TooManyStreams => tonic::Code::ResourceExhausted,
+            SdsError::BadNames(_) => tonic::Code::InvalidArgument,
         };
         Status::new(code, self.to_string())
     }
@@ -97,16 +124,44 @@ pub fn secret_for(name: &str, c: &Credentials) -> Option<Secret> {
     })
 }
 
+/// Checks a request's resource names against [`MAX_RESOURCE_NAMES`] and [`MAX_NAME_BYTES`].
+fn check_names(names: &[String]) -> Result<(), SdsError> {
+    if names.len() > MAX_RESOURCE_NAMES {
+        return Err(SdsError::BadNames(format!(
+            "{} resource names requested; at most {MAX_RESOURCE_NAMES} (this agent serves \"default\" and \"ROOTCA\")",
+            names.len()
+        )));
+    }
+    if let Some(n) = names.iter().find(|n| n.len() > MAX_NAME_BYTES) {
+        return Err(SdsError::BadNames(format!(
+            "a resource name of {} bytes; at most {MAX_NAME_BYTES}",
+            n.len()
+        )));
+    }
+    Ok(())
+}
+
 /// The SDS gRPC service: streams the current [`Credentials`] to every subscriber.
 pub struct Sds {
     rx: CredentialsRx,
     stats: Arc<AgentStats>,
+    streams: Arc<tokio::sync::Semaphore>,
 }
 
 impl Sds {
     /// A service that reads credentials from `rx` and counts streams and pushes in `stats`.
     pub fn new(rx: CredentialsRx, stats: Arc<AgentStats>) -> Self {
-        Self { rx, stats }
+        Self {
+            rx,
+            stats,
+            streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
+        }
+    }
+
+    fn refused(&self, e: SdsError) -> Status {
+        self.stats.sds_refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(error = %e, "refused an SDS call");
+        e.status()
     }
 }
 
@@ -162,6 +217,7 @@ impl SecretDiscoveryService for Sds {
         &self,
         req: Request<DiscoveryRequest>,
     ) -> Result<Response<DiscoveryResponse>, Status> {
+        check_names(&req.get_ref().resource_names).map_err(|e| self.refused(e))?;
         let c = self
             .rx
             .borrow()
@@ -182,11 +238,17 @@ impl SecretDiscoveryService for Sds {
         &self,
         req: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
+        let permit = self
+            .streams
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| self.refused(SdsError::TooManyStreams))?;
         let mut inbound = req.into_inner();
         let (out, rx) = mpsc::channel(8);
         let (mut creds, stats) = (self.rx.clone(), self.stats.clone());
         stats.sds_streams.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
+            let _permit = permit; // held for the stream's life
             let mut st = StreamState {
                 names: BTreeSet::new(),
                 last_nonce: String::new(),
@@ -205,6 +267,12 @@ impl SecretDiscoveryService for Sds {
                                 tracing::warn!(version = %r.version_info, error = %err.message, names = ?r.resource_names, "Envoy rejected (NACK) a secret; not re-sending it");
                                 continue;
                             }
+                            if let Err(e) = check_names(&r.resource_names) {
+                                stats.sds_refused.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(error = %e, "ended an SDS stream");
+                                let _ = out.send(Err(e.status())).await;
+                                break;
+                            }
                             let names: BTreeSet<String> = r.resource_names.into_iter().collect();
                             let first = st.last_nonce.is_empty();
                             if names != st.names || first {
@@ -214,7 +282,13 @@ impl SecretDiscoveryService for Sds {
                                 Push::No // an ACK
                             }
                         }
-                        Ok(None) | Err(_) => break,
+                        Ok(None) => break,
+                        // A frame or message the transport refused (garbage, over
+                        // MAX_MESSAGE_BYTES): tell the client why, then end the stream.
+                        Err(status) => {
+                            let _ = out.send(Err(status)).await;
+                            break;
+                        }
                     },
                     changed = creds.changed() => {
                         if changed.is_err() { break }
@@ -292,7 +366,12 @@ pub async fn serve(
     tracing::info!(socket = %path.display(), "SDS serving");
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     tonic::transport::Server::builder()
-        .add_service(SecretDiscoveryServiceServer::new(Sds::new(rx, stats)))
+        .max_concurrent_streams(Some(MAX_STREAMS as u32))
+        .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
+        .add_service(
+            SecretDiscoveryServiceServer::new(Sds::new(rx, stats))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(incoming, async move { shutdown.wait().await })
         .await
         .map_err(|e| format!("SDS server failed: {e}"))

@@ -263,6 +263,13 @@ impl ServeConfig {
         if self.limits.max_connections == 0 {
             return Err("--max-connections must be at least 1".into());
         }
+        let t = self.limits.auth_throttle;
+        if t.burst > 0 && !(t.per_second.is_finite() && t.per_second > 0.0) {
+            return Err(format!(
+                "--auth-failure-rate must be a positive number of failures per second (got {}); use --auth-failure-burst 0 to turn throttling off",
+                t.per_second
+            ));
+        }
         if let CaSource::Own(o) = &self.ca {
             if o.trust_domain != self.trust_domain {
                 return Err("the CA's trust domain must be --trust-domain".into());

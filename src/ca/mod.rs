@@ -57,6 +57,7 @@ pub enum CaError {
 pub struct Ca {
     signer: ArcSwapOption<Signer>,
     generation: watch::Sender<u64>,
+    step_failures: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Ca {
@@ -64,6 +65,7 @@ impl Default for Ca {
         Self {
             signer: ArcSwapOption::empty(),
             generation: watch::channel(0).0,
+            step_failures: Default::default(),
         }
     }
 }
@@ -83,6 +85,19 @@ impl Ca {
     pub fn install(&self, signer: Signer) {
         self.signer.store(Some(Arc::new(signer)));
         self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Counts a scheduler pass that failed (a step that could not be journaled, a store that
+    /// could not be read); it is retried, and the CA signs with what it has meanwhile.
+    pub fn note_step_failure(&self) {
+        self.step_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Scheduler passes that failed since start (`citadel_ca_step_failures_total`).
+    pub fn step_failures(&self) -> u64 {
+        self.step_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Fires whenever a new signer (and so possibly a new trust bundle) is installed.

@@ -289,6 +289,7 @@ impl Scheduler {
         let mut leader = self.leader.as_ref().map(|l| l.changes());
         loop {
             if let Err(e) = self.step().await {
+                self.ca.note_step_failure();
                 tracing::error!(error = %e, "CA scheduler step failed; retrying");
             }
             tokio::select! {

@@ -12,7 +12,21 @@ use crate::journal::Journal;
 use crate::store::{Revision, Store, StoreError};
 
 /// How many times a change is re-applied after conflicting writes before giving up.
-const ATTEMPTS: usize = 10;
+const ATTEMPTS: u32 = 20;
+/// Backoff after the first conflict; doubled each time up to [`MAX_BACKOFF`], with full
+/// jitter, so a storm of writers (replicas, CLIs, controllers) spreads out instead of
+/// re-colliding in lockstep. Twenty attempts cover about ten seconds of contention.
+const FIRST_BACKOFF: std::time::Duration = std::time::Duration::from_millis(10);
+const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_millis(640);
+
+/// A uniformly random duration in `[0, max)` (full jitter).
+fn jitter(max: std::time::Duration) -> std::time::Duration {
+    let mut b = [0u8; 8];
+    let r = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+        .map(|()| u64::from_le_bytes(b))
+        .unwrap_or(u64::MAX / 2);
+    max.mul_f64(r as f64 / u64::MAX as f64)
+}
 
 /// Why an update did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +54,7 @@ pub async fn update_journal<T>(
     store: &dyn Store,
     mut change: impl FnMut(&mut Journal) -> Result<T, String>,
 ) -> Result<(T, Journal, Revision), UpdateError> {
-    for _ in 0..ATTEMPTS {
+    for attempt in 0..ATTEMPTS {
         let cur = store
             .load_journal()
             .await?
@@ -52,7 +66,12 @@ pub async fn update_journal<T>(
                 store.publish_crl(&crl::bundle(&j)).await?;
                 return Ok((out, j, rev));
             }
-            Err(StoreError::Conflict) => continue,
+            Err(StoreError::Conflict) => {
+                let backoff = FIRST_BACKOFF
+                    .saturating_mul(1 << attempt.min(10))
+                    .min(MAX_BACKOFF);
+                tokio::time::sleep(jitter(backoff)).await;
+            }
             Err(e) => return Err(e.into()),
         }
     }

@@ -22,9 +22,21 @@ By default it starts `citadel serve --dev` as a child process on free loopback p
 pre-generates distinct CSRs and RS256 dev tokens, warms up, then measures. Server CPU time
 comes from /proc/<pid>/stat, so 'certificates per server CPU-second' excludes the client.
 
+With --rate the load is open-loop: requests leave on a fixed schedule whether or not answers
+have come back, and each latency counts from when its request was due, so a stall shows up
+in the percentiles instead of slowing the generator down (no coordinated omission).
+
+--soak runs the whole lifecycle under steady load: the server gets a 12-minute intermediate
+and 2-minute leaves (an intermediate rotation happens a few minutes in), and half-way through
+one identity is denied with `citadel revoke --identity`; its later requests are counted as
+denied, not failed. With --samples the server's RSS and open descriptors are written every
+second, and a per-minute summary is printed.
+
 Examples:
   cargo build --release
   target/release/citadel bench --concurrency 64 --requests 20000
+  target/release/citadel bench --rate 5000 --duration 30s
+  target/release/citadel bench --soak --rate 500 --duration 10m --samples soak.csv
   target/release/citadel bench --micro")]
 /// Flags of `citadel bench`.
 pub struct Args {
@@ -58,6 +70,53 @@ pub struct Args {
     /// PID of that server, to report its CPU time.
     #[arg(long, value_name = "PID")]
     pub server_pid: Option<u32>,
+    /// Measure for this long instead of a fixed number of --requests.
+    #[arg(long, value_parser = crate::duration::clap_parse, value_name = "DUR")]
+    pub duration: Option<Duration>,
+    /// Open loop: this many requests per second on a fixed schedule (see below), instead of
+    /// --concurrency tasks each sending its next request when the last one is answered.
+    #[arg(long, value_name = "PER_SEC")]
+    pub rate: Option<f64>,
+    /// Write the server's RSS and open file descriptors, sampled every second, to this CSV.
+    #[arg(long, value_name = "FILE")]
+    pub samples: Option<PathBuf>,
+    /// The lifecycle soak: short-lived CA and leaves so an intermediate rotates under load,
+    /// and one identity denied half-way (needs the server this command starts).
+    #[arg(long, conflicts_with = "ca_addr")]
+    pub soak: bool,
+}
+
+/// The identity `--soak` denies half-way through.
+const SOAK_DENIED: &str = "spiffe://cluster.local/ns/bench/sa/w7";
+
+/// How much load, for how long.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    /// Stop after this many requests (closed loop without --duration).
+    total: usize,
+    /// Or stop when this much time has passed.
+    duration: Option<Duration>,
+    /// Open loop at this rate; closed loop with `concurrency` tasks when `None`.
+    rate: Option<f64>,
+    concurrency: usize,
+}
+
+/// What came back.
+#[derive(Debug, Default)]
+struct Outcome {
+    latencies: Vec<Duration>,
+    errors: usize,
+    /// PermissionDenied answers: expected for the identity --soak denies.
+    denied: usize,
+    /// Open loop only: requests not sent because too many were outstanding.
+    dropped: usize,
+}
+
+/// Live counters the sampler reads.
+#[derive(Debug, Default)]
+struct Progress {
+    ok: AtomicUsize,
+    errors: AtomicUsize,
 }
 
 struct Work {
@@ -128,7 +187,7 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| format!("cannot find a free port: {e}"))
 }
 
-async fn start_server() -> Result<(Child, String, PathBuf), String> {
+async fn start_server(extra: &[&str]) -> Result<(Child, String, PathBuf), String> {
     let dir = std::env::temp_dir().join(format!("citadel-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -144,6 +203,7 @@ async fn start_server() -> Result<(Child, String, PathBuf), String> {
             "--metrics-listen",
             &format!("127.0.0.1:{mport}"),
         ])
+        .args(extra)
         // Default log level: the audit line per certificate is part of the measured cost.
         .env_remove("RUST_LOG")
         .stdout(std::process::Stdio::null())
@@ -177,13 +237,36 @@ pub async fn run(args: Args) -> CmdResult {
     if args.concurrency == 0 || args.connections == 0 || args.requests == 0 {
         return Err("--concurrency, --connections and --requests must be positive".into());
     }
+    if let Some(r) = args.rate {
+        if !(r.is_finite() && r > 0.0) {
+            return Err(format!(
+                "--rate must be a positive number of requests per second, not {r}"
+            ));
+        }
+    }
+    if args.duration.is_some_and(|d| d.is_zero()) {
+        return Err("--duration must be positive".into());
+    }
     eprintln!(
         "generating {} distinct {} CSRs and RS256 tokens...",
         args.distinct, key_type
     );
     let work = Arc::new(generate(args.distinct.max(1), key_type)?);
 
-    let (_child, addr, root, pid) = match &args.ca_addr {
+    // Soak: leaves live 2 minutes and the intermediate 12, so it rotates a few minutes in.
+    let soak_flags: &[&str] = if args.soak {
+        &[
+            "--intermediate-ttl",
+            "12m",
+            "--max-ttl",
+            "2m",
+            "--default-ttl",
+            "2m",
+        ]
+    } else {
+        &[]
+    };
+    let (child, addr, root, pid) = match &args.ca_addr {
         Some(a) => (
             None,
             a.clone(),
@@ -191,15 +274,58 @@ pub async fn run(args: Args) -> CmdResult {
             args.server_pid,
         ),
         None => {
-            let (c, a, r) = start_server().await?;
+            let (c, a, r) = start_server(soak_flags).await?;
             let pid = c.proc.id();
             (Some(c), a, r, Some(pid))
         }
     };
     let root_pem = read_file(&root, "CA root certificate")?;
+    let plan = Plan {
+        total: args.requests,
+        duration: args.duration,
+        rate: args.rate,
+        concurrency: args.concurrency,
+    };
+    let progress = Arc::new(Progress::default());
+    let stop_sampling = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = match (&args.samples, pid) {
+        (Some(path), Some(pid)) => Some(spawn_sampler(
+            path.clone(),
+            pid,
+            progress.clone(),
+            stop_sampling.clone(),
+        )?),
+        (Some(_), None) => return Err("--samples needs the server's pid (--server-pid)".into()),
+        _ => None,
+    };
+    // Half-way through a soak, an operator denies one identity.
+    let revoker = match (&child, args.soak) {
+        (Some(c), true) => {
+            let state = c.dir.join("state");
+            let after = args.duration.unwrap_or(Duration::from_secs(60)) / 2;
+            Some(std::thread::spawn(move || -> Result<(), String> {
+                std::thread::sleep(after);
+                let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+                let out = std::process::Command::new(exe)
+                    .args(["revoke", "--identity", SOAK_DENIED, "--state-dir"])
+                    .arg(&state)
+                    .output()
+                    .map_err(|e| e.to_string())?;
+                eprintln!(
+                    "soak: denied {SOAK_DENIED} at {after:?}: {}",
+                    String::from_utf8_lossy(&out.stdout).trim()
+                );
+                out.status
+                    .success()
+                    .then_some(())
+                    .ok_or_else(|| String::from_utf8_lossy(&out.stderr).into_owned())
+            }))
+        }
+        _ => None,
+    };
     // The load generator runs on ONE thread (a current-thread runtime), so on a small machine
     // it takes at most one core from the server it measures.
-    let (opts, conns, warmup, requests, concurrency) = (
+    let (opts, conns, warmup) = (
         ConnectOptions {
             addr: addr.clone(),
             root_pem,
@@ -207,9 +333,8 @@ pub async fn run(args: Args) -> CmdResult {
         },
         args.connections,
         args.warmup,
-        args.requests,
-        args.concurrency,
     );
+    let load_progress = progress.clone();
     let load = std::thread::spawn(move || -> Result<_, String> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -231,36 +356,61 @@ pub async fn run(args: Args) -> CmdResult {
             .map_err(|e| e.to_string())?;
             client::verify_response(&first, None, crate::clock::system().now())
                 .map_err(|e| e.to_string())?;
-            drive(&channels, &work, warmup, concurrency).await;
+            let warm = Plan {
+                total: warmup,
+                duration: None,
+                rate: None,
+                ..plan
+            };
+            drive(&channels, &work, warm, &Arc::new(Progress::default())).await;
             let cpu0 = pid.and_then(cpu_time);
             let t0 = Instant::now();
-            let (lat, errors) = drive(&channels, &work, requests, concurrency).await;
+            let outcome = drive(&channels, &work, plan, &load_progress).await;
             let wall = t0.elapsed();
             let cpu = match (cpu0, pid.and_then(cpu_time)) {
                 (Some(a), Some(b)) => Some(b - a),
                 _ => None,
             };
-            Ok((lat, errors, wall, cpu))
+            Ok((outcome, wall, cpu))
         })
     });
-    let (mut lat, errors, wall, cpu) = load
-        .join()
-        .map_err(|_| "the load generator panicked".to_string())??;
-    lat.sort_unstable();
+    let joined = load.join();
+    stop_sampling.store(true, Ordering::Relaxed);
+    let samples = sampler.map(|h| h.join().unwrap_or_default());
+    let (mut outcome, wall, cpu) =
+        joined.map_err(|_| "the load generator panicked".to_string())??;
+    if let Some(r) = revoker {
+        r.join()
+            .map_err(|_| "the revoking thread panicked".to_string())?
+            .map_err(|e| format!("soak: the revocation failed: {e}"))?;
+    }
+    drop(child);
+    outcome.latencies.sort_unstable();
+    let lat = &outcome.latencies;
     let ok = lat.len();
+    let mode = match args.rate {
+        Some(r) => format!("open loop at {r:.0}/s"),
+        None => format!("{} streams", args.concurrency),
+    };
     println!(
-        "citadel bench: {} requests over TLS gRPC, {} streams on {} connections, {} CSRs, RS256 tokens",
-        args.requests, args.concurrency, args.connections, key_type
+        "citadel bench: {} requests over TLS gRPC, {mode} on {} connections, {} CSRs, RS256 tokens",
+        ok + outcome.errors + outcome.denied + outcome.dropped,
+        args.connections,
+        key_type
     );
-    println!("succeeded:               {ok} ({errors} errors)");
     println!(
-        "throughput (wall clock): {:.0} certificates/s",
-        ok as f64 / wall.as_secs_f64()
+        "succeeded:               {ok} ({} errors, {} denied, {} dropped)",
+        outcome.errors, outcome.denied, outcome.dropped
+    );
+    println!(
+        "throughput (wall clock): {:.0} certificates/s over {:.1} s",
+        ok as f64 / wall.as_secs_f64(),
+        wall.as_secs_f64()
     );
     println!(
         "latency p50 / p99 / max: {} / {} / {}",
-        ms(percentile(&lat, 0.50)),
-        ms(percentile(&lat, 0.99)),
+        ms(percentile(lat, 0.50)),
+        ms(percentile(lat, 0.99)),
         ms(lat.last().copied().unwrap_or_default())
     );
     match cpu {
@@ -272,55 +422,237 @@ pub async fn run(args: Args) -> CmdResult {
         ),
         _ => println!("server CPU:              unknown (pass --server-pid)"),
     }
-    if errors > 0 {
-        return Err(format!("{errors} requests failed"));
+    if let Some(samples) = samples {
+        print_samples(&samples);
+    }
+    // Denials are expected only for the identity a soak denies.
+    let unexpected_denials = if args.soak { 0 } else { outcome.denied };
+    if outcome.errors + unexpected_denials + outcome.dropped > 0 {
+        return Err(format!(
+            "{} requests failed, {} were dropped",
+            outcome.errors + unexpected_denials,
+            outcome.dropped
+        ));
     }
     Ok(())
 }
 
-/// Sends `total` requests with `concurrency` tasks; returns latencies of successes and the
-/// error count.
+/// One sample of the server process.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sample {
+    secs: u64,
+    rss_kib: u64,
+    fds: usize,
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn open_fds(pid: u32) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
+/// Samples the server every second into `path` (CSV) until `stop`.
+fn spawn_sampler(
+    path: PathBuf,
+    pid: u32,
+    progress: Arc<Progress>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<std::thread::JoinHandle<Vec<Sample>>, String> {
+    use std::io::Write;
+    let mut out = std::fs::File::create(&path)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(std::thread::spawn(move || {
+        let _ = writeln!(out, "seconds,rss_kib,open_fds,certificates,errors");
+        let (t0, mut all) = (Instant::now(), Vec::new());
+        let mut next = t0;
+        while !stop.load(Ordering::Relaxed) {
+            let s = Sample {
+                secs: t0.elapsed().as_secs(),
+                rss_kib: rss_kib(pid).unwrap_or(0),
+                fds: open_fds(pid).unwrap_or(0),
+            };
+            let _ = writeln!(
+                out,
+                "{},{},{},{},{}",
+                s.secs,
+                s.rss_kib,
+                s.fds,
+                progress.ok.load(Ordering::Relaxed),
+                progress.errors.load(Ordering::Relaxed)
+            );
+            all.push(s);
+            next += Duration::from_secs(1);
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
+        all
+    }))
+}
+
+/// Per-minute RSS and descriptors, and the drift after the first minute.
+fn print_samples(samples: &[Sample]) {
+    if samples.is_empty() {
+        return;
+    }
+    println!("server memory and descriptors, per minute (last sample of each):");
+    println!("  minute   RSS MiB   open fds");
+    let mut minutes: Vec<Sample> = Vec::new();
+    for s in samples {
+        match minutes.last_mut() {
+            Some(m) if m.secs / 60 == s.secs / 60 => *m = *s,
+            _ => minutes.push(*s),
+        }
+    }
+    for m in &minutes {
+        println!(
+            "  {:>6}   {:>7.1}   {:>8}",
+            m.secs / 60 + 1,
+            m.rss_kib as f64 / 1024.0,
+            m.fds
+        );
+    }
+    if minutes.len() >= 2 {
+        let (a, b) = (minutes[0], minutes[minutes.len() - 1]);
+        println!(
+            "drift from minute 1 to minute {}: RSS {:+.1} MiB ({:+.1}%), open fds {:+}",
+            minutes.len(),
+            (b.rss_kib as f64 - a.rss_kib as f64) / 1024.0,
+            (b.rss_kib as f64 / a.rss_kib.max(1) as f64 - 1.0) * 100.0,
+            b.fds as i64 - a.fds as i64
+        );
+    }
+}
+
+/// Sends one request; records its latency from `due` (when it should have left).
+async fn one(ch: &mut CaClient, w: &Work, due: Instant, out: &mut Outcome, progress: &Progress) {
+    match client::create_certificate(ch, w.csr.clone(), Some(&w.token), 0).await {
+        Ok(_) => {
+            out.latencies.push(due.elapsed());
+            progress.ok.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(client::ClientError::Rpc {
+            code: tonic::Code::PermissionDenied,
+            ..
+        }) => out.denied += 1,
+        Err(e) => {
+            if out.errors == 0 {
+                eprintln!("request failed: {e}");
+            }
+            out.errors += 1;
+            progress.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Runs `plan`: closed loop (`concurrency` tasks, each sending its next request when the
+/// last is answered) or open loop (requests leave on a schedule).
 async fn drive(
     channels: &[CaClient],
     work: &Arc<Vec<Work>>,
-    total: usize,
-    concurrency: usize,
-) -> (Vec<Duration>, usize) {
+    plan: Plan,
+    progress: &Arc<Progress>,
+) -> Outcome {
+    let until = plan.duration.map(|d| Instant::now() + d);
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
-    for t in 0..concurrency {
-        let mut ch = channels[t % channels.len()].clone();
-        let (next, work) = (next.clone(), work.clone());
-        tasks.push(tokio::spawn(async move {
-            let (mut lat, mut errs) = (Vec::new(), 0usize);
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= total {
+    let mut dropped = 0;
+    match plan.rate {
+        None => {
+            for t in 0..plan.concurrency {
+                let mut ch = channels[t % channels.len()].clone();
+                let (next, work, progress) = (next.clone(), work.clone(), progress.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut out = Outcome::default();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let done = match until {
+                            Some(u) => Instant::now() >= u,
+                            None => i >= plan.total,
+                        };
+                        if done {
+                            break;
+                        }
+                        one(
+                            &mut ch,
+                            &work[i % work.len()],
+                            Instant::now(),
+                            &mut out,
+                            &progress,
+                        )
+                        .await;
+                    }
+                    out
+                }));
+            }
+        }
+        Some(rate) => {
+            // At most this many requests outstanding; beyond it the server has fallen so far
+            // behind that the run is reported as failed (dropped), not silently slowed.
+            const MAX_OUTSTANDING: usize = 50_000;
+            let outstanding = Arc::new(AtomicUsize::new(0));
+            // Results are folded in as they arrive: a 10-minute run keeps no handle per request.
+            let shared = Arc::new(std::sync::Mutex::new(Outcome::default()));
+            let finished = Arc::new(tokio::sync::Notify::new());
+            let t0 = Instant::now();
+            for i in 0.. {
+                let due = t0 + Duration::from_secs_f64(i as f64 / rate);
+                let done = match until {
+                    Some(u) => due >= u,
+                    None => i >= plan.total,
+                };
+                if done {
                     break;
                 }
-                let w = &work[i % work.len()];
-                let t0 = Instant::now();
-                match client::create_certificate(&mut ch, w.csr.clone(), Some(&w.token), 0).await {
-                    Ok(_) => lat.push(t0.elapsed()),
-                    Err(e) => {
-                        if errs == 0 {
-                            eprintln!("request failed: {e}");
-                        }
-                        errs += 1;
-                    }
+                tokio::time::sleep_until(due.into()).await;
+                if outstanding.load(Ordering::Relaxed) >= MAX_OUTSTANDING {
+                    dropped += 1;
+                    continue;
                 }
+                outstanding.fetch_add(1, Ordering::Relaxed);
+                let mut ch = channels[i % channels.len()].clone();
+                let (work, progress, outstanding, shared, finished) = (
+                    work.clone(),
+                    progress.clone(),
+                    outstanding.clone(),
+                    shared.clone(),
+                    finished.clone(),
+                );
+                tokio::spawn(async move {
+                    let mut out = Outcome::default();
+                    one(&mut ch, &work[i % work.len()], due, &mut out, &progress).await;
+                    let mut all = shared.lock().unwrap_or_else(|p| p.into_inner());
+                    all.latencies.extend(out.latencies);
+                    all.errors += out.errors;
+                    all.denied += out.denied;
+                    drop(all);
+                    if outstanding.fetch_sub(1, Ordering::Relaxed) == 1 {
+                        finished.notify_one();
+                    }
+                });
             }
-            (lat, errs)
-        }));
-    }
-    let (mut all, mut errors) = (Vec::with_capacity(total), 0);
-    for t in tasks {
-        if let Ok((l, e)) = t.await {
-            all.extend(l);
-            errors += e;
+            while outstanding.load(Ordering::Relaxed) > 0 {
+                let _ = tokio::time::timeout(Duration::from_millis(100), finished.notified()).await;
+            }
+            let mut all = std::mem::take(&mut *shared.lock().unwrap_or_else(|p| p.into_inner()));
+            all.dropped = dropped;
+            return all;
         }
     }
-    (all, errors)
+    let mut all = Outcome {
+        dropped,
+        ..Outcome::default()
+    };
+    for t in tasks {
+        if let Ok(o) = t.await {
+            all.latencies.extend(o.latencies);
+            all.errors += o.errors;
+            all.denied += o.denied;
+        }
+    }
+    all
 }
 
 /// Times each stage of the issue path in this process, on one core.

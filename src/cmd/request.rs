@@ -115,6 +115,7 @@ pub async fn run(args: Args) -> CmdResult {
         server_name: args.tls_server_name.clone(),
         identity: identity_pem,
         plaintext: args.plaintext,
+        local_address: None,
     })
     .await
     .map_err(|e| e.to_string())?;

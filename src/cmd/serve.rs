@@ -204,6 +204,16 @@ pub struct Args {
     #[arg(long, default_value_t = 10_000, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_connections: u32,
 
+    /// Failed authentications one peer address may make in a row before its requests are
+    /// refused unread (ResourceExhausted, with the wait in the message); 0 turns this off.
+    /// Successful calls cost nothing. Counted in citadel_auth_throttled_total.
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub auth_failure_burst: u32,
+
+    /// Failures per second a throttled peer earns back (0.5: one every 2 seconds).
+    #[arg(long, default_value_t = 0.5, value_name = "PER_SEC")]
+    pub auth_failure_rate: f64,
+
     /// How often the scheduler reloads state (picks up `citadel revoke` and
     /// `citadel ca rotate-root`) and runs what is due.
     #[arg(long, default_value = "1s", value_parser = clap_parse, value_name = "DUR")]
@@ -302,6 +312,10 @@ impl Args {
             limits: crate::server::Limits {
                 max_inflight: self.max_inflight as usize,
                 max_connections: self.max_connections as usize,
+                auth_throttle: crate::server::throttle::ThrottlePolicy {
+                    burst: self.auth_failure_burst,
+                    per_second: self.auth_failure_rate,
+                },
             },
             kubeconfig: self.kubeconfig,
             pod_certificates: (self.store == StoreKind::Kube && !self.no_pod_certificates).then(

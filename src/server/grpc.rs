@@ -50,6 +50,10 @@ pub enum IssueError {
     /// `--max-inflight` requests are already in progress (ResourceExhausted).
     #[error("the CA is at its limit of requests in progress (--max-inflight); retry shortly")]
     Busy,
+    /// This peer address failed authentication too often; the seconds until it may try again
+    /// (ResourceExhausted: istio-agent backs off and retries).
+    #[error("too many failed authentications from this address; retry in {0:.0}s (--auth-failure-burst)")]
+    Throttled(f64),
 }
 
 impl IssueError {
@@ -62,7 +66,7 @@ impl IssueError {
             }
             IssueError::PermissionDenied(_) => Code::PermissionDenied,
             IssueError::NotReady(_) => Code::Unavailable,
-            IssueError::Busy => Code::ResourceExhausted,
+            IssueError::Busy | IssueError::Throttled(_) => Code::ResourceExhausted,
             IssueError::Sign(_) => Code::Internal,
         };
         Status::new(code, self.to_string())
@@ -87,6 +91,8 @@ pub struct CaService {
     pub sweep: Arc<crate::ca::revocation::SweepRequest>,
     /// One permit per call in progress (`Limits::max_inflight`).
     pub inflight: Arc<tokio::sync::Semaphore>,
+    /// Failed authentications per peer address (`Limits::auth_throttle`).
+    pub throttle: Arc<super::throttle::AuthThrottle>,
 }
 
 fn bearer(req: &Request<IstioCertificateRequest>) -> Result<Option<&str>, IssueError> {
@@ -126,6 +132,16 @@ impl CaService {
             self.metrics.csr_parsing_err_count.inc();
             return Err(IssueError::CsrTooLarge(msg.csr.len()));
         }
+        // A peer that keeps failing is refused before its credentials cost a verification
+        // or a TokenReview.
+        let peer = req.remote_addr().map(|a| a.ip());
+        let now = self.clock.now().unix_timestamp_nanos() as f64 / 1e9;
+        if let Some(ip) = peer {
+            if let Err(t) = self.throttle.check(ip, now) {
+                self.metrics.auth_throttled_count.inc();
+                return Err(IssueError::Throttled(t.retry_after_secs));
+            }
+        }
         let peer_chain = req.peer_certs();
         // A malformed Authorization header does not stop a valid client certificate from
         // authenticating (first success wins); it is reported only if nothing succeeds.
@@ -139,6 +155,11 @@ impl CaService {
         };
         let caller = self.auth.authenticate(creds).await.map_err(|e| {
             self.metrics.authentication_failure_count.inc();
+            if let (Some(ip), false) = (peer, matches!(e, AuthError::Unavailable(_))) {
+                if self.throttle.failed(ip, now) {
+                    tracing::warn!(peer = %ip, "this address failed authentication too often; its calls are refused unread until it earns failures back (--auth-failure-burst, citadel_auth_throttled_total)");
+                }
+            }
             match (e, header_problem) {
                 // The credential could not be checked (API server down): retryable.
                 (e @ AuthError::Unavailable(_), _) => IssueError::NotReady(e.to_string()),
@@ -271,6 +292,11 @@ impl IstioCertificateService for CaService {
                     }
                     IssueError::NotReady(_) => {
                         tracing::warn!(error = %e, "refused a CSR: CA not ready")
+                    }
+                    // Logged once per peer when it is cut off; one line per refused call
+                    // would let a flood fill the log.
+                    IssueError::Throttled(_) => {
+                        tracing::debug!(error = %e, "refused a CSR unread")
                     }
                     _ => tracing::info!(code = ?status.code(), error = %e, "refused a CSR"),
                 }

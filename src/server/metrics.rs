@@ -75,6 +75,9 @@ pub struct Metrics {
     pub id_extraction_err_count: Counter,
     /// Certificates issued (`citadel_server_success_cert_issuance_count`).
     pub success_cert_issuance_count: Counter,
+    /// Requests refused unread because their peer failed authentication too often
+    /// (`citadel_auth_throttled_total`).
+    pub auth_throttled_count: Counter,
     sign_errors: Mutex<BTreeMap<&'static str, u64>>,
     /// CreateCertificate latency (`citadel_server_csr_latency_seconds`).
     pub latency: Histogram,
@@ -114,6 +117,12 @@ impl Metrics {
             "citadel_audit_write_failures",
             "Log lines (audit lines included) that could not be written; while they fail, no certificate is handed out.",
             crate::audit::failures(),
+        );
+        counter(
+            &mut out,
+            "citadel_auth_throttled_total",
+            "Requests refused without reading their credentials: their peer address failed authentication too often (--auth-failure-burst).",
+            self.auth_throttled_count.get(),
         );
         counter(
             &mut out,
@@ -223,6 +232,12 @@ impl Metrics {
                 );
             }
         }
+        counter(
+            &mut out,
+            "citadel_ca_step_failures_total",
+            "Scheduler passes that failed (rotation, CRL or revocation steps that could not be journaled); each is retried while the CA signs with what it has.",
+            ca.step_failures(),
+        );
         if let Some(l) = self.leader.get() {
             let _ = writeln!(out, "# HELP citadel_leader 1 if this replica holds the leader lease.\n# TYPE citadel_leader gauge\ncitadel_leader {}", i32::from(*l.borrow()));
         }

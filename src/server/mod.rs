@@ -6,6 +6,7 @@
 pub mod grpc;
 pub mod http;
 pub mod metrics;
+pub mod throttle;
 pub mod tls;
 
 use std::sync::Arc;
@@ -47,6 +48,8 @@ pub struct Limits {
     /// Open connections (including ones still in their TLS handshake); a connection beyond
     /// it is closed at once, so held-open sockets cannot exhaust file descriptors.
     pub max_connections: usize,
+    /// Failed authentications per peer address (`--auth-failure-burst`/`-rate`).
+    pub auth_throttle: throttle::ThrottlePolicy,
 }
 
 impl Default for Limits {
@@ -54,6 +57,7 @@ impl Default for Limits {
         Self {
             max_inflight: 1024,
             max_connections: 10_000,
+            auth_throttle: throttle::ThrottlePolicy::default(),
         }
     }
 }
@@ -215,6 +219,7 @@ impl Server {
             index: self.index,
             sweep: self.sweep,
             inflight: Arc::new(tokio::sync::Semaphore::new(self.limits.max_inflight)),
+            throttle: Arc::new(throttle::AuthThrottle::new(self.limits.auth_throttle)),
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let router = tonic::transport::Server::builder()

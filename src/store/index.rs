@@ -4,7 +4,15 @@
 //! File form: `issued.log` in the state directory, one line per certificate, appended with a
 //! single `write(2)` per issuance (no fsync: it survives a process crash; a machine crash can
 //! lose the last lines, whose certificates are still in the audit log and revocable by serial).
-//! Pruned of expired entries at start and hourly. At 100k workloads renewing daily it holds
+//! Pruned of expired entries at start and hourly.
+//!
+//! A full disk must not stop issuance at once, yet a certificate that is not in the index is
+//! never handed out (it could not be revoked by identity). So the file keeps
+//! [`RESERVE_BYTES`] allocated past its end (`fallocate(FALLOC_FL_KEEP_SIZE)`; readers see
+//! only the lines), topped up as it is used: when the disk fills, issuance carries on from the
+//! reserve (about 10,000 certificates) while the operator is warned, and only fails closed
+//! (Unavailable) once the reserve is gone. A write that fails half-way is cut back to the
+//! last whole line, so the next entry never lands glued to a torn one. At 100k workloads renewing daily it holds
 //! ~100-200k lines (~15-25 MB); a lookup is a linear scan (tens of ms), fine for an operator
 //! command and never on the request path.
 
@@ -64,11 +72,50 @@ pub trait IssuanceIndex: Send + Sync {
     fn prune(&self, now: i64) -> Result<usize, StoreError>;
 }
 
+/// Bytes kept allocated past the end of `issued.log` (~10,000 entries).
+pub const RESERVE_BYTES: u64 = 1 << 20;
+
 /// The index in `issued.log` of one replica's state directory.
 #[derive(Debug)]
 pub struct FileIndex {
     path: PathBuf,
-    file: Mutex<Option<File>>,
+    file: Mutex<Option<Open>>,
+}
+
+/// The open file, its length (whole lines only) and how far space is allocated.
+#[derive(Debug)]
+struct Open {
+    file: File,
+    len: u64,
+    reserved_to: u64,
+    /// Set while topping up the reserve fails (the disk is full): warned once, not per line.
+    short: bool,
+}
+
+impl Open {
+    /// Keeps at least half the reserve ahead of the end; false if the disk refused.
+    fn top_up(&mut self) -> bool {
+        if self.reserved_to >= self.len + RESERVE_BYTES / 2 {
+            return true;
+        }
+        match rustix::fs::fallocate(
+            &self.file,
+            rustix::fs::FallocateFlags::KEEP_SIZE,
+            self.len,
+            RESERVE_BYTES,
+        ) {
+            Ok(()) => {
+                self.reserved_to = self.len + RESERVE_BYTES;
+                true
+            }
+            // A filesystem without fallocate: no reserve, appends as before.
+            Err(rustix::io::Errno::OPNOTSUPP) => {
+                self.reserved_to = u64::MAX;
+                true
+            }
+            Err(_) => false,
+        }
+    }
 }
 
 fn io(path: &std::path::Path, source: std::io::Error) -> StoreError {
@@ -87,13 +134,22 @@ impl FileIndex {
         }
     }
 
-    fn open(&self) -> Result<File, StoreError> {
-        OpenOptions::new()
+    fn open(&self) -> Result<Open, StoreError> {
+        let file = OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o600)
             .open(&self.path)
-            .map_err(|e| io(&self.path, e))
+            .map_err(|e| io(&self.path, e))?;
+        let len = file.metadata().map_err(|e| io(&self.path, e))?.len();
+        let mut open = Open {
+            file,
+            len,
+            reserved_to: len,
+            short: false,
+        };
+        open.top_up();
+        Ok(open)
     }
 
     fn read_all(&self) -> Result<Vec<IssuedEntry>, StoreError> {
@@ -118,8 +174,28 @@ impl IssuanceIndex for FileIndex {
             *guard = Some(self.open()?);
         }
         let f = guard.as_mut().expect("opened above");
-        f.write_all(e.line().as_bytes())
-            .map_err(|err| io(&self.path, err))
+        if !f.top_up() && !f.short {
+            f.short = true;
+            tracing::warn!(path = %self.path.display(), left_bytes = f.reserved_to.saturating_sub(f.len), "the disk is full: issuance continues from the issuance index's reserve, and stops (Unavailable) when it is used up; free space in the state directory");
+        } else if f.short && f.reserved_to >= f.len + RESERVE_BYTES / 2 {
+            f.short = false;
+            tracing::info!(path = %self.path.display(), "the issuance index's reserve is restored");
+        }
+        let line = e.line();
+        match f.file.write_all(line.as_bytes()) {
+            Ok(()) => {
+                f.len += line.len() as u64;
+                Ok(())
+            }
+            Err(err) => {
+                // Cut a torn line off (shrinking needs no space), so the next append starts
+                // on a line of its own; if even that fails, reopen to re-read the length.
+                if f.file.set_len(f.len).is_err() {
+                    *guard = None;
+                }
+                Err(io(&self.path, err))
+            }
+        }
     }
 
     fn live(&self, now: i64) -> Result<Vec<IssuedEntry>, StoreError> {
@@ -151,6 +227,36 @@ mod tests {
             not_after: na,
             issuer: "i1".into(),
         }
+    }
+
+    #[test]
+    fn the_reserve_is_allocated_past_the_end_and_invisible_to_readers() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = FileIndex::new(dir.path());
+        idx.record(&e("aa", "spiffe://td/ns/a/sa/b", 100)).unwrap();
+        let path = dir.path().join(INDEX_FILE);
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(
+            meta.len(),
+            e("aa", "spiffe://td/ns/a/sa/b", 100).line().len() as u64
+        );
+        use std::os::unix::fs::MetadataExt;
+        // On filesystems with fallocate (ext4, xfs, tmpfs) the blocks are there already.
+        let fallocate_works = rustix::fs::fallocate(
+            File::create(dir.path().join("probe")).unwrap(),
+            rustix::fs::FallocateFlags::KEEP_SIZE,
+            0,
+            4096,
+        )
+        .is_ok();
+        if fallocate_works {
+            assert!(
+                meta.blocks() * 512 >= RESERVE_BYTES,
+                "{} blocks",
+                meta.blocks()
+            );
+        }
+        assert_eq!(idx.live(0).unwrap().len(), 1);
     }
 
     #[test]

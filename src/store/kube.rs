@@ -125,6 +125,39 @@ impl KubeStore {
     }
 }
 
+/// Decodes the journal Secret as the API server returned it. Separate from the API call so the
+/// fuzzer (fuzz/fuzz_targets/journal_secret.rs) reaches exactly the code a replica runs.
+pub fn decode_journal_secret(
+    namespace: &str,
+    secret: &Secret,
+) -> Result<Versioned<Journal>, StoreError> {
+    let what = || format!("Secret {namespace}/{JOURNAL_SECRET}");
+    let rv = secret.metadata.resource_version.clone().unwrap_or_default();
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(JOURNAL_KEY))
+        .ok_or_else(|| StoreError::Corrupt {
+            what: what(),
+            reason: format!("no {JOURNAL_KEY} key"),
+        })?;
+    // serde_json errors carry a line and column, never the content (it holds keys).
+    let journal: Journal = serde_json::from_slice(&bytes.0).map_err(|e| StoreError::Corrupt {
+        what: what(),
+        reason: e.to_string(),
+    })?;
+    journal
+        .check_format()
+        .map_err(|reason| StoreError::Corrupt {
+            what: what(),
+            reason,
+        })?;
+    Ok(Versioned {
+        value: journal,
+        revision: Revision(rv),
+    })
+}
+
 impl Store for KubeStore {
     fn describe(&self) -> String {
         format!("kube:{}/{JOURNAL_SECRET}", self.namespace)
@@ -140,30 +173,7 @@ impl Store for KubeStore {
             else {
                 return Ok(None);
             };
-            let rv = secret.metadata.resource_version.clone().unwrap_or_default();
-            let bytes = secret
-                .data
-                .as_ref()
-                .and_then(|d| d.get(JOURNAL_KEY))
-                .ok_or_else(|| StoreError::Corrupt {
-                    what: format!("Secret {JOURNAL_SECRET}"),
-                    reason: format!("no {JOURNAL_KEY} key"),
-                })?;
-            let journal: Journal =
-                serde_json::from_slice(&bytes.0).map_err(|e| StoreError::Corrupt {
-                    what: format!("Secret {JOURNAL_SECRET}"),
-                    reason: e.to_string(),
-                })?;
-            journal
-                .check_format()
-                .map_err(|reason| StoreError::Corrupt {
-                    what: format!("Secret {}/{JOURNAL_SECRET}", self.namespace),
-                    reason,
-                })?;
-            Ok(Some(Versioned {
-                value: journal,
-                revision: Revision(rv),
-            }))
+            decode_journal_secret(&self.namespace, &secret).map(Some)
         })
     }
 

@@ -440,3 +440,115 @@ async fn sds_pushes_to_every_stream_handles_nack_without_looping_and_serves_reco
     trigger.trigger();
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
 }
+
+/// Abuse of the SDS socket by a local process: every dimension is bounded, each refusal has
+/// its code, and a well-behaved Envoy stream keeps getting its secrets meanwhile.
+#[tokio::test]
+async fn sds_abuse_is_bounded_and_a_well_behaved_stream_keeps_its_secrets() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("sds.sock");
+    let (tx, rx) = watch::channel(Some(creds(1, None)));
+    let stats = AgentStats::new();
+    let (trigger, sd) = shutdown::channel();
+    let server = tokio::spawn({
+        let (path, rx, stats) = (path.clone(), rx.clone(), stats.clone());
+        async move { sds::serve(&path, rx, stats, sd).await }
+    });
+    eventually("socket", 5, async || path.exists()).await;
+    let mut envoy = Stream::open(&path, &["default", "ROOTCA"]).await;
+    assert_eq!(envoy.next().await.version_info, "1");
+
+    // Garbage on the wire: the connection is closed, nothing else is.
+    for junk in [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        [
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".as_slice(),
+            &[0xff; 4096],
+        ]
+        .concat(),
+        vec![0u8; 65536],
+    ] {
+        let mut raw = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let _ = raw.write_all(&junk).await;
+        let mut buf = vec![0u8; 4096];
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match raw.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => continue, // a GOAWAY or an HTTP/1 error, then the close
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "a connection sending garbage is closed");
+    }
+
+    // Too many resource names, a name too long, a message too large: refused on that stream.
+    let many: Vec<String> = (0..=sds::MAX_RESOURCE_NAMES)
+        .map(|i| format!("n{i}"))
+        .collect();
+    let long = "x".repeat(sds::MAX_NAME_BYTES + 1);
+    let huge = "x".repeat(sds::MAX_MESSAGE_BYTES + 1);
+    for (names, code) in [
+        (many, tonic::Code::InvalidArgument),
+        (vec![long], tonic::Code::InvalidArgument),
+        (vec![huge], tonic::Code::OutOfRange),
+    ] {
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut s = Stream::open(&path, &names).await;
+        let got = tokio::time::timeout(Duration::from_secs(5), s.rx.message())
+            .await
+            .expect("an answer within 5s");
+        assert_eq!(
+            got.err().map(|e| e.code()),
+            Some(code),
+            "{} names",
+            names.len()
+        );
+        let mut client = sds_client(path.clone()).await;
+        let unary = client
+            .fetch_secrets(request(&names, "", "", None))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            unary.code(),
+            code,
+            "FetchSecrets with {} names",
+            names.len()
+        );
+    }
+
+    // Streams: MAX_STREAMS in all (Envoy's own counts), then ResourceExhausted until one closes.
+    eventually("the refused streams to close", 5, async || {
+        stats.sds_streams.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 1..sds::MAX_STREAMS {
+        held.push(Stream::open(&path, &["default"]).await);
+    }
+    let (_keep, req_rx) = mpsc::channel::<DiscoveryRequest>(1);
+    let refused = sds_client(path.clone())
+        .await
+        .stream_secrets(ReceiverStream::new(req_rx))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    // Two refusals (stream and unary) for each of the two name cases, and this one; the
+    // oversized message is refused by the transport before the handler sees it.
+    assert_eq!(stats.sds_refused.load(Ordering::Relaxed), 5);
+
+    // Meanwhile the well-behaved stream gets a renewal, and a freed slot is usable again.
+    tx.send_replace(Some(creds(2, None)));
+    assert_eq!(envoy.next().await.version_info, "2");
+    drop(held.pop());
+    eventually("a freed stream slot", 5, async || {
+        stats.sds_streams.load(Ordering::Relaxed) < sds::MAX_STREAMS as i64
+    })
+    .await;
+    let mut again = Stream::open(&path, &["default"]).await;
+    assert_eq!(again.next().await.version_info, "2");
+    trigger.trigger();
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+}

@@ -50,6 +50,11 @@ async fn a_token_flood_neither_reaches_the_api_server_nor_queues_honest_pods() {
             "5",
             "--kube-review-max-wait",
             "1s",
+            // This tests the TokenReview path's own bounds, as when a flood comes from many
+            // addresses; the per-peer throttle (which would cut this one-address flood off
+            // first) is tested in errors.rs.
+            "--auth-failure-burst",
+            "0",
         ],
     )
     .await;

@@ -98,6 +98,9 @@ fn no_accepted_csr_names_anyone_but_the_caller() {
         index: None,
         sweep: Default::default(),
         inflight: std::sync::Arc::new(tokio::sync::Semaphore::new(8)),
+        throttle: std::sync::Arc::new(citadel::server::throttle::AuthThrottle::new(
+            Default::default(),
+        )),
     };
     let token = bearer(&token("shop", "cart"));
     let me = "spiffe://cluster.local/ns/shop/sa/cart";

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use citadel::client::verify_response;
 use citadel::clock::{Clock, ManualClock};
-use citadel::identity::ServiceAccount;
 use citadel::journal::{Role, Status};
 use citadel::pki::{chain, pem, KeyType};
 use citadel::store::file::FileStore;
@@ -17,17 +16,6 @@ use citadel::store::Store;
 use crate::support::*;
 
 const DAY: i64 = 86_400;
-
-/// A dev token minted at the manual clock's time (the server checks exp against it).
-fn token_at(clock: &ManualClock, ns: &str, sa: &str) -> String {
-    sign(&citadel::cmd::dev_token::claims(
-        &ServiceAccount::new(ns, sa).unwrap(),
-        &["istio-ca".into()],
-        clock.now().unix_timestamp(),
-        Duration::from_secs(3600),
-        Some("pod-1"),
-    ))
-}
 
 fn intermediate_serial(chain_pem: &[String]) -> String {
     chain::describe(&pem::parse_certs(chain_pem[1].as_bytes()).unwrap()[0])
@@ -61,7 +49,7 @@ async fn a_year_of_rotation_on_a_manual_clock_through_the_real_port() {
     let first = call(
         &mut client,
         &csr,
-        Some(&bearer(&token_at(&clock, "shop", "cart"))),
+        Some(&bearer(&token_at(&*clock, "shop", "cart"))),
         0,
         None,
     )
@@ -85,7 +73,7 @@ async fn a_year_of_rotation_on_a_manual_clock_through_the_real_port() {
                     call(
                         &mut client,
                         &csr,
-                        Some(&bearer(&token_at(&clock, "shop", "cart"))),
+                        Some(&bearer(&token_at(&*clock, "shop", "cart"))),
                         0,
                         None,
                     )

@@ -58,14 +58,28 @@ impl KubeEnv {
     }
 
     pub fn stop(&self) {
+        self.script("stop");
+    }
+
+    /// Kills kube-apiserver alone (as a crash would); etcd keeps the data.
+    pub fn stop_apiserver(&self) {
+        self.script("stop-apiserver");
+    }
+
+    /// Brings kube-apiserver back on the same port after `stop_apiserver`.
+    pub fn start_apiserver(&self) {
+        self.script("start-apiserver");
+    }
+
+    fn script(&self, command: &str) {
         let out = Command::new("scripts/kube-test-env.sh")
-            .arg("stop")
+            .arg(command)
             .arg(&self.dir)
             .output()
             .unwrap();
         assert!(
             out.status.success(),
-            "{}",
+            "kube-test-env.sh {command}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }

@@ -145,12 +145,26 @@ impl TestCa {
     }
 
     pub async fn client_with(&self, identity: Option<(Vec<u8>, Vec<u8>)>) -> CaClient {
+        self.client_opts(identity, None).await
+    }
+
+    /// A client speaking from `local` (another loopback address is another peer).
+    pub async fn client_from(&self, local: std::net::IpAddr) -> CaClient {
+        self.client_opts(None, Some(local)).await
+    }
+
+    async fn client_opts(
+        &self,
+        identity: Option<(Vec<u8>, Vec<u8>)>,
+        local_address: Option<std::net::IpAddr>,
+    ) -> CaClient {
         client::connect(&ConnectOptions {
             addr: self.addr.to_string(),
             root_pem: self.root_pem(),
             server_name: Some("localhost".into()),
             identity,
             plaintext: self.plaintext,
+            local_address,
         })
         .await
         .unwrap()
@@ -230,6 +244,17 @@ pub fn sign(claims: &serde_json::Value) -> String {
 
 pub fn token(ns: &str, sa: &str) -> String {
     sign(&claims(ns, sa))
+}
+
+/// A dev token minted at `clock`'s time (the server checks exp against it).
+pub fn token_at(clock: &dyn citadel::clock::Clock, ns: &str, sa: &str) -> String {
+    sign(&citadel::cmd::dev_token::claims(
+        &ServiceAccount::new(ns, sa).unwrap(),
+        &["istio-ca".into()],
+        clock.now().unix_timestamp(),
+        Duration::from_secs(3600),
+        Some("pod-1"),
+    ))
 }
 
 /// A key and an istio-agent-shaped CSR for `id`.
