@@ -11,6 +11,7 @@ use crate::auth::node::TrustedNodeAccounts;
 use crate::auth::tokenreview::ReviewLimits;
 use crate::ca::bootstrap::CaOptions;
 use crate::ca::policy::{RotationPolicy, TtlPolicy};
+pub use crate::cluster::podcert::PodCertConfig;
 use crate::duration;
 use crate::identity::TrustDomain;
 use crate::server::Limits;
@@ -130,6 +131,9 @@ pub struct ServeConfig {
     /// This cluster's name in the `clusterid` header (`--cluster-id`); tokens that say they
     /// come from another cluster are refused.
     pub cluster_id: String,
+    /// The Pod Certificates signer and its ClusterTrustBundle (`--store kube` only); `None`
+    /// signs no PodCertificateRequests.
+    pub pod_certificates: Option<PodCertConfig>,
 }
 
 impl ServeConfig {
@@ -160,6 +164,7 @@ impl ServeConfig {
             kubeconfig: None,
             trusted_node_accounts: TrustedNodeAccounts::default(),
             cluster_id: crate::auth::cluster::DEFAULT_CLUSTER_ID.to_string(),
+            pod_certificates: None,
         }
     }
 
@@ -289,6 +294,12 @@ impl ServeConfig {
                         (with --kubeconfig, KUBECONFIG or in-cluster credentials)"
                     .into(),
             );
+        }
+        if let Some(p) = &self.pod_certificates {
+            if self.store == StoreConfig::File {
+                return Err("the Pod Certificates signer needs --store kube".into());
+            }
+            p.validate()?;
         }
         if self.tls_names.as_ref().is_some_and(|n| n.is_empty()) {
             return Err("TLS needs at least one --server-dns-name".into());
@@ -453,6 +464,43 @@ mod tests {
                         TrustedNodeAccounts::parse(&["istio-system/ztunnel"]).unwrap()
                 }),
                 "--trusted-node-accounts needs the cluster",
+            ),
+            (
+                Box::new(|c| {
+                    c.pod_certificates = Some(PodCertConfig {
+                        signer_name: "citadel.dev/spiffe".into(),
+                        workers: 8,
+                    })
+                }),
+                "needs --store kube",
+            ),
+            (
+                Box::new(|c| {
+                    c.store = StoreConfig::Kube {
+                        namespace: "ns".into(),
+                        lease_duration: Duration::from_secs(15),
+                        identity: None,
+                    };
+                    c.pod_certificates = Some(PodCertConfig {
+                        signer_name: "kubernetes.io/mine".into(),
+                        workers: 8,
+                    })
+                }),
+                "--pod-cert-signer-name",
+            ),
+            (
+                Box::new(|c| {
+                    c.store = StoreConfig::Kube {
+                        namespace: "ns".into(),
+                        lease_duration: Duration::from_secs(15),
+                        identity: None,
+                    };
+                    c.pod_certificates = Some(PodCertConfig {
+                        signer_name: "citadel.dev/spiffe".into(),
+                        workers: 0,
+                    })
+                }),
+                "--pod-cert-workers",
             ),
         ];
         for (change, flag) in cases {

@@ -20,6 +20,7 @@ use crate::ca::bootstrap;
 use crate::ca::scheduler::Scheduler;
 use crate::ca::{plugged, Ca};
 use crate::clock::SharedClock;
+use crate::cluster::podcert::PodCertSigner;
 use crate::cluster::replica::Replica;
 use crate::cluster::{self, JwksRefresher};
 use crate::server::{tls::TlsState, Metrics, Server};
@@ -64,6 +65,10 @@ pub async fn run(
                 namespace,
                 identity.clone(),
                 *lease_duration,
+                config
+                    .pod_certificates
+                    .as_ref()
+                    .map(|p| p.signer_name.as_str()),
                 &clock,
                 &shutdown,
             )
@@ -199,6 +204,27 @@ pub async fn run(
         "citadel serving"
     );
     let node_auth = start_node_authorizer(&config, replica.as_ref(), &metrics, &shutdown).await?;
+    let sweep = scheduler
+        .as_ref()
+        .map(|s| s.sweep.clone())
+        .unwrap_or_default();
+    if let (Some(r), Some(pc)) = (
+        replica.as_ref().filter(|r| r.pod_certificates),
+        &config.pod_certificates,
+    ) {
+        let signer = PodCertSigner::new(
+            r.client.clone(),
+            Some(r.elector.subscribe()),
+            ca.clone(),
+            index.clone(),
+            sweep.clone(),
+            clock.clone(),
+            config.trust_domain.clone(),
+            pc.clone(),
+            config.ttl.max,
+        );
+        tokio::spawn(signer.run(shutdown.clone()));
+    }
     let server = Server {
         ca,
         auth,
@@ -207,10 +233,7 @@ pub async fn run(
         metrics,
         tls,
         index: index.clone(),
-        sweep: scheduler
-            .as_ref()
-            .map(|s| s.sweep.clone())
-            .unwrap_or_default(),
+        sweep,
         limits: config.limits,
         node_auth,
     };

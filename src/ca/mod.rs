@@ -7,6 +7,7 @@ pub mod apply;
 pub mod backup;
 pub mod bootstrap;
 pub mod crl;
+pub mod issue;
 pub mod mint;
 pub mod plan;
 pub mod plugged;

@@ -102,6 +102,8 @@ impl JwksRefresher {
 
 pub mod controller;
 pub mod leader;
+pub mod podcert;
 pub mod pods;
 pub mod publish;
 pub mod replica;
+pub mod trustbundle;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use super::leader::Elector;
 use super::publish::ConfigMapPublisher;
+use super::trustbundle::{AllPublishers, TrustBundlePublisher};
 use crate::ca::bootstrap::{self, CaOptions};
 use crate::ca::plugged;
 use crate::clock::{Clock, SharedClock};
@@ -26,6 +27,8 @@ pub struct Replica {
     pub elector: Arc<Elector>,
     /// The journal Secret, publishing through the ConfigMap publisher.
     pub store: Arc<dyn Store>,
+    /// Whether the Pod Certificates signer runs: asked for, and served by the API server.
+    pub pod_certificates: bool,
     namespace: String,
 }
 
@@ -37,6 +40,7 @@ impl Replica {
         namespace: &str,
         identity: Option<String>,
         lease_duration: Duration,
+        trust_bundle_signer: Option<&str>,
         clock: &SharedClock,
         shutdown: &Shutdown,
     ) -> Result<Self, String> {
@@ -59,10 +63,31 @@ impl Replica {
         tokio::spawn(elector.clone().run(shutdown.clone()));
         let publisher = ConfigMapPublisher::new(client.clone(), Some(elector.subscribe()));
         tokio::spawn(publisher.clone().run(shutdown.clone()));
+        // With the Pod Certificates signer, the bundle is also a ClusterTrustBundle, if this
+        // API server has them (a citadel on an older cluster must still start).
+        let trust_bundle_signer = match trust_bundle_signer {
+            Some(s) if super::podcert::served(&client).await? => Some(s),
+            Some(_) => {
+                tracing::warn!("this API server does not serve certificates.k8s.io/v1 PodCertificateRequests and ClusterTrustBundles (Kubernetes 1.37+): the Pod Certificates signer is off");
+                None
+            }
+            None => None,
+        };
+        let publisher: Arc<dyn crate::store::kube::Publisher> = match trust_bundle_signer {
+            Some(signer) => {
+                let ctb =
+                    TrustBundlePublisher::new(client.clone(), signer, Some(elector.subscribe()));
+                tokio::spawn(ctb.clone().run(shutdown.clone()));
+                tracing::info!(clustertrustbundle = %ctb.name(), "publishing the trust bundle as a ClusterTrustBundle");
+                Arc::new(AllPublishers(vec![publisher, ctb]))
+            }
+            None => publisher,
+        };
         tracing::info!(namespace = %namespace, identity = %identity, lease = %crate::duration::format(lease_duration), "Kubernetes store with leader election");
         let store: Arc<dyn Store> =
             Arc::new(KubeStore::new(client.clone(), namespace, Some(publisher)));
         Ok(Self {
+            pod_certificates: trust_bundle_signer.is_some(),
             client,
             elector,
             store,

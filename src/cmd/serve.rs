@@ -143,6 +143,22 @@ pub struct Args {
     #[arg(long, env = "POD_NAME", value_name = "NAME")]
     pub pod_name: Option<String>,
 
+    /// With --store kube: the signerName of Kubernetes PodCertificateRequests that citadel
+    /// signs (each pod's SPIFFE SVID, mounted by the kubelet from a projected `podCertificate`
+    /// volume); its roots are published as the ClusterTrustBundle `<name with / as :>:roots`.
+    /// Pick a name under a domain you own.
+    #[arg(long, default_value = crate::cluster::podcert::DEFAULT_SIGNER_NAME, value_name = "NAME")]
+    pub pod_cert_signer_name: String,
+
+    /// With --store kube: PodCertificateRequests decided at once by the leader.
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    pub pod_cert_workers: u16,
+
+    /// Do not sign PodCertificateRequests nor publish a ClusterTrustBundle (with --store kube,
+    /// both are on by default).
+    #[arg(long)]
+    pub no_pod_certificates: bool,
+
     /// How tokens are checked: locally against a JWKS (no API call per request), or by the
     /// API server with a TokenReview (cached per token, see --token-cache-ttl).
     #[arg(long, value_enum, default_value_t = AuthMode::Jwks)]
@@ -337,6 +353,12 @@ impl Args {
                 &self.trusted_node_accounts,
             )?,
             cluster_id: self.cluster_id,
+            pod_certificates: (self.store == StoreKind::Kube && !self.no_pod_certificates).then(
+                || crate::app::config::PodCertConfig {
+                    signer_name: self.pod_cert_signer_name.clone(),
+                    workers: self.pod_cert_workers,
+                },
+            ),
         };
         config.validate()?;
         Ok(config)

@@ -9,13 +9,14 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::auth::node::{Impersonation, NodeAuthError, NodeAuthorizer, Refusal};
 use crate::auth::{AuthChain, AuthError, Caller, Credentials};
+use crate::ca::issue::{audit_issued, AuditRecord, IssueFailure};
 use crate::ca::policy::{TtlError, TtlPolicy};
 use crate::ca::{Ca, SignError};
 use crate::clock::SharedClock;
 use crate::pki::csr::{self, CsrError, MAX_CSR_BYTES};
 use crate::proto::istio_certificate_service_server::IstioCertificateService;
 use crate::proto::{IstioCertificateRequest, IstioCertificateResponse};
-use crate::store::index::{IssuanceIndex, IssuedEntry};
+use crate::store::index::IssuanceIndex;
 
 use super::metrics::Metrics;
 
@@ -242,57 +243,37 @@ impl CaService {
             )));
         }
 
-        let signer = self.ca.current().ok_or_else(|| {
-            self.metrics.sign_error("not_ready");
-            IssueError::NotReady("no signing CA is loaded yet".into())
-        })?;
-        if signer.is_denied(&want) {
-            self.metrics.id_extraction_err_count.inc();
-            return Err(IssueError::PermissionDenied(format!(
-                "{want} has been revoked by an operator and may get no new certificate"
-            )));
-        }
-        let issued = signer
-            .issue_workload(&csr.key, &identity, self.clock.now(), ttl)
-            .map_err(|e| match e {
-                SignError::Expired(at) => {
-                    self.metrics.sign_error("ca_expired");
-                    IssueError::NotReady(format!("the signing CA expired at {at}"))
-                }
-                other => {
-                    self.metrics.sign_error("sign_failed");
-                    IssueError::Sign(other)
-                }
-            })?;
-        if let Some(index) = &self.index {
-            let entry = IssuedEntry {
-                serial: issued.serial_hex.clone(),
-                identity: want.clone(),
-                not_after: issued.not_after.unix_timestamp(),
-                issuer: signer.id().to_string(),
-            };
-            if let Err(e) = index.record(&entry) {
-                // Fail closed: a certificate missing from the index could not be revoked by
-                // `revoke --identity`, so it is not handed out.
-                tracing::error!(error = %e, serial = %issued.serial_hex, identity = %want, "could not record the certificate in the issuance index; refusing it");
-                self.metrics.sign_error("index");
-                return Err(IssueError::NotReady(
-                    "the CA cannot record certificates right now".into(),
-                ));
+        let (signer, issued) = crate::ca::issue::sign_svid(
+            &self.ca,
+            self.index.as_ref(),
+            &self.sweep,
+            &csr.key,
+            &identity,
+            self.clock.now(),
+            ttl,
+        )
+        .map_err(|e| match e {
+            IssueFailure::NoSigner => {
+                self.metrics.sign_error("not_ready");
+                IssueError::NotReady(e.to_string())
             }
-            // The identity may have been denied while this request signed with the signer it
-            // loaded before. The scheduler installs a denial before it sweeps the index, and
-            // this reads the installed signer after recording: so either the sweep sees this
-            // certificate, or this check sees the denial. Never hand out one that neither
-            // saw.
-            if self.ca.current().is_some_and(|s| s.is_denied(&want)) {
-                self.sweep.request();
+            IssueFailure::Denied { .. } => {
                 self.metrics.id_extraction_err_count.inc();
-                return Err(IssueError::PermissionDenied(format!(
-                    "{want} has been revoked by an operator and may get no new certificate"
-                )));
+                IssueError::PermissionDenied(e.to_string())
             }
-        }
+            IssueFailure::Expired(_) => {
+                self.metrics.sign_error("ca_expired");
+                IssueError::NotReady(e.to_string())
+            }
+            IssueFailure::Index => {
+                self.metrics.sign_error("index");
+                IssueError::NotReady(e.to_string())
+            }
+            IssueFailure::Sign(inner) => {
+                self.metrics.sign_error("sign_failed");
+                IssueError::Sign(inner)
+            }
+        })?;
         let chain = signer.response_chain(issued.pem.clone());
         Ok((
             caller,
@@ -337,21 +318,18 @@ impl IstioCertificateService for CaService {
         self.metrics.latency.observe(start.elapsed());
         match result {
             Ok((caller, out)) => {
-                crate::audit::begin();
-                tracing::info!(
-                    target: "citadel::audit",
-                    event = "certificate_issued",
-                    serial = %out.serial_hex,
-                    identity = %out.identity,
-                    caller = %caller.identity,
-                    node = out.via_node.as_ref().map(|i| i.node.as_str()).unwrap_or(""),
-                    not_after = %out.not_after.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
-                    key_type = %out.key_kind,
-                    auth = %caller.method,
-                    pod = caller.pod_name.as_deref().unwrap_or(""),
-                    "issued workload certificate"
-                );
-                if crate::audit::failed() {
+                let written = audit_issued(&AuditRecord {
+                    serial_hex: &out.serial_hex,
+                    identity: &out.identity.to_string(),
+                    caller: &caller.identity.to_string(),
+                    not_after: out.not_after,
+                    key_type: &out.key_kind,
+                    auth: &caller.method.to_string(),
+                    pod: caller.pod_name.as_deref().unwrap_or(""),
+                    node: out.via_node.as_ref().map(|i| i.node.as_str()).unwrap_or(""),
+                    request: "",
+                });
+                if !written {
                     // Vault's rule: no audit, no certificate. It is in the issuance index (so
                     // revocable by identity) but never handed out; the caller retries.
                     self.metrics.sign_error("audit");

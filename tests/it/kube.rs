@@ -217,10 +217,10 @@ async fn jwks_from_the_cluster_needs_no_api_call_per_request() {
 }
 
 /// A `citadel serve --store kube` replica as a real process.
-struct Replica {
-    child: std::process::Child,
+pub(crate) struct Replica {
+    pub(crate) child: std::process::Child,
     addr: std::net::SocketAddr,
-    metrics: std::net::SocketAddr,
+    pub(crate) metrics: std::net::SocketAddr,
     _dir: tempfile::TempDir,
 }
 
@@ -239,7 +239,7 @@ fn replica(kube: &KubeEnv, name: &str) -> Replica {
     replica_in(kube, name, "citadel")
 }
 
-fn replica_in(kube: &KubeEnv, name: &str, namespace: &str) -> Replica {
+pub(crate) fn replica_in(kube: &KubeEnv, name: &str, namespace: &str) -> Replica {
     let dir = tempfile::tempdir().unwrap();
     let (addr, metrics) = (free_addr(), free_addr());
     let log = std::fs::File::create(kube.dir.join(format!("{name}.log"))).unwrap();
@@ -280,11 +280,11 @@ fn replica_in(kube: &KubeEnv, name: &str, namespace: &str) -> Replica {
     }
 }
 
-async fn ready(r: &Replica) -> bool {
+pub(crate) async fn ready(r: &Replica) -> bool {
     matches!(http_get(r.metrics, "/healthz/ready").await, Ok((200, _)))
 }
 
-async fn leads(r: &Replica) -> bool {
+pub(crate) async fn leads(r: &Replica) -> bool {
     http_get(r.metrics, "/metrics")
         .await
         .map(|(_, m)| m.contains("citadel_leader 1\n"))

@@ -24,13 +24,13 @@ fn sh(dir: &Path, script: &str) -> std::process::Output {
 }
 
 /// Writes a response as openssl wants it: leaf.pem, chain.pem (intermediates), roots.pem.
-fn write_chain(dir: &Path, chain: &[String]) {
+pub(crate) fn write_chain(dir: &Path, chain: &[String]) {
     std::fs::write(dir.join("leaf.pem"), &chain[0]).unwrap();
     std::fs::write(dir.join("chain.pem"), chain[1..chain.len() - 1].concat()).unwrap();
     std::fs::write(dir.join("roots.pem"), chain.last().unwrap()).unwrap();
 }
 
-fn openssl_verify(dir: &Path) {
+pub(crate) fn openssl_verify(dir: &Path) {
     let out = Command::new("openssl")
         .args([
             "verify",

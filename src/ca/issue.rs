@@ -1,0 +1,144 @@
+//! Issuing one workload SVID, the same way for every surface that hands certificates out
+//! (the Istio CA gRPC service, the Pod Certificates signer): deny list, sign, record in the
+//! issuance index, deny re-check after recording, and the audit line.
+//!
+//! Each surface authenticates its caller its own way and maps [`IssueFailure`] to its own
+//! answer (a gRPC status, a PodCertificateRequest condition); what happens between "this
+//! identity may have a certificate for this key" and "here it is" lives only here, so a rule
+//! added to it (a new revocation check, say) cannot be forgotten on one path.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use super::revocation::SweepRequest;
+use super::{Ca, Issued, SignError, Signer};
+use crate::identity::SpiffeId;
+use crate::pki::csr::SubjectKey;
+use crate::store::index::{IssuanceIndex, IssuedEntry};
+
+/// Why no certificate was handed out.
+#[derive(Debug, thiserror::Error)]
+pub enum IssueFailure {
+    /// No signer is installed yet.
+    #[error("no signing CA is loaded yet")]
+    NoSigner,
+    /// The identity is on the deny list (`citadel revoke --identity`). `after_signing` is true
+    /// when the denial arrived while this request signed: the certificate exists in the index
+    /// (so the sweep revokes it) but is never handed out.
+    #[error("{identity} has been revoked by an operator and may get no new certificate")]
+    Denied {
+        /// The SPIFFE ID refused.
+        identity: String,
+        /// Whether the denial was seen only after signing.
+        after_signing: bool,
+    },
+    /// The signing CA's notAfter has passed.
+    #[error("the signing CA expired at {0}")]
+    Expired(OffsetDateTime),
+    /// Building the certificate failed.
+    #[error("signing failed: {0}")]
+    Sign(#[source] SignError),
+    /// The certificate could not be recorded in the issuance index, so it could not be revoked
+    /// by identity: it is not handed out.
+    #[error("the CA cannot record certificates right now")]
+    Index,
+}
+
+/// Signs an SVID for `id` over `key`, valid from `now` (backdated) for `ttl` (capped at the
+/// issuer), and records it in `index`. Returns the signer that signed (for the chain) and the
+/// certificate.
+///
+/// A denial written while this signs leaves no window: the scheduler installs a denial and
+/// then sweeps the index, and this records the certificate and then re-reads the installed
+/// signer, so either the sweep sees the certificate or this sees the denial.
+pub fn sign_svid(
+    ca: &Ca,
+    index: Option<&Arc<dyn IssuanceIndex>>,
+    sweep: &SweepRequest,
+    key: &SubjectKey,
+    id: &SpiffeId,
+    now: OffsetDateTime,
+    ttl: Duration,
+) -> Result<(Arc<Signer>, Issued), IssueFailure> {
+    let want = id.to_string();
+    let signer = ca.current().ok_or(IssueFailure::NoSigner)?;
+    if signer.is_denied(&want) {
+        return Err(IssueFailure::Denied {
+            identity: want,
+            after_signing: false,
+        });
+    }
+    let issued = signer
+        .issue_workload(key, id, now, ttl)
+        .map_err(|e| match e {
+            SignError::Expired(at) => IssueFailure::Expired(at),
+            other => IssueFailure::Sign(other),
+        })?;
+    if let Some(index) = index {
+        let entry = IssuedEntry {
+            serial: issued.serial_hex.clone(),
+            identity: want.clone(),
+            not_after: issued.not_after.unix_timestamp(),
+            issuer: signer.id().to_string(),
+        };
+        if let Err(e) = index.record(&entry) {
+            tracing::error!(error = %e, serial = %issued.serial_hex, identity = %want, "could not record the certificate in the issuance index; refusing it");
+            return Err(IssueFailure::Index);
+        }
+        if ca.current().is_some_and(|s| s.is_denied(&want)) {
+            sweep.request();
+            return Err(IssueFailure::Denied {
+                identity: want,
+                after_signing: true,
+            });
+        }
+    }
+    Ok((signer, issued))
+}
+
+/// What the audit line of one issued certificate says.
+#[derive(Debug, Clone, Copy)]
+pub struct AuditRecord<'a> {
+    /// The certificate's serial, hex.
+    pub serial_hex: &'a str,
+    /// The SPIFFE ID it certifies.
+    pub identity: &'a str,
+    /// Who asked: the same as `identity`, or a node proxy (ztunnel) asking on a workload's
+    /// behalf, or empty when no workload asked (Pod Certificates: the kubelet).
+    pub caller: &'a str,
+    /// Its notAfter.
+    pub not_after: OffsetDateTime,
+    /// The subject key's type.
+    pub key_type: &'a str,
+    /// How the requester was authenticated (`jwt`, `tokenreview`, `pod-certificate`, ...).
+    pub auth: &'a str,
+    /// The pod it is for, when known.
+    pub pod: &'a str,
+    /// The node that asked, when known (Pod Certificates: the kubelet's node).
+    pub node: &'a str,
+    /// The request object, when there is one (Pod Certificates: `<ns>/<name>`).
+    pub request: &'a str,
+}
+
+/// Writes the one `citadel::audit` line for an issued certificate; false when the line could
+/// not be written, and then the certificate must not be handed out (see [`crate::audit`]).
+pub fn audit_issued(r: &AuditRecord<'_>) -> bool {
+    crate::audit::begin();
+    tracing::info!(
+        target: "citadel::audit",
+        event = "certificate_issued",
+        serial = %r.serial_hex,
+        identity = %r.identity,
+        caller = r.caller,
+        not_after = %r.not_after.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+        key_type = %r.key_type,
+        auth = %r.auth,
+        pod = r.pod,
+        node = r.node,
+        request = r.request,
+        "issued workload certificate"
+    );
+    !crate::audit::failed()
+}
