@@ -402,6 +402,17 @@ pid_alive() { # pidfile expected-exe-basename
   tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | awk '{print $1}' | grep -q "$2\$"
 }
 
+# A process we just launched is still there (not exited, not a zombie). No check of its
+# name: right after `setsid BIN &` its command line is still bash's, then setsid's, until
+# the exec completes, and on a loaded machine the first health poll lands in that window.
+launched_alive() { # pidfile
+  local pid state
+  pid=$(cat "$1" 2>/dev/null) || return 1
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+  state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) || return 1
+  [ "$state" != Z ]
+}
+
 stop_one() { # pidfile exe-name
   local pid i
   if pid_alive "$1" "$2"; then
@@ -627,7 +638,7 @@ wait_apiserver_ready() { # dir
   local dir=$1
   local deadline=$(($(date +%s) + READY_TIMEOUT))
   until readyz "$dir"; do
-    if ! pid_alive "$dir/kube-apiserver.pid" kube-apiserver; then
+    if ! launched_alive "$dir/kube-apiserver.pid"; then
       grep -E '^[EF][0-9]{4} |^(panic|fatal error|Error)' "$dir/kube-apiserver.log" | tail -n 20 >&2
       tail -n 10 "$dir/kube-apiserver.log" >&2
       die "kube-apiserver exited (log: $dir/kube-apiserver.log)"
@@ -712,7 +723,7 @@ cmd_start() {
   local i
   for i in $(seq 1 100); do
     curl -fsS --max-time 1 "$etcd_url/health" 2>/dev/null | grep -q '"health":"true"' && break
-    pid_alive "$dir/etcd.pid" etcd || { tail -n 30 "$dir/etcd.log" >&2; die "etcd exited"; }
+    launched_alive "$dir/etcd.pid" || { tail -n 30 "$dir/etcd.log" >&2; die "etcd exited"; }
     sleep 0.1
   done
   curl -fsS --max-time 1 "$etcd_url/health" 2>/dev/null | grep -q '"health":"true"' \
