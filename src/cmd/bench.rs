@@ -110,6 +110,9 @@ struct Outcome {
     denied: usize,
     /// Open loop only: requests not sent because too many were outstanding.
     dropped: usize,
+    /// The distinct intermediates that signed (the chain's second entry): two after a
+    /// rotation under load.
+    intermediates: std::collections::BTreeSet<String>,
 }
 
 /// Live counters the sampler reads.
@@ -403,6 +406,7 @@ pub async fn run(args: Args) -> CmdResult {
         "succeeded:               {ok} ({} errors, {} denied, {} dropped)",
         outcome.errors, outcome.denied, outcome.dropped
     );
+    println!("intermediates that signed: {}", outcome.intermediates.len());
     println!(
         "throughput (wall clock): {:.0} certificates/s over {:.1} s",
         ok as f64 / wall.as_secs_f64(),
@@ -530,8 +534,13 @@ fn print_samples(samples: &[Sample]) {
 /// Sends one request; records its latency from `due` (when it should have left).
 async fn one(ch: &mut CaClient, w: &Work, due: Instant, out: &mut Outcome, progress: &Progress) {
     match client::create_certificate(ch, w.csr.clone(), Some(&w.token), 0).await {
-        Ok(_) => {
+        Ok(chain) => {
             out.latencies.push(due.elapsed());
+            if let Some(i) = chain.get(1) {
+                if !out.intermediates.contains(i) {
+                    out.intermediates.insert(i.clone());
+                }
+            }
             progress.ok.fetch_add(1, Ordering::Relaxed);
         }
         Err(client::ClientError::Rpc {
@@ -628,6 +637,7 @@ async fn drive(
                     all.latencies.extend(out.latencies);
                     all.errors += out.errors;
                     all.denied += out.denied;
+                    all.intermediates.extend(out.intermediates);
                     drop(all);
                     if outstanding.fetch_sub(1, Ordering::Relaxed) == 1 {
                         finished.notify_one();
@@ -651,6 +661,7 @@ async fn drive(
             all.latencies.extend(o.latencies);
             all.errors += o.errors;
             all.denied += o.denied;
+            all.intermediates.extend(o.intermediates);
         }
     }
     all
