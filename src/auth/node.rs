@@ -312,6 +312,9 @@ pub enum Refusal {
     /// No pod of the requested service account (that is not Failed or Succeeded) is on the
     /// caller's node.
     NotOnNode,
+    /// The caller's token came from a remote cluster (`clusterid`): the pod index holds this
+    /// cluster's pods only, so none of its checks could vouch for a remote node.
+    RemoteCluster,
 }
 
 impl Refusal {
@@ -329,11 +332,12 @@ impl Refusal {
             Refusal::CallerPodAccountMismatch => "caller_pod_account_mismatch",
             Refusal::CallerNodeUnknown => "caller_node_unknown",
             Refusal::NotOnNode => "not_on_node",
+            Refusal::RemoteCluster => "remote_cluster",
         }
     }
 
     /// Every reason, for rendering all metric series from the start.
-    pub const ALL: [Refusal; 11] = [
+    pub const ALL: [Refusal; 12] = [
         Refusal::Disabled,
         Refusal::NotTokenAuthenticated,
         Refusal::UntrustedAccount,
@@ -345,6 +349,7 @@ impl Refusal {
         Refusal::CallerPodAccountMismatch,
         Refusal::CallerNodeUnknown,
         Refusal::NotOnNode,
+        Refusal::RemoteCluster,
     ];
 }
 
@@ -428,6 +433,17 @@ impl NodeAuthorizer {
                 Refusal::NotTokenAuthenticated,
                 format!(
                     "{} authenticated with a client certificate, which names no pod",
+                    caller.identity
+                ),
+            ));
+        }
+        if let Some(cluster) = &caller.cluster {
+            let shown: String = cluster.chars().take(64).collect();
+            return Err(deny(
+                Refusal::RemoteCluster,
+                format!(
+                    "{} authenticated through remote cluster {shown:?}, and the pod index \
+                     holds only the local cluster's pods",
                     caller.identity
                 ),
             ));
@@ -563,6 +579,7 @@ mod tests {
             pod_name: pod.map(|p| p.0.to_string()),
             pod_uid: pod.map(|p| p.1.to_string()),
             node_name: None,
+            cluster: None,
         }
     }
 
@@ -629,6 +646,16 @@ mod tests {
                 ztunnel(AuthMethod::ClientCert, Some(("zt-1", "u1"))),
                 "spiffe://cluster.local/ns/shop/sa/cart",
                 Refusal::NotTokenAuthenticated,
+            ),
+            // The same pod name and UID, vouched for by a remote cluster: its pods are not
+            // in this index, so nothing here may grant it.
+            (
+                Caller {
+                    cluster: Some("cluster-b".into()),
+                    ..c.clone()
+                },
+                "spiffe://cluster.local/ns/shop/sa/cart",
+                Refusal::RemoteCluster,
             ),
             (
                 ztunnel(AuthMethod::Jwt, None),

@@ -1,10 +1,16 @@
 //! The `clusterid` header (pilot-agent sends ISTIO_META_CLUSTER_ID): absent or this
-//! cluster's `--cluster-id` means the local cluster; any other cluster is refused for token
-//! authentication (no remote clusters are known yet), naming the cluster. Client
-//! certificates ignore it, as in istiod.
+//! cluster's `--cluster-id` means the local cluster; a remote cluster known from a Secret
+//! labelled `istio/multiCluster: "true"` (`--multicluster`) has its tokens checked by its own
+//! API server only; any other cluster is refused for token authentication, naming the
+//! cluster. Client certificates ignore it, as in istiod.
+
+use std::collections::BTreeMap;
 
 use citadel::pki::KeyType;
 use citadel::proto::IstioCertificateRequest;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::ByteString;
+use kube::api::{Api, DeleteParams, PostParams};
 use tonic::Code;
 
 use crate::support::*;
@@ -86,4 +92,198 @@ async fn clusterid_selects_the_local_cluster_and_refuses_unknown_ones() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     ca.stop().await;
+}
+
+/// The value of one series on /metrics (`None` when absent).
+async fn metric(ca: &TestCa, series: &str) -> Option<u64> {
+    ca.metrics()
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// A remote-cluster Secret in `ns`, as `istioctl create-remote-secret` writes it: labelled
+/// `istio/multiCluster: "true"`, one key per cluster id, each value a kubeconfig.
+async fn remote_secret(kube: &KubeEnv, ns: &str, name: &str, entries: &[(&str, Vec<u8>)]) {
+    let mut s = Secret::default();
+    s.metadata.name = Some(name.into());
+    s.metadata.labels = Some(BTreeMap::from([(
+        "istio/multiCluster".to_string(),
+        "true".to_string(),
+    )]));
+    s.data = Some(
+        entries
+            .iter()
+            .map(|(k, v)| (k.to_string(), ByteString(v.clone())))
+            .collect(),
+    );
+    Api::<Secret>::namespaced(kube.client.clone(), ns)
+        .create(&PostParams::default(), &s)
+        .await
+        .unwrap();
+}
+
+/// Two real API servers: A is citadel's own cluster, B a remote one known from a Secret in
+/// A. B's tokens are accepted only when the request names B; removing the Secret revokes B;
+/// a broken or unsafe kubeconfig next to it is reported and harms nobody.
+#[tokio::test]
+async fn multicluster_remote_cluster_from_secret_two_api_servers() {
+    let Some(a) = KubeEnv::start().await else {
+        return;
+    };
+    let Some(b) = KubeEnv::start().await else {
+        return;
+    };
+    let (ka, kb) = (
+        std::fs::read(&a.kubeconfig).unwrap(),
+        std::fs::read(&b.kubeconfig).unwrap(),
+    );
+    assert_ne!(ka, kb, "the two API servers must be distinct");
+    for k in [&a, &b] {
+        k.service_account("shop", "cart").await;
+    }
+    a.namespace("istio-system").await;
+    remote_secret(
+        &a,
+        "istio-system",
+        "istio-remote-secret-b",
+        &[("cluster-b", kb.clone())],
+    )
+    .await;
+    // Broken: not a kubeconfig; unsafe: runs a command; and one claiming the local id.
+    let exec = String::from_utf8(kb.clone()).unwrap().replace(
+        "    token: ",
+        "    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: /bin/false\n    token: ",
+    );
+    assert_ne!(exec.as_bytes(), &kb[..]);
+    remote_secret(
+        &a,
+        "istio-system",
+        "istio-remote-secret-bad",
+        &[
+            ("cluster-x", b"clusters: [not: {a kubeconfig".to_vec()),
+            ("cluster-y", exec.into_bytes()),
+            ("cluster-a", kb.clone()),
+        ],
+    )
+    .await;
+
+    let kubeconfig = a.kubeconfig.to_str().unwrap().to_string();
+    let ca = TestCa::start(&[
+        "--kubeconfig",
+        &kubeconfig,
+        "--auth",
+        "tokenreview",
+        "--cluster-id",
+        "cluster-a",
+        "--multicluster",
+    ])
+    .await;
+    eventually("cluster-b is known and reachable", 30, async || {
+        metric(&ca, "citadel_remote_clusters{state=\"reachable\"}").await == Some(1)
+    })
+    .await;
+    assert_eq!(
+        metric(&ca, "citadel_remote_clusters{state=\"known\"}").await,
+        Some(1)
+    );
+    // cluster-x and cluster-y are reported; cluster-a (the local id) is ignored, not an error.
+    assert_eq!(
+        metric(&ca, "citadel_remote_cluster_kubeconfig_errors").await,
+        Some(2)
+    );
+    assert_eq!(
+        metric(&ca, "citadel_remote_cluster_kubeconfigs_invalid").await,
+        Some(2)
+    );
+
+    let mut client = ca.client().await;
+    let (_, csr) = csr_for(KeyType::EcP256, &spiffe("shop", "cart"));
+    let tb = b.token("shop", "cart", "istio-ca").await;
+    let ta = a.token("shop", "cart", "istio-ca").await;
+    let local_ok = async |client: &mut citadel::client::CaClient| {
+        call_from(client, &csr, Some(&ta), &[]).await.unwrap();
+        call_from(client, &csr, Some(&ta), &["cluster-a"])
+            .await
+            .unwrap();
+    };
+
+    // B's token, naming B: B's API server vouches for it.
+    let chain = call_from(&mut client, &csr, Some(&tb), &["cluster-b"])
+        .await
+        .unwrap();
+    assert!(!chain.is_empty());
+    local_ok(&mut client).await;
+
+    // B's token without the header, or naming A: A's TokenReview refuses it.
+    for ids in [&[][..], &["cluster-a"][..]] {
+        let err = call_from(&mut client, &csr, Some(&tb), ids)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{ids:?}: {err:?}");
+        assert!(!err.message().contains(&tb));
+        local_ok(&mut client).await;
+    }
+    // A's token naming B: B's TokenReview refuses it.
+    let err = call_from(&mut client, &csr, Some(&ta), &["cluster-b"])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    local_ok(&mut client).await;
+    // The broken and unsafe kubeconfigs gave no cluster: unknown, named.
+    for unknown in ["cluster-x", "cluster-y", "cluster-c"] {
+        let err = call_from(&mut client, &csr, Some(&tb), &[unknown])
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{unknown}: {err:?}");
+        assert!(
+            err.message().contains(&format!("{unknown:?}")),
+            "{unknown}: {err:?}"
+        );
+        local_ok(&mut client).await;
+    }
+
+    // Removing B's Secret revokes B within seconds (its cached review goes with it).
+    Api::<Secret>::namespaced(a.client.clone(), "istio-system")
+        .delete("istio-remote-secret-b", &DeleteParams::default())
+        .await
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let mut last = None;
+    eventually("cluster-b is revoked", 10, async || {
+        match call_from(&mut client, &csr, Some(&tb), &["cluster-b"]).await {
+            Ok(_) => false,
+            Err(e) => {
+                last = Some(e);
+                true
+            }
+        }
+    })
+    .await;
+    eprintln!(
+        "cluster-b revoked {:?} after its Secret was deleted",
+        t0.elapsed()
+    );
+    let err = last.unwrap();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("\"cluster-b\""), "{err:?}");
+    assert_eq!(
+        metric(&ca, "citadel_remote_clusters{state=\"known\"}").await,
+        Some(0)
+    );
+    local_ok(&mut client).await;
+    ca.stop().await;
+}
+
+#[tokio::test]
+async fn multicluster_needs_tokenreview() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = TestCa::try_start_in(dir.path(), &["--multicluster"])
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        err.contains("--multicluster needs --auth tokenreview"),
+        "{err}"
+    );
 }
