@@ -712,7 +712,10 @@ cmd_start() {
   local i
   for i in $(seq 1 100); do
     curl -fsS --max-time 1 "$etcd_url/health" 2>/dev/null | grep -q '"health":"true"' && break
-    pid_alive "$dir/etcd.pid" etcd || { tail -n 30 "$dir/etcd.log" >&2; die "etcd exited"; }
+    # kill -0, not pid_alive: right after the fork the child is still bash/setsid (not yet
+    # exec'd into etcd, its log maybe not yet opened), which pid_alive's name check took for
+    # "exited" on a busy machine (seen starting a second environment in one test).
+    kill -0 "$(cat "$dir/etcd.pid")" 2>/dev/null || { tail -n 30 "$dir/etcd.log" >&2; die "etcd exited"; }
     sleep 0.1
   done
   curl -fsS --max-time 1 "$etcd_url/health" 2>/dev/null | grep -q '"health":"true"' \
