@@ -177,6 +177,7 @@ pub async fn run(
     );
 
     let (auth, jwks_refresher, remotes) = build_auth(&config, &ca, &clock).await?;
+    let registry = remotes.as_ref().map(|r| r.registry.clone());
     if let Some(r) = remotes {
         let _ = metrics.remote_clusters.set(r.registry.clone());
         tracing::info!(namespace = %r.namespace, selector = cluster::remote::LABEL_SELECTOR, local = %config.cluster_id, "multicluster: watching Secrets for remote clusters");
@@ -186,6 +187,7 @@ pub async fn run(
             config.cluster_id.clone(),
             r.make,
             r.registry,
+            !config.trusted_node_accounts.is_empty(),
             shutdown.clone(),
         );
     }
@@ -215,7 +217,8 @@ pub async fn run(
         auth = ?auth.names(),
         "citadel serving"
     );
-    let node_auth = start_node_authorizer(&config, replica.as_ref(), &metrics, &shutdown).await?;
+    let node_auth =
+        start_node_authorizer(&config, replica.as_ref(), registry, &metrics, &shutdown).await?;
     let sweep = scheduler
         .as_ref()
         .map(|s| s.sweep.clone())
@@ -276,10 +279,12 @@ pub async fn run(
 
 /// Node impersonation, when `--trusted-node-accounts` lists anyone: the pod index and the
 /// one watch that fills it (on the replica's client, or one of its own). Requests that need
-/// it before its first list get Unavailable, so start-up does not wait for it.
+/// it before its first list get Unavailable, so start-up does not wait for it. Remote
+/// clusters' callers are judged against their own cluster's pod index (`remotes`).
 async fn start_node_authorizer(
     config: &ServeConfig,
     replica: Option<&Replica>,
+    remotes: Option<Arc<RemoteClusters>>,
     metrics: &Metrics,
     shutdown: &Shutdown,
 ) -> Result<Option<Arc<NodeAuthorizer>>, String> {
@@ -297,11 +302,15 @@ async fn start_node_authorizer(
         trusted_node_accounts = ?config.trusted_node_accounts.names(),
         "node impersonation enabled: watching pods in all namespaces"
     );
-    Ok(Some(Arc::new(NodeAuthorizer::new(
+    let authorizer = NodeAuthorizer::new(
         config.trusted_node_accounts.clone(),
         config.trust_domain.clone(),
         pods,
-    ))))
+    );
+    Ok(Some(Arc::new(match remotes {
+        Some(r) => authorizer.with_remotes(r),
+        None => authorizer,
+    })))
 }
 
 /// What the remote-cluster Secret watcher needs, when `--multicluster` is on.

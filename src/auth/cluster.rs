@@ -25,6 +25,9 @@ pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
 pub struct RemoteCluster {
     /// Checks the tokens of this cluster only.
     pub authenticator: Arc<dyn Authenticator>,
+    /// This cluster's pods, for node impersonation by its callers (`--trusted-node-accounts`);
+    /// `None` when impersonation is off, and then its callers are refused it.
+    pub pods: Option<Arc<super::node::PodIndex>>,
     /// Set by the watcher once the cluster's API server answered a probe (and cleared when it
     /// did not), for `citadel_remote_clusters{state="reachable"}`.
     pub reachable: AtomicBool,
@@ -185,6 +188,7 @@ mod tests {
     fn remote(tag: &'static str) -> Arc<RemoteCluster> {
         Arc::new(RemoteCluster {
             authenticator: Arc::new(Tagged(tag)),
+            pods: None,
             reachable: AtomicBool::new(false),
         })
     }

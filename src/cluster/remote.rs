@@ -27,8 +27,9 @@ use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
 
 use crate::auth::cluster::{RemoteCluster, RemoteClusters};
+use crate::auth::node::PodIndex;
 use crate::auth::Authenticator;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{self, Shutdown, Trigger};
 
 /// The label istiod selects remote-cluster Secrets by.
 pub const LABEL_SELECTOR: &str = "istio/multiCluster=true";
@@ -44,6 +45,18 @@ pub type MakeAuthenticator = Arc<dyn Fn(kube::Client) -> Arc<dyn Authenticator> 
 struct Built {
     digest: [u8; 32],
     cluster: Option<Arc<RemoteCluster>>,
+    /// Stops this cluster's pod watch when the entry goes (Secret or key removed, or the
+    /// kubeconfig changed).
+    _pods: Option<StopOnDrop>,
+}
+
+/// Triggers its shutdown signal when dropped.
+struct StopOnDrop(Trigger);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.trigger();
+    }
 }
 
 struct State {
@@ -51,6 +64,8 @@ struct State {
     local: String,
     make: MakeAuthenticator,
     registry: Arc<RemoteClusters>,
+    /// Whether each remote cluster gets a pod watch (node impersonation is configured).
+    with_pods: bool,
     shutdown: Shutdown,
     /// Secret name → (key → kubeconfig bytes).
     secrets: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
@@ -60,13 +75,15 @@ struct State {
 
 /// Starts the watch on `namespace`'s remote-cluster Secrets through `client` (the local
 /// cluster's), keeping `registry` current until shutdown; `local` is this cluster's own id,
-/// which a Secret may not claim.
+/// which a Secret may not claim. With `with_pods` (node impersonation is on), each remote
+/// cluster also gets its own pod watch and index (RBAC in that cluster: pods list/watch).
 pub fn watch(
     client: kube::Client,
     namespace: String,
     local: String,
     make: MakeAuthenticator,
     registry: Arc<RemoteClusters>,
+    with_pods: bool,
     shutdown: Shutdown,
 ) {
     let api: kube::Api<Secret> = kube::Api::namespaced(client, &namespace);
@@ -76,6 +93,7 @@ pub fn watch(
         local,
         make,
         registry,
+        with_pods,
         shutdown: shutdown.clone(),
         secrets: BTreeMap::new(),
         built: HashMap::new(),
@@ -160,10 +178,7 @@ impl State {
                 let digest = digest(bytes);
                 let b = match self.built.remove(&key) {
                     Some(b) if b.digest == digest => b,
-                    _ => Built {
-                        digest,
-                        cluster: self.build(secret, id, bytes).await,
-                    },
+                    _ => self.build(secret, id, bytes, digest).await,
                 };
                 match &b.cluster {
                     None if id != &self.local => invalid += 1,
@@ -186,12 +201,17 @@ impl State {
         tracing::info!(clusters = ?self.registry.ids(), invalid, "remote clusters updated");
     }
 
-    /// The remote cluster of one Secret key, or `None` (logged and counted) when its
+    /// The remote cluster of one Secret key; without a cluster (logged and counted) when its
     /// kubeconfig is unusable or it claims the local cluster's id.
-    async fn build(&self, secret: &str, id: &str, bytes: &[u8]) -> Option<Arc<RemoteCluster>> {
+    async fn build(&self, secret: &str, id: &str, bytes: &[u8], digest: [u8; 32]) -> Built {
+        let none = Built {
+            digest,
+            cluster: None,
+            _pods: None,
+        };
         if id == self.local {
             tracing::warn!(namespace = %self.namespace, secret, cluster = id, "a remote-cluster Secret names the local cluster (--cluster-id); ignored");
-            return None;
+            return none;
         }
         let client = match client_from(bytes).await {
             Ok(c) => c,
@@ -200,21 +220,48 @@ impl State {
                     .kubeconfig_errors
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(namespace = %self.namespace, secret, cluster = id, error = %why, "unusable remote-cluster kubeconfig: this cluster's tokens are refused; the local cluster and other remotes are unaffected");
-                return None;
+                return none;
             }
+        };
+        let (pods, stop) = if self.with_pods {
+            // Its own signal, also fired by the global one, so the watch ends with the entry.
+            let (trigger, sd) = shutdown::channel();
+            let (global, t) = (self.shutdown.clone(), trigger.clone());
+            let mine = sd.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = global.wait() => t.trigger(),
+                    _ = mine.wait() => {}
+                }
+            });
+            let index = Arc::new(PodIndex::default());
+            super::pods::watch(client.clone(), index.clone(), sd);
+            (Some(index), Some(StopOnDrop(trigger)))
+        } else {
+            (None, None)
         };
         let cluster = Arc::new(RemoteCluster {
             authenticator: (self.make)(client.clone()),
+            pods,
             reachable: AtomicBool::new(false),
         });
-        tracing::info!(secret, cluster = id, "remote cluster loaded");
+        tracing::info!(
+            secret,
+            cluster = id,
+            pod_index = self.with_pods,
+            "remote cluster loaded"
+        );
         probe(
             id.to_string(),
             client,
             Arc::downgrade(&cluster),
             self.shutdown.clone(),
         );
-        Some(cluster)
+        Built {
+            digest,
+            cluster: Some(cluster),
+            _pods: stop,
+        }
     }
 }
 

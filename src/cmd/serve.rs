@@ -250,7 +250,8 @@ pub struct Args {
     /// --namespace labelled istio/multiCluster=true (each key a cluster id, each value its
     /// kubeconfig, as `istioctl create-remote-secret` writes them), watched and hot-reloaded.
     /// A request's `clusterid` header picks the cluster whose TokenReview checks its token.
-    /// Needs --auth tokenreview, and RBAC: secrets get/list/watch in --namespace.
+    /// Needs --auth tokenreview, and RBAC: secrets get/list/watch in --namespace. With
+    /// --trusted-node-accounts each remote cluster also gets its own pod watch.
     #[arg(long)]
     pub multicluster: bool,
 }

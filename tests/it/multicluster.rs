@@ -21,10 +21,31 @@ async fn call_from(
     token: Option<&str>,
     cluster_ids: &[&str],
 ) -> Result<Vec<String>, tonic::Status> {
+    call_for(client, csr, token, cluster_ids, None).await
+}
+
+/// `call_from`, naming `impersonated` in the ImpersonatedIdentity metadata (as ztunnel).
+async fn call_for(
+    client: &mut citadel::client::CaClient,
+    csr: &str,
+    token: Option<&str>,
+    cluster_ids: &[&str],
+    impersonated: Option<&str>,
+) -> Result<Vec<String>, tonic::Status> {
+    let metadata = impersonated.map(|id| {
+        let mut s = prost_types::Struct::default();
+        s.fields.insert(
+            "ImpersonatedIdentity".into(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue(id.into())),
+            },
+        );
+        s
+    });
     let mut req = tonic::Request::new(IstioCertificateRequest {
         csr: csr.to_string(),
         validity_duration: 0,
-        metadata: None,
+        metadata,
     });
     if let Some(t) = token {
         req.metadata_mut()
@@ -272,6 +293,123 @@ async fn multicluster_remote_cluster_from_secret_two_api_servers() {
         Some(0)
     );
     local_ok(&mut client).await;
+    ca.stop().await;
+}
+
+/// Ambient across clusters: a ztunnel of remote cluster B impersonates only workloads with a
+/// pod on its node in B (B's own pod index), never on the strength of A's pods.
+#[tokio::test]
+async fn multicluster_remote_ztunnel_is_judged_by_its_own_clusters_pods() {
+    let Some(a) = KubeEnv::start().await else {
+        return;
+    };
+    let Some(b) = KubeEnv::start().await else {
+        return;
+    };
+    for k in [&a, &b] {
+        k.namespace("istio-system").await;
+        k.service_account("istio-system", "ztunnel").await;
+        k.service_account("shop", "cart").await;
+        k.service_account("shop", "pay").await;
+        k.node("n1").await;
+    }
+    let zt_uid = b
+        .pod_on("istio-system", "ztunnel-n1", "ztunnel", Some("n1"))
+        .await;
+    b.pod_on("shop", "cart-1", "cart", Some("n1")).await;
+    // pay has a pod on a node called n1 only in A: it must not count for B's ztunnel.
+    a.pod_on("shop", "pay-1", "pay", Some("n1")).await;
+    let kb = std::fs::read(&b.kubeconfig).unwrap();
+    remote_secret(
+        &a,
+        "istio-system",
+        "istio-remote-secret-b",
+        &[("cluster-b", kb)],
+    )
+    .await;
+
+    let kubeconfig = a.kubeconfig.to_str().unwrap().to_string();
+    let ca = TestCa::start(&[
+        "--kubeconfig",
+        &kubeconfig,
+        "--auth",
+        "tokenreview",
+        "--cluster-id",
+        "cluster-a",
+        "--multicluster",
+        "--trusted-node-accounts",
+        "istio-system/ztunnel",
+    ])
+    .await;
+    let mut client = ca.client().await;
+    let zt = b
+        .pod_token("istio-system", "ztunnel", "ztunnel-n1", &zt_uid)
+        .await;
+    let cart = spiffe("shop", "cart").to_string();
+    let pay = spiffe("shop", "pay").to_string();
+    let (_, cart_csr) = csr_for(KeyType::EcP256, &spiffe("shop", "cart"));
+    let (_, pay_csr) = csr_for(KeyType::EcP256, &spiffe("shop", "pay"));
+
+    // Granted once B is loaded and its pod index synced (Unavailable until then).
+    eventually("B's ztunnel gets cart's certificate", 30, async || {
+        call_for(
+            &mut client,
+            &cart_csr,
+            Some(&zt),
+            &["cluster-b"],
+            Some(&cart),
+        )
+        .await
+        .is_ok()
+    })
+    .await;
+    // pay runs on n1 in A only: refused, with the one vague message.
+    let err = call_for(&mut client, &pay_csr, Some(&zt), &["cluster-b"], Some(&pay))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(err.message(), citadel::server::grpc::IMPERSONATION_REFUSED);
+    // B's ztunnel token without the header: A's TokenReview refuses it.
+    let err = call_for(&mut client, &cart_csr, Some(&zt), &[], Some(&cart))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert_eq!(
+        metric(
+            &ca,
+            "citadel_impersonation_refusals{reason=\"not_on_node\"}"
+        )
+        .await,
+        Some(1)
+    );
+
+    // B's Secret removed: B's ztunnel is refused (Unauthenticated, naming the cluster).
+    Api::<Secret>::namespaced(a.client.clone(), "istio-system")
+        .delete("istio-remote-secret-b", &DeleteParams::default())
+        .await
+        .unwrap();
+    let mut last = None;
+    eventually("cluster-b is revoked", 10, async || {
+        match call_for(
+            &mut client,
+            &cart_csr,
+            Some(&zt),
+            &["cluster-b"],
+            Some(&cart),
+        )
+        .await
+        {
+            Ok(_) => false,
+            Err(e) => {
+                last = Some(e);
+                true
+            }
+        }
+    })
+    .await;
+    let err = last.unwrap();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("\"cluster-b\""), "{err:?}");
     ca.stop().await;
 }
 
