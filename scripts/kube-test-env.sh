@@ -616,7 +616,9 @@ launch_apiserver() { # dir bin etcd-url port
   # setsid forks when it happens to lead a process group, and then $! is a wrapper that has
   # already exited: record the process actually serving the port.
   for i in $(seq 1 20); do
-    real=$(pgrep -f -- "kube-apiserver .*--secure-port=$api_port( |$)" | head -n 1)
+    # `|| true`: under pipefail a pgrep that finds nothing yet (a busy machine, the child
+    # not exec'd) failed the assignment, and set -e ended the script without a word.
+    real=$(pgrep -f -- "kube-apiserver .*--secure-port=$api_port( |$)" | head -n 1 || true)
     [ -n "$real" ] && { pid=$real; break; }
     sleep 0.1
   done
