@@ -12,8 +12,9 @@
 //! A kubeconfig in a Secret is data anyone who may write Secrets in this namespace controls,
 //! so, as istiod by default, one that would run a command (`exec`, `auth-provider`) or read
 //! this pod's files (`tokenFile`, certificate and key paths) is refused. A refused or broken
-//! kubeconfig is logged naming the Secret and the key (never its content) and counted; it
-//! affects neither the local cluster nor the other remotes.
+//! kubeconfig is logged naming the Secret and the key (never its content), counted, and
+//! recorded as a Warning Event on the Secret; it affects neither the local cluster nor the
+//! other remotes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,8 +22,10 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::Secret;
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::events::{self, EventType, Recorder, Reporter};
 use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
 
@@ -67,6 +70,8 @@ struct State {
     /// Whether each remote cluster gets a pod watch (node impersonation is configured).
     with_pods: bool,
     shutdown: Shutdown,
+    /// Warning Events on a Secret whose kubeconfig is refused (best effort).
+    recorder: Recorder,
     /// Secret name → (key → kubeconfig bytes).
     secrets: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
     /// (Secret name, key) → what was built from it.
@@ -86,6 +91,13 @@ pub fn watch(
     with_pods: bool,
     shutdown: Shutdown,
 ) {
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "citadel".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+    );
     let api: kube::Api<Secret> = kube::Api::namespaced(client, &namespace);
     let cfg = watcher::Config::default().labels(LABEL_SELECTOR);
     let mut state = State {
@@ -95,6 +107,7 @@ pub fn watch(
         registry,
         with_pods,
         shutdown: shutdown.clone(),
+        recorder,
         secrets: BTreeMap::new(),
         built: HashMap::new(),
     };
@@ -220,6 +233,7 @@ impl State {
                     .kubeconfig_errors
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(namespace = %self.namespace, secret, cluster = id, error = %why, "unusable remote-cluster kubeconfig: this cluster's tokens are refused; the local cluster and other remotes are unaffected");
+                self.warn_event(secret, id, &why);
                 return none;
             }
         };
@@ -262,6 +276,36 @@ impl State {
             cluster: Some(cluster),
             _pods: stop,
         }
+    }
+}
+
+impl State {
+    /// A Warning Event on the Secret, so `kubectl describe secret` shows why its cluster is
+    /// not used. Sent in the background (a slow API server must not delay the other
+    /// clusters); a missing RBAC rule is only logged at debug.
+    fn warn_event(&self, secret: &str, id: &str, why: &str) {
+        let ev = events::Event {
+            type_: EventType::Warning,
+            reason: "InvalidKubeconfig".into(),
+            note: Some(format!(
+                "cluster {id:?}: {why}; its tokens are refused until the kubeconfig is fixed"
+            )),
+            action: "LoadRemoteCluster".into(),
+            secondary: None,
+        };
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Secret".into()),
+            name: Some(secret.to_string()),
+            namespace: Some(self.namespace.clone()),
+            ..Default::default()
+        };
+        let recorder = self.recorder.clone();
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&ev, &reference).await {
+                tracing::debug!(error = %e, "could not record a Kubernetes Event");
+            }
+        });
     }
 }
 

@@ -217,6 +217,43 @@ async fn multicluster_remote_cluster_from_secret_two_api_servers() {
         metric(&ca, "citadel_remote_cluster_kubeconfigs_invalid").await,
         Some(2)
     );
+    // And on the Secret, for `kubectl describe`: one Warning per refused key, never quoting
+    // the kubeconfig.
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(a.client.clone(), "istio-system");
+    let mut notes = Vec::new();
+    eventually("Warning Events on the broken Secret", 20, async || {
+        notes = events
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                    == Some("istio-remote-secret-bad")
+                    && e.type_.as_deref() == Some("Warning")
+                    && e.reason.as_deref() == Some("InvalidKubeconfig")
+            })
+            .filter_map(|e| e.note)
+            .collect();
+        notes.len() == 2
+    })
+    .await;
+    let token_b = std::fs::read_to_string(b.dir.join("pki/admin.token")).unwrap();
+    for n in &notes {
+        assert!(!n.contains(token_b.trim()), "{n}");
+    }
+    assert!(
+        notes.iter().any(|n| n.contains("\"cluster-x\"")),
+        "{notes:?}"
+    );
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("\"cluster-y\"") && n.contains("exec")),
+        "{notes:?}"
+    );
 
     let mut client = ca.client().await;
     let (_, csr) = csr_for(KeyType::EcP256, &spiffe("shop", "cart"));
