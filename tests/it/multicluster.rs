@@ -115,6 +115,11 @@ async fn clusterid_selects_the_local_cluster_and_refuses_unknown_ones() {
     ca.stop().await;
 }
 
+fn base64_std(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
 /// The value of one series on /metrics (`None` when absent).
 async fn metric(ca: &TestCa, series: &str) -> Option<u64> {
     ca.metrics()
@@ -300,6 +305,46 @@ async fn multicluster_remote_cluster_from_secret_two_api_servers() {
         );
         local_ok(&mut client).await;
     }
+
+    // An update is followed too: B's key broken, then mended.
+    let secrets: Api<Secret> = Api::namespaced(a.client.clone(), "istio-system");
+    let set_b = async |value: &[u8]| {
+        let patch = serde_json::json!({"data": {"cluster-b": base64_std(value)}});
+        secrets
+            .patch(
+                "istio-remote-secret-b",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await
+            .unwrap();
+    };
+    set_b(b"not: [a kubeconfig").await;
+    eventually("cluster-b is dropped after its key broke", 10, async || {
+        metric(&ca, "citadel_remote_clusters{state=\"known\"}").await == Some(0)
+    })
+    .await;
+    let err = call_from(&mut client, &csr, Some(&tb), &["cluster-b"])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert_eq!(
+        metric(&ca, "citadel_remote_cluster_kubeconfigs_invalid").await,
+        Some(3)
+    );
+    local_ok(&mut client).await;
+    set_b(&kb).await;
+    // Waiting on the metric, not on refusals: each refusal counts against this peer's
+    // authentication-failure budget.
+    eventually(
+        "cluster-b is back after its key was mended",
+        10,
+        async || metric(&ca, "citadel_remote_clusters{state=\"known\"}").await == Some(1),
+    )
+    .await;
+    call_from(&mut client, &csr, Some(&tb), &["cluster-b"])
+        .await
+        .unwrap();
 
     // Removing B's Secret revokes B within seconds (its cached review goes with it).
     Api::<Secret>::namespaced(a.client.clone(), "istio-system")
