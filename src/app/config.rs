@@ -131,6 +131,10 @@ pub struct ServeConfig {
     /// This cluster's name in the `clusterid` header (`--cluster-id`); tokens that say they
     /// come from another cluster are refused.
     pub cluster_id: String,
+    /// `--multicluster`: the namespace whose Secrets labelled `istio/multiCluster: "true"`
+    /// name the remote clusters (ids and kubeconfigs) whose tokens are accepted; `None` knows
+    /// only the local cluster.
+    pub remote_secrets_namespace: Option<String>,
     /// The Pod Certificates signer and its ClusterTrustBundle (`--store kube` only); `None`
     /// signs no PodCertificateRequests.
     pub pod_certificates: Option<PodCertConfig>,
@@ -164,6 +168,7 @@ impl ServeConfig {
             kubeconfig: None,
             trusted_node_accounts: TrustedNodeAccounts::default(),
             cluster_id: crate::auth::cluster::DEFAULT_CLUSTER_ID.to_string(),
+            remote_secrets_namespace: None,
             pod_certificates: None,
         }
     }
@@ -286,6 +291,18 @@ impl ServeConfig {
         }
         if self.cluster_id.is_empty() {
             return Err("--cluster-id must not be empty".into());
+        }
+        if let Some(ns) = &self.remote_secrets_namespace {
+            if !matches!(self.auth, AuthConfig::TokenReview { .. }) {
+                return Err(
+                    "--multicluster needs --auth tokenreview: each remote cluster's \
+                            tokens are checked by its own API server"
+                        .into(),
+                );
+            }
+            if ns.is_empty() {
+                return Err("--namespace must not be empty".into());
+            }
         }
         if !self.trusted_node_accounts.is_empty() && !self.uses_cluster() {
             return Err(

@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 
 use super::config::{AuthConfig, CaSource, JwksSource, ServeConfig, StoreConfig};
 use crate::auth::client_cert::ClientCertAuthenticator;
-use crate::auth::cluster::LocalCluster;
+use crate::auth::cluster::{LocalCluster, RemoteClusters};
 use crate::auth::jwks::Jwks;
 use crate::auth::jwt::{JwtAuthenticator, JwtPolicy, DEFAULT_LEEWAY};
 use crate::auth::node::{NodeAuthorizer, PodIndex};
@@ -176,7 +176,21 @@ pub async fn run(
         "CA ready"
     );
 
-    let (auth, jwks_refresher) = build_auth(&config, &ca, &clock).await?;
+    let (auth, jwks_refresher, remotes) = build_auth(&config, &ca, &clock).await?;
+    let registry = remotes.as_ref().map(|r| r.registry.clone());
+    if let Some(r) = remotes {
+        let _ = metrics.remote_clusters.set(r.registry.clone());
+        tracing::info!(namespace = %r.namespace, selector = cluster::remote::LABEL_SELECTOR, local = %config.cluster_id, "multicluster: watching Secrets for remote clusters");
+        cluster::remote::watch(
+            r.client,
+            r.namespace,
+            config.cluster_id.clone(),
+            r.make,
+            r.registry,
+            !config.trusted_node_accounts.is_empty(),
+            shutdown.clone(),
+        );
+    }
     if let Some(r) = jwks_refresher {
         tokio::spawn(r.run(
             Duration::from_secs(300),
@@ -203,7 +217,8 @@ pub async fn run(
         auth = ?auth.names(),
         "citadel serving"
     );
-    let node_auth = start_node_authorizer(&config, replica.as_ref(), &metrics, &shutdown).await?;
+    let node_auth =
+        start_node_authorizer(&config, replica.as_ref(), registry, &metrics, &shutdown).await?;
     let sweep = scheduler
         .as_ref()
         .map(|s| s.sweep.clone())
@@ -264,10 +279,12 @@ pub async fn run(
 
 /// Node impersonation, when `--trusted-node-accounts` lists anyone: the pod index and the
 /// one watch that fills it (on the replica's client, or one of its own). Requests that need
-/// it before its first list get Unavailable, so start-up does not wait for it.
+/// it before its first list get Unavailable, so start-up does not wait for it. Remote
+/// clusters' callers are judged against their own cluster's pod index (`remotes`).
 async fn start_node_authorizer(
     config: &ServeConfig,
     replica: Option<&Replica>,
+    remotes: Option<Arc<RemoteClusters>>,
     metrics: &Metrics,
     shutdown: &Shutdown,
 ) -> Result<Option<Arc<NodeAuthorizer>>, String> {
@@ -285,21 +302,33 @@ async fn start_node_authorizer(
         trusted_node_accounts = ?config.trusted_node_accounts.names(),
         "node impersonation enabled: watching pods in all namespaces"
     );
-    Ok(Some(Arc::new(NodeAuthorizer::new(
+    let authorizer = NodeAuthorizer::new(
         config.trusted_node_accounts.clone(),
         config.trust_domain.clone(),
         pods,
-    ))))
+    );
+    Ok(Some(Arc::new(match remotes {
+        Some(r) => authorizer.with_remotes(r),
+        None => authorizer,
+    })))
+}
+
+/// What the remote-cluster Secret watcher needs, when `--multicluster` is on.
+struct Remotes {
+    client: kube::Client,
+    namespace: String,
+    make: cluster::remote::MakeAuthenticator,
+    registry: Arc<RemoteClusters>,
 }
 
 /// The authenticators: client certificate first (renewal), then the token, verified locally
 /// against a JWKS or by the API server. Also returns the JWKS refresher to run when the keys
-/// come from the cluster.
+/// come from the cluster, and the remote clusters' registry to keep current (`--multicluster`).
 async fn build_auth(
     config: &ServeConfig,
     ca: &Arc<Ca>,
     clock: &SharedClock,
-) -> Result<(AuthChain, Option<Arc<JwksRefresher>>), String> {
+) -> Result<(AuthChain, Option<Arc<JwksRefresher>>, Option<Remotes>), String> {
     let mut members: Vec<Arc<dyn Authenticator>> = vec![Arc::new(ClientCertAuthenticator::new(
         ca.clone(),
         config.trust_domain.clone(),
@@ -313,18 +342,42 @@ async fn build_auth(
         } => {
             let client = cluster::client(config.kubeconfig.as_deref()).await?;
             tracing::info!(audiences = ?audiences, cache_ttl = %crate::duration::format(*cache_ttl), qps = limits.qps, burst = limits.burst, max_wait = %crate::duration::format(limits.max_wait), "TokenReview authentication enabled");
-            members.push(Arc::new(LocalCluster::new(
-                config.cluster_id.clone(),
-                Arc::new(TokenReviewAuthenticator::new(
-                    client,
+            // One authenticator per cluster: each has its own cache, single-flight and rate
+            // limit, so one cluster's load never delays another's reviews.
+            let make: cluster::remote::MakeAuthenticator = {
+                let (audiences, td, clock) = (
                     audiences.clone(),
                     config.trust_domain.clone(),
                     clock.clone(),
-                    *cache_ttl,
-                    *limits,
-                )),
-            )));
-            return Ok((AuthChain::new(members), None));
+                );
+                let (cache_ttl, limits) = (*cache_ttl, *limits);
+                Arc::new(move |client: kube::Client| -> Arc<dyn Authenticator> {
+                    Arc::new(TokenReviewAuthenticator::new(
+                        client,
+                        audiences.clone(),
+                        td.clone(),
+                        clock.clone(),
+                        cache_ttl,
+                        limits,
+                    ))
+                })
+            };
+            let local = LocalCluster::new(config.cluster_id.clone(), make(client.clone()));
+            let (local, remotes) = match &config.remote_secrets_namespace {
+                None => (local, None),
+                Some(ns) => {
+                    let registry = Arc::new(RemoteClusters::default());
+                    let remotes = Remotes {
+                        client: client.clone(),
+                        namespace: ns.clone(),
+                        make,
+                        registry: registry.clone(),
+                    };
+                    (local.with_remotes(registry), Some(remotes))
+                }
+            };
+            members.push(Arc::new(local));
+            return Ok((AuthChain::new(members), None, remotes));
         }
         AuthConfig::Jwks {
             source,
@@ -387,5 +440,5 @@ async fn build_auth(
         })
     });
     members.push(Arc::new(LocalCluster::new(config.cluster_id.clone(), jwt)));
-    Ok((AuthChain::new(members), refresher))
+    Ok((AuthChain::new(members), refresher, None))
 }

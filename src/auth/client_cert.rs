@@ -86,6 +86,7 @@ impl ClientCertAuthenticator {
             pod_name: None,
             pod_uid: None,
             node_name: None,
+            cluster: None,
         })
     }
 }

@@ -252,6 +252,7 @@ impl Authenticator for JwtAuthenticator {
                     pod_name: t.pod_name,
                     pod_uid: t.pod_uid,
                     node_name: t.node_name,
+                    cluster: None,
                 })
                 .map_err(|e| {
                     if matches!(e, JwtError::Jws(JwsError::UnknownKid(_))) {

@@ -86,6 +86,10 @@ pub struct Caller {
     /// The pod's node, when the token carries it (bound tokens since Kubernetes 1.32): node
     /// impersonation checks it against the node the pod index says the pod is on.
     pub node_name: Option<String>,
+    /// The remote cluster whose authenticator vouched for the token (`clusterid`); `None` for
+    /// the local cluster and client certificates. Checks that look at this cluster's own
+    /// objects (node impersonation's pod index) refuse remote callers.
+    pub cluster: Option<String>,
 }
 
 /// Why an authenticator refused a credential it found.

@@ -312,6 +312,10 @@ pub enum Refusal {
     /// No pod of the requested service account (that is not Failed or Succeeded) is on the
     /// caller's node.
     NotOnNode,
+    /// The caller's token came from a remote cluster (`clusterid`) that has no pod index
+    /// here (removed meanwhile, or impersonation was not configured when it was loaded):
+    /// this cluster's pods cannot vouch for a remote node.
+    RemoteCluster,
 }
 
 impl Refusal {
@@ -329,11 +333,12 @@ impl Refusal {
             Refusal::CallerPodAccountMismatch => "caller_pod_account_mismatch",
             Refusal::CallerNodeUnknown => "caller_node_unknown",
             Refusal::NotOnNode => "not_on_node",
+            Refusal::RemoteCluster => "remote_cluster",
         }
     }
 
     /// Every reason, for rendering all metric series from the start.
-    pub const ALL: [Refusal; 11] = [
+    pub const ALL: [Refusal; 12] = [
         Refusal::Disabled,
         Refusal::NotTokenAuthenticated,
         Refusal::UntrustedAccount,
@@ -345,6 +350,7 @@ impl Refusal {
         Refusal::CallerPodAccountMismatch,
         Refusal::CallerNodeUnknown,
         Refusal::NotOnNode,
+        Refusal::RemoteCluster,
     ];
 }
 
@@ -388,6 +394,9 @@ pub struct NodeAuthorizer {
     trusted: TrustedNodeAccounts,
     trust_domain: TrustDomain,
     pods: std::sync::Arc<PodIndex>,
+    /// Remote clusters (`--multicluster`), each with its own pod index: a caller vouched for
+    /// by a remote cluster is checked against that cluster's pods only.
+    remotes: Option<std::sync::Arc<crate::auth::cluster::RemoteClusters>>,
 }
 
 impl NodeAuthorizer {
@@ -401,7 +410,17 @@ impl NodeAuthorizer {
             trusted,
             trust_domain,
             pods,
+            remotes: None,
         }
+    }
+
+    /// Also judges callers of these remote clusters, each against its own pod index.
+    pub fn with_remotes(
+        mut self,
+        remotes: std::sync::Arc<crate::auth::cluster::RemoteClusters>,
+    ) -> Self {
+        self.remotes = Some(remotes);
+        self
     }
 
     /// The index this authorizer reads (for metrics).
@@ -432,6 +451,34 @@ impl NodeAuthorizer {
                 ),
             ));
         }
+        // The pods of the cluster that vouched for the token: a remote caller's pod and node
+        // are checked in its own cluster, never in this one.
+        let remote_pods;
+        let pods: &PodIndex = match &caller.cluster {
+            None => &self.pods,
+            Some(cluster) => match self
+                .remotes
+                .as_ref()
+                .and_then(|r| r.get(cluster))
+                .and_then(|c| c.pods.clone())
+            {
+                Some(p) => {
+                    remote_pods = p;
+                    &remote_pods
+                }
+                None => {
+                    let shown: String = cluster.chars().take(64).collect();
+                    return Err(deny(
+                        Refusal::RemoteCluster,
+                        format!(
+                            "{} authenticated through remote cluster {shown:?}, which has no \
+                             pod index here",
+                            caller.identity
+                        ),
+                    ));
+                }
+            },
+        };
         let caller_sa = caller
             .identity
             .service_account()
@@ -464,7 +511,7 @@ impl NodeAuthorizer {
                 format!("requested {shown:?} is not of the form ns/<ns>/sa/<sa>"),
             )
         })?;
-        if !self.pods.is_synced() {
+        if !pods.is_synced() {
             return Err(NodeAuthError::NotSynced);
         }
         let (Some(pod_name), Some(pod_uid)) = (&caller.pod_name, &caller.pod_uid) else {
@@ -477,7 +524,7 @@ impl NodeAuthorizer {
             ));
         };
         let ns = &caller_sa.namespace;
-        let pod = self.pods.pod(ns, pod_name).ok_or_else(|| {
+        let pod = pods.pod(ns, pod_name).ok_or_else(|| {
             deny(
                 Refusal::CallerPodNotFound,
                 format!("caller pod {ns}/{pod_name} not found (or Failed/Succeeded)"),
@@ -519,7 +566,7 @@ impl NodeAuthorizer {
                 ));
             }
         }
-        if !self.pods.runs_on(node, &target) {
+        if !pods.runs_on(node, &target) {
             return Err(deny(
                 Refusal::NotOnNode,
                 format!(
@@ -563,6 +610,7 @@ mod tests {
             pod_name: pod.map(|p| p.0.to_string()),
             pod_uid: pod.map(|p| p.1.to_string()),
             node_name: None,
+            cluster: None,
         }
     }
 
@@ -629,6 +677,16 @@ mod tests {
                 ztunnel(AuthMethod::ClientCert, Some(("zt-1", "u1"))),
                 "spiffe://cluster.local/ns/shop/sa/cart",
                 Refusal::NotTokenAuthenticated,
+            ),
+            // The same pod name and UID, vouched for by a remote cluster: its pods are not
+            // in this index, so nothing here may grant it.
+            (
+                Caller {
+                    cluster: Some("cluster-b".into()),
+                    ..c.clone()
+                },
+                "spiffe://cluster.local/ns/shop/sa/cart",
+                Refusal::RemoteCluster,
             ),
             (
                 ztunnel(AuthMethod::Jwt, None),

@@ -276,6 +276,7 @@ pub fn caller_from_review(
         pod_name: first("authentication.kubernetes.io/pod-name"),
         pod_uid: first("authentication.kubernetes.io/pod-uid"),
         node_name: first("authentication.kubernetes.io/node-name"),
+        cluster: None,
     })
 }
 

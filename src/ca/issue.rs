@@ -120,6 +120,9 @@ pub struct AuditRecord<'a> {
     pub node: &'a str,
     /// The request object, when there is one (Pod Certificates: `<ns>/<name>`).
     pub request: &'a str,
+    /// The remote cluster that vouched for the caller's token (`clusterid`); empty for the
+    /// local cluster, so the same identity from two clusters can be told apart afterwards.
+    pub cluster: &'a str,
 }
 
 /// Writes the one `citadel::audit` line for an issued certificate; false when the line could
@@ -138,6 +141,7 @@ pub fn audit_issued(r: &AuditRecord<'_>) -> bool {
         pod = r.pod,
         node = r.node,
         request = r.request,
+        cluster = r.cluster,
         "issued workload certificate"
     );
     !crate::audit::failed()

@@ -105,5 +105,6 @@ pub mod leader;
 pub mod podcert;
 pub mod pods;
 pub mod publish;
+pub mod remote;
 pub mod replica;
 pub mod trustbundle;

@@ -391,6 +391,7 @@ impl PodCertSigner {
             pod: &spec.pod_name,
             node: &spec.node_name,
             request: &request,
+            cluster: "",
         });
         if !written {
             return Err(PodCertError(

@@ -130,7 +130,8 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = StoreKind::File)]
     pub store: StoreKind,
 
-    /// citadel's namespace with --store kube: its Secrets, Lease and Events live here.
+    /// citadel's namespace: with --store kube its Secrets, Lease and Events live here; with
+    /// --multicluster the remote clusters' Secrets.
     #[arg(long, default_value = "istio-system", value_name = "NS")]
     pub namespace: String,
 
@@ -244,6 +245,15 @@ pub struct Args {
         value_name = "ID"
     )]
     pub cluster_id: String,
+
+    /// Multicluster, as istiod: accept tokens of the remote clusters named by Secrets in
+    /// --namespace labelled istio/multiCluster=true (each key a cluster id, each value its
+    /// kubeconfig, as `istioctl create-remote-secret` writes them), watched and hot-reloaded.
+    /// A request's `clusterid` header picks the cluster whose TokenReview checks its token.
+    /// Needs --auth tokenreview, and RBAC: secrets get/list/watch in --namespace. With
+    /// --trusted-node-accounts each remote cluster also gets its own pod watch.
+    #[arg(long)]
+    pub multicluster: bool,
 }
 
 /// Checks one `--trusted-node-accounts` entry at parse time, so a typo stops the start with
@@ -353,6 +363,7 @@ impl Args {
                 &self.trusted_node_accounts,
             )?,
             cluster_id: self.cluster_id,
+            remote_secrets_namespace: self.multicluster.then(|| self.namespace.clone()),
             pod_certificates: (self.store == StoreKind::Kube && !self.no_pod_certificates).then(
                 || crate::app::config::PodCertConfig {
                     signer_name: self.pod_cert_signer_name.clone(),

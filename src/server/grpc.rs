@@ -328,6 +328,7 @@ impl IstioCertificateService for CaService {
                     pod: caller.pod_name.as_deref().unwrap_or(""),
                     node: out.via_node.as_ref().map(|i| i.node.as_str()).unwrap_or(""),
                     request: "",
+                    cluster: caller.cluster.as_deref().unwrap_or(""),
                 });
                 if !written {
                     // Vault's rule: no audit, no certificate. It is in the issuance index (so

@@ -85,6 +85,9 @@ pub struct Metrics {
     pub leader: std::sync::OnceLock<tokio::sync::watch::Receiver<bool>>,
     /// Node impersonation (ambient mode): grants, refusals and the pod index.
     pub impersonation: ImpersonationMetrics,
+    /// The remote clusters (`--multicluster`), for `citadel_remote_clusters{state}` and the
+    /// kubeconfig error counts; set when multicluster is on.
+    pub remote_clusters: std::sync::OnceLock<std::sync::Arc<crate::auth::cluster::RemoteClusters>>,
 }
 
 /// Node impersonation's metrics (`citadel_impersonation_*`, `citadel_pod_index_*`): which
@@ -296,6 +299,12 @@ impl Metrics {
             let _ = writeln!(out, "# HELP citadel_leader 1 if this replica holds the leader lease.\n# TYPE citadel_leader gauge\ncitadel_leader {}", i32::from(*l.borrow()));
         }
         self.impersonation.render(&mut out);
+        if let Some(r) = self.remote_clusters.get() {
+            let (known, reachable) = r.counts();
+            let _ = writeln!(out, "# HELP citadel_remote_clusters Remote clusters whose tokens are accepted (known), and of those, the ones whose API server answered its last probe (reachable).\n# TYPE citadel_remote_clusters gauge\ncitadel_remote_clusters{{state=\"known\"}} {known}\ncitadel_remote_clusters{{state=\"reachable\"}} {reachable}");
+            let _ = writeln!(out, "# HELP citadel_remote_cluster_kubeconfigs_invalid Remote-cluster Secret keys whose kubeconfig is unusable right now (their cluster's tokens are refused).\n# TYPE citadel_remote_cluster_kubeconfigs_invalid gauge\ncitadel_remote_cluster_kubeconfigs_invalid {}", r.invalid.load(std::sync::atomic::Ordering::Relaxed));
+            let _ = writeln!(out, "# HELP citadel_remote_cluster_kubeconfig_errors Remote-cluster kubeconfigs that could not be loaded (each content counted once).\n# TYPE citadel_remote_cluster_kubeconfig_errors counter\ncitadel_remote_cluster_kubeconfig_errors {}", r.kubeconfig_errors.load(std::sync::atomic::Ordering::Relaxed));
+        }
         let _ = writeln!(
             out,
             "# HELP citadel_build_info Build information.\n# TYPE citadel_build_info gauge\ncitadel_build_info{{version=\"{}\"}} 1",

@@ -737,6 +737,7 @@ async fn ambient_pod_index_cost_at_10k_pods() {
         pod_name: Some("zt".into()),
         pod_uid: Some("u".into()),
         node_name: Some("node-7".into()),
+        cluster: None,
     };
     let t = std::time::Instant::now();
     let calls = 200_000;

@@ -1,10 +1,16 @@
 //! The `clusterid` header (pilot-agent sends ISTIO_META_CLUSTER_ID): absent or this
-//! cluster's `--cluster-id` means the local cluster; any other cluster is refused for token
-//! authentication (no remote clusters are known yet), naming the cluster. Client
-//! certificates ignore it, as in istiod.
+//! cluster's `--cluster-id` means the local cluster; a remote cluster known from a Secret
+//! labelled `istio/multiCluster: "true"` (`--multicluster`) has its tokens checked by its own
+//! API server only; any other cluster is refused for token authentication, naming the
+//! cluster. Client certificates ignore it, as in istiod.
+
+use std::collections::BTreeMap;
 
 use citadel::pki::KeyType;
 use citadel::proto::IstioCertificateRequest;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::ByteString;
+use kube::api::{Api, DeleteParams, PostParams};
 use tonic::Code;
 
 use crate::support::*;
@@ -15,10 +21,31 @@ async fn call_from(
     token: Option<&str>,
     cluster_ids: &[&str],
 ) -> Result<Vec<String>, tonic::Status> {
+    call_for(client, csr, token, cluster_ids, None).await
+}
+
+/// `call_from`, naming `impersonated` in the ImpersonatedIdentity metadata (as ztunnel).
+async fn call_for(
+    client: &mut citadel::client::CaClient,
+    csr: &str,
+    token: Option<&str>,
+    cluster_ids: &[&str],
+    impersonated: Option<&str>,
+) -> Result<Vec<String>, tonic::Status> {
+    let metadata = impersonated.map(|id| {
+        let mut s = prost_types::Struct::default();
+        s.fields.insert(
+            "ImpersonatedIdentity".into(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue(id.into())),
+            },
+        );
+        s
+    });
     let mut req = tonic::Request::new(IstioCertificateRequest {
         csr: csr.to_string(),
         validity_duration: 0,
-        metadata: None,
+        metadata,
     });
     if let Some(t) = token {
         req.metadata_mut()
@@ -86,4 +113,397 @@ async fn clusterid_selects_the_local_cluster_and_refuses_unknown_ones() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     ca.stop().await;
+}
+
+fn base64_std(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// The value of one series on /metrics (`None` when absent).
+async fn metric(ca: &TestCa, series: &str) -> Option<u64> {
+    ca.metrics()
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// A remote-cluster Secret in `ns`, as `istioctl create-remote-secret` writes it: labelled
+/// `istio/multiCluster: "true"`, one key per cluster id, each value a kubeconfig.
+async fn remote_secret(kube: &KubeEnv, ns: &str, name: &str, entries: &[(&str, Vec<u8>)]) {
+    let mut s = Secret::default();
+    s.metadata.name = Some(name.into());
+    s.metadata.labels = Some(BTreeMap::from([(
+        "istio/multiCluster".to_string(),
+        "true".to_string(),
+    )]));
+    s.data = Some(
+        entries
+            .iter()
+            .map(|(k, v)| (k.to_string(), ByteString(v.clone())))
+            .collect(),
+    );
+    Api::<Secret>::namespaced(kube.client.clone(), ns)
+        .create(&PostParams::default(), &s)
+        .await
+        .unwrap();
+}
+
+/// Two real API servers: A is citadel's own cluster, B a remote one known from a Secret in
+/// A. B's tokens are accepted only when the request names B; removing the Secret revokes B;
+/// a broken or unsafe kubeconfig next to it is reported and harms nobody.
+#[tokio::test]
+async fn multicluster_remote_cluster_from_secret_two_api_servers() {
+    let Some(a) = KubeEnv::start().await else {
+        return;
+    };
+    let Some(b) = KubeEnv::start().await else {
+        return;
+    };
+    let (ka, kb) = (
+        std::fs::read(&a.kubeconfig).unwrap(),
+        std::fs::read(&b.kubeconfig).unwrap(),
+    );
+    assert_ne!(ka, kb, "the two API servers must be distinct");
+    for k in [&a, &b] {
+        k.service_account("shop", "cart").await;
+    }
+    a.namespace("istio-system").await;
+    remote_secret(
+        &a,
+        "istio-system",
+        "istio-remote-secret-b",
+        &[("cluster-b", kb.clone())],
+    )
+    .await;
+    // Broken: not a kubeconfig; unsafe: runs a command; and one claiming the local id.
+    let exec = String::from_utf8(kb.clone()).unwrap().replace(
+        "    token: ",
+        "    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: /bin/false\n    token: ",
+    );
+    assert_ne!(exec.as_bytes(), &kb[..]);
+    remote_secret(
+        &a,
+        "istio-system",
+        "istio-remote-secret-bad",
+        &[
+            ("cluster-x", b"clusters: [not: {a kubeconfig".to_vec()),
+            ("cluster-y", exec.into_bytes()),
+            ("cluster-a", kb.clone()),
+        ],
+    )
+    .await;
+
+    let kubeconfig = a.kubeconfig.to_str().unwrap().to_string();
+    let ca = TestCa::start(&[
+        "--kubeconfig",
+        &kubeconfig,
+        "--auth",
+        "tokenreview",
+        "--cluster-id",
+        "cluster-a",
+        "--multicluster",
+    ])
+    .await;
+    eventually("cluster-b is known and reachable", 30, async || {
+        metric(&ca, "citadel_remote_clusters{state=\"reachable\"}").await == Some(1)
+    })
+    .await;
+    assert_eq!(
+        metric(&ca, "citadel_remote_clusters{state=\"known\"}").await,
+        Some(1)
+    );
+    // cluster-x and cluster-y are reported; cluster-a (the local id) is ignored, not an error.
+    assert_eq!(
+        metric(&ca, "citadel_remote_cluster_kubeconfig_errors").await,
+        Some(2)
+    );
+    assert_eq!(
+        metric(&ca, "citadel_remote_cluster_kubeconfigs_invalid").await,
+        Some(2)
+    );
+    // And on the Secret, for `kubectl describe`: one Warning per refused key, never quoting
+    // the kubeconfig.
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(a.client.clone(), "istio-system");
+    let mut notes = Vec::new();
+    eventually("Warning Events on the broken Secret", 20, async || {
+        notes = events
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                    == Some("istio-remote-secret-bad")
+                    && e.type_.as_deref() == Some("Warning")
+                    && e.reason.as_deref() == Some("InvalidKubeconfig")
+            })
+            .filter_map(|e| e.note)
+            .collect();
+        notes.len() == 2
+    })
+    .await;
+    let token_b = std::fs::read_to_string(b.dir.join("pki/admin.token")).unwrap();
+    for n in &notes {
+        assert!(!n.contains(token_b.trim()), "{n}");
+    }
+    assert!(
+        notes.iter().any(|n| n.contains("\"cluster-x\"")),
+        "{notes:?}"
+    );
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("\"cluster-y\"") && n.contains("exec")),
+        "{notes:?}"
+    );
+
+    let mut client = ca.client().await;
+    let (_, csr) = csr_for(KeyType::EcP256, &spiffe("shop", "cart"));
+    let tb = b.token("shop", "cart", "istio-ca").await;
+    let ta = a.token("shop", "cart", "istio-ca").await;
+    let local_ok = async |client: &mut citadel::client::CaClient| {
+        call_from(client, &csr, Some(&ta), &[]).await.unwrap();
+        call_from(client, &csr, Some(&ta), &["cluster-a"])
+            .await
+            .unwrap();
+    };
+
+    // B's token, naming B: B's API server vouches for it.
+    let chain = call_from(&mut client, &csr, Some(&tb), &["cluster-b"])
+        .await
+        .unwrap();
+    assert!(!chain.is_empty());
+    local_ok(&mut client).await;
+
+    // B's token without the header, or naming A: A's TokenReview refuses it.
+    for ids in [&[][..], &["cluster-a"][..]] {
+        let err = call_from(&mut client, &csr, Some(&tb), ids)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{ids:?}: {err:?}");
+        assert!(!err.message().contains(&tb));
+        local_ok(&mut client).await;
+    }
+    // A's token naming B: B's TokenReview refuses it.
+    let err = call_from(&mut client, &csr, Some(&ta), &["cluster-b"])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    local_ok(&mut client).await;
+    // The broken and unsafe kubeconfigs gave no cluster: unknown, named.
+    for unknown in ["cluster-x", "cluster-y", "cluster-c"] {
+        let err = call_from(&mut client, &csr, Some(&tb), &[unknown])
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{unknown}: {err:?}");
+        assert!(
+            err.message().contains(&format!("{unknown:?}")),
+            "{unknown}: {err:?}"
+        );
+        local_ok(&mut client).await;
+    }
+
+    // An update is followed too: B's key broken, then mended.
+    let secrets: Api<Secret> = Api::namespaced(a.client.clone(), "istio-system");
+    let set_b = async |value: &[u8]| {
+        let patch = serde_json::json!({"data": {"cluster-b": base64_std(value)}});
+        secrets
+            .patch(
+                "istio-remote-secret-b",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await
+            .unwrap();
+    };
+    set_b(b"not: [a kubeconfig").await;
+    eventually("cluster-b is dropped after its key broke", 10, async || {
+        metric(&ca, "citadel_remote_clusters{state=\"known\"}").await == Some(0)
+    })
+    .await;
+    let err = call_from(&mut client, &csr, Some(&tb), &["cluster-b"])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert_eq!(
+        metric(&ca, "citadel_remote_cluster_kubeconfigs_invalid").await,
+        Some(3)
+    );
+    local_ok(&mut client).await;
+    set_b(&kb).await;
+    // Waiting on the metric, not on refusals: each refusal counts against this peer's
+    // authentication-failure budget.
+    eventually(
+        "cluster-b is back after its key was mended",
+        10,
+        async || metric(&ca, "citadel_remote_clusters{state=\"known\"}").await == Some(1),
+    )
+    .await;
+    call_from(&mut client, &csr, Some(&tb), &["cluster-b"])
+        .await
+        .unwrap();
+
+    // Removing B's Secret revokes B within seconds (its cached review goes with it).
+    Api::<Secret>::namespaced(a.client.clone(), "istio-system")
+        .delete("istio-remote-secret-b", &DeleteParams::default())
+        .await
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let mut last = None;
+    eventually("cluster-b is revoked", 10, async || {
+        match call_from(&mut client, &csr, Some(&tb), &["cluster-b"]).await {
+            Ok(_) => false,
+            Err(e) => {
+                last = Some(e);
+                true
+            }
+        }
+    })
+    .await;
+    eprintln!(
+        "cluster-b revoked {:?} after its Secret was deleted",
+        t0.elapsed()
+    );
+    let err = last.unwrap();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("\"cluster-b\""), "{err:?}");
+    assert_eq!(
+        metric(&ca, "citadel_remote_clusters{state=\"known\"}").await,
+        Some(0)
+    );
+    local_ok(&mut client).await;
+    ca.stop().await;
+}
+
+/// Ambient across clusters: a ztunnel of remote cluster B impersonates only workloads with a
+/// pod on its node in B (B's own pod index), never on the strength of A's pods.
+#[tokio::test]
+async fn multicluster_remote_ztunnel_is_judged_by_its_own_clusters_pods() {
+    let Some(a) = KubeEnv::start().await else {
+        return;
+    };
+    let Some(b) = KubeEnv::start().await else {
+        return;
+    };
+    for k in [&a, &b] {
+        k.namespace("istio-system").await;
+        k.service_account("istio-system", "ztunnel").await;
+        k.service_account("shop", "cart").await;
+        k.service_account("shop", "pay").await;
+        k.node("n1").await;
+    }
+    let zt_uid = b
+        .pod_on("istio-system", "ztunnel-n1", "ztunnel", Some("n1"))
+        .await;
+    b.pod_on("shop", "cart-1", "cart", Some("n1")).await;
+    // pay has a pod on a node called n1 only in A: it must not count for B's ztunnel.
+    a.pod_on("shop", "pay-1", "pay", Some("n1")).await;
+    let kb = std::fs::read(&b.kubeconfig).unwrap();
+    remote_secret(
+        &a,
+        "istio-system",
+        "istio-remote-secret-b",
+        &[("cluster-b", kb)],
+    )
+    .await;
+
+    let kubeconfig = a.kubeconfig.to_str().unwrap().to_string();
+    let ca = TestCa::start(&[
+        "--kubeconfig",
+        &kubeconfig,
+        "--auth",
+        "tokenreview",
+        "--cluster-id",
+        "cluster-a",
+        "--multicluster",
+        "--trusted-node-accounts",
+        "istio-system/ztunnel",
+    ])
+    .await;
+    let mut client = ca.client().await;
+    let zt = b
+        .pod_token("istio-system", "ztunnel", "ztunnel-n1", &zt_uid)
+        .await;
+    let cart = spiffe("shop", "cart").to_string();
+    let pay = spiffe("shop", "pay").to_string();
+    let (_, cart_csr) = csr_for(KeyType::EcP256, &spiffe("shop", "cart"));
+    let (_, pay_csr) = csr_for(KeyType::EcP256, &spiffe("shop", "pay"));
+
+    // Granted once B is loaded and its pod index synced (Unavailable until then).
+    eventually("B's ztunnel gets cart's certificate", 30, async || {
+        call_for(
+            &mut client,
+            &cart_csr,
+            Some(&zt),
+            &["cluster-b"],
+            Some(&cart),
+        )
+        .await
+        .is_ok()
+    })
+    .await;
+    // pay runs on n1 in A only: refused, with the one vague message.
+    let err = call_for(&mut client, &pay_csr, Some(&zt), &["cluster-b"], Some(&pay))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(err.message(), citadel::server::grpc::IMPERSONATION_REFUSED);
+    // B's ztunnel token without the header: A's TokenReview refuses it.
+    let err = call_for(&mut client, &cart_csr, Some(&zt), &[], Some(&cart))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert_eq!(
+        metric(
+            &ca,
+            "citadel_impersonation_refusals{reason=\"not_on_node\"}"
+        )
+        .await,
+        Some(1)
+    );
+
+    // B's Secret removed: B's ztunnel is refused (Unauthenticated, naming the cluster).
+    Api::<Secret>::namespaced(a.client.clone(), "istio-system")
+        .delete("istio-remote-secret-b", &DeleteParams::default())
+        .await
+        .unwrap();
+    let mut last = None;
+    eventually("cluster-b is revoked", 10, async || {
+        match call_for(
+            &mut client,
+            &cart_csr,
+            Some(&zt),
+            &["cluster-b"],
+            Some(&cart),
+        )
+        .await
+        {
+            Ok(_) => false,
+            Err(e) => {
+                last = Some(e);
+                true
+            }
+        }
+    })
+    .await;
+    let err = last.unwrap();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("\"cluster-b\""), "{err:?}");
+    ca.stop().await;
+}
+
+#[tokio::test]
+async fn multicluster_needs_tokenreview() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = TestCa::try_start_in(dir.path(), &["--multicluster"])
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        err.contains("--multicluster needs --auth tokenreview"),
+        "{err}"
+    );
 }
