@@ -329,18 +329,34 @@ impl ConfigMapPublisher {
     /// A Warning Event on a ConfigMap someone changed, so `kubectl describe` and event
     /// watchers see that citadel put it back. Best effort: a missing RBAC rule is logged.
     async fn record_repair(&self, cm: &ConfigMap, key: &str) {
-        let ev = Event {
-            type_: EventType::Warning,
-            reason: "Drifted".into(),
-            note: Some(format!(
+        record_drift(
+            &self.recorder,
+            &cm.object_ref(&()),
+            format!(
                 "{key} did not hold the current trust data (edited, or the istio.io/config label removed); citadel restored it"
-            )),
-            action: "Repair".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&ev, &cm.object_ref(&())).await {
-            tracing::debug!(error = %e, "could not record a Kubernetes Event");
-        }
+            ),
+        )
+        .await;
+    }
+}
+
+/// Records a `Drifted` Warning Event on `object`, which citadel just put back: what an
+/// operator watching Events sees when someone edits what citadel owns. Best effort: a missing
+/// RBAC rule is logged at debug, never fails the repair.
+pub(crate) async fn record_drift(
+    recorder: &Recorder,
+    object: &k8s_openapi::api::core::v1::ObjectReference,
+    note: String,
+) {
+    let ev = Event {
+        type_: EventType::Warning,
+        reason: "Drifted".into(),
+        note: Some(note),
+        action: "Repair".into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&ev, object).await {
+        tracing::debug!(error = %e, "could not record a Kubernetes Event");
     }
 }
 

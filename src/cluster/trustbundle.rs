@@ -16,7 +16,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use k8s_openapi::api::certificates::v1::{ClusterTrustBundle, ClusterTrustBundleSpec};
 use kube::api::{Api, PostParams};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::Resource;
 use tokio::sync::{watch, Mutex};
@@ -208,19 +208,13 @@ impl TrustBundlePublisher {
     }
 
     async fn record_repair(&self, ctb: &ClusterTrustBundle) {
-        let ev = Event {
-            type_: EventType::Warning,
-            reason: "Drifted".into(),
-            note: Some(
-                "the ClusterTrustBundle did not hold citadel's current roots (edited); citadel restored it"
-                    .into(),
-            ),
-            action: "Repair".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&ev, &ctb.object_ref(&())).await {
-            tracing::debug!(error = %e, "could not record a Kubernetes Event");
-        }
+        super::publish::record_drift(
+            &self.recorder,
+            &ctb.object_ref(&()),
+            "the ClusterTrustBundle did not hold citadel's current roots (edited); citadel restored it"
+                .into(),
+        )
+        .await;
     }
 }
 

@@ -402,27 +402,8 @@ async fn untrusted_client_certificate_is_refused_and_server_keeps_serving() {
 
 /// An authenticator that holds every request until released: a stand-in for a slow
 /// TokenReview, so a test can keep calls in flight.
-struct Gate(std::sync::Arc<tokio::sync::Semaphore>);
-
-impl citadel::auth::Authenticator for Gate {
-    fn name(&self) -> &'static str {
-        "gate"
-    }
-    fn authenticate<'a>(
-        &'a self,
-        _: citadel::auth::Credentials<'a>,
-    ) -> citadel::future::BoxFuture<
-        'a,
-        Result<Option<citadel::auth::Caller>, citadel::auth::AuthFailure>,
-    > {
-        Box::pin(async move {
-            let _pass = self.0.acquire().await;
-            Ok(None)
-        })
-    }
-}
-
-/// Calls that reached the authenticators, for tests that count what the server lets in.
+/// Holds every call at the authenticators until `.1` has permits, counting in `.0` how many
+/// got there: what the server lets in at once.
 struct Counted(
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
     std::sync::Arc<tokio::sync::Semaphore>,
@@ -537,7 +518,7 @@ async fn calls_beyond_the_inflight_limit_get_resource_exhausted() {
     let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
     let jwt = server.auth.clone();
     server.auth = citadel::auth::AuthChain::new(vec![
-        std::sync::Arc::new(Gate(gate.clone())),
+        std::sync::Arc::new(Counted(Default::default(), gate.clone())),
         std::sync::Arc::new(Chain(jwt)),
     ]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
