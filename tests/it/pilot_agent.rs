@@ -76,28 +76,6 @@ async fn create_pod(kube: &KubeEnv, ns: &str, name: &str, sa: &str) -> String {
     created.metadata.uid.expect("a pod UID")
 }
 
-/// A token from the TokenRequest API bound to a pod, as kubelet projects `istio-token`.
-async fn pod_token(kube: &KubeEnv, ns: &str, sa: &str, pod: &str, uid: &str) -> String {
-    let body = serde_json::json!({
-        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-        "spec": {
-            "audiences": ["istio-ca"], "expirationSeconds": 3600,
-            "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": pod, "uid": uid}
-        }
-    });
-    let req = http::Request::post(format!(
-        "/api/v1/namespaces/{ns}/serviceaccounts/{sa}/token"
-    ))
-    .header("content-type", "application/json")
-    .body(serde_json::to_vec(&body).unwrap())
-    .unwrap();
-    let resp: serde_json::Value = kube.client.request(req).await.unwrap();
-    resp["status"]["token"]
-        .as_str()
-        .expect("a token")
-        .to_string()
-}
-
 /// `citadel serve` as a process (its JSON log is the audit trail we read), authenticating
 /// tokens with TokenReview against the test cluster; 10s leaves, 40s intermediates.
 fn serve(kube: &KubeEnv, dir: &Path) -> (Child, SocketAddr, SocketAddr, PathBuf, PathBuf) {
@@ -315,9 +293,11 @@ async fn istio_pilot_agent_gets_certificates_from_citadel_through_renewal_and_ro
     kube.service_account(NS, "cart").await;
     kube.service_account(NS, "frontend").await;
     let pod_uid = create_pod(&kube, NS, POD, "cart").await;
-    let cart_token = pod_token(&kube, NS, "cart", POD, &pod_uid).await;
+    let cart_token = kube.pod_token(NS, "cart", POD, &pod_uid).await;
     let front_uid = create_pod(&kube, NS, "frontend-0", "frontend").await;
-    let front_token = pod_token(&kube, NS, "frontend", "frontend-0", &front_uid).await;
+    let front_token = kube
+        .pod_token(NS, "frontend", "frontend-0", &front_uid)
+        .await;
 
     // citadel, TokenReview against that cluster.
     let (citadel, ca_addr, ca_metrics, state, citadel_log) = serve(&kube, &dir);
