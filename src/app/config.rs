@@ -121,6 +121,8 @@ pub struct ServeConfig {
     pub tls_names: Option<Vec<String>>,
     /// How often the scheduler reloads state and runs what is due.
     pub reconcile_interval: Duration,
+    /// How often a `--ca-certs-dir` is re-read, and a plugged-in CA's root overlap checked.
+    pub plugged_poll: Duration,
     /// Limits on the CA port.
     pub limits: Limits,
     /// kubeconfig for the API server (store, TokenReview, JWKS); `None` infers one.
@@ -164,6 +166,7 @@ impl ServeConfig {
                 "127.0.0.1".into(),
             ]),
             reconcile_interval: Duration::from_secs(1),
+            plugged_poll: Duration::from_secs(2),
             limits: Limits::default(),
             kubeconfig: None,
             trusted_node_accounts: TrustedNodeAccounts::default(),
@@ -231,6 +234,12 @@ impl ServeConfig {
         check_range(
             "--reconcile-interval",
             self.reconcile_interval,
+            Duration::from_millis(100),
+            s(3600),
+        )?;
+        check_range(
+            "--ca-certs-poll-interval",
+            self.plugged_poll,
             Duration::from_millis(100),
             s(3600),
         )?;

@@ -17,8 +17,9 @@ use crate::auth::node::{NodeAuthorizer, PodIndex};
 use crate::auth::tokenreview::TokenReviewAuthenticator;
 use crate::auth::{AuthChain, Authenticator};
 use crate::ca::bootstrap;
+use crate::ca::reload::{self, Reloader};
 use crate::ca::scheduler::Scheduler;
-use crate::ca::{plugged, Ca};
+use crate::ca::Ca;
 use crate::clock::SharedClock;
 use crate::cluster::podcert::PodCertSigner;
 use crate::cluster::replica::Replica;
@@ -87,38 +88,62 @@ pub async fn run(
         .map_err(|e| format!("cannot create {}: {e}", config.state_dir.display()))?;
 
     // A plugged-in CA: a directory, or (with the Kubernetes store) the `cacerts` Secret.
+    // Either is watched while serving: a valid change is installed, a bad one refused.
     let plugged = match (&config.ca, &replica) {
-        (CaSource::Plugged(dir), _) => Some(
-            plugged::load(dir, &config.trust_domain, clock.now())
-                .map_err(|e| format!("plugged-in CA refused: {e}"))?,
-        ),
-        (CaSource::Own(_), Some(r)) => match r.cacerts().await? {
-            Some(src) => Some(
-                plugged::load_from(&src, &config.trust_domain, clock.now())
-                    .map_err(|e| format!("plugged-in CA refused: {e}"))?,
-            ),
-            None => None,
-        },
+        (CaSource::Plugged(dir), _) => {
+            Some(reload::read_dir_set(dir).map_err(|e| format!("plugged-in CA refused: {e}"))?)
+        }
+        (CaSource::Own(_), Some(r)) => r.cacerts().await?,
         (CaSource::Own(_), None) => None,
     };
     let (index, scheduler) = match (plugged, &config.ca) {
-        (Some(s), _) => {
-            tracing::info!(signer = %s.signing_cert().subject, revoked = s.revocations().crl_entries, "loaded plugged-in CA (rotation and revocation are managed upstream)");
-            let published = async {
-                store.publish_bundle(s.roots_pem()).await?;
-                store.publish_crl(&s.revocations().crl_pem).await
-            }
-            .await;
-            match (published, &replica) {
-                (Ok(()), _) => {}
-                // The leader's ConfigMap publisher keeps the desired state and writes it once
-                // its watches are up.
-                (Err(e), Some(_)) => {
-                    tracing::info!(reason = %e, "bundle ConfigMaps will be published by the leader")
+        (Some(src), _) => {
+            let overlap: Arc<dyn reload::OverlapStore> = match &replica {
+                Some(r) => Arc::new(cluster::cacerts::KubeOverlap::new(
+                    r.client.clone(),
+                    r.namespace(),
+                )),
+                None => Arc::new(reload::FileOverlap(
+                    config.state_dir.join(reload::FileOverlap::NAME),
+                )),
+            };
+            let reloader = Reloader::new(
+                ca.clone(),
+                store.clone(),
+                overlap,
+                config.trust_domain.clone(),
+                clock.clone(),
+                config.ttl.max,
+                config.rotation.skew_margin,
+            )
+            // Without a cluster nobody else publishes: the bundle file must be written.
+            .publish_required(replica.is_none());
+            reloader
+                .start(src)
+                .await
+                .map_err(|e| format!("plugged-in CA refused: {e}"))?;
+            let _ = metrics.plugged.set(reloader.stats.clone());
+            match (&config.ca, &replica) {
+                (CaSource::Plugged(dir), _) => {
+                    tracing::info!(dir = %dir.display(), every = %crate::duration::format(config.plugged_poll), "watching the plugged-in CA directory for changes");
+                    tokio::spawn(reloader.poll_dir(
+                        dir.clone(),
+                        config.plugged_poll,
+                        shutdown.clone(),
+                    ));
                 }
-                (Err(e), None) => return Err(format!("cannot publish the trust bundle: {e}")),
+                (_, Some(r)) => {
+                    tracing::info!(namespace = %r.namespace(), secret = cluster::cacerts::SECRET, "watching the cacerts Secret for changes");
+                    cluster::cacerts::watch(
+                        r.client.clone(),
+                        r.namespace().to_string(),
+                        reloader,
+                        config.plugged_poll,
+                        shutdown.clone(),
+                    );
+                }
+                _ => {}
             }
-            ca.install(s);
             (None, None)
         }
         (None, CaSource::Own(opts)) => {

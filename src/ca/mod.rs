@@ -12,6 +12,7 @@ pub mod mint;
 pub mod plan;
 pub mod plugged;
 pub mod policy;
+pub mod reload;
 pub mod revocation;
 pub mod scheduler;
 pub mod signer;

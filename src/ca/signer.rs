@@ -202,6 +202,28 @@ impl Signer {
         Ok(self)
     }
 
+    /// Adds roots to the trust bundle that this signer does not chain to: a plugged-in CA's
+    /// previous roots during the overlap after a swap (`ca::reload`), so leaves of the old
+    /// chain keep verifying. Duplicates of roots already in the bundle are skipped.
+    pub fn with_extra_roots(
+        mut self,
+        extra: Vec<CertificateDer<'static>>,
+    ) -> Result<Self, PkiError> {
+        for r in extra {
+            if self
+                .roots_der
+                .iter()
+                .any(|have| have.as_ref() == r.as_ref())
+            {
+                continue;
+            }
+            self.roots_info.push(chain::describe(&r)?);
+            self.roots_der.push(r);
+        }
+        self.roots_pem = pem::certs_to_pem(&self.roots_der);
+        Ok(self)
+    }
+
     /// Sets the revocation state this signer enforces and publishes.
     pub fn with_revocations(mut self, view: RevocationView) -> Self {
         self.revocations = view;

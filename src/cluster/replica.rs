@@ -95,6 +95,11 @@ impl Replica {
         })
     }
 
+    /// The namespace of the CA's Secrets (journal, `cacerts`) and Lease.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
     /// Waits until the store holds a CA journal; the leader creates it, the others wait.
     pub async fn wait_for_ca(&self, opts: &CaOptions, clock: &dyn Clock) -> Result<(), String> {
         let mut waited = 0u32;
@@ -127,18 +132,10 @@ impl Replica {
         let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
             kube::Api::namespaced(self.client.clone(), &self.namespace);
         let secret = api
-            .get_opt("cacerts")
+            .get_opt(super::cacerts::SECRET)
             .await
             .map_err(|e| format!("cannot read Secret {}/cacerts: {e}", self.namespace))?;
-        Ok(secret.map(|s| plugged::MapSource {
-            label: format!("Secret {}/cacerts", self.namespace),
-            files: s
-                .data
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(k, v)| (k, v.0))
-                .collect(),
-        }))
+        Ok(secret.map(|s| super::cacerts::source(&self.namespace, &s)))
     }
 
     /// Wakes `wake` whenever the journal Secret changes (another replica or an operator

@@ -29,8 +29,10 @@ Examples:
   # Trust a cluster's service-account tokens (JWKS from GET /openid/v1/jwks).
   citadel serve --jwks-file jwks.json --token-issuer https://kubernetes.default.svc.cluster.local
 
-  # Sign with a plugged-in CA in Istio's cacerts layout.
-  citadel serve --jwks-file jwks.json --ca-certs-dir /etc/cacerts")]
+  # Sign with a plugged-in CA in Istio's cacerts layout. Replace the files (or update the
+  # mounted Secret) to swap it while serving; `citadel_ca_plugged_reload_total{result}` and
+  # the log say whether the change was installed or refused.
+  citadel serve --jwks-file jwks.json --ca-certs-dir /etc/cacerts --ca-certs-poll-interval 5s")]
 /// Flags of `citadel serve`.
 pub struct Args {
     /// Development mode: trust the dev JWT key compiled in from certs-dev/ (its private key is
@@ -70,9 +72,17 @@ pub struct Args {
     )]
     pub token_audiences: Vec<String>,
 
-    /// Sign with a plugged-in CA: ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem.
+    /// Sign with a plugged-in CA: ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem
+    /// (optional ca-crl.pem). The files are re-read while serving: a valid change is installed
+    /// without a restart, a bad one is refused (logged, counted) and the old CA keeps signing.
     #[arg(long, value_name = "DIR")]
     pub ca_certs_dir: Option<PathBuf>,
+
+    /// How often --ca-certs-dir is re-read (compared by content, so Kubernetes' symlink swaps
+    /// of a mounted Secret are seen), and how often a previous root's overlap in the bundle is
+    /// checked for its end (also with the `cacerts` Secret, which is watched).
+    #[arg(long, default_value = "2s", value_parser = clap_parse, value_name = "DUR")]
+    pub ca_certs_poll_interval: Duration,
 
     /// Key type of a newly created self-signed CA (ignored once the CA exists).
     #[arg(long, default_value = "ec-p256", value_name = "TYPE",
@@ -350,6 +360,7 @@ impl Args {
             },
             tls_names: (!self.plaintext).then_some(self.server_dns_names),
             reconcile_interval: self.reconcile_interval,
+            plugged_poll: self.ca_certs_poll_interval,
             limits: crate::server::Limits {
                 max_inflight: self.max_inflight as usize,
                 max_connections: self.max_connections as usize,

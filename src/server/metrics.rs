@@ -88,6 +88,8 @@ pub struct Metrics {
     /// The remote clusters (`--multicluster`), for `citadel_remote_clusters{state}` and the
     /// kubeconfig error counts; set when multicluster is on.
     pub remote_clusters: std::sync::OnceLock<std::sync::Arc<crate::auth::cluster::RemoteClusters>>,
+    /// The plugged-in CA's reloads, for `citadel_ca_plugged_reload_total{result}`.
+    pub plugged: std::sync::OnceLock<std::sync::Arc<crate::ca::reload::ReloadStats>>,
 }
 
 /// Node impersonation's metrics (`citadel_impersonation_*`, `citadel_pod_index_*`): which
@@ -295,6 +297,11 @@ impl Metrics {
             "Scheduler passes that failed (rotation, CRL or revocation steps that could not be journaled); each is retried while the CA signs with what it has.",
             ca.step_failures(),
         );
+        if let Some(p) = self.plugged.get() {
+            use std::sync::atomic::Ordering::Relaxed;
+            let _ = writeln!(out, "# HELP citadel_ca_plugged_reload_total Changes to the plugged-in CA material (cacerts Secret or --ca-certs-dir): installed, or refused (the previous CA kept signing; the log and a Warning Event say why).\n# TYPE citadel_ca_plugged_reload_total counter\ncitadel_ca_plugged_reload_total{{result=\"installed\"}} {}\ncitadel_ca_plugged_reload_total{{result=\"refused\"}} {}", p.installed.load(Relaxed), p.refused.load(Relaxed));
+            let _ = writeln!(out, "# HELP citadel_ca_plugged_previous_roots_dropped_total Previous plugged-in roots dropped from the trust bundle once every certificate they signed had expired.\n# TYPE citadel_ca_plugged_previous_roots_dropped_total counter\ncitadel_ca_plugged_previous_roots_dropped_total {}", p.roots_dropped.load(Relaxed));
+        }
         if let Some(l) = self.leader.get() {
             let _ = writeln!(out, "# HELP citadel_leader 1 if this replica holds the leader lease.\n# TYPE citadel_leader gauge\ncitadel_leader {}", i32::from(*l.borrow()));
         }

@@ -219,7 +219,7 @@ async fn jwks_from_the_cluster_needs_no_api_call_per_request() {
 /// A `citadel serve --store kube` replica as a real process.
 pub(crate) struct Replica {
     pub(crate) child: std::process::Child,
-    addr: std::net::SocketAddr,
+    pub(crate) addr: std::net::SocketAddr,
     pub(crate) metrics: std::net::SocketAddr,
     _dir: tempfile::TempDir,
 }

@@ -18,6 +18,7 @@ mod kube_faults;
 mod lifecycle;
 mod multicluster;
 mod pilot_agent;
+mod plugged_swap;
 mod podcert;
 mod properties;
 mod revocation;
