@@ -591,4 +591,30 @@ async fn a_cacerts_secret_swap_on_the_api_server_fails_no_request_and_bad_ones_g
         .into_iter()
         .any(|e| e.reason.as_deref() == Some("CACertsInstalled"));
     assert!(installed, "a Normal Event for the accepted swap");
+    // What an operator sees (printed for docs/operations.md; run with --nocapture).
+    let kc = kube.kubeconfig.to_str().unwrap();
+    for args in [
+        vec![
+            "get",
+            "events",
+            "-n",
+            ns,
+            "--field-selector",
+            "involvedObject.name=cacerts",
+        ],
+        vec!["get", "configmap", "citadel-plugged-roots", "-n", ns],
+    ] {
+        let out = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(kc)
+            .args(&args)
+            .output()
+            .unwrap();
+        eprintln!(
+            "$ kubectl {}\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
