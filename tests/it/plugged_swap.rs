@@ -243,6 +243,7 @@ async fn a_ca_certs_dir_swap_while_clients_call_fails_no_request() {
     let new_chain = load.last();
     let calls = load.finish().await;
     assert!(calls >= 20, "only {calls} calls");
+    eprintln!("--ca-certs-dir swap: {calls} calls from 4 concurrent clients, 0 failed");
 
     // The new leaves chain to the new root alone; the bundle holds both roots.
     let new_root = read(&v2, "root-cert.pem");
@@ -353,6 +354,9 @@ async fn bad_ca_certs_dir_swaps_are_refused_and_the_old_ca_keeps_signing() {
                 && line.contains(says),
             "{line}"
         );
+        if i == 0 {
+            eprintln!("{line}");
+        }
         let chain = issue(
             &mut ca.client().await,
             &csr_for(KeyType::EcP256, &spiffe("shop", "cart")).1,
@@ -583,6 +587,7 @@ async fn a_cacerts_secret_swap_on_the_api_server_fails_no_request_and_bad_ones_g
     );
     let calls = load.finish().await;
     assert!(calls >= 20, "only {calls} calls");
+    eprintln!("cacerts Secret swap: {calls} calls from 4 concurrent clients, 0 failed");
     let installed = events
         .list(&Default::default())
         .await
