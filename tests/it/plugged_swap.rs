@@ -535,7 +535,22 @@ async fn a_cacerts_secret_swap_on_the_api_server_fails_no_request_and_bad_ones_g
     }
     let load = Load::start(clients);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    put(&secrets, &v2).await;
+    // The documented way: kubectl create --dry-run | kubectl apply.
+    let out = Command::new("sh")
+        .arg("-ec")
+        .arg(format!(
+            "kubectl --kubeconfig {kc} create secret generic cacerts -n {ns} \
+               --from-file=ca-cert.pem --from-file=ca-key.pem \
+               --from-file=root-cert.pem --from-file=cert-chain.pem \
+               --dry-run=client -o yaml | kubectl --kubeconfig {kc} apply -f - 2>&1",
+            kc = kube.kubeconfig.display()
+        ))
+        .current_dir(&v2)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    eprintln!("$ kubectl create secret generic cacerts ... --dry-run=client -o yaml | kubectl apply -f -\n{said}");
     let new_int = read(&v2, "ca-cert.pem");
     eventually(
         "the clients get certificates from the new CA",
