@@ -250,6 +250,10 @@ struct State {
     overlap: Overlap,
     /// The digest of the last refused material, so a bad file is reported once, not every poll.
     refused: Option<[u8; 32]>,
+    /// Material whose install failed for a passing reason (the overlap record or the bundle
+    /// could not be written): offered again at the next tick, since a watched Secret may
+    /// not change again.
+    retry: Option<MapSource>,
 }
 
 /// Installs plugged-in material into a [`Ca`], now and whenever it changes.
@@ -389,6 +393,7 @@ impl Reloader {
             roots,
             overlap,
             refused: None,
+            retry: None,
         };
         let signer = self.with_overlap(signer, &state.overlap)?;
         tracing::info!(signer = %signer.signing_cert().subject, revoked = signer.revocations().crl_entries, previous_roots = state.overlap.roots.len(), "loaded plugged-in CA (rotation and revocation are managed upstream; changes to its material are picked up while serving)");
@@ -441,6 +446,8 @@ impl Reloader {
         let Some(state) = guard.as_mut() else {
             return Outcome::Refused("the plugged-in CA is not started".into());
         };
+        // Newer material supersedes any retry.
+        state.retry = None;
         let d = digest(&src.files);
         if d == state.digest {
             return Outcome::Unchanged;
@@ -470,11 +477,9 @@ impl Reloader {
         let overlap = match self.overlap_store.save(&overlap, now).await {
             Ok(o) => o,
             Err(e) => {
-                return self.refuse(
-                    state,
-                    [0; 32],
-                    format!("cannot record the previous roots ({e}); will retry"),
-                )
+                let reason = format!("cannot record the previous roots ({e}); will retry");
+                state.retry = Some(src);
+                return self.refuse(state, [0; 32], reason);
             }
         };
         let roots = signer.roots_der().to_vec();
@@ -486,11 +491,9 @@ impl Reloader {
         let subject = signer.signing_cert().subject.clone();
         tracing::info!(source = %src.label, signer = %subject, not_after = %chain_not_after, new_root, bundle_roots = signer.roots_der().len(), previous_roots_until = ?overlap.roots.iter().map(|r| r.until).collect::<Vec<_>>(), "plugged-in CA changed: new material installed");
         if let Err(e) = self.publish_and_install(signer).await {
-            return self.refuse(
-                state,
-                [0; 32],
-                format!("cannot publish the trust bundle ({e}); will retry"),
-            );
+            let reason = format!("cannot publish the trust bundle ({e}); will retry");
+            state.retry = Some(src);
+            return self.refuse(state, [0; 32], reason);
         }
         *state = State {
             digest: d,
@@ -500,6 +503,7 @@ impl Reloader {
             chain_not_after,
             overlap,
             refused: None,
+            retry: None,
         };
         self.stats.installed.fetch_add(1, Ordering::Relaxed);
         *self.last_refusal.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -519,9 +523,19 @@ impl Reloader {
         Outcome::Refused(reason)
     }
 
-    /// Drops previous roots whose overlap ended: persists the shorter record, then publishes
+    /// Retries material whose install failed for a passing reason, then drops previous
+    /// roots whose overlap ended: persists the shorter record, then publishes
     /// and installs a signer without them. Returns how many were dropped.
     pub async fn tick(&self) -> usize {
+        let retry = self
+            .state
+            .lock()
+            .await
+            .as_mut()
+            .and_then(|s| s.retry.take());
+        if let Some(src) = retry {
+            self.offer(src).await;
+        }
         let mut guard = self.state.lock().await;
         let Some(state) = guard.as_mut() else {
             return 0;
