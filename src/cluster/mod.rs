@@ -107,4 +107,5 @@ pub mod pods;
 pub mod publish;
 pub mod remote;
 pub mod replica;
+pub mod revocations;
 pub mod trustbundle;

@@ -21,6 +21,7 @@ mod pilot_agent;
 mod podcert;
 mod properties;
 mod revocation;
+mod revocation_kube;
 mod rotation;
 mod storage;
 mod support;
