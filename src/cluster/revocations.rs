@@ -96,6 +96,8 @@ impl RevocationReason {
 }
 
 /// What to revoke: exactly one of a serial or an identity, and why.
+// Each printer column repeats `type_ = "string"`; clippy reads that as a duplicate.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[kube(
     group = "citadel.dev",
