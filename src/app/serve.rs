@@ -172,6 +172,19 @@ pub async fn run(
             if let Some(r) = &replica {
                 scheduler = scheduler.with_leader(r.elector.subscribe());
                 r.watch_journal(scheduler.wake.clone(), shutdown.clone());
+                // Every replica reconciles every Revocation against its own index.
+                let revocations = cluster::revocations::RevocationController::new(
+                    r.client.clone(),
+                    &r.namespace,
+                    &r.identity,
+                    store.clone(),
+                    index.clone(),
+                    clock.clone(),
+                    config.trust_domain.as_str(),
+                    config.rotation.crl_validity,
+                    scheduler.wake.clone(),
+                );
+                tokio::spawn(revocations.run(shutdown.clone()));
             }
             let scheduler = Arc::new(scheduler);
             // Catch up on anything that fell due while we were down, install, publish. With

@@ -108,4 +108,5 @@ pub mod pods;
 pub mod publish;
 pub mod remote;
 pub mod replica;
+pub mod revocations;
 pub mod trustbundle;

@@ -29,7 +29,11 @@ pub struct Replica {
     pub store: Arc<dyn Store>,
     /// Whether the Pod Certificates signer runs: asked for, and served by the API server.
     pub pod_certificates: bool,
-    namespace: String,
+    /// This replica's name (`--pod-name`, else hostname plus a random suffix): its Lease
+    /// holder identity and its key in a Revocation's `status.replicas`.
+    pub identity: String,
+    /// The CA namespace.
+    pub namespace: String,
 }
 
 impl Replica {
@@ -91,6 +95,7 @@ impl Replica {
             client,
             elector,
             store,
+            identity,
             namespace: namespace.to_string(),
         })
     }

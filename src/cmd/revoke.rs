@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::app::config::StoreKind;
 use crate::ca::{crl, revocation};
 use crate::duration::clap_parse;
 use crate::identity::SpiffeId;
@@ -24,8 +25,22 @@ Examples:
   # A workload: no new certificates, no renewal, and every live certificate revoked:
   citadel revoke --identity spiffe://cluster.local/ns/shop/sa/frontend
 
-The CRL is re-signed at once and written to <state-dir>/ca-crl.pem; a running server reloads
-it within --reconcile-interval (default 1s).")]
+  # With replicas (--store kube): creates a Revocation resource that every replica
+  # applies against its own issuance index; waits for it and prints its status:
+  citadel revoke --store kube --namespace istio-system \\
+      --identity spiffe://cluster.local/ns/shop/sa/frontend --reason key-compromise
+  # The same with kubectl (kubectl get revocations -n istio-system shows the result):
+  kubectl apply -f - <<EOF
+  apiVersion: citadel.dev/v1alpha1
+  kind: Revocation
+  metadata: {name: frontend-compromised, namespace: istio-system}
+  spec: {identity: spiffe://cluster.local/ns/shop/sa/frontend, reason: key-compromise}
+  EOF
+
+File store: the CRL is re-signed at once and written to <state-dir>/ca-crl.pem; a running
+server reloads it within --reconcile-interval (default 1s). Kubernetes store: the servers
+write the journal and CRLs (with their own --crl-validity) and publish the CRL ConfigMaps;
+this command only creates the resource (RBAC: create/get revocations in --namespace).")]
 /// Flags of `citadel revoke`.
 pub struct Args {
     /// Serial number in hex (colons and case are ignored).
@@ -40,32 +55,35 @@ pub struct Args {
     /// The server's state directory.
     #[arg(long, default_value = "citadel-data", value_name = "DIR")]
     pub state_dir: PathBuf,
-    /// Validity of the re-signed CRL (match the server's --crl-validity).
+    /// Validity of the re-signed CRL (match the server's --crl-validity). File store only:
+    /// with --store kube the servers use their own.
     #[arg(long, default_value = "24h", value_parser = clap_parse, value_name = "DUR")]
     pub crl_validity: Duration,
+    /// Where the CA state lives: the state directory, or (kube) the replicas' namespace,
+    /// where this creates a Revocation resource.
+    #[arg(long, value_enum, default_value_t = StoreKind::File)]
+    pub store: StoreKind,
+    /// With --store kube: the CA namespace (the servers' --namespace).
+    #[arg(long, default_value = "istio-system", value_name = "NS")]
+    pub namespace: String,
+    /// With --store kube: kubeconfig; default KUBECONFIG, ~/.kube/config, or in-cluster.
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// With --store kube: the Revocation's name (default: generated, revoke-XXXXX).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// With --store kube: return once the resource is created, without waiting for the
+    /// replicas to apply it.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// With --store kube: how long to wait for the Applied condition.
+    #[arg(long, default_value = "60s", value_parser = clap_parse, value_name = "DUR")]
+    pub timeout: Duration,
 }
 
 /// Lowercase hex without separators or leading zero octets; `None` if not hex.
 pub fn normalize_serial(s: &str) -> Option<String> {
-    let hex: String = s
-        .trim()
-        .chars()
-        .filter(|c| *c != ':')
-        .collect::<String>()
-        .to_ascii_lowercase();
-    // Accept `openssl x509 -serial` output (`serial=3A9F...`) and 0x-prefixed forms.
-    let hex = hex.strip_prefix("serial=").unwrap_or(&hex);
-    let hex = hex.strip_prefix("0x").unwrap_or(hex).to_string();
-    if hex.is_empty() || hex.len() > 40 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-        return None;
-    }
-    let padded = if hex.len() % 2 == 1 {
-        format!("0{hex}")
-    } else {
-        hex
-    };
-    let bytes = hex::decode(padded).ok()?;
-    Some(crate::pki::chain::serial_hex(&bytes))
+    crate::cluster::revocations::normalize_serial(s)
 }
 
 /// Applies `change` to the journal (see [`crate::ca::update`]); errors become CLI text.
@@ -82,6 +100,9 @@ pub(crate) async fn update_journal<T>(
 
 /// Revokes a serial or denies an identity, writing the journal with compare-and-swap.
 pub async fn run(args: Args) -> CmdResult {
+    if args.store == StoreKind::Kube {
+        return run_kube(args).await;
+    }
     if !args
         .state_dir
         .join(crate::store::file::JOURNAL_FILE)
@@ -144,6 +165,98 @@ pub async fn run(args: Args) -> CmdResult {
         println!("denied {id}: no new certificates or renewals; revoked {n} live certificate(s); CRL written to {}", args.state_dir.join("ca-crl.pem").display());
     }
     Ok(())
+}
+
+/// `--store kube`: creates the Revocation, then (unless --no-wait) waits for the Applied
+/// condition and prints the status the replicas computed from the journal.
+async fn run_kube(args: Args) -> CmdResult {
+    use crate::cluster::revocations::{
+        Revocation, RevocationReason as Reason, RevocationSpec, APPLIED,
+    };
+    use kube::api::{Api, PostParams};
+    let reason =
+        Reason::parse(&args.reason).ok_or_else(|| format!("unknown reason {:?}", args.reason))?;
+    // Checked here too, so a typo is reported before anything is created.
+    if let Some(raw) = &args.serial {
+        normalize_serial(raw).ok_or_else(|| format!("{raw:?} is not a certificate serial: expected up to 20 bytes of hex, e.g. 3a:9f:0c or 3a9f0c"))?;
+    }
+    if let Some(raw) = &args.identity {
+        SpiffeId::parse(raw).map_err(|e| e.to_string())?;
+    }
+    let client = crate::cluster::client(args.kubeconfig.as_deref()).await?;
+    let api: Api<Revocation> = Api::namespaced(client, &args.namespace);
+    let mut rev = Revocation::new(
+        args.name.as_deref().unwrap_or_default(),
+        RevocationSpec {
+            serial: args.serial.clone(),
+            identity: args.identity.clone(),
+            reason,
+        },
+    );
+    if args.name.is_none() {
+        rev.metadata.name = None;
+        rev.metadata.generate_name = Some("revoke-".into());
+    }
+    let created = api.create(&PostParams::default(), &rev).await.map_err(|e| match e {
+        kube::Error::Api(s) if s.code == 404 => format!(
+            "the API server does not know Revocations in namespace {}: install the CRD (kubectl apply -f deploy/crds/revocation.yaml) and check --namespace",
+            args.namespace
+        ),
+        kube::Error::Api(s) => format!("the API server refused the Revocation: {}", s.message),
+        e => format!("cannot create the Revocation: {e}"),
+    })?;
+    let name = created.metadata.name.clone().unwrap_or_default();
+    println!(
+        "created revocation.citadel.dev/{name} in namespace {}",
+        args.namespace
+    );
+    if args.no_wait {
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + args.timeout;
+    loop {
+        let cur = api
+            .get(&name)
+            .await
+            .map_err(|e| format!("cannot read Revocation {name}: {e}"))?;
+        let st = cur.status.unwrap_or_default();
+        let cond = st.conditions.iter().find(|c| c.type_ == APPLIED);
+        match cond {
+            Some(c) if c.status == "True" => {
+                let crls: Vec<String> = st
+                    .crl_versions
+                    .iter()
+                    .map(|c| format!("{} #{}", c.issuer, c.number))
+                    .collect();
+                println!(
+                    "applied at {}: {} certificate(s) on the CRL; CRLs: {}; replicas reporting: {}",
+                    st.applied_at.as_deref().unwrap_or("?"),
+                    st.certificates_revoked.unwrap_or(0),
+                    if crls.is_empty() {
+                        "none needed".to_string()
+                    } else {
+                        crls.join(", ")
+                    },
+                    st.replicas.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
+                println!("{}", c.message);
+                return Ok(());
+            }
+            Some(c) if c.reason == "Invalid" => {
+                return Err(format!("Revocation {name} was refused: {}", c.message));
+            }
+            _ => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "Revocation {name} is not applied after {}: are citadel replicas running in namespace {}? (kubectl describe revocation {name} -n {})",
+                crate::duration::format(args.timeout),
+                args.namespace,
+                args.namespace
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
 }
 
 fn index_path(args: &Args) -> String {

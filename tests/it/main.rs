@@ -22,6 +22,7 @@ mod plugged_swap;
 mod podcert;
 mod properties;
 mod revocation;
+mod revocation_kube;
 mod rotation;
 mod storage;
 mod support;
