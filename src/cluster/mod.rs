@@ -100,6 +100,7 @@ impl JwksRefresher {
     }
 }
 
+pub mod ca_resource;
 pub mod controller;
 pub mod leader;
 pub mod podcert;

@@ -95,6 +95,11 @@ impl Replica {
         })
     }
 
+    /// The CA namespace.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
     /// Waits until the store holds a CA journal; the leader creates it, the others wait.
     pub async fn wait_for_ca(&self, opts: &CaOptions, clock: &dyn Clock) -> Result<(), String> {
         let mut waited = 0u32;
