@@ -37,6 +37,8 @@ const FRACTION_MESSAGE: &str = "must be a fraction of the lifetime, between 0 an
 
 /// What the operator declares: every field is optional; an unset one falls back to the
 /// server's flag (see docs/operations.md, "Which setting wins").
+// Each printer column repeats `type_ = "string"`, which clippy takes for a duplicate.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[kube(
     group = "citadel.dev",
