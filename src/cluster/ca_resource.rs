@@ -615,6 +615,29 @@ pub fn status_for(
     }
 }
 
+/// A JSON merge patch from `old` to `new`: keys that `new` no longer has are set to null, so
+/// the API server removes them (a plain merge patch would leave, say, a finished rotation's
+/// stage in place).
+pub fn merge_patch(old: &serde_json::Value, new: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match (old, new) {
+        (Value::Object(o), Value::Object(mut n)) => {
+            for (k, ov) in o {
+                match n.remove(k) {
+                    None => {
+                        n.insert(k.clone(), Value::Null);
+                    }
+                    Some(nv) => {
+                        n.insert(k.clone(), merge_patch(ov, nv));
+                    }
+                }
+            }
+            Value::Object(n)
+        }
+        (_, new) => new,
+    }
+}
+
 /// The Event a change of rotation stage calls for: `(reason, note)`.
 pub fn stage_event(before: Option<&str>, after: Option<&str>) -> Option<(String, String)> {
     match (before, after) {
@@ -1014,7 +1037,12 @@ impl Reconciler {
             api.patch_status(
                 &self.name,
                 &PatchParams::default(),
-                &Patch::Merge(serde_json::json!({ "status": status })),
+                &Patch::Merge(serde_json::json!({
+                    "status": merge_patch(
+                        &serde_json::to_value(cr.status.as_ref()).unwrap_or_default(),
+                        serde_json::to_value(&status).unwrap_or_default(),
+                    )
+                })),
             )
             .await
             .map_err(|e| format!("cannot write the status: {e}"))?;
@@ -1199,6 +1227,20 @@ mod tests {
         let rr = s3.root_rotation.unwrap();
         assert_eq!(rr.stage.as_deref(), Some("Prepared"));
         assert_eq!(rr.next_stage_due.as_deref(), Some("1970-01-01T00:06:10Z"));
+    }
+
+    #[test]
+    fn the_status_patch_removes_what_is_gone() {
+        let old = serde_json::json!({"rootRotation": {"stage": "Retiring", "handledRequest": "a"}, "roots": [1, 2]});
+        let new = serde_json::json!({"rootRotation": {"handledRequest": "a"}, "roots": [2]});
+        assert_eq!(
+            merge_patch(&old, new),
+            serde_json::json!({"rootRotation": {"stage": null, "handledRequest": "a"}, "roots": [2]})
+        );
+        assert_eq!(
+            merge_patch(&serde_json::Value::Null, serde_json::json!({"a": 1})),
+            serde_json::json!({"a": 1})
+        );
     }
 
     #[test]
