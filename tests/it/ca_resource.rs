@@ -345,6 +345,16 @@ async fn a_root_rotation_requested_through_the_resource_completes_across_a_kille
         .unwrap()
         .request;
 
+    let (_, out) = kubectl(&kube, &["get", "ca", "-n", "citadel"]);
+    eprintln!("$ kubectl get ca -n citadel\n{out}");
+    let log = std::fs::read_to_string(kube.dir.join("replica-a.log")).unwrap_or_default();
+    let line = log
+        .lines()
+        .find(|l| l.contains("policy: "))
+        .unwrap_or_default();
+    assert!(line.contains("maxWorkloadTtl=4s (spec)"), "{line}");
+    eprintln!("{line}");
+
     // Kill the leader mid-rotation (-9, no goodbye): the other replica resumes from the journal.
     let (mut leader, follower) = if leads(&a).await { (a, b) } else { (b, a) };
     let _ = leader.child.kill();
