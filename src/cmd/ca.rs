@@ -374,6 +374,7 @@ pub async fn run(cmd: Command) -> CmdResult {
                     "revoked_certificates": j.revocations.len(),
                     "denied_identities": j.denied.iter().map(|d| &d.identity).collect::<Vec<_>>(),
                     "crl_next_update": j.crls.iter().map(|c| c.next_update).min(),
+                    "policy": j.policy,
                 });
                 println!(
                     "{}",
@@ -417,6 +418,19 @@ pub async fn run(cmd: Command) -> CmdResult {
                             .map(when)
                             .unwrap_or_else(|| "after the bundle is published".into())
                     ),
+                }
+                match &j.policy {
+                    Some(p) => println!(
+                        "policy (stored by the server, from {}): max TTL {}, default TTL {}, propagation {}, clock skew margin {}, CRL validity {}, key type {}",
+                        if p.source.is_empty() { "flags" } else { p.source.as_str() },
+                        crate::duration::format(std::time::Duration::from_secs(p.max_ttl_secs)),
+                        crate::duration::format(std::time::Duration::from_secs(p.default_ttl_secs)),
+                        crate::duration::format(std::time::Duration::from_secs(p.activate_after_secs)),
+                        crate::duration::format(std::time::Duration::from_secs(p.skew_margin_secs)),
+                        crate::duration::format(std::time::Duration::from_secs(p.crl_validity_secs)),
+                        p.key_type
+                    ),
+                    None => println!("policy: none stored (a server of this version stores it at start)"),
                 }
                 println!(
                     "revocation: {} revoked certificate(s), {} denied identit{}; CRLs valid until {}",
