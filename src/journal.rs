@@ -31,7 +31,52 @@ pub struct Journal {
     /// The latest CRL signed by each authority.
     #[serde(default)]
     pub crls: Vec<CrlRecord>,
+    /// The policy the server runs with, written by it at start (and by the
+    /// CertificateAuthority reconciler): CLI commands such as `citadel ca rotate-root` read it
+    /// here instead of asking the operator to repeat the server's flags. `None` in journals
+    /// written before it existed.
+    #[serde(default)]
+    pub policy: Option<StoredPolicy>,
+    /// The last `spec.rootRotation.request` of the CertificateAuthority resource that was
+    /// acted on, recorded in the same write that prepares the rotation: a re-apply, a
+    /// restart or a new leader never starts a second rotation for one request.
+    #[serde(default)]
+    pub root_rotation_request: Option<String>,
 }
+
+/// The server's effective workload and rotation policy, as stored with the state.
+/// Durations are whole seconds; fractions are of a lifetime, in (0, 1).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StoredPolicy {
+    /// TTL of a workload certificate whose request asks for none.
+    pub default_ttl_secs: u64,
+    /// The longest workload TTL (`--max-ttl`): how long an old chain's leaves can live.
+    pub max_ttl_secs: u64,
+    /// Validity of each new root.
+    pub root_ttl_secs: u64,
+    /// Validity of each new intermediate.
+    pub intermediate_ttl_secs: u64,
+    /// Fraction of the intermediate's life at which the next one is prepared.
+    pub prepare_at: f64,
+    /// ... and at which it takes over.
+    pub activate_at: f64,
+    /// Fraction of the root's life at which an automatic root rotation starts.
+    pub root_rotate_at: f64,
+    /// Propagation period between publishing a new root and signing with it.
+    pub activate_after_secs: u64,
+    /// Validity of each CRL.
+    pub crl_validity_secs: u64,
+    /// Clock skew tolerated by peers; retirements wait this much longer.
+    pub skew_margin_secs: u64,
+    /// Key type of new authorities (`ec-p256`, ...), as `--ca-key-type` spells it.
+    pub key_type: String,
+    /// Where the settings came from: `flags`, or `CertificateAuthority <ns>/<name>`.
+    #[serde(default)]
+    pub source: String,
+}
+
+// The fractions are validated finite numbers in (0, 1), never NaN.
+impl Eq for StoredPolicy {}
 
 /// A staged root rotation: prepared (new root published in the bundle, not yet signing),
 /// then activated (new chain signs), then complete (old root leaves the bundle).
@@ -263,6 +308,8 @@ impl Journal {
             revocations: Vec::new(),
             denied: Vec::new(),
             crls: Vec::new(),
+            policy: None,
+            root_rotation_request: None,
         }
     }
 
@@ -326,5 +373,15 @@ mod tests {
             json.contains("abc"),
             "serialized form keeps the key for the store"
         );
+    }
+
+    /// A journal written before the policy was stored still reads, with no policy.
+    #[test]
+    fn old_journals_read_without_a_policy() {
+        let j: Journal =
+            serde_json::from_str(r#"{"format":1,"trust_domain":"cluster.local","authorities":[]}"#)
+                .unwrap();
+        assert_eq!(j.policy, None);
+        assert_eq!(j.root_rotation_request, None);
     }
 }

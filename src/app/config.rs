@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::auth::node::TrustedNodeAccounts;
 use crate::auth::tokenreview::ReviewLimits;
 use crate::ca::bootstrap::CaOptions;
-use crate::ca::policy::{RotationPolicy, TtlPolicy};
+use crate::ca::policy::{CaPolicy, RotationPolicy, TtlPolicy};
 pub use crate::cluster::podcert::PodCertConfig;
 use crate::duration;
 use crate::identity::TrustDomain;
@@ -137,6 +137,11 @@ pub struct ServeConfig {
     /// name the remote clusters (ids and kubeconfigs) whose tokens are accepted; `None` knows
     /// only the local cluster.
     pub remote_secrets_namespace: Option<String>,
+    /// `--ca-resource`: the CertificateAuthority resource in the CA namespace whose spec
+    /// overrides the policy flags and whose status the leader keeps (`--store kube` only).
+    pub ca_resource: String,
+    /// `--activate-after` was given; otherwise it follows the (possibly spec-set) max TTL.
+    pub activate_after_explicit: bool,
     /// The Pod Certificates signer and its ClusterTrustBundle (`--store kube` only); `None`
     /// signs no PodCertificateRequests.
     pub pod_certificates: Option<PodCertConfig>,
@@ -172,8 +177,35 @@ impl ServeConfig {
             trusted_node_accounts: TrustedNodeAccounts::default(),
             cluster_id: crate::auth::cluster::DEFAULT_CLUSTER_ID.to_string(),
             remote_secrets_namespace: None,
+            ca_resource: crate::cluster::ca_resource::DEFAULT_NAME.to_string(),
+            activate_after_explicit: false,
             pod_certificates: None,
         }
+    }
+
+    /// The policy as stored with the state (`Journal::policy`) and overridden by a
+    /// CertificateAuthority resource.
+    pub fn ca_policy(&self) -> CaPolicy {
+        CaPolicy {
+            ttl: self.ttl,
+            rotation: self.rotation.clone(),
+            key_type: match &self.ca {
+                CaSource::Own(o) => o.key_type.to_string(),
+                CaSource::Plugged(_) => "plugged".into(),
+            },
+        }
+    }
+
+    /// Runs with `p` instead of the flags' policy (a CertificateAuthority spec won).
+    pub fn set_ca_policy(&mut self, p: &CaPolicy) -> Result<(), String> {
+        self.ttl = p.ttl;
+        self.rotation = p.rotation.clone();
+        if let CaSource::Own(o) = &mut self.ca {
+            o.key_type = p.key_type.parse()?;
+            o.root_ttl = p.rotation.root_ttl;
+            o.intermediate_ttl = p.rotation.intermediate_ttl;
+        }
+        self.validate()
     }
 
     /// Refuses settings that cannot work together or are out of range, naming the flag.

@@ -40,7 +40,7 @@ pub struct Listeners {
 
 /// Loads or creates the CA and serves until `shutdown`.
 pub async fn run(
-    config: ServeConfig,
+    mut config: ServeConfig,
     listeners: Listeners,
     clock: SharedClock,
     shutdown: Shutdown,
@@ -78,6 +78,14 @@ pub async fn run(
             Some(r)
         }
     };
+    // What the server runs with, and where it came from (stored with the state).
+    let flags_policy = config.ca_policy();
+    let mut policy_source = "flags".to_string();
+    if let (Some(r), StoreConfig::Kube { namespace, .. }, CaSource::Own(_)) =
+        (&replica, config.store.clone(), &config.ca)
+    {
+        policy_source = apply_ca_resource(&mut config, &r.client, &namespace).await?;
+    }
     let store: Arc<dyn Store> = match &replica {
         Some(r) => r.store.clone(),
         None => Arc::new(FileStore::open(&config.state_dir).map_err(|e| e.to_string())?),
@@ -156,6 +164,9 @@ pub async fn run(
                         .map_err(|e| e.to_string())?;
                 }
             }
+            if replica.is_none() {
+                store_policy(store.as_ref(), &config.ca_policy(), &policy_source).await?;
+            }
             let index = Arc::new(FileIndex::new(&config.state_dir));
             let live = index
                 .prune(clock.now().unix_timestamp())
@@ -185,6 +196,21 @@ pub async fn run(
                     scheduler.wake.clone(),
                 );
                 tokio::spawn(revocations.run(shutdown.clone()));
+                let reconciler = cluster::ca_resource::Reconciler::new(
+                    r.client.clone(),
+                    r.namespace(),
+                    &config.ca_resource,
+                    store.clone(),
+                    ca.clone(),
+                    clock.clone(),
+                    config.ca_policy(),
+                    policy_source.clone(),
+                    flags_policy.clone(),
+                    config.activate_after_explicit,
+                    scheduler.wake.clone(),
+                    config.reconcile_interval,
+                );
+                tokio::spawn(reconciler.run(Some(r.elector.subscribe()), shutdown.clone()));
             }
             let scheduler = Arc::new(scheduler);
             // Catch up on anything that fell due while we were down, install, publish. With
@@ -312,6 +338,71 @@ pub async fn run(
         .await
         .map_err(|e| format!("server failed: {e}"))?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// With `--store kube`: the CertificateAuthority resource's spec over the flags. Logs which
+/// source each setting came from, and returns the source to store with the policy.
+async fn apply_ca_resource(
+    config: &mut ServeConfig,
+    client: &kube::Client,
+    namespace: &str,
+) -> Result<String, String> {
+    use cluster::ca_resource;
+    let name = config.ca_resource.clone();
+    let Some(cr) = ca_resource::get(client, namespace, &name).await? else {
+        tracing::info!(resource = %format!("{namespace}/{name}"), "no CertificateAuthority resource: the policy comes from the flags");
+        return Ok("flags".into());
+    };
+    let label = format!("CertificateAuthority {namespace}/{name}");
+    if let Some(td) = &cr.spec.trust_domain {
+        if td.as_str() != config.trust_domain.as_str() {
+            tracing::info!(spec = %td, flag = %config.trust_domain, "{label} sets the trust domain; it wins over --trust-domain");
+            let td = crate::identity::TrustDomain::new(td)
+                .map_err(|e| format!("{label}: spec.trustDomain: {e}"))?;
+            config.trust_domain = td.clone();
+            if let CaSource::Own(o) = &mut config.ca {
+                o.trust_domain = td;
+            }
+        }
+    }
+    let (policy, sources) = ca_resource::effective_policy(
+        &cr.spec,
+        &config.ca_policy(),
+        config.activate_after_explicit,
+    )
+    .map_err(|e| format!("{label}: {e}"))?;
+    config
+        .set_ca_policy(&policy)
+        .map_err(|e| format!("{label} with the flags: {e}"))?;
+    let summary: Vec<String> = sources
+        .iter()
+        .map(|(field, value, source)| format!("{field}={value} ({source})"))
+        .collect();
+    tracing::info!(resource = %label, "policy: {}", summary.join(", "));
+    Ok(label)
+}
+
+/// Stores the running policy with the state (file store; the CertificateAuthority
+/// reconciler does it for the Kubernetes store), so `citadel ca rotate-root` and other CLI
+/// commands plan with the server's numbers. Written only when it changed.
+async fn store_policy(
+    store: &dyn Store,
+    policy: &crate::ca::policy::CaPolicy,
+    source: &str,
+) -> Result<(), String> {
+    let stored = policy.to_stored(source);
+    let current = store.load_journal().await.map_err(|e| e.to_string())?;
+    if current.as_ref().and_then(|c| c.value.policy.as_ref()) == Some(&stored) {
+        return Ok(());
+    }
+    crate::ca::update::update_journal(store, |j| {
+        j.policy = Some(stored.clone());
+        Ok(())
+    })
+    .await
+    .map_err(|e| format!("cannot store the policy with the CA state: {e}"))?;
+    tracing::info!(source, max_ttl = %crate::duration::format(policy.ttl.max), "stored the running policy with the CA state");
     Ok(())
 }
 

@@ -115,3 +115,83 @@ impl RotationPolicy {
         (self.max_leaf_ttl + self.skew_margin).as_secs() as i64
     }
 }
+
+/// The server's whole policy: what it stores with the state (`Journal::policy`) so that CLI
+/// commands plan with the server's numbers, not with flags an operator must repeat.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CaPolicy {
+    /// Workload TTLs.
+    pub ttl: TtlPolicy,
+    /// Rotation and CRL timing (its `max_leaf_ttl` is `ttl.max`).
+    pub rotation: RotationPolicy,
+    /// Key type of new authorities, as `--ca-key-type` spells it (`ec-p256`, ...).
+    pub key_type: String,
+}
+
+impl CaPolicy {
+    /// The stored form; `source` says where the settings came from (for `ca status` and logs).
+    pub fn to_stored(&self, source: &str) -> crate::journal::StoredPolicy {
+        let r = &self.rotation;
+        crate::journal::StoredPolicy {
+            default_ttl_secs: self.ttl.default.as_secs(),
+            max_ttl_secs: self.ttl.max.as_secs(),
+            root_ttl_secs: r.root_ttl.as_secs(),
+            intermediate_ttl_secs: r.intermediate_ttl.as_secs(),
+            prepare_at: r.prepare_at,
+            activate_at: r.activate_at,
+            root_rotate_at: r.root_rotate_at,
+            activate_after_secs: r.activate_after.as_secs(),
+            crl_validity_secs: r.crl_validity.as_secs(),
+            skew_margin_secs: r.skew_margin.as_secs(),
+            key_type: self.key_type.clone(),
+            source: source.to_string(),
+        }
+    }
+
+    /// The policy a stored record describes.
+    pub fn from_stored(p: &crate::journal::StoredPolicy) -> Self {
+        let s = Duration::from_secs;
+        Self {
+            ttl: TtlPolicy {
+                default: s(p.default_ttl_secs),
+                max: s(p.max_ttl_secs),
+            },
+            rotation: RotationPolicy {
+                root_ttl: s(p.root_ttl_secs),
+                intermediate_ttl: s(p.intermediate_ttl_secs),
+                prepare_at: p.prepare_at,
+                activate_at: p.activate_at,
+                root_rotate_at: p.root_rotate_at,
+                activate_after: s(p.activate_after_secs),
+                max_leaf_ttl: s(p.max_ttl_secs),
+                crl_validity: s(p.crl_validity_secs),
+                skew_margin: s(p.skew_margin_secs),
+            },
+            key_type: p.key_type.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod stored_tests {
+    use super::*;
+
+    #[test]
+    fn the_stored_policy_round_trips() {
+        let p = CaPolicy {
+            ttl: TtlPolicy {
+                default: Duration::from_secs(600),
+                max: Duration::from_secs(3600),
+            },
+            rotation: RotationPolicy {
+                max_leaf_ttl: Duration::from_secs(3600),
+                activate_after: Duration::from_secs(60),
+                ..RotationPolicy::default()
+            },
+            key_type: "ec-p384".into(),
+        };
+        let stored = p.to_stored("flags");
+        assert_eq!(stored.source, "flags");
+        assert_eq!(CaPolicy::from_stored(&stored), p);
+    }
+}

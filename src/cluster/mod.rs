@@ -100,6 +100,7 @@ impl JwksRefresher {
     }
 }
 
+pub mod ca_resource;
 pub mod cacerts;
 pub mod controller;
 pub mod leader;

@@ -72,10 +72,21 @@ pub struct RestoreArgs {
 Stages (see docs/operations.md):
   1. prepare   now: a new root and an intermediate under it (cross-signed by the old root);
                the bundle becomes old + new root and is published everywhere.
-  2. activate  after --activate-after: the new intermediate signs.
-  3. retire    --retire-after later: the old root leaves the bundle.
+  2. activate  after the propagation period (the server's --activate-after, default its
+               --max-ttl): the new intermediate signs.
+  3. retire    the old root leaves the bundle once the old chain's last leaf expired.
+
+The timings come from the policy the server stored with the CA state (its flags, or the
+CertificateAuthority resource's spec), so nothing here needs repeating. The timing flags
+below override one setting for this rotation only.
+
+With --store kube this sets spec.rootRotation.request on the CertificateAuthority resource
+(creating it if needed), which the leader acts on exactly once, and prints the progress from
+its status; `kubectl patch ca citadel --type merge -p '{\"spec\":{\"rootRotation\":{\"request\":\"2026-11-29\"}}}'`
+does the same.
 
 Planned:    citadel ca rotate-root
+            citadel ca rotate-root --store kube --namespace istio-system
 Emergency:  citadel ca rotate-root --now          (activate at once; cross-signing keeps
                                                   workloads that hold only the old bundle working)")]
 /// Flags of `citadel ca rotate-root`.
@@ -83,28 +94,37 @@ pub struct RotateArgs {
     /// Where the CA state is.
     #[command(flatten)]
     pub state: StateArgs,
-    /// Propagation period before the new chain signs. Default: 90d, the default --max-ttl
-    /// (pass the server's --max-ttl if you changed it).
-    #[arg(long, default_value = "90d", value_parser = crate::duration::clap_parse, value_name = "DUR")]
-    pub activate_after: std::time::Duration,
-    /// How long after activation the old root stays trusted (the old chain's last leaf).
-    #[arg(long, default_value = "90d", value_parser = crate::duration::clap_parse, value_name = "DUR")]
-    pub retire_after: std::time::Duration,
+    /// Override: propagation period before the new chain signs. Default: the server's.
+    #[arg(long, value_parser = crate::duration::clap_parse, value_name = "DUR")]
+    pub activate_after: Option<std::time::Duration>,
+    /// Override: how long after activation the cross-signed chain is served. Default: the
+    /// server's max TTL.
+    #[arg(long, value_parser = crate::duration::clap_parse, value_name = "DUR")]
+    pub retire_after: Option<std::time::Duration>,
     /// Emergency: activate at once (same as --activate-after 0).
     #[arg(long)]
     pub now: bool,
-    /// Lifetime of the new root.
-    #[arg(long, default_value = "3650d", value_parser = crate::duration::clap_parse, value_name = "DUR")]
-    pub root_ttl: std::time::Duration,
-    /// The server's --max-ttl: the longest a leaf of the old chain can live.
-    #[arg(long, default_value = "90d", value_parser = crate::duration::clap_parse, value_name = "DUR")]
-    pub max_ttl: std::time::Duration,
-    /// Clock skew tolerated by peers (match the server's --clock-skew-margin).
-    #[arg(long, default_value = "2m", value_parser = crate::duration::clap_parse, value_name = "DUR")]
-    pub clock_skew_margin: std::time::Duration,
-    /// Lifetime of the new intermediate.
-    #[arg(long, default_value = "365d", value_parser = crate::duration::clap_parse, value_name = "DUR")]
-    pub intermediate_ttl: std::time::Duration,
+    /// Override: lifetime of the new root. Default: the server's.
+    #[arg(long, value_parser = crate::duration::clap_parse, value_name = "DUR")]
+    pub root_ttl: Option<std::time::Duration>,
+    /// Override: the longest a leaf of the old chain can live. Default: the server's
+    /// --max-ttl; a shorter value than the server's retires the old root too early.
+    #[arg(long, value_parser = crate::duration::clap_parse, value_name = "DUR")]
+    pub max_ttl: Option<std::time::Duration>,
+    /// Override: clock skew tolerated by peers. Default: the server's.
+    #[arg(long, value_parser = crate::duration::clap_parse, value_name = "DUR")]
+    pub clock_skew_margin: Option<std::time::Duration>,
+    /// Override: lifetime of the new intermediate. Default: the server's.
+    #[arg(long, value_parser = crate::duration::clap_parse, value_name = "DUR")]
+    pub intermediate_ttl: Option<std::time::Duration>,
+    /// With --store kube: the CertificateAuthority resource to write (the server's
+    /// --ca-resource).
+    #[arg(long, default_value = "citadel", value_name = "NAME")]
+    pub ca_resource: String,
+    /// With --store kube: how long to follow the rotation's progress in the resource's
+    /// status (0: do not wait).
+    #[arg(long, default_value = "30s", value_parser = crate::duration::clap_parse, value_name = "DUR")]
+    pub wait: std::time::Duration,
 }
 
 /// Where the CA state lives: the flags every `citadel ca` subcommand shares.
@@ -354,6 +374,7 @@ pub async fn run(cmd: Command) -> CmdResult {
                     "revoked_certificates": j.revocations.len(),
                     "denied_identities": j.denied.iter().map(|d| &d.identity).collect::<Vec<_>>(),
                     "crl_next_update": j.crls.iter().map(|c| c.next_update).min(),
+                    "policy": j.policy,
                 });
                 println!(
                     "{}",
@@ -398,6 +419,19 @@ pub async fn run(cmd: Command) -> CmdResult {
                             .unwrap_or_else(|| "after the bundle is published".into())
                     ),
                 }
+                match &j.policy {
+                    Some(p) => println!(
+                        "policy (stored by the server, from {}): max TTL {}, default TTL {}, propagation {}, clock skew margin {}, CRL validity {}, key type {}",
+                        if p.source.is_empty() { "flags" } else { p.source.as_str() },
+                        crate::duration::format(std::time::Duration::from_secs(p.max_ttl_secs)),
+                        crate::duration::format(std::time::Duration::from_secs(p.default_ttl_secs)),
+                        crate::duration::format(std::time::Duration::from_secs(p.activate_after_secs)),
+                        crate::duration::format(std::time::Duration::from_secs(p.skew_margin_secs)),
+                        crate::duration::format(std::time::Duration::from_secs(p.crl_validity_secs)),
+                        p.key_type
+                    ),
+                    None => println!("policy: none stored (a server of this version stores it at start)"),
+                }
                 println!(
                     "revocation: {} revoked certificate(s), {} denied identit{}; CRLs valid until {}",
                     j.revocations.len(),
@@ -411,27 +445,153 @@ pub async fn run(cmd: Command) -> CmdResult {
     }
 }
 
+/// The rotation policy `rotate-root` plans with: the one the server stored with the state,
+/// with any override flags on top. Says which on stderr, so an operator sees the numbers.
+fn rotation_policy(
+    a: &RotateArgs,
+    j: &Journal,
+) -> (crate::ca::policy::RotationPolicy, std::time::Duration) {
+    use crate::ca::policy::{CaPolicy, RotationPolicy};
+    let mut p = match &j.policy {
+        Some(stored) => {
+            let p = CaPolicy::from_stored(stored).rotation;
+            eprintln!(
+                "using the server's policy stored with the CA state (from {}): max TTL {}, propagation {}, clock skew margin {}",
+                if stored.source.is_empty() { "flags" } else { stored.source.as_str() },
+                crate::duration::format(p.max_leaf_ttl),
+                crate::duration::format(p.activate_after),
+                crate::duration::format(p.skew_margin)
+            );
+            p
+        }
+        None => {
+            eprintln!(
+                "warning: the CA state holds no policy (written by an older citadel): planning with the defaults (90d max TTL); start the current server once, or pass --max-ttl/--activate-after/--clock-skew-margin"
+            );
+            RotationPolicy::default()
+        }
+    };
+    let over = |flag: &str, v: Option<std::time::Duration>, field: &mut std::time::Duration| {
+        if let Some(v) = v {
+            if *field != v {
+                eprintln!(
+                    "{flag} {} overrides the server's {} for this rotation",
+                    crate::duration::format(v),
+                    crate::duration::format(*field)
+                );
+            }
+            *field = v;
+        }
+    };
+    over("--root-ttl", a.root_ttl, &mut p.root_ttl);
+    over(
+        "--intermediate-ttl",
+        a.intermediate_ttl,
+        &mut p.intermediate_ttl,
+    );
+    over("--max-ttl", a.max_ttl, &mut p.max_leaf_ttl);
+    over(
+        "--clock-skew-margin",
+        a.clock_skew_margin,
+        &mut p.skew_margin,
+    );
+    over("--activate-after", a.activate_after, &mut p.activate_after);
+    if a.now {
+        p.activate_after = std::time::Duration::ZERO;
+    }
+    let retire_after = a.retire_after.unwrap_or(p.max_leaf_ttl);
+    (p, retire_after)
+}
+
+/// `rotate-root --store kube`: the request goes to the CertificateAuthority resource, which
+/// the leader acts on once. `Ok(false)` when the API server does not serve the resource
+/// (CRD not installed): the caller then writes the journal directly, as before.
+async fn request_rotation_via_resource(a: &RotateArgs) -> Result<bool, String> {
+    use crate::cluster::ca_resource::CertificateAuthority;
+    use kube::api::{Api, Patch, PatchParams, PostParams};
+    let client = crate::cluster::client(a.state.kubeconfig.as_deref()).await?;
+    let (ns, name) = (a.state.namespace.as_str(), a.ca_resource.as_str());
+    let api: Api<CertificateAuthority> = Api::namespaced(client, ns);
+    let request = crate::clock::system()
+        .now()
+        .format(&time::format_description::well_known::Rfc3339)
+        .map_err(|e| e.to_string())?;
+    let rotation = serde_json::json!({"request": request, "activateImmediately": a.now});
+    let patched = api
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"rootRotation": rotation}})),
+        )
+        .await;
+    match patched {
+        Ok(_) => {}
+        Err(kube::Error::Api(s))
+            if s.code == 404 && s.message.contains("certificateauthorities") =>
+        {
+            let cr: CertificateAuthority = serde_json::from_value(serde_json::json!({
+                "apiVersion": "citadel.dev/v1alpha1", "kind": "CertificateAuthority",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {"rootRotation": rotation},
+            }))
+            .map_err(|e| e.to_string())?;
+            api.create(&PostParams::default(), &cr)
+                .await
+                .map_err(|e| format!("cannot create CertificateAuthority {ns}/{name}: {e}"))?;
+        }
+        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(false),
+        Err(e) => {
+            return Err(format!(
+                "cannot write CertificateAuthority {ns}/{name}: {e}"
+            ))
+        }
+    }
+    println!("requested a root rotation: CertificateAuthority {ns}/{name} spec.rootRotation.request={request}");
+    let deadline = tokio::time::Instant::now() + a.wait;
+    let mut last = String::new();
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(cr) = api.get(name).await {
+            let status = cr.status.unwrap_or_default();
+            let handled = status
+                .root_rotation
+                .as_ref()
+                .and_then(|r| r.handled_request.as_deref())
+                == Some(request.as_str());
+            let cond = status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "RootRotationInProgress");
+            if let (true, Some(c)) = (handled, cond) {
+                if c.message != last {
+                    println!("{}: {}", c.reason, c.message);
+                    last = c.message.clone();
+                }
+                if c.reason != "Preparing" {
+                    println!("`kubectl get ca {name} -n {ns}` or `citadel ca status --store kube` shows further progress");
+                    return Ok(true);
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    if !a.wait.is_zero() {
+        println!("no citadel leader has acted on the request yet; it stays in the spec and the leader acts on it once when it runs (`kubectl describe ca {name} -n {ns}` shows its Events)");
+    }
+    Ok(true)
+}
+
 async fn rotate_root(a: RotateArgs) -> CmdResult {
     use crate::ca::apply::prepare_root_rotation;
-    use crate::ca::policy::RotationPolicy;
-    let activate_after = if a.now {
-        std::time::Duration::ZERO
-    } else {
-        a.activate_after
-    };
+    if a.state.store == super::serve::StoreKind::Kube && request_rotation_via_resource(&a).await? {
+        return Ok(());
+    }
     let store = a.state.open().await?;
-    load(&a.state).await?;
-    let policy = RotationPolicy {
-        root_ttl: a.root_ttl,
-        intermediate_ttl: a.intermediate_ttl,
-        activate_after,
-        max_leaf_ttl: a.max_ttl,
-        skew_margin: a.clock_skew_margin,
-        ..RotationPolicy::default()
-    };
+    let journal = load(&a.state).await?;
+    let (policy, retire_after) = rotation_policy(&a, &journal);
+    let activate_after = policy.activate_after;
     let now = crate::clock::system().now();
     let (_, j) = super::revoke::update_journal(store.as_ref(), |j| {
-        prepare_root_rotation(j, now, &policy, "operator", activate_after, a.retire_after)
+        prepare_root_rotation(j, now, &policy, "operator", activate_after, retire_after)
             .map_err(|e| e.to_string())
     })
     .await?;

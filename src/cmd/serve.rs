@@ -264,6 +264,14 @@ pub struct Args {
     /// --trusted-node-accounts each remote cluster also gets its own pod watch.
     #[arg(long)]
     pub multicluster: bool,
+
+    /// With --store kube: the CertificateAuthority resource (citadel.dev/v1alpha1, kubectl
+    /// get ca) in --namespace. Each policy field its spec sets wins over the flag here; unset
+    /// ones keep the flag (the start-up log says which source each setting came from). The
+    /// leader keeps its status and acts on spec.rootRotation.request. Without the resource
+    /// (or its CRD), the flags alone apply.
+    #[arg(long, default_value = "citadel", value_name = "NAME")]
+    pub ca_resource: String,
 }
 
 /// Checks one `--trusted-node-accounts` entry at parse time, so a typo stops the start with
@@ -374,6 +382,8 @@ impl Args {
                 &self.trusted_node_accounts,
             )?,
             cluster_id: self.cluster_id,
+            ca_resource: self.ca_resource,
+            activate_after_explicit: self.activate_after.is_some(),
             remote_secrets_namespace: self.multicluster.then(|| self.namespace.clone()),
             pod_certificates: (self.store == StoreKind::Kube && !self.no_pod_certificates).then(
                 || crate::app::config::PodCertConfig {

@@ -8,6 +8,7 @@
 
 mod agent;
 mod ambient;
+mod ca_resource;
 mod cli;
 mod envoy;
 mod errors;
