@@ -194,6 +194,7 @@ pub async fn run(
                     config.trust_domain.as_str(),
                     config.rotation.crl_validity,
                     scheduler.wake.clone(),
+                    &config.ca_resource,
                 );
                 tokio::spawn(revocations.run(shutdown.clone()));
                 let reconciler = cluster::ca_resource::Reconciler::new(

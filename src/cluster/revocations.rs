@@ -491,6 +491,8 @@ pub struct RevocationController {
     /// (uid, generation) -> index entries found, so a re-reconcile (every journal change)
     /// does not rescan the index.
     scanned: Mutex<BTreeMap<(String, i64), Vec<IssuedEntry>>>,
+    /// The CertificateAuthority resource (`serve --ca-resource`) that also gets the Events.
+    ca_resource: String,
 }
 
 /// The `CertificateAuthority` kind (another controller's), looked up only to put Events on it.
@@ -514,6 +516,7 @@ impl RevocationController {
         trust_domain: &str,
         crl_validity: Duration,
         wake: Arc<tokio::sync::Notify>,
+        ca_resource: &str,
     ) -> Arc<Self> {
         Arc::new(Self {
             recorder: Recorder::new(
@@ -533,6 +536,7 @@ impl RevocationController {
             crl_validity,
             wake,
             scanned: Mutex::new(BTreeMap::new()),
+            ca_resource: ca_resource.to_string(),
         })
     }
 
@@ -577,7 +581,7 @@ impl RevocationController {
             .await;
     }
 
-    /// Records an Event on the Revocation, and on `CertificateAuthority/citadel` if it exists.
+    /// Records an Event on the Revocation, and on the CertificateAuthority resource if it exists.
     async fn event(&self, rev: &Revocation, type_: EventType, reason: &str, note: String) {
         let ev = Event {
             type_,
@@ -592,7 +596,7 @@ impl RevocationController {
         let ar = certificate_authority();
         let cas: Api<DynamicObject> =
             Api::namespaced_with(self.client.clone(), &self.namespace, &ar);
-        if let Ok(Some(ca)) = cas.get_opt("citadel").await {
+        if let Ok(Some(ca)) = cas.get_opt(&self.ca_resource).await {
             if let Err(e) = self.recorder.publish(&ev, &ca.object_ref(&ar)).await {
                 tracing::debug!(error = %e, "could not record an Event on the CertificateAuthority");
             }

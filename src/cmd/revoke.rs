@@ -55,10 +55,11 @@ pub struct Args {
     /// The server's state directory.
     #[arg(long, default_value = "citadel-data", value_name = "DIR")]
     pub state_dir: PathBuf,
-    /// Validity of the re-signed CRL (match the server's --crl-validity). File store only:
+    /// Validity of the re-signed CRL. Default: the server's --crl-validity, as stored with the
+    /// CA state (24h for a journal written before the policy was stored). File store only:
     /// with --store kube the servers use their own.
-    #[arg(long, default_value = "24h", value_parser = clap_parse, value_name = "DUR")]
-    pub crl_validity: Duration,
+    #[arg(long, value_parser = clap_parse, value_name = "DUR")]
+    pub crl_validity: Option<Duration>,
     /// Where the CA state lives: the state directory, or (kube) the replicas' namespace,
     /// where this creates a Revocation resource.
     #[arg(long, value_enum, default_value_t = StoreKind::File)]
@@ -98,6 +99,19 @@ pub(crate) async fn update_journal<T>(
         .map_err(|e| e.to_string())
 }
 
+/// The CRL validity to re-sign with: the flag, else the server's as stored with the state, so
+/// the CLI never shortens or stretches the server's CRLs by not being told its flags.
+fn crl_validity(args: &Args, j: &Journal) -> Duration {
+    args.crl_validity
+        .or_else(|| {
+            j.policy
+                .as_ref()
+                .map(|p| Duration::from_secs(p.crl_validity_secs))
+                .filter(|d| !d.is_zero())
+        })
+        .unwrap_or(Duration::from_secs(24 * 3600))
+}
+
 /// Revokes a serial or denies an identity, writing the journal with compare-and-swap.
 pub async fn run(args: Args) -> CmdResult {
     if args.store == StoreKind::Kube {
@@ -126,7 +140,7 @@ pub async fn run(args: Args) -> CmdResult {
             format!("no live certificate with serial {serial} in {}: it may have expired (nothing to revoke) or come from another CA", index_path(&args))
         })?;
         update_journal(&store, |j| {
-            revocation::revoke_serial(j, &entry, &args.reason, now, args.crl_validity)
+            revocation::revoke_serial(j, &entry, &args.reason, now, crl_validity(&args, j))
                 .map_err(|e| e.to_string())
         })
         .await?;
@@ -156,7 +170,7 @@ pub async fn run(args: Args) -> CmdResult {
                 &live,
                 &args.reason,
                 now,
-                args.crl_validity,
+                crl_validity(&args, j),
             )
             .map_err(|e| e.to_string())
         })
