@@ -22,6 +22,7 @@ mod podcert;
 mod properties;
 mod revocation;
 mod rotation;
+mod scale;
 mod storage;
 mod support;
 mod thirdparty;
