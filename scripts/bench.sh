@@ -77,7 +77,7 @@ for s in "${SECTIONS[@]}"; do
         log "making $VENV (matplotlib==$MPL_VERSION)"
         python3 -m venv "$VENV" && "$VENV/bin/pip" install -q "matplotlib==$MPL_VERSION"
       fi
-      "$VENV/bin/python" scripts/plot-latency.py "$OUT/sweep.csv" docs/latency-vs-load.png
+      "$VENV/bin/python" scripts/plot-latency.py "$OUT/sweep.csv" docs/latency-vs-load.png "$(nproc) vCPU, $(date -u +%F), load average $(cut -d" " -f1 /proc/loadavg) when plotted"
       cp docs/latency-vs-load.png "$OUT/" ;;
     storm) run storm-jwks "$BIN" bench --identities 20000 --concurrency 256 ;;
     revocation) run revocation "$BIN" bench --revocation-scale --revoked 100000 --denied 10000 ;;

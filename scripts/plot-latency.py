@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Latency against offered load, from `citadel bench --rate R --csv FILE` rows.
 
-    scripts/plot-latency.py SWEEP.csv [OUT.png]      # default OUT: docs/latency-vs-load.png
+    scripts/plot-latency.py SWEEP.csv [OUT.png] [NOTE]   # default OUT: docs/latency-vs-load.png
+
+NOTE, if given, is added to the title (say where and how the figures were taken).
 
 Plots p50, p99 and p99.9 (ms, log scale) against the offered rate of every open-loop row
 (mode=open), and the achieved throughput on a second axis, so the knee where the server
@@ -20,6 +22,7 @@ def main(argv):
         return 0 if len(argv) >= 2 else 2
     src = argv[1]
     out = argv[2] if len(argv) > 2 else "docs/latency-vs-load.png"
+    note = argv[3] if len(argv) > 3 else ""
     try:
         with open(src, newline="") as f:
             rows = [r for r in csv.DictReader(f) if r.get("mode") == "open" and r.get("offered_per_sec")]
@@ -51,7 +54,8 @@ def main(argv):
     lines2 = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper left", fontsize=8)
     ax.set_title("citadel CreateCertificate over TLS gRPC: latency vs offered load\n"
-                 f"(P-256 CSRs, RS256 tokens, distinct per request; {rows[0]['connections']} connections)",
+                 f"(P-256 CSRs, RS256 tokens, distinct per request; {rows[0]['connections']} connections)"
+                 + (f"\n{note}" if note else ""),
                  fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()

@@ -43,7 +43,11 @@ DUMP=$(ls -t "$OUT"/callgrind.out.* 2>/dev/null | head -1)
 # The measured run sent N requests plus the one it verifies end to end.
 IR=$(callgrind_annotate "$DUMP" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",","",$1); print $1; exit}')
 echo "instructions: $IR over $((N + 1)) certificates = $((IR / (N + 1))) per certificate" | tee "$OUT/summary.txt"
-callgrind_annotate --inclusive=no "$DUMP" 2>/dev/null | sed -n '1,60p' >"$OUT/top-self.txt"
-callgrind_annotate --inclusive=yes "$DUMP" 2>/dev/null | sed -n '1,80p' >"$OUT/top-inclusive.txt"
+# Self counts per function (rows at 100% are thread-entry frames that were on the stack when
+# the counters were zeroed), then summed per component.
+callgrind_annotate --threshold=100 "$DUMP" 2>/dev/null >"$OUT/annotate.txt"
+awk '/file:function/ {t=1; next} t && /^-----/ {exit} t' "$OUT/annotate.txt" \
+  | grep -vE '\((99\.[0-9]+|100\.0)%\)' | sed -n '1,40p' >"$OUT/top-self.txt"
+scripts/callgrind-categories.py $((N + 1)) <"$OUT/annotate.txt" | tee "$OUT/components.txt"
 echo "top functions by own instructions ($OUT/top-self.txt):"
-grep -E '^ *[0-9,]+ ' "$OUT/top-self.txt" | head -25
+head -25 "$OUT/top-self.txt" | cut -c1-200
