@@ -42,6 +42,11 @@ enum Command {
     Bench(cmd::bench::Args),
 }
 
+/// mimalloc instead of glibc malloc: the issue path allocates a few dozen small buffers per
+/// certificate across two runtime threads; see docs/benchmarks.md (issue #12) for the counts.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     citadel::install_crypto_provider();

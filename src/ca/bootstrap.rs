@@ -92,11 +92,20 @@ pub fn signer_from_journal(journal: &Journal, td: &TrustDomain) -> Result<Signer
         })?;
         alternates.extend(cross);
     }
+    // One certificate parse per issuing authority, not per revocation: at 100,000 revocations
+    // the per-entry parse made every signer rebuild (each journal change, on every replica)
+    // take seconds.
+    let mut names: std::collections::HashMap<&str, Vec<u8>> = std::collections::HashMap::new();
     let view = RevocationView {
         revoked: journal
             .revocations
             .iter()
-            .map(|r| (issuer_name(journal, &r.issuer), r.serial.clone()))
+            .map(|r| {
+                let name = names
+                    .entry(r.issuer.as_str())
+                    .or_insert_with(|| issuer_name(journal, &r.issuer));
+                (name.clone(), r.serial.clone())
+            })
             .collect(),
         denied_identities: journal.denied.iter().map(|d| d.identity.clone()).collect(),
         crl_pem: crl::bundle(journal),

@@ -164,7 +164,12 @@ impl Scheduler {
             }
         };
         let mut written = None;
-        if live.iter().any(|e| journal.is_revoked(&e.serial).is_none()) {
+        let revoked: HashSet<&str> = journal
+            .revocations
+            .iter()
+            .map(|r| r.serial.as_str())
+            .collect();
+        if live.iter().any(|e| !revoked.contains(e.serial.as_str())) {
             let validity = self.policy.crl_validity;
             let result = super::update::update_journal(self.store.as_ref(), |j| {
                 revocation::revoke_denied(j, &live, now, validity).map_err(|e| e.to_string())

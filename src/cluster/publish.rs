@@ -39,6 +39,8 @@ pub const CRL_CONFIGMAP: &str = "istio-ca-crl";
 /// The key of the CRLs in that ConfigMap.
 pub const CRL_KEY: &str = "ca-crl.pem";
 const SKIPPED: [&str; 2] = ["kube-public", "kube-node-lease"];
+/// Namespaces a full publishing pass writes at once.
+const PASS_CONCURRENCY: usize = 16;
 
 /// Namespaces, then the root-cert and CRL ConfigMaps, as the list-watches see them.
 type Caches = (Cache<Namespace>, Cache<ConfigMap>, Cache<ConfigMap>);
@@ -207,16 +209,21 @@ impl ConfigMapPublisher {
         Ok(Action::requeue(RESYNC))
     }
 
-    /// A full pass: every namespace.
+    /// A full pass: every namespace, [`PASS_CONCURRENCY`] at a time. One after another, a
+    /// root rotation's bundle took one API round trip per namespace to reach the last of a
+    /// thousand; a few writes in flight keep it to seconds without flooding the API server.
     async fn reconcile(
         &self,
         namespaces: &Cache<Namespace>,
         caches: &[&Cache<ConfigMap>],
     ) -> Result<(), String> {
-        for ns in namespaces.state() {
-            self.reconcile_one(&ns, caches).await?;
-        }
-        Ok(())
+        let results: Vec<Result<(), String>> = futures_util::stream::iter(namespaces.state())
+            .map(|ns| async move { self.reconcile_one(&ns, caches).await })
+            .buffer_unordered(PASS_CONCURRENCY)
+            .collect()
+            .await;
+        // Every namespace was tried; the pass fails (and is retried) if any write failed.
+        results.into_iter().collect()
     }
 
     /// Both ConfigMaps of one namespace, as desired now.

@@ -32,9 +32,23 @@ one identity is denied with `citadel revoke --identity`; its later requests are 
 denied, not failed. With --samples the server's RSS and open descriptors are written every
 second, and a per-minute summary is printed.
 
+--identities N is a renewal storm: N distinct workloads, each with its own service account,
+token and key, ask once each within one window (--concurrency at a time), retrying what
+istio-agent retries. With --auth tokenreview --kubeconfig FILE the service accounts and their
+tokens (TokenRequest) are made on that API server, the server reviews each token there, and
+the API server's own apiserver_request_total{resource=\"tokenreviews\"} is reported.
+
+--revocation-scale and --index-entries time the revocation state and the issuance index at
+mesh size, in process (no server). scripts/bench.sh runs every measurement in sequence.
+
 Examples:
   cargo build --release
   target/release/citadel bench --concurrency 64 --requests 20000
+  target/release/citadel bench --rate 3000 --duration 20s --csv sweep.csv
+  target/release/citadel bench --identities 20000 --concurrency 256
+  target/release/citadel bench --identities 20000 --auth tokenreview --kubeconfig kube/kubeconfig
+  target/release/citadel bench --revocation-scale --revoked 100000 --denied 10000
+  target/release/citadel bench --index-entries 10000000 --state-dir /tmp/index-bench
   target/release/citadel bench --rate 5000 --duration 30s
   target/release/citadel bench --soak --rate 500 --duration 10m --samples soak.csv
   target/release/citadel bench --micro")]
@@ -84,6 +98,44 @@ pub struct Args {
     /// and one identity denied half-way (needs the server this command starts).
     #[arg(long, conflicts_with = "ca_addr")]
     pub soak: bool,
+    /// Append one summary row (offered rate, percentiles, server CPU per certificate) to this
+    /// CSV; scripts/plot-latency.py turns a sweep of rates into docs/latency-vs-load.png.
+    #[arg(long, value_name = "FILE")]
+    pub csv: Option<PathBuf>,
+    /// Renewal storm: N distinct workloads (service account, token and key each) all asking
+    /// once, within one window; reports the time to serve all N (see below).
+    #[arg(long, value_name = "N", conflicts_with_all = ["ca_addr", "soak", "rate"])]
+    pub identities: Option<usize>,
+    /// How the storm's server checks tokens: local JWKS (dev RS256 tokens) or a TokenReview
+    /// per token against the API server of --kubeconfig.
+    #[arg(long, value_enum, default_value = "jwks", requires = "identities")]
+    pub auth: super::bench_storm::StormAuth,
+    /// The API server for --auth tokenreview (service accounts and tokens are made there).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The storm server's --kube-qps (TokenReviews per second it allows itself).
+    #[arg(long, default_value_t = 2000.0, value_name = "QPS")]
+    pub kube_qps: f64,
+    /// The storm server's --kube-burst.
+    #[arg(long, default_value_t = 2000, value_name = "N")]
+    pub kube_burst: u32,
+    /// Revocation at scale, in process: CRL signing time and size, signer rebuild, the denial
+    /// sweep, and the issue path with and without that state (--revoked, --denied).
+    #[arg(long)]
+    pub revocation_scale: bool,
+    /// Revoked serials for --revocation-scale.
+    #[arg(long, default_value_t = 100_000, value_name = "N")]
+    pub revoked: usize,
+    /// Denied identities for --revocation-scale.
+    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    pub denied: usize,
+    /// Build an issuance index of N entries in --state-dir and time `revoke --identity` and
+    /// the prune on it (10,000,000 entries take ~1.5 GB of disk).
+    #[arg(long, value_name = "N", requires = "state_dir")]
+    pub index_entries: Option<u64>,
+    /// Where --index-entries builds its state directory (journal + issued.log).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// The identity `--soak` denies half-way through.
@@ -122,9 +174,9 @@ struct Progress {
     errors: AtomicUsize,
 }
 
-struct Work {
-    csr: String,
-    token: String,
+pub(crate) struct Work {
+    pub(crate) csr: String,
+    pub(crate) token: String,
 }
 
 fn generate(n: usize, key_type: KeyType) -> Result<Vec<Work>, String> {
@@ -150,7 +202,7 @@ fn generate(n: usize, key_type: KeyType) -> Result<Vec<Work>, String> {
 }
 
 /// utime + stime of a process, from /proc (USER_HZ is 100 on Linux).
-fn cpu_time(pid: u32) -> Option<Duration> {
+pub(crate) fn cpu_time(pid: u32) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after_comm = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = after_comm.split(' ').collect();
@@ -158,7 +210,7 @@ fn cpu_time(pid: u32) -> Option<Duration> {
     Some(Duration::from_millis(ticks * 10))
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -166,13 +218,13 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-fn ms(d: Duration) -> String {
+pub(crate) fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
 
-struct Child {
-    proc: std::process::Child,
-    dir: PathBuf,
+pub(crate) struct Child {
+    pub(crate) proc: std::process::Child,
+    pub(crate) dir: PathBuf,
 }
 
 impl Drop for Child {
@@ -190,7 +242,7 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| format!("cannot find a free port: {e}"))
 }
 
-async fn start_server(extra: &[&str]) -> Result<(Child, String, PathBuf), String> {
+pub(crate) async fn start_server(extra: &[&str]) -> Result<(Child, String, PathBuf), String> {
     let dir = std::env::temp_dir().join(format!("citadel-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -236,6 +288,29 @@ pub async fn run(args: Args) -> CmdResult {
     let key_type: KeyType = args.key_type.parse()?;
     if args.micro {
         return micro(args.distinct.max(1), args.requests.max(1), key_type);
+    }
+    if args.revocation_scale {
+        return super::bench_scale::revocation_scale(
+            args.revoked,
+            args.denied,
+            args.requests.clamp(1, 20_000),
+        );
+    }
+    if let (Some(n), Some(dir)) = (args.index_entries, &args.state_dir) {
+        return super::bench_scale::index_scale(n, dir).await;
+    }
+    if let Some(n) = args.identities {
+        return super::bench_storm::run(super::bench_storm::StormPlan {
+            identities: n,
+            concurrency: args.concurrency,
+            connections: args.connections,
+            key_type,
+            auth: args.auth,
+            kubeconfig: args.kubeconfig.clone(),
+            kube_qps: args.kube_qps,
+            kube_burst: args.kube_burst,
+        })
+        .await;
     }
     if args.concurrency == 0 || args.connections == 0 || args.requests == 0 {
         return Err("--concurrency, --connections and --requests must be positive".into());
@@ -430,6 +505,9 @@ pub async fn run(args: Args) -> CmdResult {
     if let Some(samples) = samples {
         print_samples(&samples);
     }
+    if let Some(path) = &args.csv {
+        append_csv(path, &args, &outcome, wall, cpu)?;
+    }
     // Denials are expected only for the identity a soak denies.
     let unexpected_denials = if args.soak { 0 } else { outcome.denied };
     if outcome.errors + unexpected_denials + outcome.dropped > 0 {
@@ -442,6 +520,60 @@ pub async fn run(args: Args) -> CmdResult {
     Ok(())
 }
 
+/// The header of `--csv`; one row per run.
+const CSV_HEADER: &str = "mode,offered_per_sec,concurrency,connections,key_type,succeeded,errors,dropped,wall_s,throughput_per_sec,p50_ms,p90_ms,p99_ms,p999_ms,max_ms,server_cpu_us_per_cert";
+
+/// Appends this run's summary to `path` (writing the header first if the file is new).
+fn append_csv(
+    path: &std::path::Path,
+    args: &Args,
+    o: &Outcome,
+    wall: Duration,
+    cpu: Option<Duration>,
+) -> Result<(), String> {
+    use std::io::Write;
+    let new = !path.exists();
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    let lat = &o.latencies;
+    let msf = |d: Duration| format!("{:.3}", d.as_secs_f64() * 1e3);
+    let row = format!(
+        "{},{},{},{},{},{},{},{},{:.3},{:.1},{},{},{},{},{},{}",
+        if args.rate.is_some() {
+            "open"
+        } else {
+            "closed"
+        },
+        args.rate.map(|r| format!("{r:.0}")).unwrap_or_default(),
+        args.concurrency,
+        args.connections,
+        args.key_type,
+        lat.len(),
+        o.errors + o.denied,
+        o.dropped,
+        wall.as_secs_f64(),
+        lat.len() as f64 / wall.as_secs_f64().max(1e-9),
+        msf(percentile(lat, 0.50)),
+        msf(percentile(lat, 0.90)),
+        msf(percentile(lat, 0.99)),
+        msf(percentile(lat, 0.999)),
+        msf(lat.last().copied().unwrap_or_default()),
+        cpu.filter(|_| !lat.is_empty())
+            .map(|c| format!("{:.1}", c.as_secs_f64() * 1e6 / lat.len() as f64))
+            .unwrap_or_default(),
+    );
+    let text = if new {
+        format!("{CSV_HEADER}\n{row}\n")
+    } else {
+        format!("{row}\n")
+    };
+    f.write_all(text.as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
 /// One sample of the server process.
 #[derive(Debug, Clone, Copy, Default)]
 struct Sample {
@@ -450,7 +582,7 @@ struct Sample {
     fds: usize,
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
+pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()

@@ -3,6 +3,8 @@
 
 pub mod agent;
 pub mod bench;
+pub mod bench_scale;
+pub mod bench_storm;
 pub mod ca;
 pub mod dev_token;
 pub mod request;

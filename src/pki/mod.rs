@@ -31,16 +31,41 @@ impl PkiError {
     }
 }
 
+/// Random bytes drawn per getrandom(2) call for serials: 256 serials' worth.
+pub const SERIAL_POOL: usize = 256 * 16;
+
+thread_local! {
+    /// Per-thread pool of OS randomness for [`random_serial`], and how much of it is used.
+    static SERIALS: std::cell::RefCell<(Box<[u8]>, usize)> =
+        std::cell::RefCell::new((vec![0u8; SERIAL_POOL].into_boxed_slice(), SERIAL_POOL));
+}
+
 /// A random, positive 128-bit certificate serial (RFC 5280 allows up to 20 octets).
 ///
 /// rcgen's default serial is a hash of the public key, so a renewal with the same key would
 /// reuse a serial; that breaks revocation, hence always random.
+///
+/// The bytes come from the OS CSPRNG, [`SERIAL_POOL`] at a time: an strace of the server under
+/// load showed one getrandom(2) per certificate for the serial (the other is the signature's
+/// nonce, inside ring). Each byte goes to exactly one serial and is wiped from the pool when
+/// handed out.
 pub fn random_serial() -> [u8; 16] {
     use ring::rand::SecureRandom;
     let mut serial = [0u8; 16];
-    ring::rand::SystemRandom::new()
-        .fill(&mut serial)
-        .expect("the OS random source failed");
+    SERIALS.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        let (bytes, used) = &mut *pool;
+        if *used + serial.len() > bytes.len() {
+            ring::rand::SystemRandom::new()
+                .fill(&mut bytes[..])
+                .expect("the OS random source failed");
+            *used = 0;
+        }
+        let taken = &mut bytes[*used..*used + serial.len()];
+        serial.copy_from_slice(taken);
+        taken.fill(0);
+        *used += serial.len();
+    });
     // A zero first octet would make the INTEGER shorter than 128 bits; force a set bit.
     serial[0] |= 0x01;
     serial

@@ -274,7 +274,7 @@ impl CaService {
                 IssueError::Sign(inner)
             }
         })?;
-        let chain = signer.response_chain(issued.pem.clone());
+        let chain = signer.response_chain(issued.pem);
         Ok((
             caller,
             IssueOutcome {

@@ -25,6 +25,7 @@ mod properties;
 mod revocation;
 mod revocation_kube;
 mod rotation;
+mod scale;
 mod storage;
 mod support;
 mod thirdparty;
