@@ -274,15 +274,28 @@ pub async fn index_scale(entries: u64, dir: &Path) -> CmdResult {
     );
     // The command itself, in process: scan, journal compare-and-swap, CRL re-signed.
     let t0 = Instant::now();
-    super::revoke::run(super::revoke::Args {
-        serial: None,
-        identity: Some(wanted.to_string()),
-        reason: "key-compromise".into(),
-        state_dir: dir.to_path_buf(),
-        crl_validity: Duration::from_secs(86_400),
-    })
-    .await
-    .map_err(|e| format!("revoke --identity failed: {e}"))?;
+    // Parsed as the command line would be, so the defaults are the CLI's own.
+    #[derive(clap::Parser)]
+    struct Revoke {
+        #[command(flatten)]
+        args: super::revoke::Args,
+    }
+    let state = dir.display().to_string();
+    let cmd = <Revoke as clap::Parser>::try_parse_from([
+        "revoke",
+        "--identity",
+        wanted,
+        "--reason",
+        "key-compromise",
+        "--state-dir",
+        state.as_str(),
+        "--crl-validity",
+        "24h",
+    ])
+    .map_err(|e| format!("revoke arguments: {e}"))?;
+    super::revoke::run(cmd.args)
+        .await
+        .map_err(|e| format!("revoke --identity failed: {e}"))?;
     println!(
         "revoke --identity:        {} (the whole command: scan, journal update, CRL)",
         secs(t0.elapsed())

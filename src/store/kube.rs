@@ -55,6 +55,30 @@ fn backend(what: &str, e: kube::Error) -> StoreError {
     }
 }
 
+/// The most data a Secret may hold (the API server refuses more with a 422).
+pub const SECRET_DATA_LIMIT: usize = 1024 * 1024;
+
+/// Refuses, before the API server does and with a message a person can act on, a journal too
+/// large for one Secret. Every revoked serial costs about 330 bytes in the journal (its record,
+/// its entry in the CRL record and in the signed CRL), so about 3,000 unexpired revocations fill
+/// a Secret (docs/operations.md, "Limits in numbers"); expired ones leave by themselves.
+pub fn check_size(bytes: usize, journal: &Journal) -> Result<(), StoreError> {
+    if bytes <= SECRET_DATA_LIMIT {
+        return Ok(());
+    }
+    Err(StoreError::TooLarge {
+        what: format!("Secret {JOURNAL_SECRET}"),
+        reason: format!(
+            "the CA journal would be {bytes} bytes ({} unexpired revocations, {} denied \
+             identities), over the {SECRET_DATA_LIMIT} bytes a Kubernetes Secret holds; nothing \
+             was written. Revocations leave the journal when their certificates expire; until \
+             then deny identities (one entry each) rather than revoking serials one by one",
+            journal.revocations.len(),
+            journal.denied.len()
+        ),
+    })
+}
+
 fn is_conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 409)
 }
@@ -187,6 +211,7 @@ impl Store for KubeStore {
                 what: "journal".into(),
                 reason: e.to_string(),
             })?;
+            check_size(body.len(), journal)?;
             let mut s = Secret {
                 data: Some([(JOURNAL_KEY.to_string(), ByteString(body))].into()),
                 type_: Some("Opaque".into()),
@@ -253,5 +278,22 @@ impl Store for KubeStore {
                 None => Ok(()),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_journal_too_large_for_a_secret_is_refused_with_what_fills_it() {
+        let j = Journal::new("cluster.local");
+        assert!(check_size(SECRET_DATA_LIMIT, &j).is_ok());
+        let e = check_size(SECRET_DATA_LIMIT + 1, &j).unwrap_err();
+        assert!(matches!(e, StoreError::TooLarge { .. }));
+        let msg = e.to_string();
+        assert!(msg.contains("1048577 bytes"), "{msg}");
+        assert!(msg.contains("0 unexpired revocations"), "{msg}");
+        assert!(msg.contains("nothing was written"), "{msg}");
     }
 }

@@ -48,6 +48,15 @@ pub enum StoreError {
         /// What went wrong.
         reason: String,
     },
+    /// The state does not fit the backend (a Kubernetes Secret holds at most 1 MiB); nothing
+    /// was written.
+    #[error("{what}: {reason}")]
+    TooLarge {
+        /// Where it was to be written.
+        what: String,
+        /// How large, what fills it, and what to do.
+        reason: String,
+    },
 }
 
 /// Where the journal is kept and the bundle and CRLs are published; compare-and-swap on a
