@@ -197,6 +197,7 @@ pub async fn run(
                     &config.ca_resource,
                 );
                 tokio::spawn(revocations.run(shutdown.clone()));
+                r.publisher.report_to(r.namespace(), &config.ca_resource);
                 let reconciler = cluster::ca_resource::Reconciler::new(
                     r.client.clone(),
                     r.namespace(),

@@ -65,6 +65,9 @@ pub struct ConfigMapPublisher {
     history: std::sync::Mutex<Vec<[u8; 32]>>,
     /// ConfigMaps created or replaced.
     pub writes: AtomicU64,
+    /// The CertificateAuthority resource (namespace, name) that also gets each drift Event, so
+    /// `kubectl describe ca` shows every repair in one place.
+    ca_resource: std::sync::OnceLock<(String, String)>,
 }
 
 /// A reconcile that failed; the controller retries it.
@@ -102,7 +105,16 @@ impl ConfigMapPublisher {
             ),
             history: std::sync::Mutex::new(Vec::new()),
             writes: AtomicU64::new(0),
+            ca_resource: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Also records each drift Event on `CertificateAuthority/<name>` in `namespace` (when it
+    /// exists). Set once, at start.
+    pub fn report_to(&self, namespace: &str, name: &str) {
+        let _ = self
+            .ca_resource
+            .set((namespace.to_string(), name.to_string()));
     }
 
     fn leading(&self) -> bool {
@@ -336,14 +348,23 @@ impl ConfigMapPublisher {
     /// A Warning Event on a ConfigMap someone changed, so `kubectl describe` and event
     /// watchers see that citadel put it back. Best effort: a missing RBAC rule is logged.
     async fn record_repair(&self, cm: &ConfigMap, key: &str) {
-        record_drift(
-            &self.recorder,
-            &cm.object_ref(&()),
-            format!(
-                "{key} did not hold the current trust data (edited, or the istio.io/config label removed); citadel restored it"
-            ),
-        )
-        .await;
+        let note = format!(
+            "{key} did not hold the current trust data (edited, or the istio.io/config label removed); citadel restored it"
+        );
+        record_drift(&self.recorder, &cm.object_ref(&()), note.clone()).await;
+        let Some((ns, name)) = self.ca_resource.get() else {
+            return;
+        };
+        let api: Api<super::ca_resource::CertificateAuthority> =
+            Api::namespaced(self.client.clone(), ns);
+        if let Ok(Some(ca)) = api.get_opt(name).await {
+            let where_ = format!(
+                "{}/{}: ",
+                cm.metadata.namespace.as_deref().unwrap_or_default(),
+                cm.metadata.name.as_deref().unwrap_or_default()
+            );
+            record_drift(&self.recorder, &ca.object_ref(&()), where_ + &note).await;
+        }
     }
 }
 

@@ -34,6 +34,8 @@ pub struct Replica {
     pub identity: String,
     /// The CA namespace.
     pub namespace: String,
+    /// The bundle and CRL ConfigMap publisher (acts only while this replica leads).
+    pub publisher: Arc<ConfigMapPublisher>,
 }
 
 impl Replica {
@@ -65,8 +67,9 @@ impl Replica {
             clock.clone(),
         );
         tokio::spawn(elector.clone().run(shutdown.clone()));
-        let publisher = ConfigMapPublisher::new(client.clone(), Some(elector.subscribe()));
-        tokio::spawn(publisher.clone().run(shutdown.clone()));
+        let configmaps = ConfigMapPublisher::new(client.clone(), Some(elector.subscribe()));
+        tokio::spawn(configmaps.clone().run(shutdown.clone()));
+        let publisher = configmaps.clone();
         // With the Pod Certificates signer, the bundle is also a ClusterTrustBundle, if this
         // API server has them (a citadel on an older cluster must still start).
         let trust_bundle_signer = match trust_bundle_signer {
@@ -97,6 +100,7 @@ impl Replica {
             store,
             identity,
             namespace: namespace.to_string(),
+            publisher: configmaps,
         })
     }
 

@@ -459,7 +459,8 @@ async fn a_root_rotation_requested_through_the_resource_completes_across_a_kille
 /// A spec the server cannot use (a trust domain that is not the CA's) is Degraded with the
 /// reason, a Warning Event, and the CA keeps signing.
 #[tokio::test]
-async fn a_trust_domain_that_is_not_the_cas_degrades_and_keeps_signing() {
+async fn a_trust_domain_that_is_not_the_cas_degrades_and_keeps_signing_and_drift_is_reported_on_it()
+{
     let Some(kube) = KubeEnv::start().await else {
         return;
     };
@@ -503,6 +504,47 @@ async fn a_trust_domain_that_is_not_the_cas_degrades_and_keeps_signing() {
     })
     .await;
     assert!(ready(&a).await, "still serving");
+
+    // Drift repaired in a namespace is an Event on the CertificateAuthority too, so
+    // `kubectl describe ca citadel` shows every repair in one place.
+    kube.namespace("shop").await;
+    eventually("bundle in shop", 15, async || {
+        kube.bundle("shop").await.is_some()
+    })
+    .await;
+    let bundle = kube.bundle("shop").await.unwrap();
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(kube.client.clone(), "shop");
+    let mut edited = cms.get("istio-ca-root-cert").await.unwrap();
+    edited.data = Some([("root-cert.pem".to_string(), "tampered".to_string())].into());
+    cms.replace("istio-ca-root-cert", &PostParams::default(), &edited)
+        .await
+        .unwrap();
+    eventually("the edited ConfigMap put back", 15, async || {
+        kube.bundle("shop").await.as_deref() == Some(bundle.as_str())
+    })
+    .await;
+    eventually(
+        "a Drifted Event on the CertificateAuthority",
+        10,
+        async || {
+            events
+                .list(&Default::default())
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some("Drifted")
+                        && e.regarding.as_ref().and_then(|r| r.kind.as_deref())
+                            == Some("CertificateAuthority")
+                        && e.note
+                            .as_deref()
+                            .is_some_and(|n| n.starts_with("shop/istio-ca-root-cert: "))
+                })
+        },
+    )
+    .await;
 }
 
 /// File store: the server stores its policy with the state at start, and `ca rotate-root`
