@@ -46,8 +46,9 @@ echo "instructions: $IR over $((N + 1)) certificates = $((IR / (N + 1))) per cer
 # Self counts per function (rows at 100% are thread-entry frames that were on the stack when
 # the counters were zeroed), then summed per component.
 callgrind_annotate --threshold=100 "$DUMP" 2>/dev/null >"$OUT/annotate.txt"
-awk '/file:function/ {t=1; next} t && /^-----/ {exit} t' "$OUT/annotate.txt" \
-  | grep -vE '\((99\.[0-9]+|100\.0)%\)' | sed -n '1,40p' >"$OUT/top-self.txt"
+# (callgrind_annotate puts a dashed rule under the header line: skip it, stop at the next.)
+awk '/file:function/ {t=1; getline; next} t && /^-----/ {exit} t' "$OUT/annotate.txt" \
+  | { grep -vE '\((99\.[0-9]+|100\.0)%\)' || true; } | sed -n '1,40p' >"$OUT/top-self.txt"
 scripts/callgrind-categories.py $((N + 1)) <"$OUT/annotate.txt" | tee "$OUT/components.txt"
 echo "top functions by own instructions ($OUT/top-self.txt):"
 head -25 "$OUT/top-self.txt" | cut -c1-200
