@@ -103,6 +103,7 @@ impl JwksRefresher {
 pub mod ca_resource;
 pub mod cacerts;
 pub mod controller;
+pub mod crds;
 pub mod leader;
 pub mod podcert;
 pub mod pods;

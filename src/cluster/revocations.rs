@@ -766,9 +766,7 @@ impl RevocationController {
 /// The CRD as YAML, what `deploy/crds/revocation.yaml` holds.
 pub fn crd_yaml() -> String {
     use kube::CustomResourceExt;
-    // JSON is YAML (1.2), and the project carries no YAML serializer: kubectl reads it as is.
-    let crd = serde_json::to_string_pretty(&Revocation::crd()).unwrap_or_default();
-    format!("# Generated from src/cluster/revocations.rs; do not edit.\n# Regenerate: CITADEL_REGENERATE=1 cargo test --lib crd_file_matches_the_code\n{crd}\n")
+    super::crds::yaml(&Revocation::crd(), "src/cluster/revocations.rs")
 }
 
 #[cfg(test)]
@@ -779,36 +777,8 @@ mod tests {
     /// `kubectl apply -f deploy/citadel.yaml` installs everything), equal what the code
     /// generates.
     #[test]
-    fn crd_file_matches_the_code() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
-        let (file, all) = (
-            format!("{dir}/crds/revocation.yaml"),
-            format!("{dir}/citadel.yaml"),
-        );
-        let want = crd_yaml();
-        let (begin, end) = ("# BEGIN crds/revocation.yaml", "# END crds/revocation.yaml");
-        let embed = |all: &str| -> Option<String> {
-            let b = all.find(begin)?;
-            let b = b + all[b..].find('\n')? + 1;
-            let e = all.find(end)?;
-            (b <= e).then(|| format!("{}{}{}", &all[..b], want, &all[e..]))
-        };
-        let all_now = std::fs::read_to_string(&all).unwrap_or_default();
-        let all_want = embed(&all_now).unwrap_or_default();
-        if std::env::var_os("CITADEL_REGENERATE").is_some() {
-            std::fs::write(&file, &want).unwrap();
-            std::fs::write(&all, &all_want).unwrap();
-        }
-        let regen =
-            "regenerate with CITADEL_REGENERATE=1 cargo test --lib crd_file_matches_the_code";
-        assert!(
-            std::fs::read_to_string(&file).unwrap_or_default() == want,
-            "{file} differs from the CRD the code generates; {regen}"
-        );
-        assert!(
-            !all_want.is_empty() && std::fs::read_to_string(&all).unwrap_or_default() == all_want,
-            "{all} does not embed the generated CRD between its BEGIN/END lines; {regen}"
-        );
+    fn crds_in_deploy_match_the_revocation_type() {
+        super::super::crds::check_deployed("revocation.yaml", &crd_yaml());
     }
 
     #[test]
