@@ -789,7 +789,7 @@ mod tests {
             "self == oldSelf",
             "x-kubernetes-validations",
             "key-compromise",
-            "\"subresources\"",
+            "subresources:",
         ] {
             assert!(s.contains(rule), "{rule} missing");
         }
