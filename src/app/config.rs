@@ -318,6 +318,23 @@ impl ServeConfig {
         if self.limits.max_connections == 0 {
             return Err("--max-connections must be at least 1".into());
         }
+        if self.limits.max_connections_per_peer == 0 {
+            return Err("--max-connections-per-peer must be at least 1".into());
+        }
+        if !self.limits.idle_timeout.is_zero() {
+            check_range(
+                "--idle-timeout",
+                self.limits.idle_timeout,
+                Duration::from_millis(100),
+                s(86_400),
+            )?;
+        }
+        check_range(
+            "--handshake-timeout",
+            self.limits.handshake_timeout,
+            Duration::from_millis(100),
+            s(300),
+        )?;
         let t = self.limits.auth_throttle;
         if t.burst > 0 && !(t.per_second.is_finite() && t.per_second > 0.0) {
             return Err(format!(
@@ -511,6 +528,18 @@ mod tests {
             (
                 Box::new(|c| c.limits.max_connections = 0),
                 "--max-connections",
+            ),
+            (
+                Box::new(|c| c.limits.max_connections_per_peer = 0),
+                "--max-connections-per-peer",
+            ),
+            (
+                Box::new(|c| c.limits.idle_timeout = Duration::from_millis(1)),
+                "--idle-timeout",
+            ),
+            (
+                Box::new(|c| c.limits.handshake_timeout = Duration::ZERO),
+                "--handshake-timeout",
             ),
             (
                 Box::new(|c| c.tls_names = Some(vec![])),

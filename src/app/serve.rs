@@ -315,7 +315,7 @@ pub async fn run(
         tls,
         index: index.clone(),
         sweep,
-        limits: config.limits,
+        limits: config.limits.clone(),
         node_auth,
     };
     if let Some(s) = scheduler {

@@ -265,6 +265,29 @@ pub struct Args {
     #[arg(long)]
     pub multicluster: bool,
 
+    /// Open connections one peer may hold on the CA port (handshakes included); beyond it its
+    /// connection is closed at once, so one client cannot take every --max-connections slot.
+    /// A peer is an IPv4 address or an IPv6 /64. Refusals are counted in
+    /// citadel_connections_refused_total{reason} and logged at most once per 10s.
+    #[arg(long, default_value_t = 128, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections_per_peer: u32,
+
+    /// A CA connection with no call in progress for this long is closed (agents reconnect
+    /// for their next renewal); 0 keeps idle connections open.
+    #[arg(long, default_value = "5m", value_parser = clap_parse, value_name = "DUR")]
+    pub idle_timeout: Duration,
+
+    /// A connection whose TLS handshake is not complete this long after it was accepted is
+    /// closed.
+    #[arg(long, default_value = "10s", value_parser = clap_parse, value_name = "DUR")]
+    pub handshake_timeout: Duration,
+
+    /// A source network (ADDR/PREFIX, e.g. the east-west gateway's or an SNAT address) exempt
+    /// from the per-peer limits: the failed-authentication throttle (--auth-failure-burst) and
+    /// --max-connections-per-peer. The global limits still apply. Repeat for several.
+    #[arg(long = "throttle-exempt-cidr", value_name = "CIDR")]
+    pub throttle_exempt_cidrs: Vec<crate::server::peer::Cidr>,
+
     /// With --store kube: the CertificateAuthority resource (citadel.dev/v1alpha1, kubectl
     /// get ca) in --namespace. Each policy field its spec sets wins over the flag here; unset
     /// ones keep the flag (the start-up log says which source each setting came from). The
@@ -376,6 +399,10 @@ impl Args {
                     burst: self.auth_failure_burst,
                     per_second: self.auth_failure_rate,
                 },
+                max_connections_per_peer: self.max_connections_per_peer as usize,
+                idle_timeout: self.idle_timeout,
+                handshake_timeout: self.handshake_timeout,
+                exempt: crate::server::peer::PeerSet::new(self.throttle_exempt_cidrs.clone()),
             },
             kubeconfig: self.kubeconfig,
             trusted_node_accounts: crate::auth::node::TrustedNodeAccounts::parse(

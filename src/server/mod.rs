@@ -6,6 +6,7 @@
 pub mod grpc;
 pub mod http;
 pub mod metrics;
+pub mod peer;
 pub mod throttle;
 pub mod tls;
 
@@ -27,7 +28,8 @@ pub use metrics::Metrics;
 
 /// gRPC messages above this are refused by the transport (our CSR limit is 64 KiB).
 const MAX_MESSAGE_BYTES: usize = 256 * 1024;
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default `--handshake-timeout`.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 streams one connection may have open at once. An agent needs one; a load
 /// generator or a proxy multiplexing many agents needs more, and beyond this a client should
 /// open another connection.
@@ -40,7 +42,7 @@ pub const MAX_HEADER_LIST_BYTES: u32 = 32 * 1024;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Limits on the CA port that operators may tune.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Limits {
     /// CreateCertificate calls in progress at once, over all connections; beyond it a call
     /// is refused at once with ResourceExhausted (istio-agent retries it with backoff).
@@ -50,6 +52,19 @@ pub struct Limits {
     pub max_connections: usize,
     /// Failed authentications per peer address (`--auth-failure-burst`/`-rate`).
     pub auth_throttle: throttle::ThrottlePolicy,
+    /// Open connections one peer (an IPv4 address or IPv6 /64, see [`peer`]) may hold,
+    /// handshakes included (`--max-connections-per-peer`), so one client cannot take every
+    /// `max_connections` slot.
+    pub max_connections_per_peer: usize,
+    /// A connection with no call in progress for this long is closed
+    /// (`--idle-timeout`); zero keeps idle connections open.
+    pub idle_timeout: Duration,
+    /// A connection whose TLS handshake is not done by then is closed
+    /// (`--handshake-timeout`).
+    pub handshake_timeout: Duration,
+    /// Sources exempt from the per-peer limits: the auth-failure throttle and
+    /// `max_connections_per_peer` (`--throttle-exempt-cidr`).
+    pub exempt: peer::PeerSet,
 }
 
 impl Default for Limits {
@@ -58,6 +73,10 @@ impl Default for Limits {
             max_inflight: 1024,
             max_connections: 10_000,
             auth_throttle: throttle::ThrottlePolicy::default(),
+            max_connections_per_peer: 128,
+            idle_timeout: Duration::from_secs(300),
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            exempt: peer::PeerSet::default(),
         }
     }
 }

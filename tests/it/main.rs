@@ -17,6 +17,7 @@ mod kube;
 mod kube_abuse;
 mod kube_faults;
 mod lifecycle;
+mod limits;
 mod multicluster;
 mod pilot_agent;
 mod plugged_swap;
