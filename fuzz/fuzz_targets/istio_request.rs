@@ -53,7 +53,7 @@ fn fixture() -> &'static Fixture {
             index: None,
             sweep: Default::default(),
             inflight: Arc::new(tokio::sync::Semaphore::new(8)),
-            throttle: Arc::new(citadel::server::throttle::AuthThrottle::new(Default::default())),
+            throttle: Arc::new(citadel::server::throttle::AuthThrottle::new(Default::default(), Default::default())),
             node_auth: None,
         };
         Fixture {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use super::{AuthFailure, Authenticator, Caller, Credentials};
+use super::{AuthFailure, Authenticator, Caller, Credentials, Verified};
 use crate::future::BoxFuture;
 
 /// The cluster name istiod assumes when none is configured.
@@ -149,6 +149,26 @@ impl Authenticator for LocalCluster {
                 )))))
             }
             _ => self.inner.authenticate(creds),
+        }
+    }
+
+    /// Routed as `authenticate` routes: a known remote cluster's cache answers for its
+    /// tokens; a cluster this CA does not know is refused, but only after the throttle.
+    fn verified(&self, creds: Credentials<'_>) -> Verified {
+        match creds.cluster_id {
+            Some(c) if c != self.local && creds.bearer.is_some() => {
+                match self.remotes.as_ref().and_then(|r| r.get(c)) {
+                    Some(remote) => match remote.authenticator.verified(creds) {
+                        Verified::Caller(c0) => Verified::Caller(Caller {
+                            cluster: Some(c.to_string()),
+                            ..c0
+                        }),
+                        other => other,
+                    },
+                    None => Verified::Unknown,
+                }
+            }
+            _ => self.inner.verified(creds),
         }
     }
 }

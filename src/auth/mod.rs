@@ -133,6 +133,20 @@ pub enum AuthError {
     Unavailable(Vec<String>),
 }
 
+/// What an authenticator can say about a request without spending anything on it: no API
+/// call, no wait. The per-peer throttle (server/throttle.rs) applies only to requests the
+/// chain cannot settle this way, so a valid client certificate or a token already reviewed
+/// is served even from an address that is being throttled for someone else's failures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verified {
+    /// `authenticate` would accept the request as this caller.
+    Caller(Caller),
+    /// `authenticate` would not accept it: no credential of this kind, or a bad one.
+    No,
+    /// Only `authenticate` can tell, at a cost (a signature check, a TokenReview).
+    Unknown,
+}
+
 /// One way to establish a caller's identity from the request's credentials.
 pub trait Authenticator: Send + Sync {
     /// A short name used in refusal reasons and in the startup log.
@@ -143,6 +157,13 @@ pub trait Authenticator: Send + Sync {
         &'a self,
         creds: Credentials<'a>,
     ) -> BoxFuture<'a, Result<Option<Caller>, AuthFailure>>;
+
+    /// What this authenticator knows about `creds` for free. It must never say `Caller`
+    /// where `authenticate` would refuse, nor `No` where it would accept; the default
+    /// knows nothing.
+    fn verified(&self, _creds: Credentials<'_>) -> Verified {
+        Verified::Unknown
+    }
 }
 
 /// Authenticators tried in order.
@@ -160,6 +181,20 @@ impl AuthChain {
     /// The members' names, in order.
     pub fn names(&self) -> Vec<&'static str> {
         self.members.iter().map(|m| m.name()).collect()
+    }
+
+    /// The caller, when the members can establish it without cost (see [`Verified`]): the
+    /// answer [`AuthChain::authenticate`] would give, since members are asked in the same
+    /// order and the first that cannot tell for free ends the search.
+    pub fn verified(&self, creds: Credentials<'_>) -> Option<Caller> {
+        for m in &self.members {
+            match m.verified(creds) {
+                Verified::Caller(c) => return Some(c),
+                Verified::No => {}
+                Verified::Unknown => return None,
+            }
+        }
+        None
     }
 
     /// Tries each member in order: the first that accepts wins. Otherwise Unavailable if any

@@ -26,7 +26,7 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenRe
 use kube::api::{Api, PostParams};
 
 use super::jwt::{self, JwtPolicy};
-use super::{jws, AuthFailure, AuthMethod, Authenticator, Caller, Credentials};
+use super::{jws, AuthFailure, AuthMethod, Authenticator, Caller, Credentials, Verified};
 use crate::clock::SharedClock;
 use crate::future::BoxFuture;
 use crate::identity::{ServiceAccount, TrustDomain};
@@ -306,6 +306,19 @@ impl Authenticator for TokenReviewAuthenticator {
                 Some(t) => self.authenticate_token(t).await.map(Some),
             }
         })
+    }
+
+    /// A token whose positive review is still cached is known for free; any other costs a
+    /// review (or at least a place in the review queue).
+    fn verified(&self, creds: Credentials<'_>) -> Verified {
+        match creds.bearer {
+            None => Verified::No,
+            Some(t) if t.len() > super::jws::MAX_TOKEN_BYTES => Verified::No,
+            Some(t) => match self.cached(&Self::key(t), self.clock.now().unix_timestamp()) {
+                Some(c) => Verified::Caller(c),
+                None => Verified::Unknown,
+            },
+        }
     }
 }
 

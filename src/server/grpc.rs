@@ -167,6 +167,43 @@ impl CaService {
         }
     }
 
+    /// Authenticates credentials that cost a verification or a TokenReview, under the
+    /// per-peer throttle: a peer that keeps failing is refused before they are read. Every
+    /// failed authentication counts toward it, whatever its code: Unauthenticated, and
+    /// Unavailable too (a TokenReview that could not be sent or had no turn in the queue),
+    /// since plausible forgeries that fill the review queue are exactly what the throttle
+    /// is for. Failures after authentication (a refused CSR, impersonation) do not count:
+    /// the caller has proven who it is.
+    async fn authenticate(
+        &self,
+        req: &Request<IstioCertificateRequest>,
+        creds: Credentials<'_>,
+        header_problem: Option<IssueError>,
+    ) -> Result<Caller, IssueError> {
+        let peer = req.remote_addr().map(|a| a.ip());
+        let now = self.clock.now().unix_timestamp_nanos() as f64 / 1e9;
+        if let Some(ip) = peer {
+            if let Err(t) = self.throttle.check(ip, now) {
+                self.metrics.auth_throttled_count.inc();
+                return Err(IssueError::Throttled(t.retry_after_secs));
+            }
+        }
+        self.auth.authenticate(creds).await.map_err(|e| {
+            self.metrics.authentication_failure_count.inc();
+            if let Some(ip) = peer {
+                if self.throttle.failed(ip, now) {
+                    tracing::warn!(peer = %super::peer::PeerKey::of(ip), "this address failed authentication too often; its calls with credentials not yet verified are refused unread until it earns failures back (--auth-failure-burst, citadel_auth_throttled_total)");
+                }
+            }
+            match (e, header_problem) {
+                // The credential could not be checked (API server down): retryable.
+                (e @ AuthError::Unavailable(_), _) => IssueError::NotReady(e.to_string()),
+                (_, Some(problem)) => problem,
+                (e, None) => IssueError::Unauthenticated(e.to_string()),
+            }
+        })
+    }
+
     async fn issue(
         &self,
         req: &Request<IstioCertificateRequest>,
@@ -175,16 +212,6 @@ impl CaService {
         if msg.csr.len() > MAX_CSR_BYTES {
             self.metrics.csr_parsing_err_count.inc();
             return Err(IssueError::CsrTooLarge(msg.csr.len()));
-        }
-        // A peer that keeps failing is refused before its credentials cost a verification
-        // or a TokenReview.
-        let peer = req.remote_addr().map(|a| a.ip());
-        let now = self.clock.now().unix_timestamp_nanos() as f64 / 1e9;
-        if let Some(ip) = peer {
-            if let Err(t) = self.throttle.check(ip, now) {
-                self.metrics.auth_throttled_count.inc();
-                return Err(IssueError::Throttled(t.retry_after_secs));
-            }
         }
         let peer_chain = req.peer_certs();
         // A malformed Authorization header does not stop a valid client certificate from
@@ -204,20 +231,13 @@ impl CaService {
             peer_chain: peer_chain.as_ref().map(|c| c.as_slice()),
             cluster_id,
         };
-        let caller = self.auth.authenticate(creds).await.map_err(|e| {
-            self.metrics.authentication_failure_count.inc();
-            if let (Some(ip), false) = (peer, matches!(e, AuthError::Unavailable(_))) {
-                if self.throttle.failed(ip, now) {
-                    tracing::warn!(peer = %ip, "this address failed authentication too often; its calls are refused unread until it earns failures back (--auth-failure-burst, citadel_auth_throttled_total)");
-                }
-            }
-            match (e, header_problem) {
-                // The credential could not be checked (API server down): retryable.
-                (e @ AuthError::Unavailable(_), _) => IssueError::NotReady(e.to_string()),
-                (_, Some(problem)) => problem,
-                (e, None) => IssueError::Unauthenticated(e.to_string()),
-            }
-        })?;
+        let caller = match self.auth.verified(creds) {
+            // A valid client certificate or an already-reviewed token costs nothing to
+            // check, so it is served even when its address is throttled: peers behind one
+            // SNAT address or gateway are not locked out by one of them failing.
+            Some(caller) => caller,
+            None => self.authenticate(req, creds, header_problem).await?,
+        };
 
         // Naming the caller's own identity is a no-op; naming another is node impersonation.
         let via_node = match metadata_string(msg, IMPERSONATED_IDENTITY) {

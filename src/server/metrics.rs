@@ -88,6 +88,8 @@ pub struct Metrics {
     /// The remote clusters (`--multicluster`), for `citadel_remote_clusters{state}` and the
     /// kubeconfig error counts; set when multicluster is on.
     pub remote_clusters: std::sync::OnceLock<std::sync::Arc<crate::auth::cluster::RemoteClusters>>,
+    /// Connections on the CA port: refused, closed, open (`citadel_connections_*`).
+    pub connections: super::conn::ConnectionMetrics,
     /// The plugged-in CA's reloads, for `citadel_ca_plugged_reload_total{result}`.
     pub plugged: std::sync::OnceLock<std::sync::Arc<crate::ca::reload::ReloadStats>>,
 }
@@ -306,6 +308,7 @@ impl Metrics {
             let _ = writeln!(out, "# HELP citadel_leader 1 if this replica holds the leader lease.\n# TYPE citadel_leader gauge\ncitadel_leader {}", i32::from(*l.borrow()));
         }
         self.impersonation.render(&mut out);
+        self.connections.render(&mut out);
         if let Some(r) = self.remote_clusters.get() {
             let (known, reachable) = r.counts();
             let _ = writeln!(out, "# HELP citadel_remote_clusters Remote clusters whose tokens are accepted (known), and of those, the ones whose API server answered its last probe (reachable).\n# TYPE citadel_remote_clusters gauge\ncitadel_remote_clusters{{state=\"known\"}} {known}\ncitadel_remote_clusters{{state=\"reachable\"}} {reachable}");

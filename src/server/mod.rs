@@ -3,6 +3,7 @@
 //! `run` takes already-bound listeners and a shutdown signal, so tests bind `127.0.0.1:0`
 //! and the CLI binds the configured addresses.
 
+pub mod conn;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
@@ -77,75 +78,6 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(300),
             handshake_timeout: HANDSHAKE_TIMEOUT,
             exempt: peer::PeerSet::default(),
-        }
-    }
-}
-
-/// A connection holding one of the `max_connections` slots until it is dropped.
-struct Limited<S> {
-    inner: S,
-    _slot: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected for Limited<S> {
-    type ConnectInfo = S::ConnectInfo;
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
-    }
-}
-
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Limited<S> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Limited<S> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
-/// Takes a connection slot, or refuses the connection (it is dropped, which closes it).
-fn slot(
-    slots: &Arc<tokio::sync::Semaphore>,
-    peer: &std::net::SocketAddr,
-) -> Option<tokio::sync::OwnedSemaphorePermit> {
-    match slots.clone().try_acquire_owned() {
-        Ok(p) => Some(p),
-        Err(_) => {
-            tracing::warn!(%peer, "connection refused: at the --max-connections limit");
-            None
         }
     }
 }
@@ -231,6 +163,7 @@ impl Server {
                 }
             });
         }
+        let admission = Arc::new(conn::Admission::new(&self.limits, self.metrics.clone()));
         let service = IstioCertificateServiceServer::new(grpc::CaService {
             ca: self.ca.clone(),
             auth: self.auth,
@@ -240,21 +173,20 @@ impl Server {
             index: self.index,
             sweep: self.sweep,
             inflight: Arc::new(tokio::sync::Semaphore::new(self.limits.max_inflight)),
-            throttle: Arc::new(throttle::AuthThrottle::new(self.limits.auth_throttle)),
+            throttle: Arc::new(throttle::AuthThrottle::new(
+                self.limits.auth_throttle,
+                self.limits.exempt.clone(),
+            )),
             node_auth: self.node_auth,
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
-        let router = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-            .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
-            .timeout(REQUEST_TIMEOUT)
-            .add_service(service);
+        if !self.limits.exempt.nets().is_empty() {
+            tracing::info!(exempt = ?self.limits.exempt.nets().iter().map(ToString::to_string).collect::<Vec<_>>(), "sources exempt from the per-peer limits (--throttle-exempt-cidr)");
+        }
         let stop = {
             let sd = shutdown.clone();
             async move { sd.wait().await }
         };
-        let slots = Arc::new(tokio::sync::Semaphore::new(self.limits.max_connections));
         match self.tls {
             Some(tls) => {
                 tokio::spawn(tls.clone().maintain(
@@ -266,17 +198,47 @@ impl Server {
                 let incoming = accept_tls(
                     listener,
                     tokio_rustls::TlsAcceptor::from(config),
-                    slots,
+                    admission,
                     shutdown,
                 );
-                router.serve_with_incoming_shutdown(incoming, stop).await
+                router::<TlsInfo, _>(service)
+                    .serve_with_incoming_shutdown(incoming, stop)
+                    .await
             }
             None => {
-                let incoming = accept_plain(listener, slots, shutdown);
-                router.serve_with_incoming_shutdown(incoming, stop).await
+                let incoming = accept_plain(listener, admission, shutdown);
+                router::<tonic::transport::server::TcpConnectInfo, _>(service)
+                    .serve_with_incoming_shutdown(incoming, stop)
+                    .await
             }
         }
     }
+}
+
+type TlsInfo = tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>;
+
+/// The CA port's HTTP/2 settings around `service`, whose calls count as streams in
+/// progress on connections whose transport info is `I` (see [`conn::Tracked`]).
+fn router<I, S>(service: S) -> tonic::transport::server::Router
+where
+    I: Clone + Send + Sync + 'static,
+    S: tonic::codegen::Service<
+            ::http::Request<tonic::body::Body>,
+            Response = ::http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
+        .timeout(REQUEST_TIMEOUT)
+        .add_service(conn::Tracked::<S, I>::new(service))
 }
 
 /// Accepts TCP, sets TCP_NODELAY (tonic ignores it for custom incoming streams, and without
@@ -285,9 +247,10 @@ impl Server {
 fn accept_tls(
     listener: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
-    slots: Arc<tokio::sync::Semaphore>,
+    admission: Arc<conn::Admission>,
     shutdown: Shutdown,
-) -> ReceiverStream<Result<Limited<tokio_rustls::server::TlsStream<TcpStream>>, std::io::Error>> {
+) -> ReceiverStream<Result<conn::Limited<tokio_rustls::server::TlsStream<TcpStream>>, std::io::Error>>
+{
     let (tx, rx) = mpsc::channel(128);
     tokio::spawn(async move {
         loop {
@@ -302,24 +265,26 @@ fn accept_tls(
                 },
                 _ = shutdown.wait() => return,
             };
-            // The slot is taken before the handshake: half-open handshakes count too.
-            let Some(slot) = slot(&slots, &peer) else {
+            // The slots are taken before the handshake: half-open handshakes count too.
+            let Some(ticket) = admission.admit(peer) else {
                 continue;
             };
             let _ = tcp.set_nodelay(true);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let (acceptor, tx, admission) = (acceptor.clone(), tx.clone(), admission.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                match tokio::time::timeout(admission.handshake_timeout, acceptor.accept(tcp)).await
+                {
                     Ok(Ok(tls)) => {
-                        let _ = tx
-                            .send(Ok(Limited {
-                                inner: tls,
-                                _slot: slot,
-                            }))
-                            .await;
+                        let _ = tx.send(Ok(admission.wrap(ticket, tls))).await;
                     }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    Ok(Err(e)) => {
+                        admission.handshake_failed();
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed")
+                    }
+                    Err(_) => {
+                        admission.handshake_timed_out();
+                        tracing::debug!(%peer, "TLS handshake timed out")
+                    }
                 }
             });
         }
@@ -329,18 +294,18 @@ fn accept_tls(
 
 fn accept_plain(
     listener: TcpListener,
-    slots: Arc<tokio::sync::Semaphore>,
+    admission: Arc<conn::Admission>,
     shutdown: Shutdown,
-) -> ReceiverStream<Result<Limited<TcpStream>, std::io::Error>> {
+) -> ReceiverStream<Result<conn::Limited<TcpStream>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(128);
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 r = listener.accept() => match r {
                     Ok((tcp, peer)) => {
-                        let Some(slot) = slot(&slots, &peer) else { continue };
+                        let Some(ticket) = admission.admit(peer) else { continue };
                         let _ = tcp.set_nodelay(true);
-                        if tx.send(Ok(Limited { inner: tcp, _slot: slot })).await.is_err() { return; }
+                        if tx.send(Ok(admission.wrap(ticket, tcp))).await.is_err() { return; }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");

@@ -163,7 +163,10 @@ mod tests {
 
     #[test]
     fn a_peer_is_an_ipv4_address_or_an_ipv6_slash_64() {
-        assert_eq!(PeerKey::of(ip("10.0.0.1")), PeerKey::of(ip("::ffff:10.0.0.1")));
+        assert_eq!(
+            PeerKey::of(ip("10.0.0.1")),
+            PeerKey::of(ip("::ffff:10.0.0.1"))
+        );
         assert_ne!(PeerKey::of(ip("10.0.0.1")), PeerKey::of(ip("10.0.0.2")));
         assert_eq!(
             PeerKey::of(ip("2001:db8:1:2::1")),

@@ -9,6 +9,12 @@
 //! heard, and put it in debt. Successful calls cost nothing, so a busy but honest
 //! peer (ztunnel asking for every workload on its node) is never slowed.
 //!
+//! A peer is an IPv4 address or an IPv6 /64 ([`PeerKey`]). Sources in
+//! `--throttle-exempt-cidr` (an east-west gateway, an SNAT address in front of many honest
+//! clients) are never throttled. Credentials that cost nothing to check are checked before
+//! the throttle applies (see `grpc.rs`): a valid client certificate, or a token already in
+//! the TokenReview cache, is served even from a throttled address.
+//!
 //! Memory is bounded: at most [`MAX_PEERS`] addresses are tracked. When the table is full,
 //! entries whose bucket has refilled (peers that stopped failing) are forgotten; if none has,
 //! the failures of untracked addresses share one overflow bucket, so spreading an attack over
@@ -17,6 +23,8 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
+
+use super::peer::{PeerKey, PeerSet};
 
 /// Addresses tracked at once.
 pub const MAX_PEERS: usize = 65_536;
@@ -60,12 +68,13 @@ impl Bucket {
 #[derive(Debug)]
 pub struct AuthThrottle {
     policy: ThrottlePolicy,
+    exempt: PeerSet,
     inner: Mutex<Table>,
 }
 
 #[derive(Debug, Default)]
 struct Table {
-    peers: HashMap<IpAddr, Bucket>,
+    peers: HashMap<PeerKey, Bucket>,
     overflow: Option<Bucket>,
     /// When the full table was last scanned for refilled buckets: at most once a second, so
     /// a flood from fresh addresses cannot make every request scan the whole table.
@@ -80,22 +89,24 @@ pub struct Throttled {
 }
 
 impl AuthThrottle {
-    /// Buckets under `policy`.
-    pub fn new(policy: ThrottlePolicy) -> Self {
+    /// Buckets under `policy` for every source not in `exempt`.
+    pub fn new(policy: ThrottlePolicy, exempt: PeerSet) -> Self {
         Self {
             policy,
+            exempt,
             inner: Mutex::new(Table::default()),
         }
     }
 
-    fn off(&self) -> bool {
-        self.policy.burst == 0
+    /// Whether `peer` is outside the throttle: it is off, or the source is exempt.
+    fn free(&self, peer: IpAddr) -> bool {
+        self.policy.burst == 0 || self.exempt.contains(peer)
     }
 
     fn bucket<'a>(
         &self,
         t: &'a mut Table,
-        peer: IpAddr,
+        peer: PeerKey,
         now: f64,
         create: bool,
     ) -> Option<&'a mut Bucket> {
@@ -139,11 +150,11 @@ impl AuthThrottle {
 
     /// Whether `peer` may be heard at `now` (seconds on any steady clock).
     pub fn check(&self, peer: IpAddr, now: f64) -> Result<(), Throttled> {
-        if self.off() {
+        if self.free(peer) {
             return Ok(());
         }
         let mut t = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        match self.bucket(&mut t, peer, now, false) {
+        match self.bucket(&mut t, PeerKey::of(peer), now, false) {
             Some(b) if b.tokens < 1.0 => Err(Throttled {
                 retry_after_secs: (1.0 - b.tokens) / self.policy.per_second.max(f64::MIN_POSITIVE),
             }),
@@ -154,11 +165,11 @@ impl AuthThrottle {
     /// Records a failed authentication by `peer` at `now`; true when this failure is the one
     /// that emptied its bucket (the moment to tell the operator, once).
     pub fn failed(&self, peer: IpAddr, now: f64) -> bool {
-        if self.off() {
+        if self.free(peer) {
             return false;
         }
         let mut t = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(b) = self.bucket(&mut t, peer, now, true) else {
+        let Some(b) = self.bucket(&mut t, PeerKey::of(peer), now, true) else {
             return false;
         };
         let was_open = b.tokens >= 1.0;
@@ -191,10 +202,13 @@ mod tests {
 
     #[test]
     fn a_peer_is_refused_after_its_burst_and_earns_failures_back() {
-        let t = AuthThrottle::new(ThrottlePolicy {
-            burst: 3,
-            per_second: 0.5,
-        });
+        let t = AuthThrottle::new(
+            ThrottlePolicy {
+                burst: 3,
+                per_second: 0.5,
+            },
+            PeerSet::default(),
+        );
         let (bad, good) = (ip("10.0.0.1"), ip("10.0.0.2"));
         for i in 0..3 {
             assert!(t.check(bad, 0.0).is_ok());
@@ -219,10 +233,13 @@ mod tests {
 
     #[test]
     fn zero_burst_turns_it_off() {
-        let t = AuthThrottle::new(ThrottlePolicy {
-            burst: 0,
-            per_second: 1.0,
-        });
+        let t = AuthThrottle::new(
+            ThrottlePolicy {
+                burst: 0,
+                per_second: 1.0,
+            },
+            PeerSet::default(),
+        );
         for _ in 0..100 {
             t.failed(ip("10.0.0.1"), 0.0);
         }
@@ -232,23 +249,55 @@ mod tests {
 
     #[test]
     fn the_table_is_bounded_and_untracked_peers_share_an_overflow_bucket() {
-        let t = AuthThrottle::new(ThrottlePolicy {
-            burst: 2,
-            per_second: 1.0,
-        });
+        let t = AuthThrottle::new(
+            ThrottlePolicy {
+                burst: 2,
+                per_second: 1.0,
+            },
+            PeerSet::default(),
+        );
         for i in 0..MAX_PEERS as u32 {
             t.failed(IpAddr::from(i.to_be_bytes()), 0.0);
         }
         assert_eq!(t.peers(), MAX_PEERS);
         // Every tracked bucket is still draining: a new address goes to the overflow bucket.
-        let (a, b) = (ip("2001:db8::1"), ip("2001:db8::2"));
+        let (a, b) = (ip("2001:db8:0:1::1"), ip("2001:db8:0:2::1"));
         t.failed(a, 0.0);
         t.failed(b, 0.0);
-        assert!(t.check(ip("2001:db8::3"), 0.0).is_err(), "overflow drained");
+        assert!(
+            t.check(ip("2001:db8:0:3::1"), 0.0).is_err(),
+            "overflow drained"
+        );
         assert_eq!(t.peers(), MAX_PEERS);
         // Once tracked peers have refilled, they are forgotten to make room.
         t.failed(a, 10.0);
         assert_eq!(t.peers(), 1);
         assert!(t.check(b, 10.0).is_ok());
+    }
+
+    #[test]
+    fn an_ipv6_slash_64_is_one_peer_and_exempt_sources_are_never_throttled() {
+        let t = AuthThrottle::new(
+            ThrottlePolicy {
+                burst: 2,
+                per_second: 0.01,
+            },
+            PeerSet::new(vec!["192.0.2.0/24".parse().unwrap()]),
+        );
+        // Rotating addresses inside one /64 buys nothing.
+        t.failed(ip("2001:db8::1"), 0.0);
+        t.failed(ip("2001:db8::2"), 0.0);
+        assert!(t.check(ip("2001:db8::ffff:3"), 0.0).is_err());
+        assert!(t.check(ip("2001:db8:0:1::1"), 0.0).is_ok());
+        // An IPv4 peer is the same through a dual-stack listener.
+        t.failed(ip("10.0.0.1"), 0.0);
+        t.failed(ip("::ffff:10.0.0.1"), 0.0);
+        assert!(t.check(ip("10.0.0.1"), 0.0).is_err());
+        for _ in 0..100 {
+            assert!(!t.failed(ip("192.0.2.7"), 0.0));
+        }
+        assert!(t.check(ip("192.0.2.7"), 0.0).is_ok());
+        assert!(t.check(ip("::ffff:192.0.2.7"), 0.0).is_ok());
+        assert_eq!(t.peers(), 2, "exempt sources take no table entry");
     }
 }

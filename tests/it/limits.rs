@@ -42,12 +42,11 @@ async fn tls_from(
     for c in citadel::pki::pem::parse_certs(&ca.root_pem()).unwrap() {
         roots.add(c).unwrap();
     }
-    let mut cfg =
-        rustls::ClientConfig::builder_with_provider(citadel::server::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(citadel::server::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     let tcp = tcp_from(local, ca.addr).await?;
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
@@ -113,12 +112,18 @@ async fn one_peer_holding_connections_cannot_keep_another_from_its_certificate()
 
     let m = ca.metrics().await;
     assert_eq!(
-        metric(&m, "citadel_connections_refused_total{reason=\"max_connections_per_peer\"}"),
+        metric(
+            &m,
+            "citadel_connections_refused_total{reason=\"max_connections_per_peer\"}"
+        ),
         4,
         "{m}"
     );
     assert_eq!(
-        metric(&m, "citadel_connections_refused_total{reason=\"max_connections\"}"),
+        metric(
+            &m,
+            "citadel_connections_refused_total{reason=\"max_connections\"}"
+        ),
         0
     );
 
@@ -126,21 +131,29 @@ async fn one_peer_holding_connections_cannot_keep_another_from_its_certificate()
     for s in &mut held {
         let mut buf = [0u8; 64];
         let r = tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await;
-        assert!(!matches!(r, Ok(Ok(0)) | Ok(Err(_))), "held connection closed: {r:?}");
+        assert!(
+            !matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+            "held connection closed: {r:?}"
+        );
     }
     held.pop();
-    eventually("a freed slot to be taken again", 5, async || {
-        match tls_from(&ca, hog).await {
+    eventually(
+        "a freed slot to be taken again",
+        5,
+        async || match tls_from(&ca, hog).await {
             Ok(s) => {
                 held.push(s);
                 true
             }
             Err(_) => false,
-        }
-    })
+        },
+    )
     .await;
     assert_eq!(held.len(), 3);
     issue(&mut other, &csr, "shop", "cart").await;
+    // A connection that never sent the HTTP/2 preface holds a graceful shutdown until
+    // its idle timeout; the test's clients go first.
+    drop(held);
     ca.stop().await;
 }
 
@@ -235,10 +248,8 @@ async fn a_call_in_progress_keeps_its_connection_past_the_idle_timeout() {
     server.limits.idle_timeout = Duration::from_millis(300);
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let jwt = server.auth.clone();
-    server.auth = citadel::auth::AuthChain::new(vec![
-        Arc::new(Gate(gate.clone())),
-        Arc::new(Chain(jwt)),
-    ]);
+    server.auth =
+        citadel::auth::AuthChain::new(vec![Arc::new(Gate(gate.clone())), Arc::new(Chain(jwt))]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (trigger, sd) = citadel::shutdown::channel();
@@ -268,7 +279,12 @@ const GARBAGE: &str = "Bearer eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln";
 async fn bad_calls(c: &mut citadel::client::CaClient, csr: &str, n: usize) -> Vec<Code> {
     let mut codes = Vec::new();
     for _ in 0..n {
-        codes.push(call(c, csr, Some(GARBAGE), 0, None).await.unwrap_err().code());
+        codes.push(
+            call(c, csr, Some(GARBAGE), 0, None)
+                .await
+                .unwrap_err()
+                .code(),
+        );
     }
     codes
 }
@@ -319,13 +335,31 @@ async fn a_throttled_address_still_renews_by_client_certificate() {
         .await
         .expect("the client certificate authenticates");
 
-    assert_eq!(bad_calls(&mut bad, &csr, 2).await, repeated(Code::ResourceExhausted, 2));
-    let fresh = call(&mut bad, &csr, Some(&bearer(&token("shop", "cart"))), 0, None)
-        .await
-        .unwrap_err();
+    assert_eq!(
+        bad_calls(&mut bad, &csr, 2).await,
+        repeated(Code::ResourceExhausted, 2)
+    );
+    let fresh = call(
+        &mut bad,
+        &csr,
+        Some(&bearer(&token("shop", "cart"))),
+        0,
+        None,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(fresh.code(), Code::ResourceExhausted, "{fresh:?}");
-    assert!(fresh.message().contains("--auth-failure-burst"), "{fresh:?}");
-    issue(&mut ca.client_from(ip("127.0.0.1")).await, &csr, "shop", "cart").await;
+    assert!(
+        fresh.message().contains("--auth-failure-burst"),
+        "{fresh:?}"
+    );
+    issue(
+        &mut ca.client_from(ip("127.0.0.1")).await,
+        &csr,
+        "shop",
+        "cart",
+    )
+    .await;
     ca.stop().await;
 }
 
@@ -349,7 +383,10 @@ async fn an_exempt_cidr_is_neither_throttled_nor_capped() {
     let (_, csr) = csr_for(KeyType::EcP256, &spiffe("shop", "cart"));
 
     let mut gw = ca.client_from(gateway).await;
-    assert_eq!(bad_calls(&mut gw, &csr, 10).await, repeated(Code::Unauthenticated, 10));
+    assert_eq!(
+        bad_calls(&mut gw, &csr, 10).await,
+        repeated(Code::Unauthenticated, 10)
+    );
     issue(&mut gw, &csr, "shop", "cart").await;
 
     let mut o = ca.client_from(other).await;
@@ -361,11 +398,16 @@ async fn an_exempt_cidr_is_neither_throttled_nor_capped() {
     // (its gRPC channel) and gets one more.
     let mut held = Vec::new();
     for _ in 0..4 {
-        held.push(tls_from(&ca, gateway).await.expect("the exempt source is not capped"));
+        held.push(
+            tls_from(&ca, gateway)
+                .await
+                .expect("the exempt source is not capped"),
+        );
     }
     held.push(tls_from(&ca, other).await.expect("within the cap"));
     assert!(tls_from(&ca, other).await.is_err(), "over the cap");
     issue(&mut gw, &csr, "shop", "cart").await;
+    drop(held);
     ca.stop().await;
 }
 
@@ -405,8 +447,7 @@ async fn unavailable_authentication_failures_count_toward_the_throttle() {
         per_second: 0.01,
     };
     let jwt = server.auth.clone();
-    server.auth =
-        citadel::auth::AuthChain::new(vec![Arc::new(Flaky), Arc::new(Chain(jwt))]);
+    server.auth = citadel::auth::AuthChain::new(vec![Arc::new(Flaky), Arc::new(Chain(jwt))]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (trigger, sd) = citadel::shutdown::channel();
@@ -415,7 +456,12 @@ async fn unavailable_authentication_failures_count_toward_the_throttle() {
     let mut c = plaintext_client(addr).await;
     let mut codes = Vec::new();
     for _ in 0..5 {
-        codes.push(call(&mut c, &csr, Some("Bearer flaky"), 0, None).await.unwrap_err().code());
+        codes.push(
+            call(&mut c, &csr, Some("Bearer flaky"), 0, None)
+                .await
+                .unwrap_err()
+                .code(),
+        );
     }
     let mut want = repeated(Code::Unavailable, 3);
     want.extend(repeated(Code::ResourceExhausted, 2));
@@ -490,7 +536,13 @@ async fn a_throttled_address_is_still_served_with_a_token_already_reviewed() {
 /// Another address is not throttled: its fresh token is reviewed and served.
 async fn issue_with_kube(ca: &TestCa, kube: &KubeEnv, csr: &str) {
     let t = bearer(&kube.token("shop", "cart", "istio-ca").await);
-    call(&mut ca.client_from(ip("127.0.0.1")).await, csr, Some(&t), 0, None)
-        .await
-        .expect("another address is served");
+    call(
+        &mut ca.client_from(ip("127.0.0.1")).await,
+        csr,
+        Some(&t),
+        0,
+        None,
+    )
+    .await
+    .expect("another address is served");
 }

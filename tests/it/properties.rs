@@ -100,6 +100,7 @@ fn no_accepted_csr_names_anyone_but_the_caller() {
         inflight: std::sync::Arc::new(tokio::sync::Semaphore::new(8)),
         throttle: std::sync::Arc::new(citadel::server::throttle::AuthThrottle::new(
             Default::default(),
+            Default::default(),
         )),
         node_auth: None,
     };
