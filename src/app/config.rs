@@ -528,6 +528,7 @@ mod tests {
                     c.pod_certificates = Some(PodCertConfig {
                         signer_name: "citadel.dev/spiffe".into(),
                         workers: 8,
+                        ..Default::default()
                     })
                 }),
                 "needs --store kube",
@@ -542,6 +543,7 @@ mod tests {
                     c.pod_certificates = Some(PodCertConfig {
                         signer_name: "kubernetes.io/mine".into(),
                         workers: 8,
+                        ..Default::default()
                     })
                 }),
                 "--pod-cert-signer-name",
@@ -556,6 +558,7 @@ mod tests {
                     c.pod_certificates = Some(PodCertConfig {
                         signer_name: "citadel.dev/spiffe".into(),
                         workers: 0,
+                        ..Default::default()
                     })
                 }),
                 "--pod-cert-workers",
