@@ -557,6 +557,7 @@ mod tests {
                     c.pod_certificates = Some(PodCertConfig {
                         signer_name: "citadel.dev/spiffe".into(),
                         workers: 8,
+                        ..Default::default()
                     })
                 }),
                 "needs --store kube",
@@ -571,6 +572,7 @@ mod tests {
                     c.pod_certificates = Some(PodCertConfig {
                         signer_name: "kubernetes.io/mine".into(),
                         workers: 8,
+                        ..Default::default()
                     })
                 }),
                 "--pod-cert-signer-name",
@@ -585,6 +587,7 @@ mod tests {
                     c.pod_certificates = Some(PodCertConfig {
                         signer_name: "citadel.dev/spiffe".into(),
                         workers: 0,
+                        ..Default::default()
                     })
                 }),
                 "--pod-cert-workers",

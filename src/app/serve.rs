@@ -304,6 +304,12 @@ pub async fn run(
             pc.clone(),
             config.ttl.max,
         );
+        let stats = signer.stats();
+        metrics
+            .sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Box::new(move |out| stats.render(out)));
         tokio::spawn(signer.run(shutdown.clone()));
     }
     let server = Server {

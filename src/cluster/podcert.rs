@@ -16,21 +16,37 @@
 //! What is checked, since the kubelet is trusted only for its own node (NodeRestriction
 //! checks much of this at admission, but a request created by anyone else is not): the pod
 //! exists with the request's UID, on the request's node, under the request's service
-//! account; the service account and node exist with the request's UIDs; the key (from the
-//! stub PKCS#10 request, whose signature the API server verified at admission and we verify
-//! again) is one we sign; no `unverifiedUserAnnotations` (we recognise none); the identity is
-//! not denied (`citadel revoke --identity`).
+//! account, and mounts a projected `podCertificate` volume for our signer; the service
+//! account and node exist with the request's UIDs; the key (from the stub PKCS#10 request,
+//! whose signature the API server verified at admission and we verify again) is one we sign;
+//! no `unverifiedUserAnnotations` (we recognise none); the identity is not denied
+//! (`citadel revoke --identity`).
+//!
+//! What is NOT checked, because it cannot be: who created the request. Every fact above is
+//! readable by whoever creates a request, and the object records no creator (its
+//! managedFields name a field manager the client chooses, not the user). Only admission knows
+//! the requester, so deploy/podcertificate-policy.yaml admits requests for our signer only
+//! from `system:node:<spec.nodeName>` (group `system:nodes`); docs/kubernetes.md says what
+//! each part (citadel, the policy, NodeRestriction) stops.
+//!
+//! Memory: the leader holds only *undecided* requests, slimmed to what deciding needs, and at
+//! most `--pod-cert-max-pending` of them ([`Pending`]); a decided request leaves memory as
+//! soon as its decision is seen, and requests that did not fit are listed again once half of
+//! the room is free (`citadel_pod_cert_*` metrics, [`PendingStats`]).
 
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::certificates::v1::{PodCertificateRequest, PodCertificateRequestStatus};
 use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, PostParams};
 use kube::runtime::controller::{self, Action};
-use kube::runtime::{watcher, Controller};
+use kube::runtime::{reflector, watcher, Controller, WatchStreamExt};
 use time::OffsetDateTime;
 
 use crate::ca::issue::{audit_issued, sign_svid, AuditRecord, IssueFailure};
@@ -74,6 +90,9 @@ pub mod reason {
     pub const POD_UID_MISMATCH: &str = "PodUIDMismatch";
     /// The pod has finished (Succeeded or Failed) or is being deleted.
     pub const POD_TERMINATED: &str = "PodTerminated";
+    /// The pod mounts no projected `podCertificate` volume for this signer, so its kubelet
+    /// would never ask: the request comes from someone else.
+    pub const NO_POD_CERTIFICATE_VOLUME: &str = "NoPodCertificateVolume";
     /// The pod is not bound to the request's node, or the node's UID differs.
     pub const NODE_MISMATCH: &str = "NodeMismatch";
     /// The pod runs under another service account, or the account's UID differs.
@@ -86,13 +105,32 @@ pub mod reason {
     pub const SIGNING_FAILED: &str = "SigningFailed";
 }
 
-/// How the signer is configured (`serve --pod-cert-signer-name`, `--pod-cert-workers`).
+/// `--pod-cert-max-pending` by default: undecided requests held in memory at most. A slimmed
+/// request is about 1 KiB (at most ~12 KiB: the API caps the stub request at 10 KiB), so this
+/// is a few MiB, while a healthy leader decides hundreds a second and rarely holds more than
+/// a few dozen.
+pub const DEFAULT_MAX_PENDING: usize = 4096;
+
+/// How the signer is configured (`serve --pod-cert-signer-name`, `--pod-cert-workers`,
+/// `--pod-cert-max-pending`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodCertConfig {
     /// The `signerName` this signer answers to.
     pub signer_name: String,
     /// Requests decided at once (kube-runtime controller concurrency).
     pub workers: u16,
+    /// Undecided requests held in memory at most; the rest wait in the API server.
+    pub max_pending: usize,
+}
+
+impl Default for PodCertConfig {
+    fn default() -> Self {
+        Self {
+            signer_name: DEFAULT_SIGNER_NAME.into(),
+            workers: 32,
+            max_pending: DEFAULT_MAX_PENDING,
+        }
+    }
 }
 
 impl PodCertConfig {
@@ -101,6 +139,9 @@ impl PodCertConfig {
         validate_signer_name(&self.signer_name)?;
         if self.workers == 0 {
             return Err("--pod-cert-workers must be at least 1".into());
+        }
+        if self.max_pending == 0 {
+            return Err("--pod-cert-max-pending must be at least 1".into());
         }
         Ok(())
     }
@@ -211,6 +252,7 @@ pub struct PodCertSigner {
     trust_domain: TrustDomain,
     config: PodCertConfig,
     max_ttl: Duration,
+    stats: Arc<PendingStats>,
 }
 
 impl PodCertSigner {
@@ -235,9 +277,15 @@ impl PodCertSigner {
             sweep,
             clock,
             trust_domain,
+            stats: Arc::new(PendingStats::new(config.max_pending)),
             config,
             max_ttl,
         })
+    }
+
+    /// What the signer holds in memory, for `/metrics`.
+    pub fn stats(&self) -> Arc<PendingStats> {
+        self.stats.clone()
     }
 
     fn leading(&self) -> bool {
@@ -254,24 +302,59 @@ impl PodCertSigner {
         .await
     }
 
+    /// One kube-runtime `Controller` over our own bounded store ([`Pending`]) rather than
+    /// its default reflector, which would keep every request of our signer, decided or not,
+    /// for as long as it exists. When requests had to be left out and half of the room is
+    /// free again, this controller stops (gracefully: in-flight decisions finish) and a fresh
+    /// one lists the undecided requests again.
     async fn controller(self: Arc<Self>, stop: super::controller::Stop) {
-        let api: Api<PodCertificateRequest> = Api::all(self.client.clone());
-        // The API server filters by signer: other signers' requests never reach us.
-        let wc = watcher::Config::default()
-            .fields(&format!("spec.signerName={}", self.config.signer_name));
-        Controller::new(api, wc)
-            .with_config(controller::Config::default().concurrency(self.config.workers))
-            .graceful_shutdown_on(stop)
-            .run(
-                |pcr, me: Arc<Self>| async move { me.reconcile(&pcr).await },
-                |pcr, e, _| {
-                    tracing::warn!(request = %describe(&pcr), error = %e, "could not decide a PodCertificateRequest yet; will retry");
-                    Action::requeue(Duration::from_secs(2))
-                },
-                self.clone(),
-            )
-            .for_each(|_| std::future::ready(()))
-            .await;
+        let stop = stop.shared();
+        loop {
+            let relist = Arc::new(tokio::sync::Notify::new());
+            let (reader, mut writer) = reflector::store::<PodCertificateRequest>();
+            let mut pending = Pending::new(self.config.max_pending, self.stats.clone());
+            let api: Api<PodCertificateRequest> = Api::all(self.client.clone());
+            // The API server filters by signer: other signers' requests never reach us.
+            let wc = watcher::Config::default()
+                .fields(&format!("spec.signerName={}", self.config.signer_name));
+            let notify = relist.clone();
+            let trigger = watcher(api, wc)
+                .map_ok(move |event| {
+                    let (event, room) = pending.admit(event);
+                    if room {
+                        notify.notify_one();
+                    }
+                    if let Some(e) = &event {
+                        writer.apply_watcher_event(e);
+                    }
+                    event
+                })
+                .try_filter_map(|e| std::future::ready(Ok(e)))
+                .applied_objects();
+            let relisting = Box::pin(async move { relist.notified().await });
+            let until = futures_util::future::select(stop.clone(), relisting).map(|_| ());
+            Controller::for_stream(trigger, reader)
+                .with_config(controller::Config::default().concurrency(self.config.workers))
+                .graceful_shutdown_on(until)
+                .run(
+                    |pcr, me: Arc<Self>| async move { me.reconcile(&pcr).await },
+                    |pcr, e, _| {
+                        tracing::warn!(request = %describe(&pcr), error = %e, "could not decide a PodCertificateRequest yet; will retry");
+                        Action::requeue(Duration::from_secs(2))
+                    },
+                    self.clone(),
+                )
+                .for_each(|_| std::future::ready(()))
+                .await;
+            if stop.peek().is_some() {
+                return;
+            }
+            self.stats.relists.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                max_pending = self.config.max_pending,
+                "listing PodCertificateRequests again: some did not fit in memory and there is room now"
+            );
+        }
     }
 
     async fn reconcile(&self, pcr: &PodCertificateRequest) -> Result<Action, PodCertError> {
@@ -463,6 +546,15 @@ impl PodCertSigner {
                 ),
             )));
         }
+        if !mounts_pod_certificate(&pod, &self.config.signer_name) {
+            return Ok(Some(deny(
+                reason::NO_POD_CERTIFICATE_VOLUME,
+                format!(
+                    "pod {ns}/{} mounts no projected podCertificate volume for signer {:?}, so its kubelet would not ask for one",
+                    spec.pod_name, self.config.signer_name
+                ),
+            )));
+        }
         let pod_spec = pod.spec.as_ref();
         let pod_node = pod_spec.and_then(|s| s.node_name.as_deref());
         if pod_node != Some(spec.node_name.as_str()) {
@@ -573,6 +665,187 @@ impl PodCertSigner {
             Err(e) => Err(PodCertError(format!("{ns}/{name}: {e}"))),
         }
     }
+}
+
+/// Whether `pod` mounts a projected `podCertificate` volume source for `signer`: what the
+/// kubelet acts on (and what NodeRestriction requires of a node's request). A request for a
+/// pod without one did not come from the pod's kubelet.
+pub fn mounts_pod_certificate(pod: &Pod, signer: &str) -> bool {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .filter_map(|v| v.projected.as_ref())
+        .flat_map(|p| p.sources.iter().flatten())
+        .filter_map(|src| src.pod_certificate.as_ref())
+        .any(|pc| pc.signer_name == signer)
+}
+
+/// What the signer holds in memory, as `/metrics` shows it.
+#[derive(Debug, Default)]
+pub struct PendingStats {
+    limit: usize,
+    pending: AtomicUsize,
+    peak: AtomicUsize,
+    deferred: AtomicU64,
+    relists: AtomicU64,
+}
+
+impl PendingStats {
+    /// Stats for a cache of at most `limit` requests.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            ..Self::default()
+        }
+    }
+
+    fn set_pending(&self, n: usize) {
+        self.pending.store(n, Ordering::Relaxed);
+        self.peak.fetch_max(n, Ordering::Relaxed);
+    }
+
+    /// Appends the `citadel_pod_cert_*` metrics to a Prometheus text exposition.
+    pub fn render(&self, out: &mut String) {
+        let g = |o: &mut String, name: &str, kind: &str, help: &str, v: u64| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        };
+        g(out, "citadel_pod_cert_pending_requests", "gauge", "Undecided PodCertificateRequests the leader holds in memory (decided ones are dropped).", self.pending.load(Ordering::Relaxed) as u64);
+        g(
+            out,
+            "citadel_pod_cert_pending_requests_peak",
+            "gauge",
+            "The most undecided PodCertificateRequests held in memory at once since start.",
+            self.peak.load(Ordering::Relaxed) as u64,
+        );
+        g(
+            out,
+            "citadel_pod_cert_pending_limit",
+            "gauge",
+            "Undecided PodCertificateRequests held in memory at most (--pod-cert-max-pending).",
+            self.limit as u64,
+        );
+        g(out, "citadel_pod_cert_requests_deferred_total", "counter", "Times a PodCertificateRequest was left in the API server because the in-memory limit was reached; it is listed again when there is room.", self.deferred.load(Ordering::Relaxed));
+        g(out, "citadel_pod_cert_relists_total", "counter", "Times the signer listed PodCertificateRequests again to pick up ones left out at the limit.", self.relists.load(Ordering::Relaxed));
+    }
+}
+
+/// The bounded in-memory set of requests the controller works from, as a filter in front of
+/// its store: each watch event goes through [`Pending::admit`], which passes on what the
+/// store should hold. It keeps only undecided requests, slimmed ([`slim`]); a request seen
+/// decided is removed; a new one that would take the store (plus, during a listing, the
+/// listing's buffer) past `limit` is left out and counted. After that, once the store has
+/// emptied to half the limit, `admit` says so, and the caller lists again from scratch.
+struct Pending {
+    limit: usize,
+    /// The (namespace, name) of every request in the store.
+    keys: HashSet<(String, String)>,
+    /// During a listing: the requests of the listing's buffer, which replaces the store at
+    /// its end.
+    listing: Option<HashSet<(String, String)>>,
+    /// Some request was left out since the last listing began.
+    left_out: bool,
+    stats: Arc<PendingStats>,
+}
+
+type Event = watcher::Event<PodCertificateRequest>;
+
+fn key(p: &PodCertificateRequest) -> (String, String) {
+    (
+        p.metadata.namespace.clone().unwrap_or_default(),
+        p.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+impl Pending {
+    fn new(limit: usize, stats: Arc<PendingStats>) -> Self {
+        stats.set_pending(0);
+        Self {
+            limit,
+            keys: HashSet::new(),
+            listing: None,
+            left_out: false,
+            stats,
+        }
+    }
+
+    fn held(&self) -> usize {
+        self.keys.len() + self.listing.as_ref().map_or(0, HashSet::len)
+    }
+
+    fn leave_out(&mut self) {
+        self.left_out = true;
+        self.stats.deferred.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The event for the store (`None`: nothing to store), and whether it is time to list
+    /// again (requests were left out and half the room is free).
+    fn admit(&mut self, event: Event) -> (Option<Event>, bool) {
+        let out = match event {
+            Event::Apply(p) | Event::Delete(p) if is_decided(&p) => {
+                self.keys.remove(&key(&p)).then_some(Event::Delete(p))
+            }
+            Event::Delete(p) => self.keys.remove(&key(&p)).then_some(Event::Delete(p)),
+            Event::Apply(p) => {
+                let k = key(&p);
+                if self.keys.contains(&k) || self.held() < self.limit {
+                    self.keys.insert(k);
+                    Some(Event::Apply(slim(p)))
+                } else {
+                    self.leave_out();
+                    None
+                }
+            }
+            Event::Init => {
+                self.listing = Some(HashSet::new());
+                self.left_out = false;
+                Some(Event::Init)
+            }
+            Event::InitApply(p) if is_decided(&p) => None,
+            Event::InitApply(p) => {
+                let k = key(&p);
+                let known = self.listing.as_ref().is_some_and(|l| l.contains(&k));
+                if known || self.held() < self.limit {
+                    self.listing.get_or_insert_default().insert(k);
+                    Some(Event::InitApply(slim(p)))
+                } else {
+                    self.leave_out();
+                    None
+                }
+            }
+            Event::InitDone => {
+                self.keys = self.listing.take().unwrap_or_default();
+                Some(Event::InitDone)
+            }
+        };
+        self.stats.set_pending(self.held());
+        let room = self.left_out && self.listing.is_none() && self.keys.len() <= self.limit / 2;
+        if room {
+            // Said once; the caller starts a fresh listing.
+            self.left_out = false;
+        }
+        (out, room)
+    }
+}
+
+/// A request as the store keeps it: what deciding and the one `/status` write need. Labels,
+/// annotations, owner references and managedFields go (a status write cannot change them
+/// anyway: the API server keeps the stored metadata and spec), and of
+/// `unverifiedUserAnnotations` (up to 256 KiB) only the names the denial message shows.
+fn slim(mut p: PodCertificateRequest) -> PodCertificateRequest {
+    let m = &mut p.metadata;
+    m.managed_fields = None;
+    m.annotations = None;
+    m.labels = None;
+    m.owner_references = None;
+    m.finalizers = None;
+    if let Some(a) = p.spec.unverified_user_annotations.as_mut() {
+        *a = a
+            .keys()
+            .take(5)
+            .map(|k| (k.clone(), String::new()))
+            .collect();
+    }
+    p
 }
 
 fn describe(pcr: &PodCertificateRequest) -> String {
@@ -740,6 +1013,170 @@ mod tests {
         ] {
             assert!(validate_signer_name(bad).is_err(), "{bad}");
         }
+    }
+
+    fn pcr(name: &str, decided: bool) -> PodCertificateRequest {
+        let mut p: PodCertificateRequest = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "shop",
+                         "annotations": {"big": "x".repeat(10_000)},
+                         "managedFields": [{"manager": "kubelet", "operation": "Update"}]},
+            "spec": {"signerName": DEFAULT_SIGNER_NAME, "podName": "web", "podUID": "u",
+                     "serviceAccountName": "cart", "serviceAccountUID": "s",
+                     "nodeName": "node-a", "nodeUID": "n", "stubPKCS10Request": ""},
+        }))
+        .unwrap();
+        if decided {
+            p.status = Some(status(
+                deny(reason::POD_NOT_FOUND, "no"),
+                datetime!(2030-01-01 00:00 UTC),
+                None,
+            ));
+        }
+        p
+    }
+
+    fn names(e: &Option<Event>) -> String {
+        match e {
+            Some(Event::Apply(p)) => format!("apply {}", p.metadata.name.as_deref().unwrap()),
+            Some(Event::Delete(p)) => format!("delete {}", p.metadata.name.as_deref().unwrap()),
+            Some(Event::InitApply(p)) => format!("list {}", p.metadata.name.as_deref().unwrap()),
+            Some(Event::Init) => "init".into(),
+            Some(Event::InitDone) => "done".into(),
+            None => "-".into(),
+        }
+    }
+
+    /// The store never holds more than the limit, decided requests leave it, and once requests
+    /// were left out, half the room free asks for a new listing (once).
+    #[test]
+    fn pending_requests_are_bounded_and_decided_ones_leave() {
+        let stats = Arc::new(PendingStats::new(3));
+        let mut p = Pending::new(3, stats.clone());
+        let mut admit = |e: Event| {
+            let (out, room) = p.admit(e);
+            (names(&out), room)
+        };
+        assert_eq!(admit(Event::Init), ("init".into(), false));
+        for n in ["a", "b", "c"] {
+            assert_eq!(
+                admit(Event::InitApply(pcr(n, false))),
+                (format!("list {n}"), false)
+            );
+        }
+        // Decided ones are never stored; beyond the limit, left out.
+        assert_eq!(
+            admit(Event::InitApply(pcr("old", true))),
+            ("-".into(), false)
+        );
+        assert_eq!(
+            admit(Event::InitApply(pcr("d", false))),
+            ("-".into(), false)
+        );
+        assert_eq!(admit(Event::InitDone), ("done".into(), false));
+        assert_eq!(admit(Event::Apply(pcr("e", false))), ("-".into(), false));
+        // An update of one it holds still passes when full.
+        assert_eq!(
+            admit(Event::Apply(pcr("a", false))),
+            ("apply a".into(), false)
+        );
+        assert_eq!(stats.pending.load(Ordering::Relaxed), 3);
+        assert_eq!(stats.deferred.load(Ordering::Relaxed), 2);
+        // Decisions empty it; at half the limit (1), it is time to list again, said once.
+        assert_eq!(
+            admit(Event::Apply(pcr("a", true))),
+            ("delete a".into(), false)
+        );
+        assert_eq!(
+            admit(Event::Apply(pcr("b", true))),
+            ("delete b".into(), true)
+        );
+        assert_eq!(
+            admit(Event::Delete(pcr("c", false))),
+            ("delete c".into(), false)
+        );
+        assert_eq!(
+            admit(Event::Apply(pcr("b", true))),
+            ("-".into(), false),
+            "gone already"
+        );
+        assert_eq!(stats.pending.load(Ordering::Relaxed), 0);
+        assert_eq!(stats.peak.load(Ordering::Relaxed), 3);
+    }
+
+    /// A new listing while the store is full counts against the same limit (the old store
+    /// lives until the listing ends), and asks for a fresh one when it ends short.
+    #[test]
+    fn a_listing_and_the_store_together_stay_under_the_limit() {
+        let stats = Arc::new(PendingStats::new(2));
+        let mut p = Pending::new(2, stats.clone());
+        for e in [
+            Event::Init,
+            Event::InitApply(pcr("a", false)),
+            Event::InitApply(pcr("b", false)),
+            Event::InitDone,
+        ] {
+            p.admit(e);
+        }
+        assert!(!p.admit(Event::Init).1);
+        assert!(
+            p.admit(Event::InitApply(pcr("a", false))).0.is_none(),
+            "no room: a is in the old store"
+        );
+        assert_eq!(stats.peak.load(Ordering::Relaxed), 2);
+        let (out, room) = p.admit(Event::InitDone);
+        assert!(matches!(out, Some(Event::InitDone)));
+        assert!(
+            room,
+            "the listing came up short: list again with an empty store"
+        );
+        assert_eq!(stats.pending.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn the_store_keeps_a_slim_request() {
+        let mut p = pcr("a", false);
+        p.spec.unverified_user_annotations = Some(
+            (0..7)
+                .map(|i| (format!("example.com/k{i}"), "v".repeat(1000)))
+                .collect(),
+        );
+        let s = slim(p);
+        assert!(s.metadata.annotations.is_none() && s.metadata.managed_fields.is_none());
+        let a = s.spec.unverified_user_annotations.unwrap();
+        assert_eq!(a.len(), 5, "still non-empty: the request is still denied");
+        assert!(a.values().all(String::is_empty));
+        assert_eq!(s.spec.pod_name, "web");
+    }
+
+    #[test]
+    fn only_a_pod_certificate_volume_for_our_signer_counts() {
+        let pod = |sources: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "web"},
+                "spec": {"containers": [], "volumes": [
+                    {"name": "empty", "emptyDir": {}},
+                    {"name": "v", "projected": {"sources": sources}}]}
+            }))
+            .unwrap()
+        };
+        let pc = |signer: &str| serde_json::json!({"podCertificate": {"signerName": signer, "keyType": "ECDSAP256", "credentialBundlePath": "c.pem"}});
+        let ctb = serde_json::json!({"clusterTrustBundle": {"signerName": DEFAULT_SIGNER_NAME, "path": "roots.pem"}});
+        assert!(mounts_pod_certificate(
+            &pod(serde_json::json!([ctb.clone(), pc(DEFAULT_SIGNER_NAME)])),
+            DEFAULT_SIGNER_NAME
+        ));
+        assert!(!mounts_pod_certificate(
+            &pod(serde_json::json!([ctb, pc("example.com/other")])),
+            DEFAULT_SIGNER_NAME
+        ));
+        assert!(!mounts_pod_certificate(
+            &pod(serde_json::json!([])),
+            DEFAULT_SIGNER_NAME
+        ));
+        assert!(!mounts_pod_certificate(
+            &Pod::default(),
+            DEFAULT_SIGNER_NAME
+        ));
     }
 
     #[test]

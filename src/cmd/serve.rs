@@ -165,6 +165,11 @@ pub struct Args {
     #[arg(long, default_value_t = 32, value_name = "N")]
     pub pod_cert_workers: u16,
 
+    /// With --store kube: undecided PodCertificateRequests the leader holds in memory at most
+    /// (the rest wait in the API server and are listed again when there is room).
+    #[arg(long, default_value_t = crate::cluster::podcert::DEFAULT_MAX_PENDING, value_name = "N")]
+    pub pod_cert_max_pending: usize,
+
     /// Do not sign PodCertificateRequests nor publish a ClusterTrustBundle (with --store kube,
     /// both are on by default).
     #[arg(long)]
@@ -416,6 +421,7 @@ impl Args {
                 || crate::app::config::PodCertConfig {
                     signer_name: self.pod_cert_signer_name.clone(),
                     workers: self.pod_cert_workers,
+                    max_pending: self.pod_cert_max_pending,
                 },
             ),
         };

@@ -92,7 +92,13 @@ pub struct Metrics {
     pub connections: super::conn::ConnectionMetrics,
     /// The plugged-in CA's reloads, for `citadel_ca_plugged_reload_total{result}`.
     pub plugged: std::sync::OnceLock<std::sync::Arc<crate::ca::reload::ReloadStats>>,
+    /// Metrics of components above this layer (the Pod Certificates signer's in-memory
+    /// requests), registered by the application: each appends its own exposition text.
+    pub sources: Mutex<Vec<MetricSource>>,
 }
+
+/// Appends one component's metrics to the exposition text.
+pub type MetricSource = Box<dyn Fn(&mut String) + Send + Sync>;
 
 /// Node impersonation's metrics (`citadel_impersonation_*`, `citadel_pod_index_*`): which
 /// node accounts got certificates for others, and which check refused the rest.
@@ -309,6 +315,14 @@ impl Metrics {
         }
         self.impersonation.render(&mut out);
         self.connections.render(&mut out);
+        for source in self
+            .sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            source(&mut out);
+        }
         if let Some(r) = self.remote_clusters.get() {
             let (known, reachable) = r.counts();
             let _ = writeln!(out, "# HELP citadel_remote_clusters Remote clusters whose tokens are accepted (known), and of those, the ones whose API server answered its last probe (reachable).\n# TYPE citadel_remote_clusters gauge\ncitadel_remote_clusters{{state=\"known\"}} {known}\ncitadel_remote_clusters{{state=\"reachable\"}} {reachable}");

@@ -240,6 +240,11 @@ fn replica(kube: &KubeEnv, name: &str) -> Replica {
 }
 
 pub(crate) fn replica_in(kube: &KubeEnv, name: &str, namespace: &str) -> Replica {
+    replica_with(kube, name, namespace, &[])
+}
+
+/// A replica with `extra` flags appended to the usual ones.
+pub(crate) fn replica_with(kube: &KubeEnv, name: &str, namespace: &str, extra: &[&str]) -> Replica {
     let dir = tempfile::tempdir().unwrap();
     let (addr, metrics) = (free_addr(), free_addr());
     let log = std::fs::File::create(kube.dir.join(format!("{name}.log"))).unwrap();
@@ -268,6 +273,7 @@ pub(crate) fn replica_in(kube: &KubeEnv, name: &str, namespace: &str) -> Replica
             "--metrics-listen",
             &metrics.to_string(),
         ])
+        .args(extra)
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn()

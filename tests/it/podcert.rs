@@ -11,10 +11,11 @@ use citadel::cluster::podcert::{is_decided, DEFAULT_SIGNER_NAME};
 use futures_util::{StreamExt, TryStreamExt};
 use k8s_openapi::api::certificates::v1::{ClusterTrustBundle, PodCertificateRequest};
 use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::{watcher, WatchStreamExt};
 
-use crate::kube::{leads, ready, replica_in, Replica};
+use crate::kube::{leads, ready, replica_in, replica_with, Replica};
 use crate::support::*;
 
 const CTB: &str = "citadel.dev:spiffe:roots";
@@ -45,6 +46,18 @@ async fn kubelet(kube: &KubeEnv) -> Kubelet {
 
 /// A pod bound to `node` that mounts its SVID and the roots as the docs show.
 async fn pod(kube: &KubeEnv, ns: &str, name: &str, sa: &str, node: &str) -> Pod {
+    pod_for_signer(kube, ns, name, sa, node, DEFAULT_SIGNER_NAME).await
+}
+
+/// The same pod, but its `podCertificate` volume (and trust bundle) name `signer`.
+async fn pod_for_signer(
+    kube: &KubeEnv,
+    ns: &str,
+    name: &str,
+    sa: &str,
+    node: &str,
+    signer: &str,
+) -> Pod {
     let p: Pod = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": ns},
@@ -54,9 +67,9 @@ async fn pod(kube: &KubeEnv, ns: &str, name: &str, sa: &str, node: &str) -> Pod 
             "containers": [{"name": "app", "image": "registry.k8s.io/pause:3.10",
                 "volumeMounts": [{"name": "spiffe", "mountPath": "/var/run/spiffe", "readOnly": true}]}],
             "volumes": [{"name": "spiffe", "projected": {"sources": [
-                {"podCertificate": {"signerName": DEFAULT_SIGNER_NAME, "keyType": "ECDSAP256",
+                {"podCertificate": {"signerName": signer, "keyType": "ECDSAP256",
                                     "credentialBundlePath": "svid.pem"}},
-                {"clusterTrustBundle": {"signerName": DEFAULT_SIGNER_NAME,
+                {"clusterTrustBundle": {"signerName": signer,
                     "labelSelector": {"matchLabels": {"app.kubernetes.io/managed-by": "citadel"}},
                     "path": "roots.pem"}}
             ]}}]
@@ -731,4 +744,355 @@ async fn a_burst_of_500_is_decided_once_each_even_when_the_leader_dies() {
     );
     watch.abort();
     drop(follower);
+}
+
+/// A client for the API server as someone else: the admin's kubeconfig with `user` (YAML
+/// lines under `user:`) in place of the admin's credentials, or added to them.
+async fn client_as(kube: &KubeEnv, file: &str, user: &str, keep_admin: bool) -> kube::Client {
+    let admin = std::fs::read_to_string(&kube.kubeconfig).unwrap();
+    let mut out = String::new();
+    for l in admin.lines() {
+        if l.trim_start().starts_with("token: ") {
+            if keep_admin {
+                out.push_str(l);
+                out.push('\n');
+            }
+            for u in user.lines() {
+                out.push_str("    ");
+                out.push_str(u);
+                out.push('\n');
+            }
+        } else {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    let path = kube.dir.join(file);
+    std::fs::write(&path, out).unwrap();
+    citadel::cluster::client(Some(&path)).await.unwrap()
+}
+
+/// The API server's refusal of a create: (HTTP code, message).
+fn refusal(r: Result<PodCertificateRequest, kube::Error>) -> (u16, String) {
+    match r {
+        Err(kube::Error::Api(s)) => (s.code, s.message.to_string()),
+        other => panic!("expected a refusal by the API server, got {other:?}"),
+    }
+}
+
+fn condition_message(p: &PodCertificateRequest) -> String {
+    p.status.as_ref().unwrap().conditions.as_ref().unwrap()[0]
+        .message
+        .clone()
+}
+
+/// M1 (issue 20): a request's facts (pod, UIDs, node) are readable by whoever creates it, so
+/// only the admission policy in deploy/ (the requester must be the pod's node) keeps a user
+/// or ServiceAccount granted `create` on podcertificaterequests from getting a pod's SVID for
+/// its own key; citadel on its own refuses what it can see (a pod that mounts no
+/// `podCertificate` volume for its signer), from anyone.
+#[tokio::test]
+async fn only_the_pods_kubelet_gets_a_pod_certificate() {
+    let Some(kube) = KubeEnv::start().await else {
+        return;
+    };
+    if !require_tool("kubectl") {
+        return;
+    }
+    kube.namespace("citadel").await;
+    for sa in ["cart", "attacker"] {
+        kube.service_account("shop", sa).await;
+    }
+    let node = kubelet(&kube).await;
+    let web = pod(&kube, "shop", "web", "cart", &node.node).await;
+    // Mounts a pod certificate, but from another signer.
+    let plain = pod_for_signer(
+        &kube,
+        "shop",
+        "plain",
+        "cart",
+        &node.node,
+        "example.com/other",
+    )
+    .await;
+    let cart_uid = sa_uid(&kube, "shop", "cart").await;
+
+    // Requesters other than the kubelet, each granted `create` on podcertificaterequests in
+    // shop by RBAC: a ServiceAccount, a user, and a user named like the node but outside
+    // the system:nodes group (so neither the Node authorizer nor NodeRestriction apply to it).
+    let roles: Api<Role> = Api::namespaced(kube.client.clone(), "shop");
+    let bindings: Api<RoleBinding> = Api::namespaced(kube.client.clone(), "shop");
+    let role = serde_json::from_value(serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "pcr-creator", "namespace": "shop"},
+        "rules": [{"apiGroups": ["certificates.k8s.io"], "resources": ["podcertificaterequests"],
+                   "verbs": ["create", "get"]}]
+    }))
+    .unwrap();
+    roles.create(&PostParams::default(), &role).await.unwrap();
+    let binding = serde_json::from_value(serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "pcr-creator", "namespace": "shop"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pcr-creator"},
+        "subjects": [
+            {"kind": "ServiceAccount", "name": "attacker", "namespace": "shop"},
+            {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "mallory"},
+            {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": format!("system:node:{}", node.node)},
+        ]
+    }))
+    .unwrap();
+    bindings
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    let sa_token = kube
+        .token(
+            "shop",
+            "attacker",
+            "https://kubernetes.default.svc.cluster.local",
+        )
+        .await;
+    let as_sa = client_as(&kube, "sa-kubeconfig", &format!("token: {sa_token}"), false).await;
+    let as_user = client_as(&kube, "mallory-kubeconfig", "as: mallory", true).await;
+    let as_fake_node = client_as(
+        &kube,
+        "fake-node-kubeconfig",
+        &format!("as: system:node:{}\nas-groups: [spoofers]", node.node),
+        true,
+    )
+    .await;
+    let others = [
+        ("sa", &as_sa),
+        ("user", &as_user),
+        ("fake-node", &as_fake_node),
+        ("admin", &kube.client),
+    ];
+
+    let ca = replica_in(&kube, "m1-a", "citadel");
+    eventually("replica ready and leading", 30, async || {
+        ready(&ca).await && leads(&ca).await
+    })
+    .await;
+    eventually("ClusterTrustBundle published", 15, async || {
+        ctb(&kube).await.is_some()
+    })
+    .await;
+    let roots = ctb_roots(&kube).await.unwrap();
+    let cart = spiffe("shop", "cart");
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    // The same request (the pod's facts, one key) whoever sends it.
+    let req = |name: &str, pod: &Pod| {
+        pcr_object(&Req {
+            name,
+            pod,
+            sa: "cart",
+            sa_uid: &cart_uid,
+            node: &node,
+            key: &key,
+            max_expiration: Some(3600),
+        })
+    };
+    let create = async |client: &kube::Client, pcr: PodCertificateRequest| {
+        Api::<PodCertificateRequest>::namespaced(client.clone(), "shop")
+            .create(&PostParams::default(), &pcr)
+            .await
+    };
+
+    // 1. citadel alone (no policy installed). A pod that mounts no podCertificate volume for
+    // citadel's signer: its kubelet may not even ask (NodeRestriction), and a request from
+    // anyone else is Denied by citadel, with the reason.
+    let (code, msg) = refusal(create(&node.client, req("plain-kubelet", &plain)).await);
+    eprintln!("NodeRestriction, pod without the volume: {code} {msg}");
+    assert_eq!(code, 403, "{msg}");
+    assert!(
+        msg.contains("does not mount a podCertificate projected volume"),
+        "{msg}"
+    );
+    for (who, client) in others {
+        let name = format!("plain-{who}");
+        create(client, req(&name, &plain)).await.unwrap();
+        let d = decided(&kube, "shop", &name).await;
+        assert_eq!(
+            condition(&d),
+            ("Denied".into(), "NoPodCertificateVolume".into()),
+            "{who}"
+        );
+        let msg = condition_message(&d);
+        assert!(
+            msg.contains("shop/plain") && msg.contains(DEFAULT_SIGNER_NAME),
+            "{msg}"
+        );
+        assert!(d.status.as_ref().unwrap().certificate_chain.is_none());
+    }
+    // What citadel cannot see: the same request for a pod that does mount the volume, from
+    // the ServiceAccount, with its own key. Nothing in the object says who created it
+    // (managedFields name a field manager the client picks, not the user), so without the
+    // policy it is Issued: this is what deploy/podcertificate-policy.yaml is for.
+    create(&as_sa, req("web-sa-without-policy", &web))
+        .await
+        .unwrap();
+    let d = decided(&kube, "shop", "web-sa-without-policy").await;
+    assert_eq!(condition(&d).0, "Issued", "citadel alone cannot tell");
+
+    // 2. With the policy from deploy/, applied as an operator would.
+    let out = std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&kube.kubeconfig)
+        .args(["apply", "-f", "deploy/podcertificate-policy.yaml"])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kubectl apply failed:\n{text}");
+    // The API server compiles and starts enforcing a new policy within moments: wait with
+    // dry runs, which go through admission but store nothing.
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let sa_pcrs: Api<PodCertificateRequest> = Api::namespaced(as_sa.clone(), "shop");
+    eventually("the policy enforced", 30, async || {
+        sa_pcrs.create(&dry, &req("probe", &web)).await.is_err()
+    })
+    .await;
+
+    // The pod's kubelet: admitted and Issued, verified to the ClusterTrustBundle's roots.
+    create(&node.client, req("web-kubelet", &web))
+        .await
+        .unwrap();
+    check_issued(
+        &decided(&kube, "shop", "web-kubelet").await,
+        &roots,
+        &cart,
+        3600,
+    );
+    // Everyone else, the cluster admin included: refused at admission, nothing stored.
+    for (who, client) in others {
+        let name = format!("web-{who}");
+        let (code, msg) = refusal(create(client, req(&name, &web)).await);
+        eprintln!("the policy, {who}: {code} {msg}");
+        assert_eq!(code, 403, "{who}: {msg}");
+        assert!(
+            msg.contains("citadel-pod-certificate-requests")
+                && msg.contains("only the kubelet of node node-a"),
+            "{who}: {msg}"
+        );
+        assert!(
+            Api::<PodCertificateRequest>::namespaced(kube.client.clone(), "shop")
+                .get_opt(&name)
+                .await
+                .unwrap()
+                .is_none(),
+            "{who}: refused requests are not stored"
+        );
+    }
+    // Requests for other signers are not the policy's business.
+    let mut other = req("other-signer", &web);
+    other.spec.signer_name = "example.com/other".into();
+    sa_pcrs.create(&dry, &other).await.unwrap();
+    // The kubelet still cannot ask for a pod without the volume (NodeRestriction).
+    let (code, _) = refusal(create(&node.client, req("plain-kubelet-2", &plain)).await);
+    assert_eq!(code, 403);
+    assert!(ready(&ca).await, "the signer keeps serving");
+    drop(ca);
+}
+
+async fn metric_value(r: &Replica, name: &str) -> Option<f64> {
+    let (_, m) = http_get(r.metrics, "/metrics").await.ok()?;
+    m.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Low (issue 20): what the leader keeps in memory per request is bounded. 300 requests wait
+/// undecided before any signer runs; the leader, allowed 25 in memory, holds at most 25 at a
+/// time (the rest are listed again as those are decided), keeps none once decided, and still
+/// issues all 300, once each.
+#[tokio::test]
+async fn many_requests_never_hold_more_than_max_pending_in_memory() {
+    let Some(kube) = KubeEnv::start().await else {
+        return;
+    };
+    kube.namespace("citadel").await;
+    kube.service_account("shop", "cart").await;
+    let node = kubelet(&kube).await;
+    let mut pods = Vec::new();
+    for i in 0..5 {
+        pods.push(pod(&kube, "shop", &format!("web-{i}"), "cart", &node.node).await);
+    }
+    let cart_uid = sa_uid(&kube, "shop", "cart").await;
+    burst(&node, &pods, &cart_uid, "many", 300).await;
+
+    let ca = replica_with(
+        &kube,
+        "bound-a",
+        "citadel",
+        &["--pod-cert-max-pending", "25"],
+    );
+    eventually("replica ready and leading", 30, async || {
+        ready(&ca).await && leads(&ca).await
+    })
+    .await;
+    let pcrs: Api<PodCertificateRequest> = Api::namespaced(kube.client.clone(), "shop");
+    let t0 = Instant::now();
+    let mut peak_seen = 0.0f64;
+    eventually("all 300 decided", 120, async || {
+        if let Some(v) = metric_value(&ca, "citadel_pod_cert_pending_requests").await {
+            peak_seen = peak_seen.max(v);
+        }
+        let all = pcrs.list(&Default::default()).await.unwrap().items;
+        all.iter().filter(|p| is_decided(p)).count() == 300
+    })
+    .await;
+    eprintln!(
+        "300 requests decided in {:?} with at most 25 in memory (largest sample {peak_seen})",
+        t0.elapsed()
+    );
+    let all = pcrs.list(&Default::default()).await.unwrap().items;
+    let mut serials = HashSet::new();
+    for p in &all {
+        assert_eq!(condition(p).0, "Issued", "{:?}", p.metadata.name);
+        let chain = p
+            .status
+            .as_ref()
+            .unwrap()
+            .certificate_chain
+            .as_deref()
+            .unwrap();
+        let leaf = citadel::pki::pem::parse_certs(chain.as_bytes()).unwrap();
+        let info = citadel::pki::chain::describe(&leaf[0]).unwrap();
+        assert!(
+            serials.insert(info.serial_hex),
+            "a certificate in two requests"
+        );
+    }
+    assert_eq!(
+        metric_value(&ca, "citadel_pod_cert_pending_limit").await,
+        Some(25.0)
+    );
+    let peak = metric_value(&ca, "citadel_pod_cert_pending_requests_peak")
+        .await
+        .unwrap();
+    assert!(
+        peak <= 25.0 && peak_seen <= 25.0,
+        "peak {peak}, sampled {peak_seen}"
+    );
+    assert_eq!(peak, 25.0, "the cache was full while 300 waited");
+    assert!(
+        metric_value(&ca, "citadel_pod_cert_requests_deferred_total")
+            .await
+            .unwrap()
+            >= 275.0,
+        "the ones that did not fit were counted"
+    );
+    eventually("decided requests leave memory", 15, async || {
+        metric_value(&ca, "citadel_pod_cert_pending_requests").await == Some(0.0)
+    })
+    .await;
+    assert!(
+        metric_value(&ca, "citadel_pod_cert_relists_total")
+            .await
+            .unwrap()
+            >= 1.0
+    );
+    drop(ca);
 }
