@@ -140,12 +140,18 @@ impl RootRotation {
     }
 }
 
+/// The `issuer` of a revoked serial that no replica's issuance index knows (a lost disk, a
+/// serial from before the index existed): the CRL of every intermediate that could have
+/// issued it lists it, yet the journal holds it once, not once per intermediate (each copy
+/// cost a record, a CRL-record entry and a CRL entry, times every unexpired intermediate).
+pub const ANY_INTERMEDIATE: &str = "*";
+
 /// A revoked certificate, kept in the journal so its issuer's CRL lists it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Revocation {
     /// Serial, lowercase hex without leading zero octets.
     pub serial: String,
-    /// The authority that issued the certificate.
+    /// The authority that issued the certificate, or [`ANY_INTERMEDIATE`].
     pub issuer: String,
     /// The certificate's SPIFFE ID, from the issuance-index entry it was revoked by.
     pub identity: Option<String>,
@@ -157,7 +163,30 @@ pub struct Revocation {
     pub reason: String,
 }
 
-/// An identity refused new certificates (`citadel revoke --identity`).
+impl Revocation {
+    /// Whether the CRL of authority `a` lists this revocation: its issuer's, or for an
+    /// [`ANY_INTERMEDIATE`] serial, that of every intermediate that existed and had not
+    /// expired when it was revoked (a later one cannot have issued it).
+    pub fn listed_by(&self, a: &AuthorityRecord) -> bool {
+        if self.issuer == ANY_INTERMEDIATE {
+            a.role == Role::Intermediate
+                && a.created_at <= self.revoked_at
+                && a.not_after > self.revoked_at
+        } else {
+            self.issuer == a.id
+        }
+    }
+}
+
+/// An identity refused new certificates (`citadel revoke --identity`, or a `Revocation`
+/// resource).
+///
+/// It refuses the identity every new certificate for as long as it is in the journal, and
+/// each replica's sweep puts that identity's certificates on the CRL. A denial written by the
+/// Revocation controller names its resource and is lifted (removed) once no Revocation names
+/// the identity any more; one written by `citadel revoke` on a state directory stays until
+/// `citadel revoke --lift`. The certificates it revoked stay on the CRL either way, until they
+/// expire: lifting a denial never un-revokes.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DeniedIdentity {
     /// The SPIFFE ID, as a URI string.
@@ -167,6 +196,10 @@ pub struct DeniedIdentity {
     /// The CRL reason name, one of `ca::crl::REASONS`; also used for its certificates revoked by
     /// the sweep.
     pub reason: String,
+    /// The Revocation resource (`<namespace>/<name>`) that holds it; `None` for a denial made
+    /// on a state directory or written before denials could be lifted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revocation: Option<String>,
 }
 
 /// The latest CRL one authority signed, as published.
@@ -338,6 +371,14 @@ impl Journal {
     /// The revocation of this serial (lowercase hex), if any.
     pub fn is_revoked(&self, serial: &str) -> Option<&Revocation> {
         self.revocations.iter().find(|r| r.serial == serial)
+    }
+
+    /// The revocations the CRL of authority `issuer` lists (see [`Revocation::listed_by`]).
+    pub fn listed_by<'a>(&'a self, issuer: &str) -> impl Iterator<Item = &'a Revocation> + 'a {
+        let authority = self.get(issuer);
+        self.revocations
+            .iter()
+            .filter(move |r| authority.is_some_and(|a| r.listed_by(a)))
     }
 
     /// The authority with this id.

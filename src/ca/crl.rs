@@ -39,12 +39,7 @@ pub fn reason_code(reason: &str) -> Option<RevocationReason> {
 
 /// The serials `issuer` must list, sorted.
 pub fn serials_for(j: &Journal, issuer: &str) -> Vec<String> {
-    let mut s: Vec<String> = j
-        .revocations
-        .iter()
-        .filter(|r| r.issuer == issuer)
-        .map(|r| r.serial.clone())
-        .collect();
+    let mut s: Vec<String> = j.listed_by(issuer).map(|r| r.serial.clone()).collect();
     s.sort();
     s
 }
@@ -71,9 +66,7 @@ pub fn sign(
     let next_update = crate::clock::checked_add(now, validity)
         .ok_or_else(|| CaError::Config("--crl-validity is out of range".into()))?;
     let revoked_certs = j
-        .revocations
-        .iter()
-        .filter(|r| r.issuer == issuer)
+        .listed_by(issuer)
         .map(|r| {
             Ok(RevokedCertParams {
                 serial_number: SerialNumber::from_slice(

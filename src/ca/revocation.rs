@@ -122,8 +122,20 @@ pub fn deny_identity(
         identity: identity.to_string(),
         since: now.unix_timestamp(),
         reason: reason.to_string(),
+        revocation: None,
     });
     revoke_denied(j, live, now, crl_validity)
+}
+
+/// Lifts the denial of `identity` (`citadel revoke --lift`): it may get certificates again.
+/// The certificates the denial revoked stay on the CRL until they expire.
+pub fn lift_identity(j: &mut Journal, identity: &str) -> Result<DeniedIdentity, String> {
+    let i = j
+        .denied
+        .iter()
+        .position(|d| d.identity == identity)
+        .ok_or_else(|| format!("{identity} is not denied; nothing changed"))?;
+    Ok(j.denied.remove(i))
 }
 
 /// Puts on the CRL every certificate in `live` whose identity the journal denies and that is

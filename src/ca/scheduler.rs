@@ -171,15 +171,20 @@ impl Scheduler {
             .collect();
         if live.iter().any(|e| !revoked.contains(e.serial.as_str())) {
             let validity = self.policy.crl_validity;
-            let result = super::update::update_journal(self.store.as_ref(), |j| {
-                revocation::revoke_denied(j, &live, now, validity).map_err(|e| e.to_string())
+            // A revocation write like any other: it stops at the store's revocation ceiling,
+            // so a sweep can never take the room rotation needs (it is retried each pass).
+            let result = super::update::update_revocations(self.store.as_ref(), |j| {
+                revocation::revoke_denied(j, &live, now, validity)
+                    .map(|n| (n > 0).then_some(n))
+                    .map_err(|e| e.to_string())
             })
             .await;
             match result {
-                Ok((n, j, rev)) => {
+                Ok(Some((n, j, rev))) => {
                     tracing::info!(target: "citadel::audit", event = "denied_identity_swept", revoked_certificates = n, "revoked certificates of denied identities signed before the denial reached this replica");
                     written = Some((j, rev));
                 }
+                Ok(None) => {}
                 Err(e) => {
                     // Not marked as swept: the next pass tries again.
                     return Err(CaError::Config(format!(

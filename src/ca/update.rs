@@ -46,6 +46,44 @@ pub enum UpdateError {
     /// The updated journal did not produce a valid signer or CRL.
     #[error(transparent)]
     Ca(#[from] CaError),
+    /// Revocations would take the journal past the store's revocation ceiling
+    /// ([`Store::revocation_ceiling`]); nothing was written.
+    #[error(
+        "the CA journal would be {bytes} bytes with this change, over the {ceiling} bytes \
+             revocations may fill ({revocations} unexpired revocations, {denied} denied \
+             identities; the rest is kept for rotation and CRLs); nothing was written. Delete \
+             Revocations of identities that need no denial any more, or wait until revoked \
+             certificates expire"
+    )]
+    JournalFull {
+        /// The size the journal would have had.
+        bytes: usize,
+        /// The ceiling.
+        ceiling: usize,
+        /// Revocation records in the journal the change was refused on.
+        revocations: usize,
+        /// Denials in it.
+        denied: usize,
+    },
+}
+
+/// Refuses `j` if it is over `ceiling` bytes as stored (the store writes this same JSON).
+pub fn check_ceiling(j: &Journal, ceiling: Option<usize>) -> Result<(), UpdateError> {
+    let Some(ceiling) = ceiling else {
+        return Ok(());
+    };
+    let bytes = serde_json::to_vec(j)
+        .map_err(|e| UpdateError::Refused(format!("cannot encode the journal: {e}")))?
+        .len();
+    if bytes <= ceiling {
+        return Ok(());
+    }
+    Err(UpdateError::JournalFull {
+        bytes,
+        ceiling,
+        revocations: j.revocations.len(),
+        denied: j.denied.len(),
+    })
 }
 
 /// Applies `change` to the stored journal with compare-and-swap, retrying on conflicts, then
@@ -54,17 +92,44 @@ pub async fn update_journal<T>(
     store: &dyn Store,
     mut change: impl FnMut(&mut Journal) -> Result<T, String>,
 ) -> Result<(T, Journal, Revision), UpdateError> {
+    let written = update(store, None, |j| change(j).map(Some)).await?;
+    // `change` never answers "unchanged" here, so there always is a write.
+    written.ok_or(UpdateError::Contended)
+}
+
+/// [`update_journal`] for a change that adds revocations or denials: refused with
+/// [`UpdateError::JournalFull`] BEFORE writing when the result would pass the store's
+/// [`Store::revocation_ceiling`], so revocations can never take the room rotation and CRL
+/// re-signing need. `change` answers `None` when the journal already says what it wants:
+/// then nothing is written and this returns `None`.
+pub async fn update_revocations<T>(
+    store: &dyn Store,
+    change: impl FnMut(&mut Journal) -> Result<Option<T>, String>,
+) -> Result<Option<(T, Journal, Revision)>, UpdateError> {
+    update(store, store.revocation_ceiling(), change).await
+}
+
+/// The one compare-and-swap loop: `change` on a fresh copy, the ceiling checked, written.
+/// `None` from `change` means nothing to write.
+pub async fn update<T>(
+    store: &dyn Store,
+    ceiling: Option<usize>,
+    mut change: impl FnMut(&mut Journal) -> Result<Option<T>, String>,
+) -> Result<Option<(T, Journal, Revision)>, UpdateError> {
     for attempt in 0..ATTEMPTS {
         let cur = store
             .load_journal()
             .await?
             .ok_or_else(|| UpdateError::NoJournal(store.describe()))?;
         let mut j = cur.value.clone();
-        let out = change(&mut j).map_err(UpdateError::Refused)?;
+        let Some(out) = change(&mut j).map_err(UpdateError::Refused)? else {
+            return Ok(None);
+        };
+        check_ceiling(&j, ceiling)?;
         match store.save_journal(&j, Some(&cur.revision)).await {
             Ok(rev) => {
                 store.publish_crl(&crl::bundle(&j)).await?;
-                return Ok((out, j, rev));
+                return Ok(Some((out, j, rev)));
             }
             Err(StoreError::Conflict) => {
                 let backoff = FIRST_BACKOFF

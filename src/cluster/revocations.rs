@@ -24,7 +24,7 @@
 //! nothing. A crash between the journal write and the status patch is finished by the next
 //! reconcile (the watch's initial list at start), because status is derived from the journal.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use crate::ca::{crl, revocation};
 use crate::clock::SharedClock;
 use crate::identity::SpiffeId;
-use crate::journal::{Journal, Role, Status};
+use crate::journal::{Journal, Status, ANY_INTERMEDIATE};
 use crate::shutdown::Shutdown;
 use crate::store::index::{IssuanceIndex, IssuedEntry};
 use crate::store::Store;
@@ -51,6 +51,17 @@ pub const FALLBACK_AFTER: Duration = Duration::from_secs(10);
 
 /// The condition type every Revocation carries.
 pub const APPLIED: &str = "Applied";
+
+/// The shape the CRD (and [`target`]) accepts for `spec.identity`: the identity of a
+/// Kubernetes service account, with Kubernetes' own name rules (a namespace is a DNS label of
+/// at most 63 characters, a service-account name a DNS subdomain of at most 253, checked by a
+/// second rule), so an identity is at most 588 characters (a 255-character trust domain) and
+/// a denial at most ~700 bytes of the journal.
+pub const IDENTITY_RULE: &str = "self.matches('^spiffe://[a-z0-9._-]{1,255}/ns/[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/sa/[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?([.][a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$')";
+
+/// How often each replica looks for denials whose Revocation is gone (an in-memory check; the
+/// API server is asked only when one is found).
+pub const LIFT_EVERY: Duration = Duration::from_secs(5);
 
 /// RFC 5280 revocation reasons, as `spec.reason` spells them (the names of [`crl::REASONS`]).
 #[derive(
@@ -137,10 +148,11 @@ pub struct RevocationSpec {
     #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new("self.matches('^(0[xX])?[0-9a-fA-F:]{1,59}$')").message("serial must be hex (colons allowed), at most 20 bytes, e.g. 3a:9f:0c or 3a9f0c"))]
     pub serial: Option<String>,
-    /// SPIFFE ID to deny from now on; its live certificates are revoked.
+    /// SPIFFE ID of a Kubernetes service account, spiffe://<trust domain>/ns/<namespace>/sa/<name>, to deny while this Revocation exists; its live certificates are revoked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 2048))]
-    #[x_kube(validation = Rule::new("self.matches('^spiffe://[a-z0-9._-]+(/[A-Za-z0-9._-]+)+$')").message("identity must be a SPIFFE ID such as spiffe://cluster.local/ns/shop/sa/frontend"))]
+    #[schemars(length(max = 588))]
+    #[x_kube(validation = Rule::new(IDENTITY_RULE).message("identity must be a SPIFFE ID of a Kubernetes service account, spiffe://<trust domain>/ns/<namespace>/sa/<name> (namespace: a DNS label of at most 63 characters; name: a DNS subdomain), such as spiffe://cluster.local/ns/shop/sa/frontend"))]
+    #[x_kube(validation = Rule::new("self.size() - self.indexOf('/sa/') - 4 <= 253").message("the service account name in identity is longer than the 253 characters Kubernetes allows"))]
     pub identity: Option<String>,
     /// RFC 5280 reason, as it appears on the CRL.
     #[serde(default)]
@@ -255,33 +267,64 @@ pub fn target(spec: &RevocationSpec, trust_domain: &str) -> Result<Target, Strin
         (Some(s), None) => normalize_serial(s).map(Target::Serial).ok_or_else(|| {
             format!("spec.serial {s:?} is not a certificate serial: expected up to 20 bytes of hex")
         }),
-        (None, Some(i)) => {
-            let id = SpiffeId::parse(i).map_err(|e| format!("spec.identity: {e}"))?;
-            if id.trust_domain().as_str() != trust_domain {
-                return Err(format!(
-                    "spec.identity {id} is outside this CA's trust domain {trust_domain:?}"
-                ));
-            }
-            Ok(Target::Identity(id.to_string()))
-        }
+        (None, Some(i)) => identity_target(i, trust_domain).map(Target::Identity),
         _ => Err("name exactly one of spec.serial or spec.identity".into()),
     }
 }
 
+/// Checks an identity to deny (a Revocation's `spec.identity`, `citadel revoke --identity`):
+/// the SPIFFE ID of a Kubernetes service account in `trust_domain`, with Kubernetes' name
+/// rules. Anything else could never have been issued by this CA's token and pod paths, and
+/// an unbounded name would let denials fill the journal (issue 20, M2). Returns the ID in
+/// its one spelling.
+pub fn identity_target(raw: &str, trust_domain: &str) -> Result<String, String> {
+    let shown = || {
+        let head: String = raw.chars().take(80).collect();
+        if head.len() < raw.len() {
+            format!("{head:?}... ({} characters)", raw.chars().count())
+        } else {
+            format!("{head:?}")
+        }
+    };
+    let id = SpiffeId::parse(raw).map_err(|_| {
+        format!("spec.identity {} is not a SPIFFE ID such as spiffe://cluster.local/ns/shop/sa/frontend", shown())
+    })?;
+    if id.trust_domain().as_str() != trust_domain {
+        return Err(format!(
+            "spec.identity {} is outside this CA's trust domain {trust_domain:?}",
+            shown()
+        ));
+    }
+    if id.service_account().is_none() {
+        return Err(format!(
+            "spec.identity {} is not spiffe://{trust_domain}/ns/<namespace>/sa/<name> with \
+             Kubernetes names (namespace: a DNS label of at most 63 characters; service \
+             account: a DNS subdomain of at most 253): no certificate this CA issues carries it",
+            shown()
+        ));
+    }
+    Ok(id.to_string())
+}
+
 /// Whether `j` already does everything `target` asks that this replica can do with `mine`
-/// (its live index entries for the target): then nothing is written.
+/// (its live index entries for the target): then nothing is written. A denial must also name
+/// a Revocation as its holder (one written before denials could be lifted is adopted).
 pub fn satisfied(j: &Journal, target: &Target, mine: &[IssuedEntry]) -> bool {
     let all_mine_revoked = mine.iter().all(|e| j.is_revoked(&e.serial).is_some());
     match target {
-        Target::Identity(id) => j.is_denied(id).is_some() && all_mine_revoked,
+        Target::Identity(id) => {
+            j.is_denied(id).is_some_and(|d| d.revocation.is_some()) && all_mine_revoked
+        }
         Target::Serial(s) => j.is_revoked(s).is_some(),
     }
 }
 
-/// Applies `target` to the journal: the denial plus this replica's live certificates of the
-/// identity, or the serial (precisely if `mine` has it; on every unexpired intermediate's CRL
-/// if `fallback`). Returns how many certificates it newly put on a CRL; 0 means nothing changed
+/// Applies `target` to the journal: the denial (held by Revocation `holder`,
+/// `<namespace>/<name>`) plus this replica's live certificates of the identity, or the serial
+/// (precisely if `mine` has it; once, for every unexpired intermediate's CRL, if `fallback`).
+/// Returns how many certificates it newly put on a CRL, or `None` when it changed nothing
 /// (already applied, or a serial this replica cannot place yet).
+#[allow(clippy::too_many_arguments)]
 pub fn apply(
     j: &mut Journal,
     target: &Target,
@@ -290,55 +333,72 @@ pub fn apply(
     fallback: bool,
     now: time::OffsetDateTime,
     crl_validity: Duration,
-) -> Result<usize, String> {
+    holder: &str,
+) -> Result<Option<usize>, String> {
     let ts = now.unix_timestamp();
     match target {
         Target::Identity(id) => {
-            if j.is_denied(id).is_none() {
-                j.denied.push(crate::journal::DeniedIdentity {
-                    identity: id.clone(),
-                    since: ts,
-                    reason: reason.as_str().to_string(),
-                });
+            let mut changed = false;
+            match j.denied.iter_mut().find(|d| &d.identity == id) {
+                None => {
+                    j.denied.push(crate::journal::DeniedIdentity {
+                        identity: id.clone(),
+                        since: ts,
+                        reason: reason.as_str().to_string(),
+                        revocation: Some(holder.to_string()),
+                    });
+                    changed = true;
+                }
+                // Written before denials could be lifted: from now on this Revocation holds it.
+                Some(d) if d.revocation.is_none() => {
+                    d.revocation = Some(holder.to_string());
+                    changed = true;
+                }
+                Some(_) => {}
             }
-            revocation::revoke_denied(j, mine, now, crl_validity).map_err(|e| e.to_string())
+            let n =
+                revocation::revoke_denied(j, mine, now, crl_validity).map_err(|e| e.to_string())?;
+            Ok((changed || n > 0).then_some(n))
         }
         Target::Serial(s) => {
             if j.is_revoked(s).is_some() {
-                return Ok(0);
+                return Ok(None);
             }
             if let Some(e) = mine.iter().find(|e| &e.serial == s) {
                 revocation::revoke_serial(j, e, reason.as_str(), now, crl_validity)
                     .map_err(|e| e.to_string())?;
-                return Ok(1);
+                return Ok(Some(1));
             }
             if !fallback {
-                return Ok(0);
+                return Ok(None);
             }
-            // Nobody's index knows it: every intermediate that may still have issued it.
+            // Nobody's index knows it: recorded ONCE, for every intermediate that may still
+            // have issued it (`Revocation::listed_by`), and kept until the last of them expires.
+            let record = crate::journal::Revocation {
+                serial: s.clone(),
+                issuer: ANY_INTERMEDIATE.to_string(),
+                identity: None,
+                not_after: 0,
+                revoked_at: ts,
+                reason: reason.as_str().to_string(),
+            };
             let issuers: Vec<(String, i64)> = j
                 .authorities
                 .iter()
-                .filter(|a| {
-                    a.role == Role::Intermediate && a.status != Status::Retired && a.not_after > ts
-                })
+                .filter(|a| a.status != Status::Retired && record.listed_by(a))
                 .map(|a| (a.id.clone(), a.not_after))
                 .collect();
-            if issuers.is_empty() {
+            let Some(last) = issuers.iter().map(|(_, n)| *n).max() else {
                 return Err("no unexpired intermediate to list the serial on".into());
-            }
-            for (issuer, not_after) in &issuers {
-                j.revocations.push(crate::journal::Revocation {
-                    serial: s.clone(),
-                    issuer: issuer.clone(),
-                    identity: None,
-                    not_after: *not_after,
-                    revoked_at: ts,
-                    reason: reason.as_str().to_string(),
-                });
+            };
+            j.revocations.push(crate::journal::Revocation {
+                not_after: last,
+                ..record
+            });
+            for (issuer, _) in &issuers {
                 crl::sign(j, issuer, now, crl_validity).map_err(|e| e.to_string())?;
             }
-            Ok(1)
+            Ok(Some(1))
         }
     }
 }
@@ -367,7 +427,10 @@ pub fn journal_view(j: &Journal, target: &Target) -> Option<(i64, u64, Vec<CrlVe
     let mut crls: Vec<CrlVersion> = j
         .crls
         .iter()
-        .filter(|c| revoked.iter().any(|r| r.issuer == c.issuer))
+        .filter(|c| {
+            j.get(&c.issuer)
+                .is_some_and(|a| revoked.iter().any(|r| r.listed_by(a)))
+        })
         .map(|c| CrlVersion {
             issuer: c.issuer.clone(),
             number: c.number,
@@ -491,6 +554,14 @@ pub struct RevocationController {
     /// (uid, generation) -> index entries found, so a re-reconcile (every journal change)
     /// does not rescan the index.
     scanned: Mutex<BTreeMap<(String, i64), Vec<IssuedEntry>>>,
+    /// The newest journal this replica has seen, with its resourceVersion: filled by the
+    /// journal watch (which carries the whole Secret anyway) and by this controller's own
+    /// writes. Every reconcile of a pass reads it here, so a journal change costs no GET per
+    /// Revocation (issue 20, M3: it cost R GETs of a Secret up to 1 MiB, R^2 for R new ones).
+    journal: Mutex<Option<(crate::store::Revision, Arc<Journal>)>>,
+    /// One journal write at a time from this replica: reconciles run concurrently, and R of
+    /// them racing one compare-and-swap cost O(R^2) API calls in conflicts.
+    writer: tokio::sync::Mutex<()>,
     /// The CertificateAuthority resource (`serve --ca-resource`) that also gets the Events.
     ca_resource: String,
 }
@@ -501,6 +572,15 @@ fn certificate_authority() -> ApiResource {
         &GroupVersionKind::gvk("citadel.dev", "v1alpha1", "CertificateAuthority"),
         "certificateauthorities",
     )
+}
+
+/// Whether resourceVersion `a` is newer than `b`. Kubernetes calls them opaque, but they are
+/// etcd revisions and order as integers; anything else counts as newer (take what came last).
+fn newer(a: &crate::store::Revision, b: &crate::store::Revision) -> bool {
+    match (a.0.parse::<u64>(), b.0.parse::<u64>()) {
+        (Ok(a), Ok(b)) => a > b,
+        _ => a != b,
+    }
 }
 
 impl RevocationController {
@@ -536,13 +616,48 @@ impl RevocationController {
             crl_validity,
             wake,
             scanned: Mutex::new(BTreeMap::new()),
+            journal: Mutex::new(None),
+            writer: tokio::sync::Mutex::new(()),
             ca_resource: ca_resource.to_string(),
         })
     }
 
+    /// Keeps `v` as the newest journal seen unless a newer one is already kept; returns the
+    /// newest.
+    fn remember(&self, v: crate::store::Versioned<Journal>) -> Arc<Journal> {
+        let mut cache = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        match cache.as_ref() {
+            Some((rev, j)) if !newer(&v.revision, rev) => j.clone(),
+            _ => {
+                let j = Arc::new(v.value);
+                *cache = Some((v.revision, j.clone()));
+                j
+            }
+        }
+    }
+
+    /// The newest journal seen; read from the store only before the watch delivered one.
+    async fn current_journal(&self) -> Result<Arc<Journal>, RevocationError> {
+        if let Some((_, j)) = self
+            .journal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            return Ok(j.clone());
+        }
+        let loaded = self
+            .store
+            .load_journal()
+            .await
+            .map_err(|e| RevocationError::Failed(format!("cannot read the CA journal: {e}")))?
+            .ok_or_else(|| RevocationError::Failed("the store holds no CA journal".into()))?;
+        Ok(self.remember(loaded))
+    }
+
     /// Runs until shutdown, on every replica. Every Revocation is reconciled when it changes,
     /// and all of them when the journal Secret changes (another replica applied one: the
-    /// status counts move), debounced.
+    /// status counts move), debounced; denials whose Revocation is gone are lifted.
     pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
         let api: Api<Revocation> = Api::namespaced(self.client.clone(), &self.namespace);
         // Without the CRD the watch just retries; say once why revocations are not applied.
@@ -552,6 +667,7 @@ impl RevocationController {
         }
         let secrets: Api<k8s_openapi::api::core::v1::Secret> =
             Api::namespaced(self.client.clone(), &self.namespace);
+        let me = self.clone();
         let journal_changes = watcher(
             secrets,
             watcher::Config::default().fields(&format!(
@@ -561,10 +677,24 @@ impl RevocationController {
         )
         .default_backoff()
         .touched_objects()
-        .filter_map(|r| std::future::ready(r.ok().map(|_| ())));
+        .filter_map(move |r| {
+            // The watch event carries the Secret: decode it once here for every reconcile of
+            // the pass it triggers.
+            if let Ok(secret) = r.as_ref() {
+                match crate::store::kube::decode_journal_secret(&me.namespace, secret) {
+                    Ok(v) => {
+                        me.remember(v);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "the journal Secret does not decode"),
+                }
+            }
+            std::future::ready(r.ok().map(|_| ()))
+        });
         let sd = shutdown.clone();
-        Controller::new(api, watcher::Config::default())
-            .with_config(controller::Config::default().debounce(Duration::from_millis(500)))
+        let controller = Controller::new(api, watcher::Config::default())
+            .with_config(controller::Config::default().debounce(Duration::from_millis(500)));
+        tokio::spawn(self.clone().lift_loop(controller.store(), shutdown.clone()));
+        controller
             .reconcile_all_on(journal_changes)
             .graceful_shutdown_on(async move { sd.wait().await })
             .run(
@@ -579,6 +709,96 @@ impl RevocationController {
             )
             .for_each(|_| std::future::ready(()))
             .await;
+    }
+
+    /// Every [`LIFT_EVERY`], lifts the denials whose Revocation is gone, once the cache of
+    /// Revocations holds the API server's initial list (an empty cache would lift them all).
+    async fn lift_loop(
+        self: Arc<Self>,
+        revocations: kube::runtime::reflector::Store<Revocation>,
+        shutdown: Shutdown,
+    ) {
+        tokio::select! {
+            r = revocations.wait_until_ready() => if r.is_err() { return },
+            _ = shutdown.wait() => return,
+        }
+        loop {
+            if let Err(e) = self.lift_unheld(&revocations).await {
+                tracing::warn!(error = %e, "could not lift denials whose Revocation was deleted; will retry");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(LIFT_EVERY) => {}
+                _ = shutdown.wait() => return,
+            }
+        }
+    }
+
+    /// The identities the Revocations in `revs` deny.
+    fn held<'a>(&self, revs: impl Iterator<Item = &'a Revocation>) -> HashSet<String> {
+        revs.filter_map(|r| match target(&r.spec, &self.trust_domain) {
+            Ok(Target::Identity(id)) => Some(id),
+            _ => None,
+        })
+        .collect()
+    }
+
+    /// Removes from the journal every denial held by a Revocation (see
+    /// [`crate::journal::DeniedIdentity`]) when no Revocation names its identity any more:
+    /// deleting the Revocation lifts the denial. Returns how many were lifted.
+    ///
+    /// Found in the in-memory cache first (no API call when nothing is to lift), then
+    /// confirmed with a list from the API server: the cache may not have seen a Revocation
+    /// created a moment ago whose denial another replica already wrote.
+    pub async fn lift_unheld(
+        &self,
+        revocations: &kube::runtime::reflector::Store<Revocation>,
+    ) -> Result<usize, RevocationError> {
+        let journal = self.current_journal().await?;
+        let cached = self.held(revocations.state().iter().map(|r| r.as_ref()));
+        let candidates: Vec<&str> = journal
+            .denied
+            .iter()
+            .filter(|d| d.revocation.is_some() && !cached.contains(&d.identity))
+            .map(|d| d.identity.as_str())
+            .collect();
+        if candidates.is_empty() {
+            return Ok(0);
+        }
+        let api: Api<Revocation> = Api::namespaced(self.client.clone(), &self.namespace);
+        let listed = api
+            .list(&kube::api::ListParams::default())
+            .await
+            .map_err(|e| RevocationError::Failed(format!("cannot list Revocations: {e}")))?;
+        let held = self.held(listed.items.iter());
+        let lift: HashSet<String> = candidates
+            .into_iter()
+            .filter(|c| !held.contains(*c))
+            .map(str::to_string)
+            .collect();
+        if lift.is_empty() {
+            return Ok(0);
+        }
+        let _one_writer = self.writer.lock().await;
+        let written = crate::ca::update::update(self.store.as_ref(), None, |j| {
+            let before = j.denied.len();
+            j.denied
+                .retain(|d| !(d.revocation.is_some() && lift.contains(&d.identity)));
+            let n = before - j.denied.len();
+            Ok((n > 0).then_some(n))
+        })
+        .await
+        .map_err(|e| RevocationError::Failed(format!("cannot write the CA journal: {e}")))?;
+        let Some((n, j, rev)) = written else {
+            return Ok(0);
+        };
+        self.remember(crate::store::Versioned {
+            value: j,
+            revision: rev,
+        });
+        self.wake.notify_one();
+        let names: Vec<&String> = lift.iter().collect();
+        tracing::info!(target: "citadel::audit", event = "denial_lifted", identities = ?names, "lifted the denial of identities no Revocation names any more (their Revocations were deleted); the certificates they revoked stay on the CRL until they expire");
+        Ok(n)
     }
 
     /// Records an Event on the Revocation, and on the CertificateAuthority resource if it exists.
@@ -665,59 +885,89 @@ impl RevocationController {
             .map(|t| now.unix_timestamp() - t.0.as_second())
             .unwrap_or(i64::MAX);
         let fallback = age >= FALLBACK_AFTER.as_secs() as i64;
-        let loaded = self
-            .store
-            .load_journal()
-            .await
-            .map_err(|e| RevocationError::Failed(format!("cannot read the CA journal: {e}")))?
-            .ok_or_else(|| RevocationError::Failed("the store holds no CA journal".into()))?;
-        let mut journal = loaded.value;
-        let mut newly = 0;
+        let holder = format!("{}/{name}", self.namespace);
+        let mut journal = self.current_journal().await?;
+        // A serial the journal carried once and has pruned (its certificate expired) is done:
+        // adding it again would keep an expired serial on every CRL for another year.
+        let expired = matches!(target, Target::Serial(_))
+            && rev.status.as_ref().is_some_and(|s| s.applied_at.is_some())
+            && journal_view(&journal, &target).is_none();
         let placeable = matches!(target, Target::Identity(_)) || !mine.is_empty() || fallback;
-        if !satisfied(&journal, &target, &mine) && placeable {
-            let (validity, reason) = (self.crl_validity, rev.spec.reason);
-            let (n, j, _) = crate::ca::update::update_journal(self.store.as_ref(), |j| {
-                apply(j, &target, reason, &mine, fallback, now, validity)
-            })
-            .await
-            .map_err(|e| RevocationError::Failed(format!("cannot write the CA journal: {e}")))?;
-            journal = j;
-            newly = n;
-            self.wake.notify_one();
-            let how = match &target {
-                Target::Serial(_) if mine.is_empty() => {
-                    " (no replica's index knew it: listed on every unexpired intermediate's CRL)"
-                }
-                _ => "",
-            };
-            tracing::info!(target: "citadel::audit", event = "revocation_applied", revocation = %name, what = %target, reason = reason.as_str(), revoked_certificates = n, "applied a Revocation{how}");
-            self.event(
-                rev,
-                EventType::Normal,
-                "Applied",
-                format!(
-                    "{} applied {target} ({}): {n} certificate(s) newly on the CRL{how}",
-                    self.replica,
-                    reason.as_str()
-                ),
+        let (validity, reason) = (self.crl_validity, rev.spec.reason);
+        let ceiling = self.store.revocation_ceiling();
+        let mut full = None;
+        if !expired && placeable && !satisfied(&journal, &target, &mine) {
+            // Tried on the journal in memory first: a Revocation that would pass the ceiling
+            // is refused without an API call on every journal change.
+            let mut trial = (*journal).clone();
+            let changed = apply(
+                &mut trial, &target, reason, &mine, fallback, now, validity, &holder,
             )
-            .await;
+            .map_err(RevocationError::Failed)?;
+            let checked = match changed {
+                None => Ok(()),
+                Some(_) => crate::ca::update::check_ceiling(&trial, ceiling),
+            };
+            let written = match checked {
+                Ok(()) if changed.is_some() => {
+                    let _one_writer = self.writer.lock().await;
+                    crate::ca::update::update_revocations(self.store.as_ref(), |j| {
+                        apply(j, &target, reason, &mine, fallback, now, validity, &holder)
+                    })
+                    .await
+                }
+                Ok(()) => Ok(None),
+                Err(e) => Err(e),
+            };
+            match written {
+                Ok(Some((n, j, revision))) => {
+                    journal = self.remember(crate::store::Versioned { value: j, revision });
+                    self.wake.notify_one();
+                    let how = match &target {
+                        Target::Serial(_) if mine.is_empty() => {
+                            " (no replica's index knew it: listed on every unexpired intermediate's CRL)"
+                        }
+                        _ => "",
+                    };
+                    tracing::info!(target: "citadel::audit", event = "revocation_applied", revocation = %name, what = %target, reason = reason.as_str(), revoked_certificates = n, "applied a Revocation{how}");
+                    self.event(
+                        rev,
+                        EventType::Normal,
+                        "Applied",
+                        format!(
+                            "{} applied {target} ({}): {n} certificate(s) newly on the CRL{how}",
+                            self.replica,
+                            reason.as_str()
+                        ),
+                    )
+                    .await;
+                }
+                Ok(None) => {}
+                Err(e @ crate::ca::update::UpdateError::JournalFull { .. }) => {
+                    full = Some(e.to_string());
+                }
+                Err(e) => {
+                    return Err(RevocationError::Failed(format!(
+                        "cannot write the CA journal: {e}"
+                    )))
+                }
+            }
         }
         let view = journal_view(&journal, &target);
         let report = ReplicaReport {
             found_in_index: mine.len() as u64,
             observed_generation: generation,
         };
-        let cond = match (&view, &target) {
-            (Some((_, n, crls)), Target::Identity(id)) => condition(
+        let cond = match (&view, &target, &full) {
+            (Some((_, n, crls)), Target::Identity(id), _) => condition(
                 old_cond,
                 true,
                 "Applied",
-                format!("{id} is denied new certificates; {n} certificate(s) on {} CRL(s)", crls.len()),
+                format!("{id} is denied new certificates while a Revocation names it (deleting this one lifts the denial unless another names it too); {n} certificate(s) on {} CRL(s)", crls.len()),
                 generation,
                 now,
             ),
-            (Some((_, _, crls)), Target::Serial(s)) => condition(
+            (Some((_, _, crls)), Target::Serial(s), _) => condition(
                 old_cond,
                 true,
                 "Applied",
@@ -725,7 +975,23 @@ impl RevocationController {
                 generation,
                 now,
             ),
-            (None, _) => condition(
+            (None, _, Some(msg)) => condition(
+                old_cond,
+                false,
+                "JournalFull",
+                format!("refused: {msg}"),
+                generation,
+                now,
+            ),
+            (None, Target::Serial(s), None) if expired => condition(
+                old_cond,
+                true,
+                "Expired",
+                format!("serial {s} was on the CRL until its certificate expired; nothing is left to revoke"),
+                generation,
+                now,
+            ),
+            (None, _, None) => condition(
                 old_cond,
                 false,
                 "Pending",
@@ -736,10 +1002,18 @@ impl RevocationController {
         };
         let patch = status_patch(view.as_ref(), &cond, &self.replica, &report);
         if changes(rev.status.as_ref(), &patch) {
+            if let Some(msg) = &full {
+                tracing::warn!(revocation = %name, error = %msg, "refused a Revocation: the CA journal is full");
+                self.event(rev, EventType::Warning, "JournalFull", msg.clone())
+                    .await;
+            }
             self.patch_status(&name, &patch).await?;
         }
-        let _ = newly;
-        if view.is_none() {
+        if full.is_some() {
+            // Retried on every journal change (room may have been freed) and now and then.
+            return Ok(Action::requeue(Duration::from_secs(60)));
+        }
+        if view.is_none() && !expired {
             let wait = (FALLBACK_AFTER.as_secs() as i64 - age).clamp(1, 10) as u64;
             return Ok(Action::requeue(Duration::from_secs(wait)));
         }
@@ -842,6 +1116,220 @@ mod tests {
                 .contains("outside this CA's trust domain")
         );
         assert!(target(&spec(None, Some("spiffe://cluster.local/ns/../sa/b")), td).is_err());
+    }
+
+    /// Issue 20, M2: only a Kubernetes service account's identity, with Kubernetes' name
+    /// lengths, can be denied; the refusal names the rule and never echoes 2,000 characters.
+    #[test]
+    fn identities_are_service_accounts_of_kubernetes_name_lengths() {
+        let td = "cluster.local";
+        let id = |ns: &str, sa: &str| format!("spiffe://cluster.local/ns/{ns}/sa/{sa}");
+        let l63 = "a".repeat(63);
+        let sa253 = format!("{l63}.{l63}.{l63}.{}", "b".repeat(61));
+        assert_eq!(sa253.len(), 253);
+        assert!(identity_target(&id(&l63, &sa253), td).is_ok());
+        for (bad, why) in [
+            (id(&"a".repeat(64), "x"), "DNS label of at most 63"),
+            (id("shop", &format!("{sa253}b")), "at most 253"),
+            (id("shop", &"x".repeat(1950)), "(1984 characters)"),
+            (id("Shop", "x"), "Kubernetes names"),
+            (
+                "spiffe://cluster.local/workload/x".to_string(),
+                "Kubernetes names",
+            ),
+            (id("shop", "x") + "/extra", "Kubernetes names"),
+            (
+                "spiffe://other.td/ns/a/sa/b".to_string(),
+                "outside this CA's trust domain",
+            ),
+            (
+                format!("spiffe://cluster.local/{}", "p".repeat(2100)),
+                "not a SPIFFE ID",
+            ),
+        ] {
+            let e = identity_target(&bad, td).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+            assert!(e.len() < 400, "the message echoes the input: {e}");
+        }
+    }
+
+    /// The CRD's rules say the same as `identity_target` (checked against the API server by
+    /// tests/it/revocation_kube.rs; here: the rule text is in the generated schema).
+    #[test]
+    fn the_schema_bounds_identities() {
+        let s = crd_yaml();
+        assert!(s.contains("maxLength: 588"), "{s}");
+        assert!(
+            s.contains("/ns/[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/sa/"),
+            "{s}"
+        );
+        assert!(s.contains("self.indexOf('/sa/')"), "{s}");
+    }
+
+    fn ca() -> (Journal, time::OffsetDateTime) {
+        let now = time::OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let opts = crate::ca::bootstrap::CaOptions::new(
+            crate::identity::TrustDomain::new("cluster.local").unwrap(),
+        );
+        (crate::ca::bootstrap::new_journal(&opts, now).unwrap(), now)
+    }
+
+    /// Issue 20, M2: a serial nobody's index knows is one journal record, listed on the CRL
+    /// of every intermediate that could have issued it (not one record per intermediate),
+    /// and not on the CRL of an intermediate made after it was revoked.
+    #[test]
+    fn an_unknown_serial_is_recorded_once_for_every_intermediate() {
+        let (mut j, now) = ca();
+        let p = crate::ca::policy::RotationPolicy::default();
+        crate::ca::apply::apply(
+            &mut j,
+            &crate::ca::plan::Action::PrepareIntermediate,
+            now,
+            &p,
+        )
+        .unwrap();
+        let ints: Vec<String> = j
+            .authorities
+            .iter()
+            .filter(|a| a.role == crate::journal::Role::Intermediate)
+            .map(|a| a.id.clone())
+            .collect();
+        assert_eq!(ints.len(), 2);
+        let t = Target::Serial("0a0b0c".into());
+        let v = Duration::from_secs(3600);
+        let n = apply(
+            &mut j,
+            &t,
+            RevocationReason::KeyCompromise,
+            &[],
+            true,
+            now,
+            v,
+            "ns/r",
+        );
+        assert_eq!(n, Ok(Some(1)));
+        assert_eq!(j.revocations.len(), 1, "one record");
+        assert_eq!(j.revocations[0].issuer, ANY_INTERMEDIATE);
+        for i in &ints {
+            assert_eq!(crl::serials_for(&j, i), vec!["0a0b0c".to_string()], "{i}");
+            let c = j.crls.iter().find(|c| &c.issuer == i).unwrap();
+            assert_eq!(c.serials, vec!["0a0b0c".to_string()]);
+        }
+        let (_, _, crls) = journal_view(&j, &t).unwrap();
+        assert_eq!(crls.len(), 2);
+        // Applying again changes nothing.
+        let n = apply(
+            &mut j,
+            &t,
+            RevocationReason::KeyCompromise,
+            &[],
+            true,
+            now,
+            v,
+            "ns/r",
+        );
+        assert_eq!(n, Ok(None));
+        // An intermediate made later cannot have issued it: its CRL does not list it.
+        let later = now + time::Duration::hours(1);
+        j.get_mut(&ints[1]).unwrap().status = crate::journal::Status::Active;
+        j.get_mut(&ints[0]).unwrap().status = crate::journal::Status::Retiring;
+        crate::ca::apply::apply(
+            &mut j,
+            &crate::ca::plan::Action::PrepareIntermediate,
+            later,
+            &p,
+        )
+        .unwrap();
+        let newest = j.authorities.last().unwrap().id.clone();
+        assert!(crl::serials_for(&j, &newest).is_empty());
+        // The signer refuses it under any issuer (the revocation view's "any issuer").
+        let signer = crate::ca::bootstrap::signer_from_journal(
+            &j,
+            &crate::identity::TrustDomain::new("cluster.local").unwrap(),
+        )
+        .unwrap();
+        assert!(signer.revocations().revokes(b"whatever issuer", "0a0b0c"));
+    }
+
+    /// A denial names the Revocation that holds it; one from before (no holder) is adopted.
+    #[test]
+    fn a_denial_is_held_by_its_revocation() {
+        let (mut j, now) = ca();
+        let t = Target::Identity("spiffe://cluster.local/ns/shop/sa/cart".into());
+        let v = Duration::from_secs(3600);
+        let r = RevocationReason::Unspecified;
+        assert_eq!(
+            apply(&mut j, &t, r, &[], false, now, v, "citadel/a"),
+            Ok(Some(0))
+        );
+        assert_eq!(j.denied[0].revocation.as_deref(), Some("citadel/a"));
+        assert!(satisfied(&j, &t, &[]));
+        assert_eq!(
+            apply(&mut j, &t, r, &[], false, now, v, "citadel/b"),
+            Ok(None)
+        );
+        j.denied[0].revocation = None;
+        assert!(!satisfied(&j, &t, &[]));
+        assert_eq!(
+            apply(&mut j, &t, r, &[], false, now, v, "citadel/b"),
+            Ok(Some(0))
+        );
+        assert_eq!(j.denied[0].revocation.as_deref(), Some("citadel/b"));
+        assert_eq!(j.denied.len(), 1);
+    }
+
+    /// Issue 20, M2: a revocation write that would pass the store's ceiling is refused before
+    /// anything is written, with the numbers; the CA's own writes are not bounded by it.
+    #[tokio::test]
+    async fn revocation_writes_stop_at_the_ceiling_and_rotation_does_not() {
+        let (j, now) = ca();
+        let size = serde_json::to_vec(&j).unwrap().len();
+        let store =
+            crate::store::mem::MemStore::with_journal(j).with_revocation_ceiling(size + 1000);
+        let v = Duration::from_secs(3600);
+        let mut i = 0;
+        let err = loop {
+            let t = Target::Identity(format!("spiffe://cluster.local/ns/shop/sa/w{i}"));
+            i += 1;
+            match crate::ca::update::update_revocations(&store, |j| {
+                apply(
+                    j,
+                    &t,
+                    RevocationReason::Unspecified,
+                    &[],
+                    false,
+                    now,
+                    v,
+                    "c/x",
+                )
+            })
+            .await
+            {
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        };
+        assert!(
+            matches!(err, crate::ca::update::UpdateError::JournalFull { ceiling, .. } if ceiling == size + 1000),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("nothing was written") && msg.contains(&format!("{}", size + 1000)),
+            "{msg}"
+        );
+        let stored = store.journal().unwrap();
+        assert!(serde_json::to_vec(&stored).unwrap().len() <= size + 1000);
+        assert_eq!(stored.denied.len(), i - 1);
+        // Rotation still writes past it.
+        let p = crate::ca::policy::RotationPolicy::default();
+        crate::ca::update::update_journal(&store, |j| {
+            crate::ca::apply::apply(j, &crate::ca::plan::Action::PrepareIntermediate, now, &p)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap();
+        assert!(serde_json::to_vec(&store.journal().unwrap()).unwrap().len() > size + 1000);
     }
 
     #[test]

@@ -58,6 +58,7 @@ fn big_journal(revoked: usize, denied: usize) -> Result<(Journal, TrustDomain, S
         identity: format!("spiffe://cluster.local/ns/bench/sa/w{i}"),
         since: ts,
         reason: "key-compromise".into(),
+        revocation: None,
     }));
     Ok((j, td, issuer))
 }

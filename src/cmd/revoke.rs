@@ -24,6 +24,8 @@ Examples:
   citadel revoke --serial 3a9f0c...e1 --reason key-compromise
   # A workload: no new certificates, no renewal, and every live certificate revoked:
   citadel revoke --identity spiffe://cluster.local/ns/shop/sa/frontend
+  # ... and later let it have certificates again (what was revoked stays revoked):
+  citadel revoke --lift --identity spiffe://cluster.local/ns/shop/sa/frontend
 
   # With replicas (--store kube): creates a Revocation resource that every replica
   # applies against its own issuance index; waits for it and prints its status:
@@ -40,15 +42,20 @@ Examples:
 File store: the CRL is re-signed at once and written to <state-dir>/ca-crl.pem; a running
 server reloads it within --reconcile-interval (default 1s). Kubernetes store: the servers
 write the journal and CRLs (with their own --crl-validity) and publish the CRL ConfigMaps;
-this command only creates the resource (RBAC: create/get revocations in --namespace).")]
+this command only creates the resource (RBAC: create/get revocations in --namespace); the
+denial lasts while a Revocation names the identity: `kubectl delete revocation NAME` lifts it.")]
 /// Flags of `citadel revoke`.
 pub struct Args {
     /// Serial number in hex (colons and case are ignored).
     #[arg(long, value_name = "HEX")]
     pub serial: Option<String>,
-    /// SPIFFE ID to deny from now on.
+    /// SPIFFE ID to deny from now on: spiffe://<trust domain>/ns/<namespace>/sa/<name>.
     #[arg(long, value_name = "SPIFFE_ID")]
     pub identity: Option<String>,
+    /// Lift the denial of --identity instead (file store): it may get certificates again;
+    /// what the denial revoked stays on the CRL. With --store kube, delete the Revocation.
+    #[arg(long, requires = "identity", conflicts_with = "serial")]
+    pub lift: bool,
     /// RFC 5280 reason.
     #[arg(long, default_value = "unspecified", value_name = "R", value_parser = crl::REASONS)]
     pub reason: String,
@@ -153,7 +160,17 @@ pub async fn run(args: Args) -> CmdResult {
         );
     } else if let Some(raw) = &args.identity {
         let id = SpiffeId::parse(raw).map_err(|e| e.to_string())?;
+        // The same rule as a Revocation's spec.identity: a Kubernetes service account's ID.
+        crate::cluster::revocations::identity_target(raw, id.trust_domain().as_str())
+            .map_err(|e| e.replace("spec.identity", "--identity"))?;
         let wanted = id.to_string();
+        if args.lift {
+            let (lifted, _) =
+                update_journal(&store, |j| revocation::lift_identity(j, &wanted)).await?;
+            tracing::info!(target: "citadel::audit", event = "denial_lifted", identity = %id, denied_since = lifted.since, "lifted the denial of an identity");
+            println!("lifted the denial of {id}: it may get certificates again; the certificates the denial revoked stay on the CRL until they expire");
+            return Ok(());
+        }
         let live = index
             .live(now.unix_timestamp(), &|e| e.identity == wanted)
             .map_err(|e| e.to_string())?;
@@ -195,7 +212,18 @@ async fn run_kube(args: Args) -> CmdResult {
         normalize_serial(raw).ok_or_else(|| format!("{raw:?} is not a certificate serial: expected up to 20 bytes of hex, e.g. 3a:9f:0c or 3a9f0c"))?;
     }
     if let Some(raw) = &args.identity {
-        SpiffeId::parse(raw).map_err(|e| e.to_string())?;
+        let id = SpiffeId::parse(raw).map_err(|e| e.to_string())?;
+        // The trust domain is the servers' to check; the shape is checked here already.
+        crate::cluster::revocations::identity_target(raw, id.trust_domain().as_str())
+            .map_err(|e| e.replace("spec.identity", "--identity"))?;
+        if args.lift {
+            return Err(format!(
+                "with --store kube a denial lasts while a Revocation names {id}: delete it \
+                 (kubectl get revocations -n {ns}; kubectl delete revocation NAME -n {ns}) and \
+                 the replicas lift the denial within seconds",
+                ns = args.namespace
+            ));
+        }
     }
     let client = crate::cluster::client(args.kubeconfig.as_deref()).await?;
     let api: Api<Revocation> = Api::namespaced(client, &args.namespace);
@@ -256,7 +284,7 @@ async fn run_kube(args: Args) -> CmdResult {
                 println!("{}", c.message);
                 return Ok(());
             }
-            Some(c) if c.reason == "Invalid" => {
+            Some(c) if c.reason == "Invalid" || c.reason == "JournalFull" => {
                 return Err(format!("Revocation {name} was refused: {}", c.message));
             }
             _ => {}

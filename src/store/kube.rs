@@ -58,10 +58,17 @@ fn backend(what: &str, e: kube::Error) -> StoreError {
 /// The most data a Secret may hold (the API server refuses more with a 422).
 pub const SECRET_DATA_LIMIT: usize = 1024 * 1024;
 
+/// The most bytes a write that adds revocations or denials may leave the journal Secret at:
+/// 768 KiB of the 1 MiB a Secret holds. The 256 KiB above it are kept for what the CA itself
+/// must always be able to write, whatever Revocations exist: a root rotation (a new root, an
+/// intermediate, a cross-signed certificate and their CRLs: about 5 KiB with P-256 keys,
+/// 15 KiB with RSA-4096), further intermediates, and CRLs re-signed with a longer CRL
+/// number. docs/operations.md ("Limits, in numbers") says what fits under it.
+pub const REVOCATION_CEILING: usize = 768 * 1024;
+
 /// Refuses, before the API server does and with a message a person can act on, a journal too
-/// large for one Secret. Every revoked serial costs about 330 bytes in the journal (its record,
-/// its entry in the CRL record and in the signed CRL), so about 3,000 unexpired revocations fill
-/// a Secret (docs/operations.md, "Limits in numbers"); expired ones leave by themselves.
+/// large for one Secret. Revocation writes stop at [`REVOCATION_CEILING`] already, so only
+/// the CA's own writes can come here, with room to spare.
 pub fn check_size(bytes: usize, journal: &Journal) -> Result<(), StoreError> {
     if bytes <= SECRET_DATA_LIMIT {
         return Ok(());
@@ -263,6 +270,10 @@ impl Store for KubeStore {
                 None => Ok(()),
             }
         })
+    }
+
+    fn revocation_ceiling(&self) -> Option<usize> {
+        Some(REVOCATION_CEILING)
     }
 
     fn publish_crl<'a>(&'a self, crl_pem: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {

@@ -22,6 +22,8 @@ pub struct MemStore {
     /// Fail at this mutation number: `(n, false)` before it takes effect, `(n, true)` just
     /// after.
     crash_at: Mutex<Option<(usize, bool)>>,
+    /// What [`Store::revocation_ceiling`] answers (tests of the bounded backends).
+    ceiling: Option<usize>,
 }
 
 impl MemStore {
@@ -30,6 +32,12 @@ impl MemStore {
         let s = Self::default();
         *s.journal.lock().unwrap_or_else(|p| p.into_inner()) = Some((journal, 1));
         s
+    }
+
+    /// Bounds revocation writes the way the Kubernetes store does, at `bytes`.
+    pub fn with_revocation_ceiling(mut self, bytes: usize) -> Self {
+        self.ceiling = Some(bytes);
+        self
     }
 
     /// The stored journal, if any.
@@ -95,6 +103,10 @@ impl MemStore {
 impl Store for MemStore {
     fn describe(&self) -> String {
         "memory".into()
+    }
+
+    fn revocation_ceiling(&self) -> Option<usize> {
+        self.ceiling
     }
 
     fn load_journal(&self) -> BoxFuture<'_, Result<Option<Versioned<Journal>>, StoreError>> {

@@ -80,4 +80,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Publishes the CRLs (`ca-crl.pem`).
     fn publish_crl<'a>(&'a self, crl_pem: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// The most bytes a write that adds revocations or denials may leave the journal at
+    /// ([`crate::ca::update::update_revocations`] refuses beyond it), so the rest of a bounded
+    /// backend always stays free for rotation and CRL re-signing. `None`: unbounded (files).
+    fn revocation_ceiling(&self) -> Option<usize> {
+        None
+    }
 }

@@ -479,3 +479,552 @@ fn raw_object(kube: &KubeEnv, yaml: &str) -> kube::core::DynamicObject {
     assert!(ok, "{out}");
     serde_json::from_str(&out).unwrap()
 }
+
+/// `spawn` with extra `serve` flags.
+fn spawn_with(kube: &KubeEnv, name: &str, dir: &Path, extra: &[&str]) -> Replica {
+    let (addr, metrics) = (addr(), addr());
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(kube.dir.join(format!("{name}.log")))
+        .unwrap();
+    let child = Command::new(BIN)
+        .args([
+            "serve",
+            "--dev",
+            "--store",
+            "kube",
+            "--namespace",
+            "citadel",
+        ])
+        .args(["--lease-duration", "3s", "--reconcile-interval", "500ms"])
+        .args(["--pod-name", name])
+        .arg("--kubeconfig")
+        .arg(&kube.kubeconfig)
+        .arg("--state-dir")
+        .arg(dir)
+        .args(["--listen", &addr.to_string()])
+        .args(["--metrics-listen", &metrics.to_string()])
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Replica {
+        child,
+        addr,
+        metrics,
+    }
+}
+
+/// Installs `crd` (server-side, as `kubectl apply` would) and waits until it is served.
+async fn install_crd(
+    kube: &KubeEnv,
+    crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let api: Api<CustomResourceDefinition> = Api::all(kube.client.clone());
+    let name = crd.metadata.name.clone().unwrap();
+    api.patch(
+        &name,
+        &kube::api::PatchParams::apply("revocation-test").force(),
+        &kube::api::Patch::Apply(&crd),
+    )
+    .await
+    .unwrap();
+    let (ok, out) = kubectl(
+        kube,
+        &[
+            "wait",
+            "--for=condition=established",
+            "--timeout=30s",
+            &format!("crd/{name}"),
+        ],
+        None,
+    );
+    assert!(ok, "{out}");
+}
+
+/// The Revocation CRD as a citadel release before identity lengths were bounded shipped it
+/// (any SPIFFE-looking string up to 2,048 characters): what a cluster that upgraded citadel
+/// but not its CRD still serves, so the controller's own checks are what stands.
+fn loose_crd(
+) -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    use kube::CustomResourceExt;
+    let mut crd = Revocation::crd();
+    let schema = crd.spec.versions[0]
+        .schema
+        .as_mut()
+        .unwrap()
+        .open_api_v3_schema
+        .as_mut()
+        .unwrap();
+    let spec = schema.properties.as_mut().unwrap().get_mut("spec").unwrap();
+    let id = spec
+        .properties
+        .as_mut()
+        .unwrap()
+        .get_mut("identity")
+        .unwrap();
+    *id = serde_json::from_value(serde_json::json!({
+        "type": "string", "nullable": true, "maxLength": 2048,
+        "x-kubernetes-validations": [{
+            "rule": "self.matches('^spiffe://[a-z0-9._-]+(/[A-Za-z0-9._-]+)+$')",
+            "message": "identity must be a SPIFFE ID",
+        }],
+    }))
+    .unwrap();
+    crd
+}
+
+/// Creates one identity Revocation per `(name, identity)`, 16 at a time.
+async fn create_identity_revocations(api: &Api<Revocation>, items: Vec<(String, String)>) {
+    use citadel::cluster::revocations::{RevocationReason, RevocationSpec};
+    use futures_util::StreamExt;
+    futures_util::stream::iter(items)
+        .map(|(name, identity)| {
+            let api = api.clone();
+            async move {
+                let rev = Revocation::new(
+                    &name,
+                    RevocationSpec {
+                        serial: None,
+                        identity: Some(identity),
+                        reason: RevocationReason::KeyCompromise,
+                    },
+                );
+                api.create(&PostParams::default(), &rev)
+                    .await
+                    .unwrap_or_else(|e| panic!("create {name}: {e}"));
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+}
+
+/// `(status, reason)` of the Applied condition of every Revocation whose name starts with
+/// `prefix`.
+async fn applied_conditions(api: &Api<Revocation>, prefix: &str) -> Vec<(String, String)> {
+    // Lists of 1,000 objects: twice a second is often enough.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    api.list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|r| r.metadata.name.as_deref().unwrap_or("").starts_with(prefix))
+        .map(|r| {
+            r.status
+                .unwrap_or_default()
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Applied")
+                .map(|c| (c.status, c.reason))
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// A namespace name of 63 characters and a service-account name of 253 (the longest
+/// Kubernetes allows), unique per `i`.
+fn longest_valid_identity(i: usize) -> String {
+    let ns = format!("ns-{i:04}-{}", "n".repeat(63 - 8));
+    let label = "s".repeat(63);
+    let sa = format!("{label}.{label}.{label}.sa-{i:04}-{}", "x".repeat(61 - 8));
+    assert_eq!((ns.len(), sa.len()), (63, 253));
+    format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")
+}
+
+async fn journal_secret(kube: &KubeEnv) -> k8s_openapi::api::core::v1::Secret {
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(kube.client.clone(), "citadel")
+        .get("citadel-ca-journal")
+        .await
+        .unwrap()
+}
+
+async fn journal_of(kube: &KubeEnv) -> (citadel::journal::Journal, usize) {
+    let s = journal_secret(kube).await;
+    let bytes = s.data.unwrap()["journal.json"].0.clone();
+    (serde_json::from_slice(&bytes).unwrap(), bytes.len())
+}
+
+/// Adds denials to the journal Secret directly (compare-and-swap, retried on conflicts), as
+/// a restored backup or an earlier run of citadel would have left them: `(identity, holder)`,
+/// where `holder` is the Revocation (`<namespace>/<name>`) that holds it, if any. With
+/// `until_bytes`, `make(i)` is called until the journal reaches that size instead.
+async fn add_denials(
+    kube: &KubeEnv,
+    mut make: impl FnMut(usize) -> (String, Option<String>),
+    count: Option<usize>,
+    until_bytes: Option<usize>,
+) {
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(kube.client.clone(), "citadel");
+    loop {
+        let mut s = journal_secret(kube).await;
+        let data = s.data.as_mut().unwrap();
+        let mut j: serde_json::Value = serde_json::from_slice(&data["journal.json"].0).unwrap();
+        let mut size = data["journal.json"].0.len();
+        let mut i = 0;
+        while count.is_some_and(|c| i < c) || until_bytes.is_some_and(|b| size < b) {
+            let (identity, holder) = make(i);
+            let mut d = serde_json::json!({
+                "identity": identity, "since": now(), "reason": "unspecified",
+            });
+            if let Some(h) = holder {
+                d["revocation"] = serde_json::json!(h);
+            }
+            size += d.to_string().len() + 1;
+            j["denied"].as_array_mut().unwrap().push(d);
+            i += 1;
+        }
+        data.insert(
+            "journal.json".into(),
+            k8s_openapi::ByteString(serde_json::to_vec(&j).unwrap()),
+        );
+        match secrets
+            .replace("citadel-ca-journal", &PostParams::default(), &s)
+            .await
+        {
+            Ok(_) => return,
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// thisUpdate and nextUpdate (unix seconds) of every CRL in the `istio-ca-crl` ConfigMap.
+async fn crl_times(kube: &KubeEnv, ns: &str) -> Vec<(i64, i64)> {
+    let Some(cm) = kube.configmap(ns, "istio-ca-crl").await else {
+        return Vec::new();
+    };
+    let text = cm
+        .data
+        .and_then(|d| d.get("ca-crl.pem").cloned())
+        .unwrap_or_default();
+    ::pem::parse_many(text.as_bytes())
+        .unwrap_or_default()
+        .iter()
+        .map(|p| {
+            let (_, crl) = CertificateRevocationList::from_der(p.contents()).unwrap();
+            (
+                crl.last_update().timestamp(),
+                crl.next_update().map_or(0, |t| t.timestamp()),
+            )
+        })
+        .collect()
+}
+
+/// Issue 20, M2: Revocations cannot fill the CA journal and stop the CA. Identities that
+/// are no Kubernetes service account (here 2,000 characters, which an older CRD lets
+/// through) are refused by the controller with a condition, and by this release's CRD at the
+/// API server; 600 of the longest valid identities fit; a Revocation that would take the
+/// journal past its revocation ceiling is refused with `JournalFull` BEFORE anything is
+/// written, and a root rotation and CRL re-signing still succeed on that full journal;
+/// deleting a Revocation lifts its denial.
+#[tokio::test]
+async fn revocations_cannot_fill_the_journal_or_stop_rotation() {
+    let Some(kube) = KubeEnv::start().await else {
+        return;
+    };
+    assert!(require_tool("kubectl"));
+    kube.namespace("citadel").await;
+    kube.namespace("shop").await;
+    install_crd(&kube, loose_crd()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = spawn_with(&kube, "replica-a", dir.path(), &["--crl-validity", "60s"]);
+    eventually("replica ready", 60, async || ready(&a).await).await;
+    eventually("bundle ConfigMap in shop", 20, async || {
+        kube.bundle("shop").await.is_some()
+    })
+    .await;
+    let api: Api<Revocation> = Api::namespaced(kube.client.clone(), "citadel");
+    let started = std::time::Instant::now();
+
+    // 600 identities of 2,000 characters: no Kubernetes service account has such a name.
+    let long: Vec<(String, String)> = (0..600)
+        .map(|i| {
+            let sa = format!("sa-{i:04}-{}", "x".repeat(1950));
+            (
+                format!("long-{i:04}"),
+                format!("spiffe://cluster.local/ns/shop/sa/{sa}"),
+            )
+        })
+        .collect();
+    create_identity_revocations(&api, long).await;
+    eventually(
+        "every 2,000-character identity refused with Applied=False/Invalid",
+        120,
+        async || {
+            let c = applied_conditions(&api, "long-").await;
+            c.len() == 600 && c.iter().all(|(s, r)| s == "False" && r == "Invalid")
+        },
+    )
+    .await;
+    let (j, bytes) = journal_of(&kube).await;
+    assert!(j.denied.is_empty(), "{} denials written", j.denied.len());
+    eprintln!(
+        "600 invalid Revocations refused in {:?}; journal {bytes} bytes",
+        started.elapsed()
+    );
+
+    // 600 of the longest valid identities are applied and fit.
+    let valid: Vec<(String, String)> = (0..600)
+        .map(|i| (format!("valid-{i:04}"), longest_valid_identity(i)))
+        .collect();
+    create_identity_revocations(&api, valid).await;
+    eventually("600 valid Revocations applied", 120, async || {
+        let c = applied_conditions(&api, "valid-").await;
+        c.len() == 600 && c.iter().all(|(s, _)| s == "True")
+    })
+    .await;
+    let (j, bytes) = journal_of(&kube).await;
+    assert_eq!(j.denied.len(), 600);
+    eprintln!(
+        "600 valid Revocations applied after {:?}; journal {bytes} bytes",
+        started.elapsed()
+    );
+
+    // Deleting a Revocation lifts its denial: the identity gets certificates again.
+    let bundle = kube.bundle("shop").await.unwrap();
+    create_identity_revocations(
+        &api,
+        vec![(
+            "lift-me".into(),
+            "spiffe://cluster.local/ns/shop/sa/lifted".into(),
+        )],
+    )
+    .await;
+    eventually("lifted is denied", 30, async || {
+        matches!(try_issue(&a, &bundle, "lifted").await, Err(s) if s.code() == Code::PermissionDenied)
+    })
+    .await;
+    api.delete("lift-me", &Default::default()).await.unwrap();
+    eventually("deleting the Revocation lifts the denial", 30, async || {
+        try_issue(&a, &bundle, "lifted").await.is_ok()
+    })
+    .await;
+    let (j, _) = journal_of(&kube).await;
+    assert!(j
+        .is_denied("spiffe://cluster.local/ns/shop/sa/lifted")
+        .is_none());
+    assert_eq!(j.denied.len(), 600, "the other denials stay");
+
+    // Fill the journal to the revocation ceiling with denials no Revocation holds (as a
+    // backup restored from a file store would): they stay.
+    let ceiling = citadel::store::kube::REVOCATION_CEILING;
+    add_denials(
+        &kube,
+        |i| {
+            let id = format!(
+                "spiffe://cluster.local/ns/pad/sa/pad-{i:05}-{}",
+                "p".repeat(400)
+            );
+            (id, None)
+        },
+        None,
+        Some(ceiling - 200),
+    )
+    .await;
+    let (_, full) = journal_of(&kube).await;
+    let full_at = now();
+    eprintln!("journal padded to {full} bytes (ceiling {ceiling})");
+
+    // One more is refused, with the numbers, and nothing is written.
+    create_identity_revocations(
+        &api,
+        vec![("one-too-many".into(), longest_valid_identity(9999))],
+    )
+    .await;
+    eventually("Applied=False/JournalFull", 30, async || {
+        let st = api
+            .get("one-too-many")
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        st.conditions.iter().any(|c| {
+            c.type_ == "Applied"
+                && c.status == "False"
+                && c.reason == "JournalFull"
+                && c.message.contains(&ceiling.to_string())
+        })
+    })
+    .await;
+    let (j, _) = journal_of(&kube).await;
+    assert!(j.is_denied(&longest_valid_identity(9999)).is_none());
+
+    // A root rotation still succeeds on the full journal, and CRLs keep being re-signed.
+    let kc = kube.kubeconfig.to_string_lossy().to_string();
+    let (code, out, err) = run(
+        &[
+            "ca",
+            "rotate-root",
+            "--store",
+            "kube",
+            "--namespace",
+            "citadel",
+            "--kubeconfig",
+            &kc,
+            "--now",
+        ],
+        Path::new("."),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    eventually("the two-root bundle published", 30, async || {
+        kube.bundle("shop")
+            .await
+            .is_some_and(|b| b.matches("BEGIN CERTIFICATE").count() == 2)
+    })
+    .await;
+    eventually("the new chain signs", 30, async || {
+        let (j, _) = journal_of(&kube).await;
+        j.root_rotation.is_some_and(|r| r.activated_at.is_some())
+    })
+    .await;
+    let bundle = kube.bundle("shop").await.unwrap();
+    try_issue(&a, &bundle, "web").await.unwrap();
+    eventually(
+        "every CRL re-signed after the journal filled, and fresh",
+        60,
+        async || {
+            let t = crl_times(&kube, "shop").await;
+            // backdated a minute for clock skew
+            t.len() >= 4
+                && t.iter()
+                    .all(|(this, next)| *this + 60 >= full_at && *next > now())
+        },
+    )
+    .await;
+    let (j, bytes) = journal_of(&kube).await;
+    assert!(bytes <= citadel::store::kube::SECRET_DATA_LIMIT);
+    eprintln!(
+        "rotation and CRLs fine at {bytes} bytes ({} denials) after {:?}",
+        j.denied.len(),
+        started.elapsed()
+    );
+
+    // This release's CRD refuses such identities at the API server already.
+    let (ok, out) = kubectl(&kube, &["apply", "-f", CRD], None);
+    assert!(ok, "{out}");
+    let too_long = revocation_yaml(
+        "too-long",
+        &format!(
+            "  identity: spiffe://cluster.local/ns/shop/sa/{}\n",
+            "x".repeat(300)
+        ),
+    );
+    eventually(
+        "the API server refuses a 300-character SA name",
+        20,
+        async || {
+            let (ok, out) = kubectl(&kube, &["apply", "-f", "-"], Some(&too_long));
+            !ok && out.contains("Invalid")
+        },
+    )
+    .await;
+    drop(a);
+}
+
+/// Issue 20, M3: one journal change costs each replica a constant number of API calls, not
+/// one GET of the journal Secret per Revocation. `CITADEL_REVOCATIONS` (default 200) sets
+/// how many exist; the table of calls per change is printed (docs/benchmarks.md has the
+/// 1,000 figure: `CITADEL_REVOCATIONS=1000 cargo test --test it
+/// revocation_kube::a_journal_change -- --nocapture`).
+#[tokio::test]
+async fn a_journal_change_costs_api_calls_independent_of_the_revocation_count() {
+    let Some(kube) = KubeEnv::start().await else {
+        return;
+    };
+    let n: usize = std::env::var("CITADEL_REVOCATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    kube.namespace("citadel").await;
+    kube.namespace("shop").await;
+    let (ok, out) = kubectl(&kube, &["apply", "-f", CRD], None);
+    assert!(ok, "{out}");
+    let (ok, out) = kubectl(
+        &kube,
+        &[
+            "wait",
+            "--for=condition=established",
+            "--timeout=30s",
+            "crd/revocations.citadel.dev",
+        ],
+        None,
+    );
+    assert!(ok, "{out}");
+    let dir = tempfile::tempdir().unwrap();
+    let a = spawn(&kube, "replica-a", dir.path());
+    eventually("replica ready", 60, async || ready(&a).await).await;
+    let api: Api<Revocation> = Api::namespaced(kube.client.clone(), "citadel");
+    let id = |i: usize| format!("spiffe://cluster.local/ns/load/sa/workload-{i:05}");
+    // The journal already carries their denials (as after a restart), so what is measured
+    // below is reconciling them, not writing them.
+    add_denials(
+        &kube,
+        |i| (id(i), Some(format!("citadel/load-{i:05}"))),
+        Some(n),
+        None,
+    )
+    .await;
+    let items = (0..n).map(|i| (format!("load-{i:05}"), id(i))).collect();
+    let t0 = std::time::Instant::now();
+    create_identity_revocations(&api, items).await;
+    eventually(&format!("{n} Revocations applied"), 300, async || {
+        let c = applied_conditions(&api, "load-").await;
+        c.len() == n && c.iter().all(|(s, _)| s == "True")
+    })
+    .await;
+    eprintln!("{n} Revocations applied in {:?}", t0.elapsed());
+    // Two windows of the same length: one with no change (what runs anyway: Lease renewals,
+    // requeues), then one with one journal change; the difference is what the change cost.
+    const WINDOW: std::time::Duration = std::time::Duration::from_secs(15);
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    let quiet0 = kube.requests().await;
+    tokio::time::sleep(WINDOW).await;
+    let before = kube.requests().await;
+    // One journal change: one more Revocation.
+    let t1 = std::time::Instant::now();
+    create_identity_revocations(
+        &api,
+        vec![(
+            "one-more".into(),
+            "spiffe://cluster.local/ns/load/sa/one-more".into(),
+        )],
+    )
+    .await;
+    eventually("the new one applied", 60, async || {
+        applied_conditions(&api, "one-more")
+            .await
+            .iter()
+            .any(|(s, _)| s == "True")
+    })
+    .await;
+    tokio::time::sleep(WINDOW.saturating_sub(t1.elapsed())).await;
+    let after = kube.requests().await;
+    let delta =
+        |a: &std::collections::BTreeMap<String, u64>,
+         b: &std::collections::BTreeMap<String, u64>,
+         k: &str| { a.get(k).copied().unwrap_or(0) - b.get(k).copied().unwrap_or(0) };
+    let mut table = String::new();
+    for k in after.keys() {
+        let (change, idle) = (delta(&after, &before, k), delta(&before, &quiet0, k));
+        if (change > 0 || idle > 0) && !k.ends_with(' ') {
+            table.push_str(&format!("  {k}: {change} (idle window: {idle})\n"));
+        }
+    }
+    eprintln!("API calls in {WINDOW:?} with one journal change, {n} Revocations:\n{table}");
+    let gets = delta(&after, &before, "GET secrets").saturating_sub(delta(
+        &before,
+        &quiet0,
+        "GET secrets",
+    ));
+    assert!(
+        gets <= 10,
+        "{gets} GETs of Secrets for one journal change with {n} Revocations:\n{table}"
+    );
+    drop(a);
+}

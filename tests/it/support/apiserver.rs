@@ -130,6 +130,40 @@ impl KubeEnv {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>() as u64
     }
+
+    /// Every request the API server has served, from its own metrics, summed by
+    /// `"<VERB> <resource>[/<subresource>]"` (e.g. `GET secrets`, `PATCH revocations/status`).
+    pub async fn requests(&self) -> std::collections::BTreeMap<String, u64> {
+        let req = http::Request::get("/metrics").body(Vec::new()).unwrap();
+        let text = self.client.request_text(req).await.unwrap();
+        let mut out = std::collections::BTreeMap::new();
+        for l in text
+            .lines()
+            .filter(|l| l.starts_with("apiserver_request_total{"))
+        {
+            let label = |k: &str| {
+                let pat = format!("{k}=\"");
+                l.split(&pat)
+                    .nth(1)
+                    .and_then(|r| r.split('"').next())
+                    .unwrap_or("")
+                    .to_string()
+            };
+            let (verb, resource, sub) = (label("verb"), label("resource"), label("subresource"));
+            let key = if sub.is_empty() {
+                format!("{verb} {resource}")
+            } else {
+                format!("{verb} {resource}/{sub}")
+            };
+            let n = l
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0) as u64;
+            *out.entry(key).or_insert(0) += n;
+        }
+        out
+    }
 }
 
 impl KubeEnv {
