@@ -7,30 +7,37 @@
 //! `Normal CACertsInstalled` or `Warning CACertsRefused` naming the file and the problem, so
 //! `kubectl describe secret cacerts` says why a swap did not happen.
 //!
-//! The root overlap after a swap (see `ca::reload`) is kept in the ConfigMap
-//! `citadel-plugged-roots` (key `previous-roots.json`) beside the Secret: roots are public,
-//! and a ConfigMap survives every replica's restart. Replicas merge their records with
-//! compare-and-swap on the resourceVersion.
+//! The root overlap after a swap (see `ca::reload`) is kept in the Secret
+//! `citadel-plugged-roots` (type Opaque, key `previous-roots.json`) beside `cacerts`. The
+//! roots are public, but the record decides what citadel trusts: a ConfigMap there is
+//! writable by far more people (namespace editors, config tooling) than the RBAC that pins
+//! this Secret's name to citadel, and every entry is checked on load anyway (sealed under the
+//! CA key, capped, CA-only; `ca::reload::Overlap::verified`). Replicas merge their records
+//! with compare-and-swap on the resourceVersion. A ConfigMap of the same name, where older
+//! releases kept the record, is never read for trust: its presence is logged once at start.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret};
+use k8s_openapi::ByteString;
 use kube::api::{Api, PostParams};
 use kube::runtime::events::{self, EventType, Recorder, Reporter};
 use kube::runtime::{watcher, WatchStreamExt};
-use time::OffsetDateTime;
 
 use crate::ca::plugged::MapSource;
-use crate::ca::reload::{prune, Outcome, Overlap, OverlapStore, Reloader};
+use crate::ca::reload::{Outcome, Overlap, OverlapStore, Reloader, UpdateFn};
 use crate::future::BoxFuture;
 use crate::shutdown::Shutdown;
 
 /// The Secret Istio's plugged-in CA lives in.
 pub const SECRET: &str = "cacerts";
-/// The ConfigMap holding the previous roots still in the bundle.
-pub const OVERLAP_CONFIGMAP: &str = "citadel-plugged-roots";
+/// The Secret holding the previous roots still in the bundle (type Opaque). The RBAC pins
+/// `get` and `update` on it by name; `create` cannot be pinned (RBAC sees no name on create).
+pub const OVERLAP_SECRET: &str = "citadel-plugged-roots";
+/// Where releases before the Secret kept the record; ignored, its presence logged.
+pub const LEGACY_OVERLAP_CONFIGMAP: &str = "citadel-plugged-roots";
 const OVERLAP_KEY: &str = "previous-roots.json";
 
 /// The Secret's files as a [`MapSource`] named `Secret <ns>/cacerts/<file>` in messages.
@@ -47,81 +54,110 @@ pub fn source(namespace: &str, secret: &Secret) -> MapSource {
     }
 }
 
-/// The overlap record in the ConfigMap `citadel-plugged-roots`.
+/// The overlap record in the Secret `citadel-plugged-roots`.
 pub struct KubeOverlap {
-    api: Api<ConfigMap>,
+    api: Api<Secret>,
+    configmaps: Api<ConfigMap>,
+    namespace: String,
 }
 
 impl KubeOverlap {
     /// The record in `namespace` (the CA's namespace, beside the `cacerts` Secret).
     pub fn new(client: kube::Client, namespace: &str) -> Self {
         Self {
-            api: Api::namespaced(client, namespace),
+            api: Api::namespaced(client.clone(), namespace),
+            configmaps: Api::namespaced(client, namespace),
+            namespace: namespace.to_string(),
         }
     }
 
-    async fn read(&self) -> Result<(Overlap, Option<ConfigMap>), String> {
-        let cm = self
+    async fn read(&self) -> Result<(Overlap, Option<Secret>), String> {
+        let secret = self
             .api
-            .get_opt(OVERLAP_CONFIGMAP)
+            .get_opt(OVERLAP_SECRET)
             .await
-            .map_err(|e| format!("cannot read ConfigMap {OVERLAP_CONFIGMAP}: {e}"))?;
-        let overlap = match cm
+            .map_err(|e| format!("cannot read Secret {OVERLAP_SECRET}: {e}"))?;
+        let overlap = match secret
             .as_ref()
             .and_then(|c| c.data.as_ref())
             .and_then(|d| d.get(OVERLAP_KEY))
         {
-            Some(json) => serde_json::from_str(json).map_err(|e| {
-                format!("ConfigMap {OVERLAP_CONFIGMAP}/{OVERLAP_KEY}: unreadable: {e}")
-            })?,
+            // Unreadable: replaced at the next write; it could add no trust anyway.
+            Some(json) => serde_json::from_slice(&json.0).unwrap_or_else(|e| {
+                tracing::warn!(secret = OVERLAP_SECRET, error = %e, "the previous-roots record is unreadable; ignoring it");
+                Overlap::default()
+            }),
             None => Overlap::default(),
         };
-        Ok((overlap, cm))
+        Ok((overlap, secret))
+    }
+
+    /// Says once (this is called at start) that a record of an older release is there and
+    /// ignored: it can add no trust, and its previous roots left the bundle at the upgrade.
+    async fn note_legacy_configmap(&self) {
+        if let Ok(Some(_)) = self.configmaps.get_opt(LEGACY_OVERLAP_CONFIGMAP).await {
+            tracing::warn!(namespace = %self.namespace, configmap = LEGACY_OVERLAP_CONFIGMAP, "ignoring the ConfigMap an older citadel kept previous plugged-in roots in: the record now lives in the Secret of the same name, and roots in the ConfigMap are never trusted; delete it (docs/operations.md, \"Rotating a plugged-in CA\")");
+        }
     }
 }
 
 impl OverlapStore for KubeOverlap {
     fn load(&self) -> BoxFuture<'_, Result<Overlap, String>> {
-        Box::pin(async move { Ok(self.read().await?.0) })
+        Box::pin(async move {
+            self.note_legacy_configmap().await;
+            Ok(self.read().await?.0)
+        })
     }
 
-    fn save<'a>(
-        &'a self,
-        overlap: &'a Overlap,
-        now: OffsetDateTime,
-    ) -> BoxFuture<'a, Result<Overlap, String>> {
+    fn update<'a>(&'a self, update: &'a UpdateFn<'a>) -> BoxFuture<'a, Result<Overlap, String>> {
         Box::pin(async move {
             for _ in 0..5 {
-                let (stored, cm) = self.read().await?;
-                let merged = stored.merge(overlap);
-                let merged = prune(&merged, now).unwrap_or(merged);
-                if cm.is_some() && merged == stored {
-                    return Ok(merged);
+                let (stored, secret) = self.read().await?;
+                let next = update(stored.clone());
+                if secret.is_some() && next == stored {
+                    return Ok(next);
                 }
-                let json = serde_json::to_string_pretty(&merged).map_err(|e| e.to_string())?;
-                let mut next = cm.unwrap_or_default();
-                next.metadata.name = Some(OVERLAP_CONFIGMAP.into());
-                next.data = Some(BTreeMap::from([(OVERLAP_KEY.to_string(), json)]));
-                let written = if next.metadata.resource_version.is_some() {
+                let json = serde_json::to_vec_pretty(&next).map_err(|e| e.to_string())?;
+                let mut obj = secret.unwrap_or_default();
+                obj.metadata.name = Some(OVERLAP_SECRET.into());
+                obj.type_ = Some("Opaque".into());
+                obj.data = Some(BTreeMap::from([(
+                    OVERLAP_KEY.to_string(),
+                    ByteString(json),
+                )]));
+                let written = if obj.metadata.resource_version.is_some() {
                     self.api
-                        .replace(OVERLAP_CONFIGMAP, &PostParams::default(), &next)
+                        .replace(OVERLAP_SECRET, &PostParams::default(), &obj)
                         .await
                 } else {
-                    self.api.create(&PostParams::default(), &next).await
+                    self.api.create(&PostParams::default(), &obj).await
                 };
                 match written {
-                    Ok(_) => return Ok(merged),
+                    Ok(_) => return Ok(next),
                     Err(kube::Error::Api(s)) if s.code == 409 => continue,
-                    Err(e) => {
-                        return Err(format!("cannot write ConfigMap {OVERLAP_CONFIGMAP}: {e}"))
-                    }
+                    Err(e) => return Err(format!("cannot write Secret {OVERLAP_SECRET}: {e}")),
                 }
             }
             Err(format!(
-                "ConfigMap {OVERLAP_CONFIGMAP} kept changing under concurrent writers"
+                "Secret {OVERLAP_SECRET} kept changing under concurrent writers"
             ))
         })
     }
+}
+
+/// An Event's note is at most 1 kB (the API server refuses the Event otherwise, and the
+/// defect it names would be lost): longer notes are cut at a character boundary.
+fn fit_note(mut note: String) -> String {
+    const MAX: usize = 1000;
+    if note.len() > MAX {
+        let mut cut = MAX - 3;
+        while !note.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        note.truncate(cut);
+        note.push_str("...");
+    }
+    note
 }
 
 /// Watches the `cacerts` Secret in `namespace` and offers each version to `reloader`,
@@ -169,15 +205,22 @@ pub fn watch(
             let outcome = reloader.offer(source(&namespace, &secret)).await;
             let (type_, reason, note) = match outcome {
                 Outcome::Unchanged => continue,
-                Outcome::Installed { signer, new_root } => (
-                    EventType::Normal,
-                    "CACertsInstalled",
-                    if new_root {
+                Outcome::Installed {
+                    signer,
+                    new_root,
+                    warnings,
+                } => {
+                    let mut note = if new_root {
                         format!("now signing with {signer}; the previous root stays in the trust bundle until every certificate it signed has expired")
                     } else {
                         format!("now signing with {signer} (same root)")
-                    },
-                ),
+                    };
+                    for w in warnings {
+                        note.push_str("; warning: ");
+                        note.push_str(&w);
+                    }
+                    (EventType::Normal, "CACertsInstalled", note)
+                }
                 Outcome::Refused(why) => (
                     EventType::Warning,
                     "CACertsRefused",
@@ -187,7 +230,7 @@ pub fn watch(
             let ev = events::Event {
                 type_,
                 reason: reason.into(),
-                note: Some(note),
+                note: Some(fit_note(note)),
                 action: "LoadPluggedCA".into(),
                 secondary: None,
             };

@@ -119,6 +119,17 @@ pub fn check_issued_by(child: &[u8], parent: &[u8]) -> Result<(), PkiError> {
     })
 }
 
+/// Whether a CA certificate may sign certificates: no keyUsage extension (RFC 5280: every
+/// use allowed) or one with keyCertSign. Verifiers refuse a chain through a CA whose
+/// keyUsage lacks it.
+pub fn may_sign_certificates(der: &[u8]) -> Result<bool, PkiError> {
+    let c = parse(der)?;
+    let ku = c
+        .key_usage()
+        .map_err(|e| PkiError::invalid(format!("unreadable keyUsage: {e}")))?;
+    Ok(ku.is_none_or(|k| k.value.key_cert_sign()))
+}
+
 /// Whether `key`'s public half is the one certified in `cert_der`.
 pub fn key_matches_cert(key: &rcgen::KeyPair, cert_der: &[u8]) -> Result<bool, PkiError> {
     let c = parse(cert_der)?;

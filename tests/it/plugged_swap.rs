@@ -37,6 +37,17 @@ fn sh(dir: &Path, script: &str) {
     );
 }
 
+/// A script that re-signs the intermediate of a `material` directory with extensions `ext`
+/// (openssl extfile lines) besides CA:true, and rebuilds its cert-chain.pem.
+fn resign_int(ext: &str) -> String {
+    format!(
+        "printf 'basicConstraints=critical,CA:true,pathlen:0\\n{ext}\\n' > bad.cnf
+         openssl x509 -req -in ca.csr -CA root-cert.pem -CAkey root-key.pem -CAcreateserial \
+           -out ca-cert.pem -days 30 -extfile bad.cnf 2>/dev/null
+         cat ca-cert.pem root-cert.pem > cert-chain.pem"
+    )
+}
+
 /// A new cacerts set (new root, new intermediate) in `base/name`.
 fn material(base: &Path, name: &str) -> PathBuf {
     let d = base.join(name);
@@ -320,6 +331,22 @@ async fn bad_ca_certs_dir_swaps_are_refused_and_the_old_ca_keeps_signing() {
             "ca-cert.pem",
             "CERTIFICATE",
         ),
+        // Structurally fine, but nobody would accept what it signs (issue #20 M7).
+        (
+            broken(base, &v2, "nocertsign", &resign_int("keyUsage=critical,digitalSignature,cRLSign")),
+            "ca-cert.pem",
+            "keyUsage without keyCertSign",
+        ),
+        (
+            broken(base, &v2, "dnsonly", &resign_int("keyUsage=critical,keyCertSign,cRLSign\nnameConstraints=critical,permitted;DNS:example.com")),
+            "ca-cert.pem",
+            "permitting only non-URI names",
+        ),
+        (
+            broken(base, &v2, "urinc", &resign_int("keyUsage=critical,keyCertSign,cRLSign\nnameConstraints=critical,excluded;URI:evil.example")),
+            "ca-cert.pem",
+            "URI nameConstraints",
+        ),
     ];
     let mounted = mount(base, &v1);
     let ca = TestCa::start_in(
@@ -374,7 +401,7 @@ async fn bad_ca_certs_dir_swaps_are_refused_and_the_old_ca_keeps_signing() {
             &ca.metrics().await,
             "citadel_ca_plugged_reload_total{result=\"refused\"}"
         ),
-        4
+        bad.len() as u64
     );
     // Then a good swap is still picked up.
     swap(&mounted, &v2);
@@ -564,11 +591,12 @@ async fn a_cacerts_secret_swap_on_the_api_server_fails_no_request_and_bad_ones_g
             .is_some_and(|b| b.contains(old_root.trim()) && b.contains(new_root.trim()))
     })
     .await;
-    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(kube.client.clone(), ns);
-    let rec = cms.get("citadel-plugged-roots").await.unwrap();
+    let rec = secrets.get("citadel-plugged-roots").await.unwrap();
+    assert_eq!(rec.type_.as_deref(), Some("Opaque"));
     assert!(
-        rec.data.unwrap()["previous-roots.json"].contains("BEGIN CERTIFICATE"),
-        "the overlap is recorded beside the Secret"
+        String::from_utf8_lossy(&rec.data.unwrap()["previous-roots.json"].0)
+            .contains("BEGIN CERTIFICATE"),
+        "the overlap is recorded in a Secret beside cacerts"
     );
 
     // A bad Secret: a Warning Event on it says why; the new CA keeps signing.
@@ -594,6 +622,30 @@ async fn a_cacerts_secret_swap_on_the_api_server_fails_no_request_and_bad_ones_g
         note.contains("Secret plug-swap/cacerts/ca-key.pem") && note.contains("does not match"),
         "{note}"
     );
+    // Material that is well-formed but signs nothing a verifier accepts gets one too.
+    let nocertsign = broken(
+        base,
+        &v2,
+        "nocertsign",
+        &resign_int("keyUsage=critical,digitalSignature,cRLSign"),
+    );
+    put(&secrets, &nocertsign).await;
+    eventually("a Warning Event naming keyCertSign", 30, async || {
+        events
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("CACertsRefused")
+                    && e.note.as_deref().is_some_and(|n| {
+                        n.contains("Secret plug-swap/cacerts/ca-cert.pem")
+                            && n.contains("keyUsage without keyCertSign")
+                    })
+            })
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         load.last()[1].trim(),
@@ -622,7 +674,7 @@ async fn a_cacerts_secret_swap_on_the_api_server_fails_no_request_and_bad_ones_g
             "--field-selector",
             "involvedObject.name=cacerts",
         ],
-        vec!["get", "configmap", "citadel-plugged-roots", "-n", ns],
+        vec!["get", "secret", "citadel-plugged-roots", "-n", ns],
     ] {
         let out = Command::new("kubectl")
             .arg("--kubeconfig")
@@ -637,4 +689,236 @@ async fn a_cacerts_secret_swap_on_the_api_server_fails_no_request_and_bad_ones_g
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// A root of the attacker's own (rcgen, P-256) and a client certificate under it for any
+/// identity they like: what issue #20 H1 renews into a real citadel certificate.
+fn attacker_root_and_leaf(id: &str) -> (String, String, String) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose, SanType,
+    };
+    let root_key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::default();
+    p.distinguished_name.push(DnType::CommonName, "attacker root");
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let root = p.self_signed(&root_key).unwrap();
+    let issuer = Issuer::new(p, root_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let mut l = CertificateParams::default();
+    l.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+    l.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    l.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ClientAuth,
+        ExtendedKeyUsagePurpose::ServerAuth,
+    ];
+    let leaf = l.signed_by(&leaf_key, &issuer).unwrap();
+    (root.pem(), leaf.pem(), leaf_key.serialize_pem())
+}
+
+/// Issue #20 H1: someone who may write ConfigMaps in the CA's namespace (where the overlap
+/// record used to live) writes a root of their own there, and someone who may write Secrets
+/// tampers with the real record (a genuine entry's seal replayed onto their root, a genuine
+/// entry's end pushed out by years). After a restart of the real binary against a real
+/// kube-apiserver, the attacker's root is in no `istio-ca-root-cert`, not in the
+/// ClusterTrustBundle, not in a CreateCertificate response, and a client certificate under
+/// it does not renew; the genuine overlap survives.
+#[tokio::test]
+async fn a_root_written_into_the_overlap_record_is_trusted_nowhere_after_a_restart() {
+    let Some(kube) = KubeEnv::start().await else {
+        return;
+    };
+    if !require_tool("openssl") {
+        return;
+    }
+    let ns = "plug-h1";
+    kube.namespace(ns).await;
+    kube.namespace("shop").await;
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    let (v1, v2) = (material(base, "v1"), material(base, "v2"));
+    let (old_root, new_root) = (read(&v1, "root-cert.pem"), read(&v2, "root-cert.pem"));
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(kube.client.clone(), ns);
+    secrets
+        .create(&PostParams::default(), &secret(&v1))
+        .await
+        .unwrap();
+    let r = crate::kube::replica_in(&kube, "plug-h1-a", ns);
+    eventually("ready", 30, async || crate::kube::ready(&r).await).await;
+    put(&secrets, &v2).await;
+    eventually("the bundle ConfigMap holds both roots", 30, async || {
+        kube.bundle("shop")
+            .await
+            .is_some_and(|b| b.contains(old_root.trim()) && b.contains(new_root.trim()))
+    })
+    .await;
+    let record = secrets.get_opt("citadel-plugged-roots").await.unwrap();
+    drop(r);
+
+    let spiffe_admin = "spiffe://cluster.local/ns/istio-system/sa/istiod";
+    let (evil, evil_leaf, evil_key) = attacker_root_and_leaf(spiffe_admin);
+    let far = now() + 10 * 365 * 86400;
+    // ConfigMap write: the record's old place and shape.
+    // (Where an older citadel kept its record there, the attacker adds to it.)
+    let cms = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(kube.client.clone(), ns);
+    let mut cm = cms
+        .get_opt("citadel-plugged-roots")
+        .await
+        .unwrap()
+        .unwrap_or_default();
+    let mut old_rec: serde_json::Value = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get("previous-roots.json"))
+        .map(|j| serde_json::from_str(j).unwrap())
+        .unwrap_or_else(|| serde_json::json!({ "roots": [] }));
+    old_rec["roots"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({ "pem": evil, "until": far }));
+    cm.metadata.name = Some("citadel-plugged-roots".into());
+    cm.data = Some([("previous-roots.json".to_string(), old_rec.to_string())].into());
+    if cm.metadata.resource_version.is_some() {
+        cms.replace("citadel-plugged-roots", &PostParams::default(), &cm)
+            .await
+            .unwrap();
+    } else {
+        cms.create(&PostParams::default(), &cm).await.unwrap();
+    }
+    // Secret write: the genuine entry's digest and seal replayed onto the attacker's root,
+    // and the genuine entry itself extended.
+    if let Some(record) = &record {
+        let mut rec: serde_json::Value =
+            serde_json::from_slice(&record.data.as_ref().unwrap()["previous-roots.json"].0)
+                .unwrap();
+        let genuine = rec["roots"][0].clone();
+        assert!(genuine["pem"].as_str().unwrap().contains(old_root.trim()));
+        let mut forged = genuine.clone();
+        forged["pem"] = evil.clone().into();
+        forged["until"] = far.into();
+        rec["roots"].as_array_mut().unwrap().push(forged);
+        rec["roots"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({ "pem": evil, "until": far }));
+        let mut tampered = record.clone();
+        tampered.data.as_mut().unwrap().insert(
+            "previous-roots.json".into(),
+            k8s_openapi::ByteString(serde_json::to_vec(&rec).unwrap()),
+        );
+        secrets
+            .replace("citadel-plugged-roots", &PostParams::default(), &tampered)
+            .await
+            .unwrap();
+    }
+
+    // The CA restarts (a new pod, a new leader).
+    let r = crate::kube::replica_in(&kube, "plug-h1-b", ns);
+    eventually("ready after the restart", 30, async || {
+        crate::kube::ready(&r).await
+    })
+    .await;
+    eventually("the restarted replica leads", 30, async || {
+        crate::kube::leads(&r).await
+    })
+    .await;
+    // A namespace made now gets the bundle the restarted leader holds.
+    kube.namespace("late").await;
+    let mut late = String::new();
+    eventually("the restarted leader publishes to a new namespace", 30, async || {
+        match kube.bundle("late").await {
+            Some(b) => {
+                late = b;
+                true
+            }
+            None => false,
+        }
+    })
+    .await;
+    assert!(!late.contains(evil.trim()), "istio-ca-root-cert trusts the attacker: {late}");
+    assert!(
+        late.contains(old_root.trim()) && late.contains(new_root.trim()),
+        "the genuine overlap survives the restart: {late}"
+    );
+    for n in ["shop", ns] {
+        let b = kube.bundle(n).await.unwrap_or_default();
+        assert!(!b.contains(evil.trim()), "{n}: {b}");
+    }
+    let ctb = Api::<k8s_openapi::api::certificates::v1::ClusterTrustBundle>::all(
+        kube.client.clone(),
+    );
+    eventually("the ClusterTrustBundle holds the bundle", 30, async || {
+        ctb.list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .any(|c| c.spec.trust_bundle.contains(new_root.trim()))
+    })
+    .await;
+    for c in ctb.list(&Default::default()).await.unwrap().items {
+        assert!(
+            !c.spec.trust_bundle.contains(evil.trim()),
+            "ClusterTrustBundle {:?} trusts the attacker",
+            c.metadata.name
+        );
+    }
+    // The roots of a CreateCertificate response.
+    let connect = async |identity: Option<(Vec<u8>, Vec<u8>)>| {
+        citadel::client::connect(&citadel::client::ConnectOptions {
+            addr: r.addr.to_string(),
+            root_pem: new_root.as_bytes().to_vec(),
+            server_name: Some("localhost".into()),
+            identity,
+            ..Default::default()
+        })
+        .await
+    };
+    let (_, csr) = csr_for(KeyType::EcP256, &spiffe("shop", "cart"));
+    let chain = issue(&mut connect(None).await.unwrap(), &csr, "shop", "cart").await;
+    let roots = chain.last().unwrap();
+    assert!(!roots.contains(evil.trim()), "the response trusts the attacker: {roots}");
+    assert!(roots.contains(old_root.trim()) && roots.contains(new_root.trim()));
+    // Renewal by a client certificate under the attacker's root: refused (the handshake
+    // fails, or the call is Unauthenticated), never a certificate.
+    let (_, admin_csr) = csr_for(
+        KeyType::EcP256,
+        &citadel::identity::SpiffeId::parse(spiffe_admin).unwrap(),
+    );
+    match connect(Some((
+        format!("{evil_leaf}{evil}").into_bytes(),
+        evil_key.into_bytes(),
+    )))
+    .await
+    {
+        Err(_) => {}
+        Ok(mut c) => {
+            let err = call(&mut c, &admin_csr, None, 0, None)
+                .await
+                .expect_err("a certificate under the attacker's root renewed");
+            assert!(
+                matches!(
+                    err.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Unauthenticated
+                ),
+                "{err:?}"
+            );
+        }
+    }
+    // The server keeps serving, and its log says what it ignored.
+    issue(&mut connect(None).await.unwrap(), &csr, "shop", "cart").await;
+    let log = std::fs::read_to_string(kube.dir.join("plug-h1-b.log")).unwrap();
+    assert!(
+        log.contains("previous-roots record: entries ignored")
+            && log.contains("not recorded by citadel under the current CA key"),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("ignoring the ConfigMap an older citadel kept").count(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains("PRIVATE KEY"));
+    assert!(record.is_some(), "the overlap is recorded in the Secret citadel-plugged-roots");
 }
