@@ -354,6 +354,7 @@ impl PodCertSigner {
             &id,
             now,
             ttl,
+            false,
         ) {
             Ok(x) => x,
             Err(e @ IssueFailure::Denied { .. }) => {
