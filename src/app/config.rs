@@ -130,6 +130,9 @@ pub struct ServeConfig {
     /// Service accounts that may ask for the certificates of workloads on their node (ztunnel);
     /// empty refuses impersonation. Needs a cluster: the pod index watches its pods.
     pub trusted_node_accounts: TrustedNodeAccounts,
+    /// How long after the pod watch broke impersonation is still judged on the last known
+    /// pods (`--pod-index-max-staleness`); past it, Unavailable until a relist.
+    pub pod_index_max_staleness: Duration,
     /// This cluster's name in the `clusterid` header (`--cluster-id`); tokens that say they
     /// come from another cluster are refused.
     pub cluster_id: String,
@@ -175,6 +178,7 @@ impl ServeConfig {
             limits: Limits::default(),
             kubeconfig: None,
             trusted_node_accounts: TrustedNodeAccounts::default(),
+            pod_index_max_staleness: crate::auth::node::DEFAULT_MAX_STALENESS,
             cluster_id: crate::auth::cluster::DEFAULT_CLUSTER_ID.to_string(),
             remote_secrets_namespace: None,
             ca_resource: crate::cluster::ca_resource::DEFAULT_NAME.to_string(),

@@ -283,8 +283,15 @@ pub async fn run(
         auth = ?auth.names(),
         "citadel serving"
     );
-    let node_auth =
-        start_node_authorizer(&config, replica.as_ref(), registry, &metrics, &shutdown).await?;
+    let node_auth = start_node_authorizer(
+        &config,
+        replica.as_ref(),
+        registry,
+        &metrics,
+        &clock,
+        &shutdown,
+    )
+    .await?;
     let sweep = scheduler
         .as_ref()
         .map(|s| s.sweep.clone())
@@ -423,6 +430,7 @@ async fn start_node_authorizer(
     replica: Option<&Replica>,
     remotes: Option<Arc<RemoteClusters>>,
     metrics: &Metrics,
+    clock: &SharedClock,
     shutdown: &Shutdown,
 ) -> Result<Option<Arc<NodeAuthorizer>>, String> {
     if config.trusted_node_accounts.is_empty() {
@@ -432,7 +440,7 @@ async fn start_node_authorizer(
         Some(r) => r.client.clone(),
         None => cluster::client(config.kubeconfig.as_deref()).await?,
     };
-    let pods = Arc::new(PodIndex::default());
+    let pods = Arc::new(PodIndex::new(clock.clone()));
     cluster::pods::watch(client, pods.clone(), shutdown.clone());
     let _ = metrics.impersonation.pods.set(pods.clone());
     tracing::info!(
@@ -443,7 +451,8 @@ async fn start_node_authorizer(
         config.trusted_node_accounts.clone(),
         config.trust_domain.clone(),
         pods,
-    );
+    )
+    .with_max_staleness(config.pod_index_max_staleness);
     Ok(Some(Arc::new(match remotes {
         Some(r) => authorizer.with_remotes(r),
         None => authorizer,

@@ -71,6 +71,17 @@ impl ClientCertAuthenticator {
                 return Err(format!("{what} (serial {serial}) has been revoked"));
             }
         }
+        // A certificate a node proxy got on a workload's behalf proves only that the
+        // workload's pod was on that node when it was issued. Renewing it by itself would
+        // outlive the pod's move or deletion forever; the node proxy renews it the way it got
+        // it, with its own token and the node check.
+        if info.node_issued {
+            return Err(format!(
+                "the client certificate for {id} was issued to a node proxy on the \
+                 workload's behalf (ImpersonatedIdentity) and is no renewal credential; the \
+                 node proxy renews it with its own token"
+            ));
+        }
         if signer.is_denied(&id.to_string()) {
             return Err(format!("{id} has been revoked by an operator"));
         }
@@ -165,6 +176,14 @@ mod tests {
         /// A leaf signed by the active intermediate, with these URI SANs; leaf first, then
         /// the intermediate, as a client presents it.
         fn chain(&self, uris: &[&str]) -> Vec<CertificateDer<'static>> {
+            self.chain_with(uris, vec![])
+        }
+
+        fn chain_with(
+            &self,
+            uris: &[&str],
+            extensions: Vec<rcgen::CustomExtension>,
+        ) -> Vec<CertificateDer<'static>> {
             let active = self.journal.active_signer().unwrap();
             let key = keys::load_private_key_pem(active.key_pem.expose().as_bytes()).unwrap();
             let issuer = Issuer::from_ca_cert_pem(&active.cert_pem, key).unwrap();
@@ -176,6 +195,7 @@ mod tests {
             p.not_before = self.now - time::Duration::minutes(1);
             p.not_after = self.now + time::Duration::hours(1);
             p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+            p.custom_extensions = extensions;
             let leaf = p
                 .signed_by(&KeyType::EcP256.generate().unwrap(), &issuer)
                 .unwrap();
@@ -204,6 +224,30 @@ mod tests {
             .check(&f.chain(&["https://payments.example/", ID]))
             .unwrap_err();
         assert!(err.contains("exactly one"), "{err}");
+    }
+
+    /// The marker of node impersonation refuses the chain; another private extension does not.
+    #[test]
+    fn a_certificate_issued_through_node_impersonation_does_not_renew_itself() {
+        let f = Fixture::new();
+        let auth = f.authenticator(None);
+        let marked = f.chain_with(
+            &[ID],
+            vec![rcgen::CustomExtension::from_oid_content(
+                crate::pki::profile::NODE_ISSUED_OID,
+                vec![0x05, 0x00],
+            )],
+        );
+        let err = auth.check(&marked).unwrap_err();
+        assert!(err.contains("no renewal credential"), "{err}");
+        let other = f.chain_with(
+            &[ID],
+            vec![rcgen::CustomExtension::from_oid_content(
+                &[1, 3, 6, 1, 4, 1, 99999, 1],
+                vec![0x05, 0x00],
+            )],
+        );
+        assert!(auth.check(&other).is_ok());
     }
 
     #[test]

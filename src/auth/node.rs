@@ -15,17 +15,31 @@
 //! from an API call per request, so a flood of impersonation requests costs the API server
 //! nothing. The index keeps only name, UID, service account and node per pod.
 //!
+//! The index is trusted only while it is known to be current: when its watch breaks (the API
+//! server is down or unreachable) the last known pods keep serving for at most
+//! [`DEFAULT_MAX_STALENESS`] (`--pod-index-max-staleness`), so a short API server restart
+//! costs ambient workloads nothing; past that, requests are refused with Unavailable
+//! (retryable) until a complete relist has replaced the index. Otherwise a pod deleted or
+//! moved during an outage would keep vouching for its node for as long as the outage lasts.
+//!
 //! Every refusal names its [`Refusal`] reason for the server log and the metrics; the caller
 //! only ever gets one vague message (istiod's choice: an attacker learns nothing about which
 //! check failed, e.g. whether a pod exists on some node).
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::RwLock;
+use std::time::Duration;
 
 use super::{AuthMethod, Caller};
+use crate::audit::shown;
+use crate::clock::SharedClock;
 use crate::identity::{ServiceAccount, SpiffeId, TrustDomain};
+
+/// How long the last known pods are trusted after the pod watch broke
+/// (`--pod-index-max-staleness`).
+pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_secs(60);
 
 /// The service accounts allowed to impersonate (`--trusted-node-accounts`,
 /// `CA_TRUSTED_NODE_ACCOUNTS`).
@@ -94,7 +108,9 @@ pub struct PodRecord {
     pub name: String,
     /// `metadata.uid`.
     pub uid: String,
-    /// `spec.serviceAccountName`.
+    /// `spec.serviceAccountName`; empty when the pod names none. Such a pod runs as no
+    /// account here (not as `default`): it vouches for nobody, and a caller pod without one
+    /// matches no token.
     pub service_account: String,
     /// `spec.nodeName`; `None` until the pod is scheduled.
     pub node: Option<String>,
@@ -163,14 +179,14 @@ impl Pods {
             self.by_name.remove(ns);
         }
         self.len -= 1;
-        if let Some(node) = &old.node {
+        if let (Some(node), false) = (&old.node, old.service_account.is_empty()) {
             self.count(node, ns, &old.service_account, false);
         }
     }
 
     fn upsert(&mut self, p: PodRecord) {
         self.remove(&p.namespace, &p.name);
-        if let Some(node) = &p.node {
+        if let (Some(node), false) = (&p.node, p.service_account.is_empty()) {
             self.count(node, &p.namespace, &p.service_account, true);
         }
         self.by_name
@@ -192,13 +208,66 @@ impl Pods {
 ///
 /// Readers take a read lock for two hash lookups; the watch takes the write lock per event,
 /// and once to swap in a complete relist.
-#[derive(Default)]
+///
+/// It also knows whether it is current: the watch reports when it broke
+/// ([`PodIndex::watch_failed`]), and only a complete relist ([`PodIndex::replace_all`]) makes
+/// it current again; times come from its clock (the server's, injected).
 pub struct PodIndex {
     pods: RwLock<Pods>,
     synced: AtomicBool,
+    /// Unix milliseconds at which the watch broke and has not relisted since;
+    /// [`HEALTHY`] while it is healthy.
+    broken_since_ms: AtomicI64,
+    clock: SharedClock,
+}
+
+const HEALTHY: i64 = i64::MIN;
+
+impl Default for PodIndex {
+    /// An index on the system clock.
+    fn default() -> Self {
+        Self::new(crate::clock::system())
+    }
 }
 
 impl PodIndex {
+    /// An empty index, not synced, reading time from `clock`.
+    pub fn new(clock: SharedClock) -> Self {
+        Self {
+            pods: RwLock::default(),
+            synced: AtomicBool::new(false),
+            broken_since_ms: AtomicI64::new(HEALTHY),
+            clock,
+        }
+    }
+
+    fn now_ms(&self) -> i64 {
+        (self.clock.now().unix_timestamp_nanos() / 1_000_000) as i64
+    }
+
+    /// The watch failed: from now on the index may miss changes, until the next complete
+    /// relist. The first failure of an outage counts; repeated ones do not move the time.
+    pub fn watch_failed(&self) {
+        let now = self.now_ms();
+        let _ = self.broken_since_ms.compare_exchange(
+            HEALTHY,
+            now,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
+    /// How long the index has been possibly out of date: `None` while its watch is healthy,
+    /// else the time since the watch broke.
+    pub fn stale_for(&self) -> Option<Duration> {
+        match self.broken_since_ms.load(Ordering::Acquire) {
+            HEALTHY => None,
+            since => Some(Duration::from_millis(
+                self.now_ms().saturating_sub(since).max(0) as u64,
+            )),
+        }
+    }
+
     /// Adds or replaces a pod (the watch saw it created or changed).
     pub fn apply(&self, pod: PodRecord) {
         self.write().upsert(pod);
@@ -210,7 +279,8 @@ impl PodIndex {
     }
 
     /// Replaces everything with a complete list (the watch's initial list or a relist), and
-    /// marks the index synced: until the first list, requests cannot be judged.
+    /// marks the index synced and current: until the first list, requests cannot be judged,
+    /// and after a watch failure only a complete list proves nothing was missed.
     pub fn replace_all(&self, pods: impl IntoIterator<Item = PodRecord>) {
         let mut fresh = Pods::default();
         for p in pods {
@@ -218,6 +288,7 @@ impl PodIndex {
         }
         *self.write() = fresh;
         self.synced.store(true, Ordering::Release);
+        self.broken_since_ms.store(HEALTHY, Ordering::Release);
     }
 
     /// Whether the first complete list has arrived.
@@ -374,6 +445,14 @@ impl fmt::Display for Denied {
 pub enum NodeAuthError {
     /// The pod watch has not delivered its first complete list: retry (Unavailable).
     NotSynced,
+    /// The pod watch has been broken for longer than the authorizer trusts the last known
+    /// pods: retry (Unavailable).
+    Stale {
+        /// How long the watch has been broken.
+        broken_for: Duration,
+        /// The bound (`--pod-index-max-staleness`).
+        max: Duration,
+    },
     /// A check failed (PermissionDenied, with one vague message).
     Denied(Denied),
 }
@@ -397,6 +476,8 @@ pub struct NodeAuthorizer {
     /// Remote clusters (`--multicluster`), each with its own pod index: a caller vouched for
     /// by a remote cluster is checked against that cluster's pods only.
     remotes: Option<std::sync::Arc<crate::auth::cluster::RemoteClusters>>,
+    /// How long after its watch broke an index is still trusted.
+    max_staleness: Duration,
 }
 
 impl NodeAuthorizer {
@@ -411,7 +492,14 @@ impl NodeAuthorizer {
             trust_domain,
             pods,
             remotes: None,
+            max_staleness: DEFAULT_MAX_STALENESS,
         }
+    }
+
+    /// Trusts an index whose watch broke for `max` at most (`--pod-index-max-staleness`).
+    pub fn with_max_staleness(mut self, max: Duration) -> Self {
+        self.max_staleness = max;
+        self
     }
 
     /// Also judges callers of these remote clusters, each against its own pod index.
@@ -467,13 +555,13 @@ impl NodeAuthorizer {
                     &remote_pods
                 }
                 None => {
-                    let shown: String = cluster.chars().take(64).collect();
                     return Err(deny(
                         Refusal::RemoteCluster,
                         format!(
-                            "{} authenticated through remote cluster {shown:?}, which has no \
-                             pod index here",
-                            caller.identity
+                            "{} authenticated through remote cluster {}, which has no pod \
+                             index here",
+                            caller.identity,
+                            shown(cluster)
                         ),
                     ));
                 }
@@ -489,18 +577,18 @@ impl NodeAuthorizer {
                     format!("{} is not a trusted node account", caller.identity),
                 )
             })?;
-        let shown: String = requested.chars().take(256).collect();
-        let identity = SpiffeId::parse(requested).map_err(|e| {
+        let shown = shown(requested);
+        let identity = SpiffeId::parse(requested).map_err(|_| {
             deny(
                 Refusal::MalformedIdentity,
-                format!("requested identity: {e}"),
+                format!("requested identity {shown} is not a SPIFFE ID"),
             )
         })?;
         if identity.trust_domain() != &self.trust_domain {
             return Err(deny(
                 Refusal::ForeignTrustDomain,
                 format!(
-                    "requested {shown:?} is not in trust domain {}",
+                    "requested {shown} is not in trust domain {}",
                     self.trust_domain
                 ),
             ));
@@ -508,11 +596,17 @@ impl NodeAuthorizer {
         let target = identity.service_account().ok_or_else(|| {
             deny(
                 Refusal::MalformedIdentity,
-                format!("requested {shown:?} is not of the form ns/<ns>/sa/<sa>"),
+                format!("requested {shown} is not of the form ns/<ns>/sa/<sa>"),
             )
         })?;
         if !pods.is_synced() {
             return Err(NodeAuthError::NotSynced);
+        }
+        if let Some(broken_for) = pods.stale_for().filter(|d| *d > self.max_staleness) {
+            return Err(NodeAuthError::Stale {
+                broken_for,
+                max: self.max_staleness,
+            });
         }
         let (Some(pod_name), Some(pod_uid)) = (&caller.pod_name, &caller.pod_uid) else {
             return Err(deny(
@@ -764,6 +858,88 @@ mod tests {
             a.authorize(&c, "spiffe://cluster.local/ns/shop/sa/cart"),
             Err(NodeAuthError::NotSynced)
         );
+    }
+
+    /// The watch breaks: the last known pods serve for the bound, then every impersonation
+    /// is Unavailable (not judged on pods that may be gone) until a complete relist.
+    #[test]
+    fn a_stale_index_is_trusted_only_for_a_bounded_time() {
+        let clock = Arc::new(crate::clock::ManualClock::new(crate::clock::system().now()));
+        let pods = Arc::new(PodIndex::new(clock.clone()));
+        pods.replace_all([
+            rec("istio-system", "zt-1", "u1", "ztunnel", Some("n1")),
+            rec("shop", "cart-1", "c1", "cart", Some("n1")),
+        ]);
+        let a = NodeAuthorizer::new(
+            TrustedNodeAccounts::parse(&["istio-system/ztunnel"]).unwrap(),
+            td(),
+            pods.clone(),
+        )
+        .with_max_staleness(Duration::from_secs(60));
+        let c = ztunnel(AuthMethod::TokenReview, Some(("zt-1", "u1")));
+        let cart = "spiffe://cluster.local/ns/shop/sa/cart";
+        assert!(a.authorize(&c, cart).is_ok());
+        assert_eq!(pods.stale_for(), None);
+
+        pods.watch_failed();
+        clock.advance(time::Duration::seconds(30));
+        pods.watch_failed(); // a retry failing again does not restart the count
+        assert_eq!(pods.stale_for(), Some(Duration::from_secs(30)));
+        assert!(a.authorize(&c, cart).is_ok(), "within the bound");
+        clock.advance(time::Duration::seconds(31));
+        assert_eq!(
+            a.authorize(&c, cart),
+            Err(NodeAuthError::Stale {
+                broken_for: Duration::from_secs(61),
+                max: Duration::from_secs(60)
+            })
+        );
+        // Refusals that need no pods still come first (and stay PermissionDenied).
+        assert_eq!(
+            refusal(a.authorize(&c, "spiffe://evil.example/ns/shop/sa/cart")),
+            Refusal::ForeignTrustDomain
+        );
+        // A complete relist makes it current again, with what it found.
+        pods.replace_all([rec("istio-system", "zt-1", "u1", "ztunnel", Some("n1"))]);
+        assert_eq!(pods.stale_for(), None);
+        assert_eq!(refusal(a.authorize(&c, cart)), Refusal::NotOnNode);
+    }
+
+    /// A pod that names no service account is nobody's: not `default`'s, and a caller pod
+    /// without one matches no token.
+    #[test]
+    fn a_pod_without_a_service_account_vouches_for_nobody() {
+        let pods = Arc::new(PodIndex::default());
+        pods.replace_all([
+            rec("istio-system", "zt-1", "u1", "ztunnel", Some("n1")),
+            rec("shop", "anon-1", "a1", "", Some("n1")),
+            rec("istio-system", "zt-anon", "u2", "", Some("n1")),
+        ]);
+        assert!(!pods.runs_on("n1", &ServiceAccount::new("shop", "default").unwrap()));
+        let a = NodeAuthorizer::new(
+            TrustedNodeAccounts::parse(&["istio-system/ztunnel", "istio-system/default"]).unwrap(),
+            td(),
+            pods.clone(),
+        );
+        let c = ztunnel(AuthMethod::TokenReview, Some(("zt-1", "u1")));
+        assert_eq!(
+            refusal(a.authorize(&c, "spiffe://cluster.local/ns/shop/sa/default")),
+            Refusal::NotOnNode
+        );
+        let anon = Caller {
+            identity: td()
+                .service_account_id(&ServiceAccount::new("istio-system", "default").unwrap()),
+            pod_name: Some("zt-anon".into()),
+            pod_uid: Some("u2".into()),
+            ..c
+        };
+        assert_eq!(
+            refusal(a.authorize(&anon, "spiffe://cluster.local/ns/istio-system/sa/ztunnel")),
+            Refusal::CallerPodAccountMismatch
+        );
+        pods.delete("shop", "anon-1");
+        pods.delete("istio-system", "zt-anon");
+        assert_eq!(pods.len(), 1);
     }
 
     #[test]

@@ -48,11 +48,14 @@ pub enum IssueFailure {
 
 /// Signs an SVID for `id` over `key`, valid from `now` (backdated) for `ttl` (capped at the
 /// issuer), and records it in `index`. Returns the signer that signed (for the chain) and the
-/// certificate.
+/// certificate. `for_node`: a node proxy asked on the workload's behalf (node
+/// impersonation), and the certificate is marked so it is no renewal credential.
 ///
 /// A denial written while this signs leaves no window: the scheduler installs a denial and
 /// then sweeps the index, and this records the certificate and then re-reads the installed
 /// signer, so either the sweep sees the certificate or this sees the denial.
+// Eight plain inputs, each used once; a struct for them would only be unpacked again here.
+#[allow(clippy::too_many_arguments)]
 pub fn sign_svid(
     ca: &Ca,
     index: Option<&Arc<dyn IssuanceIndex>>,
@@ -61,6 +64,7 @@ pub fn sign_svid(
     id: &SpiffeId,
     now: OffsetDateTime,
     ttl: Duration,
+    for_node: bool,
 ) -> Result<(Arc<Signer>, Issued), IssueFailure> {
     let want = id.to_string();
     let signer = ca.current().ok_or(IssueFailure::NoSigner)?;
@@ -71,7 +75,7 @@ pub fn sign_svid(
         });
     }
     let issued = signer
-        .issue_workload(key, id, now, ttl)
+        .issue_workload_as(key, id, now, ttl, for_node)
         .map_err(|e| match e {
             SignError::Expired(at) => IssueFailure::Expired(at),
             other => IssueFailure::Sign(other),

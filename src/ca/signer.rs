@@ -364,9 +364,26 @@ impl Signer {
         now: OffsetDateTime,
         ttl: Duration,
     ) -> Result<Issued, SignError> {
+        self.issue_workload_as(key, id, now, ttl, false)
+    }
+
+    /// [`Signer::issue_workload`]; with `for_node`, marked as issued to a node proxy on the
+    /// workload's behalf (`profile::workload_for_node`), so it cannot renew itself.
+    pub fn issue_workload_as(
+        &self,
+        key: &SubjectKey,
+        id: &SpiffeId,
+        now: OffsetDateTime,
+        ttl: Duration,
+        for_node: bool,
+    ) -> Result<Issued, SignError> {
         let (nb, na) = self.validity(now, ttl)?;
         let serial = random_serial();
-        let params = profile::workload(id, &serial, nb, na)?;
+        let params = if for_node {
+            profile::workload_for_node(id, &serial, nb, na)?
+        } else {
+            profile::workload(id, &serial, nb, na)?
+        };
         let cert = params
             .signed_by(key, &self.issuer)
             .map_err(PkiError::from)?;
@@ -485,6 +502,24 @@ mod tests {
         let resp = signer.response_chain(leaf.pem.clone());
         assert_eq!(resp.len(), 3);
         assert_eq!(resp[2], signer.roots_pem());
+        // Only a certificate issued on a node's request carries the node marker, non-critical.
+        assert!(!chain::describe(&leaf.der).unwrap().node_issued);
+        let for_node = signer
+            .issue_workload_as(&subject_key(&id), &id, now, Duration::from_secs(3600), true)
+            .unwrap();
+        assert!(chain::describe(&for_node.der).unwrap().node_issued);
+        let (_, c) = X509Certificate::from_der(&for_node.der).unwrap();
+        let marker = c
+            .extensions()
+            .iter()
+            .find(|e| e.oid.to_id_string() == "1.3.6.1.4.1.99999.7411.1")
+            .expect("the marker");
+        assert!(!marker.critical, "other verifiers ignore it");
+        assert_eq!(c.extensions().len(), leaf_exts(&leaf.der) + 1);
+    }
+
+    fn leaf_exts(der: &[u8]) -> usize {
+        X509Certificate::from_der(der).unwrap().1.extensions().len()
     }
 
     #[test]

@@ -437,6 +437,7 @@ impl PodCertSigner {
             &id,
             now,
             ttl,
+            false,
         ) {
             Ok(x) => x,
             Err(e @ IssueFailure::Denied { .. }) => {

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::watcher::{self, watcher, Event};
-use kube::runtime::WatchStreamExt;
 use serde::Deserialize;
 
 use crate::auth::node::{PodIndex, PodRecord};
@@ -38,7 +37,9 @@ pub struct PodLite {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodSpecLite {
-    /// The pod's service account (`default` when unset, as the API server fills in).
+    /// The pod's service account. The API server's ServiceAccount admission fills in
+    /// `default` when a pod names none; a pod that still has none (admission disabled) runs
+    /// as no account here and vouches for nobody.
     pub service_account_name: Option<String>,
     /// The node it is bound to; unset until scheduled.
     pub node_name: Option<String>,
@@ -89,10 +90,7 @@ impl PodLite {
             namespace: self.metadata.namespace?,
             name: self.metadata.name?,
             uid: self.metadata.uid?,
-            service_account: self
-                .spec
-                .service_account_name
-                .unwrap_or_else(|| "default".into()),
+            service_account: self.spec.service_account_name.unwrap_or_default(),
             node: self.spec.node_name.filter(|n| !n.is_empty()),
         })
     }
@@ -105,41 +103,47 @@ impl PodLite {
     }
 }
 
+/// The longest pause between two attempts to restart a broken watch.
+const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Starts the watch: it fills `index` (marking it synced after the first complete list) and
-/// keeps it current until shutdown, restarting with backoff after errors.
+/// keeps it current until shutdown.
+///
+/// After any error the watch is started afresh, with a complete list, after a backoff
+/// (0.5 s doubling to 30 s): a watch resumed from its last resourceVersion delivers nothing
+/// when nothing changed, so only a relist proves the index current again. The index is told
+/// when the watch broke ([`PodIndex::watch_failed`]) and the relist clears it, so the
+/// authorizer can bound how long it judges on pods it may no longer see change. A connection
+/// that hangs without an error is given up about 55 s after its last event (see `timeout`
+/// below), and counts as broken from when the reconnect then fails.
 pub fn watch(client: kube::Client, index: Arc<PodIndex>, shutdown: Shutdown) {
     let api: kube::Api<PodLite> = kube::Api::all(client);
     // `any_semantic`: lists come from the API server's watch cache rather than etcd, as
     // informers' do; the watch then continues from that list's resourceVersion.
+    // `timeout`: the API server ends each watch after 50 s and it resumes from its
+    // resourceVersion (no list). The watcher treats 5 s past that without any item as a dead
+    // connection, so a connection that hangs without an error is noticed within ~55 s
+    // instead of the default ~295 s, which would outlast --pod-index-max-staleness.
     let cfg = watcher::Config::default()
         .fields(FIELD_SELECTOR)
-        .any_semantic();
+        .any_semantic()
+        .timeout(50);
     tokio::spawn(async move {
-        let mut events = watcher(api, cfg).default_backoff().boxed();
-        // A relist is buffered (records only) and swapped in whole at InitDone, so requests
-        // never see a half-listed index.
-        let mut relist: Option<Vec<PodRecord>> = None;
-        let mut failing = false;
+        let mut backoff = std::time::Duration::from_millis(500);
         loop {
-            let event = tokio::select! {
-                e = events.next() => e,
-                _ = shutdown.wait() => return,
-            };
-            match event {
-                None => return,
-                Some(Err(e)) => {
-                    // Backoff restarts the watch; say so once per outage, not per retry.
-                    if !failing {
-                        tracing::warn!(error = %e, "the pod watch failed; node impersonation uses the last known pods until it recovers");
-                    }
-                    failing = true;
-                }
-                Some(Ok(ev)) => {
-                    if failing {
-                        tracing::info!("the pod watch recovered");
-                        failing = false;
-                    }
-                    match ev {
+            let mut events = watcher(api.clone(), cfg.clone()).boxed();
+            // A relist is buffered (records only) and swapped in whole at InitDone, so
+            // requests never see a half-listed index.
+            let mut relist: Option<Vec<PodRecord>> = None;
+            let error = loop {
+                let event = tokio::select! {
+                    e = events.next() => e,
+                    _ = shutdown.wait() => return,
+                };
+                match event {
+                    None => return,
+                    Some(Err(e)) => break e,
+                    Some(Ok(ev)) => match ev {
                         Event::Init => relist = Some(Vec::new()),
                         Event::InitApply(p) => {
                             if let (Some(buf), Some(r)) = (relist.as_mut(), p.record()) {
@@ -148,8 +152,16 @@ pub fn watch(client: kube::Client, index: Arc<PodIndex>, shutdown: Shutdown) {
                         }
                         Event::InitDone => {
                             let pods = relist.take().unwrap_or_default();
-                            tracing::info!(pods = pods.len(), "pod index synced");
+                            if index.stale_for().is_some() {
+                                tracing::info!(
+                                    pods = pods.len(),
+                                    "the pod watch recovered: pod index relisted"
+                                );
+                            } else {
+                                tracing::info!(pods = pods.len(), "pod index synced");
+                            }
                             index.replace_all(pods);
+                            backoff = std::time::Duration::from_millis(500);
                         }
                         Event::Apply(p) => {
                             let key = p.key().map(|(n, m)| (n.to_string(), m.to_string()));
@@ -165,9 +177,19 @@ pub fn watch(client: kube::Client, index: Arc<PodIndex>, shutdown: Shutdown) {
                                 index.delete(ns, name);
                             }
                         }
-                    }
+                    },
                 }
+            };
+            // Say so once per outage, not per retry.
+            if index.stale_for().is_none() {
+                tracing::warn!(error = %error, "the pod watch failed; node impersonation uses the last known pods for at most --pod-index-max-staleness, then refuses (Unavailable) until a relist succeeds");
             }
+            index.watch_failed();
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.wait() => return,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     });
 }
@@ -175,6 +197,26 @@ pub fn watch(client: kube::Client, index: Arc<PodIndex>, shutdown: Shutdown) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Without ServiceAccount admission a pod may name no account: it must not count as
+    /// `default`, or any trusted node proxy could impersonate `<ns>/default` on its node.
+    #[test]
+    fn a_pod_without_service_account_name_is_not_default() {
+        let pod: PodLite = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "anon", "namespace": "shop", "uid": "u1"},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "i"}]},
+            "status": {"phase": "Running"}
+        }))
+        .unwrap();
+        let r = pod.record().unwrap();
+        assert_eq!(r.service_account, "");
+        let index = PodIndex::default();
+        index.replace_all([r]);
+        assert!(!index.runs_on(
+            "n1",
+            &crate::identity::ServiceAccount::new("shop", "default").unwrap()
+        ));
+    }
 
     #[test]
     fn decodes_only_what_it_needs_and_drops_finished_pods() {

@@ -172,8 +172,9 @@ pub fn revocation_scale(revoked: usize, denied: usize, iterations: usize) -> Cmd
         let t0 = Instant::now();
         for i in 0..iterations {
             let (id, key) = &keys[i % keys.len()];
-            let (s, issued) = crate::ca::issue::sign_svid(ca, None, &sweep, key, id, now, validity)
-                .map_err(|e| e.to_string())?;
+            let (s, issued) =
+                crate::ca::issue::sign_svid(ca, None, &sweep, key, id, now, validity, false)
+                    .map_err(|e| e.to_string())?;
             std::hint::black_box(s.response_chain(issued.pem));
         }
         Ok(t0.elapsed() / iterations.max(1) as u32)

@@ -24,8 +24,12 @@ pub enum Command {
     /// Start a staged root rotation: prepare now, activate after a propagation period,
     /// retire the old root after the old chain's last leaf expired.
     RotateRoot(RotateArgs),
-    /// Write the whole CA state (keys included) to a checksummed file, mode 0600.
+    /// Write the whole CA state (keys included) to a checksummed file signed with your backup
+    /// key, mode 0600.
     Backup(BackupArgs),
+    /// Make a backup key (32 random bytes, as hex) that signs backups and proves them on
+    /// restore; keep it apart from the backups.
+    BackupKey(BackupKeyArgs),
     /// Put a backup's CA state back into the store (stop every citadel first).
     Restore(RestoreArgs),
 }
@@ -34,10 +38,13 @@ pub enum Command {
 #[derive(Debug, clap::Args)]
 #[command(after_long_help = "\
 The file holds every CA private key: keep it as you keep the CA. It is written atomically
-with mode 0600, and carries a SHA-256 that `citadel ca restore` checks.
+with mode 0600, and carries a SHA-256 and an HMAC-SHA256 under your backup key that
+`citadel ca restore` checks: whoever can write the backup file but lacks the key cannot make
+a restore install a CA of their own. Keep the key apart from the backups.
 
-  citadel ca backup --out ca-backup.json
-  citadel ca backup --store kube --namespace istio-system --out ca-backup.json")]
+  citadel ca backup-key --out backup.key          # once
+  citadel ca backup --backup-key-file backup.key --out ca-backup.json
+  citadel ca backup --store kube --namespace istio-system --backup-key-file backup.key --out ca-backup.json")]
 pub struct BackupArgs {
     /// Where the CA state is.
     #[command(flatten)]
@@ -45,16 +52,42 @@ pub struct BackupArgs {
     /// The backup file to write (replaced atomically if it exists).
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
+    /// The backup key that signs the file (`citadel ca backup-key`).
+    #[arg(long, value_name = "FILE", required_unless_present = "unsigned")]
+    pub backup_key_file: Option<PathBuf>,
+    /// Write an unsigned backup (restorable only with --allow-unsigned).
+    #[arg(long, conflicts_with = "backup_key_file")]
+    pub unsigned: bool,
+}
+
+/// Flags of `citadel ca backup-key`.
+#[derive(Debug, clap::Args)]
+#[command(after_long_help = "\
+Writes 64 hex digits (32 random bytes) with mode 0600, and refuses to replace a file that
+exists (a lost key makes every backup signed with it unrestorable).
+
+  citadel ca backup-key --out backup.key")]
+pub struct BackupKeyArgs {
+    /// The key file to create.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
 }
 
 /// Flags of `citadel ca restore`.
 #[derive(Debug, clap::Args)]
 #[command(after_long_help = "\
-Checks the file first (checksum, formats, that its CA can sign) and writes nothing if any
-check fails. Stop every citadel using the store before restoring, and start them after.
+Checks the file first (checksum, signature under --backup-key-file, formats, that its CA
+can sign) and writes nothing if any check fails. Stop every citadel using the store before
+restoring, and start them after.
 
-  citadel ca restore --from ca-backup.json                 # into an empty state directory
-  citadel ca restore --from ca-backup.json --force         # replace the CA that is there")]
+With --force over a journal that is there, it lists what that journal holds and the backup
+does not (revocations and denials made after the backup, authorities from rotations since)
+and KEEPS them: revocations and denials are merged into the restored state, newer
+authorities stay as retiring (trusted while their certificates live, no longer signing).
+--drop-newer drops them instead.
+
+  citadel ca restore --backup-key-file backup.key --from ca-backup.json          # into an empty store
+  citadel ca restore --backup-key-file backup.key --from ca-backup.json --force  # over the CA that is there")]
 pub struct RestoreArgs {
     /// Where the CA state goes.
     #[command(flatten)]
@@ -62,9 +95,19 @@ pub struct RestoreArgs {
     /// The backup file to read.
     #[arg(long, value_name = "FILE")]
     pub from: PathBuf,
+    /// The backup key the file was signed with (`citadel ca backup-key`).
+    #[arg(long, value_name = "FILE")]
+    pub backup_key_file: Option<PathBuf>,
+    /// Restore a backup that carries no signature (an older citadel's, or --unsigned).
+    #[arg(long)]
+    pub allow_unsigned: bool,
     /// Replace a CA journal the store already holds.
     #[arg(long)]
     pub force: bool,
+    /// With --force: drop what the store holds beyond the backup (listed) instead of
+    /// keeping it.
+    #[arg(long, requires = "force")]
+    pub drop_newer: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -222,8 +265,38 @@ fn remaining(not_after: OffsetDateTime, now: OffsetDateTime) -> String {
     }
 }
 
-/// `citadel ca backup`: the journal, checksummed, to a 0600 file.
+fn read_backup_key(path: &std::path::Path) -> Result<crate::ca::backup::BackupKey, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    crate::ca::backup::BackupKey::from_file_bytes(&bytes)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// `citadel ca backup-key`: a new backup key, 0600, never over an existing file.
+fn backup_key(a: BackupKeyArgs) -> CmdResult {
+    if a.out.exists() {
+        return Err(format!(
+            "{} exists; a backup key is never replaced (backups signed with it would become \
+             unrestorable): choose another path",
+            a.out.display()
+        ));
+    }
+    let (_, file) = crate::ca::backup::BackupKey::generate()?;
+    crate::fsutil::write_atomic(&a.out, &file, 0o600)
+        .map_err(|e| format!("cannot write {}: {e}", a.out.display()))?;
+    println!(
+        "wrote a new backup key to {} (mode 0600); keep it apart from the backups",
+        a.out.display()
+    );
+    Ok(())
+}
+
+/// `citadel ca backup`: the journal, checksummed and signed, to a 0600 file.
 async fn backup(a: BackupArgs) -> CmdResult {
+    let key = a
+        .backup_key_file
+        .as_deref()
+        .map(read_backup_key)
+        .transpose()?;
     let store = a.state.open().await?;
     let current = store
         .load_journal()
@@ -231,35 +304,91 @@ async fn backup(a: BackupArgs) -> CmdResult {
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("{} holds no CA journal to back up", a.state.describe()))?;
     let now = crate::clock::system().now().unix_timestamp();
-    let bytes = crate::ca::backup::make(&current.value, &store.describe(), now)?;
+    let bytes = crate::ca::backup::make(&current.value, &store.describe(), now, key.as_ref())?;
     crate::fsutil::write_atomic(&a.out, &bytes, 0o600)
         .map_err(|e| format!("cannot write {}: {e}", a.out.display()))?;
-    let b = crate::ca::backup::open(&bytes)?;
+    let b = crate::ca::backup::open(&bytes, key.as_ref(), key.is_none())?.backup;
+    if key.is_none() {
+        eprintln!("warning: the backup is unsigned (--unsigned): a restore cannot tell it from a forged one and needs --allow-unsigned");
+    }
     println!(
-        "backed up {} ({} authorities, {} revocations) to {} (mode 0600, sha256 {})",
+        "backed up {} ({} authorities, {} revocations) to {} (mode 0600, sha256 {}, {})",
         b.source,
         b.journal.authorities.len(),
         b.journal.revocations.len(),
         a.out.display(),
-        b.sha256
+        b.sha256,
+        if key.is_some() {
+            "signed with the backup key"
+        } else {
+            "unsigned"
+        }
     );
     Ok(())
 }
 
 /// `citadel ca restore`: a checked backup into the store (refuses to replace without --force).
 async fn restore(a: RestoreArgs) -> CmdResult {
+    use crate::ca::backup;
+    let key = a
+        .backup_key_file
+        .as_deref()
+        .map(read_backup_key)
+        .transpose()?;
     let bytes =
         std::fs::read(&a.from).map_err(|e| format!("cannot read {}: {e}", a.from.display()))?;
-    let b = crate::ca::backup::open(&bytes).map_err(|e| format!("{}: {e}", a.from.display()))?;
+    let opened = backup::open(&bytes, key.as_ref(), a.allow_unsigned)
+        .map_err(|e| format!("{}: {e}", a.from.display()))?;
+    if !opened.signed {
+        eprintln!("warning: restoring an unsigned backup (--allow-unsigned): nothing shows it was not altered");
+    }
+    let opened_signed = opened.signed;
+    let b = opened.backup;
     if a.state.store == super::serve::StoreKind::File {
         std::fs::create_dir_all(&a.state.state_dir)
             .map_err(|e| format!("cannot create {}: {e}", a.state.state_dir.display()))?;
     }
     let store = a.state.open().await?;
     let current = store.load_journal().await;
+    let now = crate::clock::system().now().unix_timestamp();
+    let mut journal = b.journal.clone();
     let expected = match current {
         Ok(None) => None,
-        Ok(Some(c)) if a.force => Some(c.revision),
+        Ok(Some(c)) if a.force => {
+            let newer = backup::newer(&b.journal, &c.value);
+            if !newer.is_empty() {
+                println!(
+                    "{} holds {} item(s) the backup (taken at unix time {}) does not:",
+                    store.describe(),
+                    newer.lines().len(),
+                    b.created_at
+                );
+                for l in newer.lines() {
+                    println!("  {l}");
+                }
+                if a.drop_newer {
+                    println!("dropping them (--drop-newer)");
+                } else if c.value.trust_domain != b.journal.trust_domain {
+                    return Err(format!(
+                        "the store's CA is of trust domain {:?} and the backup's of {:?}: its \
+                         items cannot be kept; pass --drop-newer to drop them",
+                        c.value.trust_domain, b.journal.trust_domain
+                    ));
+                } else {
+                    journal = backup::merge(b.journal.clone(), &c.value, now);
+                    let td = crate::identity::TrustDomain::new(&journal.trust_domain)
+                        .map_err(|e| e.to_string())?;
+                    crate::ca::bootstrap::signer_from_journal(&journal, &td)
+                        .map_err(|e| format!("the merged CA state cannot sign: {e}"))?;
+                    println!(
+                        "keeping them: merged into the restored state (newer authorities as \
+                         retiring); pass --drop-newer to drop them"
+                    );
+                }
+            }
+            tracing::info!(target: "citadel::audit", event = "ca_restore_newer", revocations = newer.revocations.len(), denied = newer.denied.len(), authorities = newer.authorities.len(), dropped = a.drop_newer, "the store held items the backup does not");
+            Some(c.revision)
+        }
         Ok(Some(c)) => {
             return Err(format!(
                 "{} already holds a CA journal (trust domain {:?}, {} authorities); pass --force \
@@ -278,11 +407,10 @@ async fn restore(a: RestoreArgs) -> CmdResult {
         Err(e) => return Err(e.to_string()),
     };
     store
-        .save_journal(&b.journal, expected.as_ref())
+        .save_journal(&journal, expected.as_ref())
         .await
         .map_err(|e| e.to_string())?;
-    let bundle: String = b
-        .journal
+    let bundle: String = journal
         .trusted_roots()
         .map(|r| r.cert_pem.as_str())
         .collect();
@@ -291,10 +419,10 @@ async fn restore(a: RestoreArgs) -> CmdResult {
         .await
         .map_err(|e| e.to_string())?;
     store
-        .publish_crl(&crate::ca::crl::bundle(&b.journal))
+        .publish_crl(&crate::ca::crl::bundle(&journal))
         .await
         .map_err(|e| e.to_string())?;
-    tracing::info!(target: "citadel::audit", event = "ca_restored", store = %store.describe(), backup_source = %b.source, backup_created_at = b.created_at, "restored the CA state from a backup");
+    tracing::info!(target: "citadel::audit", event = "ca_restored", store = %store.describe(), backup_source = %crate::audit::shown(&b.source), signed = opened_signed, backup_created_at = b.created_at, "restored the CA state from a backup");
     println!(
         "restored {} from {} (taken from {} at unix time {}); start citadel to use it",
         store.describe(),
@@ -309,6 +437,7 @@ async fn restore(a: RestoreArgs) -> CmdResult {
 pub async fn run(cmd: Command) -> CmdResult {
     match cmd {
         Command::Backup(a) => backup(a).await,
+        Command::BackupKey(a) => backup_key(a),
         Command::Restore(a) => restore(a).await,
         Command::Bundle(a) => {
             match load(&a).await {

@@ -250,6 +250,13 @@ pub struct Args {
           value_name = "NS/SA", value_parser = parse_node_account)]
     pub trusted_node_accounts: Vec<String>,
 
+    /// Ambient mode: how long node impersonation keeps trusting the last known pods after
+    /// the pod watch broke (API server down or unreachable). Past it, impersonation requests
+    /// get Unavailable (ztunnel retries) until the watch has relisted every pod, so a pod
+    /// deleted or moved during an outage cannot vouch for its node meanwhile.
+    #[arg(long, default_value = "1m", value_parser = clap_parse, value_name = "DUR")]
+    pub pod_index_max_staleness: Duration,
+
     /// This cluster's name, as workloads send it in the `clusterid` header
     /// (ISTIO_META_CLUSTER_ID). A token whose request names another cluster is refused
     /// (Unauthenticated, naming it); an absent header means this cluster.
@@ -413,6 +420,7 @@ impl Args {
             trusted_node_accounts: crate::auth::node::TrustedNodeAccounts::parse(
                 &self.trusted_node_accounts,
             )?,
+            pod_index_max_staleness: self.pod_index_max_staleness,
             cluster_id: self.cluster_id,
             ca_resource: self.ca_resource,
             activate_after_explicit: self.activate_after.is_some(),

@@ -36,6 +36,9 @@ pub struct CertInfo {
     pub uri_sans: Vec<String>,
     /// Subject equals issuer and the certificate's signature verifies with its own key.
     pub self_signed: bool,
+    /// It carries `profile::NODE_ISSUED_OID`: citadel issued it to a node proxy on a
+    /// workload's behalf.
+    pub node_issued: bool,
 }
 
 /// Parses one DER certificate; trailing bytes are an error.
@@ -53,6 +56,9 @@ pub fn describe(der: &[u8]) -> Result<CertInfo, PkiError> {
     let c = parse(der)?;
     let bc = c.basic_constraints().ok().flatten().map(|e| e.value);
     let mut uri_sans = Vec::new();
+    let node_oid = x509_parser::der_parser::oid::Oid::from(super::profile::NODE_ISSUED_OID)
+        .map_err(|_| PkiError::invalid("bad built-in OID"))?;
+    let node_issued = c.extensions().iter().any(|e| e.oid == node_oid);
     for ext in c.extensions() {
         if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
             for n in &san.general_names {
@@ -74,6 +80,7 @@ pub fn describe(der: &[u8]) -> Result<CertInfo, PkiError> {
         uri_sans,
         self_signed: c.subject().as_raw() == c.issuer().as_raw()
             && c.verify_signature(None).is_ok(),
+        node_issued,
     })
 }
 

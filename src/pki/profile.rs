@@ -90,6 +90,33 @@ pub fn workload(
     Ok(p)
 }
 
+/// The extension that marks a workload SVID issued to a node proxy on a workload's behalf
+/// (`ImpersonatedIdentity`): non-critical, so every other verifier ignores it, and its value
+/// is an empty DER NULL. citadel reads it only to refuse such a certificate as a renewal
+/// credential (`auth::client_cert`): the workload's pod may since have left that node, and
+/// only the node check proves it has not. The caller cannot put it there or leave it out:
+/// leaves are built from scratch, nothing of the CSR but its key is signed.
+///
+/// A private OID, not registered (citadel has no IANA Private Enterprise Number yet);
+/// changing it would let certificates marked with the old one renew once.
+pub const NODE_ISSUED_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 99999, 7411, 1];
+
+/// [`workload`], marked as issued through node impersonation ([`NODE_ISSUED_OID`]).
+pub fn workload_for_node(
+    id: &SpiffeId,
+    serial: &[u8],
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<CertificateParams, PkiError> {
+    let mut p = workload(id, serial, not_before, not_after)?;
+    p.custom_extensions
+        .push(rcgen::CustomExtension::from_oid_content(
+            NODE_ISSUED_OID,
+            vec![0x05, 0x00],
+        ));
+    Ok(p)
+}
+
 /// citadel's own TLS serving certificate, with DNS and IP SANs.
 pub fn serving(
     names: &[String],

@@ -134,7 +134,7 @@ impl CaService {
     /// Judges an `ImpersonatedIdentity` request. A refusal is counted and logged with its
     /// check, and answered with [`IMPERSONATION_REFUSED`] only.
     fn impersonate(&self, caller: &Caller, requested: &str) -> Result<Impersonation, IssueError> {
-        let shown: String = requested.chars().take(256).collect();
+        let shown = crate::audit::shown(requested);
         let result = match &self.node_auth {
             Some(a) => a.authorize(caller, requested),
             None => Err(NodeAuthError::Denied(crate::auth::node::Denied {
@@ -144,6 +144,16 @@ impl CaService {
         };
         match result {
             Ok(granted) => Ok(granted),
+            Err(NodeAuthError::Stale { broken_for, max }) => {
+                self.metrics.impersonation.refused_stale();
+                tracing::warn!(caller = %caller.identity, requested = %shown, broken_for_secs = broken_for.as_secs(), "impersonation refused: the pod watch has been broken for longer than --pod-index-max-staleness");
+                Err(IssueError::NotReady(format!(
+                    "the pod index may be out of date (its watch has been broken for {}s, more than \
+                     --pod-index-max-staleness {}s); retry shortly",
+                    broken_for.as_secs(),
+                    max.as_secs()
+                )))
+            }
             Err(NodeAuthError::NotSynced) => {
                 tracing::warn!(caller = %caller.identity, requested = %shown, "impersonation cannot be judged yet: the pod index has not synced");
                 Err(IssueError::NotReady(
@@ -156,7 +166,7 @@ impl CaService {
                 tracing::warn!(
                     caller = %caller.identity,
                     auth = %caller.method,
-                    pod = caller.pod_name.as_deref().unwrap_or(""),
+                    pod = %crate::audit::shown(caller.pod_name.as_deref().unwrap_or("")),
                     requested = %shown,
                     check = d.reason.label(),
                     detail = %d.detail,
@@ -258,8 +268,8 @@ impl CaService {
         if let Some(other) = csr.uri_sans.iter().find(|u| **u != want) {
             self.metrics.id_extraction_err_count.inc();
             return Err(IssueError::PermissionDenied(format!(
-                "CSR asks for {:?}, but the caller is {want}",
-                other.chars().take(256).collect::<String>()
+                "CSR asks for {}, but the caller is {want}",
+                crate::audit::shown(other)
             )));
         }
 
@@ -271,6 +281,7 @@ impl CaService {
             &identity,
             self.clock.now(),
             ttl,
+            via_node.is_some(),
         )
         .map_err(|e| match e {
             IssueFailure::NoSigner => {

@@ -108,6 +108,8 @@ pub struct ImpersonationMetrics {
     /// Keyed by the node account (`ns/sa`): only listed accounts are ever granted, so the
     /// label's cardinality is bounded by `--trusted-node-accounts`.
     issued: Mutex<BTreeMap<String, u64>>,
+    /// Requests refused Unavailable because the pod watch was broken too long.
+    stale: Counter,
     /// The pod index, for its size and sync state; set when impersonation is configured.
     pub pods: std::sync::OnceLock<std::sync::Arc<crate::auth::node::PodIndex>>,
 }
@@ -121,6 +123,11 @@ impl ImpersonationMetrics {
         {
             self.refusals[i].inc();
         }
+    }
+
+    /// Counts a request refused (Unavailable) because the pod index was too stale to judge.
+    pub fn refused_stale(&self) {
+        self.stale.inc();
     }
 
     /// Counts a certificate issued to `node_account` for another workload.
@@ -145,7 +152,11 @@ impl ImpersonationMetrics {
         for (account, v) in self.issued.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = writeln!(out, "{name}{{node_account=\"{account}\"}} {v}");
         }
+        let name = "citadel_impersonation_stale_refusals";
+        let _ = writeln!(out, "# HELP {name} Impersonation requests answered Unavailable because the pod watch had been broken longer than --pod-index-max-staleness.\n# TYPE {name} counter\n{name} {}", self.stale.get());
         if let Some(p) = self.pods.get() {
+            let _ = writeln!(out, "# HELP citadel_pod_index_stale_seconds Seconds since the pod watch broke without a relist since (0 while healthy).\n# TYPE citadel_pod_index_stale_seconds gauge\ncitadel_pod_index_stale_seconds {}", p.stale_for().map_or(0.0, |d| d.as_secs_f64()));
+            let _ = writeln!(out, "# HELP citadel_pod_index_watch_healthy 1 while the pod watch runs (or has relisted since it last broke), 0 while it is broken.\n# TYPE citadel_pod_index_watch_healthy gauge\ncitadel_pod_index_watch_healthy {}", i32::from(p.stale_for().is_none()));
             let _ = writeln!(out, "# HELP citadel_pod_index_pods Pods (not Failed or Succeeded) in the node-impersonation index.\n# TYPE citadel_pod_index_pods gauge\ncitadel_pod_index_pods {}", p.len());
             let _ = writeln!(out, "# HELP citadel_pod_index_synced 1 once the pod watch has delivered its first complete list.\n# TYPE citadel_pod_index_synced gauge\ncitadel_pod_index_synced {}", i32::from(p.is_synced()));
         }

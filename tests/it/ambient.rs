@@ -754,3 +754,161 @@ async fn ambient_pod_index_cost_at_10k_pods() {
         t.elapsed() / calls
     );
 }
+
+/// The pod watch breaks (kube-apiserver killed): the last known pods serve for
+/// --pod-index-max-staleness (default 1 min) of citadel's clock, then impersonation is
+/// Unavailable (retryable), never judged on pods that may be gone; the caller's own identity
+/// is unaffected. Once the API server is back the watch relists and impersonation resumes.
+/// Time is a ManualClock kept near real time (TLS checks the serving certificate), moved a
+/// little on every poll as real time would move.
+#[tokio::test]
+async fn ambient_a_stale_pod_index_is_trusted_only_for_a_bounded_time() {
+    use citadel::clock::Clock;
+    let Some(kube) = KubeEnv::start().await else {
+        return;
+    };
+    let zt_uid = cluster(&kube).await;
+    let clock = std::sync::Arc::new(citadel::clock::ManualClock::new(
+        time::OffsetDateTime::now_utc(),
+    ));
+    let kubeconfig = kube.kubeconfig.to_str().unwrap().to_string();
+    let ca = TestCa::start_on_clock(
+        clock.clone(),
+        &[
+            "--kubeconfig",
+            &kubeconfig,
+            "--jwks-from-cluster",
+            "--trusted-node-accounts",
+            "istio-system/ztunnel",
+        ],
+    )
+    .await;
+    wait_synced(&ca).await;
+    let mut client = ca.client().await;
+    let zt = kube
+        .pod_token("istio-system", "ztunnel", "ztunnel-n1", &zt_uid)
+        .await;
+    assert!(ask(&mut client, &zt, CART).await.is_ok());
+
+    kube.stop_apiserver();
+    // Just after the outage began: the last known pods still serve.
+    assert!(
+        ask(&mut client, &zt, CART).await.is_ok(),
+        "within the bound"
+    );
+    // citadel's clock moves 20 s per poll: once the watch has noticed, three polls pass the
+    // bound.
+    let t0 = std::time::Instant::now();
+    let err = loop {
+        clock.advance(time::Duration::seconds(20));
+        match ask(&mut client, &zt, CART).await {
+            Err(e) if e.code() == Code::Unavailable => break e,
+            Err(e) => panic!("refused otherwise: {e:?}"),
+            Ok(_) => assert!(
+                t0.elapsed() < std::time::Duration::from_secs(20),
+                "still granted {:?} (and {} s of citadel's clock) into the API server's outage",
+                t0.elapsed(),
+                (clock.now() - time::OffsetDateTime::now_utc()).whole_seconds()
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
+    assert!(
+        err.message().contains("--pod-index-max-staleness"),
+        "{err:?}"
+    );
+    assert!(metric(&ca, "citadel_impersonation_stale_refusals").await >= 1);
+    assert_eq!(metric(&ca, "citadel_pod_index_watch_healthy").await, 0);
+    // ztunnel's own certificate needs no pods.
+    let own = "spiffe://cluster.local/ns/istio-system/sa/ztunnel";
+    let csr = citadel::pki::csr::build(&KeyType::EcP256.generate().unwrap(), own).unwrap();
+    call(&mut client, &csr, Some(&bearer(&zt)), 0, None)
+        .await
+        .expect("the caller's own identity is unaffected");
+
+    kube.start_apiserver();
+    eventually(
+        "the watch relists and impersonation resumes",
+        60,
+        async || ask(&mut client.clone(), &zt, CART).await.is_ok(),
+    )
+    .await;
+    assert_eq!(metric(&ca, "citadel_pod_index_watch_healthy").await, 1);
+    ca.stop().await;
+}
+
+/// A certificate ztunnel got for a workload cannot renew itself by client certificate (its
+/// holder would otherwise keep the workload's identity after the pod left the node, for
+/// ever); ztunnel renews it the way it got it, with its token and the node check. A
+/// workload's own certificate still renews by client certificate.
+#[tokio::test]
+async fn ambient_an_impersonated_certificate_does_not_renew_itself() {
+    let Some(kube) = KubeEnv::start().await else {
+        return;
+    };
+    let zt_uid = cluster(&kube).await;
+    let kubeconfig = kube.kubeconfig.to_str().unwrap().to_string();
+    let ca = TestCa::start(&[
+        "--kubeconfig",
+        &kubeconfig,
+        "--jwks-from-cluster",
+        "--trusted-node-accounts",
+        "istio-system/ztunnel",
+    ])
+    .await;
+    wait_synced(&ca).await;
+    let mut client = ca.client().await;
+    let zt = kube
+        .pod_token("istio-system", "ztunnel", "ztunnel-n1", &zt_uid)
+        .await;
+    let key = KeyType::EcP256.generate().unwrap();
+    let csr = citadel::pki::csr::build(&key, CART).unwrap();
+    let chain = call(
+        &mut client,
+        &csr,
+        Some(&bearer(&zt)),
+        0,
+        Some(impersonate(CART)),
+    )
+    .await
+    .unwrap();
+    assert_issued_for(&chain, CART);
+    let mut as_cart = ca
+        .client_with(Some((
+            chain[..2].concat().into_bytes(),
+            key.serialize_pem().into_bytes(),
+        )))
+        .await;
+    let err = call(&mut as_cart, &csr, None, 0, None).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("no renewal credential"), "{err:?}");
+
+    // The workload's own certificate (its own token) renews by client certificate.
+    let cart_uid = {
+        use kube::api::Api;
+        Api::<k8s_openapi::api::core::v1::Pod>::namespaced(kube.client.clone(), "shop")
+            .get("cart-1")
+            .await
+            .unwrap()
+            .metadata
+            .uid
+            .unwrap()
+    };
+    let cart_token = kube.pod_token("shop", "cart", "cart-1", &cart_uid).await;
+    let own = call(&mut client, &csr, Some(&bearer(&cart_token)), 0, None)
+        .await
+        .unwrap();
+    let mut renewing = ca
+        .client_with(Some((
+            own[..2].concat().into_bytes(),
+            key.serialize_pem().into_bytes(),
+        )))
+        .await;
+    assert_issued_for(
+        &call(&mut renewing, &csr, None, 0, None).await.unwrap(),
+        CART,
+    );
+    // And ztunnel renews the workload's certificate as before.
+    assert_issued_for(&ask(&mut client, &zt, CART).await.unwrap(), CART);
+    ca.stop().await;
+}

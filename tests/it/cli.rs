@@ -501,3 +501,311 @@ async fn with_the_log_destination_full_no_certificate_goes_out_unaudited() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// A caller's text in a log line stays one line: a newline-laden `ImpersonatedIdentity`
+/// (sent where impersonation is off, so it is refused and logged) cannot forge a second log
+/// line, and a 100 KiB one is cut short. The real binary, its plain-text log, read back.
+#[tokio::test]
+async fn a_newline_in_impersonated_identity_stays_on_one_log_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (mut server, port) = spawn_serve(dir, &[]);
+    let mut client = citadel::client::connect(&citadel::client::ConnectOptions {
+        addr: format!("127.0.0.1:{port}"),
+        root_pem: std::fs::read(dir.join("citadel-data/root-cert.pem")).unwrap(),
+        server_name: Some("localhost".into()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (_, csr) = crate::support::csr_for(
+        citadel::pki::KeyType::EcP256,
+        &crate::support::spiffe("shop", "cart"),
+    );
+    let t = crate::support::bearer(&crate::support::token("shop", "cart"));
+    let forged = "spiffe://cluster.local/ns/shop/sa/pay\n2026-12-03T00:00:00.000000Z ERROR citadel::audit: FORGED-LINE\r\nlevel=error msg=FORGED-TOO";
+    let long = format!("spiffe://cluster.local/ns/shop/sa/{}", "w".repeat(100_000));
+    for id in [forged, long.as_str()] {
+        let mut m = prost_types::Struct::default();
+        m.fields.insert(
+            "ImpersonatedIdentity".into(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue(id.into())),
+            },
+        );
+        let err = crate::support::call(&mut client, &csr, Some(&t), 0, Some(m))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    }
+    // The server keeps serving.
+    crate::support::call(&mut client, &csr, Some(&t), 0, None)
+        .await
+        .unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    let log = std::fs::read_to_string(dir.join("serve.log")).unwrap();
+    let with_forged: Vec<&str> = log.lines().filter(|l| l.contains("FORGED")).collect();
+    assert_eq!(with_forged.len(), 1, "one line, not three:\n{log}");
+    assert!(
+        with_forged[0].contains("refused impersonation")
+            && with_forged[0].contains("FORGED-TOO")
+            && with_forged[0].contains(r"\n2026-12-03"),
+        "the whole value, escaped, on the refusal's own line: {}",
+        with_forged[0]
+    );
+    let longest = log.lines().map(str::len).max().unwrap_or(0);
+    assert!(
+        longest < 2_000,
+        "a line of {longest} bytes: the value is not bounded"
+    );
+    assert!(log.contains("www…"), "cut with an ellipsis");
+}
+
+/// A backup signed with the operator's key: whoever can write the backup file cannot make a
+/// restore install their CA (another CA's journal with its SHA-256 recomputed), nor can a
+/// wrong key or a stripped signature; an unsigned backup needs --allow-unsigned. Nothing is
+/// written when refused.
+#[tokio::test]
+async fn restore_refuses_a_forged_or_wrongly_keyed_backup() {
+    use crate::support::{cli, TestCa};
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::start_in(tmp.path(), &[]).await;
+    let state = ca.state_dir();
+    ca.stop().await;
+    let attacker_dir = tempfile::tempdir().unwrap();
+    let attacker = TestCa::start_in(attacker_dir.path(), &[]).await;
+    let attacker_state = attacker.state_dir();
+    attacker.stop().await;
+
+    let key = tmp.path().join("backup.key");
+    let (ok, text) = crate::support::backup_key_cmd(key.to_str().unwrap());
+    assert!(ok, "{text}");
+    assert_eq!(crate::support::file_mode(&key), 0o600);
+    let (ok, text) = crate::support::backup_key_cmd(key.to_str().unwrap());
+    assert!(!ok && text.contains("never replaced"), "{text}");
+    let other_key = tmp.path().join("other.key");
+    assert!(crate::support::backup_key_cmd(other_key.to_str().unwrap()).0);
+
+    let file = tmp.path().join("backup.json");
+    let (ok, text) = cli(
+        &[
+            "ca",
+            "backup",
+            "--backup-key-file",
+            key.to_str().unwrap(),
+            "--out",
+            file.to_str().unwrap(),
+        ],
+        &state,
+    );
+    assert!(ok && text.contains("signed with the backup key"), "{text}");
+
+    // The forgery: the attacker's CA journal in the operator's backup, checksum recomputed.
+    let mut forged: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let evil: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(attacker_state.join("ca-journal.json")).unwrap())
+            .unwrap();
+    let evil_journal = evil.get("journal").cloned().unwrap_or(evil);
+    forged["sha256"] = hex::encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        &serde_json::to_vec(
+            &serde_json::from_value::<citadel::journal::Journal>(evil_journal.clone()).unwrap(),
+        )
+        .unwrap(),
+    ))
+    .into();
+    forged["journal"] = evil_journal;
+    let forged_file = tmp.path().join("forged.json");
+    std::fs::write(&forged_file, serde_json::to_vec_pretty(&forged).unwrap()).unwrap();
+    let mut stripped = forged.clone();
+    stripped.as_object_mut().unwrap().remove("hmac_sha256");
+    let stripped_file = tmp.path().join("stripped.json");
+    std::fs::write(
+        &stripped_file,
+        serde_json::to_vec_pretty(&stripped).unwrap(),
+    )
+    .unwrap();
+
+    let fresh = tmp.path().join("fresh");
+    let restore = |from: &std::path::Path, key: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "ca",
+            "restore",
+            "--from",
+            from.to_str().unwrap(),
+            "--backup-key-file",
+            key.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        cli(&args, &fresh)
+    };
+    const BAD_SIGNATURE: &str = "the backup's signature does not match --backup-key-file: \
+                                 the file was altered, or signed with another key";
+    const UNSIGNED: &str = "the backup is not signed, so nothing shows who wrote it";
+    for (what, from, with, says) in [
+        ("forged", &forged_file, &key, BAD_SIGNATURE),
+        ("wrong key", &file, &other_key, BAD_SIGNATURE),
+        ("stripped", &stripped_file, &key, UNSIGNED),
+    ] {
+        let (ok, text) = restore(from, with, &[]);
+        assert!(!ok, "{what}: restored:\n{text}");
+        assert!(
+            text.contains(&format!("{}: {says}", from.display())),
+            "{what}: {text}"
+        );
+        assert!(
+            !fresh.join("ca-journal.json").exists(),
+            "{what}: nothing written"
+        );
+    }
+    // Unsigned only on request, with a warning; the real one with its key.
+    let (ok, text) = restore(&stripped_file, &key, &["--allow-unsigned"]);
+    assert!(
+        ok && text.contains("warning: restoring an unsigned backup"),
+        "{text}"
+    );
+    std::fs::remove_dir_all(&fresh).unwrap();
+    let (ok, text) = restore(&file, &key, &[]);
+    assert!(ok, "{text}");
+    assert_eq!(
+        std::fs::read(fresh.join("root-cert.pem")).unwrap(),
+        std::fs::read(state.join("root-cert.pem")).unwrap(),
+        "the operator's CA, not the attacker's"
+    );
+}
+
+/// `restore --force` over a store that revoked and denied after the backup was taken: it
+/// lists them and keeps them (a restore must not un-revoke a compromised certificate or
+/// re-admit a denied identity); `--drop-newer` drops them. The restored CA serves and
+/// still refuses the denied identity.
+#[tokio::test]
+async fn restore_force_lists_and_keeps_newer_revocations_unless_drop_newer() {
+    use crate::support::{cli, csr_for, issue, spiffe, TestCa};
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::start_in(tmp.path(), &[]).await;
+    let state = ca.state_dir();
+    let (_, csr) = csr_for(citadel::pki::KeyType::EcP256, &spiffe("shop", "cart"));
+    let leaf = issue(&mut ca.client().await, &csr, "shop", "cart").await;
+    let serial = citadel::pki::chain::describe(
+        &citadel::pki::pem::parse_certs(leaf[0].as_bytes()).unwrap()[0],
+    )
+    .unwrap()
+    .serial_hex;
+    ca.stop().await;
+
+    let key = tmp.path().join("backup.key");
+    assert!(crate::support::backup_key_cmd(key.to_str().unwrap()).0);
+    let file = tmp.path().join("backup.json");
+    let (k, f) = (key.to_str().unwrap(), file.to_str().unwrap());
+    crate::support::citadel_ok(
+        &["ca", "backup", "--backup-key-file", k, "--out", f],
+        &state,
+    );
+
+    // After the backup: a revocation and a denial.
+    crate::support::citadel_ok(
+        &["revoke", "--serial", &serial, "--reason", "key-compromise"],
+        &state,
+    );
+    let denied = "spiffe://cluster.local/ns/shop/sa/pay";
+    crate::support::citadel_ok(
+        &["revoke", "--identity", denied, "--reason", "key-compromise"],
+        &state,
+    );
+
+    let journal = || -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(state.join("ca-journal.json")).unwrap()).unwrap()
+    };
+    let (ok, text) = cli(
+        &[
+            "ca",
+            "restore",
+            "--backup-key-file",
+            k,
+            "--from",
+            f,
+            "--force",
+        ],
+        &state,
+    );
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(&format!("revocation: serial {serial}"))
+            && text.contains(&format!("denied identity: {denied}"))
+            && text.contains("keeping them"),
+        "lists what it keeps:\n{text}"
+    );
+    let j = journal();
+    let j = j.get("journal").unwrap_or(&j);
+    assert!(
+        j["revocations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["serial"] == serial.as_str()),
+        "the revocation is kept: {j}"
+    );
+    assert!(
+        j["denied"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["identity"] == denied),
+        "the denial is kept"
+    );
+    // The restored CA serves, and the denial holds.
+    let ca = TestCa::start_in(tmp.path(), &[]).await;
+    let (_, pay_csr) = csr_for(citadel::pki::KeyType::EcP256, &spiffe("shop", "pay"));
+    let err = crate::support::call(
+        &mut ca.client().await,
+        &pay_csr,
+        Some(&crate::support::bearer(&crate::support::token(
+            "shop", "pay",
+        ))),
+        0,
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    issue(&mut ca.client().await, &csr, "shop", "cart").await;
+    ca.stop().await;
+
+    // Nothing newer now: listed as nothing. --drop-newer needs --force.
+    let (ok, text) = cli(
+        &[
+            "ca",
+            "restore",
+            "--backup-key-file",
+            k,
+            "--from",
+            f,
+            "--drop-newer",
+        ],
+        &state,
+    );
+    assert!(!ok && text.contains("--force"), "{text}");
+    let (ok, text) = cli(
+        &[
+            "ca",
+            "restore",
+            "--backup-key-file",
+            k,
+            "--from",
+            f,
+            "--force",
+            "--drop-newer",
+        ],
+        &state,
+    );
+    assert!(
+        ok && text.contains("dropping them (--drop-newer)"),
+        "{text}"
+    );
+    let j = journal();
+    let j = j.get("journal").unwrap_or(&j);
+    assert!(j["revocations"].as_array().unwrap().is_empty(), "{j}");
+    assert!(j["denied"].as_array().unwrap().is_empty(), "{j}");
+}

@@ -617,9 +617,14 @@ async fn backup_and_restore_through_the_kubernetes_store() {
         let (code, out, err) = run(args, &kube.dir);
         (code == 0, out + &err)
     };
+    let key = kube.dir.join("backup.key");
+    let (ok, text) = run_ca(&["ca", "backup-key", "--out", key.to_str().unwrap()]);
+    assert!(ok, "{text}");
     let (ok, text) = run_ca(&[
         "ca",
         "backup",
+        "--backup-key-file",
+        key.to_str().unwrap(),
         "--store",
         "kube",
         "--namespace",
@@ -635,6 +640,8 @@ async fn backup_and_restore_through_the_kubernetes_store() {
     let (ok, text) = run_ca(&[
         "ca",
         "restore",
+        "--backup-key-file",
+        key.to_str().unwrap(),
         "--store",
         "kube",
         "--namespace",

@@ -281,7 +281,14 @@ async fn backup_and_restore_round_trip_the_ca() {
 
     let file = tmp.path().join("backup.json");
     let out = file.to_str().unwrap();
-    let (ok, text) = cli(&["ca", "backup", "--out", out], &state);
+    let key = tmp.path().join("backup.key");
+    let k = key.to_str().unwrap();
+    let (ok, text) = crate::support::backup_key_cmd(k);
+    assert!(ok, "{text}");
+    let (ok, text) = cli(
+        &["ca", "backup", "--backup-key-file", k, "--out", out],
+        &state,
+    );
     assert!(ok && text.contains("mode 0600"), "{text}");
     assert_eq!(file_mode(&file), 0o600);
 
@@ -293,18 +300,31 @@ async fn backup_and_restore_round_trip_the_ca() {
     let bad_file = tmp.path().join("bad.json");
     std::fs::write(&bad_file, serde_json::to_vec(&bad).unwrap()).unwrap();
     let (ok, text) = cli(
-        &["ca", "restore", "--from", bad_file.to_str().unwrap()],
+        &[
+            "ca",
+            "restore",
+            "--backup-key-file",
+            k,
+            "--from",
+            bad_file.to_str().unwrap(),
+        ],
         &fresh,
     );
     assert!(!ok && text.contains("checksum"), "{text}");
     assert!(!fresh.join("ca-journal.json").exists());
 
     // Not over an existing CA without --force.
-    let (ok, text) = cli(&["ca", "restore", "--from", out], &state);
+    let (ok, text) = cli(
+        &["ca", "restore", "--backup-key-file", k, "--from", out],
+        &state,
+    );
     assert!(!ok && text.contains("--force"), "{text}");
 
     // Into an empty directory: the same CA serves again, and the old leaf still verifies.
-    let (ok, text) = cli(&["ca", "restore", "--from", out], &fresh);
+    let (ok, text) = cli(
+        &["ca", "restore", "--backup-key-file", k, "--from", out],
+        &fresh,
+    );
     assert!(ok, "{text}");
     assert_eq!(file_mode(&fresh.join("ca-journal.json")), 0o600);
     let restored_dir = tempfile::tempdir().unwrap();
@@ -317,6 +337,17 @@ async fn backup_and_restore_round_trip_the_ca() {
     ca.stop().await;
 
     // --force replaces what is there.
-    let (ok, text) = cli(&["ca", "restore", "--from", out, "--force"], &state);
+    let (ok, text) = cli(
+        &[
+            "ca",
+            "restore",
+            "--backup-key-file",
+            k,
+            "--from",
+            out,
+            "--force",
+        ],
+        &state,
+    );
     assert!(ok, "{text}");
 }

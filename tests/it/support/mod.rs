@@ -8,7 +8,7 @@ pub mod process;
 
 pub use apiserver::KubeEnv;
 pub use poll::eventually;
-pub use process::{citadel_ok, cli, run, BIN};
+pub use process::{backup_key_cmd, citadel_ok, cli, run, BIN};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -34,3 +34,9 @@ pub fn citadel_ok(args: &[&str], state: &Path) {
     let (ok, text) = cli(args, state);
     assert!(ok, "citadel {args:?}: {text}");
 }
+
+/// `citadel ca backup-key --out PATH` (it takes no state flags): success, and its output.
+pub fn backup_key_cmd(path: &str) -> (bool, String) {
+    let (code, out, err) = run(&["ca", "backup-key", "--out", path], Path::new("."));
+    (code == 0, out + &err)
+}
