@@ -410,6 +410,7 @@ mod tests {
             identity: "spiffe://cluster.local/ns/a/sa/c".into(),
             since: 5,
             reason: "keyCompromise".into(),
+            revocation: None,
         });
         let mut newer_int = backup.active_signer().unwrap().clone();
         newer_int.id = "newer".into();
