@@ -533,7 +533,10 @@ mod tests {
         }
         let top: String = pems.iter().rev().cloned().collect();
         let files = BTreeMap::from([
-            ("ca-cert.pem".to_string(), pems.last().unwrap().clone().into_bytes()),
+            (
+                "ca-cert.pem".to_string(),
+                pems.last().unwrap().clone().into_bytes(),
+            ),
             (
                 "ca-key.pem".to_string(),
                 issuer.key().serialize_pem().into_bytes(),

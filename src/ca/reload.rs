@@ -98,7 +98,10 @@ impl RecordKey {
     }
 
     fn seal(&self, digest: &[u8], since: i64, until: i64) -> String {
-        hex::encode(ring::hmac::sign(&self.0, &Self::message(digest, since, until)))
+        hex::encode(ring::hmac::sign(
+            &self.0,
+            &Self::message(digest, since, until),
+        ))
     }
 
     fn verifies(&self, digest: &[u8], since: i64, until: i64, seal: &str) -> bool {
@@ -747,15 +750,18 @@ impl Reloader {
             self.offer(src).await;
         }
         let now = self.clock.now();
-        let due = self.state.lock().await.as_mut().and_then(|s| {
-            match &s.not_yet {
+        let due = self
+            .state
+            .lock()
+            .await
+            .as_mut()
+            .and_then(|s| match &s.not_yet {
                 Some((t, _)) if *t <= now => {
                     s.refused = None;
                     s.not_yet.take().map(|(_, src)| src)
                 }
                 _ => None,
-            }
-        });
+            });
         if let Some(src) = due {
             self.offer(src).await;
         }
@@ -1022,9 +1028,7 @@ mod tests {
             ];
             p.not_before = now - time::Duration::days(1);
             p.not_after = now + time::Duration::days(3650);
-            p.serial_number = Some(rcgen::SerialNumber::from_slice(
-                &crate::pki::random_serial(),
-            ));
+            p.serial_number = Some(rcgen::SerialNumber::from_slice(&crate::pki::random_serial()));
             p
         };
         let root_key = KeyPair::generate().unwrap();
@@ -1106,16 +1110,22 @@ mod tests {
         forged["until"] = (now.unix_timestamp() + 10 * 365 * 86400).into();
         rec["roots"].as_array_mut().unwrap().push(forged);
         // And one in the shape older records had (pem and until only).
-        rec["roots"].as_array_mut().unwrap().push(serde_json::json!({
-            "pem": evil, "until": now.unix_timestamp() + 10 * 365 * 86400
-        }));
+        rec["roots"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({
+                "pem": evil, "until": now.unix_timestamp() + 10 * 365 * 86400
+            }));
         std::fs::write(&path, serde_json::to_vec(&rec).unwrap()).unwrap();
 
         clock.advance(time::Duration::hours(1));
         let (r, ca) = reloader(dir.path(), &clock).await;
         r.start(v2).await.unwrap();
         let b = bundle(&ca);
-        assert!(!b.contains(evil.trim()), "the attacker's root is trusted: {b}");
+        assert!(
+            !b.contains(evil.trim()),
+            "the attacker's root is trusted: {b}"
+        );
         assert!(b.contains(root1.trim()) && b.contains(root2.trim()), "{b}");
         assert_eq!(ca.current().unwrap().roots_der().len(), 2);
     }
@@ -1158,7 +1168,10 @@ mod tests {
             let (v, dropped) = bad.verified(&[&key], now, ttl, skew);
             assert!(v.roots.is_empty(), "{bad:?}");
             assert_eq!(dropped.len(), 1);
-            assert!(dropped[0].contains("not recorded by citadel"), "{dropped:?}");
+            assert!(
+                dropped[0].contains("not recorded by citadel"),
+                "{dropped:?}"
+            );
         }
         // A sealed entry never outlives since + max-ttl + skew, nor starts in the future.
         let long = Overlap {
@@ -1195,7 +1208,10 @@ mod tests {
             .sealed(&key);
             let (v, dropped) = o.verified(&[&key], now, ttl, skew);
             assert!(v.roots.is_empty());
-            assert!(dropped[0].contains("not a CA allowed to sign"), "{dropped:?}");
+            assert!(
+                dropped[0].contains("not a CA allowed to sign"),
+                "{dropped:?}"
+            );
         }
     }
 }

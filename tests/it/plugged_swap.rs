@@ -700,7 +700,8 @@ fn attacker_root_and_leaf(id: &str) -> (String, String, String) {
     };
     let root_key = KeyPair::generate().unwrap();
     let mut p = CertificateParams::default();
-    p.distinguished_name.push(DnType::CommonName, "attacker root");
+    p.distinguished_name
+        .push(DnType::CommonName, "attacker root");
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let root = p.self_signed(&root_key).unwrap();
@@ -826,17 +827,22 @@ async fn a_root_written_into_the_overlap_record_is_trusted_nowhere_after_a_resta
     // A namespace made now gets the bundle the restarted leader holds.
     kube.namespace("late").await;
     let mut late = String::new();
-    eventually("the restarted leader publishes to a new namespace", 30, async || {
-        match kube.bundle("late").await {
+    eventually(
+        "the restarted leader publishes to a new namespace",
+        30,
+        async || match kube.bundle("late").await {
             Some(b) => {
                 late = b;
                 true
             }
             None => false,
-        }
-    })
+        },
+    )
     .await;
-    assert!(!late.contains(evil.trim()), "istio-ca-root-cert trusts the attacker: {late}");
+    assert!(
+        !late.contains(evil.trim()),
+        "istio-ca-root-cert trusts the attacker: {late}"
+    );
     assert!(
         late.contains(old_root.trim()) && late.contains(new_root.trim()),
         "the genuine overlap survives the restart: {late}"
@@ -845,9 +851,8 @@ async fn a_root_written_into_the_overlap_record_is_trusted_nowhere_after_a_resta
         let b = kube.bundle(n).await.unwrap_or_default();
         assert!(!b.contains(evil.trim()), "{n}: {b}");
     }
-    let ctb = Api::<k8s_openapi::api::certificates::v1::ClusterTrustBundle>::all(
-        kube.client.clone(),
-    );
+    let ctb =
+        Api::<k8s_openapi::api::certificates::v1::ClusterTrustBundle>::all(kube.client.clone());
     eventually("the ClusterTrustBundle holds the bundle", 30, async || {
         ctb.list(&Default::default())
             .await
@@ -878,7 +883,10 @@ async fn a_root_written_into_the_overlap_record_is_trusted_nowhere_after_a_resta
     let (_, csr) = csr_for(KeyType::EcP256, &spiffe("shop", "cart"));
     let chain = issue(&mut connect(None).await.unwrap(), &csr, "shop", "cart").await;
     let roots = chain.last().unwrap();
-    assert!(!roots.contains(evil.trim()), "the response trusts the attacker: {roots}");
+    assert!(
+        !roots.contains(evil.trim()),
+        "the response trusts the attacker: {roots}"
+    );
     assert!(roots.contains(old_root.trim()) && roots.contains(new_root.trim()));
     // Renewal by a client certificate under the attacker's root: refused (the handshake
     // fails, or the call is Unauthenticated), never a certificate.
@@ -915,10 +923,14 @@ async fn a_root_written_into_the_overlap_record_is_trusted_nowhere_after_a_resta
         "{log}"
     );
     assert_eq!(
-        log.matches("ignoring the ConfigMap an older citadel kept").count(),
+        log.matches("ignoring the ConfigMap an older citadel kept")
+            .count(),
         1,
         "{log}"
     );
     assert!(!log.contains("PRIVATE KEY"));
-    assert!(record.is_some(), "the overlap is recorded in the Secret citadel-plugged-roots");
+    assert!(
+        record.is_some(),
+        "the overlap is recorded in the Secret citadel-plugged-roots"
+    );
 }
