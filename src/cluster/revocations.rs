@@ -562,8 +562,39 @@ pub struct RevocationController {
     /// One journal write at a time from this replica: reconciles run concurrently, and R of
     /// them racing one compare-and-swap cost O(R^2) API calls in conflicts.
     writer: tokio::sync::Mutex<()>,
+    /// Changes waiting for [`RevocationController::write_batched`]'s next write.
+    queue: Mutex<Vec<Pending>>,
+    /// What that write did for each change (by holder) whose reconcile still waits.
+    outcomes: Mutex<BTreeMap<String, Outcome>>,
     /// The CertificateAuthority resource (`serve --ca-resource`) that also gets the Events.
     ca_resource: String,
+}
+
+/// One Revocation's change, queued for a batched journal write.
+struct Pending {
+    target: Target,
+    reason: RevocationReason,
+    mine: Vec<IssuedEntry>,
+    fallback: bool,
+    holder: String,
+    now: time::OffsetDateTime,
+}
+
+/// What a batched write did for one change.
+enum Outcome {
+    /// Applied (certificates newly on a CRL) in memory, or nothing to do (`None`).
+    Done(Option<usize>),
+    /// Written, with the journal committed.
+    Written(usize, Arc<Journal>),
+    /// Refused: it would pass the ceiling.
+    Full {
+        bytes: usize,
+        ceiling: usize,
+        revocations: usize,
+        denied: usize,
+    },
+    /// Refused or failed otherwise.
+    Failed(String),
 }
 
 /// The `CertificateAuthority` kind (another controller's), looked up only to put Events on it.
@@ -618,8 +649,141 @@ impl RevocationController {
             scanned: Mutex::new(BTreeMap::new()),
             journal: Mutex::new(None),
             writer: tokio::sync::Mutex::new(()),
+            queue: Mutex::new(Vec::new()),
+            outcomes: Mutex::new(BTreeMap::new()),
             ca_resource: ca_resource.to_string(),
         })
+    }
+
+    /// Applies `p` to the journal together with every other change queued meanwhile: one
+    /// compare-and-swap write for a burst of Revocations (600 created at once were 600
+    /// writes of a journal of up to 768 KiB, one after the other). Each change gets its own
+    /// answer: how many certificates it put on a CRL (`None`: nothing to do any more), or
+    /// `JournalFull` for a change that would pass the ceiling (the others are still written).
+    async fn write_batched(
+        &self,
+        p: Pending,
+    ) -> Result<Option<(usize, Arc<Journal>)>, crate::ca::update::UpdateError> {
+        use crate::ca::update::{check_ceiling, UpdateError};
+        let key = p.holder.clone();
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).push(p);
+        let _one_writer = self.writer.lock().await;
+        let outcome = self
+            .outcomes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+        let outcome = match outcome {
+            Some(o) => o,
+            None => {
+                let items =
+                    std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()));
+                let ceiling = self.store.revocation_ceiling();
+                let validity = self.crl_validity;
+                let mut results: Vec<Outcome> = Vec::new();
+                let written = crate::ca::update::update(self.store.as_ref(), None, |j| {
+                    let apply_one = |j: &mut Journal, it: &Pending| {
+                        apply(
+                            j,
+                            &it.target,
+                            it.reason,
+                            &it.mine,
+                            it.fallback,
+                            it.now,
+                            validity,
+                            &it.holder,
+                        )
+                    };
+                    // Fast path: all of them, then one size check.
+                    let orig = j.clone();
+                    results = items
+                        .iter()
+                        .map(|it| match apply_one(j, it) {
+                            Ok(n) => Outcome::Done(n),
+                            Err(e) => Outcome::Failed(e),
+                        })
+                        .collect();
+                    if check_ceiling(j, ceiling).is_err() {
+                        // Near the ceiling: one at a time, each checked.
+                        *j = orig;
+                        for (it, r) in items.iter().zip(results.iter_mut()) {
+                            if !matches!(r, Outcome::Done(Some(_))) {
+                                continue;
+                            }
+                            let mut t = j.clone();
+                            *r = match apply_one(&mut t, it) {
+                                Ok(n) => match check_ceiling(&t, ceiling) {
+                                    Ok(()) => {
+                                        *j = t;
+                                        Outcome::Done(n)
+                                    }
+                                    Err(UpdateError::JournalFull {
+                                        bytes,
+                                        ceiling,
+                                        revocations,
+                                        denied,
+                                    }) => Outcome::Full {
+                                        bytes,
+                                        ceiling,
+                                        revocations,
+                                        denied,
+                                    },
+                                    Err(e) => Outcome::Failed(e.to_string()),
+                                },
+                                Err(e) => Outcome::Failed(e),
+                            };
+                        }
+                    }
+                    let any = results.iter().any(|r| matches!(r, Outcome::Done(Some(_))));
+                    Ok(any.then_some(()))
+                })
+                .await;
+                let mut journal = None;
+                match written {
+                    Ok(Some(((), j, revision))) => {
+                        journal =
+                            Some(self.remember(crate::store::Versioned { value: j, revision }));
+                        self.wake.notify_one();
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        let msg = e.to_string();
+                        results = items.iter().map(|_| Outcome::Failed(msg.clone())).collect();
+                    }
+                }
+                let mut mine = None;
+                let mut outcomes = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
+                for (it, r) in items.into_iter().zip(results) {
+                    let r = match (r, &journal) {
+                        (Outcome::Done(Some(n)), Some(j)) => Outcome::Written(n, j.clone()),
+                        (Outcome::Done(Some(_)), None) => Outcome::Done(None),
+                        (r, _) => r,
+                    };
+                    if it.holder == key {
+                        mine = Some(r);
+                    } else {
+                        outcomes.insert(it.holder, r);
+                    }
+                }
+                mine.unwrap_or(Outcome::Done(None))
+            }
+        };
+        match outcome {
+            Outcome::Written(n, j) => Ok(Some((n, j))),
+            Outcome::Done(_) => Ok(None),
+            Outcome::Full {
+                bytes,
+                ceiling,
+                revocations,
+                denied,
+            } => Err(UpdateError::JournalFull {
+                bytes,
+                ceiling,
+                revocations,
+                denied,
+            }),
+            Outcome::Failed(e) => Err(UpdateError::Refused(e)),
+        }
     }
 
     /// Keeps `v` as the newest journal seen unless a newer one is already kept; returns the
@@ -910,9 +1074,13 @@ impl RevocationController {
             };
             let written = match checked {
                 Ok(()) if changed.is_some() => {
-                    let _one_writer = self.writer.lock().await;
-                    crate::ca::update::update_revocations(self.store.as_ref(), |j| {
-                        apply(j, &target, reason, &mine, fallback, now, validity, &holder)
+                    self.write_batched(Pending {
+                        target: target.clone(),
+                        reason,
+                        mine: mine.clone(),
+                        fallback,
+                        holder: holder.clone(),
+                        now,
                     })
                     .await
                 }
@@ -920,8 +1088,8 @@ impl RevocationController {
                 Err(e) => Err(e),
             };
             match written {
-                Ok(Some((n, j, revision))) => {
-                    journal = self.remember(crate::store::Versioned { value: j, revision });
+                Ok(Some((n, j))) => {
+                    journal = j;
                     self.wake.notify_one();
                     let how = match &target {
                         Target::Serial(_) if mine.is_empty() => {
