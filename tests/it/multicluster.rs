@@ -547,7 +547,13 @@ async fn multicluster_refuses_unverified_kubeconfigs_and_ambiguous_cluster_ids()
     }
     a.namespace("istio-system").await;
     let ns = "istio-system";
-    remote_secret(&a, ns, "istio-remote-secret-b", &[("cluster-b", kb.clone())]).await;
+    remote_secret(
+        &a,
+        ns,
+        "istio-remote-secret-b",
+        &[("cluster-b", kb.clone())],
+    )
+    .await;
     // B's kubeconfig with its CA swapped for "don't verify": the server is still B, so only
     // the refusal keeps its tokens out.
     let text = String::from_utf8(kb.clone()).unwrap();
@@ -557,10 +563,28 @@ async fn multicluster_refuses_unverified_kubeconfigs_and_ambiguous_cluster_ids()
         .unwrap();
     let insecure = text.replace(ca_line, "    insecure-skip-tls-verify: true");
     assert_ne!(insecure, text);
-    remote_secret(&a, ns, "istio-remote-secret-i", &[("cluster-i", insecure.into_bytes())]).await;
+    remote_secret(
+        &a,
+        ns,
+        "istio-remote-secret-i",
+        &[("cluster-i", insecure.into_bytes())],
+    )
+    .await;
     // Two Secrets claiming cluster-c, both working kubeconfigs of B.
-    remote_secret(&a, ns, "istio-remote-secret-c1", &[("cluster-c", kb.clone())]).await;
-    remote_secret(&a, ns, "istio-remote-secret-c2", &[("cluster-c", kb.clone())]).await;
+    remote_secret(
+        &a,
+        ns,
+        "istio-remote-secret-c1",
+        &[("cluster-c", kb.clone())],
+    )
+    .await;
+    remote_secret(
+        &a,
+        ns,
+        "istio-remote-secret-c2",
+        &[("cluster-c", kb.clone())],
+    )
+    .await;
 
     let kubeconfig = a.kubeconfig.to_str().unwrap().to_string();
     let ca = TestCa::start(&[
@@ -659,10 +683,14 @@ async fn multicluster_refuses_unverified_kubeconfigs_and_ambiguous_cluster_ids()
     for s in ["aaa-remote-secret-b", "istio-remote-secret-c2"] {
         secrets.delete(s, &DeleteParams::default()).await.unwrap();
     }
-    eventually("no conflict, cluster-b and cluster-c known", 20, async || {
-        metric(&ca, "citadel_remote_cluster_id_conflicts").await == Some(0)
-            && metric(&ca, "citadel_remote_clusters{state=\"known\"}").await == Some(2)
-    })
+    eventually(
+        "no conflict, cluster-b and cluster-c known",
+        20,
+        async || {
+            metric(&ca, "citadel_remote_cluster_id_conflicts").await == Some(0)
+                && metric(&ca, "citadel_remote_clusters{state=\"known\"}").await == Some(2)
+        },
+    )
     .await;
     call_from(&mut client, &csr, Some(&tb), &["cluster-c"])
         .await
@@ -717,7 +745,8 @@ async fn a_foreign_cluster_trust_bundle_claiming_our_signer_is_reported_never_tr
         crate::kube::leads(&r).await && metric_is("citadel_foreign_trust_bundles 1\n").await
     })
     .await;
-    let events = async |name: &str| warning_notes(&kube, "default", name, "ForeignTrustBundle").await;
+    let events =
+        async |name: &str| warning_notes(&kube, "default", name, "ForeignTrustBundle").await;
     eventually("a Warning Event on it", 20, async || {
         events("citadel.dev:spiffe:extra")
             .await
@@ -741,7 +770,10 @@ async fn a_foreign_cluster_trust_bundle_claiming_our_signer_is_reported_never_tr
         assert!(!own.spec.trust_bundle.contains(body));
         assert!(!bundle.contains(body));
     }
-    assert_eq!(own.spec.trust_bundle.matches("BEGIN CERTIFICATE").count(), 1);
+    assert_eq!(
+        own.spec.trust_bundle.matches("BEGIN CERTIFICATE").count(),
+        1
+    );
     assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 1);
     // The foreign objects are the operator's to delete; citadel left them in place.
     ctbs.get("citadel.dev:spiffe:extra").await.unwrap();

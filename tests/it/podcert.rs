@@ -123,7 +123,10 @@ fn base64_std(b: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(b)
 }
 
-pub(crate) async fn create(client: &kube::Client, r: &Req<'_>) -> Result<PodCertificateRequest, kube::Error> {
+pub(crate) async fn create(
+    client: &kube::Client,
+    r: &Req<'_>,
+) -> Result<PodCertificateRequest, kube::Error> {
     let ns = r.pod.metadata.namespace.as_deref().unwrap();
     Api::<PodCertificateRequest>::namespaced(client.clone(), ns)
         .create(&PostParams::default(), &pcr_object(r))

@@ -102,7 +102,13 @@ async fn allowed(kube: &KubeEnv, r: Req) -> bool {
 /// optional multicluster.yaml).
 const MUST_NOT: &[Req] = &[
     // Other namespaces' Secrets: the cluster's keys and tokens.
-    req("get", "", "secrets", "kube-system", "bootstrap-token-abcdef"),
+    req(
+        "get",
+        "",
+        "secrets",
+        "kube-system",
+        "bootstrap-token-abcdef",
+    ),
     req("list", "", "secrets", "kube-system", ""),
     req("watch", "", "secrets", "kube-system", ""),
     req("list", "", "secrets", "", ""),
@@ -111,7 +117,13 @@ const MUST_NOT: &[Req] = &[
     req("list", "", "secrets", "istio-system", ""),
     req("watch", "", "secrets", "istio-system", ""),
     req("update", "", "secrets", "istio-system", "istiod-tls"),
-    req("delete", "", "secrets", "istio-system", "citadel-ca-journal"),
+    req(
+        "delete",
+        "",
+        "secrets",
+        "istio-system",
+        "citadel-ca-journal",
+    ),
     // Other ConfigMaps: the cluster DNS configuration, anyone's settings.
     req("update", "", "configmaps", "kube-system", "coredns"),
     req("patch", "", "configmaps", "kube-system", "coredns"),
@@ -121,23 +133,95 @@ const MUST_NOT: &[Req] = &[
     req("list", "", "configmaps", "", ""),
     req("delete", "", "configmaps", "shop", "istio-ca-root-cert"),
     // citadel's old plugged-roots record is a Secret now, not a ConfigMap it may rewrite.
-    req("update", "", "configmaps", "istio-system", "citadel-plugged-roots"),
+    req(
+        "update",
+        "",
+        "configmaps",
+        "istio-system",
+        "citadel-plugged-roots",
+    ),
     // Other Leases: other controllers' leader election.
-    req("get", "coordination.k8s.io", "leases", "istio-system", "istiod-leader"),
-    req("update", "coordination.k8s.io", "leases", "istio-system", "istiod-leader"),
+    req(
+        "get",
+        "coordination.k8s.io",
+        "leases",
+        "istio-system",
+        "istiod-leader",
+    ),
+    req(
+        "update",
+        "coordination.k8s.io",
+        "leases",
+        "istio-system",
+        "istiod-leader",
+    ),
     req("list", "coordination.k8s.io", "leases", "istio-system", ""),
-    req("get", "coordination.k8s.io", "leases", "kube-system", "kube-controller-manager"),
-    req("update", "coordination.k8s.io", "leases", "kube-system", "kube-controller-manager"),
+    req(
+        "get",
+        "coordination.k8s.io",
+        "leases",
+        "kube-system",
+        "kube-controller-manager",
+    ),
+    req(
+        "update",
+        "coordination.k8s.io",
+        "leases",
+        "kube-system",
+        "kube-controller-manager",
+    ),
     // Other ClusterTrustBundles, and signing for someone else's signer.
-    req("update", "certificates.k8s.io", "clustertrustbundles", "", "example.com:other:roots"),
-    req("delete", "certificates.k8s.io", "clustertrustbundles", "", "citadel.dev:spiffe:roots"),
-    req("sign", "certificates.k8s.io", "signers", "", "kubernetes.io/kube-apiserver-client"),
-    req("attest", "certificates.k8s.io", "signers", "", "example.com/other"),
+    req(
+        "update",
+        "certificates.k8s.io",
+        "clustertrustbundles",
+        "",
+        "example.com:other:roots",
+    ),
+    req(
+        "delete",
+        "certificates.k8s.io",
+        "clustertrustbundles",
+        "",
+        "citadel.dev:spiffe:roots",
+    ),
+    req(
+        "sign",
+        "certificates.k8s.io",
+        "signers",
+        "",
+        "kubernetes.io/kube-apiserver-client",
+    ),
+    req(
+        "attest",
+        "certificates.k8s.io",
+        "signers",
+        "",
+        "example.com/other",
+    ),
     // Revocations are the operator's: citadel only reads them and reports.
     req("create", "citadel.dev", "revocations", "istio-system", ""),
-    req("update", "citadel.dev", "certificateauthorities", "istio-system", "citadel"),
-    req("get", "citadel.dev", "certificateauthorities", "istio-system", "another"),
-    req("patch", "citadel.dev", "certificateauthorities/status", "istio-system", "another"),
+    req(
+        "update",
+        "citadel.dev",
+        "certificateauthorities",
+        "istio-system",
+        "citadel",
+    ),
+    req(
+        "get",
+        "citadel.dev",
+        "certificateauthorities",
+        "istio-system",
+        "another",
+    ),
+    req(
+        "patch",
+        "citadel.dev",
+        "certificateauthorities/status",
+        "istio-system",
+        "another",
+    ),
     // Core Events: it records through events.k8s.io only.
     req("create", "", "events", "istio-system", ""),
 ];
@@ -156,50 +240,205 @@ const MUST: &[Req] = &[
     req("update", "", "configmaps", "shop", "istio-ca-root-cert"),
     req("update", "", "configmaps", "shop", "istio-ca-crl"),
     req("create", "events.k8s.io", "events", "shop", ""),
-    req("patch", "events.k8s.io", "events", "shop", "istio-ca-root-cert.1"),
+    req(
+        "patch",
+        "events.k8s.io",
+        "events",
+        "shop",
+        "istio-ca-root-cert.1",
+    ),
     req("create", "events.k8s.io", "events", "istio-system", ""),
     // The CA's own Secrets.
     req("create", "", "secrets", "istio-system", ""),
     req("get", "", "secrets", "istio-system", "citadel-ca-journal"),
     req("list", "", "secrets", "istio-system", "citadel-ca-journal"),
     req("watch", "", "secrets", "istio-system", "citadel-ca-journal"),
-    req("update", "", "secrets", "istio-system", "citadel-ca-journal"),
+    req(
+        "update",
+        "",
+        "secrets",
+        "istio-system",
+        "citadel-ca-journal",
+    ),
     req("get", "", "secrets", "istio-system", "istio-ca-secret"),
     req("update", "", "secrets", "istio-system", "istio-ca-secret"),
     req("get", "", "secrets", "istio-system", "cacerts"),
     req("list", "", "secrets", "istio-system", "cacerts"),
     req("watch", "", "secrets", "istio-system", "cacerts"),
-    req("get", "", "secrets", "istio-system", "citadel-plugged-roots"),
-    req("update", "", "secrets", "istio-system", "citadel-plugged-roots"),
-    req("patch", "", "secrets", "istio-system", "citadel-plugged-roots"),
+    req(
+        "get",
+        "",
+        "secrets",
+        "istio-system",
+        "citadel-plugged-roots",
+    ),
+    req(
+        "update",
+        "",
+        "secrets",
+        "istio-system",
+        "citadel-plugged-roots",
+    ),
+    req(
+        "patch",
+        "",
+        "secrets",
+        "istio-system",
+        "citadel-plugged-roots",
+    ),
     // Its Lease.
-    req("create", "coordination.k8s.io", "leases", "istio-system", ""),
-    req("get", "coordination.k8s.io", "leases", "istio-system", "citadel-leader"),
-    req("update", "coordination.k8s.io", "leases", "istio-system", "citadel-leader"),
+    req(
+        "create",
+        "coordination.k8s.io",
+        "leases",
+        "istio-system",
+        "",
+    ),
+    req(
+        "get",
+        "coordination.k8s.io",
+        "leases",
+        "istio-system",
+        "citadel-leader",
+    ),
+    req(
+        "update",
+        "coordination.k8s.io",
+        "leases",
+        "istio-system",
+        "citadel-leader",
+    ),
     // Its resources.
     req("get", "citadel.dev", "revocations", "istio-system", "x"),
     req("list", "citadel.dev", "revocations", "istio-system", ""),
     req("watch", "citadel.dev", "revocations", "istio-system", ""),
-    req("patch", "citadel.dev", "revocations/status", "istio-system", "x"),
-    req("get", "citadel.dev", "certificateauthorities", "istio-system", "citadel"),
-    req("list", "citadel.dev", "certificateauthorities", "istio-system", "citadel"),
-    req("watch", "citadel.dev", "certificateauthorities", "istio-system", "citadel"),
-    req("patch", "citadel.dev", "certificateauthorities/status", "istio-system", "citadel"),
+    req(
+        "patch",
+        "citadel.dev",
+        "revocations/status",
+        "istio-system",
+        "x",
+    ),
+    req(
+        "get",
+        "citadel.dev",
+        "certificateauthorities",
+        "istio-system",
+        "citadel",
+    ),
+    req(
+        "list",
+        "citadel.dev",
+        "certificateauthorities",
+        "istio-system",
+        "citadel",
+    ),
+    req(
+        "watch",
+        "citadel.dev",
+        "certificateauthorities",
+        "istio-system",
+        "citadel",
+    ),
+    req(
+        "patch",
+        "citadel.dev",
+        "certificateauthorities/status",
+        "istio-system",
+        "citadel",
+    ),
     // Pod Certificates.
-    req("list", "certificates.k8s.io", "podcertificaterequests", "", ""),
-    req("watch", "certificates.k8s.io", "podcertificaterequests", "", ""),
-    req("update", "certificates.k8s.io", "podcertificaterequests/status", "shop", "p"),
-    req("sign", "certificates.k8s.io", "signers", "", "citadel.dev/spiffe"),
-    req("attest", "certificates.k8s.io", "signers", "", "citadel.dev/spiffe"),
-    req("create", "certificates.k8s.io", "clustertrustbundles", "", ""),
-    req("get", "certificates.k8s.io", "clustertrustbundles", "", "citadel.dev:spiffe:roots"),
-    req("update", "certificates.k8s.io", "clustertrustbundles", "", "citadel.dev:spiffe:roots"),
+    req(
+        "list",
+        "certificates.k8s.io",
+        "podcertificaterequests",
+        "",
+        "",
+    ),
+    req(
+        "watch",
+        "certificates.k8s.io",
+        "podcertificaterequests",
+        "",
+        "",
+    ),
+    req(
+        "update",
+        "certificates.k8s.io",
+        "podcertificaterequests/status",
+        "shop",
+        "p",
+    ),
+    req(
+        "sign",
+        "certificates.k8s.io",
+        "signers",
+        "",
+        "citadel.dev/spiffe",
+    ),
+    req(
+        "attest",
+        "certificates.k8s.io",
+        "signers",
+        "",
+        "citadel.dev/spiffe",
+    ),
+    req(
+        "create",
+        "certificates.k8s.io",
+        "clustertrustbundles",
+        "",
+        "",
+    ),
+    req(
+        "get",
+        "certificates.k8s.io",
+        "clustertrustbundles",
+        "",
+        "citadel.dev:spiffe:roots",
+    ),
+    req(
+        "update",
+        "certificates.k8s.io",
+        "clustertrustbundles",
+        "",
+        "citadel.dev:spiffe:roots",
+    ),
     req("list", "certificates.k8s.io", "clustertrustbundles", "", ""),
-    req("watch", "certificates.k8s.io", "clustertrustbundles", "", ""),
+    req(
+        "watch",
+        "certificates.k8s.io",
+        "clustertrustbundles",
+        "",
+        "",
+    ),
     req("get", "", "pods", "shop", "p"),
     req("get", "", "serviceaccounts", "shop", "cart"),
     req("get", "", "nodes", "", "node-a"),
 ];
+
+/// Waits until the authorizer has seen the roles just applied (its caches follow the API).
+async fn rbac_in_effect(kube: &KubeEnv) {
+    eventually("deploy/'s RBAC in effect", 10, async || {
+        allowed(
+            kube,
+            req("create", "authentication.k8s.io", "tokenreviews", "", ""),
+        )
+        .await
+            && allowed(
+                kube,
+                req(
+                    "update",
+                    "coordination.k8s.io",
+                    "leases",
+                    "istio-system",
+                    "citadel-leader",
+                ),
+            )
+            .await
+    })
+    .await;
+}
 
 /// Asks every request of `list`; returns those whose answer is not `want`.
 async fn wrong(kube: &KubeEnv, list: &[Req], want: bool) -> Vec<String> {
@@ -224,6 +463,7 @@ async fn deploy_rbac_grants_citadel_only_what_it_uses() {
     }
     kube.namespace("istio-system").await;
     apply(&kube, &["deploy/citadel.yaml"]);
+    rbac_in_effect(&kube).await;
     let granted = wrong(&kube, MUST_NOT, false).await;
     let missing = wrong(&kube, MUST, true).await;
     assert!(
@@ -240,6 +480,10 @@ async fn deploy_rbac_grants_citadel_only_what_it_uses() {
         text.contains("role.rbac.authorization.k8s.io/citadel-multicluster"),
         "{text}"
     );
+    eventually("the multicluster Role in effect", 10, async || {
+        allowed(&kube, req("watch", "", "secrets", "istio-system", "")).await
+    })
+    .await;
     for r in [
         req("list", "", "secrets", "istio-system", ""),
         req("watch", "", "secrets", "istio-system", ""),
@@ -342,6 +586,7 @@ async fn citadel_does_everything_under_exactly_the_deploy_rbac() {
     }
     kube.namespace("istio-system").await;
     apply(&kube, &["deploy/citadel.yaml"]);
+    rbac_in_effect(&kube).await;
     kube.service_account("shop", "cart").await;
     kube.service_account("shop", "web").await;
     // The operator's CertificateAuthority, before citadel starts.
@@ -412,7 +657,10 @@ async fn citadel_does_everything_under_exactly_the_deploy_rbac() {
     .await;
 
     // The bundle reaches a namespace that existed and one created afterwards.
-    eventually("bundle in shop", 30, async || kube.bundle("shop").await.is_some()).await;
+    eventually("bundle in shop", 30, async || {
+        kube.bundle("shop").await.is_some()
+    })
+    .await;
     kube.namespace("late").await;
     eventually("bundle in a new namespace", 30, async || {
         kube.bundle("late").await.is_some()
@@ -471,20 +719,24 @@ async fn citadel_does_everything_under_exactly_the_deploy_rbac() {
     )
     .await
     .unwrap();
-    eventually("rotation handled and both roots published", 30, async || {
-        let handled = cas
-            .get("citadel")
-            .await
-            .unwrap()
-            .status
-            .and_then(|s| s.root_rotation)
-            .and_then(|r| r.handled_request);
-        handled.as_deref() == Some("rbac-1")
-            && kube
-                .bundle("late")
+    eventually(
+        "rotation handled and both roots published",
+        30,
+        async || {
+            let handled = cas
+                .get("citadel")
                 .await
-                .is_some_and(|b| b.matches("BEGIN CERTIFICATE").count() == 2)
-    })
+                .unwrap()
+                .status
+                .and_then(|s| s.root_rotation)
+                .and_then(|r| r.handled_request);
+            handled.as_deref() == Some("rbac-1")
+                && kube
+                    .bundle("late")
+                    .await
+                    .is_some_and(|b| b.matches("BEGIN CERTIFICATE").count() == 2)
+        },
+    )
     .await;
     let st = cas.get("citadel").await.unwrap().status.unwrap();
     assert!(
@@ -573,5 +825,8 @@ async fn citadel_does_everything_under_exactly_the_deploy_rbac() {
         "citadel was refused under deploy/'s RBAC:\n{}",
         forbidden.join("\n")
     );
-    assert!(text.contains("published istio-ca-root-cert in late"), "{text}");
+    assert!(
+        text.contains("published istio-ca-root-cert in late"),
+        "{text}"
+    );
 }
