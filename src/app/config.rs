@@ -143,6 +143,8 @@ pub struct ServeConfig {
     /// `--ca-resource`: the CertificateAuthority resource in the CA namespace whose spec
     /// overrides the policy flags and whose status the leader keeps (`--store kube` only).
     pub ca_resource: String,
+    /// What that resource's spec may set at most (`--ca-resource-max-workload-ttl`).
+    pub ca_resource_caps: crate::cluster::ca_resource::SpecCaps,
     /// `--activate-after` was given; otherwise it follows the (possibly spec-set) max TTL.
     pub activate_after_explicit: bool,
     /// The Pod Certificates signer and its ClusterTrustBundle (`--store kube` only); `None`
@@ -182,6 +184,7 @@ impl ServeConfig {
             cluster_id: crate::auth::cluster::DEFAULT_CLUSTER_ID.to_string(),
             remote_secrets_namespace: None,
             ca_resource: crate::cluster::ca_resource::DEFAULT_NAME.to_string(),
+            ca_resource_caps: Default::default(),
             activate_after_explicit: false,
             pod_certificates: None,
         }
@@ -226,6 +229,12 @@ impl ServeConfig {
             return Err("--default-ttl must be positive".into());
         }
         check_range("--max-ttl", self.ttl.max, s(1), MAX_LIFETIME)?;
+        check_range(
+            "--ca-resource-max-workload-ttl",
+            self.ca_resource_caps.workload_ttl,
+            s(1),
+            MAX_LIFETIME,
+        )?;
         let r = &self.rotation;
         check_range("--root-ttl", r.root_ttl, s(60), MAX_LIFETIME)?;
         check_range(

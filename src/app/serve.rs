@@ -75,6 +75,9 @@ pub async fn run(
             )
             .await?;
             let _ = metrics.leader.set(r.elector.subscribe().changes());
+            if let Some(f) = &r.foreign_trust_bundles {
+                let _ = metrics.foreign_trust_bundles.set(f.clone());
+            }
             Some(r)
         }
     };
@@ -209,6 +212,7 @@ pub async fn run(
                     policy_source.clone(),
                     flags_policy.clone(),
                     config.activate_after_explicit,
+                    config.ca_resource_caps,
                     scheduler.wake.clone(),
                     config.reconcile_interval,
                 );
@@ -385,6 +389,7 @@ async fn apply_ca_resource(
         &cr.spec,
         &config.ca_policy(),
         config.activate_after_explicit,
+        &config.ca_resource_caps,
     )
     .map_err(|e| format!("{label}: {e}"))?;
     config

@@ -46,6 +46,9 @@ pub struct RemoteClusters {
     /// (`citadel_remote_cluster_kubeconfigs_invalid`): the counter above says it happened, this
     /// says whether it is still so.
     pub invalid: AtomicU64,
+    /// Cluster ids claimed by more than one Secret right now
+    /// (`citadel_remote_cluster_id_conflicts`): none of those Secrets is trusted for it.
+    pub conflicts: AtomicU64,
     /// Set once the watcher has listed the Secrets: before that an unknown cluster may just
     /// not be loaded yet, so it is a retryable refusal rather than Unauthenticated.
     pub synced: AtomicBool,

@@ -299,17 +299,69 @@ fn dur(field: &str, v: &Option<String>) -> Result<Option<Duration>, String> {
         .transpose()
 }
 
+/// The longest workload TTL (`defaultWorkloadTtl`, `maxWorkloadTtl`) a spec may set unless
+/// `serve --ca-resource-max-workload-ttl` raises it: istiod's maximum.
+pub const MAX_SPEC_WORKLOAD_TTL: Duration = Duration::from_secs(90 * 86_400);
+/// The longest `intermediateTtl` a spec may set (5 years).
+pub const MAX_SPEC_INTERMEDIATE_TTL: Duration = Duration::from_secs(5 * 365 * 86_400);
+/// The longest `rootTtl` a spec may set (20 years).
+pub const MAX_SPEC_ROOT_TTL: Duration = Duration::from_secs(20 * 365 * 86_400);
+/// The longest `crlValidity` a spec may set (7 days): a CRL stays acceptable that long, so a
+/// longer one lets an old CRL that predates a revocation be replayed for longer.
+pub const MAX_SPEC_CRL_VALIDITY: Duration = Duration::from_secs(7 * 86_400);
+
+/// The most a CertificateAuthority spec may set. Whoever may edit the resource is often a
+/// narrower grant than whoever deploys citadel with its flags, so the spec alone must not be
+/// able to make citadel hand out year-long workload certificates or month-long CRLs; flags are
+/// not capped (docs/operations.md, "Limits on the spec").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpecCaps {
+    /// `defaultWorkloadTtl` and `maxWorkloadTtl` (`--ca-resource-max-workload-ttl`).
+    pub workload_ttl: Duration,
+}
+
+impl Default for SpecCaps {
+    fn default() -> Self {
+        Self {
+            workload_ttl: MAX_SPEC_WORKLOAD_TTL,
+        }
+    }
+}
+
+/// `value` of `spec.<field>`, refused above `cap` with a message naming both (and the flag
+/// that raises the cap, if one does).
+fn capped(
+    field: &str,
+    value: Option<Duration>,
+    cap: Duration,
+    raise: Option<&str>,
+) -> Result<Option<Duration>, String> {
+    match value {
+        Some(v) if v > cap => Err(format!(
+            "spec.{field} {} is above the cap of {} for a CertificateAuthority spec{}",
+            crate::duration::format(v),
+            crate::duration::format(cap),
+            raise
+                .map(|f| format!(" (raise it with {f})"))
+                .unwrap_or_default()
+        )),
+        v => Ok(v),
+    }
+}
+
 /// Which source each effective setting came from: `(spec field, value, source)`.
 pub type Sources = Vec<(&'static str, String, String)>;
 
 /// The effective policy: each field the spec sets wins over the flag; unset ones keep the
 /// flag's value. Refuses a combination that cannot work (the API server's schema checks each
-/// field alone).
+/// field alone), and a TTL or CRL validity above `caps` and the `MAX_SPEC_*` maxima.
 pub fn effective_policy(
     spec: &CertificateAuthoritySpec,
     flags: &CaPolicy,
     activate_after_from_flag: bool,
+    caps: &SpecCaps,
 ) -> Result<(CaPolicy, Sources), String> {
+    const RAISE: Option<&str> = Some("--ca-resource-max-workload-ttl");
     let mut p = flags.clone();
     let mut sources: Sources = Vec::new();
     let fmt = crate::duration::format;
@@ -334,28 +386,48 @@ pub fn effective_policy(
     take!(
         "rootTtl",
         "--root-ttl",
-        dur("rootTtl", &spec.root_ttl)?,
+        capped(
+            "rootTtl",
+            dur("rootTtl", &spec.root_ttl)?,
+            MAX_SPEC_ROOT_TTL,
+            None
+        )?,
         p.rotation.root_ttl,
         |v: &Duration| fmt(*v)
     );
     take!(
         "intermediateTtl",
         "--intermediate-ttl",
-        dur("intermediateTtl", &spec.intermediate_ttl)?,
+        capped(
+            "intermediateTtl",
+            dur("intermediateTtl", &spec.intermediate_ttl)?,
+            MAX_SPEC_INTERMEDIATE_TTL,
+            None
+        )?,
         p.rotation.intermediate_ttl,
         |v: &Duration| fmt(*v)
     );
     take!(
         "defaultWorkloadTtl",
         "--default-ttl",
-        dur("defaultWorkloadTtl", &spec.default_workload_ttl)?,
+        capped(
+            "defaultWorkloadTtl",
+            dur("defaultWorkloadTtl", &spec.default_workload_ttl)?,
+            caps.workload_ttl,
+            RAISE
+        )?,
         p.ttl.default,
         |v: &Duration| fmt(*v)
     );
     take!(
         "maxWorkloadTtl",
         "--max-ttl",
-        dur("maxWorkloadTtl", &spec.max_workload_ttl)?,
+        capped(
+            "maxWorkloadTtl",
+            dur("maxWorkloadTtl", &spec.max_workload_ttl)?,
+            caps.workload_ttl,
+            RAISE
+        )?,
         p.ttl.max,
         |v: &Duration| fmt(*v)
     );
@@ -403,7 +475,12 @@ pub fn effective_policy(
     take!(
         "crlValidity",
         "--crl-validity",
-        dur("crlValidity", &spec.crl_validity)?,
+        capped(
+            "crlValidity",
+            dur("crlValidity", &spec.crl_validity)?,
+            MAX_SPEC_CRL_VALIDITY,
+            None
+        )?,
         p.rotation.crl_validity,
         |v: &Duration| fmt(*v)
     );
@@ -691,6 +768,8 @@ pub struct Reconciler {
     pub activate_after_from_flag: bool,
     /// The flags alone, to tell a spec change that needs a restart.
     pub flags: CaPolicy,
+    /// What the spec may set at most.
+    pub caps: SpecCaps,
     /// Wakes the scheduler after a rotation was prepared.
     pub wake: Arc<tokio::sync::Notify>,
     /// How often to reconcile without a watch event (stage deadlines are time-driven).
@@ -727,6 +806,7 @@ impl Reconciler {
         source: String,
         flags: CaPolicy,
         activate_after_from_flag: bool,
+        caps: SpecCaps,
         wake: Arc<tokio::sync::Notify>,
         interval: Duration,
     ) -> Arc<Self> {
@@ -748,6 +828,7 @@ impl Reconciler {
             source,
             flags,
             activate_after_from_flag,
+            caps,
             wake,
             interval,
             last_warning: std::sync::Mutex::new(None),
@@ -911,7 +992,12 @@ impl Reconciler {
             self.warn(&cr, "TrustDomainMismatch", msg.clone()).await;
             degraded = Some(("TrustDomainMismatch".into(), msg));
         } else {
-            match effective_policy(&cr.spec, &self.flags, self.activate_after_from_flag) {
+            match effective_policy(
+                &cr.spec,
+                &self.flags,
+                self.activate_after_from_flag,
+                &self.caps,
+            ) {
                 Err(e) => {
                     let msg =
                         format!("the spec cannot be used: {e}; running with the previous policy");
@@ -1079,7 +1165,7 @@ mod tests {
             ca_key_type: Some(CaKeyType::EcP384),
             ..Default::default()
         };
-        let (p, sources) = effective_policy(&spec, &flags(), false).unwrap();
+        let (p, sources) = effective_policy(&spec, &flags(), false, &SpecCaps::default()).unwrap();
         assert_eq!(p.ttl.max, Duration::from_secs(3600));
         assert_eq!(p.rotation.max_leaf_ttl, Duration::from_secs(3600));
         assert_eq!(p.ttl.default, Duration::from_secs(600));
@@ -1093,8 +1179,129 @@ mod tests {
         // An explicit --activate-after is kept.
         let mut f = flags();
         f.rotation.activate_after = Duration::from_secs(60);
-        let (p, _) = effective_policy(&spec, &f, true).unwrap();
+        let (p, _) = effective_policy(&spec, &f, true, &SpecCaps::default()).unwrap();
         assert_eq!(p.rotation.activate_after, Duration::from_secs(60));
+    }
+
+    /// The documented maxima (docs/operations.md, "Limits on the spec"): a spec above one is
+    /// refused with a message naming the field and the cap; at the cap it is taken; only the
+    /// workload cap moves, and only with the flag.
+    #[test]
+    fn spec_ttls_and_crl_validity_above_their_caps_are_refused_naming_field_and_cap() {
+        let refused = |spec: CertificateAuthoritySpec, caps: SpecCaps| {
+            effective_policy(&spec, &flags(), false, &caps).unwrap_err()
+        };
+        let d = |s: &str| Some(s.to_string());
+        let default = SpecCaps::default();
+        let cases = [
+            (
+                CertificateAuthoritySpec {
+                    max_workload_ttl: d("91d"),
+                    ..Default::default()
+                },
+                "spec.maxWorkloadTtl 91d is above the cap of 90d",
+            ),
+            (
+                CertificateAuthoritySpec {
+                    max_workload_ttl: d("90d"),
+                    default_workload_ttl: d("2160h1s"),
+                    ..Default::default()
+                },
+                "spec.defaultWorkloadTtl",
+            ),
+            (
+                CertificateAuthoritySpec {
+                    intermediate_ttl: d("1826d"),
+                    ..Default::default()
+                },
+                "spec.intermediateTtl 1826d is above the cap of 1825d",
+            ),
+            (
+                CertificateAuthoritySpec {
+                    root_ttl: d("7301d"),
+                    ..Default::default()
+                },
+                "spec.rootTtl 7301d is above the cap of 7300d",
+            ),
+            (
+                CertificateAuthoritySpec {
+                    crl_validity: d("8d"),
+                    ..Default::default()
+                },
+                "spec.crlValidity 8d is above the cap of 7d",
+            ),
+        ];
+        for (spec, want) in cases {
+            let e = refused(spec, default);
+            assert!(e.contains(want), "{want}: {e}");
+        }
+        let e = refused(
+            CertificateAuthoritySpec {
+                max_workload_ttl: d("365d"),
+                ..Default::default()
+            },
+            default,
+        );
+        assert!(e.contains("--ca-resource-max-workload-ttl"), "{e}");
+        // Only the workload cap names a flag: the others are fixed.
+        let e = refused(
+            CertificateAuthoritySpec {
+                crl_validity: d("30d"),
+                ..Default::default()
+            },
+            default,
+        );
+        assert!(!e.contains("--"), "{e}");
+
+        // At the caps, taken.
+        let at = CertificateAuthoritySpec {
+            max_workload_ttl: d("90d"),
+            default_workload_ttl: d("90d"),
+            intermediate_ttl: d("1825d"),
+            root_ttl: d("7300d"),
+            crl_validity: d("7d"),
+            ..Default::default()
+        };
+        let (p, _) = effective_policy(&at, &flags(), false, &default).unwrap();
+        assert_eq!(p.ttl.max, MAX_SPEC_WORKLOAD_TTL);
+        assert_eq!(p.rotation.root_ttl, MAX_SPEC_ROOT_TTL);
+        assert_eq!(p.rotation.intermediate_ttl, MAX_SPEC_INTERMEDIATE_TTL);
+        assert_eq!(p.rotation.crl_validity, MAX_SPEC_CRL_VALIDITY);
+
+        // The flag raises the workload cap, and nothing else.
+        let raised = SpecCaps {
+            workload_ttl: Duration::from_secs(365 * 86_400),
+        };
+        let long = CertificateAuthoritySpec {
+            max_workload_ttl: d("365d"),
+            ..Default::default()
+        };
+        let (p, _) = effective_policy(&long, &flags(), false, &raised).unwrap();
+        assert_eq!(p.ttl.max, Duration::from_secs(365 * 86_400));
+        let e = refused(
+            CertificateAuthoritySpec {
+                max_workload_ttl: d("366d"),
+                ..Default::default()
+            },
+            raised,
+        );
+        assert!(e.contains("above the cap of 365d"), "{e}");
+        let e = refused(
+            CertificateAuthoritySpec {
+                crl_validity: d("8d"),
+                ..Default::default()
+            },
+            raised,
+        );
+        assert!(e.contains("spec.crlValidity"), "{e}");
+
+        // Flags are the deployer's and not capped: a spec that leaves the field unset keeps
+        // a flag above the cap.
+        let mut f = flags();
+        f.ttl.max = Duration::from_secs(365 * 86_400);
+        let (p, _) =
+            effective_policy(&CertificateAuthoritySpec::default(), &f, false, &default).unwrap();
+        assert_eq!(p.ttl.max, Duration::from_secs(365 * 86_400));
     }
 
     #[test]
@@ -1104,13 +1311,13 @@ mod tests {
             default_workload_ttl: Some("2h".into()),
             ..Default::default()
         };
-        let e = effective_policy(&spec, &flags(), false).unwrap_err();
+        let e = effective_policy(&spec, &flags(), false, &SpecCaps::default()).unwrap_err();
         assert!(e.contains("exceeds the maximum"), "{e}");
         let spec = CertificateAuthoritySpec {
             crl_validity: Some("-1h".into()),
             ..Default::default()
         };
-        let e = effective_policy(&spec, &flags(), false).unwrap_err();
+        let e = effective_policy(&spec, &flags(), false, &SpecCaps::default()).unwrap_err();
         assert!(e.contains("spec.crlValidity"), "{e}");
     }
 

@@ -14,7 +14,15 @@
 //! this pod's files (`tokenFile`, certificate and key paths) is refused. A refused or broken
 //! kubeconfig is logged naming the Secret and the key (never its content), counted, and
 //! recorded as a Warning Event on the Secret; it affects neither the local cluster nor the
-//! other remotes.
+//! other remotes. A kubeconfig that turns off server verification (`insecure-skip-tls-verify`)
+//! is refused too: whoever sits on the path to that "API server" would answer its TokenReviews,
+//! that is, choose which identities citadel certifies.
+//!
+//! A cluster id is trusted from ONE Secret. Two Secrets claiming the same id are an error
+//! naming both (log, `citadel_remote_cluster_id_conflicts`, a Warning Event on each): the one
+//! already in use for that id, unchanged, stays in use; otherwise neither is. So a Secret
+//! created next to the real one (all it takes is `create` on Secrets here) can neither take a
+//! cluster over by sorting first, nor knock a working one out.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -76,6 +84,12 @@ struct State {
     secrets: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
     /// (Secret name, key) → what was built from it.
     built: HashMap<(String, String), Built>,
+    /// Cluster id → (Secret, kubeconfig digest) it is trusted from now: the claim that keeps
+    /// the id when another Secret claims it too.
+    in_use: HashMap<String, (String, [u8; 32])>,
+    /// Cluster id → the Secrets claiming it, as last reported (reported again only when
+    /// this changes).
+    conflicts: BTreeMap<String, Vec<String>>,
 }
 
 /// Starts the watch on `namespace`'s remote-cluster Secrets through `client` (the local
@@ -110,6 +124,8 @@ pub fn watch(
         recorder,
         secrets: BTreeMap::new(),
         built: HashMap::new(),
+        in_use: HashMap::new(),
+        conflicts: BTreeMap::new(),
     };
     tokio::spawn(async move {
         let mut events = watcher(api, cfg).default_backoff().boxed();
@@ -126,7 +142,7 @@ pub fn watch(
                 None => return,
                 Some(Err(e)) => {
                     if !failing {
-                        tracing::warn!(namespace = %state.namespace, error = %e, "the remote-cluster Secret watch failed (RBAC: secrets list/watch in this namespace?); the last known remote clusters stay in use until it recovers");
+                        tracing::warn!(namespace = %state.namespace, error = %e, "the remote-cluster Secret watch failed (RBAC: secrets list/watch in this namespace, deploy/multicluster.yaml?); the last known remote clusters stay in use until it recovers");
                     }
                     failing = true;
                 }
@@ -182,9 +198,11 @@ impl State {
     /// Recomputes the set of remote clusters from the Secrets and swaps it in whole.
     async fn rebuild(&mut self) {
         let mut clusters: HashMap<String, Arc<RemoteCluster>> = HashMap::new();
+        let mut in_use = HashMap::new();
         let mut built = HashMap::new();
         let mut invalid = 0u64;
         let secrets = std::mem::take(&mut self.secrets);
+        let claims = claimants(&secrets, &self.local);
         for (secret, data) in &secrets {
             for (id, bytes) in data {
                 let key = (secret.clone(), id.clone());
@@ -197,21 +215,64 @@ impl State {
                     None if id != &self.local => invalid += 1,
                     None => {}
                     Some(c) => {
-                        if clusters.contains_key(id) {
-                            tracing::warn!(secret = %secret, cluster = %id, "cluster id is also given by an earlier Secret (by name); this one is ignored");
-                        } else {
+                        let contested = claims.get(id).is_some_and(|c| c.len() > 1);
+                        let incumbent = self.in_use.get(id) == Some(&(secret.clone(), digest));
+                        if !contested || incumbent {
                             clusters.insert(id.clone(), c.clone());
+                            in_use.insert(id.clone(), (secret.clone(), digest));
                         }
                     }
                 }
                 built.insert(key, b);
             }
         }
+        let conflicts: BTreeMap<String, Vec<String>> =
+            claims.into_iter().filter(|(_, s)| s.len() > 1).collect();
+        if conflicts != self.conflicts {
+            for (id, names) in &conflicts {
+                if self.conflicts.get(id) != Some(names) {
+                    self.report_conflict(id, names, in_use.get(id).map(|(s, _)| s.as_str()));
+                }
+            }
+            for id in self
+                .conflicts
+                .keys()
+                .filter(|id| !conflicts.contains_key(*id))
+            {
+                tracing::info!(cluster = %id, "cluster id claimed by one Secret again");
+            }
+        }
+        self.registry
+            .conflicts
+            .store(conflicts.len() as u64, Ordering::Relaxed);
+        self.conflicts = conflicts;
+        self.in_use = in_use;
         self.secrets = secrets;
         self.built = built;
         self.registry.invalid.store(invalid, Ordering::Relaxed);
         self.registry.replace(clusters);
         tracing::info!(clusters = ?self.registry.ids(), invalid, "remote clusters updated");
+    }
+
+    /// Logs (error) and records on each claiming Secret that `id` is claimed by all of
+    /// `names`, and which one, if any, is still trusted for it.
+    fn report_conflict(&self, id: &str, names: &[String], kept: Option<&str>) {
+        let listed = names
+            .iter()
+            .map(|n| format!("{}/{n}", self.namespace))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let outcome = match kept {
+            Some(k) => format!("{}/{k}, which was already in use for it unchanged, stays in use; the others are ignored", self.namespace),
+            None => "none of them is used: the cluster's tokens are refused".to_string(),
+        };
+        let why = format!(
+            "cluster id {id:?} is claimed by more than one remote-cluster Secret ({listed}); {outcome} until only one claims it"
+        );
+        tracing::error!(namespace = %self.namespace, cluster = id, secrets = %listed, kept = kept.unwrap_or(""), "{why}");
+        for secret in names {
+            self.warn_event(secret, "DuplicateClusterId", why.clone());
+        }
     }
 
     /// The remote cluster of one Secret key; without a cluster (logged and counted) when its
@@ -233,7 +294,11 @@ impl State {
                     .kubeconfig_errors
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(namespace = %self.namespace, secret, cluster = id, error = %why, "unusable remote-cluster kubeconfig: this cluster's tokens are refused; the local cluster and other remotes are unaffected");
-                self.warn_event(secret, id, &why);
+                self.warn_event(
+                    secret,
+                    "InvalidKubeconfig",
+                    format!("cluster {id:?}: {why}; its tokens are refused until the kubeconfig is fixed"),
+                );
                 return none;
             }
         };
@@ -283,13 +348,11 @@ impl State {
     /// A Warning Event on the Secret, so `kubectl describe secret` shows why its cluster is
     /// not used. Sent in the background (a slow API server must not delay the other
     /// clusters); a missing RBAC rule is only logged at debug.
-    fn warn_event(&self, secret: &str, id: &str, why: &str) {
+    fn warn_event(&self, secret: &str, reason: &str, note: String) {
         let ev = events::Event {
             type_: EventType::Warning,
-            reason: "InvalidKubeconfig".into(),
-            note: Some(format!(
-                "cluster {id:?}: {why}; its tokens are refused until the kubeconfig is fixed"
-            )),
+            reason: reason.into(),
+            note: Some(note),
             action: "LoadRemoteCluster".into(),
             secondary: None,
         };
@@ -307,6 +370,21 @@ impl State {
             }
         });
     }
+}
+
+/// Cluster id → the Secrets (by name, sorted) that have a key for it; the local id is left
+/// out (it is ignored wherever it appears).
+fn claimants(
+    secrets: &BTreeMap<String, BTreeMap<String, Vec<u8>>>,
+    local: &str,
+) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (secret, data) in secrets {
+        for id in data.keys().filter(|id| id.as_str() != local) {
+            out.entry(id.clone()).or_default().push(secret.clone());
+        }
+    }
+    out
 }
 
 fn digest(bytes: &[u8]) -> [u8; 32] {
@@ -332,15 +410,25 @@ pub async fn client_from(bytes: &[u8]) -> Result<kube::Client, String> {
 }
 
 /// Refuses what istiod refuses by default in a remote kubeconfig: anything that runs a
-/// command or reads a file of this pod. Everything must be inline (`*-data`, `token`).
+/// command or reads a file of this pod. Everything must be inline (`*-data`, `token`). Also
+/// refuses `insecure-skip-tls-verify`: the remote API server answers the TokenReviews that
+/// decide which identities citadel certifies, so it must be the one the kubeconfig names.
 pub fn check_kubeconfig(kc: &Kubeconfig) -> Result<(), String> {
     for c in &kc.clusters {
-        if c.cluster
-            .as_ref()
-            .is_some_and(|c| c.certificate_authority.is_some())
-        {
+        let Some(cluster) = c.cluster.as_ref() else {
+            continue;
+        };
+        if cluster.certificate_authority.is_some() {
             return Err(format!(
                 "cluster {:?} reads certificate-authority from a file; use certificate-authority-data",
+                c.name
+            ));
+        }
+        if cluster.insecure_skip_tls_verify == Some(true) {
+            return Err(format!(
+                "cluster {:?} sets insecure-skip-tls-verify: anyone on the path could answer its \
+                 TokenReviews and so choose the identities citadel certifies; give the API \
+                 server's CA in certificate-authority-data instead",
                 c.name
             ));
         }
@@ -402,31 +490,81 @@ fn probe(id: String, client: kube::Client, cluster: Weak<RemoteCluster>, shutdow
 mod tests {
     use super::*;
 
-    const INLINE: &str = "apiVersion: v1\nkind: Config\nclusters:\n- name: b\n  cluster:\n    server: https://127.0.0.1:1\n    insecure-skip-tls-verify: true\nusers:\n- name: b\n  user:\n    token: abc\ncontexts:\n- name: b\n  context:\n    cluster: b\n    user: b\ncurrent-context: b\n";
+    /// A self-contained kubeconfig whose API server CA is a real certificate (kube parses it
+    /// when building the client).
+    fn inline() -> String {
+        use base64::Engine;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = rcgen::CertificateParams::new(vec!["b.example".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let data = base64::engine::general_purpose::STANDARD.encode(ca.pem());
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: b\n  cluster:\n    server: https://127.0.0.1:1\n    certificate-authority-data: {data}\nusers:\n- name: b\n  user:\n    token: abc\ncontexts:\n- name: b\n  context:\n    cluster: b\n    user: b\ncurrent-context: b\n"
+        )
+    }
 
     #[tokio::test]
-    async fn inline_kubeconfigs_load_and_file_or_exec_ones_are_refused() {
+    async fn inline_kubeconfigs_load_and_file_exec_or_unverified_ones_are_refused() {
         crate::install_crypto_provider();
-        client_from(INLINE.as_bytes()).await.unwrap();
+        let inline = inline();
+        client_from(inline.as_bytes()).await.unwrap();
+        let ca_line = inline
+            .lines()
+            .find(|l| l.contains("certificate-authority-data"))
+            .unwrap()
+            .to_string()
+            + "\n";
         let cases = [
-            ("    token: abc\n", "    exec:\n      command: /bin/sh\n      apiVersion: client.authentication.k8s.io/v1\n", "exec"),
-            ("    token: abc\n", "    tokenFile: /var/run/secrets/token\n", "tokenFile"),
-            ("    token: abc\n", "    client-key: /etc/key.pem\n", "client-key"),
-            ("    insecure-skip-tls-verify: true\n", "    certificate-authority: /etc/ca.pem\n", "certificate-authority"),
+            ("    token: abc\n", "    exec:\n      command: /bin/sh\n      apiVersion: client.authentication.k8s.io/v1\n".to_string(), "exec"),
+            ("    token: abc\n", "    tokenFile: /var/run/secrets/token\n".to_string(), "tokenFile"),
+            ("    token: abc\n", "    client-key: /etc/key.pem\n".to_string(), "client-key"),
+            (ca_line.as_str(), "    certificate-authority: /etc/ca.pem\n".to_string(), "certificate-authority"),
+            (ca_line.as_str(), "    insecure-skip-tls-verify: true\n".to_string(), "insecure-skip-tls-verify"),
+            // Even next to a CA: the flag would turn verification off.
+            (ca_line.as_str(), format!("{ca_line}    insecure-skip-tls-verify: true\n"), "insecure-skip-tls-verify"),
         ];
         for (old, new, field) in cases {
-            let text = INLINE.replace(old, new);
-            assert_ne!(text, INLINE);
+            let text = inline.replace(old, &new);
+            assert_ne!(text, inline);
             let err = client_from(text.as_bytes()).await.err().unwrap();
             assert!(err.contains(field), "{field}: {err}");
         }
+        // Saying false is saying nothing.
+        let text = inline.replace(
+            &ca_line,
+            &format!("{ca_line}    insecure-skip-tls-verify: false\n"),
+        );
+        client_from(text.as_bytes()).await.unwrap();
         for garbage in [&b"\xff\xfe"[..], b"{", b"- a\n- b\n", b"", b"clusters: 7"] {
             let err = client_from(garbage).await.err().unwrap();
             assert!(!err.is_empty());
         }
         // Errors never quote the content (a token in a broken kubeconfig stays out of logs).
-        let leaky = INLINE.replace("current-context: b", "current-context: [secret-token-xyz");
+        let leaky = inline.replace("current-context: b", "current-context: [secret-token-xyz");
         let err = client_from(leaky.as_bytes()).await.err().unwrap();
         assert!(!err.contains("secret-token-xyz"), "{err}");
+    }
+
+    #[test]
+    fn claimants_list_every_secret_per_cluster_id_but_the_local_one() {
+        let secrets: BTreeMap<String, BTreeMap<String, Vec<u8>>> = [
+            ("b-secret", &["cluster-b", "cluster-a"][..]),
+            ("a-evil", &["cluster-b"][..]),
+            ("c-secret", &["cluster-c"][..]),
+        ]
+        .into_iter()
+        .map(|(n, ids)| {
+            (
+                n.to_string(),
+                ids.iter().map(|i| (i.to_string(), Vec::new())).collect(),
+            )
+        })
+        .collect();
+        let c = claimants(&secrets, "cluster-a");
+        assert_eq!(c["cluster-b"], vec!["a-evil", "b-secret"]);
+        assert_eq!(c["cluster-c"], vec!["c-secret"]);
+        assert!(!c.contains_key("cluster-a"));
     }
 }

@@ -36,6 +36,8 @@ pub struct Replica {
     pub namespace: String,
     /// The bundle and CRL ConfigMap publisher (acts only while this replica leads).
     pub publisher: Arc<ConfigMapPublisher>,
+    /// With the ClusterTrustBundle: how many other objects claim its signer name now.
+    pub foreign_trust_bundles: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Replica {
@@ -80,10 +82,12 @@ impl Replica {
             }
             None => None,
         };
+        let mut foreign_trust_bundles = None;
         let publisher: Arc<dyn crate::store::kube::Publisher> = match trust_bundle_signer {
             Some(signer) => {
                 let ctb =
                     TrustBundlePublisher::new(client.clone(), signer, Some(elector.subscribe()));
+                foreign_trust_bundles = Some(ctb.foreign.clone());
                 tokio::spawn(ctb.clone().run(shutdown.clone()));
                 tracing::info!(clustertrustbundle = %ctb.name(), "publishing the trust bundle as a ClusterTrustBundle");
                 Arc::new(AllPublishers(vec![publisher, ctb]))
@@ -101,6 +105,7 @@ impl Replica {
             identity,
             namespace: namespace.to_string(),
             publisher: configmaps,
+            foreign_trust_bundles,
         })
     }
 

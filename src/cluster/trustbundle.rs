@@ -8,6 +8,14 @@
 //! only when the scheduler publishes the bundle without it. A watch on the object repairs
 //! drift (an edit or a deletion) with a Kubernetes Event, like the ConfigMaps. Only the leader
 //! writes ([`super::controller::while_leading`], and a leadership check at each write).
+//!
+//! Kubelet merges EVERY ClusterTrustBundle with a signer name into what a pod that mounts the
+//! bundles by signer name trusts, so another object claiming citadel's signer name (written by
+//! anyone the cluster granted `attest` on it) would add roots citadel never issued under. The
+//! leader watches for them (field selector `spec.signerName`) and reports each: a warning log
+//! naming it, `citadel_foreign_trust_bundles`, and a Warning Event (`ForeignTrustBundle`) on
+//! it. citadel never reads their content into its own trust, and never deletes them (no
+//! delete verb; the operator decides).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,7 +24,6 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use k8s_openapi::api::certificates::v1::{ClusterTrustBundle, ClusterTrustBundleSpec};
 use kube::api::{Api, PostParams};
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::Resource;
 use tokio::sync::{watch, Mutex};
@@ -43,12 +50,14 @@ pub struct TrustBundlePublisher {
     signer_name: String,
     name: String,
     desired: watch::Sender<Option<String>>,
-    recorder: Recorder,
     history: std::sync::Mutex<Vec<[u8; 32]>>,
     /// One write at a time: the scheduler's publish and the drift watch may both want to.
     writing: Mutex<()>,
     /// ClusterTrustBundles created or replaced.
     pub writes: AtomicU64,
+    /// Other ClusterTrustBundles claiming this signer name, as last seen
+    /// (`citadel_foreign_trust_bundles`).
+    pub foreign: Arc<AtomicU64>,
 }
 
 fn digest(s: &str) -> [u8; 32] {
@@ -67,13 +76,6 @@ impl TrustBundlePublisher {
         leader: Option<crate::leadership::Leadership>,
     ) -> Arc<Self> {
         Arc::new(Self {
-            recorder: Recorder::new(
-                client.clone(),
-                Reporter {
-                    controller: "citadel".into(),
-                    instance: std::env::var("POD_NAME").ok(),
-                },
-            ),
             client,
             leader,
             signer_name: signer_name.to_string(),
@@ -82,6 +84,7 @@ impl TrustBundlePublisher {
             history: std::sync::Mutex::new(Vec::new()),
             writing: Mutex::new(()),
             writes: AtomicU64::new(0),
+            foreign: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -94,13 +97,147 @@ impl TrustBundlePublisher {
         self.leader.as_ref().is_none_or(|l| l.leading())
     }
 
-    /// Watches the object and repairs it while this replica leads, until shutdown.
+    /// Watches the object and repairs it while this replica leads, until shutdown; also
+    /// reports other objects claiming the signer name.
     pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
         let leader = self.leader.clone();
         super::controller::while_leading("clustertrustbundle-publisher", leader, shutdown, |stop| {
-            self.clone().watch(stop)
+            let me = self.clone();
+            async move {
+                let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+                let foreign = tokio::spawn(me.clone().watch_foreign(rx));
+                me.watch(stop).await;
+                drop(tx);
+                let _ = foreign.await;
+            }
         })
         .await
+    }
+
+    /// Reports every ClusterTrustBundle that names this signer but is not citadel's object,
+    /// until `stop` fires (or its sender is dropped). Reported once per object and content.
+    async fn watch_foreign(self: Arc<Self>, mut stop: tokio::sync::oneshot::Receiver<()>) {
+        use std::collections::BTreeMap;
+        use watcher::Event;
+        let api: Api<ClusterTrustBundle> = Api::all(self.client.clone());
+        let mut events = watcher(
+            api,
+            watcher::Config::default().fields(&format!("spec.signerName={}", self.signer_name)),
+        )
+        .default_backoff()
+        .boxed();
+        // Foreign object name -> digest of its bundle (reported again only when it changes).
+        let mut seen: BTreeMap<String, [u8; 32]> = BTreeMap::new();
+        let mut relist: Option<BTreeMap<String, [u8; 32]>> = None;
+        let mut failing = false;
+        loop {
+            let ev = tokio::select! {
+                e = events.next() => e,
+                _ = &mut stop => return,
+            };
+            let ev = match ev {
+                None => return,
+                Some(Err(e)) => {
+                    if !failing {
+                        tracing::warn!(signer = %self.signer_name, error = %e, "cannot watch ClusterTrustBundles of citadel's signer name (RBAC: clustertrustbundles list/watch?); foreign ones go unreported until it recovers");
+                    }
+                    failing = true;
+                    continue;
+                }
+                Some(Ok(ev)) => ev,
+            };
+            failing = false;
+            let mut fresh: Vec<ClusterTrustBundle> = Vec::new();
+            match ev {
+                Event::Init => relist = Some(BTreeMap::new()),
+                Event::InitApply(c) => {
+                    if let Some(name) = self.foreign_name(&c) {
+                        let d = digest(&c.spec.trust_bundle);
+                        if seen.get(&name) != Some(&d) {
+                            fresh.push(c);
+                        }
+                        relist.get_or_insert_with(BTreeMap::new).insert(name, d);
+                    }
+                }
+                Event::InitDone => seen = relist.take().unwrap_or_default(),
+                Event::Apply(c) => {
+                    if let Some(name) = self.foreign_name(&c) {
+                        let d = digest(&c.spec.trust_bundle);
+                        if seen.insert(name, d) != Some(d) {
+                            fresh.push(c);
+                        }
+                    }
+                }
+                Event::Delete(c) => {
+                    if let Some(name) = self.foreign_name(&c) {
+                        seen.remove(&name);
+                        tracing::info!(clustertrustbundle = %name, signer = %self.signer_name, "a foreign ClusterTrustBundle claiming citadel's signer name is gone");
+                    }
+                }
+            }
+            if relist.is_none() {
+                self.foreign.store(seen.len() as u64, Ordering::Relaxed);
+            }
+            for c in fresh {
+                self.report_foreign(&c).await;
+            }
+        }
+    }
+
+    /// The object's name if it claims this signer but is not citadel's own object.
+    fn foreign_name(&self, c: &ClusterTrustBundle) -> Option<String> {
+        let name = c.metadata.name.clone()?;
+        (c.spec.signer_name.as_deref() == Some(self.signer_name.as_str()) && name != self.name)
+            .then_some(name)
+    }
+
+    async fn report_foreign(&self, c: &ClusterTrustBundle) {
+        let name = c.metadata.name.as_deref().unwrap_or_default();
+        let roots = c.spec.trust_bundle.matches("BEGIN CERTIFICATE").count();
+        let note = format!(
+            "ClusterTrustBundle {name} claims citadel's signer name {} ({roots} certificate(s)) but is not citadel's ({}): kubelet adds its roots to what pods mounting bundles by signer name trust. citadel does not use it; delete it unless you put it there on purpose",
+            self.signer_name, self.name
+        );
+        tracing::warn!(clustertrustbundle = %name, signer = %self.signer_name, roots, "{note}");
+        self.cluster_event(&c.object_ref(&()), "ForeignTrustBundle", "Check", note)
+            .await;
+    }
+
+    /// A Warning Event (`events.k8s.io/v1`, namespace `default`) on a ClusterTrustBundle.
+    /// Not through kube's `Recorder`: it names an Event after its object, and a
+    /// ClusterTrustBundle's name holds `:`, which an Event name may not, so the API server
+    /// refused every one. This one takes a generated name. Best effort: a failure is logged at
+    /// debug.
+    async fn cluster_event(
+        &self,
+        object: &k8s_openapi::api::core::v1::ObjectReference,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        use k8s_openapi::api::events::v1::Event;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+        let now = crate::clock::system().now();
+        let micros = (now.unix_timestamp_nanos() / 1000) as i64;
+        let instance = std::env::var("POD_NAME").unwrap_or_else(|_| "citadel".into());
+        let mut ev = Event {
+            action: Some(action.into()),
+            reason: Some(reason.into()),
+            note: Some(note),
+            type_: Some("Warning".into()),
+            event_time: Some(MicroTime(
+                k8s_openapi::jiff::Timestamp::from_microsecond(micros).unwrap_or_default(),
+            )),
+            regarding: Some(object.clone()),
+            reporting_controller: Some("citadel".into()),
+            reporting_instance: Some(instance),
+            ..Default::default()
+        };
+        ev.metadata.generate_name = Some("citadel-clustertrustbundle-".into());
+        let api: Api<Event> = Api::namespaced(self.client.clone(), "default");
+        if let Err(e) = api.create(&PostParams::default(), &ev).await {
+            tracing::debug!(error = %e, "could not record a Kubernetes Event");
+        }
     }
 
     async fn watch(self: Arc<Self>, mut stop: super::controller::Stop) {
@@ -208,9 +345,10 @@ impl TrustBundlePublisher {
     }
 
     async fn record_repair(&self, ctb: &ClusterTrustBundle) {
-        super::publish::record_drift(
-            &self.recorder,
+        self.cluster_event(
             &ctb.object_ref(&()),
+            "Drifted",
+            "Repair",
             "the ClusterTrustBundle did not hold citadel's current roots (edited); citadel restored it"
                 .into(),
         )

@@ -272,7 +272,10 @@ pub struct Args {
     /// --namespace labelled istio/multiCluster=true (each key a cluster id, each value its
     /// kubeconfig, as `istioctl create-remote-secret` writes them), watched and hot-reloaded.
     /// A request's `clusterid` header picks the cluster whose TokenReview checks its token.
-    /// Needs --auth tokenreview, and RBAC: secrets get/list/watch in --namespace. With
+    /// Needs --auth tokenreview, and RBAC: secrets list/watch in --namespace
+    /// (deploy/multicluster.yaml). Kubeconfigs that run commands, read local files or set
+    /// insecure-skip-tls-verify are refused; a cluster id claimed by two Secrets is refused
+    /// (naming both) unless one of them was already serving it. With
     /// --trusted-node-accounts each remote cluster also gets its own pod watch.
     #[arg(long)]
     pub multicluster: bool,
@@ -307,6 +310,13 @@ pub struct Args {
     /// (or its CRD), the flags alone apply.
     #[arg(long, default_value = "citadel", value_name = "NAME")]
     pub ca_resource: String,
+
+    /// The longest workload TTL (defaultWorkloadTtl, maxWorkloadTtl) the CertificateAuthority
+    /// resource's spec may set; a spec above it is refused (condition Degraded/InvalidSpec
+    /// naming the field and the cap). Flags are not capped. The spec's other maxima are fixed:
+    /// intermediateTtl 1825d, rootTtl 7300d, crlValidity 7d (docs/operations.md).
+    #[arg(long, default_value = "90d", value_parser = clap_parse, value_name = "DUR")]
+    pub ca_resource_max_workload_ttl: Duration,
 }
 
 /// Checks one `--trusted-node-accounts` entry at parse time, so a typo stops the start with
@@ -423,6 +433,9 @@ impl Args {
             pod_index_max_staleness: self.pod_index_max_staleness,
             cluster_id: self.cluster_id,
             ca_resource: self.ca_resource,
+            ca_resource_caps: crate::cluster::ca_resource::SpecCaps {
+                workload_ttl: self.ca_resource_max_workload_ttl,
+            },
             activate_after_explicit: self.activate_after.is_some(),
             remote_secrets_namespace: self.multicluster.then(|| self.namespace.clone()),
             pod_certificates: (self.store == StoreKind::Kube && !self.no_pod_certificates).then(

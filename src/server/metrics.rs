@@ -95,6 +95,9 @@ pub struct Metrics {
     /// Metrics of components above this layer (the Pod Certificates signer's in-memory
     /// requests), registered by the application: each appends its own exposition text.
     pub sources: Mutex<Vec<MetricSource>>,
+    /// Other ClusterTrustBundles claiming the Pod Certificates signer name, as the leader
+    /// last saw them (set when the ClusterTrustBundle is published).
+    pub foreign_trust_bundles: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// Appends one component's metrics to the exposition text.
@@ -321,6 +324,9 @@ impl Metrics {
             let _ = writeln!(out, "# HELP citadel_ca_plugged_reload_total Changes to the plugged-in CA material (cacerts Secret or --ca-certs-dir): installed, or refused (the previous CA kept signing; the log and a Warning Event say why).\n# TYPE citadel_ca_plugged_reload_total counter\ncitadel_ca_plugged_reload_total{{result=\"installed\"}} {}\ncitadel_ca_plugged_reload_total{{result=\"refused\"}} {}", p.installed.load(Relaxed), p.refused.load(Relaxed));
             let _ = writeln!(out, "# HELP citadel_ca_plugged_previous_roots_dropped_total Previous plugged-in roots dropped from the trust bundle once every certificate they signed had expired.\n# TYPE citadel_ca_plugged_previous_roots_dropped_total counter\ncitadel_ca_plugged_previous_roots_dropped_total {}", p.roots_dropped.load(Relaxed));
         }
+        if let Some(f) = self.foreign_trust_bundles.get() {
+            let _ = writeln!(out, "# HELP citadel_foreign_trust_bundles ClusterTrustBundles claiming citadel's signer name that citadel did not write (kubelet adds their roots to what pods trust; the log and a Warning Event name each). Kept by the leader.\n# TYPE citadel_foreign_trust_bundles gauge\ncitadel_foreign_trust_bundles {}", f.load(std::sync::atomic::Ordering::Relaxed));
+        }
         if let Some(l) = self.leader.get() {
             let _ = writeln!(out, "# HELP citadel_leader 1 if this replica holds the leader lease.\n# TYPE citadel_leader gauge\ncitadel_leader {}", i32::from(*l.borrow()));
         }
@@ -338,6 +344,7 @@ impl Metrics {
             let (known, reachable) = r.counts();
             let _ = writeln!(out, "# HELP citadel_remote_clusters Remote clusters whose tokens are accepted (known), and of those, the ones whose API server answered its last probe (reachable).\n# TYPE citadel_remote_clusters gauge\ncitadel_remote_clusters{{state=\"known\"}} {known}\ncitadel_remote_clusters{{state=\"reachable\"}} {reachable}");
             let _ = writeln!(out, "# HELP citadel_remote_cluster_kubeconfigs_invalid Remote-cluster Secret keys whose kubeconfig is unusable right now (their cluster's tokens are refused).\n# TYPE citadel_remote_cluster_kubeconfigs_invalid gauge\ncitadel_remote_cluster_kubeconfigs_invalid {}", r.invalid.load(std::sync::atomic::Ordering::Relaxed));
+            let _ = writeln!(out, "# HELP citadel_remote_cluster_id_conflicts Cluster ids that more than one remote-cluster Secret claims right now; none of them is trusted for that id (the log and a Warning Event on each Secret name them all).\n# TYPE citadel_remote_cluster_id_conflicts gauge\ncitadel_remote_cluster_id_conflicts {}", r.conflicts.load(std::sync::atomic::Ordering::Relaxed));
             let _ = writeln!(out, "# HELP citadel_remote_cluster_kubeconfig_errors Remote-cluster kubeconfigs that could not be loaded (each content counted once).\n# TYPE citadel_remote_cluster_kubeconfig_errors counter\ncitadel_remote_cluster_kubeconfig_errors {}", r.kubeconfig_errors.load(std::sync::atomic::Ordering::Relaxed));
         }
         let _ = writeln!(

@@ -23,6 +23,7 @@ mod pilot_agent;
 mod plugged_swap;
 mod podcert;
 mod properties;
+mod rbac;
 mod revocation;
 mod revocation_kube;
 mod rotation;

@@ -507,3 +507,281 @@ async fn multicluster_needs_tokenreview() {
         "{err}"
     );
 }
+
+/// Events of `kind`/`reason` regarding `name` in `ns`: their notes.
+async fn warning_notes(kube: &KubeEnv, ns: &str, name: &str, reason: &str) -> Vec<String> {
+    Api::<k8s_openapi::api::events::v1::Event>::namespaced(kube.client.clone(), ns)
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                && e.type_.as_deref() == Some("Warning")
+                && e.reason.as_deref() == Some(reason)
+        })
+        .filter_map(|e| e.note)
+        .collect()
+}
+
+/// Issue 20 (Low, multicluster), against two real API servers. A kubeconfig that turns off
+/// server verification is refused (its "API server" would choose the identities citadel
+/// certifies). Two Secrets claiming one cluster id are an error naming both: at start neither
+/// is used; a second claim on a working id, sorting first by name and pointing at another API
+/// server, neither takes the id over nor knocks it out, and leaving ends the conflict.
+#[tokio::test]
+async fn multicluster_refuses_unverified_kubeconfigs_and_ambiguous_cluster_ids() {
+    let Some(a) = KubeEnv::start().await else {
+        return;
+    };
+    let Some(b) = KubeEnv::start().await else {
+        return;
+    };
+    let (ka, kb) = (
+        std::fs::read(&a.kubeconfig).unwrap(),
+        std::fs::read(&b.kubeconfig).unwrap(),
+    );
+    for k in [&a, &b] {
+        k.service_account("shop", "cart").await;
+    }
+    a.namespace("istio-system").await;
+    let ns = "istio-system";
+    remote_secret(
+        &a,
+        ns,
+        "istio-remote-secret-b",
+        &[("cluster-b", kb.clone())],
+    )
+    .await;
+    // B's kubeconfig with its CA swapped for "don't verify": the server is still B, so only
+    // the refusal keeps its tokens out.
+    let text = String::from_utf8(kb.clone()).unwrap();
+    let ca_line = text
+        .lines()
+        .find(|l| l.contains("certificate-authority-data:"))
+        .unwrap();
+    let insecure = text.replace(ca_line, "    insecure-skip-tls-verify: true");
+    assert_ne!(insecure, text);
+    remote_secret(
+        &a,
+        ns,
+        "istio-remote-secret-i",
+        &[("cluster-i", insecure.into_bytes())],
+    )
+    .await;
+    // Two Secrets claiming cluster-c, both working kubeconfigs of B.
+    remote_secret(
+        &a,
+        ns,
+        "istio-remote-secret-c1",
+        &[("cluster-c", kb.clone())],
+    )
+    .await;
+    remote_secret(
+        &a,
+        ns,
+        "istio-remote-secret-c2",
+        &[("cluster-c", kb.clone())],
+    )
+    .await;
+
+    let kubeconfig = a.kubeconfig.to_str().unwrap().to_string();
+    let ca = TestCa::start(&[
+        "--kubeconfig",
+        &kubeconfig,
+        "--auth",
+        "tokenreview",
+        "--cluster-id",
+        "cluster-a",
+        "--multicluster",
+        "--auth-failure-burst",
+        "1000",
+    ])
+    .await;
+    eventually("cluster-b known", 30, async || {
+        metric(&ca, "citadel_remote_clusters{state=\"known\"}").await == Some(1)
+    })
+    .await;
+    assert_eq!(
+        metric(&ca, "citadel_remote_cluster_id_conflicts").await,
+        Some(1)
+    );
+    assert_eq!(
+        metric(&ca, "citadel_remote_cluster_kubeconfigs_invalid").await,
+        Some(1)
+    );
+
+    let mut client = ca.client().await;
+    let (_, csr) = csr_for(KeyType::EcP256, &spiffe("shop", "cart"));
+    let (ta, tb) = (
+        a.token("shop", "cart", "istio-ca").await,
+        b.token("shop", "cart", "istio-ca").await,
+    );
+    call_from(&mut client, &csr, Some(&tb), &["cluster-b"])
+        .await
+        .unwrap();
+    for refused in ["cluster-i", "cluster-c"] {
+        let err = call_from(&mut client, &csr, Some(&tb), &[refused])
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{refused}: {err:?}");
+        assert!(err.message().contains(&format!("{refused:?}")), "{err:?}");
+        call_from(&mut client, &csr, Some(&ta), &[]).await.unwrap();
+    }
+
+    // Said on the Secrets: the insecure one names the setting, the rivals name each other.
+    eventually("the insecure kubeconfig is reported", 20, async || {
+        warning_notes(&a, ns, "istio-remote-secret-i", "InvalidKubeconfig")
+            .await
+            .iter()
+            .any(|n| n.contains("insecure-skip-tls-verify") && n.contains("\"cluster-i\""))
+    })
+    .await;
+    for s in ["istio-remote-secret-c1", "istio-remote-secret-c2"] {
+        eventually("the conflict is on both Secrets", 20, async || {
+            warning_notes(&a, ns, s, "DuplicateClusterId")
+                .await
+                .iter()
+                .any(|n| {
+                    n.contains("\"cluster-c\"")
+                        && n.contains("istio-system/istio-remote-secret-c1")
+                        && n.contains("istio-system/istio-remote-secret-c2")
+                        && n.contains("none of them is used")
+                })
+        })
+        .await;
+    }
+
+    // A second claim on working cluster-b, sorting first and pointing at A's API server:
+    // cluster-b stays B (B's token accepted, A's refused), and the conflict is reported.
+    remote_secret(&a, ns, "aaa-remote-secret-b", &[("cluster-b", ka.clone())]).await;
+    eventually("the new conflict is counted", 20, async || {
+        metric(&ca, "citadel_remote_cluster_id_conflicts").await == Some(2)
+    })
+    .await;
+    eventually("the conflict is on the newcomer", 20, async || {
+        warning_notes(&a, ns, "aaa-remote-secret-b", "DuplicateClusterId")
+            .await
+            .iter()
+            .any(|n| {
+                n.contains("istio-system/aaa-remote-secret-b")
+                    && n.contains("istio-system/istio-remote-secret-b, which was already in use")
+            })
+    })
+    .await;
+    call_from(&mut client, &csr, Some(&tb), &["cluster-b"])
+        .await
+        .unwrap();
+    let err = call_from(&mut client, &csr, Some(&ta), &["cluster-b"])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+
+    // The newcomer leaves: one claim again; and with c2 gone, c1 alone gives cluster-c.
+    let secrets: Api<Secret> = Api::namespaced(a.client.clone(), ns);
+    for s in ["aaa-remote-secret-b", "istio-remote-secret-c2"] {
+        secrets.delete(s, &DeleteParams::default()).await.unwrap();
+    }
+    eventually(
+        "no conflict, cluster-b and cluster-c known",
+        20,
+        async || {
+            metric(&ca, "citadel_remote_cluster_id_conflicts").await == Some(0)
+                && metric(&ca, "citadel_remote_clusters{state=\"known\"}").await == Some(2)
+        },
+    )
+    .await;
+    call_from(&mut client, &csr, Some(&tb), &["cluster-c"])
+        .await
+        .unwrap();
+    call_from(&mut client, &csr, Some(&tb), &["cluster-b"])
+        .await
+        .unwrap();
+    ca.stop().await;
+}
+
+/// Issue 20 (Low): a ClusterTrustBundle that another writer published under citadel's signer
+/// name (kubelet would merge its roots into what pods trust) is reported (warning log,
+/// `citadel_foreign_trust_bundles`, a Warning Event on it) and never merged into citadel's
+/// own trust: not in its ClusterTrustBundle, its bundle ConfigMaps or its chains.
+#[tokio::test]
+async fn a_foreign_cluster_trust_bundle_claiming_our_signer_is_reported_never_trusted() {
+    use k8s_openapi::api::certificates::v1::ClusterTrustBundle;
+    let Some(kube) = KubeEnv::start().await else {
+        return;
+    };
+    kube.namespace("citadel").await;
+    kube.namespace("shop").await;
+    // The foreign object first (before citadel starts), then one more while it runs.
+    let foreign_root = |cn: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.self_signed(&key).unwrap().pem()
+    };
+    let ctbs: Api<ClusterTrustBundle> = Api::all(kube.client.clone());
+    let create = async |name: &str, pem: &str| {
+        let c: ClusterTrustBundle = serde_json::from_value(serde_json::json!({
+            "apiVersion": "certificates.k8s.io/v1", "kind": "ClusterTrustBundle",
+            "metadata": {"name": name},
+            "spec": {"signerName": "citadel.dev/spiffe", "trustBundle": pem}
+        }))
+        .unwrap();
+        ctbs.create(&PostParams::default(), &c).await.unwrap();
+    };
+    let evil = foreign_root("evil root");
+    create("citadel.dev:spiffe:extra", &evil).await;
+
+    let r = crate::kube::replica_in(&kube, "replica-a", "citadel");
+    let metric_is = async |series: &str| {
+        http_get(r.metrics, "/metrics")
+            .await
+            .map(|(_, m)| m.contains(series))
+            .unwrap_or(false)
+    };
+    eventually("leading, the foreign bundle counted", 60, async || {
+        crate::kube::leads(&r).await && metric_is("citadel_foreign_trust_bundles 1\n").await
+    })
+    .await;
+    let events =
+        async |name: &str| warning_notes(&kube, "default", name, "ForeignTrustBundle").await;
+    eventually("a Warning Event on it", 20, async || {
+        events("citadel.dev:spiffe:extra")
+            .await
+            .iter()
+            .any(|n| n.contains("citadel.dev/spiffe") && n.contains("citadel.dev:spiffe:roots"))
+    })
+    .await;
+    let second = foreign_root("second evil root");
+    create("citadel.dev:spiffe:more", &second).await;
+    eventually("the second is counted and reported", 20, async || {
+        metric_is("citadel_foreign_trust_bundles 2\n").await
+            && !events("citadel.dev:spiffe:more").await.is_empty()
+    })
+    .await;
+
+    // citadel's own trust holds neither.
+    let own = ctbs.get("citadel.dev:spiffe:roots").await.unwrap();
+    let bundle = kube.bundle("shop").await.expect("bundle in shop");
+    for pem in [&evil, &second] {
+        let body = pem.lines().nth(1).unwrap();
+        assert!(!own.spec.trust_bundle.contains(body));
+        assert!(!bundle.contains(body));
+    }
+    assert_eq!(
+        own.spec.trust_bundle.matches("BEGIN CERTIFICATE").count(),
+        1
+    );
+    assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 1);
+    // The foreign objects are the operator's to delete; citadel left them in place.
+    ctbs.get("citadel.dev:spiffe:extra").await.unwrap();
+    for name in ["citadel.dev:spiffe:extra", "citadel.dev:spiffe:more"] {
+        ctbs.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    eventually("none counted once deleted", 20, async || {
+        metric_is("citadel_foreign_trust_bundles 0\n").await
+    })
+    .await;
+}

@@ -21,13 +21,13 @@ use crate::support::*;
 const CTB: &str = "citadel.dev:spiffe:roots";
 
 /// The kubelet of node-a: its client, and the Node object it registered.
-struct Kubelet {
-    client: kube::Client,
-    node: String,
+pub(crate) struct Kubelet {
+    pub(crate) client: kube::Client,
+    pub(crate) node: String,
     node_uid: String,
 }
 
-async fn kubelet(kube: &KubeEnv) -> Kubelet {
+pub(crate) async fn kubelet(kube: &KubeEnv) -> Kubelet {
     let client = citadel::cluster::client(Some(&kube.dir.join("node-kubeconfig")))
         .await
         .unwrap();
@@ -45,7 +45,7 @@ async fn kubelet(kube: &KubeEnv) -> Kubelet {
 }
 
 /// A pod bound to `node` that mounts its SVID and the roots as the docs show.
-async fn pod(kube: &KubeEnv, ns: &str, name: &str, sa: &str, node: &str) -> Pod {
+pub(crate) async fn pod(kube: &KubeEnv, ns: &str, name: &str, sa: &str, node: &str) -> Pod {
     pod_for_signer(kube, ns, name, sa, node, DEFAULT_SIGNER_NAME).await
 }
 
@@ -82,7 +82,7 @@ async fn pod_for_signer(
         .unwrap()
 }
 
-async fn sa_uid(kube: &KubeEnv, ns: &str, sa: &str) -> String {
+pub(crate) async fn sa_uid(kube: &KubeEnv, ns: &str, sa: &str) -> String {
     Api::<ServiceAccount>::namespaced(kube.client.clone(), ns)
         .get(sa)
         .await
@@ -99,14 +99,14 @@ fn stub_csr(key: &rcgen::KeyPair) -> Vec<u8> {
     p.serialize_request(key).unwrap().der().to_vec()
 }
 
-struct Req<'a> {
-    name: &'a str,
-    pod: &'a Pod,
-    sa: &'a str,
-    sa_uid: &'a str,
-    node: &'a Kubelet,
-    key: &'a rcgen::KeyPair,
-    max_expiration: Option<i32>,
+pub(crate) struct Req<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) pod: &'a Pod,
+    pub(crate) sa: &'a str,
+    pub(crate) sa_uid: &'a str,
+    pub(crate) node: &'a Kubelet,
+    pub(crate) key: &'a rcgen::KeyPair,
+    pub(crate) max_expiration: Option<i32>,
 }
 
 fn pcr_object(r: &Req<'_>) -> PodCertificateRequest {
@@ -136,14 +136,17 @@ fn base64_std(b: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(b)
 }
 
-async fn create(client: &kube::Client, r: &Req<'_>) -> Result<PodCertificateRequest, kube::Error> {
+pub(crate) async fn create(
+    client: &kube::Client,
+    r: &Req<'_>,
+) -> Result<PodCertificateRequest, kube::Error> {
     let ns = r.pod.metadata.namespace.as_deref().unwrap();
     Api::<PodCertificateRequest>::namespaced(client.clone(), ns)
         .create(&PostParams::default(), &pcr_object(r))
         .await
 }
 
-async fn decided(kube: &KubeEnv, ns: &str, name: &str) -> PodCertificateRequest {
+pub(crate) async fn decided(kube: &KubeEnv, ns: &str, name: &str) -> PodCertificateRequest {
     let api: Api<PodCertificateRequest> = Api::namespaced(kube.client.clone(), ns);
     let mut out = None;
     eventually(&format!("{ns}/{name} decided"), 30, async || {
@@ -157,7 +160,7 @@ async fn decided(kube: &KubeEnv, ns: &str, name: &str) -> PodCertificateRequest 
 }
 
 /// (type, reason) of the one condition; panics if there is not exactly one.
-fn condition(p: &PodCertificateRequest) -> (String, String) {
+pub(crate) fn condition(p: &PodCertificateRequest) -> (String, String) {
     let cs = p.status.as_ref().unwrap().conditions.as_ref().unwrap();
     assert_eq!(cs.len(), 1, "exactly one condition: {cs:?}");
     assert_eq!(cs[0].status, "True");
@@ -179,7 +182,7 @@ async fn ctb(kube: &KubeEnv) -> Option<ClusterTrustBundle> {
         .unwrap()
 }
 
-async fn ctb_roots(kube: &KubeEnv) -> Option<String> {
+pub(crate) async fn ctb_roots(kube: &KubeEnv) -> Option<String> {
     ctb(kube).await.map(|c| c.spec.trust_bundle)
 }
 
