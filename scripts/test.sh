@@ -104,7 +104,8 @@ if cargo tree -i aws-lc-sys >/dev/null 2>&1; then
   exit 1
 fi
 
-log "module layering: dependencies point down (scripts/layers.py)"
+log "module layering: dependencies point down, no file-level circle (scripts/layers.py)"
+python3 scripts/layers.py --self-test
 python3 scripts/layers.py
 
 log "cargo clippy --all-targets -- -D warnings"
