@@ -6,7 +6,7 @@
 #   scripts/bench.sh [-o DIR] [SECTION ...]
 #
 # Sections (default: the first seven, about 11-13 minutes on 2 cores):
-#   micro       citadel bench --micro (in-process issue path, per stage)             ~20 s
+#   micro       citadel-bench --micro (in-process issue path, per stage)             ~20 s
 #   closed      64 streams, 30,000 requests, three runs                              ~30 s
 #   sweep       open loop at 1,000 .. 8,000 certificates/s, 20 s each, into
 #               sweep.csv; then docs/latency-vs-load.png                              ~4 min
@@ -36,11 +36,13 @@ SECTIONS=("$@")
 [ "${SECTIONS[0]}" = "all" ] && SECTIONS=("${DEFAULT[@]}" storm-kube fanout)
 MPL_VERSION=3.11.2
 VENV="${CITADEL_CACHE:-$HOME/.cache/citadel}/venv-matplotlib-$MPL_VERSION"
-BIN=target/release/citadel
+# The load tools are their own binary (bench/ in the workspace); it starts target/release/citadel
+# beside it as the server.
+BENCH=target/release/citadel-bench
 
 mkdir -p "$OUT"
 log() { printf '==> %s\n' "$*" | tee -a "$OUT/bench.log" >&2; }
-log "citadel bench.sh into $OUT: ${SECTIONS[*]}"
+log "scripts/bench.sh into $OUT: ${SECTIONS[*]}"
 {
   echo "date: $(date -u +%FT%TZ)"
   echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
@@ -52,7 +54,7 @@ log "citadel bench.sh into $OUT: ${SECTIONS[*]}"
   echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 } >"$OUT/machine.txt"
 cat "$OUT/machine.txt" >&2
-nice -n 10 cargo build --release --bin citadel 2>&1 | tail -2 >&2
+nice -n 10 cargo build --release --bin citadel --bin citadel-bench 2>&1 | tail -2 >&2
 
 run() { # NAME CMD...: runs, tees into NAME.txt, times it
   local name=$1; shift
@@ -64,14 +66,14 @@ run() { # NAME CMD...: runs, tees into NAME.txt, times it
 
 for s in "${SECTIONS[@]}"; do
   case "$s" in
-    micro) run micro "$BIN" bench --micro --requests 20000 ;;
+    micro) run micro "$BENCH" --micro --requests 20000 ;;
     closed)
       for i in 1 2 3; do
-        run "closed-64-$i" "$BIN" bench --concurrency 64 --requests 30000 --distinct 4000 --csv "$OUT/closed.csv"
+        run "closed-64-$i" "$BENCH" --concurrency 64 --requests 30000 --distinct 4000 --csv "$OUT/closed.csv"
       done ;;
     sweep)
       for r in 1000 2000 3000 4000 5000 6000 7000 8000; do
-        run "open-$r" "$BIN" bench --rate "$r" --duration 20s --distinct 4000 --csv "$OUT/sweep.csv" || true
+        run "open-$r" "$BENCH" --rate "$r" --duration 20s --distinct 4000 --csv "$OUT/sweep.csv" || true
       done
       if [ ! -x "$VENV/bin/python" ]; then
         log "making $VENV (matplotlib==$MPL_VERSION)"
@@ -79,17 +81,17 @@ for s in "${SECTIONS[@]}"; do
       fi
       "$VENV/bin/python" scripts/plot-latency.py "$OUT/sweep.csv" docs/latency-vs-load.png "$(nproc) vCPU, $(date -u +%F), load average $(cut -d" " -f1 /proc/loadavg) when plotted"
       cp docs/latency-vs-load.png "$OUT/" ;;
-    storm) run storm-jwks "$BIN" bench --identities 20000 --concurrency 256 ;;
-    revocation) run revocation "$BIN" bench --revocation-scale --revoked 100000 --denied 10000 ;;
+    storm) run storm-jwks "$BENCH" --identities 20000 --concurrency 256 ;;
+    revocation) run revocation "$BENCH" --revocation-scale --revoked 100000 --denied 10000 ;;
     index)
-      run index "$BIN" bench --index-entries 10000000 --state-dir "$OUT/index-state"
+      run index "$BENCH" --index-entries 10000000 --state-dir "$OUT/index-state"
       rm -rf "$OUT/index-state" ;;
     profile) run profile scripts/profile.sh "$OUT/profile" 2000 ;;
     storm-kube)
       KDIR="$OUT/kube"
       scripts/kube-test-env.sh start "$KDIR" >/dev/null
       trap 'scripts/kube-test-env.sh stop "$KDIR" >/dev/null 2>&1 || true' EXIT
-      run storm-tokenreview "$BIN" bench --identities 20000 --concurrency 256 \
+      run storm-tokenreview "$BENCH" --identities 20000 --concurrency 256 \
         --auth tokenreview --kubeconfig "$KDIR/kubeconfig" --kube-qps 5000 --kube-burst 5000 || true
       scripts/kube-test-env.sh stop "$KDIR" >/dev/null 2>&1 || true
       trap - EXIT ;;

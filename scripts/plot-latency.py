@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Latency against offered load, from `citadel bench --rate R --csv FILE` rows.
+"""Latency against offered load, from `citadel-bench --rate R --csv FILE` rows.
 
     scripts/plot-latency.py SWEEP.csv [OUT.png] [NOTE]   # default OUT: docs/latency-vs-load.png
 
@@ -30,7 +30,7 @@ def main(argv):
         print(f"error: cannot read {src}: {e}", file=sys.stderr)
         return 1
     if not rows:
-        print(f"error: {src} has no open-loop rows (run `citadel bench --rate R --csv {src}`)", file=sys.stderr)
+        print(f"error: {src} has no open-loop rows (run `citadel-bench --rate R --csv {src}`)", file=sys.stderr)
         return 1
     rows.sort(key=lambda r: float(r["offered_per_sec"]))
     import matplotlib

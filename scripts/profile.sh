@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Instruction counts of the CA server's over-the-wire issue path, robust to machine noise:
-# `citadel serve --dev` runs under valgrind's callgrind, `citadel bench` (not profiled) sends
+# `citadel serve --dev` runs under valgrind's callgrind, `citadel-bench` (not profiled) sends
 # distinct P-256 CSRs and RS256 tokens over TLS gRPC at --concurrency streams, and only the
 # measured requests are counted (the counters are zeroed after start-up and warm-up).
 #
@@ -8,13 +8,17 @@
 #
 # Prints instructions per certificate and the top functions (inclusive and self); keeps the
 # raw callgrind.out in OUT_DIR for callgrind_annotate / kcachegrind. Needs a release build
-# (cargo build --release) and valgrind (apt-get install valgrind). Takes ~2-4 minutes.
+# (cargo build --release: both target/release/citadel and target/release/citadel-bench; or
+# CITADEL_BIN and CITADEL_BENCH) and valgrind (apt-get install valgrind). Takes ~2-4 minutes.
 set -euo pipefail
 OUT="${1:-target/profile}"
 N="${2:-2000}"
 BIN="${CITADEL_BIN:-target/release/citadel}"
+BENCH="${CITADEL_BENCH:-$(dirname "$BIN")/citadel-bench}"
 command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
-[ -x "$BIN" ] || { echo "$BIN is missing: cargo build --release" >&2; exit 1; }
+for b in "$BIN" "$BENCH"; do
+  [ -x "$b" ] || { echo "$b is missing: cargo build --release" >&2; exit 1; }
+done
 rm -rf "$OUT" && mkdir -p "$OUT"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 PORT=$(free_port); MPORT=$(free_port)
@@ -28,7 +32,7 @@ for _ in $(seq 1 600); do
   sleep 0.2
 done
 bench() {
-  "$BIN" bench --ca-addr "127.0.0.1:$PORT" --ca-root-cert "$OUT/state/root-cert.pem" \
+  "$BENCH" --ca-addr "127.0.0.1:$PORT" --ca-root-cert "$OUT/state/root-cert.pem" \
     --concurrency 64 --connections 4 --distinct 4000 "$@"
 }
 # Warm-up: connections, the allocator's arenas, the index file.

@@ -98,8 +98,8 @@ log "kubectl: $(kubectl version --client 2>/dev/null | head -1)"
 log "cargo fmt --check"
 cargo fmt --all -- --check
 
-log "dependency policy: ring is the only crypto provider"
-if cargo tree -i aws-lc-sys >/dev/null 2>&1; then
+log "dependency policy: ring is the only crypto provider (citadel and citadel-bench)"
+if cargo tree --workspace -i aws-lc-sys >/dev/null 2>&1; then
   echo "aws-lc-sys is in the dependency tree; ring must be the only crypto provider" >&2
   exit 1
 fi

@@ -38,8 +38,7 @@ enum Command {
     Ca(cmd::ca::Command),
     /// Revoke a certificate by serial, or deny an identity and revoke its certificates.
     Revoke(cmd::revoke::Args),
-    /// Measure CreateCertificate throughput and latency, or the in-process issue path.
-    Bench(cmd::bench::Args),
+    // No benchmark here: the load tools are their own binary, `citadel-bench` (bench/).
 }
 
 /// mimalloc instead of glibc malloc: the issue path allocates a few dozen small buffers per
@@ -60,7 +59,6 @@ fn main() -> std::process::ExitCode {
                 Command::Agent(a) => cmd::agent::run(*a).await,
                 Command::Ca(c) => cmd::ca::run(c).await,
                 Command::Revoke(a) => cmd::revoke::run(a).await,
-                Command::Bench(a) => cmd::bench::run(a).await,
             }
         }),
         Err(e) => Err(format!("cannot start the async runtime: {e}")),

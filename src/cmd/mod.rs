@@ -2,9 +2,6 @@
 //! The only layer that reads flags, prints to the terminal, or decides exit codes.
 
 pub mod agent;
-pub mod bench;
-pub mod bench_scale;
-pub mod bench_storm;
 pub mod ca;
 pub mod dev_token;
 pub mod request;

@@ -10,14 +10,7 @@ fn help_teaches_and_bad_flags_explain() {
     let tmp = tempfile::tempdir().unwrap();
     let (code, out, _) = run(&["--help"], tmp.path());
     assert_eq!(code, 0);
-    for word in [
-        "serve",
-        "dev-token",
-        "request",
-        "ca",
-        "bench",
-        "Quick start",
-    ] {
+    for word in ["serve", "dev-token", "request", "ca", "Quick start"] {
         assert!(out.contains(word), "--help lacks {word}");
     }
     let (_, out, _) = run(&["serve", "--help"], tmp.path());
@@ -63,6 +56,38 @@ fn help_teaches_and_bad_flags_explain() {
     );
     assert_eq!(code, 1);
     assert!(err.contains("missing.json"), "{err}");
+}
+
+/// The product binary carries no load generator: `citadel bench` moved to its own crate and
+/// binary, `citadel-bench` (bench/), so nothing an operator runs as `citadel` starts a
+/// benchmark (issue 21).
+#[test]
+fn the_product_binary_has_no_bench_subcommand() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (code, out, _) = run(&["--help"], tmp.path());
+    assert_eq!(code, 0);
+    // The subcommands open the lines of the "Commands:" section indented by two spaces
+    // (a wrapped description continues further in).
+    let commands: Vec<&str> = out
+        .split("Commands:")
+        .nth(1)
+        .expect("--help has a Commands section")
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter(|l| !l.starts_with("   "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(commands.first(), Some(&"serve"), "{commands:?}");
+    assert!(
+        commands.iter().all(|c| !c.contains("bench")),
+        "citadel --help lists a bench subcommand: {commands:?}"
+    );
+    for argv in [&["bench", "--micro"][..], &["bench", "--help"]] {
+        let (code, _, err) = run(argv, tmp.path());
+        assert_eq!(code, 2, "citadel {argv:?} is a usage error: {err}");
+        assert!(err.contains("unrecognized subcommand 'bench'"), "{err}");
+    }
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! `citadel bench --revocation-scale` and `citadel bench --index-entries N`: what revocation
+//! `citadel-bench --revocation-scale` and `citadel-bench --index-entries N`: what revocation
 //! state and the issuance index cost at the size a large mesh reaches. Nothing here talks to
 //! a server; each figure is the time of the library call the server or the CLI makes.
 
@@ -6,35 +6,21 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::ca::bootstrap::{self, CaOptions};
-use crate::ca::{crl, revocation, Ca};
-use crate::identity::{ServiceAccount, TrustDomain};
-use crate::journal::{DeniedIdentity, Journal, Revocation};
-use crate::pki::{csr, random_serial, KeyType};
-use crate::store::index::{FileIndex, IssuanceIndex, IssuedEntry, INDEX_FILE};
-use crate::store::Store;
+use citadel::ca::bootstrap::{self, CaOptions};
+use citadel::ca::{crl, revocation, Ca};
+use citadel::identity::{ServiceAccount, TrustDomain};
+use citadel::journal::{DeniedIdentity, Journal, Revocation};
+use citadel::pki::{csr, random_serial, KeyType};
+use citadel::store::index::{FileIndex, IssuanceIndex, IssuedEntry, INDEX_FILE};
+use citadel::store::Store;
 
-use super::CmdResult;
-
-fn secs(d: Duration) -> String {
-    if d < Duration::from_millis(10) {
-        format!("{:.1} µs", d.as_secs_f64() * 1e6)
-    } else {
-        format!("{:.3} s", d.as_secs_f64())
-    }
-}
-
-fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
-    let t0 = Instant::now();
-    let out = f();
-    (out, t0.elapsed())
-}
+use crate::measure::{secs, timed, BenchResult};
 
 /// A journal whose active intermediate has `revoked` revocations, and `denied` identities
 /// denied (`w0`..), all under trust domain cluster.local.
 fn big_journal(revoked: usize, denied: usize) -> Result<(Journal, TrustDomain, String), String> {
     let td = TrustDomain::new("cluster.local").map_err(|e| e.to_string())?;
-    let now = crate::clock::system().now();
+    let now = citadel::clock::system().now();
     let mut j =
         bootstrap::new_journal(&CaOptions::new(td.clone()), now).map_err(|e| e.to_string())?;
     let issuer = j
@@ -44,7 +30,7 @@ fn big_journal(revoked: usize, denied: usize) -> Result<(Journal, TrustDomain, S
         .clone();
     let ts = now.unix_timestamp();
     j.revocations.extend((0..revoked).map(|i| Revocation {
-        serial: crate::pki::chain::serial_hex(&random_serial()),
+        serial: citadel::pki::chain::serial_hex(&random_serial()),
         issuer: issuer.clone(),
         identity: Some(format!(
             "spiffe://cluster.local/ns/bench/sa/w{}",
@@ -66,12 +52,12 @@ fn big_journal(revoked: usize, denied: usize) -> Result<(Journal, TrustDomain, S
 /// 100,000 revoked serials and 10,000 denied identities (by default): CRL signing, CRL size,
 /// the signer rebuild every replica does on each journal change, the denial sweep, and what
 /// the deny and revoked checks add to the issue path.
-pub fn revocation_scale(revoked: usize, denied: usize, iterations: usize) -> CmdResult {
-    println!("citadel bench --revocation-scale: {revoked} revoked serials, {denied} denied identities, P-256 CA");
+pub fn revocation_scale(revoked: usize, denied: usize, iterations: usize) -> BenchResult {
+    println!("citadel-bench --revocation-scale: {revoked} revoked serials, {denied} denied identities, P-256 CA");
     let (built, t) = timed(|| big_journal(revoked, denied));
     let (mut j, td, issuer) = built?;
     eprintln!("journal built in {}", secs(t));
-    let now = crate::clock::system().now();
+    let now = citadel::clock::system().now();
     let validity = Duration::from_secs(86_400);
     for run in 1..=3 {
         let (r, t) = timed(|| crl::sign(&mut j, &issuer, now, validity));
@@ -116,7 +102,7 @@ pub fn revocation_scale(revoked: usize, denied: usize, iterations: usize) -> Cmd
             issuer: issuer.clone(),
         })
         .chain(std::iter::once(IssuedEntry {
-            serial: crate::pki::chain::serial_hex(&random_serial()),
+            serial: citadel::pki::chain::serial_hex(&random_serial()),
             identity: "spiffe://cluster.local/ns/bench/sa/new".into(),
             not_after: ts + 86_400,
             issuer: issuer.clone(),
@@ -173,7 +159,7 @@ pub fn revocation_scale(revoked: usize, denied: usize, iterations: usize) -> Cmd
         for i in 0..iterations {
             let (id, key) = &keys[i % keys.len()];
             let (s, issued) =
-                crate::ca::issue::sign_svid(ca, None, &sweep, key, id, now, validity, false)
+                citadel::ca::issue::sign_svid(ca, None, &sweep, key, id, now, validity, false)
                     .map_err(|e| e.to_string())?;
             std::hint::black_box(s.response_chain(issued.pem));
         }
@@ -215,11 +201,11 @@ pub fn revocation_scale(revoked: usize, denied: usize, iterations: usize) -> Cmd
 /// Builds an issuance index of `entries` lines in `dir` (100,000 identities, half the entries
 /// expired), with a CA journal beside it, then times what `revoke --identity` and the hourly
 /// prune do with it.
-pub async fn index_scale(entries: u64, dir: &Path) -> CmdResult {
+pub async fn index_scale(entries: u64, dir: &Path) -> BenchResult {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let store = crate::store::file::FileStore::open(dir).map_err(|e| e.to_string())?;
+    let store = citadel::store::file::FileStore::open(dir).map_err(|e| e.to_string())?;
     let td = TrustDomain::new("cluster.local").map_err(|e| e.to_string())?;
-    let now = crate::clock::system().now();
+    let now = citadel::clock::system().now();
     let journal = match store.load_journal().await.map_err(|e| e.to_string())? {
         Some(j) => j.value,
         None => {
@@ -239,7 +225,7 @@ pub async fn index_scale(entries: u64, dir: &Path) -> CmdResult {
     let path = dir.join(INDEX_FILE);
     let ts = now.unix_timestamp();
     println!(
-        "citadel bench --index-entries {entries}: issuance index in {}",
+        "citadel-bench --index-entries {entries}: issuance index in {}",
         path.display()
     );
     let (r, t) = timed(|| -> std::io::Result<()> {
@@ -251,7 +237,7 @@ pub async fn index_scale(entries: u64, dir: &Path) -> CmdResult {
             writeln!(
                 w,
                 "{} spiffe://cluster.local/ns/bench/sa/w{} {not_after} {issuer}",
-                crate::pki::chain::serial_hex(&random_serial()),
+                citadel::pki::chain::serial_hex(&random_serial()),
                 i % 100_000
             )?;
         }
@@ -280,7 +266,7 @@ pub async fn index_scale(entries: u64, dir: &Path) -> CmdResult {
     #[derive(clap::Parser)]
     struct Revoke {
         #[command(flatten)]
-        args: super::revoke::Args,
+        args: citadel::cmd::revoke::Args,
     }
     let state = dir.display().to_string();
     let cmd = <Revoke as clap::Parser>::try_parse_from([
@@ -295,7 +281,7 @@ pub async fn index_scale(entries: u64, dir: &Path) -> CmdResult {
         "24h",
     ])
     .map_err(|e| format!("revoke arguments: {e}"))?;
-    super::revoke::run(cmd.args)
+    citadel::cmd::revoke::run(cmd.args)
         .await
         .map_err(|e| format!("revoke --identity failed: {e}"))?;
     println!(
@@ -333,7 +319,7 @@ mod tests {
             .count();
         assert_eq!(kept, 1_000);
         // The denial landed in the journal.
-        let store = crate::store::file::FileStore::open(dir.path()).unwrap();
+        let store = citadel::store::file::FileStore::open(dir.path()).unwrap();
         let j = store.load_journal().await.unwrap().unwrap().value;
         assert!(j
             .is_denied("spiffe://cluster.local/ns/bench/sa/w7")

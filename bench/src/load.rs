@@ -1,142 +1,21 @@
-//! `citadel bench`: a load generator for CreateCertificate over TLS gRPC, and an in-process
-//! micro-benchmark of the issue path. Benchmarks live here, not in timed tests.
+//! CreateCertificate over TLS gRPC against a `citadel serve --dev` child (or a running
+//! server): closed loop (`--concurrency` streams) or open loop (`--rate`, no coordinated
+//! omission), and the lifecycle soak (`--soak`: rotation under load, a denial half-way,
+//! RSS and descriptors sampled).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::auth::jwks::Jwks;
-use crate::auth::jwt::{self, JwtPolicy};
-use crate::ca::bootstrap::{self, CaOptions};
-use crate::client::{self, CaClient, ConnectOptions};
-use crate::devkeys;
-use crate::identity::{ServiceAccount, TrustDomain};
-use crate::pki::{csr, KeyType};
+use citadel::client::{self, CaClient, ConnectOptions};
+use citadel::pki::KeyType;
 
-use super::{dev_token, read_file, CmdResult};
-
-#[derive(Debug, clap::Args)]
-#[command(after_long_help = "\
-By default it starts `citadel serve --dev` as a child process on free loopback ports,
-pre-generates distinct CSRs and RS256 dev tokens, warms up, then measures. Server CPU time
-comes from /proc/<pid>/stat, so 'certificates per server CPU-second' excludes the client.
-
-With --rate the load is open-loop: requests leave on a fixed schedule whether or not answers
-have come back, and each latency counts from when its request was due, so a stall shows up
-in the percentiles instead of slowing the generator down (no coordinated omission).
-
---soak runs the whole lifecycle under steady load: the server gets an 8-minute intermediate
-and 2-minute leaves (an intermediate rotation happens a few minutes in), and half-way through
-one identity is denied with `citadel revoke --identity`; its later requests are counted as
-denied, not failed. With --samples the server's RSS and open descriptors are written every
-second, and a per-minute summary is printed.
-
---identities N is a renewal storm: N distinct workloads, each with its own service account,
-token and key, ask once each within one window (--concurrency at a time), retrying what
-istio-agent retries. With --auth tokenreview --kubeconfig FILE the service accounts and their
-tokens (TokenRequest) are made on that API server, the server reviews each token there, and
-the API server's own apiserver_request_total{resource=\"tokenreviews\"} is reported.
-
---revocation-scale and --index-entries time the revocation state and the issuance index at
-mesh size, in process (no server). scripts/bench.sh runs every measurement in sequence.
-
-Examples:
-  cargo build --release
-  target/release/citadel bench --concurrency 64 --requests 20000
-  target/release/citadel bench --rate 3000 --duration 20s --csv sweep.csv
-  target/release/citadel bench --identities 20000 --concurrency 256
-  target/release/citadel bench --identities 20000 --auth tokenreview --kubeconfig kube/kubeconfig
-  target/release/citadel bench --revocation-scale --revoked 100000 --denied 10000
-  target/release/citadel bench --index-entries 10000000 --state-dir /tmp/index-bench
-  target/release/citadel bench --rate 5000 --duration 30s
-  target/release/citadel bench --soak --rate 500 --duration 10m --samples soak.csv
-  target/release/citadel bench --micro")]
-/// Flags of `citadel bench`.
-pub struct Args {
-    /// Run the in-process micro-benchmark of the issue path instead.
-    #[arg(long)]
-    pub micro: bool,
-    /// Concurrent in-flight requests (gRPC streams).
-    #[arg(long, default_value_t = 64)]
-    pub concurrency: usize,
-    /// HTTP/2 connections the streams are spread over.
-    #[arg(long, default_value_t = 4)]
-    pub connections: usize,
-    /// Requests measured, after the warm-up.
-    #[arg(long, default_value_t = 20_000)]
-    pub requests: usize,
-    /// Requests sent before measuring.
-    #[arg(long, default_value_t = 1_000)]
-    pub warmup: usize,
-    /// Distinct CSR and token pairs generated up front; requests cycle through them.
-    #[arg(long, default_value_t = 2_000)]
-    pub distinct: usize,
-    /// CSR key type.
-    #[arg(long, default_value = "ec-p256", value_parser = ["ec-p256", "ec-p384", "rsa-2048"])]
-    pub key_type: String,
-    /// Use a running server started with --dev instead of starting one.
-    #[arg(long, value_name = "HOST:PORT", requires = "ca_root_cert")]
-    pub ca_addr: Option<String>,
-    /// Roots of that server.
-    #[arg(long, value_name = "FILE")]
-    pub ca_root_cert: Option<PathBuf>,
-    /// PID of that server, to report its CPU time.
-    #[arg(long, value_name = "PID")]
-    pub server_pid: Option<u32>,
-    /// Measure for this long instead of a fixed number of --requests.
-    #[arg(long, value_parser = crate::duration::clap_parse, value_name = "DUR")]
-    pub duration: Option<Duration>,
-    /// Open loop: this many requests per second on a fixed schedule (see below), instead of
-    /// --concurrency tasks each sending its next request when the last one is answered.
-    #[arg(long, value_name = "PER_SEC")]
-    pub rate: Option<f64>,
-    /// Write the server's RSS and open file descriptors, sampled every second, to this CSV.
-    #[arg(long, value_name = "FILE")]
-    pub samples: Option<PathBuf>,
-    /// The lifecycle soak: short-lived CA and leaves so an intermediate rotates under load,
-    /// and one identity denied half-way (needs the server this command starts).
-    #[arg(long, conflicts_with = "ca_addr")]
-    pub soak: bool,
-    /// Append one summary row (offered rate, percentiles, server CPU per certificate) to this
-    /// CSV; scripts/plot-latency.py turns a sweep of rates into docs/latency-vs-load.png.
-    #[arg(long, value_name = "FILE")]
-    pub csv: Option<PathBuf>,
-    /// Renewal storm: N distinct workloads (service account, token and key each) all asking
-    /// once, within one window; reports the time to serve all N (see below).
-    #[arg(long, value_name = "N", conflicts_with_all = ["ca_addr", "soak", "rate"])]
-    pub identities: Option<usize>,
-    /// How the storm's server checks tokens: local JWKS (dev RS256 tokens) or a TokenReview
-    /// per token against the API server of --kubeconfig.
-    #[arg(long, value_enum, default_value = "jwks", requires = "identities")]
-    pub auth: super::bench_storm::StormAuth,
-    /// The API server for --auth tokenreview (service accounts and tokens are made there).
-    #[arg(long, value_name = "FILE")]
-    pub kubeconfig: Option<PathBuf>,
-    /// The storm server's --kube-qps (TokenReviews per second it allows itself).
-    #[arg(long, default_value_t = 2000.0, value_name = "QPS")]
-    pub kube_qps: f64,
-    /// The storm server's --kube-burst.
-    #[arg(long, default_value_t = 2000, value_name = "N")]
-    pub kube_burst: u32,
-    /// Revocation at scale, in process: CRL signing time and size, signer rebuild, the denial
-    /// sweep, and the issue path with and without that state (--revoked, --denied).
-    #[arg(long)]
-    pub revocation_scale: bool,
-    /// Revoked serials for --revocation-scale.
-    #[arg(long, default_value_t = 100_000, value_name = "N")]
-    pub revoked: usize,
-    /// Denied identities for --revocation-scale.
-    #[arg(long, default_value_t = 10_000, value_name = "N")]
-    pub denied: usize,
-    /// Build an issuance index of N entries in --state-dir and time `revoke --identity` and
-    /// the prune on it (10,000,000 entries take ~1.5 GB of disk).
-    #[arg(long, value_name = "N", requires = "state_dir")]
-    pub index_entries: Option<u64>,
-    /// Where --index-entries builds its state directory (journal + issued.log).
-    #[arg(long, value_name = "DIR")]
-    pub state_dir: Option<PathBuf>,
-}
+use crate::args::Args;
+use crate::measure::{
+    cpu_time, ms, open_fds, percentile, read_file, rss_kib, start_server, workloads, BenchResult,
+    Work, BENCH_NAMESPACE,
+};
 
 /// The identity `--soak` denies half-way through.
 const SOAK_DENIED: &str = "spiffe://cluster.local/ns/bench/sa/w7";
@@ -174,144 +53,8 @@ struct Progress {
     errors: AtomicUsize,
 }
 
-pub(crate) struct Work {
-    pub(crate) csr: String,
-    pub(crate) token: String,
-}
-
-fn generate(n: usize, key_type: KeyType) -> Result<Vec<Work>, String> {
-    let key = devkeys::signing_key();
-    let now = crate::clock::system().now().unix_timestamp();
-    let td = TrustDomain::new("cluster.local").map_err(|e| e.to_string())?;
-    (0..n)
-        .map(|i| {
-            let sa = ServiceAccount::new("bench", &format!("w{i}")).map_err(|e| e.to_string())?;
-            let token = key.sign(&dev_token::claims(
-                &sa,
-                &["istio-ca".into()],
-                now,
-                Duration::from_secs(3600),
-                None,
-            ));
-            let kp = key_type.generate().map_err(|e| e.to_string())?;
-            let csr = csr::build(&kp, &td.service_account_id(&sa).to_string())
-                .map_err(|e| e.to_string())?;
-            Ok(Work { csr, token })
-        })
-        .collect()
-}
-
-/// utime + stime of a process, from /proc (USER_HZ is 100 on Linux).
-pub(crate) fn cpu_time(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after_comm = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = after_comm.split(' ').collect();
-    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some(Duration::from_millis(ticks * 10))
-}
-
-pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
-
-pub(crate) fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1e3)
-}
-
-pub(crate) struct Child {
-    pub(crate) proc: std::process::Child,
-    pub(crate) dir: PathBuf,
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.proc.kill();
-        let _ = self.proc.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("cannot find a free port: {e}"))
-}
-
-pub(crate) async fn start_server(extra: &[&str]) -> Result<(Child, String, PathBuf), String> {
-    let dir = std::env::temp_dir().join(format!("citadel-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let (port, mport) = (free_port()?, free_port()?);
-    let log = std::fs::File::create(dir.join("server.log")).map_err(|e| e.to_string())?;
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let proc = std::process::Command::new(exe)
-        .args(["serve", "--dev", "--state-dir"])
-        .arg(dir.join("state"))
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--metrics-listen",
-            &format!("127.0.0.1:{mport}"),
-        ])
-        .args(extra)
-        // Default log level: the audit line per certificate is part of the measured cost.
-        .env_remove("RUST_LOG")
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map_err(|e| format!("cannot start the server: {e}"))?;
-    let child = Child {
-        proc,
-        dir: dir.clone(),
-    };
-    let root = dir.join("state").join("root-cert.pem");
-    let addr = format!("127.0.0.1:{port}");
-    for _ in 0..200 {
-        if root.exists() && tokio::net::TcpStream::connect(&addr).await.is_ok() {
-            return Ok((child, addr, root));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Err(format!(
-        "the server did not start; see {}",
-        dir.join("server.log").display()
-    ))
-}
-
-/// Runs the load test (or the in-process micro benchmark) and prints the results.
-pub async fn run(args: Args) -> CmdResult {
-    let key_type: KeyType = args.key_type.parse()?;
-    if args.micro {
-        return micro(args.distinct.max(1), args.requests.max(1), key_type);
-    }
-    if args.revocation_scale {
-        return super::bench_scale::revocation_scale(
-            args.revoked,
-            args.denied,
-            args.requests.clamp(1, 20_000),
-        );
-    }
-    if let (Some(n), Some(dir)) = (args.index_entries, &args.state_dir) {
-        return super::bench_scale::index_scale(n, dir).await;
-    }
-    if let Some(n) = args.identities {
-        return super::bench_storm::run(super::bench_storm::StormPlan {
-            identities: n,
-            concurrency: args.concurrency,
-            connections: args.connections,
-            key_type,
-            auth: args.auth,
-            kubeconfig: args.kubeconfig.clone(),
-            kube_qps: args.kube_qps,
-            kube_burst: args.kube_burst,
-        })
-        .await;
-    }
+/// Runs the load test (or the soak) and prints the results.
+pub async fn run(args: &Args, key_type: KeyType) -> BenchResult {
     if args.concurrency == 0 || args.connections == 0 || args.requests == 0 {
         return Err("--concurrency, --connections and --requests must be positive".into());
     }
@@ -329,7 +72,12 @@ pub async fn run(args: Args) -> CmdResult {
         "generating {} distinct {} CSRs and RS256 tokens...",
         args.distinct, key_type
     );
-    let work = Arc::new(generate(args.distinct.max(1), key_type)?);
+    let work = Arc::new(workloads(
+        BENCH_NAMESPACE,
+        args.distinct.max(1),
+        key_type,
+        None,
+    )?);
 
     // Soak: leaves live 2 minutes and the intermediate 8, so its successor is made at 4
     // minutes and signs from 6m40s, all under load.
@@ -345,17 +93,21 @@ pub async fn run(args: Args) -> CmdResult {
     } else {
         &[]
     };
-    let (child, addr, root, pid) = match &args.ca_addr {
+    // With no --ca-addr this starts the server, and the citadel binary it runs is also the
+    // one --soak revokes with.
+    let (child, addr, root, pid, citadel) = match &args.ca_addr {
         Some(a) => (
             None,
             a.clone(),
             args.ca_root_cert.clone().unwrap_or_default(),
             args.server_pid,
+            None,
         ),
         None => {
-            let (c, a, r) = start_server(soak_flags).await?;
-            let pid = c.proc.id();
-            (Some(c), a, r, Some(pid))
+            let bin = args.citadel()?;
+            let s = start_server(&bin, soak_flags).await?;
+            let (a, r, pid) = (s.addr.clone(), s.root.clone(), s.proc.id());
+            (Some(s), a, r, Some(pid), Some(bin))
         }
     };
     let root_pem = read_file(&root, "CA root certificate")?;
@@ -378,14 +130,13 @@ pub async fn run(args: Args) -> CmdResult {
         _ => None,
     };
     // Half-way through a soak, an operator denies one identity.
-    let revoker = match (&child, args.soak) {
-        (Some(c), true) => {
-            let state = c.dir.join("state");
+    let revoker = match (&child, &citadel, args.soak) {
+        (Some(c), Some(bin), true) => {
+            let (state, bin) = (c.dir.join("state"), bin.clone());
             let after = args.duration.unwrap_or(Duration::from_secs(60)) / 2;
             Some(std::thread::spawn(move || -> Result<(), String> {
                 std::thread::sleep(after);
-                let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-                let out = std::process::Command::new(exe)
+                let out = std::process::Command::new(bin)
                     .args(["revoke", "--identity", SOAK_DENIED, "--state-dir"])
                     .arg(&state)
                     .output()
@@ -433,7 +184,7 @@ pub async fn run(args: Args) -> CmdResult {
             )
             .await
             .map_err(|e| e.to_string())?;
-            client::verify_response(&first, None, crate::clock::system().now())
+            client::verify_response(&first, None, citadel::clock::system().now())
                 .map_err(|e| e.to_string())?;
             let warm = Plan {
                 total: warmup,
@@ -472,7 +223,7 @@ pub async fn run(args: Args) -> CmdResult {
         None => format!("{} streams", args.concurrency),
     };
     println!(
-        "citadel bench: {} requests over TLS gRPC, {mode} on {} connections, {} CSRs, RS256 tokens",
+        "citadel-bench: {} requests over TLS gRPC, {mode} on {} connections, {} CSRs, RS256 tokens",
         ok + outcome.errors + outcome.denied + outcome.dropped,
         args.connections,
         key_type
@@ -506,7 +257,7 @@ pub async fn run(args: Args) -> CmdResult {
         print_samples(&samples);
     }
     if let Some(path) = &args.csv {
-        append_csv(path, &args, &outcome, wall, cpu)?;
+        append_csv(path, args, &outcome, wall, cpu)?;
     }
     // Denials are expected only for the identity a soak denies.
     let unexpected_denials = if args.soak { 0 } else { outcome.denied };
@@ -580,16 +331,6 @@ struct Sample {
     secs: u64,
     rss_kib: u64,
     fds: usize,
-}
-
-pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
-fn open_fds(pid: u32) -> Option<usize> {
-    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }
 
 /// Samples the server every second into `path` (CSV) until `stop`.
@@ -797,70 +538,4 @@ async fn drive(
         }
     }
     all
-}
-
-/// Times each stage of the issue path in this process, on one core.
-fn micro(distinct: usize, iterations: usize, key_type: KeyType) -> CmdResult {
-    let td = TrustDomain::new("cluster.local").map_err(|e| e.to_string())?;
-    let now = crate::clock::system().now();
-    let journal =
-        bootstrap::new_journal(&CaOptions::new(td.clone()), now).map_err(|e| e.to_string())?;
-    let signer = bootstrap::signer_from_journal(&journal, &td).map_err(|e| e.to_string())?;
-    let keys = Jwks::from_json(devkeys::jwks_json().as_bytes()).map_err(|e| e.to_string())?;
-    let policy = JwtPolicy {
-        issuer: Some(devkeys::DEV_ISSUER.into()),
-        audiences: vec!["istio-ca".into()],
-        leeway: jwt::DEFAULT_LEEWAY,
-    };
-    eprintln!("generating {distinct} distinct {key_type} CSRs and RS256 tokens...");
-    let work = generate(distinct, key_type)?;
-    let ts = now.unix_timestamp();
-    let parsed: Vec<_> = work
-        .iter()
-        .map(|w| csr::parse_pem(w.csr.as_bytes()))
-        .collect::<Result<_, _>>()
-        .map_err(|e| e.to_string())?;
-    let ttl = Duration::from_secs(86_400);
-
-    let time_it = |name: &str, f: &mut dyn FnMut(usize)| {
-        let t0 = Instant::now();
-        for i in 0..iterations {
-            f(i);
-        }
-        let per = t0.elapsed() / iterations as u32;
-        println!(
-            "{name:<42} {:>8.1} µs/op {:>10.0} ops/s",
-            per.as_secs_f64() * 1e6,
-            1.0 / per.as_secs_f64()
-        );
-    };
-    println!("citadel bench --micro: {iterations} iterations per stage, {key_type} CSRs, RS256 tokens, {} CA", signer.key_kind());
-    time_it("JWT verify (RS256, claims)", &mut |i| {
-        jwt::verify(&work[i % distinct].token, &keys, &policy, ts).expect("token verifies");
-    });
-    time_it("CSR parse + self-signature verify", &mut |i| {
-        csr::parse_pem(work[i % distinct].csr.as_bytes()).expect("CSR verifies");
-    });
-    time_it("sign leaf + PEM encode", &mut |i| {
-        let c = &parsed[i % distinct];
-        let sa = ServiceAccount::new("bench", &format!("w{}", i % distinct)).expect("name");
-        signer
-            .issue_workload(&c.key, &td.service_account_id(&sa), now, ttl)
-            .expect("signs");
-    });
-    time_it("whole issue path (all of the above + chain)", &mut |i| {
-        let w = &work[i % distinct];
-        let id = jwt::verify(&w.token, &keys, &policy, ts).expect("token verifies");
-        let c = csr::parse_pem(w.csr.as_bytes()).expect("CSR verifies");
-        let issued = signer
-            .issue_workload(
-                &c.key,
-                &td.service_account_id(&id.service_account),
-                now,
-                ttl,
-            )
-            .expect("signs");
-        std::hint::black_box(signer.response_chain(issued.pem));
-    });
-    Ok(())
 }

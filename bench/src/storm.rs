@@ -1,4 +1,4 @@
-//! `citadel bench --identities N`: a renewal storm. N distinct workloads (one service account,
+//! `citadel-bench --identities N`: a renewal storm. N distinct workloads (one service account,
 //! one token and one key each) all ask within one window, the way a mesh does after a root
 //! rotation or a mass restart. Each workload asks once and retries what istio-agent retries
 //! (Unavailable, DeadlineExceeded, ResourceExhausted, Aborted, Internal; 5 retries with
@@ -10,6 +10,7 @@
 //! projects it), the server reviews every token against the API server, and the API server's
 //! own `apiserver_request_total{resource="tokenreviews"}` counts the reviews it served.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,12 +18,12 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount as KubeServiceAccount};
 use kube::api::{Api, PostParams};
 
-use crate::client::{self, CaClient, ConnectOptions};
-use crate::identity::{ServiceAccount, TrustDomain};
-use crate::pki::{csr, KeyType};
+use citadel::client::{self, CaClient, ConnectOptions};
+use citadel::pki::KeyType;
 
-use super::bench::{cpu_time, ms, percentile, rss_kib, start_server, Work};
-use super::{dev_token, read_file, CmdResult};
+use crate::measure::{
+    cpu_time, ms, percentile, read_file, rss_kib, start_server, workloads, BenchResult, Work,
+};
 
 /// The namespace the storm's service accounts live in.
 pub const STORM_NAMESPACE: &str = "citadel-bench";
@@ -68,62 +69,6 @@ fn retryable(code: tonic::Code) -> bool {
 
 /// istio-agent's retry budget per request.
 const RETRIES: u32 = 5;
-
-/// Keys and CSRs for N workloads, on every core (an RS256 signature is ~1 ms, so 20,000 dev
-/// tokens take a while on one).
-fn keys_and_csrs(
-    n: usize,
-    key_type: KeyType,
-    tokens: Option<&[String]>,
-) -> Result<Vec<Work>, String> {
-    let td = TrustDomain::new("cluster.local").map_err(|e| e.to_string())?;
-    let threads = std::thread::available_parallelism().map_or(1, |p| p.get());
-    let chunk = n.div_ceil(threads).max(1);
-    let now = crate::clock::system().now().unix_timestamp();
-    let parts: Vec<Result<Vec<Work>, String>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..n)
-            .step_by(chunk)
-            .map(|start| {
-                let td = &td;
-                s.spawn(move || {
-                    let key = crate::devkeys::signing_key();
-                    (start..(start + chunk).min(n))
-                        .map(|i| {
-                            let sa = ServiceAccount::new(STORM_NAMESPACE, &format!("w{i}"))
-                                .map_err(|e| e.to_string())?;
-                            let token = match tokens {
-                                Some(t) => t[i].clone(),
-                                None => key.sign(&dev_token::claims(
-                                    &sa,
-                                    &["istio-ca".into()],
-                                    now,
-                                    Duration::from_secs(3600),
-                                    None,
-                                )),
-                            };
-                            let kp = key_type.generate().map_err(|e| e.to_string())?;
-                            let csr = csr::build(&kp, &td.service_account_id(&sa).to_string())
-                                .map_err(|e| e.to_string())?;
-                            Ok(Work { csr, token })
-                        })
-                        .collect()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err("a generator thread panicked".into()))
-            })
-            .collect()
-    });
-    let mut all = Vec::with_capacity(n);
-    for p in parts {
-        all.extend(p?);
-    }
-    Ok(all)
-}
 
 /// Creates the service accounts (idempotent) and asks the TokenRequest API for one token
 /// each, 64 calls at a time.
@@ -215,13 +160,13 @@ struct StormOutcome {
     failed: usize,
 }
 
-/// Runs the storm and prints its report.
-pub async fn run(plan: StormPlan) -> CmdResult {
+/// Runs the storm against a `serve --dev` child of `citadel` and prints its report.
+pub async fn run(plan: StormPlan, citadel: &Path) -> BenchResult {
     if plan.identities == 0 || plan.concurrency == 0 || plan.connections == 0 {
         return Err("--identities, --concurrency and --connections must be positive".into());
     }
     let kube = match (plan.auth, &plan.kubeconfig) {
-        (StormAuth::Tokenreview, Some(k)) => Some(crate::cluster::client(Some(k)).await?),
+        (StormAuth::Tokenreview, Some(k)) => Some(citadel::cluster::client(Some(k)).await?),
         (StormAuth::Tokenreview, None) => {
             return Err("--auth tokenreview needs --kubeconfig FILE (the API server that reviews the tokens; scripts/kube-test-env.sh start DIR writes DIR/kubeconfig)".into())
         }
@@ -249,9 +194,10 @@ pub async fn run(plan: StormPlan) -> CmdResult {
         }
     );
     let (n, kt) = (plan.identities, plan.key_type);
-    let work = tokio::task::spawn_blocking(move || keys_and_csrs(n, kt, tokens.as_deref()))
-        .await
-        .map_err(|e| e.to_string())??;
+    let work =
+        tokio::task::spawn_blocking(move || workloads(STORM_NAMESPACE, n, kt, tokens.as_deref()))
+            .await
+            .map_err(|e| e.to_string())??;
     eprintln!("prepared in {:.1} s", t_prep.elapsed().as_secs_f64());
 
     let mut extra: Vec<String> = Vec::new();
@@ -268,11 +214,11 @@ pub async fn run(plan: StormPlan) -> CmdResult {
         ]);
     }
     let extra_ref: Vec<&str> = extra.iter().map(String::as_str).collect();
-    let (child, addr, root) = start_server(&extra_ref).await?;
+    let child = start_server(citadel, &extra_ref).await?;
     let pid = child.proc.id();
-    let root_pem = read_file(&root, "CA root certificate")?;
+    let root_pem = read_file(&child.root, "CA root certificate")?;
     let opts = ConnectOptions {
-        addr,
+        addr: child.addr.clone(),
         root_pem,
         ..Default::default()
     };
@@ -317,7 +263,7 @@ pub async fn run(plan: StormPlan) -> CmdResult {
     out.latencies.sort_unstable();
     let ok = out.latencies.len();
     println!(
-        "citadel bench --identities {}: renewal storm, {} auth, {} CSRs, {} streams on {} connections",
+        "citadel-bench --identities {}: renewal storm, {} auth, {} CSRs, {} streams on {} connections",
         plan.identities,
         match plan.auth {
             StormAuth::Jwks => "local JWKS (RS256)",
@@ -451,17 +397,25 @@ mod tests {
 
     #[tokio::test]
     async fn refuses_empty_storms_and_tokenreview_without_an_api_server() {
-        let err = run(StormPlan {
-            identities: 0,
-            ..plan()
-        })
+        // Refused before any binary is looked at or started.
+        let nowhere = Path::new("/nonexistent/citadel");
+        let err = run(
+            StormPlan {
+                identities: 0,
+                ..plan()
+            },
+            nowhere,
+        )
         .await
         .unwrap_err();
         assert!(err.contains("must be positive"), "{err}");
-        let err = run(StormPlan {
-            auth: StormAuth::Tokenreview,
-            ..plan()
-        })
+        let err = run(
+            StormPlan {
+                auth: StormAuth::Tokenreview,
+                ..plan()
+            },
+            nowhere,
+        )
         .await
         .unwrap_err();
         assert!(err.contains("--kubeconfig"), "{err}");
@@ -486,13 +440,5 @@ mod tests {
         ] {
             assert!(!retryable(c), "{c:?}");
         }
-    }
-
-    #[test]
-    fn workloads_are_distinct() {
-        let w = keys_and_csrs(6, KeyType::EcP256, None).unwrap();
-        let csrs: std::collections::HashSet<_> = w.iter().map(|w| &w.csr).collect();
-        let tokens: std::collections::HashSet<_> = w.iter().map(|w| &w.token).collect();
-        assert_eq!((csrs.len(), tokens.len()), (6, 6));
     }
 }
