@@ -43,6 +43,10 @@ LIB_ITEMS = {"install_crypto_provider", "proto"}
 ALLOWED_CIRCLES = [
     {"src/auth/cluster.rs", "src/auth/node.rs"},
     {"src/cluster/ca_resource.rs", "src/cluster/publish.rs"},
+    # arrived with issue 20's connection admission (conn.rs counts in metrics::Counter,
+    # metrics.rs holds conn::ConnectionMetrics); src/server/ is being reshaped by issue 21's
+    # wire-protocol split, which breaks it
+    {"src/server/conn.rs", "src/server/metrics.rs"},
 ]
 
 SRC = pathlib.Path(__file__).resolve().parent.parent / "src"

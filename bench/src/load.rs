@@ -13,8 +13,8 @@ use citadel::pki::KeyType;
 
 use crate::args::Args;
 use crate::measure::{
-    cpu_time, ms, open_fds, percentile, read_file, rss_kib, start_server, workloads, BenchResult,
-    Work, BENCH_NAMESPACE,
+    ms, open_fds, percentile, read_file, rss_kib, server_cpu, spawn_load, start_server, workloads,
+    BenchResult, Work, BENCH_NAMESPACE,
 };
 
 /// The identity `--soak` denies half-way through.
@@ -153,56 +153,33 @@ pub async fn run(args: &Args, key_type: KeyType) -> BenchResult {
         }
         _ => None,
     };
-    // The load generator runs on ONE thread (a current-thread runtime), so on a small machine
-    // it takes at most one core from the server it measures.
-    let (opts, conns, warmup) = (
-        ConnectOptions {
-            addr: addr.clone(),
-            root_pem,
-            ..Default::default()
-        },
-        args.connections,
-        args.warmup,
-    );
+    let opts = ConnectOptions {
+        addr: addr.clone(),
+        root_pem,
+        ..Default::default()
+    };
+    let warmup = args.warmup;
     let load_progress = progress.clone();
-    let load = std::thread::spawn(move || -> Result<_, String> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+    let load = spawn_load(opts, args.connections, move |channels| async move {
+        // Check one response end to end before trusting the numbers.
+        let first = client::create_certificate(
+            &mut channels[0].clone(),
+            work[0].csr.clone(),
+            Some(&work[0].token),
+            0,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        client::verify_response(&first, None, citadel::clock::system().now())
             .map_err(|e| e.to_string())?;
-        rt.block_on(async move {
-            let mut channels = Vec::new();
-            for _ in 0..conns {
-                channels.push(client::connect(&opts).await.map_err(|e| e.to_string())?);
-            }
-            // Check one response end to end before trusting the numbers.
-            let first = client::create_certificate(
-                &mut channels[0].clone(),
-                work[0].csr.clone(),
-                Some(&work[0].token),
-                0,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-            client::verify_response(&first, None, citadel::clock::system().now())
-                .map_err(|e| e.to_string())?;
-            let warm = Plan {
-                total: warmup,
-                duration: None,
-                rate: None,
-                ..plan
-            };
-            drive(&channels, &work, warm, &Arc::new(Progress::default())).await;
-            let cpu0 = pid.and_then(cpu_time);
-            let t0 = Instant::now();
-            let outcome = drive(&channels, &work, plan, &load_progress).await;
-            let wall = t0.elapsed();
-            let cpu = match (cpu0, pid.and_then(cpu_time)) {
-                (Some(a), Some(b)) => Some(b - a),
-                _ => None,
-            };
-            Ok((outcome, wall, cpu))
-        })
+        let warm = Plan {
+            total: warmup,
+            duration: None,
+            rate: None,
+            ..plan
+        };
+        drive(&channels, &work, warm, &Arc::new(Progress::default())).await;
+        Ok(server_cpu(pid, drive(&channels, &work, plan, &load_progress)).await)
     });
     let joined = load.join();
     stop_sampling.store(true, Ordering::Relaxed);

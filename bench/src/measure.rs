@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use citadel::client::{self, CaClient, ConnectOptions};
 use citadel::identity::{ServiceAccount, TrustDomain};
 use citadel::pki::{csr, KeyType};
 
@@ -67,6 +68,52 @@ pub fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
     let t0 = Instant::now();
     let out = f();
     (out, t0.elapsed())
+}
+
+/// The wall time of `run` and the CPU time the process `pid` used meanwhile (`None` where
+/// there is no pid or /proc does not say): "certificates per server CPU-second" is the figure
+/// every driver reports, so the two are taken around the same span.
+pub async fn server_cpu<T>(
+    pid: Option<u32>,
+    run: impl std::future::Future<Output = T>,
+) -> (T, Duration, Option<Duration>) {
+    let cpu0 = pid.and_then(cpu_time);
+    let t0 = Instant::now();
+    let out = run.await;
+    let wall = t0.elapsed();
+    let cpu = match (cpu0, pid.and_then(cpu_time)) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+        _ => None,
+    };
+    (out, wall, cpu)
+}
+
+/// Starts the load generator: `load` runs on ONE thread of its own (a current-thread
+/// runtime), so on a small machine it takes at most one core from the server it measures,
+/// over `connections` HTTP/2 connections to `opts` opened before it starts.
+pub fn spawn_load<T, F, Fut>(
+    opts: ConnectOptions,
+    connections: usize,
+    load: F,
+) -> std::thread::JoinHandle<Result<T, String>>
+where
+    T: Send + 'static,
+    F: FnOnce(Vec<CaClient>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async move {
+            let mut channels = Vec::with_capacity(connections);
+            for _ in 0..connections {
+                channels.push(client::connect(&opts).await.map_err(|e| e.to_string())?);
+            }
+            load(channels).await
+        })
+    })
 }
 
 /// One workload's request: its CSR and its bearer token.

@@ -22,7 +22,8 @@ use citadel::client::{self, CaClient, ConnectOptions};
 use citadel::pki::KeyType;
 
 use crate::measure::{
-    cpu_time, ms, percentile, read_file, rss_kib, start_server, workloads, BenchResult, Work,
+    ms, percentile, read_file, rss_kib, server_cpu, spawn_load, start_server, workloads,
+    BenchResult, Work,
 };
 
 /// The namespace the storm's service accounts live in.
@@ -227,28 +228,10 @@ pub async fn run(plan: StormPlan, citadel: &Path) -> BenchResult {
         None => None,
     };
     let work = Arc::new(work);
-    let (concurrency, connections) = (plan.concurrency, plan.connections);
+    let concurrency = plan.concurrency;
     // The load generator runs on one thread, as in the other modes.
-    let load = std::thread::spawn(move || -> Result<_, String> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())?;
-        rt.block_on(async move {
-            let mut channels = Vec::new();
-            for _ in 0..connections {
-                channels.push(client::connect(&opts).await.map_err(|e| e.to_string())?);
-            }
-            let cpu0 = cpu_time(pid);
-            let t0 = Instant::now();
-            let out = storm(&channels, &work, concurrency).await;
-            let wall = t0.elapsed();
-            let cpu = match (cpu0, cpu_time(pid)) {
-                (Some(a), Some(b)) => Some(b - a),
-                _ => None,
-            };
-            Ok((out, wall, cpu))
-        })
+    let load = spawn_load(opts, plan.connections, move |channels| async move {
+        Ok(server_cpu(Some(pid), storm(&channels, &work, concurrency)).await)
     });
     let joined = load
         .join()
