@@ -27,7 +27,7 @@ pub struct RemoteCluster {
     pub authenticator: Arc<dyn Authenticator>,
     /// This cluster's pods, for node impersonation by its callers (`--trusted-node-accounts`);
     /// `None` when impersonation is off, and then its callers are refused it.
-    pub pods: Option<Arc<super::node::PodIndex>>,
+    pub pods: Option<Arc<super::pods::PodIndex>>,
     /// Set by the watcher once the cluster's API server answered a probe (and cleared when it
     /// did not), for `citadel_remote_clusters{state="reachable"}`.
     pub reachable: AtomicBool,

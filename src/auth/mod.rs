@@ -11,6 +11,7 @@ pub mod jwks;
 pub mod jws;
 pub mod jwt;
 pub mod node;
+pub mod pods;
 pub mod tokenreview;
 
 use std::fmt;

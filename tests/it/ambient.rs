@@ -573,7 +573,8 @@ fn serve_process(
 #[tokio::test]
 #[ignore = "a measurement: 10,000 pods take a minute to create"]
 async fn ambient_pod_index_cost_at_10k_pods() {
-    use citadel::auth::node::{NodeAuthorizer, PodIndex, PodRecord, TrustedNodeAccounts};
+    use citadel::auth::node::{NodeAuthorizer, TrustedNodeAccounts};
+    use citadel::auth::pods::{PodIndex, PodRecord};
     let Some(kube) = KubeEnv::start().await else {
         return;
     };
