@@ -130,7 +130,8 @@ async fn a_token_flood_neither_reaches_the_api_server_nor_queues_honest_pods() {
         unavailable > 0,
         "200 forgeries at 5 reviews/s must overflow the bounded queue"
     );
-    // And an honest pod retrying as istio-agent does (5 tries, backoff) gets through.
+    // And an honest pod retrying as istio-agent does (5 tries, backoff) gets through. The
+    // sleeps are istio-agent's backoff, the client behaviour under test, not a wait.
     let honest = kube.token("shop", "cart", "istio-ca").await;
     let mut last = None;
     for attempt in 0..5 {

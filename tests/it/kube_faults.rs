@@ -82,6 +82,9 @@ async fn the_api_server_killed_mid_step_and_a_writer_storm_leave_one_consistent_
     for delay_ms in [0u64, 60, 150] {
         let (inter, _) = issue_now().await;
         clock.advance(time::Duration::seconds(25 * DAY));
+        // Sleeps on purpose in this test: they place the fault (how long after the rotation
+        // fell due the API server dies, and for how long it stays away in real time, which is
+        // what the API server's and the lease's own timers run on).
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         kube.stop_apiserver();
         // The API is gone for a few seconds: long enough for the leader's lease to lapse.
@@ -128,6 +131,7 @@ async fn the_api_server_killed_mid_step_and_a_writer_storm_leave_one_consistent_
     for _ in 0..6 {
         kube.stop_apiserver();
         clock.advance(time::Duration::seconds(2 * DAY));
+        // The outage's length in real time (the fault placed, as above).
         tokio::time::sleep(Duration::from_millis(1500)).await;
         issue_now().await;
         kube.start_apiserver();

@@ -199,18 +199,19 @@ async fn a_new_signer_takes_effect_for_tls_and_issuance_without_restart() {
     );
 
     ca.install(b);
-    // The serving certificate follows the new CA within a moment; poll, never sleep long.
-    let mut new = None;
-    for _ in 0..100 {
-        if let Ok(mut c) = connect(root_b.clone()).await {
-            if call(&mut c, &csr, Some(&t), 0, None).await.is_ok() {
-                new = Some(c);
-                break;
-            }
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    let mut new = new.expect("a client trusting only the new root connects");
+    // The serving certificate follows the new CA within a moment.
+    let mut new = until(
+        "a client trusting only the new root connects",
+        2,
+        async || match connect(root_b.clone()).await {
+            Ok(mut c) => match call(&mut c, &csr, Some(&t), 0, None).await {
+                Ok(_) => Ok(c),
+                Err(e) => Err(format!("connected, but the call failed: {e:?}")),
+            },
+            Err(e) => Err(format!("cannot connect: {e:?}")),
+        },
+    )
+    .await;
     assert_eq!(
         call(&mut new, &csr, Some(&t), 0, None).await.unwrap()[2],
         root_b

@@ -13,6 +13,7 @@ use k8s_openapi::ByteString;
 use kube::api::{Api, DeleteParams, PostParams};
 use tonic::Code;
 
+use crate::support::wait::wait_events;
 use crate::support::*;
 
 async fn call_from(
@@ -224,26 +225,13 @@ async fn multicluster_remote_cluster_from_secret_two_api_servers() {
     );
     // And on the Secret, for `kubectl describe`: one Warning per refused key, never quoting
     // the kubeconfig.
-    let events: Api<k8s_openapi::api::events::v1::Event> =
-        Api::namespaced(a.client.clone(), "istio-system");
-    let mut notes = Vec::new();
-    eventually("Warning Events on the broken Secret", 20, async || {
-        notes = events
-            .list(&Default::default())
-            .await
-            .unwrap()
-            .items
-            .into_iter()
-            .filter(|e| {
-                e.regarding.as_ref().and_then(|r| r.name.as_deref())
-                    == Some("istio-remote-secret-bad")
-                    && e.type_.as_deref() == Some("Warning")
-                    && e.reason.as_deref() == Some("InvalidKubeconfig")
-            })
-            .filter_map(|e| e.note)
-            .collect();
-        notes.len() == 2
-    })
+    let notes = warnings(
+        &a,
+        "istio-system",
+        "istio-remote-secret-bad",
+        "InvalidKubeconfig",
+        |evs| evs.len() == 2,
+    )
     .await;
     let token_b = std::fs::read_to_string(b.dir.join("pki/admin.token")).unwrap();
     for n in &notes {
@@ -508,21 +496,26 @@ async fn multicluster_needs_tokenreview() {
     );
 }
 
-/// Events of `kind`/`reason` regarding `name` in `ns`: their notes.
-async fn warning_notes(kube: &KubeEnv, ns: &str, name: &str, reason: &str) -> Vec<String> {
-    Api::<k8s_openapi::api::events::v1::Event>::namespaced(kube.client.clone(), ns)
-        .list(&Default::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| {
-            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
-                && e.type_.as_deref() == Some("Warning")
-                && e.reason.as_deref() == Some(reason)
-        })
-        .filter_map(|e| e.note)
-        .collect()
+/// Waits until `done` holds for the Events `reason` about `name` in `ns` (wait::wait_events:
+/// a timeout lists what the namespace had), checks they are all Warnings, and returns their
+/// notes.
+async fn warnings(
+    kube: &KubeEnv,
+    ns: &str,
+    name: &str,
+    reason: &str,
+    done: impl FnMut(&[k8s_openapi::api::events::v1::Event]) -> bool,
+) -> Vec<String> {
+    let evs = wait_events(&kube.client, ns, name, reason, 20, done).await;
+    for e in &evs {
+        assert_eq!(e.type_.as_deref(), Some("Warning"), "{e:?}");
+    }
+    evs.into_iter().filter_map(|e| e.note).collect()
+}
+
+/// Whether one of `evs` has a note `ok` accepts.
+fn any_note(evs: &[k8s_openapi::api::events::v1::Event], ok: impl Fn(&str) -> bool) -> bool {
+    evs.iter().any(|e| e.note.as_deref().is_some_and(&ok))
 }
 
 /// Issue 20 (Low, multicluster), against two real API servers. A kubeconfig that turns off
@@ -631,24 +624,26 @@ async fn multicluster_refuses_unverified_kubeconfigs_and_ambiguous_cluster_ids()
     }
 
     // Said on the Secrets: the insecure one names the setting, the rivals name each other.
-    eventually("the insecure kubeconfig is reported", 20, async || {
-        warning_notes(&a, ns, "istio-remote-secret-i", "InvalidKubeconfig")
-            .await
-            .iter()
-            .any(|n| n.contains("insecure-skip-tls-verify") && n.contains("\"cluster-i\""))
-    })
+    warnings(
+        &a,
+        ns,
+        "istio-remote-secret-i",
+        "InvalidKubeconfig",
+        |evs| {
+            any_note(evs, |n| {
+                n.contains("insecure-skip-tls-verify") && n.contains("\"cluster-i\"")
+            })
+        },
+    )
     .await;
     for s in ["istio-remote-secret-c1", "istio-remote-secret-c2"] {
-        eventually("the conflict is on both Secrets", 20, async || {
-            warning_notes(&a, ns, s, "DuplicateClusterId")
-                .await
-                .iter()
-                .any(|n| {
-                    n.contains("\"cluster-c\"")
-                        && n.contains("istio-system/istio-remote-secret-c1")
-                        && n.contains("istio-system/istio-remote-secret-c2")
-                        && n.contains("none of them is used")
-                })
+        warnings(&a, ns, s, "DuplicateClusterId", |evs| {
+            any_note(evs, |n| {
+                n.contains("\"cluster-c\"")
+                    && n.contains("istio-system/istio-remote-secret-c1")
+                    && n.contains("istio-system/istio-remote-secret-c2")
+                    && n.contains("none of them is used")
+            })
         })
         .await;
     }
@@ -660,14 +655,11 @@ async fn multicluster_refuses_unverified_kubeconfigs_and_ambiguous_cluster_ids()
         metric(&ca, "citadel_remote_cluster_id_conflicts").await == Some(2)
     })
     .await;
-    eventually("the conflict is on the newcomer", 20, async || {
-        warning_notes(&a, ns, "aaa-remote-secret-b", "DuplicateClusterId")
-            .await
-            .iter()
-            .any(|n| {
-                n.contains("istio-system/aaa-remote-secret-b")
-                    && n.contains("istio-system/istio-remote-secret-b, which was already in use")
-            })
+    warnings(&a, ns, "aaa-remote-secret-b", "DuplicateClusterId", |evs| {
+        any_note(evs, |n| {
+            n.contains("istio-system/aaa-remote-secret-b")
+                && n.contains("istio-system/istio-remote-secret-b, which was already in use")
+        })
     })
     .await;
     call_from(&mut client, &csr, Some(&tb), &["cluster-b"])
@@ -745,21 +737,31 @@ async fn a_foreign_cluster_trust_bundle_claiming_our_signer_is_reported_never_tr
         crate::kube::leads(&r).await && metric_is("citadel_foreign_trust_bundles 1\n").await
     })
     .await;
-    let events =
-        async |name: &str| warning_notes(&kube, "default", name, "ForeignTrustBundle").await;
-    eventually("a Warning Event on it", 20, async || {
-        events("citadel.dev:spiffe:extra")
-            .await
-            .iter()
-            .any(|n| n.contains("citadel.dev/spiffe") && n.contains("citadel.dev:spiffe:roots"))
-    })
+    warnings(
+        &kube,
+        "default",
+        "citadel.dev:spiffe:extra",
+        "ForeignTrustBundle",
+        |evs| {
+            any_note(evs, |n| {
+                n.contains("citadel.dev/spiffe") && n.contains("citadel.dev:spiffe:roots")
+            })
+        },
+    )
     .await;
     let second = foreign_root("second evil root");
     create("citadel.dev:spiffe:more", &second).await;
-    eventually("the second is counted and reported", 20, async || {
+    eventually("the second is counted", 20, async || {
         metric_is("citadel_foreign_trust_bundles 2\n").await
-            && !events("citadel.dev:spiffe:more").await.is_empty()
     })
+    .await;
+    warnings(
+        &kube,
+        "default",
+        "citadel.dev:spiffe:more",
+        "ForeignTrustBundle",
+        |evs| !evs.is_empty(),
+    )
     .await;
 
     // citadel's own trust holds neither.

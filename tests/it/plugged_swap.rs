@@ -13,6 +13,7 @@ use std::time::Duration;
 use citadel::pki::KeyType;
 use kube::api::{Api, PostParams};
 
+use crate::support::wait::{events_about, wait_event, wait_events};
 use crate::support::*;
 use crate::thirdparty::make_cacerts;
 
@@ -169,6 +170,18 @@ impl Load {
         self.last.lock().unwrap().clone()
     }
 
+    /// Waits until `n` more certificates have come back: the load is under way (before a
+    /// swap) or has gone on past it (after), counted rather than slept for.
+    async fn served(&self, n: u64) {
+        let from = self.ok.load(Ordering::Relaxed);
+        eventually(
+            &format!("{n} more certificates under load"),
+            20,
+            async || self.ok.load(Ordering::Relaxed) >= from + n,
+        )
+        .await;
+    }
+
     async fn finish(self) -> u64 {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.tasks {
@@ -241,7 +254,7 @@ async fn a_ca_certs_dir_swap_while_clients_call_fails_no_request() {
     assert_eq!(old_chain[1].trim(), read(&v1, "ca-cert.pem").trim());
 
     let load = Load::start(clients);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    load.served(20).await;
     swap(&mounted, &v2);
     let new_int = read(&v2, "ca-cert.pem");
     eventually(
@@ -250,7 +263,7 @@ async fn a_ca_certs_dir_swap_while_clients_call_fails_no_request() {
         async || load.last().get(1).map(|c| c.trim()) == Some(new_int.trim()),
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    load.served(20).await;
     let new_chain = load.last();
     let calls = load.finish().await;
     assert!(calls >= 20, "only {calls} calls");
@@ -394,7 +407,8 @@ async fn bad_ca_certs_dir_swaps_are_refused_and_the_old_ca_keeps_signing() {
         assert_eq!(chain[1].trim(), old_int.trim(), "the old CA keeps signing");
     }
     assert!(!logs.text().contains("PRIVATE KEY"), "key material logged");
-    // The same bad material is reported once, not at every poll.
+    // The same bad material is reported once, not at every poll. A sleep on purpose: what is
+    // under test is that nothing MORE is counted while the 200 ms poll runs again and again.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         metric(
@@ -468,6 +482,8 @@ async fn the_old_root_stays_in_the_bundle_across_a_restart_until_its_leaves_expi
 
     // Just before max-ttl + skew after the swap the old root is still there; then it goes.
     clock.advance(time::Duration::days(1) - time::Duration::minutes(1));
+    // A sleep on purpose: what is under test is that the root does NOT leave yet, so the
+    // reloader gets a few of its 200 ms polls on the moved clock to (wrongly) drop it.
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(String::from_utf8(ca.root_pem())
         .unwrap()
@@ -561,7 +577,7 @@ async fn a_cacerts_secret_swap_on_the_api_server_fails_no_request_and_bad_ones_g
         clients.push(connect().await);
     }
     let load = Load::start(clients);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    load.served(20).await;
     // The documented way: kubectl create --dry-run | kubectl apply.
     let out = Command::new("sh")
         .arg("-ec")
@@ -601,23 +617,9 @@ async fn a_cacerts_secret_swap_on_the_api_server_fails_no_request_and_bad_ones_g
 
     // A bad Secret: a Warning Event on it says why; the new CA keeps signing.
     put(&secrets, &wrongkey).await;
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(kube.client.clone(), ns);
-    let mut note = String::new();
-    eventually("a Warning Event on the cacerts Secret", 30, async || {
-        let list = events.list(&Default::default()).await.unwrap();
-        match list.items.into_iter().find(|e| {
-            e.reason.as_deref() == Some("CACertsRefused")
-                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("cacerts")
-        }) {
-            Some(e) => {
-                assert_eq!(e.type_.as_deref(), Some("Warning"));
-                note = e.note.unwrap_or_default();
-                true
-            }
-            None => false,
-        }
-    })
-    .await;
+    let refused = wait_event(&kube.client, ns, "cacerts", "CACertsRefused", 30).await;
+    assert_eq!(refused[0].type_.as_deref(), Some("Warning"));
+    let note = refused[0].note.clone().unwrap_or_default();
     assert!(
         note.contains("Secret plug-swap/cacerts/ca-key.pem") && note.contains("does not match"),
         "{note}"
@@ -630,23 +632,16 @@ async fn a_cacerts_secret_swap_on_the_api_server_fails_no_request_and_bad_ones_g
         &resign_int("keyUsage=critical,digitalSignature,cRLSign"),
     );
     put(&secrets, &nocertsign).await;
-    eventually("a Warning Event naming keyCertSign", 30, async || {
-        events
-            .list(&Default::default())
-            .await
-            .unwrap()
-            .items
-            .into_iter()
-            .any(|e| {
-                e.reason.as_deref() == Some("CACertsRefused")
-                    && e.note.as_deref().is_some_and(|n| {
-                        n.contains("Secret plug-swap/cacerts/ca-cert.pem")
-                            && n.contains("keyUsage without keyCertSign")
-                    })
+    wait_events(&kube.client, ns, "cacerts", "CACertsRefused", 30, |evs| {
+        evs.iter().any(|e| {
+            e.note.as_deref().is_some_and(|n| {
+                n.contains("Secret plug-swap/cacerts/ca-cert.pem")
+                    && n.contains("keyUsage without keyCertSign")
             })
+        })
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    load.served(20).await;
     assert_eq!(
         load.last()[1].trim(),
         new_int.trim(),
@@ -655,14 +650,11 @@ async fn a_cacerts_secret_swap_on_the_api_server_fails_no_request_and_bad_ones_g
     let calls = load.finish().await;
     assert!(calls >= 20, "only {calls} calls");
     eprintln!("cacerts Secret swap: {calls} calls from 4 concurrent clients, 0 failed");
-    let installed = events
-        .list(&Default::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .any(|e| e.reason.as_deref() == Some("CACertsInstalled"));
-    assert!(installed, "a Normal Event for the accepted swap");
+    let installed = events_about(&kube.client, ns, "cacerts", "CACertsInstalled").await;
+    assert!(
+        !installed.is_empty(),
+        "a Normal Event for the accepted swap"
+    );
     // What an operator sees (printed for docs/operations.md; run with --nocapture).
     let kc = kube.kubeconfig.to_str().unwrap();
     for args in [

@@ -16,6 +16,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use tonic::Code;
 
+use crate::support::wait::{condition, wait_condition, wait_event};
 use crate::support::*;
 
 const USER: &str = "system:serviceaccount:istio-system:citadel";
@@ -698,18 +699,7 @@ async fn citadel_does_everything_under_exactly_the_deploy_rbac() {
         kube.bundle("shop").await.as_deref() == Some(bundle.as_str())
     })
     .await;
-    let events: Api<k8s_openapi::api::events::v1::Event> =
-        Api::namespaced(kube.client.clone(), "shop");
-    eventually("a Drifted Event in shop", 20, async || {
-        events
-            .list(&Default::default())
-            .await
-            .unwrap()
-            .items
-            .iter()
-            .any(|e| e.reason.as_deref() == Some("Drifted"))
-    })
-    .await;
+    wait_event(&kube.client, "shop", "istio-ca-root-cert", "Drifted", 20).await;
 
     // A root rotation asked on the resource: handled, the new root published everywhere.
     cas.patch(
@@ -738,12 +728,12 @@ async fn citadel_does_everything_under_exactly_the_deploy_rbac() {
         },
     )
     .await;
-    let st = cas.get("citadel").await.unwrap().status.unwrap();
-    assert!(
-        st.conditions
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True"),
-        "{st:?}"
+    let ca = cas.get("citadel").await.unwrap();
+    assert_eq!(
+        condition(&ca, "Ready").map(|c| c.status).as_deref(),
+        Some("True"),
+        "{:?}",
+        ca.status
     );
 
     // A Revocation: applied (status kept), the identity refused.
@@ -755,18 +745,7 @@ async fn citadel_does_everything_under_exactly_the_deploy_rbac() {
     }))
     .unwrap();
     revs.create(&PostParams::default(), &rev).await.unwrap();
-    eventually("the Revocation is applied", 30, async || {
-        revs.get("cart-compromised")
-            .await
-            .unwrap()
-            .status
-            .is_some_and(|s| {
-                s.conditions
-                    .iter()
-                    .any(|c| c.type_ == "Applied" && c.status == "True")
-            })
-    })
-    .await;
+    wait_condition(&revs, "cart-compromised", "Applied", "True", 30).await;
     eventually("cart refused", 20, async || {
         matches!(call(&mut client, &csr, Some(&bearer(&cart_token)), 0, None).await,
             Err(s) if s.code() == Code::PermissionDenied)

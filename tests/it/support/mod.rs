@@ -1,13 +1,15 @@
 //! The suite's test kit: a real `citadel serve` in-process on loopback (on the real clock or
-//! a ManualClock), dev tokens, CSRs, third-party validators; polling (`poll`), the binary as a
-//! process (`process`), and the real API server harness (`apiserver`).
+//! a ManualClock), dev tokens, CSRs, third-party validators; polling (`poll`), waiting on
+//! conditions and Events in the API server (`wait`), the binary as a process (`process`), and
+//! the real API server harness (`apiserver`).
 
 pub mod apiserver;
 pub mod poll;
 pub mod process;
+pub mod wait;
 
 pub use apiserver::KubeEnv;
-pub use poll::eventually;
+pub use poll::{eventually, until};
 pub use process::{backup_key_cmd, citadel_ok, cli, run, BIN};
 
 use std::net::SocketAddr;
