@@ -422,17 +422,8 @@ impl NodeAuthorizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::pods::tests::rec;
     use std::sync::Arc;
-
-    fn rec(ns: &str, name: &str, uid: &str, sa: &str, node: Option<&str>) -> PodRecord {
-        PodRecord {
-            namespace: ns.into(),
-            name: name.into(),
-            uid: uid.into(),
-            service_account: sa.into(),
-            node: node.map(Into::into),
-        }
-    }
 
     fn td() -> TrustDomain {
         TrustDomain::new("cluster.local").unwrap()

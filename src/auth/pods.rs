@@ -274,10 +274,17 @@ impl PodIndex {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn rec(ns: &str, name: &str, uid: &str, sa: &str, node: Option<&str>) -> PodRecord {
+    /// A pod record (also for `auth::node`'s tests).
+    pub(in crate::auth) fn rec(
+        ns: &str,
+        name: &str,
+        uid: &str,
+        sa: &str,
+        node: Option<&str>,
+    ) -> PodRecord {
         PodRecord {
             namespace: ns.into(),
             name: name.into(),
