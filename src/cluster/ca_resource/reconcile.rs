@@ -15,6 +15,7 @@ use super::validate::SpecCaps;
 use crate::ca::policy::CaPolicy;
 use crate::ca::Ca;
 use crate::clock::SharedClock;
+use crate::cluster::names::{ROOT_CONFIGMAP, ROOT_KEY};
 use crate::shutdown::Shutdown;
 use crate::store::Store;
 
@@ -216,10 +217,8 @@ impl Reconciler {
             .filter_map(|n| n.metadata.name)
             .filter(|n| !["kube-public", "kube-node-lease"].contains(&n.as_str()))
             .collect();
-        let lp = kube::api::ListParams::default().fields(&format!(
-            "metadata.name={}",
-            crate::cluster::publish::ROOT_CONFIGMAP
-        ));
+        let lp =
+            kube::api::ListParams::default().fields(&format!("metadata.name={}", ROOT_CONFIGMAP));
         let cms = Api::<ConfigMap>::all(self.client.clone())
             .list(&lp)
             .await
@@ -234,7 +233,7 @@ impl Reconciler {
                     .is_some_and(|n| wanted.contains(n))
                     && c.data
                         .as_ref()
-                        .and_then(|d| d.get(crate::cluster::publish::ROOT_KEY))
+                        .and_then(|d| d.get(ROOT_KEY))
                         .is_some_and(|b| b.trim() == bundle.trim())
             })
             .count();

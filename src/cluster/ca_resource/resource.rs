@@ -285,4 +285,16 @@ mod tests {
     fn crds_in_deploy_match_the_certificate_authority_type() {
         crate::cluster::crds::check_deployed("certificateauthority.yaml", &crd_yaml());
     }
+
+    /// Controllers that only put Events on the resource name its kind through
+    /// `cluster::names`, untyped: it must be this type's.
+    #[test]
+    fn the_shared_kind_name_is_this_types() {
+        let shared = crate::cluster::names::certificate_authority();
+        let typed = kube::core::ApiResource::erase::<CertificateAuthority>(&());
+        assert_eq!(
+            (shared.group, shared.version, shared.kind, shared.plural),
+            (typed.group, typed.version, typed.kind, typed.plural)
+        );
+    }
 }
