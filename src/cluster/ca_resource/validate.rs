@@ -4,11 +4,7 @@
 
 use std::time::Duration;
 
-pub(super) fn dur(field: &str, v: &Option<String>) -> Result<Option<Duration>, String> {
-    v.as_deref()
-        .map(|s| crate::duration::parse(s).map_err(|e| format!("spec.{field}: {e}")))
-        .transpose()
-}
+use crate::ca::policy::CaPolicy;
 
 /// The longest workload TTL (`defaultWorkloadTtl`, `maxWorkloadTtl`) a spec may set unless
 /// `serve --ca-resource-max-workload-ttl` raises it: istiod's maximum.
@@ -39,25 +35,68 @@ impl Default for SpecCaps {
     }
 }
 
-/// `value` of `spec.<field>`, refused above `cap` with a message naming both (and the flag
-/// that raises the cap, if one does).
-pub(super) fn capped(
+/// The most one duration field of the spec may say.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Cap {
+    max: Duration,
+    /// The flag that raises `max`, if one does.
+    raise: Option<&'static str>,
+}
+
+impl Cap {
+    /// A fixed cap (`MAX_SPEC_*`).
+    pub(super) fn fixed(max: Duration) -> Option<Cap> {
+        Some(Cap { max, raise: None })
+    }
+
+    /// The workload TTL cap, which `--ca-resource-max-workload-ttl` raises.
+    pub(super) fn workload(caps: &SpecCaps) -> Option<Cap> {
+        Some(Cap {
+            max: caps.workload_ttl,
+            raise: Some("--ca-resource-max-workload-ttl"),
+        })
+    }
+}
+
+/// `spec.<field>` (`value`) as a duration; `None` when unset. Refused when it does not parse,
+/// or when it is above `cap`, with a message naming the field and the cap (and the flag that
+/// raises the cap, if one does).
+pub(super) fn duration(
     field: &str,
-    value: Option<Duration>,
-    cap: Duration,
-    raise: Option<&str>,
+    value: &Option<String>,
+    cap: Option<Cap>,
 ) -> Result<Option<Duration>, String> {
-    match value {
-        Some(v) if v > cap => Err(format!(
+    let Some(s) = value.as_deref() else {
+        return Ok(None);
+    };
+    let v = crate::duration::parse(s).map_err(|e| format!("spec.{field}: {e}"))?;
+    match cap {
+        Some(cap) if v > cap.max => Err(format!(
             "spec.{field} {} is above the cap of {} for a CertificateAuthority spec{}",
             crate::duration::format(v),
-            crate::duration::format(cap),
-            raise
+            crate::duration::format(cap.max),
+            cap.raise
                 .map(|f| format!(" (raise it with {f})"))
                 .unwrap_or_default()
         )),
-        v => Ok(v),
+        _ => Ok(Some(v)),
     }
+}
+
+/// Refuses a merged policy that cannot work although each field alone is fine (the API
+/// server's schema checks each field alone; the flags may supply the other half).
+pub(super) fn combination(p: &CaPolicy) -> Result<(), String> {
+    if p.ttl.default > p.ttl.max {
+        return Err(format!(
+            "the default workload TTL {} exceeds the maximum {}",
+            crate::duration::format(p.ttl.default),
+            crate::duration::format(p.ttl.max)
+        ));
+    }
+    if p.rotation.prepare_at > p.rotation.activate_at {
+        return Err("intermediatePrepareAt must not be later than intermediateActivateAt".into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
