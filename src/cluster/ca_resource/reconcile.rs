@@ -69,6 +69,25 @@ pub struct Reconciler {
     recorder: Recorder,
     /// Reasons of Warning events already recorded for the current problem (no repeats).
     last_warning: std::sync::Mutex<Option<String>>,
+    /// Held while the policy is compared and stored.
+    policy_lock: tokio::sync::Mutex<()>,
+}
+
+/// A pass that failed; the controller retries it after `interval`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ReconcileError(String);
+
+/// A watch error that says the API server does not serve the kind (no CRD).
+fn is_not_found(e: &kube::runtime::watcher::Error) -> bool {
+    use kube::runtime::watcher::Error as W;
+    match e {
+        W::InitialListFailed(kube::Error::Api(s))
+        | W::WatchStartFailed(kube::Error::Api(s))
+        | W::WatchFailed(kube::Error::Api(s)) => s.code == 404,
+        W::WatchError(s) => s.code == 404,
+        _ => false,
+    }
 }
 
 /// What one pass did, for tests and logs.
@@ -124,11 +143,12 @@ impl Reconciler {
             wake,
             interval,
             last_warning: std::sync::Mutex::new(None),
+            policy_lock: tokio::sync::Mutex::new(()),
         })
     }
 
     /// Reconciles while `leader` says this replica leads, until shutdown: on every change of
-    /// the resource and every `interval` (stages fall due with time).
+    /// the resource and `interval` after the last pass (stages fall due with time).
     pub async fn run(
         self: Arc<Self>,
         leader: Option<crate::leadership::Leadership>,
@@ -143,38 +163,108 @@ impl Reconciler {
         .await
     }
 
-    async fn controller(self: Arc<Self>, mut stop: crate::cluster::controller::Stop) {
-        use futures_util::StreamExt;
-        use kube::runtime::{watcher, WatchStreamExt};
+    /// One kube-runtime `Controller` over the one resource (a field selector on its name),
+    /// from a fresh cache, until `stop`. Each pass ends in `Action::requeue(interval)`, a
+    /// failed one too, so the next pass comes on the next change of the resource or
+    /// `interval` after this one, whichever is first: the timer is the requeue.
+    ///
+    /// The running policy is stored with the CA state whether the resource exists or not, so
+    /// beside the controller [`Self::keep_policy`] stores it once per term of leadership.
+    async fn controller(self: Arc<Self>, stop: crate::cluster::controller::Stop) {
+        use futures_util::{FutureExt, StreamExt};
+        use kube::runtime::controller::Action;
+        use kube::runtime::{reflector, watcher, Controller, WatchStreamExt};
+        let stop = stop.shared();
         let api: Api<CertificateAuthority> = Api::namespaced(self.client.clone(), &self.namespace);
         let cfg = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
-        let mut events = watcher(api, cfg)
+        let (cache, writer) = reflector::store();
+        // With backoff: without the CRD every LIST is refused, and a cluster may run so for
+        // good (on flags alone); retry calmly rather than in a tight loop.
+        let trigger = watcher(api, cfg)
             .default_backoff()
-            .touched_objects()
-            .boxed();
-        let mut crd_missing_logged = false;
-        loop {
-            match self.reconcile().await {
-                Ok(_) => {}
-                Err(e) if e.contains("404") || e.contains("not found") => {
-                    if !crd_missing_logged {
-                        tracing::info!(error = %e, "CertificateAuthority resources are not served (CRD not installed?); running on flags");
-                        crd_missing_logged = true;
+            .reflect(writer)
+            .applied_objects();
+        let crd_missing_logged = std::sync::atomic::AtomicBool::new(false);
+        let not_served = |e: &dyn std::fmt::Display| {
+            if !crd_missing_logged.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::info!(error = %e, "CertificateAuthority resources are not served (CRD not installed?); running on flags");
+            }
+        };
+        let controller = Controller::for_stream(trigger, cache)
+            .graceful_shutdown_on(stop.clone())
+            .run(
+                // The object is only the trigger: the pass reads the resource afresh, so a
+                // status it wrote a moment ago is never taken for the current one.
+                |_cr, me: Arc<Self>| async move {
+                    me.reconcile()
+                        .await
+                        .map(|_| Action::requeue(me.interval))
+                        .map_err(ReconcileError)
+                },
+                |_cr, e, me: Arc<Self>| {
+                    tracing::warn!(error = %e, resource = %format!("{}/{}", me.namespace, me.name), "CertificateAuthority reconcile failed; retrying");
+                    Action::requeue(me.interval)
+                },
+                self.clone(),
+            )
+            .for_each(|r| {
+                match r {
+                    Err(kube::runtime::controller::Error::QueueError(e))
+                        if is_not_found(&e) =>
+                    {
+                        not_served(&e)
                     }
+                    Err(e) => tracing::debug!(error = %e, "CertificateAuthority controller"),
+                    Ok(_) => {}
                 }
+                std::future::ready(())
+            });
+        tokio::join!(controller, self.clone().keep_policy(stop));
+    }
+
+    /// Stores the running policy with the CA state at the start of a term of leadership,
+    /// retrying every `interval` until it is stored (or `stop`). Only the leader writes it, so
+    /// within a term nothing else changes it; each pass of the controller checks it again.
+    async fn keep_policy(
+        self: Arc<Self>,
+        stop: futures_util::future::Shared<crate::cluster::controller::Stop>,
+    ) {
+        loop {
+            match self.store_policy().await {
+                Ok(Some(_)) => return,
+                Ok(None) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, resource = %format!("{}/{}", self.namespace, self.name), "CertificateAuthority reconcile failed; retrying")
+                    tracing::warn!(error = %e, "could not store the running policy with the CA state; retrying")
                 }
             }
             tokio::select! {
-                _ = &mut stop => return,
+                _ = stop.clone() => return,
                 _ = tokio::time::sleep(self.interval) => {}
-                e = events.next() => match e {
-                    Some(Ok(_)) | Some(Err(_)) => {}
-                    None => return,
-                },
             }
         }
+    }
+
+    /// Writes the running policy into the journal if it holds another: `None` when there is
+    /// no journal yet, else whether it wrote. One at a time (the controller's pass and
+    /// [`Self::keep_policy`] may both try at the start of a term), so it is written once.
+    async fn store_policy(&self) -> Result<Option<bool>, String> {
+        let _one = self.policy_lock.lock().await;
+        let Some(current) = self.store.load_journal().await.map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        // The policy lives with the state, so CLI commands never need the server's flags.
+        let stored = self.running.to_stored(&self.source);
+        if current.value.policy.as_ref() == Some(&stored) {
+            return Ok(Some(false));
+        }
+        crate::ca::update::update_journal(self.store.as_ref(), |j| {
+            j.policy = Some(stored.clone());
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        tracing::info!(source = %self.source, "stored the running policy with the CA state");
+        Ok(Some(true))
     }
 
     async fn warn(&self, cr: &CertificateAuthority, reason: &str, note: String) {
@@ -243,20 +333,9 @@ impl Reconciler {
     /// One pass. Idempotent: with nothing new, it writes nothing.
     pub async fn reconcile(&self) -> Result<Pass, String> {
         let mut pass = Pass::default();
-        let Some(current) = self.store.load_journal().await.map_err(|e| e.to_string())? else {
-            return Ok(pass);
-        };
-        // The policy lives with the state, so CLI commands never need the server's flags.
-        let stored = self.running.to_stored(&self.source);
-        if current.value.policy.as_ref() != Some(&stored) {
-            crate::ca::update::update_journal(self.store.as_ref(), |j| {
-                j.policy = Some(stored.clone());
-                Ok(())
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-            tracing::info!(source = %self.source, "stored the running policy with the CA state");
-            pass.policy_written = true;
+        match self.store_policy().await? {
+            None => return Ok(pass),
+            Some(written) => pass.policy_written = written,
         }
         let api: Api<CertificateAuthority> = Api::namespaced(self.client.clone(), &self.namespace);
         let cr = match api.get_opt(&self.name).await {
