@@ -1,5 +1,8 @@
 //! The reconciler: while this replica leads, stores the running policy with the CA state,
-//! acts on a rotation request, writes the status when it changes, and records Events.
+//! acts on a rotation request, writes the status when it changes, and records Events. It runs
+//! on kube-runtime's `Controller` like every other loop (`cluster::controller`): a pass on
+//! each change of the resource, and `Action::requeue(--reconcile-interval)` after each pass
+//! because rotation stages fall due with time.
 
 use std::sync::Arc;
 use std::time::Duration;
