@@ -26,18 +26,11 @@ use kube::runtime::{watcher, Controller, WatchStreamExt};
 use kube::Resource;
 use tokio::sync::{watch, Mutex};
 
+use super::names::{CRL_CONFIGMAP, CRL_KEY, ROOT_CONFIGMAP, ROOT_KEY};
 use crate::future::BoxFuture;
 use crate::shutdown::Shutdown;
 use crate::store::kube::Publisher;
 
-/// The trust bundle ConfigMap, the name istio-agent mounts.
-pub const ROOT_CONFIGMAP: &str = "istio-ca-root-cert";
-/// The key of the bundle in that ConfigMap.
-pub const ROOT_KEY: &str = "root-cert.pem";
-/// The CRL ConfigMap.
-pub const CRL_CONFIGMAP: &str = "istio-ca-crl";
-/// The key of the CRLs in that ConfigMap.
-pub const CRL_KEY: &str = "ca-crl.pem";
 const SKIPPED: [&str; 2] = ["kube-public", "kube-node-lease"];
 /// Namespaces a full publishing pass writes at once.
 const PASS_CONCURRENCY: usize = 16;
@@ -67,7 +60,7 @@ pub struct ConfigMapPublisher {
     pub writes: AtomicU64,
     /// The CertificateAuthority resource (namespace, name) that also gets each drift Event, so
     /// `kubectl describe ca` shows every repair in one place.
-    ca_resource: std::sync::OnceLock<(String, String)>,
+    certificate_authority: std::sync::OnceLock<(String, String)>,
 }
 
 /// A reconcile that failed; the controller retries it.
@@ -105,7 +98,7 @@ impl ConfigMapPublisher {
             ),
             history: std::sync::Mutex::new(Vec::new()),
             writes: AtomicU64::new(0),
-            ca_resource: std::sync::OnceLock::new(),
+            certificate_authority: std::sync::OnceLock::new(),
         })
     }
 
@@ -113,7 +106,7 @@ impl ConfigMapPublisher {
     /// exists). Set once, at start.
     pub fn report_to(&self, namespace: &str, name: &str) {
         let _ = self
-            .ca_resource
+            .certificate_authority
             .set((namespace.to_string(), name.to_string()));
     }
 
@@ -352,18 +345,18 @@ impl ConfigMapPublisher {
             "{key} did not hold the current trust data (edited, or the istio.io/config label removed); citadel restored it"
         );
         record_drift(&self.recorder, &cm.object_ref(&()), note.clone()).await;
-        let Some((ns, name)) = self.ca_resource.get() else {
+        let Some((ns, name)) = self.certificate_authority.get() else {
             return;
         };
-        let api: Api<super::ca_resource::CertificateAuthority> =
-            Api::namespaced(self.client.clone(), ns);
+        let ar = super::names::certificate_authority();
+        let api: Api<kube::api::DynamicObject> = Api::namespaced_with(self.client.clone(), ns, &ar);
         if let Ok(Some(ca)) = api.get_opt(name).await {
             let where_ = format!(
                 "{}/{}: ",
                 cm.metadata.namespace.as_deref().unwrap_or_default(),
                 cm.metadata.name.as_deref().unwrap_or_default()
             );
-            record_drift(&self.recorder, &ca.object_ref(&()), where_ + &note).await;
+            record_drift(&self.recorder, &ca.object_ref(&ar), where_ + &note).await;
         }
     }
 }
