@@ -41,7 +41,6 @@ LIB_ITEMS = {"install_crypto_provider", "proto"}
 # third file, or any other circle, fails).
 # to be broken by issue 21's split; remove when done
 ALLOWED_CIRCLES = [
-    {"src/cluster/ca_resource.rs", "src/cluster/publish.rs"},
     # arrived with issue 20's connection admission (conn.rs counts in metrics::Counter,
     # metrics.rs holds conn::ConnectionMetrics); src/server/ is being reshaped by issue 21's
     # wire-protocol split, which breaks it
