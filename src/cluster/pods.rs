@@ -13,7 +13,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::watcher::{self, watcher, Event};
 use serde::Deserialize;
 
-use crate::auth::node::{PodIndex, PodRecord};
+use crate::auth::pods::{PodIndex, PodRecord};
 use crate::shutdown::Shutdown;
 
 /// Only running or pending pods: Failed and Succeeded ones may not vouch for a node.

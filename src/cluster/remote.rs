@@ -38,7 +38,7 @@ use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
 
 use crate::auth::cluster::{RemoteCluster, RemoteClusters};
-use crate::auth::node::PodIndex;
+use crate::auth::pods::PodIndex;
 use crate::auth::Authenticator;
 use crate::shutdown::{self, Shutdown, Trigger};
 
