@@ -7,6 +7,7 @@
 
 pub mod client_cert;
 pub mod cluster;
+pub mod issue_path;
 pub mod jwks;
 pub mod jws;
 pub mod jwt;
