@@ -10,13 +10,13 @@ use citadel::auth::jwt::{JwtAuthenticator, JwtPolicy, DEFAULT_LEEWAY};
 use citadel::identity::TrustDomain;
 use citadel::proto::istio_certificate_service_server::IstioCertificateService;
 use citadel::proto::IstioCertificateRequest;
-use citadel::server::grpc::CaService;
+use citadel::server::istio::IstioService;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 
 struct Fixture {
     rt: tokio::runtime::Runtime,
-    service: CaService,
+    service: IstioService,
     bearer: String,
 }
 
@@ -44,17 +44,21 @@ fn fixture() -> &'static Fixture {
             "iss": citadel::devkeys::DEV_ISSUER, "aud": ["istio-ca"],
             "sub": "system:serviceaccount:shop:cart", "exp": 4_000_000_000i64,
         }));
-        let service = CaService {
-            ca,
-            auth: citadel::auth::AuthChain::new(vec![Arc::new(jwt)]),
-            ttl: citadel::ca::policy::TtlPolicy::default(),
-            clock,
-            metrics: Arc::new(citadel::server::Metrics::default()),
-            index: None,
-            sweep: Default::default(),
-            inflight: Arc::new(tokio::sync::Semaphore::new(8)),
-            throttle: Arc::new(citadel::server::throttle::AuthThrottle::new(Default::default(), Default::default())),
-            node_auth: None,
+        let service = IstioService {
+            port: Arc::new(citadel::server::router::CaPort {
+                issue: Arc::new(citadel::auth::issue_path::IssuePath {
+                    ca,
+                    index: None,
+                    sweep: Default::default(),
+                    clock,
+                    ttl: citadel::ca::policy::TtlPolicy::default(),
+                    node_auth: None,
+                }),
+                auth: citadel::auth::AuthChain::new(vec![Arc::new(jwt)]),
+                metrics: Arc::new(citadel::server::Metrics::default()),
+                inflight: Arc::new(tokio::sync::Semaphore::new(8)),
+                throttle: Arc::new(citadel::server::throttle::AuthThrottle::new(Default::default(), Default::default())),
+            }),
         };
         Fixture {
             rt: tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap(),

@@ -4,9 +4,13 @@
 //! client certificate for renewals, then the Kubernetes JWT). An authenticator that finds no
 //! credential of its kind steps aside; one that finds a bad credential records why, so the
 //! final Unauthenticated message explains every attempt.
+//!
+//! [`issue_path`] is the issue path every surface calls: authenticate with a chain, authorize
+//! the identity (the caller's own, or node impersonation), then `ca::issue` and the audit line.
 
 pub mod client_cert;
 pub mod cluster;
+pub mod issue_path;
 pub mod jwks;
 pub mod jws;
 pub mod jwt;

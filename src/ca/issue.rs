@@ -1,9 +1,10 @@
-//! Issuing one workload SVID, the same way for every surface that hands certificates out
-//! (the Istio CA gRPC service, the Pod Certificates signer): deny list, sign, record in the
-//! issuance index, deny re-check after recording, and the audit line.
+//! Issuing one workload SVID: deny list, sign, record in the issuance index, deny re-check
+//! after recording, and the audit line.
 //!
-//! Each surface authenticates its caller its own way and maps [`IssueFailure`] to its own
-//! answer (a gRPC status, a PodCertificateRequest condition); what happens between "this
+//! Surfaces never call this directly: they call the shared issue path,
+//! `auth::issue_path::IssuePath`, which authenticates and authorizes the identity first and
+//! then calls [`sign_svid`] and [`audit_issued`]; each surface maps the path's error to its own
+//! answer (a gRPC status, a PodCertificateRequest condition). What happens between "this
 //! identity may have a certificate for this key" and "here it is" lives only here, so a rule
 //! added to it (a new revocation check, say) cannot be forgotten on one path.
 

@@ -1,13 +1,18 @@
-//! The network edge: the CA gRPC service over TLS, and the monitoring HTTP port.
+//! The network edge: the CA port's gRPC surfaces over TLS, and the monitoring HTTP port.
+//!
+//! One module per wire surface on the CA port (`istio`: CreateCertificate), each with its own
+//! decode and its one mapping to gRPC codes, all assembled in `router`; they call the shared
+//! issue path (`auth::issue_path`).
 //!
 //! `run` takes already-bound listeners and a shutdown signal, so tests bind `127.0.0.1:0`
 //! and the CLI binds the configured addresses.
 
 pub mod conn;
-pub mod grpc;
 pub mod http;
+pub mod istio;
 pub mod metrics;
 pub mod peer;
+pub mod router;
 pub mod throttle;
 pub mod tls;
 
@@ -18,11 +23,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::auth::issue_path::IssuePath;
 use crate::auth::AuthChain;
 use crate::ca::policy::TtlPolicy;
 use crate::ca::Ca;
 use crate::clock::SharedClock;
-use crate::proto::istio_certificate_service_server::IstioCertificateServiceServer;
 use crate::shutdown::Shutdown;
 
 pub use metrics::Metrics;
@@ -164,22 +169,23 @@ impl Server {
             });
         }
         let admission = Arc::new(conn::Admission::new(&self.limits, self.metrics.clone()));
-        let service = IstioCertificateServiceServer::new(grpc::CaService {
-            ca: self.ca.clone(),
+        let port = Arc::new(router::CaPort {
+            issue: Arc::new(IssuePath {
+                ca: self.ca.clone(),
+                index: self.index,
+                sweep: self.sweep,
+                clock: self.clock.clone(),
+                ttl: self.ttl,
+                node_auth: self.node_auth,
+            }),
             auth: self.auth,
-            ttl: self.ttl,
-            clock: self.clock.clone(),
             metrics: self.metrics,
-            index: self.index,
-            sweep: self.sweep,
             inflight: Arc::new(tokio::sync::Semaphore::new(self.limits.max_inflight)),
             throttle: Arc::new(throttle::AuthThrottle::new(
                 self.limits.auth_throttle,
                 self.limits.exempt.clone(),
             )),
-            node_auth: self.node_auth,
-        })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        });
         if !self.limits.exempt.nets().is_empty() {
             tracing::info!(exempt = ?self.limits.exempt.nets().iter().map(ToString::to_string).collect::<Vec<_>>(), "sources exempt from the per-peer limits (--throttle-exempt-cidr)");
         }
@@ -201,13 +207,13 @@ impl Server {
                     admission,
                     shutdown,
                 );
-                router::<TlsInfo, _>(service)
+                router::router::<TlsInfo>(&port)
                     .serve_with_incoming_shutdown(incoming, stop)
                     .await
             }
             None => {
                 let incoming = accept_plain(listener, admission, shutdown);
-                router::<tonic::transport::server::TcpConnectInfo, _>(service)
+                router::router::<tonic::transport::server::TcpConnectInfo>(&port)
                     .serve_with_incoming_shutdown(incoming, stop)
                     .await
             }
@@ -216,30 +222,6 @@ impl Server {
 }
 
 type TlsInfo = tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>;
-
-/// The CA port's HTTP/2 settings around `service`, whose calls count as streams in
-/// progress on connections whose transport info is `I` (see [`conn::Tracked`]).
-fn router<I, S>(service: S) -> tonic::transport::server::Router
-where
-    I: Clone + Send + Sync + 'static,
-    S: tonic::codegen::Service<
-            ::http::Request<tonic::body::Body>,
-            Response = ::http::Response<tonic::body::Body>,
-            Error = std::convert::Infallible,
-        > + tonic::server::NamedService
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-{
-    tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-        .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
-        .timeout(REQUEST_TIMEOUT)
-        .add_service(conn::Tracked::<S, I>::new(service))
-}
 
 /// Accepts TCP, sets TCP_NODELAY (tonic ignores it for custom incoming streams, and without
 /// it each small RPC waits ~40 ms on Nagle), and runs each TLS handshake in its own task so

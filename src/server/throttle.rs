@@ -12,7 +12,7 @@
 //! A peer is an IPv4 address or an IPv6 /64 ([`PeerKey`]). Sources in
 //! `--throttle-exempt-cidr` (an east-west gateway, an SNAT address in front of many honest
 //! clients) are never throttled. Credentials that cost nothing to check are checked before
-//! the throttle applies (see `grpc.rs`): a valid client certificate, or a token already in
+//! the throttle applies (see `istio.rs`): a valid client certificate, or a token already in
 //! the TokenReview cache, is served even from a throttled address.
 //!
 //! Memory is bounded: at most [`MAX_PEERS`] addresses are tracked. When the table is full,

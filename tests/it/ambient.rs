@@ -8,7 +8,7 @@ use tonic::Code;
 
 use crate::support::*;
 
-const REFUSED: &str = citadel::server::grpc::IMPERSONATION_REFUSED;
+const REFUSED: &str = citadel::server::istio::IMPERSONATION_REFUSED;
 
 fn impersonate(id: &str) -> prost_types::Struct {
     let mut s = prost_types::Struct::default();

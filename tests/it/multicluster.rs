@@ -438,7 +438,7 @@ async fn multicluster_remote_ztunnel_is_judged_by_its_own_clusters_pods() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
-    assert_eq!(err.message(), citadel::server::grpc::IMPERSONATION_REFUSED);
+    assert_eq!(err.message(), citadel::server::istio::IMPERSONATION_REFUSED);
     // B's ztunnel token without the header: A's TokenReview refuses it.
     let err = call_for(&mut client, &cart_csr, Some(&zt), &[], Some(&cart))
         .await

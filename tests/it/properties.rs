@@ -89,20 +89,24 @@ fn no_accepted_csr_names_anyone_but_the_caller() {
     .unwrap();
     ca.install(citadel::ca::bootstrap::signer_from_journal(&journal, &td()).unwrap());
     let server = dev_server(ca.clone(), None);
-    let service = citadel::server::grpc::CaService {
-        ca,
-        auth: server.auth,
-        ttl: server.ttl,
-        clock: server.clock,
-        metrics: server.metrics,
-        index: None,
-        sweep: Default::default(),
-        inflight: std::sync::Arc::new(tokio::sync::Semaphore::new(8)),
-        throttle: std::sync::Arc::new(citadel::server::throttle::AuthThrottle::new(
-            Default::default(),
-            Default::default(),
-        )),
-        node_auth: None,
+    let service = citadel::server::istio::IstioService {
+        port: std::sync::Arc::new(citadel::server::router::CaPort {
+            issue: std::sync::Arc::new(citadel::auth::issue_path::IssuePath {
+                ca,
+                index: None,
+                sweep: Default::default(),
+                clock: server.clock,
+                ttl: server.ttl,
+                node_auth: None,
+            }),
+            auth: server.auth,
+            metrics: server.metrics,
+            inflight: std::sync::Arc::new(tokio::sync::Semaphore::new(8)),
+            throttle: std::sync::Arc::new(citadel::server::throttle::AuthThrottle::new(
+                Default::default(),
+                Default::default(),
+            )),
+        }),
     };
     let token = bearer(&token("shop", "cart"));
     let me = "spiffe://cluster.local/ns/shop/sa/cart";

@@ -1,0 +1,363 @@
+//! The one issue path every surface calls: authenticate, authorize the identity, sign,
+//! record and audit. Istio's CreateCertificate (`server::istio`) and the Pod Certificates
+//! signer (`cluster::podcert`) call it today; Linkerd's Certify, the Kubernetes CSR signer,
+//! the Workload API on the CA port and JWT-SVIDs are to call it too, never copy it.
+//!
+//! A surface owns only its decode (wire request -> [`Requester`] and [`IssueRequest`]) and its
+//! ONE mapping from [`IssueError`] to its wire's answer (a gRPC code, a PodCertificateRequest
+//! condition). What happens between "these are the request's credentials" and "here is the
+//! certificate, audited" lives here, so a rule added to it (a new identity check, a new
+//! revocation check) cannot be forgotten on one surface. The steps, in this order (the order
+//! decides which error a request with several faults gets, and is part of the wire
+//! behaviour):
+//!
+//! 1. [`IssuePath::authenticate`]: the surface's [`AuthChain`] over the request's credentials
+//!    (a surface with a per-peer throttle wraps this call in it).
+//! 2. Authorize the identity: a workload gets its own SPIFFE ID, or another one only when node
+//!    impersonation ([`NodeAuthorizer`], `--trusted-node-accounts`) grants it; a request a
+//!    controller vouched for from Kubernetes objects gets the identity those objects name.
+//! 3. Resolve the TTL ([`TtlPolicy`]: `<= 0` is the default, above the maximum is refused).
+//! 4. Read the CSR, and refuse one whose URI SANs name anyone but the identity.
+//! 5. Sign, record in the issuance index, re-check the deny list ([`sign_svid`]).
+//! 6. Refuse a leaf that the issuer's notAfter cut below the surface's minimum lifetime.
+//! 7. Write the audit line ([`audit_issued`]): no audit line, no certificate.
+//!
+//! The error is domain-level: no tonic, no Kubernetes types.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use super::node::{Impersonation, NodeAuthError, NodeAuthorizer, Refusal};
+use super::{AuthChain, AuthError, Caller, Credentials};
+use crate::ca::issue::{audit_issued, sign_svid, AuditRecord, IssueFailure};
+use crate::ca::policy::{TtlError, TtlPolicy};
+use crate::ca::revocation::SweepRequest;
+use crate::ca::{Ca, Issued, Signer};
+use crate::clock::SharedClock;
+use crate::identity::SpiffeId;
+use crate::pki::csr::{self, CsrError, SubjectKey};
+use crate::store::index::IssuanceIndex;
+
+/// The one answer to every refused impersonation, istiod's words: which check failed is for
+/// the server log (and the refusal metric) only, so a caller cannot probe which pods run
+/// where.
+pub const IMPERSONATION_REFUSED: &str = "request impersonation authentication failure";
+
+/// Why no certificate was handed out. Each surface maps these to its wire in one function
+/// (`server::istio::IstioError::status`, `cluster::podcert::status::decision`).
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    /// No authenticator accepted the caller; the text lists why each one refused.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A credential could not be checked now (the API server is unreachable, the review
+    /// queue is full): the caller should retry.
+    #[error("{0}")]
+    AuthUnavailable(String),
+    /// Node impersonation refused the identity asked for. The check that failed is for logs
+    /// and metrics; the caller is told [`IMPERSONATION_REFUSED`] only.
+    #[error("{IMPERSONATION_REFUSED}")]
+    ImpersonationRefused(Refusal),
+    /// Node impersonation cannot be judged: the pod watch has been broken too long.
+    #[error(
+        "the pod index may be out of date (its watch has been broken for {}s, more than \
+         --pod-index-max-staleness {}s); retry shortly",
+        .broken_for.as_secs(),
+        .max.as_secs()
+    )]
+    PodIndexStale {
+        /// How long the watch has been broken.
+        broken_for: Duration,
+        /// `--pod-index-max-staleness`.
+        max: Duration,
+    },
+    /// Node impersonation cannot be judged yet: the pod watch has not listed once.
+    #[error("the pod index is not synced yet; retry shortly")]
+    PodIndexNotSynced,
+    /// The requested TTL is above the maximum.
+    #[error(transparent)]
+    Ttl(#[from] TtlError),
+    /// The CSR is malformed, badly signed or has a refused key.
+    #[error("invalid CSR: {0}")]
+    Csr(#[from] CsrError),
+    /// The CSR asks for another identity than the one authorized.
+    #[error("CSR asks for {asked}, but the caller is {identity}")]
+    OtherIdentity {
+        /// The first URI SAN that is not the identity, quoted and bounded
+        /// ([`crate::audit::shown`]): it is caller text.
+        asked: String,
+        /// The authorized identity.
+        identity: String,
+    },
+    /// The CA refused or failed: no signer, denied identity, expired signer, index down,
+    /// signing failed.
+    #[error(transparent)]
+    Ca(#[from] IssueFailure),
+    /// The issuer's notAfter cut the leaf below the surface's minimum lifetime
+    /// ([`IssueRequest::min_lifetime`]); it is signed and recorded but never handed out.
+    #[error("the signing CA expires at {not_after}, too soon for the minimum lifetime of {}s", .min.as_secs())]
+    TooShort {
+        /// The leaf's (capped) notAfter.
+        not_after: OffsetDateTime,
+        /// The minimum the surface asked for.
+        min: Duration,
+    },
+    /// The audit line could not be written. The certificate is in the issuance index (so
+    /// revocable by identity) but never handed out (Vault's rule: no audit, no certificate).
+    #[error("the audit log cannot be written; no certificate is handed out unaudited")]
+    Unaudited,
+}
+
+/// Who asks, as the surface established it.
+#[derive(Debug, Clone, Copy)]
+pub enum Requester<'a> {
+    /// A workload authenticated by [`IssuePath::authenticate`] (or its chain's free
+    /// `verified` answer). `asks_for`: another identity it wants (ztunnel's
+    /// `ImpersonatedIdentity`), judged by node impersonation; naming its own identity is the
+    /// same as naming none.
+    Workload {
+        /// The authenticated caller.
+        caller: &'a Caller,
+        /// The identity asked for on another workload's behalf, as the request spelled it.
+        asks_for: Option<&'a str>,
+    },
+    /// A request a controller vouched for from Kubernetes objects it checked itself (Pod
+    /// Certificates: the live pod, service account and node); the identity is the one those
+    /// objects name.
+    Vouched(Vouched<'a>),
+}
+
+/// A request vouched for by a controller, and what its audit line says about it.
+#[derive(Debug, Clone, Copy)]
+pub struct Vouched<'a> {
+    /// The identity the checked objects name.
+    pub identity: &'a SpiffeId,
+    /// How it was established, for the audit line (`pod-certificate`).
+    pub auth: &'a str,
+    /// The pod it is for.
+    pub pod: &'a str,
+    /// The node that asked.
+    pub node: &'a str,
+    /// The request object, `<ns>/<name>`.
+    pub request: &'a str,
+}
+
+/// How long the certificate should live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ttl {
+    /// What the request asked for, in seconds, resolved by the path's [`TtlPolicy`].
+    Requested(i64),
+    /// A lifetime the surface computed under its own wire's rules (Pod Certificates'
+    /// `maxExpirationSeconds`), capped only at the issuer.
+    Exact(Duration),
+}
+
+/// The CSR, as the surface received it.
+#[derive(Debug, Clone, Copy)]
+pub enum CsrInput<'a> {
+    /// A PEM CSR: parsed and verified here, and its URI SANs must name the identity.
+    Pem(&'a [u8]),
+    /// A DER CSR: the same.
+    Der(&'a [u8]),
+    /// Only the key, from a CSR the surface parsed itself and whose names it does not use
+    /// (Pod Certificates' stub request: signers take only its public key).
+    Key(&'a SubjectKey),
+}
+
+/// One request for a certificate, decoded by a surface.
+#[derive(Debug, Clone, Copy)]
+pub struct IssueRequest<'a> {
+    /// Who asks.
+    pub requester: Requester<'a>,
+    /// The key to certify, and the names asked for.
+    pub csr: CsrInput<'a>,
+    /// How long.
+    pub ttl: Ttl,
+    /// The shortest leaf the surface's wire accepts (Pod Certificates: the API's 1 h); a leaf
+    /// the issuer's notAfter cuts shorter is [`IssueError::TooShort`].
+    pub min_lifetime: Option<Duration>,
+}
+
+/// A certificate issued, recorded and audited: the surface only has to answer with it.
+#[derive(Debug)]
+pub struct Certified {
+    /// The identity it carries: the caller's, one a node impersonated, or the vouched one.
+    pub identity: SpiffeId,
+    /// Set when a node proxy asked on a workload's behalf.
+    pub via_node: Option<Impersonation>,
+    /// The signer that signed it (for the chain the surface sends).
+    pub signer: Arc<Signer>,
+    /// The certificate.
+    pub issued: Issued,
+}
+
+/// What issuing needs, shared by every surface of a replica.
+pub struct IssuePath {
+    /// The CA whose current signer issues.
+    pub ca: Arc<Ca>,
+    /// Where issued certificates are recorded for `revoke --identity`; `None` keeps no index.
+    pub index: Option<Arc<dyn IssuanceIndex>>,
+    /// Asks the scheduler to sweep the index again (a denial raced with a signature).
+    pub sweep: Arc<SweepRequest>,
+    /// The time certificates are issued at.
+    pub clock: SharedClock,
+    /// How requested TTLs are resolved ([`Ttl::Requested`]).
+    pub ttl: TtlPolicy,
+    /// Judges requests for another identity (`--trusted-node-accounts`); `None` refuses
+    /// them all.
+    pub node_auth: Option<Arc<NodeAuthorizer>>,
+}
+
+impl IssuePath {
+    /// Step 1: the caller `chain` accepts for `creds` (first success wins), or why nobody.
+    pub async fn authenticate(
+        chain: &AuthChain,
+        creds: Credentials<'_>,
+    ) -> Result<Caller, IssueError> {
+        chain.authenticate(creds).await.map_err(|e| match e {
+            e @ AuthError::Unavailable(_) => IssueError::AuthUnavailable(e.to_string()),
+            e => IssueError::Unauthenticated(e.to_string()),
+        })
+    }
+
+    /// Steps 2-7: authorizes the identity, signs, records and audits, or says why not.
+    pub fn issue(&self, req: IssueRequest<'_>) -> Result<Certified, IssueError> {
+        let (identity, via_node) = self.authorize(&req.requester)?;
+        let ttl = match req.ttl {
+            Ttl::Requested(secs) => self.ttl.resolve(secs)?,
+            Ttl::Exact(d) => d,
+        };
+        let parsed;
+        let (key, sans): (&SubjectKey, &[String]) = match req.csr {
+            CsrInput::Pem(pem) => {
+                parsed = csr::parse_pem(pem)?;
+                (&parsed.key, &parsed.uri_sans)
+            }
+            CsrInput::Der(der) => {
+                parsed = csr::parse_der(der)?;
+                (&parsed.key, &parsed.uri_sans)
+            }
+            CsrInput::Key(key) => (key, &[]),
+        };
+        let want = identity.to_string();
+        if let Some(other) = sans.iter().find(|u| **u != want) {
+            return Err(IssueError::OtherIdentity {
+                asked: crate::audit::shown(other).to_string(),
+                identity: want,
+            });
+        }
+
+        let (signer, issued) = sign_svid(
+            &self.ca,
+            self.index.as_ref(),
+            &self.sweep,
+            key,
+            &identity,
+            self.clock.now(),
+            ttl,
+            via_node.is_some(),
+        )?;
+        if let Some(min) = req.min_lifetime {
+            if issued.not_after - issued.not_before < min {
+                return Err(IssueError::TooShort {
+                    not_after: issued.not_after,
+                    min,
+                });
+            }
+        }
+
+        let key_type = key.kind().to_string();
+        let written = match &req.requester {
+            Requester::Workload { caller, .. } => audit_issued(&AuditRecord {
+                serial_hex: &issued.serial_hex,
+                identity: &want,
+                caller: &caller.identity.to_string(),
+                not_after: issued.not_after,
+                key_type: &key_type,
+                auth: &caller.method.to_string(),
+                pod: caller.pod_name.as_deref().unwrap_or(""),
+                node: via_node.as_ref().map(|i| i.node.as_str()).unwrap_or(""),
+                request: "",
+                cluster: caller.cluster.as_deref().unwrap_or(""),
+            }),
+            Requester::Vouched(v) => audit_issued(&AuditRecord {
+                serial_hex: &issued.serial_hex,
+                identity: &want,
+                caller: "",
+                not_after: issued.not_after,
+                key_type: &key_type,
+                auth: v.auth,
+                pod: v.pod,
+                node: v.node,
+                request: v.request,
+                cluster: "",
+            }),
+        };
+        if !written {
+            return Err(IssueError::Unaudited);
+        }
+        Ok(Certified {
+            identity,
+            via_node,
+            signer,
+            issued,
+        })
+    }
+
+    /// Step 2: the identity the certificate will carry, and the impersonation that granted
+    /// it when it is not the caller's own.
+    fn authorize(
+        &self,
+        requester: &Requester<'_>,
+    ) -> Result<(SpiffeId, Option<Impersonation>), IssueError> {
+        match requester {
+            Requester::Vouched(v) => Ok((v.identity.clone(), None)),
+            Requester::Workload {
+                caller,
+                asks_for: Some(other),
+            } if *other != caller.identity.to_string() => {
+                let granted = self.impersonate(caller, other)?;
+                Ok((granted.identity.clone(), Some(granted)))
+            }
+            Requester::Workload { caller, .. } => Ok((caller.identity.clone(), None)),
+        }
+    }
+
+    /// Judges a request for another identity. A refusal is logged with its check, and
+    /// answered with [`IMPERSONATION_REFUSED`] only.
+    fn impersonate(&self, caller: &Caller, requested: &str) -> Result<Impersonation, IssueError> {
+        let shown = crate::audit::shown(requested);
+        let result = match &self.node_auth {
+            Some(a) => a.authorize(caller, requested),
+            None => Err(NodeAuthError::Denied(super::node::Denied {
+                reason: Refusal::Disabled,
+                detail: "no --trusted-node-accounts are configured".into(),
+            })),
+        };
+        match result {
+            Ok(granted) => Ok(granted),
+            Err(NodeAuthError::Stale { broken_for, max }) => {
+                tracing::warn!(caller = %caller.identity, requested = %shown, broken_for_secs = broken_for.as_secs(), "impersonation refused: the pod watch has been broken for longer than --pod-index-max-staleness");
+                Err(IssueError::PodIndexStale { broken_for, max })
+            }
+            Err(NodeAuthError::NotSynced) => {
+                tracing::warn!(caller = %caller.identity, requested = %shown, "impersonation cannot be judged yet: the pod index has not synced");
+                Err(IssueError::PodIndexNotSynced)
+            }
+            Err(NodeAuthError::Denied(d)) => {
+                tracing::warn!(
+                    caller = %caller.identity,
+                    auth = %caller.method,
+                    pod = %crate::audit::shown(caller.pod_name.as_deref().unwrap_or("")),
+                    requested = %shown,
+                    check = d.reason.label(),
+                    detail = %d.detail,
+                    "refused impersonation"
+                );
+                Err(IssueError::ImpersonationRefused(d.reason))
+            }
+        }
+    }
+}
