@@ -45,7 +45,7 @@ fn fixture() -> &'static Fixture {
             "sub": "system:serviceaccount:shop:cart", "exp": 4_000_000_000i64,
         }));
         let service = IstioService {
-            port: Arc::new(citadel::server::router::CaPort {
+            port: Arc::new(citadel::server::port::CaPort {
                 issue: Arc::new(citadel::auth::issue_path::IssuePath {
                     ca,
                     index: None,

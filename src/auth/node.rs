@@ -31,13 +31,10 @@ use std::fmt;
 use std::time::Duration;
 
 use super::cluster::RemoteClusters;
+use super::pods::PodIndex;
 use super::{AuthMethod, Caller};
 use crate::audit::shown;
 use crate::identity::{ServiceAccount, SpiffeId, TrustDomain};
-
-/// The index lives in `auth::pods` (below both this module and `auth::cluster`); named here
-/// too for the callers in cluster/ and server/ that still import it from this module.
-pub use super::pods::{PodIndex, PodRecord};
 
 /// How long the last known pods are trusted after the pod watch broke
 /// (`--pod-index-max-staleness`).

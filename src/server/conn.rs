@@ -36,9 +36,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tonic::server::NamedService;
 
-use super::metrics::Counter;
+use super::instrument::Counter;
 use super::peer::{PeerKey, PeerSet};
-use super::Metrics;
 use crate::future::BoxFuture;
 
 /// At most one log line per refusal reason in this long.
@@ -235,7 +234,7 @@ pub struct Admission {
     slots: Arc<Semaphore>,
     peers: Arc<PeerConnections>,
     log: RefusalLog,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ConnectionMetrics>,
     /// `--idle-timeout`; zero never closes idle connections.
     pub idle_timeout: Duration,
     /// `--handshake-timeout`.
@@ -246,21 +245,18 @@ pub struct Admission {
 pub struct Ticket {
     _slot: OwnedSemaphorePermit,
     _peer: PeerSlot,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ConnectionMetrics>,
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.metrics
-            .connections
-            .open
-            .fetch_sub(1, Ordering::Relaxed);
+        self.metrics.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl Admission {
     /// Admission under `limits`, counting in `metrics`.
-    pub fn new(limits: &super::Limits, metrics: Arc<Metrics>) -> Self {
+    pub fn new(limits: &super::Limits, metrics: Arc<ConnectionMetrics>) -> Self {
         Self {
             slots: Arc::new(Semaphore::new(limits.max_connections)),
             peers: PeerConnections::new(limits.max_connections_per_peer, limits.exempt.clone()),
@@ -283,10 +279,7 @@ impl Admission {
             self.refuse(Refusal::MaxConnections, peer);
             return None;
         };
-        self.metrics
-            .connections
-            .open
-            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.open.fetch_add(1, Ordering::Relaxed);
         Some(Ticket {
             _slot: slot,
             _peer: peer_slot,
@@ -295,7 +288,7 @@ impl Admission {
     }
 
     fn refuse(&self, reason: Refusal, peer: SocketAddr) {
-        self.metrics.connections.refused[reason.index()].inc();
+        self.metrics.refused[reason.index()].inc();
         let Some(suppressed) = self.log.note(reason, Instant::now()) else {
             return;
         };
@@ -316,12 +309,12 @@ impl Admission {
 
     /// Counts a TLS handshake that failed.
     pub fn handshake_failed(&self) {
-        self.metrics.connections.handshake_failed.inc();
+        self.metrics.handshake_failed.inc();
     }
 
     /// Counts a TLS handshake cut off at `handshake_timeout`.
     pub fn handshake_timed_out(&self) {
-        self.metrics.connections.handshake_timeout.inc();
+        self.metrics.handshake_timeout.inc();
     }
 
     /// `io` holding `ticket`, closed once idle for `idle_timeout`.
@@ -401,7 +394,7 @@ pub struct Limited<S> {
     state: Arc<ConnState>,
     idle: Option<Idle>,
     closed: bool,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ConnectionMetrics>,
     _ticket: Ticket,
 }
 
@@ -451,7 +444,7 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Limited<S> {
         }
         if this.idle_expired(cx) {
             this.closed = true;
-            this.metrics.connections.closed_idle.inc();
+            this.metrics.closed_idle.inc();
             tracing::debug!("closing a connection idle for --idle-timeout");
             // End of stream: no call is in progress, so nothing is cut short.
             return Poll::Ready(Ok(()));
@@ -601,14 +594,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_connection_is_idle_only_with_no_stream_for_the_timeout() {
         use tokio::io::AsyncReadExt;
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(ConnectionMetrics::default());
         let limits = super::super::Limits {
             idle_timeout: Duration::from_secs(60),
             ..Default::default()
         };
         let adm = Admission::new(&limits, metrics.clone());
         let ticket = adm.admit("10.0.0.1:5000".parse().unwrap()).unwrap();
-        assert_eq!(metrics.connections.open(), 1);
+        assert_eq!(metrics.open(), 1);
         let (client, server) = tokio::io::duplex(64);
         let mut conn = adm.wrap(ticket, server);
         let state = conn.state.clone();
@@ -625,10 +618,10 @@ mod tests {
             waited >= Duration::from_secs(59) && waited <= Duration::from_secs(61),
             "{waited:?}"
         );
-        assert_eq!(metrics.connections.closed_idle.get(), 1);
+        assert_eq!(metrics.closed_idle.get(), 1);
         assert_eq!(conn.read(&mut buf).await.unwrap(), 0, "stays closed");
         drop(client);
         drop(conn);
-        assert_eq!(metrics.connections.open(), 0);
+        assert_eq!(metrics.open(), 0);
     }
 }

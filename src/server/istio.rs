@@ -21,7 +21,7 @@ use crate::proto::istio_certificate_service_server::{
 use crate::proto::{IstioCertificateRequest, IstioCertificateResponse};
 
 use super::metrics::Metrics;
-use super::router::CaPort;
+use super::port::CaPort;
 
 pub use crate::auth::issue_path::IMPERSONATION_REFUSED;
 

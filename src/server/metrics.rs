@@ -6,60 +6,13 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use crate::ca::Ca;
 
-/// A monotonic counter; relaxed atomics.
-#[derive(Default)]
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    /// Adds one.
-    pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-    /// The current value.
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-const BUCKETS: [f64; 12] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-];
-
-/// A fixed-bucket latency histogram.
-pub struct Histogram {
-    buckets: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_nanos: AtomicU64,
-}
-
-impl Default for Histogram {
-    fn default() -> Self {
-        Self {
-            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
-            count: AtomicU64::new(0),
-            sum_nanos: AtomicU64::new(0),
-        }
-    }
-}
-
-impl Histogram {
-    /// Records one request's duration, in seconds buckets from 0.5 ms to 2.5 s.
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|&b| secs <= b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_nanos
-            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
-    }
-}
+use super::instrument::BUCKETS;
+pub use super::instrument::{Counter, Histogram};
 
 /// The CA port's counters, under istiod's `citadel_server_*` names.
 #[derive(Default)]
@@ -89,7 +42,7 @@ pub struct Metrics {
     /// kubeconfig error counts; set when multicluster is on.
     pub remote_clusters: std::sync::OnceLock<std::sync::Arc<crate::auth::cluster::RemoteClusters>>,
     /// Connections on the CA port: refused, closed, open (`citadel_connections_*`).
-    pub connections: super::conn::ConnectionMetrics,
+    pub connections: std::sync::Arc<super::conn::ConnectionMetrics>,
     /// The plugged-in CA's reloads, for `citadel_ca_plugged_reload_total{result}`.
     pub plugged: std::sync::OnceLock<std::sync::Arc<crate::ca::reload::ReloadStats>>,
     /// Metrics of components above this layer (the Pod Certificates signer's in-memory
@@ -114,7 +67,7 @@ pub struct ImpersonationMetrics {
     /// Requests refused Unavailable because the pod watch was broken too long.
     stale: Counter,
     /// The pod index, for its size and sync state; set when impersonation is configured.
-    pub pods: std::sync::OnceLock<std::sync::Arc<crate::auth::node::PodIndex>>,
+    pub pods: std::sync::OnceLock<std::sync::Arc<crate::auth::pods::PodIndex>>,
 }
 
 impl ImpersonationMetrics {
@@ -359,6 +312,7 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn histogram_is_cumulative_and_counts() {

@@ -9,9 +9,11 @@
 
 pub mod conn;
 pub mod http;
+mod instrument;
 pub mod istio;
 pub mod metrics;
 pub mod peer;
+pub mod port;
 pub mod router;
 pub mod throttle;
 pub mod tls;
@@ -168,8 +170,11 @@ impl Server {
                 }
             });
         }
-        let admission = Arc::new(conn::Admission::new(&self.limits, self.metrics.clone()));
-        let port = Arc::new(router::CaPort {
+        let admission = Arc::new(conn::Admission::new(
+            &self.limits,
+            self.metrics.connections.clone(),
+        ));
+        let port = Arc::new(port::CaPort {
             issue: Arc::new(IssuePath {
                 ca: self.ca.clone(),
                 index: self.index,

@@ -90,7 +90,7 @@ fn no_accepted_csr_names_anyone_but_the_caller() {
     ca.install(citadel::ca::bootstrap::signer_from_journal(&journal, &td()).unwrap());
     let server = dev_server(ca.clone(), None);
     let service = citadel::server::istio::IstioService {
-        port: std::sync::Arc::new(citadel::server::router::CaPort {
+        port: std::sync::Arc::new(citadel::server::port::CaPort {
             issue: std::sync::Arc::new(citadel::auth::issue_path::IssuePath {
                 ca,
                 index: None,

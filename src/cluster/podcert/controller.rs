@@ -12,6 +12,7 @@ use kube::api::{Api, PostParams};
 use kube::runtime::controller::{self, Action};
 use kube::runtime::{reflector, watcher, Controller, WatchStreamExt};
 
+use super::error::PodCertError;
 use super::pending::{Pending, PendingStats};
 use super::request::{self, Checks};
 use super::status::{self, is_decided, jitter, reason, refresh_at, Decision};
@@ -25,12 +26,6 @@ use crate::identity::TrustDomain;
 use crate::pki::pem;
 use crate::shutdown::Shutdown;
 use crate::store::index::IssuanceIndex;
-
-/// A reconcile that could not decide now (API server unreachable, CA not ready, not
-/// leading); the controller retries it.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct PodCertError(pub(super) String);
 
 /// The Pod Certificates signer of one replica.
 pub struct PodCertSigner {

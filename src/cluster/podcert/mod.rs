@@ -42,11 +42,13 @@
 //! (`auth::issue_path`) and writes `/status`.
 
 mod controller;
+mod error;
 mod pending;
 mod request;
 mod status;
 
-pub use controller::{PodCertError, PodCertSigner};
+pub use controller::PodCertSigner;
+pub use error::PodCertError;
 pub use pending::PendingStats;
 pub use request::{lifetime_secs, mounts_pod_certificate};
 pub use status::{is_decided, reason, refresh_at};

@@ -8,7 +8,7 @@ use k8s_openapi::api::certificates::v1::PodCertificateRequest;
 use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
 use kube::api::Api;
 
-use super::controller::PodCertError;
+use super::error::PodCertError;
 use super::status::{self, deny, reason, Decision};
 use super::{DEFAULT_MAX_EXPIRATION_SECS, MIN_LIFETIME_SECS};
 use crate::auth::issue_path::IssueError;

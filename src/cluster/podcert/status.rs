@@ -7,7 +7,7 @@ use k8s_openapi::api::certificates::v1::{PodCertificateRequest, PodCertificateRe
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use time::OffsetDateTime;
 
-use super::controller::PodCertError;
+use super::error::PodCertError;
 use crate::auth::issue_path::IssueError;
 use crate::ca::issue::IssueFailure;
 use crate::pki::csr::CsrError;
