@@ -1,4 +1,5 @@
-//! Pure X.509: key types, CSR parsing and verification, certificate profiles, chain checks.
+//! Pure X.509: key types, the CA key seam ([`CaKey`]), CSR parsing and verification,
+//! certificate profiles, chain checks.
 //!
 //! Nothing here knows about gRPC, Kubernetes or files: functions take bytes and values and
 //! return bytes and values, which keeps them easy to test and to fuzz.
