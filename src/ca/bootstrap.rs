@@ -10,7 +10,7 @@ use super::{crl, mint, CaError, Signer};
 use crate::clock::Clock;
 use crate::identity::TrustDomain;
 use crate::journal::{AuthorityRecord, Journal, Status};
-use crate::pki::{keys, pem, KeyType};
+use crate::pki::{pem, KeyType};
 use crate::store::{Store, StoreError};
 
 /// How a self-signed CA is made.
@@ -79,8 +79,7 @@ pub fn signer_from_journal(journal: &Journal, td: &TrustDomain) -> Result<Signer
     let active = journal
         .active_signer()
         .ok_or_else(|| CaError::Config("the CA journal has no active intermediate".into()))?;
-    let key = keys::load_private_key_pem(active.key_pem.expose().as_bytes())
-        .map_err(|e| CaError::Config(format!("authority {}: {e}", active.id)))?;
+    let key = mint::ca_key_of(active)?;
     let roots = journal
         .trusted_roots()
         .map(cert_of)

@@ -1,5 +1,6 @@
 //! CRLs: each authority signs one listing the certificates it issued that were revoked.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{
@@ -10,7 +11,7 @@ use time::OffsetDateTime;
 
 use super::CaError;
 use crate::journal::{CrlRecord, Journal};
-use crate::pki::{keys, PkiError};
+use crate::pki::{CaKey, PkiError, RcgenKey};
 
 /// Revocation reasons operators may give (`citadel revoke --reason`), RFC 5280 names.
 pub const REASONS: [&str; 7] = [
@@ -54,9 +55,23 @@ pub fn sign(
     let auth = j
         .get(issuer)
         .ok_or_else(|| CaError::Config(format!("no authority {issuer}")))?;
-    let key = keys::load_private_key_pem(auth.key_pem.expose().as_bytes())
-        .map_err(|e| CaError::Config(format!("authority {issuer}: {e}")))?;
-    let signer = Issuer::from_ca_cert_pem(&auth.cert_pem, key).map_err(PkiError::from)?;
+    let key = super::mint::ca_key_of(auth)?;
+    sign_with(j, issuer, key, now, validity)
+}
+
+/// [`sign`], with `key` (the authority `issuer`'s key).
+pub(crate) fn sign_with(
+    j: &mut Journal,
+    issuer: &str,
+    key: Arc<dyn CaKey>,
+    now: OffsetDateTime,
+    validity: Duration,
+) -> Result<(), CaError> {
+    let auth = j
+        .get(issuer)
+        .ok_or_else(|| CaError::Config(format!("no authority {issuer}")))?;
+    let signer =
+        Issuer::from_ca_cert_pem(&auth.cert_pem, RcgenKey::new(key)).map_err(PkiError::from)?;
     let number = j
         .crls
         .iter()

@@ -2,33 +2,46 @@
 //! certificates, each returned as the journal record that must be written before it is used.
 //! Shared by the first start (`bootstrap`) and rotations (`apply`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{Issuer, KeyPair};
+use rcgen::Issuer;
 use time::OffsetDateTime;
 
 use super::CaError;
 use crate::identity::TrustDomain;
 use crate::journal::{AuthorityRecord, Role, Secret, Status};
-use crate::pki::{self, keys, profile, KeyType, PkiError, PublicKeyKind};
+use crate::pki::{
+    self, cakey, keys, profile, CaKey, KeyType, PkiError, PublicKeyKind, RcgenKey, SoftwareKey,
+};
 
-fn key_of(a: &AuthorityRecord) -> Result<KeyPair, CaError> {
-    keys::load_private_key_pem(a.key_pem.expose().as_bytes())
+/// The signing key of a journal authority: the one place a record becomes a [`CaKey`].
+/// Today every record holds its PKCS#8 key; a record naming a key held elsewhere (an HSM)
+/// resolves here too.
+pub(crate) fn ca_key_of(a: &AuthorityRecord) -> Result<Arc<dyn CaKey>, CaError> {
+    SoftwareKey::from_pem(a.key_pem.expose().as_bytes())
+        .map(SoftwareKey::shared)
         .map_err(|e| CaError::Config(format!("authority {}: {e}", a.id)))
 }
 
 pub(crate) fn key_type_of(a: &AuthorityRecord) -> Result<KeyType, CaError> {
-    Ok(match keys::key_pair_kind(&key_of(a)?)? {
-        PublicKeyKind::EcP256 => KeyType::EcP256,
-        PublicKeyKind::EcP384 => KeyType::EcP384,
-        PublicKeyKind::Rsa { bits: 3072 } => KeyType::Rsa3072,
-        PublicKeyKind::Rsa { bits: 4096 } => KeyType::Rsa4096,
-        PublicKeyKind::Rsa { .. } => KeyType::Rsa2048,
-    })
+    Ok(
+        match keys::spki_kind(&cakey::spki(ca_key_of(a)?.as_ref()))? {
+            PublicKeyKind::EcP256 => KeyType::EcP256,
+            PublicKeyKind::EcP384 => KeyType::EcP384,
+            PublicKeyKind::Rsa { bits: 3072 } => KeyType::Rsa3072,
+            PublicKeyKind::Rsa { bits: 4096 } => KeyType::Rsa4096,
+            PublicKeyKind::Rsa { .. } => KeyType::Rsa2048,
+        },
+    )
 }
 
-fn issuer_of(a: &AuthorityRecord) -> Result<Issuer<'static, KeyPair>, CaError> {
-    Ok(Issuer::from_ca_cert_pem(&a.cert_pem, key_of(a)?).map_err(PkiError::from)?)
+/// rcgen's issuer for authority `a`, signing with `key` (its key, from [`ca_key_of`]).
+fn issuer_of(
+    a: &AuthorityRecord,
+    key: Arc<dyn CaKey>,
+) -> Result<Issuer<'static, RcgenKey>, CaError> {
+    Ok(Issuer::from_ca_cert_pem(&a.cert_pem, RcgenKey::new(key)).map_err(PkiError::from)?)
 }
 
 /// The journal entry for a freshly minted authority; its id is the certificate serial.
@@ -36,7 +49,7 @@ fn record(
     role: Role,
     status: Status,
     cert: &rcgen::Certificate,
-    key: &KeyPair,
+    key: &SoftwareKey,
     issuer: Option<String>,
     params: &rcgen::CertificateParams,
     now: i64,
@@ -50,7 +63,7 @@ fn record(
         role,
         status,
         cert_pem: cert.pem(),
-        key_pem: Secret::new(key.serialize_pem()),
+        key_pem: Secret::new(key.pkcs8_pem()),
         issuer,
         created_at: now,
         activated_at: (status == Status::Active).then_some(now),
@@ -70,12 +83,14 @@ pub fn mint_root(
     ttl: Duration,
     status: Status,
 ) -> Result<AuthorityRecord, CaError> {
-    let key = kt.generate()?;
-    let serial = pki::random_serial();
+    let key = Arc::new(SoftwareKey::generate(kt)?);
+    let serial = pki::try_random_serial()?;
     let not_after = crate::clock::checked_add(now, ttl)
         .ok_or_else(|| CaError::Config("the root lifetime is out of range".into()))?;
     let params = profile::root(td, &serial, now - profile::BACKDATE, not_after);
-    let cert = params.self_signed(&key).map_err(PkiError::from)?;
+    let cert = params
+        .self_signed(&RcgenKey::new(key.clone()))
+        .map_err(PkiError::from)?;
     Ok(record(
         Role::Root,
         status,
@@ -87,7 +102,8 @@ pub fn mint_root(
     ))
 }
 
-/// A new intermediate under `parent`, living `ttl` but never past the parent.
+/// A new intermediate under `parent`, living `ttl` but never past the parent. Returns its key
+/// too (a root rotation cross-signs it).
 pub fn mint_intermediate(
     td: &TrustDomain,
     kt: KeyType,
@@ -95,9 +111,24 @@ pub fn mint_intermediate(
     now: OffsetDateTime,
     ttl: Duration,
     status: Status,
-) -> Result<(AuthorityRecord, KeyPair), CaError> {
-    let key = kt.generate()?;
-    let serial = pki::random_serial();
+) -> Result<(AuthorityRecord, Arc<dyn CaKey>), CaError> {
+    mint_intermediate_under(td, kt, parent, ca_key_of(parent)?, now, ttl, status)
+}
+
+/// [`mint_intermediate`], signed by `parent_key` (the parent's key).
+// Seven plain inputs, each used once.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn mint_intermediate_under(
+    td: &TrustDomain,
+    kt: KeyType,
+    parent: &AuthorityRecord,
+    parent_key: Arc<dyn CaKey>,
+    now: OffsetDateTime,
+    ttl: Duration,
+    status: Status,
+) -> Result<(AuthorityRecord, Arc<dyn CaKey>), CaError> {
+    let key = Arc::new(SoftwareKey::generate(kt)?);
+    let serial = pki::try_random_serial()?;
     let not_after = crate::clock::checked_add(now, ttl)
         .ok_or_else(|| CaError::Config("the intermediate lifetime is out of range".into()))?
         .min(
@@ -106,7 +137,7 @@ pub fn mint_intermediate(
         );
     let params = profile::intermediate(td, &serial, now - profile::BACKDATE, not_after);
     let cert = params
-        .signed_by(&key, &issuer_of(parent)?)
+        .signed_by(&RcgenKey::new(key.clone()), &issuer_of(parent, parent_key)?)
         .map_err(PkiError::from)?;
     let rec = record(
         Role::Intermediate,
@@ -124,11 +155,23 @@ pub fn mint_intermediate(
 pub(crate) fn cross_sign(
     td: &TrustDomain,
     int: &AuthorityRecord,
-    int_key: &KeyPair,
+    int_key: &Arc<dyn CaKey>,
     old_root: &AuthorityRecord,
     now: OffsetDateTime,
 ) -> Result<String, CaError> {
-    let serial = pki::random_serial();
+    cross_sign_with(td, int, int_key, old_root, ca_key_of(old_root)?, now)
+}
+
+/// [`cross_sign`], signed by `old_root_key` (the old root's key).
+pub(crate) fn cross_sign_with(
+    td: &TrustDomain,
+    int: &AuthorityRecord,
+    int_key: &Arc<dyn CaKey>,
+    old_root: &AuthorityRecord,
+    old_root_key: Arc<dyn CaKey>,
+    now: OffsetDateTime,
+) -> Result<String, CaError> {
+    let serial = pki::try_random_serial()?;
     let not_after = OffsetDateTime::from_unix_timestamp(int.not_after.min(old_root.not_after))
         .map_err(|e| CaError::Config(e.to_string()))?;
     // Same subject (CN carries the intermediate's own id) so leaves chain through either.
@@ -136,7 +179,10 @@ pub(crate) fn cross_sign(
     let mut params = profile::intermediate(td, &int_serial, now - profile::BACKDATE, not_after);
     params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
     Ok(params
-        .signed_by(int_key, &issuer_of(old_root)?)
+        .signed_by(
+            &RcgenKey::new(int_key.clone()),
+            &issuer_of(old_root, old_root_key)?,
+        )
         .map_err(PkiError::from)?
         .pem())
 }

@@ -18,6 +18,9 @@ pub mod scheduler;
 pub mod signer;
 pub mod update;
 
+#[cfg(test)]
+mod key_seam_tests;
+
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;

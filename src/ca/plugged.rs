@@ -198,6 +198,9 @@ pub fn load_checked(
     } else {
         RevocationView::default()
     };
+    let key = crate::pki::SoftwareKey::new(key)
+        .map_err(|e| bad(dir, "ca-key.pem", e.to_string()))?
+        .shared();
     let signer = Signer::new(td.clone(), ca_cert, key, between, roots)
         .map_err(|e| bad(dir, "cert-chain.pem", e.to_string()))?
         .with_revocations(view);

@@ -3,14 +3,17 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use rcgen::{Issuer, KeyPair};
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 
 use crate::identity::{SpiffeId, TrustDomain};
+use crate::pki::cakey::{self, CaKey, KeyError, RcgenKey};
 use crate::pki::chain::{self, CertInfo};
 use crate::pki::csr::SubjectKey;
-use crate::pki::{pem, profile, random_serial, PkiError, PublicKeyKind};
+use crate::pki::{pem, profile, try_random_serial, PkiError, PublicKeyKind};
 
 /// A certificate just issued.
 #[derive(Debug, Clone)]
@@ -33,16 +36,36 @@ pub enum SignError {
     /// The signing CA's notAfter has passed (the time it expired); the server answers Unavailable.
     #[error("the signing CA expired at {0}")]
     Expired(OffsetDateTime),
+    /// The CA key could not sign; [`KeyError::Unavailable`] may pass on a retry (an HSM
+    /// that is briefly unreachable), so a surface may answer Unavailable for it.
+    #[error(transparent)]
+    Key(KeyError),
     /// Building or checking the certificate failed.
     #[error(transparent)]
-    Pki(#[from] PkiError),
+    Pki(PkiError),
+}
+
+impl From<PkiError> for SignError {
+    fn from(e: PkiError) -> Self {
+        match e {
+            PkiError::Key(k) => SignError::Key(k),
+            other => SignError::Pki(other),
+        }
+    }
+}
+
+impl From<rcgen::Error> for SignError {
+    fn from(e: rcgen::Error) -> Self {
+        PkiError::from(e).into()
+    }
 }
 
 /// The immutable signing state: key, signing certificate, chain to the roots, trust bundle and
 /// revocations.
 pub struct Signer {
     trust_domain: TrustDomain,
-    issuer: Issuer<'static, KeyPair>,
+    /// The signing key behind rcgen's issuer: every leaf this signer issues is signed here.
+    issuer: Issuer<'static, RcgenKey>,
     key_kind: PublicKeyKind,
     signing: CertInfo,
     signing_der: CertificateDer<'static>,
@@ -115,11 +138,12 @@ impl Signer {
     pub fn new(
         trust_domain: TrustDomain,
         signing_der: CertificateDer<'static>,
-        key: KeyPair,
+        key: Arc<dyn CaKey>,
         chain: Vec<CertificateDer<'static>>,
         roots: Vec<CertificateDer<'static>>,
     ) -> Result<Self, PkiError> {
-        if !chain::key_matches_cert(&key, &signing_der)? {
+        let spki = cakey::spki(key.as_ref());
+        if !chain::spki_matches_cert(&spki, &signing_der)? {
             return Err(PkiError::invalid(
                 "the private key does not match the signing certificate",
             ));
@@ -156,8 +180,8 @@ impl Signer {
             .iter()
             .map(|r| chain::describe(r))
             .collect::<Result<Vec<_>, _>>()?;
-        let key_kind = crate::pki::keys::key_pair_kind(&key)?;
-        let issuer = Issuer::from_ca_cert_der(&signing_der, key)?;
+        let key_kind = crate::pki::keys::spki_kind(&spki)?;
+        let issuer = Issuer::from_ca_cert_der(&signing_der, RcgenKey::new(key))?;
         Ok(Self {
             trust_domain,
             issuer,
@@ -287,6 +311,11 @@ impl Signer {
         &self.signing_der
     }
 
+    /// The signing key, for signatures rcgen does not make (JWT-SVIDs: [`CaKey::sign_jws`]).
+    pub fn key(&self) -> &Arc<dyn CaKey> {
+        self.issuer.key().key()
+    }
+
     /// The signing key's type; it decides the signature algorithm of what it issues.
     pub fn key_kind(&self) -> PublicKeyKind {
         self.key_kind
@@ -378,15 +407,13 @@ impl Signer {
         for_node: bool,
     ) -> Result<Issued, SignError> {
         let (nb, na) = self.validity(now, ttl)?;
-        let serial = random_serial();
+        let serial = try_random_serial()?;
         let params = if for_node {
             profile::workload_for_node(id, &serial, nb, na)?
         } else {
             profile::workload(id, &serial, nb, na)?
         };
-        let cert = params
-            .signed_by(key, &self.issuer)
-            .map_err(PkiError::from)?;
+        let cert = params.signed_by(key, &self.issuer)?;
         Ok(issued(&serial, cert, nb, na))
     }
 
@@ -399,11 +426,9 @@ impl Signer {
         ttl: Duration,
     ) -> Result<Issued, SignError> {
         let (nb, na) = self.validity(now, ttl)?;
-        let serial = random_serial();
+        let serial = try_random_serial()?;
         let params = profile::serving(names, &serial, nb, na)?;
-        let cert = params
-            .signed_by(key, &self.issuer)
-            .map_err(PkiError::from)?;
+        let cert = params.signed_by(key, &self.issuer)?;
         Ok(issued(&serial, cert, nb, na))
     }
 }

@@ -139,9 +139,16 @@ pub fn may_sign_certificates(der: &[u8]) -> Result<bool, PkiError> {
 
 /// Whether `key`'s public half is the one certified in `cert_der`.
 pub fn key_matches_cert(key: &rcgen::KeyPair, cert_der: &[u8]) -> Result<bool, PkiError> {
+    spki_matches_cert(
+        &rcgen::PublicKeyData::subject_public_key_info(key),
+        cert_der,
+    )
+}
+
+/// Whether the DER SubjectPublicKeyInfo `spki` is the one certified in `cert_der`.
+pub fn spki_matches_cert(spki: &[u8], cert_der: &[u8]) -> Result<bool, PkiError> {
     let c = parse(cert_der)?;
-    let spki = rcgen::PublicKeyData::subject_public_key_info(key);
-    Ok(c.public_key().raw == spki.as_slice())
+    Ok(c.public_key().raw == spki)
 }
 
 /// Which end of a TLS connection a leaf is checked for.

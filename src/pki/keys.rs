@@ -259,8 +259,12 @@ fn der_tlv(tag: u8, content: &[u8]) -> Vec<u8> {
 
 /// The key type of a key pair we hold, for status output and audit logs.
 pub fn key_pair_kind(kp: &KeyPair) -> Result<PublicKeyKind, PkiError> {
-    let spki_der = rcgen::PublicKeyData::subject_public_key_info(kp);
-    let (_, spki) = <SubjectPublicKeyInfo as x509_parser::prelude::FromDer<_>>::from_der(&spki_der)
+    spki_kind(&rcgen::PublicKeyData::subject_public_key_info(kp))
+}
+
+/// The key type of a DER SubjectPublicKeyInfo (e.g. [`super::cakey::spki`] of a CA key).
+pub fn spki_kind(spki_der: &[u8]) -> Result<PublicKeyKind, PkiError> {
+    let (_, spki) = <SubjectPublicKeyInfo as x509_parser::prelude::FromDer<_>>::from_der(spki_der)
         .map_err(|_| PkiError::invalid("unreadable public key"))?;
     PublicKeyKind::of_spki(&spki)
 }

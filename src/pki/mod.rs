@@ -1,14 +1,17 @@
-//! Pure X.509: key types, CSR parsing and verification, certificate profiles, chain checks.
+//! Pure X.509: key types, the CA key seam ([`CaKey`]), CSR parsing and verification,
+//! certificate profiles, chain checks.
 //!
 //! Nothing here knows about gRPC, Kubernetes or files: functions take bytes and values and
 //! return bytes and values, which keeps them easy to test and to fuzz.
 
+pub mod cakey;
 pub mod chain;
 pub mod csr;
 pub mod keys;
 pub mod pem;
 pub mod profile;
 
+pub use cakey::{CaKey, KeyError, RcgenKey, SignatureAlgorithm, SoftwareKey};
 pub use keys::{KeyType, PublicKeyKind};
 
 /// Errors from the pure PKI layer. Messages name the problem and never include key material.
@@ -22,7 +25,25 @@ pub enum PkiError {
     UnsupportedKey(String),
     /// rcgen could not build or sign a certificate.
     #[error("certificate generation failed: {0}")]
-    Generate(#[from] rcgen::Error),
+    Generate(rcgen::Error),
+    /// The CA key could not sign (see [`CaKey::sign`]); `Unavailable` may pass.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
+impl From<rcgen::Error> for PkiError {
+    /// rcgen reports a failed [`CaKey`] only as `RemoteKeyError`; the cause the adapter left
+    /// on this thread ([`RcgenKey`]) becomes [`PkiError::Key`].
+    fn from(e: rcgen::Error) -> Self {
+        match e {
+            rcgen::Error::RemoteKeyError => {
+                PkiError::Key(cakey::take_key_error().unwrap_or_else(|| {
+                    KeyError::Failed("the signing key reported an error".into())
+                }))
+            }
+            other => PkiError::Generate(other),
+        }
+    }
 }
 
 impl PkiError {
@@ -50,6 +71,12 @@ thread_local! {
 /// nonce, inside ring). Each byte goes to exactly one serial and is wiped from the pool when
 /// handed out.
 pub fn random_serial() -> [u8; 16] {
+    try_random_serial().expect("the OS random source failed")
+}
+
+/// [`random_serial`], reporting a failed OS random source instead of panicking: what the
+/// signing paths use, so even that surfaces as an error rather than a crash.
+pub fn try_random_serial() -> Result<[u8; 16], PkiError> {
     use ring::rand::SecureRandom;
     let mut serial = [0u8; 16];
     SERIALS.with(|pool| {
@@ -58,15 +85,16 @@ pub fn random_serial() -> [u8; 16] {
         if *used + serial.len() > bytes.len() {
             ring::rand::SystemRandom::new()
                 .fill(&mut bytes[..])
-                .expect("the OS random source failed");
+                .map_err(|_| PkiError::invalid("the OS random source failed"))?;
             *used = 0;
         }
         let taken = &mut bytes[*used..*used + serial.len()];
         serial.copy_from_slice(taken);
         taken.fill(0);
         *used += serial.len();
-    });
+        Ok::<_, PkiError>(())
+    })?;
     // A zero first octet would make the INTEGER shorter than 128 bits; force a set bit.
     serial[0] |= 0x01;
-    serial
+    Ok(serial)
 }
