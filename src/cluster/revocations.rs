@@ -29,11 +29,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use futures_util::TryStreamExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::controller::{self, Action};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::{watcher, Controller, WatchStreamExt};
+use kube::runtime::{reflector, watcher, Controller, WatchStreamExt};
 use kube::{CustomResource, KubeSchema, Resource, ResourceExt};
 use serde::{Deserialize, Serialize};
 
@@ -855,9 +856,26 @@ impl RevocationController {
             std::future::ready(r.ok().map(|_| ()))
         });
         let sd = shutdown.clone();
-        let controller = Controller::new(api, watcher::Config::default())
+        // The Revocation cache, built here rather than by `Controller::new` so the lift loop
+        // learns that it holds the API server's list from the stream itself. It must not wait
+        // on the cache's own readiness: the controller waits on it too, and kube-runtime's
+        // `Store::wait_until_ready` wakes only the last of several concurrent waiters (its
+        // one-shot keeps one waker), so the lift loop, which waited first, never woke and no
+        // denial was ever lifted (the KNOWN FAILING `deleting_a_revocation_lifts_its_denial`).
+        let (cache, writer) = reflector::store::<Revocation>();
+        let (listed_tx, listed) = tokio::sync::watch::channel(false);
+        let revocations = watcher(api, watcher::Config::default())
+            .reflect(writer)
+            .inspect_ok(move |e| {
+                // After `reflector` applied it: the cache now holds the whole list.
+                if matches!(e, watcher::Event::InitDone) {
+                    listed_tx.send_replace(true);
+                }
+            })
+            .applied_objects();
+        let controller = Controller::for_stream(revocations, cache.clone())
             .with_config(controller::Config::default().debounce(Duration::from_millis(500)));
-        tokio::spawn(self.clone().lift_loop(controller.store(), shutdown.clone()));
+        tokio::spawn(self.clone().lift_loop(cache, listed, shutdown.clone()));
         controller
             .reconcile_all_on(journal_changes)
             .graceful_shutdown_on(async move { sd.wait().await })
@@ -875,17 +893,23 @@ impl RevocationController {
             .await;
     }
 
-    /// Every [`LIFT_EVERY`], lifts the denials whose Revocation is gone, once the cache of
-    /// Revocations holds the API server's initial list (an empty cache would lift them all).
+    /// Every [`LIFT_EVERY`], lifts the denials whose Revocation is gone, once `listed` says the
+    /// cache of Revocations holds the API server's initial list (an empty cache would lift
+    /// them all).
     async fn lift_loop(
         self: Arc<Self>,
-        revocations: kube::runtime::reflector::Store<Revocation>,
+        revocations: reflector::Store<Revocation>,
+        mut listed: tokio::sync::watch::Receiver<bool>,
         shutdown: Shutdown,
     ) {
         tokio::select! {
-            r = revocations.wait_until_ready() => if r.is_err() { return },
+            r = listed.wait_for(|l| *l) => if r.is_err() { return },
             _ = shutdown.wait() => return,
         }
+        tracing::debug!(
+            revocations = revocations.state().len(),
+            "Revocations listed: denials whose Revocation is deleted are lifted from now on"
+        );
         loop {
             if let Err(e) = self.lift_unheld(&revocations).await {
                 tracing::warn!(error = %e, "could not lift denials whose Revocation was deleted; will retry");
@@ -915,7 +939,7 @@ impl RevocationController {
     /// created a moment ago whose denial another replica already wrote.
     pub async fn lift_unheld(
         &self,
-        revocations: &kube::runtime::reflector::Store<Revocation>,
+        revocations: &reflector::Store<Revocation>,
     ) -> Result<usize, RevocationError> {
         let journal = self.current_journal().await?;
         let cached = self.held(revocations.state().iter().map(|r| r.as_ref()));
