@@ -441,6 +441,29 @@ pub fn journal_view(j: &Journal, target: &Target) -> Option<(i64, u64, Vec<CrlVe
     Some((applied_at, serials.len() as u64, crls))
 }
 
+/// Whether an identity Revocation applied at `applied_at` (its `status.appliedAt`) is over:
+/// its denial is no longer `in_journal` and `now` is past the earliest time the scheduler
+/// drops a denial (`max_leaf_ttl` after it was written; it waits the skew margin longer).
+/// Before that, a denial missing from a cache that lags is applied again (a no-op write).
+pub fn denial_over(
+    applied_at: Option<&str>,
+    in_journal: bool,
+    now: i64,
+    max_leaf_ttl: Duration,
+) -> bool {
+    !in_journal
+        && applied_at
+            .and_then(parse_rfc3339)
+            .is_some_and(|at| now >= at.saturating_add(max_leaf_ttl.as_secs() as i64))
+}
+
+/// Unix seconds of an RFC 3339 time (`status.appliedAt`).
+fn parse_rfc3339(s: &str) -> Option<i64> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(|t| t.unix_timestamp())
+}
+
 fn rfc3339(ts: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(ts)
         .ok()
@@ -549,6 +572,9 @@ pub struct RevocationController {
     clock: SharedClock,
     trust_domain: String,
     crl_validity: Duration,
+    /// The rotation policy the scheduler runs with: how long a denial lasts by itself
+    /// ([`revocation::denial_ends_at`]).
+    policy: crate::ca::policy::RotationPolicy,
     recorder: Recorder,
     /// Wakes the scheduler after this controller wrote the journal (installs the denial now).
     wake: Arc<tokio::sync::Notify>,
@@ -626,7 +652,7 @@ impl RevocationController {
         index: Arc<dyn IssuanceIndex>,
         clock: SharedClock,
         trust_domain: &str,
-        crl_validity: Duration,
+        policy: crate::ca::policy::RotationPolicy,
         wake: Arc<tokio::sync::Notify>,
         ca_resource: &str,
     ) -> Arc<Self> {
@@ -645,7 +671,8 @@ impl RevocationController {
             index,
             clock,
             trust_domain: trust_domain.to_string(),
-            crl_validity,
+            crl_validity: policy.crl_validity,
+            policy,
             wake,
             scanned: Mutex::new(BTreeMap::new()),
             journal: Mutex::new(None),
@@ -1077,9 +1104,19 @@ impl RevocationController {
         let mut journal = self.current_journal().await?;
         // A serial the journal carried once and has pruned (its certificate expired) is done:
         // adding it again would keep an expired serial on every CRL for another year.
-        let expired = matches!(target, Target::Serial(_))
-            && rev.status.as_ref().is_some_and(|s| s.applied_at.is_some())
-            && journal_view(&journal, &target).is_none();
+        let applied_at = rev.status.as_ref().and_then(|s| s.applied_at.as_deref());
+        let expired = match &target {
+            Target::Serial(_) => applied_at.is_some() && journal_view(&journal, &target).is_none(),
+            // Its denial was dropped by the scheduler once nothing it covered could be valid
+            // (at the earliest `--max-ttl` after it was applied): applying it again would deny
+            // the identity for another `--max-ttl`, on every journal change.
+            Target::Identity(_) => denial_over(
+                applied_at,
+                journal_view(&journal, &target).is_some(),
+                now.unix_timestamp(),
+                self.policy.max_leaf_ttl,
+            ),
+        };
         let placeable = matches!(target, Target::Identity(_)) || !mine.is_empty() || fallback;
         let (validity, reason) = (self.crl_validity, rev.spec.reason);
         let ceiling = self.store.revocation_ceiling();
@@ -1151,14 +1188,20 @@ impl RevocationController {
             observed_generation: generation,
         };
         let cond = match (&view, &target, &full) {
-            (Some((_, n, crls)), Target::Identity(id), _) => condition(
-                old_cond,
-                true,
-                "Applied",
-                format!("{id} is denied new certificates while a Revocation names it (deleting this one lifts the denial unless another names it too); {n} certificate(s) on {} CRL(s)", crls.len()),
-                generation,
-                now,
-            ),
+            (Some((_, n, crls)), Target::Identity(id), _) => {
+                let ends = journal
+                    .is_denied(id)
+                    .map(|d| rfc3339(revocation::denial_ends_at(&journal, d, &self.policy)))
+                    .unwrap_or_default();
+                condition(
+                    old_cond,
+                    true,
+                    "Applied",
+                    format!("{id} is denied new certificates while a Revocation names it (deleting this one lifts the denial unless another names it too), until {ends} at the latest, when every certificate it covers has expired; {n} certificate(s) on {} CRL(s)", crls.len()),
+                    generation,
+                    now,
+                )
+            }
             (Some((_, _, crls)), Target::Serial(s), _) => condition(
                 old_cond,
                 true,
@@ -1180,6 +1223,14 @@ impl RevocationController {
                 true,
                 "Expired",
                 format!("serial {s} was on the CRL until its certificate expired; nothing is left to revoke"),
+                generation,
+                now,
+            ),
+            (None, Target::Identity(id), None) if expired => condition(
+                old_cond,
+                false,
+                "DenialExpired",
+                format!("the denial of {id} ended by itself once every certificate it covered had expired (--max-ttl after it was applied, plus the clock-skew margin): {id} may get certificates again; delete this Revocation, or create a new one to deny it again"),
                 generation,
                 now,
             ),
@@ -1522,6 +1573,27 @@ mod tests {
         .await
         .unwrap();
         assert!(serde_json::to_vec(&store.journal().unwrap()).unwrap().len() > size + 1000);
+    }
+
+    /// Issue 20, M2: once the scheduler dropped a denial that had nothing left to cover, its
+    /// Revocation is over (condition `DenialExpired`) and is not applied again; a denial
+    /// missing from a lagging cache right after it was applied is not "over".
+    #[test]
+    fn an_expired_denial_is_not_applied_again() {
+        let ttl = Duration::from_secs(3600);
+        let at = "2030-01-01T00:00:00Z";
+        let t = parse_rfc3339(at).unwrap();
+        assert!(denial_over(Some(at), false, t + 3600, ttl));
+        assert!(
+            !denial_over(Some(at), true, t + 3600, ttl),
+            "still in the journal"
+        );
+        assert!(
+            !denial_over(Some(at), false, t + 5, ttl),
+            "a cache that lags"
+        );
+        assert!(!denial_over(None, false, t + 7200, ttl), "never applied");
+        assert!(!denial_over(Some("garbage"), false, t + 7200, ttl));
     }
 
     #[test]
