@@ -428,13 +428,9 @@ impl RevocationController {
         }
     }
 
-    /// The identities the Revocations in `revs` deny.
+    /// The identities the Revocations in `revs` deny now (see [`held_at`]).
     fn held<'a>(&self, revs: impl Iterator<Item = &'a Revocation>) -> HashSet<String> {
-        revs.filter_map(|r| match target(&r.spec, &self.trust_domain) {
-            Ok(Target::Identity(id)) => Some(id),
-            _ => None,
-        })
-        .collect()
+        held_at(revs, &self.trust_domain, self.clock.now().unix_timestamp())
     }
 
     /// Removes from the journal every denial held by a Revocation (see
@@ -590,6 +586,9 @@ impl RevocationController {
             // Its denial was dropped by the scheduler once nothing it covered could be valid
             // (at the earliest `--max-ttl` after it was applied): applying it again would deny
             // the identity for another `--max-ttl`, on every journal change.
+            Target::Identity(_) if matches!(expires_at(&rev.spec), Ok(Some(e)) if now.unix_timestamp() >= e) => {
+                true
+            }
             Target::Identity(_) => denial_over(
                 applied_at,
                 journal_view(&journal, &target).is_some(),
@@ -710,7 +709,10 @@ impl RevocationController {
                 old_cond,
                 false,
                 "DenialExpired",
-                format!("the denial of {id} ended by itself once every certificate it covered had expired (--max-ttl after it was applied, plus the clock-skew margin): {id} may get certificates again; delete this Revocation, or create a new one to deny it again"),
+                match &rev.spec.expiration_timestamp {
+                    Some(at) if matches!(expires_at(&rev.spec), Ok(Some(e)) if now.unix_timestamp() >= e) => format!("the denial of {id} ended at its expirationTimestamp {at}: {id} may get certificates again; delete this Revocation, or create a new one to deny it again"),
+                    _ => format!("the denial of {id} ended by itself once every certificate it covered had expired (--max-ttl after it was applied, plus the clock-skew margin): {id} may get certificates again; delete this Revocation, or create a new one to deny it again"),
+                },
                 generation,
                 now,
             ),

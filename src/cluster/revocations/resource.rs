@@ -76,6 +76,11 @@ impl RevocationReason {
     printcolumn(name = "Serial", type_ = "string", json_path = ".spec.serial"),
     printcolumn(name = "Reason", type_ = "string", json_path = ".spec.reason"),
     printcolumn(
+        name = "Expires",
+        type_ = "string",
+        json_path = ".spec.expirationTimestamp"
+    ),
+    printcolumn(
         name = "Applied",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Applied\")].status"
@@ -93,6 +98,7 @@ impl RevocationReason {
     )
 )]
 #[x_kube(validation = Rule::new("has(self.serial) != has(self.identity)").message("name exactly one of spec.serial or spec.identity"))]
+#[x_kube(validation = Rule::new("!has(self.expirationTimestamp) || has(self.identity)").message("expirationTimestamp applies to spec.identity only: a revoked serial stays revoked"))]
 #[x_kube(validation = Rule::new("self == oldSelf").message("a Revocation cannot be changed once created (a revocation is final); create another one"))]
 #[serde(rename_all = "camelCase")]
 pub struct RevocationSpec {
@@ -101,7 +107,7 @@ pub struct RevocationSpec {
     #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new("self.matches('^(0[xX])?[0-9a-fA-F:]{1,59}$')").message("serial must be hex (colons allowed), at most 20 bytes, e.g. 3a:9f:0c or 3a9f0c"))]
     pub serial: Option<String>,
-    /// SPIFFE ID of a Kubernetes service account, spiffe://<trust domain>/ns/<namespace>/sa/<name>, to deny while this Revocation exists; its live certificates are revoked.
+    /// SPIFFE ID of a Kubernetes service account, spiffe://<trust domain>/ns/<namespace>/sa/<name>, to deny while this Revocation exists (and at most until expirationTimestamp, or until every certificate it covers has expired); its live certificates are revoked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 588))]
     #[x_kube(validation = Rule::new(IDENTITY_RULE).message("identity must be a SPIFFE ID of a Kubernetes service account, spiffe://<trust domain>/ns/<namespace>/sa/<name> (namespace: a DNS label of at most 63 characters; name: a DNS subdomain), such as spiffe://cluster.local/ns/shop/sa/frontend"))]
@@ -110,6 +116,10 @@ pub struct RevocationSpec {
     /// RFC 5280 reason, as it appears on the CRL.
     #[serde(default)]
     pub reason: RevocationReason,
+    /// With spec.identity only: when the denial ends by itself (RFC 3339, e.g. 2030-01-01T00:00:00Z), even while this Revocation exists. Without it the denial ends when the Revocation is deleted, or once every certificate it covers has expired (--max-ttl after it was applied, plus the clock-skew margin), whichever comes first. The certificates it revoked stay on the CRL until they expire either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"))]
+    pub expiration_timestamp: Option<String>,
 }
 
 /// A condition in the Kubernetes convention.
@@ -216,6 +226,13 @@ pub fn normalize_serial(s: &str) -> Option<String> {
 /// Checks a spec the way the CRD schema does (an object stored before the CRD had its
 /// rules, or written around them, must not be acted on wrongly) plus the trust domain.
 pub fn target(spec: &RevocationSpec, trust_domain: &str) -> Result<Target, String> {
+    expires_at(spec)?;
+    if spec.expiration_timestamp.is_some() && spec.identity.is_none() {
+        return Err(
+            "spec.expirationTimestamp applies to spec.identity only: a revoked serial stays revoked"
+                .into(),
+        );
+    }
     match (&spec.serial, &spec.identity) {
         (Some(s), None) => normalize_serial(s).map(Target::Serial).ok_or_else(|| {
             format!("spec.serial {s:?} is not a certificate serial: expected up to 20 bytes of hex")
@@ -223,6 +240,34 @@ pub fn target(spec: &RevocationSpec, trust_domain: &str) -> Result<Target, Strin
         (None, Some(i)) => identity_target(i, trust_domain).map(Target::Identity),
         _ => Err("name exactly one of spec.serial or spec.identity".into()),
     }
+}
+
+/// When the denial a spec asks for ends by itself (`spec.expirationTimestamp`, unix seconds).
+pub fn expires_at(spec: &RevocationSpec) -> Result<Option<i64>, String> {
+    let Some(raw) = &spec.expiration_timestamp else {
+        return Ok(None);
+    };
+    time::OffsetDateTime::parse(raw, &time::format_description::well_known::Rfc3339)
+        .map(|t| Some(t.unix_timestamp()))
+        .map_err(|_| {
+            let head: String = raw.chars().take(40).collect();
+            format!("spec.expirationTimestamp {head:?} is not an RFC 3339 time such as 2030-01-01T00:00:00Z")
+        })
+}
+
+/// The identities the Revocations in `revs` deny at `now`: those naming a valid identity
+/// whose `expirationTimestamp` has not passed. A denial no Revocation holds is lifted.
+pub fn held_at<'a>(
+    revs: impl Iterator<Item = &'a Revocation>,
+    trust_domain: &str,
+    now: i64,
+) -> std::collections::HashSet<String> {
+    revs.filter(|r| !matches!(expires_at(&r.spec), Ok(Some(e)) if now >= e))
+        .filter_map(|r| match target(&r.spec, trust_domain) {
+            Ok(Target::Identity(id)) => Some(id),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Checks an identity to deny (a Revocation's `spec.identity`, `citadel revoke --identity`):
@@ -307,7 +352,40 @@ mod tests {
             serial: serial.map(Into::into),
             identity: identity.map(Into::into),
             reason: RevocationReason::default(),
+            expiration_timestamp: None,
         }
+    }
+
+    /// Issue 20, M2: a Revocation with an expirationTimestamp holds its denial until then, on
+    /// the injected clock; a bad time or one on a serial is refused. Failed before: the field
+    /// did not exist and a denial was held for as long as its Revocation existed.
+    #[test]
+    fn an_expiration_timestamp_ends_the_hold() {
+        use crate::clock::{Clock, ManualClock};
+        let td = "cluster.local";
+        let id = "spiffe://cluster.local/ns/shop/sa/cart";
+        let t0 = time::macros::datetime!(2030-01-01 0:00 UTC);
+        let clock = ManualClock::new(t0);
+        let mut s = spec(None, Some(id));
+        s.expiration_timestamp = Some("2030-01-01T01:00:00Z".into());
+        let with = Revocation::new("a", s.clone());
+        let held =
+            |revs: &[&Revocation]| held_at(revs.iter().copied(), td, clock.now().unix_timestamp());
+        assert!(held(&[&with]).contains(id));
+        clock.advance(time::Duration::minutes(59));
+        assert!(held(&[&with]).contains(id));
+        clock.advance(time::Duration::minutes(1));
+        assert!(held(&[&with]).is_empty(), "expired at 01:00");
+        let without = Revocation::new("b", spec(None, Some(id)));
+        assert!(
+            held(&[&with, &without]).contains(id),
+            "another still holds it"
+        );
+        s.expiration_timestamp = Some("tomorrow".into());
+        assert!(target(&s, td).unwrap_err().contains("RFC 3339"));
+        let mut serial = spec(Some("0a"), None);
+        serial.expiration_timestamp = Some("2030-01-01T01:00:00Z".into());
+        assert!(target(&serial, td).unwrap_err().contains("identity only"));
     }
 
     #[test]
