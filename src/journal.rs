@@ -185,7 +185,9 @@ impl Revocation {
 /// each replica's sweep puts that identity's certificates on the CRL. A denial written by the
 /// Revocation controller names its resource and is lifted (removed) once no Revocation names
 /// the identity any more; one written by `citadel revoke` on a state directory stays until
-/// `citadel revoke --lift`. The certificates it revoked stay on the CRL either way, until they
+/// `citadel revoke --lift`. Any denial ends by itself once no certificate it covers can still
+/// be valid (`ca::revocation::denial_ends_at`, from `since`, the longest leaf lifetime and
+/// the skew margin). The certificates it revoked stay on the CRL either way, until they
 /// expire: lifting a denial never un-revokes.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DeniedIdentity {

@@ -196,7 +196,7 @@ pub async fn run(
                     index.clone(),
                     clock.clone(),
                     config.trust_domain.as_str(),
-                    config.rotation.crl_validity,
+                    config.rotation.clone(),
                     scheduler.wake.clone(),
                     &config.ca_resource,
                 );

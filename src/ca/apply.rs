@@ -170,6 +170,19 @@ pub fn apply(
             set_status(j, &r.old_root, Status::Retired, ts);
         }
         Action::PruneRevocations => j.revocations.retain(|r| r.not_after >= ts),
+        Action::ExpireDenials { identities } => {
+            // Re-checked here: the journal may have changed since it was planned.
+            let ended: Vec<bool> = j
+                .denied
+                .iter()
+                .map(|d| {
+                    identities.contains(&d.identity)
+                        && ts >= super::revocation::denial_ends_at(j, d, p)
+                })
+                .collect();
+            let mut ended = ended.into_iter();
+            j.denied.retain(|_| !ended.next().unwrap_or(false));
+        }
         Action::SignCrl { issuer } => crl::sign(j, issuer, now, p.crl_validity)?,
     }
     // A retired authority's CRL is no longer published or re-signed; drop it so status and

@@ -35,6 +35,12 @@ pub enum Action {
     CompleteRootRotation,
     /// Drop revocations whose certificates have expired.
     PruneRevocations,
+    /// Drop the denials that have nothing left to cover
+    /// ([`super::revocation::denial_ends_at`]): the identities may get certificates again.
+    ExpireDenials {
+        /// The identities whose denial ends.
+        identities: Vec<String>,
+    },
     /// (Re-)sign one authority's CRL: its list changed or half its validity passed.
     SignCrl {
         /// The id of the authority whose CRL is due.
@@ -120,6 +126,15 @@ pub fn plan(now: i64, j: &Journal, p: &RotationPolicy) -> Vec<Action> {
     }
     if j.revocations.iter().any(|r| r.not_after < now) {
         out.push(Action::PruneRevocations);
+    }
+    let ended: Vec<String> = j
+        .denied
+        .iter()
+        .filter(|d| now >= super::revocation::denial_ends_at(j, d, p))
+        .map(|d| d.identity.clone())
+        .collect();
+    if !ended.is_empty() {
+        out.push(Action::ExpireDenials { identities: ended });
     }
     for a in j.authorities.iter().filter(|a| a.status != Status::Retired) {
         let want = crl::serials_for(j, &a.id);
@@ -329,6 +344,60 @@ mod tests {
         });
         assert_eq!(plan(t0 + 60, &j, &p), vec![Action::SignCrl { issuer: int }]);
         assert!(plan(t0 + 2 * DAY, &j, &p).contains(&Action::PruneRevocations));
+    }
+
+    /// Issue 20, M2: a denial is dropped once no certificate it covers can still be valid:
+    /// `--max-ttl` after it was written, or the last notAfter of the identity's revoked
+    /// certificates if later, plus the skew margin. Failed before: no action ever dropped one.
+    #[test]
+    fn denials_expire_once_nothing_they_cover_can_be_valid() {
+        let (mut j, p, t0) = setup();
+        let int = j.active_signer().unwrap().id.clone();
+        let deny = |id: &str, since: i64| crate::journal::DeniedIdentity {
+            identity: id.into(),
+            since,
+            reason: "unspecified".into(),
+            revocation: Some("citadel/r".into()),
+        };
+        let (a, b) = ("spiffe://td/ns/a/sa/a", "spiffe://td/ns/a/sa/b");
+        j.denied.push(deny(a, t0));
+        j.denied.push(deny(b, t0));
+        // b had a certificate signed late (a replica installed the denial late) that outlives
+        // `since + max_leaf_ttl`.
+        let ttl = p.max_leaf_ttl.as_secs() as i64;
+        let skew = p.skew_margin.as_secs() as i64;
+        j.revocations.push(crate::journal::Revocation {
+            serial: "cd".into(),
+            issuer: int,
+            identity: Some(b.into()),
+            not_after: t0 + ttl + 600,
+            revoked_at: t0 + 600,
+            reason: "unspecified".into(),
+        });
+        let expiring = |now: i64| {
+            plan(now, &j, &p).into_iter().find_map(|a| match a {
+                Action::ExpireDenials { identities } => Some(identities),
+                _ => None,
+            })
+        };
+        assert_eq!(expiring(t0 + ttl + skew - 1), None);
+        assert_eq!(expiring(t0 + ttl + skew), Some(vec![a.to_string()]));
+        assert_eq!(
+            expiring(t0 + ttl + 600 + skew),
+            Some(vec![a.to_string(), b.to_string()])
+        );
+        let at = |s: i64| time::OffsetDateTime::from_unix_timestamp(s).unwrap();
+        let actions = plan(t0 + ttl + skew, &j, &p);
+        for x in &actions {
+            apply(&mut j, x, at(t0 + ttl + skew), &p).unwrap();
+        }
+        assert_eq!(
+            j.denied
+                .iter()
+                .map(|d| d.identity.as_str())
+                .collect::<Vec<_>>(),
+            vec![b]
+        );
     }
 
     /// A 40-second intermediate (notBefore backdated 2 minutes) is not "75% old" at birth:

@@ -138,6 +138,31 @@ pub fn lift_identity(j: &mut Journal, identity: &str) -> Result<DeniedIdentity, 
     Ok(j.denied.remove(i))
 }
 
+/// When a denial has nothing left to cover and is dropped from the journal by itself (unix
+/// seconds): once no certificate of the identity that was issued before it can still be valid.
+///
+/// A denial refuses new certificates and, for the ones issued before it, renewal by client
+/// certificate even where no index knew them (so no CRL lists them). Those were issued at
+/// the latest when the denial was written, for at most the longest leaf lifetime
+/// (`max_leaf_ttl`, `--max-ttl`); a signer whose clock ran ahead by up to the skew margin
+/// dated them that much later, and a replica that installed the denial late signed a few
+/// more, each recorded with its notAfter when its sweep revoked it. So the denial ends at
+/// the later of `since + max_leaf_ttl` and the last notAfter among the identity's revocations,
+/// plus `skew_margin`: the same grace an intermediate gets before it is retired.
+pub fn denial_ends_at(j: &Journal, d: &DeniedIdentity, p: &super::policy::RotationPolicy) -> i64 {
+    let known = j
+        .revocations
+        .iter()
+        .filter(|r| r.identity.as_deref() == Some(d.identity.as_str()))
+        .map(|r| r.not_after)
+        .max()
+        .unwrap_or(i64::MIN);
+    d.since
+        .saturating_add(p.max_leaf_ttl.as_secs() as i64)
+        .max(known)
+        .saturating_add(p.skew_margin.as_secs() as i64)
+}
+
 /// Puts on the CRL every certificate in `live` whose identity the journal denies and that is
 /// not revoked yet, with the denial's reason, and re-signs the CRLs of their issuers. Returns
 /// how many were newly revoked.

@@ -244,7 +244,10 @@ impl Scheduler {
             }
             for a in &actions {
                 apply(&mut journal, a, now, &self.policy)?;
-                if !matches!(a, Action::SignCrl { .. } | Action::PruneRevocations) {
+                if let Action::ExpireDenials { identities } = a {
+                    let shown: Vec<&String> = identities.iter().take(20).collect();
+                    tracing::info!(target: "citadel::audit", event = "denial_expired", count = identities.len(), identities = ?shown, "dropped denials that have nothing left to cover (--max-ttl plus the skew margin after they were written, and every certificate they revoked expired): these identities may get certificates again");
+                } else if !matches!(a, Action::SignCrl { .. } | Action::PruneRevocations) {
                     tracing::info!(target: "citadel::audit", event = "rotation_step", action = %describe(a), "CA rotation step");
                 } else {
                     tracing::debug!(action = %describe(a), "CA maintenance");
@@ -308,5 +311,56 @@ impl Scheduler {
                 _ = shutdown.wait() => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::store::mem::MemStore;
+
+    /// Issue 20, M2: a denial expires by itself once nothing it covers can be valid, moved by
+    /// the injected clock alone: installed and enforced before, dropped from the journal and
+    /// no longer enforced after. Failed before: the denial stayed forever.
+    #[tokio::test]
+    async fn a_denial_expires_by_itself_on_the_injected_clock() {
+        let t0 = time::macros::datetime!(2030-01-01 0:00 UTC);
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let opts = super::bootstrap::CaOptions::new(td.clone());
+        let mut j = super::bootstrap::new_journal(&opts, t0).unwrap();
+        let id = "spiffe://cluster.local/ns/shop/sa/cart";
+        j.denied.push(crate::journal::DeniedIdentity {
+            identity: id.into(),
+            since: t0.unix_timestamp(),
+            reason: "key-compromise".into(),
+            revocation: Some("citadel/cart".into()),
+        });
+        let store = Arc::new(MemStore::with_journal(j));
+        let policy = RotationPolicy {
+            max_leaf_ttl: Duration::from_secs(3600),
+            ..RotationPolicy::default()
+        };
+        let clock = ManualClock::new(t0);
+        let ca = Ca::new();
+        let s = Scheduler::new(
+            store.clone(),
+            ca.clone(),
+            policy.clone(),
+            Arc::new(clock.clone()),
+            td,
+        );
+        s.step().await.unwrap();
+        assert!(ca.current().unwrap().is_denied(id));
+        // One second before: max_ttl + skew margin after the denial.
+        let ends = time::Duration::seconds(3600 + policy.skew_margin.as_secs() as i64);
+        clock.set(t0 + ends - time::Duration::seconds(1));
+        s.step().await.unwrap();
+        assert!(ca.current().unwrap().is_denied(id), "still covering");
+        assert_eq!(store.journal().unwrap().denied.len(), 1);
+        clock.set(t0 + ends);
+        s.step().await.unwrap();
+        assert!(store.journal().unwrap().denied.is_empty());
+        assert!(!ca.current().unwrap().is_denied(id), "expired");
     }
 }

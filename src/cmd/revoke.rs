@@ -233,6 +233,7 @@ async fn run_kube(args: Args) -> CmdResult {
             serial: args.serial.clone(),
             identity: args.identity.clone(),
             reason,
+            expiration_timestamp: None,
         },
     );
     if args.name.is_none() {
