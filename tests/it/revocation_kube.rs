@@ -1004,6 +1004,34 @@ async fn a_journal_change_costs_api_calls_independent_of_the_revocation_count() 
     drop(a);
 }
 
+/// The Revocation CRD established, namespaces `citadel` and `shop`, and one replica serving
+/// with the bundle published in `shop`. Keep the directory alive as long as the replica.
+async fn one_replica(kube: &KubeEnv) -> (Replica, tempfile::TempDir) {
+    kube.namespace("citadel").await;
+    kube.namespace("shop").await;
+    let (ok, out) = kubectl(kube, &["apply", "-f", CRD], None);
+    assert!(ok, "{out}");
+    let (ok, out) = kubectl(
+        kube,
+        &[
+            "wait",
+            "--for=condition=established",
+            "--timeout=30s",
+            "crd/revocations.citadel.dev",
+        ],
+        None,
+    );
+    assert!(ok, "{out}");
+    let dir = tempfile::tempdir().unwrap();
+    let a = spawn(kube, "replica-a", dir.path());
+    eventually("replica ready", 60, async || ready(&a).await).await;
+    eventually("bundle ConfigMap in shop", 20, async || {
+        kube.bundle("shop").await.is_some()
+    })
+    .await;
+    (a, dir)
+}
+
 /// Issue 20, M2: deleting a Revocation lifts its denial; the identity gets certificates
 /// again and the other denials stay.
 ///
@@ -1015,28 +1043,7 @@ async fn deleting_a_revocation_lifts_its_denial() {
     let Some(kube) = KubeEnv::start().await else {
         return;
     };
-    kube.namespace("citadel").await;
-    kube.namespace("shop").await;
-    let (ok, out) = kubectl(&kube, &["apply", "-f", CRD], None);
-    assert!(ok, "{out}");
-    let (ok, out) = kubectl(
-        &kube,
-        &[
-            "wait",
-            "--for=condition=established",
-            "--timeout=30s",
-            "crd/revocations.citadel.dev",
-        ],
-        None,
-    );
-    assert!(ok, "{out}");
-    let dir = tempfile::tempdir().unwrap();
-    let a = spawn(&kube, "replica-a", dir.path());
-    eventually("replica ready", 60, async || ready(&a).await).await;
-    eventually("bundle ConfigMap in shop", 20, async || {
-        kube.bundle("shop").await.is_some()
-    })
-    .await;
+    let (a, _dir) = one_replica(&kube).await;
     let api: Api<Revocation> = Api::namespaced(kube.client.clone(), "citadel");
     create_identity_revocations(
         &api,
@@ -1104,28 +1111,7 @@ async fn a_revocation_with_an_expiry_stops_denying_at_it() {
     let Some(kube) = KubeEnv::start().await else {
         return;
     };
-    kube.namespace("citadel").await;
-    kube.namespace("shop").await;
-    let (ok, out) = kubectl(&kube, &["apply", "-f", CRD], None);
-    assert!(ok, "{out}");
-    let (ok, out) = kubectl(
-        &kube,
-        &[
-            "wait",
-            "--for=condition=established",
-            "--timeout=30s",
-            "crd/revocations.citadel.dev",
-        ],
-        None,
-    );
-    assert!(ok, "{out}");
-    let dir = tempfile::tempdir().unwrap();
-    let a = spawn(&kube, "replica-a", dir.path());
-    eventually("replica ready", 60, async || ready(&a).await).await;
-    eventually("bundle ConfigMap in shop", 20, async || {
-        kube.bundle("shop").await.is_some()
-    })
-    .await;
+    let (a, _dir) = one_replica(&kube).await;
     let bundle = kube.bundle("shop").await.unwrap();
     let api: Api<Revocation> = Api::namespaced(kube.client.clone(), "citadel");
     let rfc = |t: time::OffsetDateTime| {
