@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use futures_util::TryStreamExt;
 use kube::api::{Api, Patch, PatchParams};
-use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::core::DynamicObject;
 use kube::runtime::controller::{self, Action};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{reflector, watcher, Controller, WatchStreamExt};
@@ -102,14 +102,6 @@ enum Outcome {
     },
     /// Refused or failed otherwise.
     Failed(String),
-}
-
-/// The `CertificateAuthority` kind (another controller's), looked up only to put Events on it.
-fn certificate_authority() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("citadel.dev", "v1alpha1", "CertificateAuthority"),
-        "certificateauthorities",
-    )
 }
 
 /// Whether resourceVersion `a` is newer than `b`. Kubernetes calls them opaque, but they are
@@ -504,7 +496,7 @@ impl RevocationController {
         if let Err(e) = self.recorder.publish(&ev, &rev.object_ref(&())).await {
             tracing::debug!(error = %e, "could not record an Event on the Revocation");
         }
-        let ar = certificate_authority();
+        let ar = crate::cluster::names::certificate_authority();
         let cas: Api<DynamicObject> =
             Api::namespaced_with(self.client.clone(), &self.namespace, &ar);
         if let Ok(Some(ca)) = cas.get_opt(&self.ca_resource).await {
