@@ -72,6 +72,47 @@ pub struct TokenReviewAuthenticator {
     limiter: RateLimiter,
     /// TokenReviews sent to the API server.
     pub reviews: AtomicU64,
+    /// Outcomes and cache hits, shared by every authenticator of this replica (one per
+    /// cluster) for the `citadel_tokenreview_*` metrics.
+    stats: Arc<ReviewStats>,
+}
+
+/// What a replica's TokenReviews came to (`citadel_tokenreview_*`): operators alert on
+/// reviews that could not be made (RBAC, API server down) and watch the cache carry the load.
+#[derive(Default)]
+pub struct ReviewStats {
+    /// Tokens answered from the cache, without a review.
+    pub cache_hits: AtomicU64,
+    /// Reviews the API server answered for a service account of ours.
+    pub authenticated: AtomicU64,
+    /// Reviews the API server answered with a refusal (not authenticated, another audience,
+    /// not a service account).
+    pub refused: AtomicU64,
+    /// Reviews that could not be made: the API server unreachable, or refusing the request
+    /// itself (RBAC, throttling).
+    pub errors: AtomicU64,
+    /// Reviews not sent because this replica's --kube-qps queue was full.
+    pub throttled: AtomicU64,
+}
+
+impl ReviewStats {
+    /// Appends the Prometheus text exposition of these counters.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let name = "citadel_tokenreview_requests_total";
+        let _ = writeln!(out, "# HELP {name} TokenReviews, by result: authenticated, refused (the API server said no), error (the review could not be made), throttled (not sent: --kube-qps queue full).\n# TYPE {name} counter");
+        for (result, c) in [
+            ("authenticated", &self.authenticated),
+            ("refused", &self.refused),
+            ("error", &self.errors),
+            ("throttled", &self.throttled),
+        ] {
+            let _ = writeln!(out, "{name}{{result=\"{result}\"}} {}", get(c));
+        }
+        let name = "citadel_tokenreview_cache_hits_total";
+        let _ = writeln!(out, "# HELP {name} Tokens authenticated from the TokenReview cache (--token-cache-ttl), without an API call.\n# TYPE {name} counter\n{name} {}", get(&self.cache_hits));
+    }
 }
 
 impl TokenReviewAuthenticator {
@@ -99,7 +140,14 @@ impl TokenReviewAuthenticator {
             inflight: Mutex::new(HashMap::new()),
             limiter: RateLimiter::new(limits.qps, limits.burst, limits.max_wait),
             reviews: AtomicU64::new(0),
+            stats: Arc::default(),
         }
+    }
+
+    /// Counts into `stats` (shared with the replica's other authenticators and its metrics).
+    pub fn with_stats(mut self, stats: Arc<ReviewStats>) -> Self {
+        self.stats = stats;
+        self
     }
 
     fn key(token: &str) -> Key {
@@ -125,6 +173,7 @@ impl TokenReviewAuthenticator {
 
     async fn review(&self, token: &str) -> Result<Caller, AuthFailure> {
         if !self.limiter.acquire().await {
+            self.stats.throttled.fetch_add(1, Ordering::Relaxed);
             return Err(AuthFailure::transient(
                 "too many TokenReviews are waiting for the API server; retry shortly",
             ));
@@ -142,17 +191,23 @@ impl TokenReviewAuthenticator {
             .create(&PostParams::default(), &review)
             .await
             .map_err(|e| {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
                 AuthFailure::transient(format!(
                     "TokenReview could not be sent to the API server: {}",
                     redact(&e.to_string(), token)
                 ))
             })?;
-        caller_from_review(
+        let caller = caller_from_review(
             result.status.unwrap_or_default(),
             &self.audiences,
             &self.trust_domain,
-        )
-        .map_err(|e| AuthFailure::invalid(redact(&e, token)))
+        );
+        let outcome = match caller {
+            Ok(_) => &self.stats.authenticated,
+            Err(_) => &self.stats.refused,
+        };
+        outcome.fetch_add(1, Ordering::Relaxed);
+        caller.map_err(|e| AuthFailure::invalid(redact(&e, token)))
     }
 
     fn cached(&self, key: &Key, now: i64) -> Option<Caller> {
@@ -183,6 +238,7 @@ impl TokenReviewAuthenticator {
         let key = Self::key(token);
         let now = self.clock.now().unix_timestamp();
         if let Some(c) = self.cached(&key, now) {
+            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(c);
         }
         self.prefilter(token, now)?;
