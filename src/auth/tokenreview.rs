@@ -567,6 +567,41 @@ mod tests {
         }
     }
 
+    /// Each review is counted once under its result, in the stats shared by the replica's
+    /// authenticators, and a token refused before any review is counted nowhere.
+    #[tokio::test]
+    async fn review_results_are_counted_in_the_shared_stats() {
+        crate::install_crypto_provider();
+        let now = crate::clock::system().now().unix_timestamp();
+        let t = token(serde_json::json!({
+            "sub": "system:serviceaccount:shop:cart", "aud": ["istio-ca"], "exp": now + 3600
+        }));
+        let stats = Arc::new(ReviewStats::default());
+        let ok = fake_api_server(serde_json::json!(["istio-ca"]))
+            .await
+            .with_stats(stats.clone());
+        let other = fake_api_server(serde_json::json!(["vault"]))
+            .await
+            .with_stats(stats.clone());
+        let down = offline().with_stats(stats.clone());
+        ok.authenticate_token(&t).await.unwrap();
+        ok.authenticate_token(&t).await.unwrap();
+        other.authenticate_token(&t).await.unwrap_err();
+        down.authenticate_token(&t).await.unwrap_err();
+        down.authenticate_token("garbage").await.unwrap_err();
+        let mut text = String::new();
+        stats.render(&mut text);
+        for line in [
+            "citadel_tokenreview_requests_total{result=\"authenticated\"} 2\n",
+            "citadel_tokenreview_requests_total{result=\"refused\"} 1\n",
+            "citadel_tokenreview_requests_total{result=\"error\"} 1\n",
+            "citadel_tokenreview_requests_total{result=\"throttled\"} 0\n",
+            "citadel_tokenreview_cache_hits_total 0\n",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+    }
+
     /// Tokens that cannot be valid are refused as invalid (not retryable) without a review.
     #[tokio::test]
     async fn hopeless_tokens_never_reach_the_api_server() {

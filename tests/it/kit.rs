@@ -48,7 +48,28 @@ fn program(var: &str, fallback: Option<&str>) -> Option<PathBuf> {
     }
 }
 
+/// Helm: $CITADEL_HELM, or the build scripts/helm.sh cached (without building it here).
 fn helm() -> Option<PathBuf> {
+    if std::env::var_os("CITADEL_HELM").is_none() {
+        let version = Command::new("scripts/helm.sh")
+            .arg("version")
+            .output()
+            .ok()?;
+        let cache = std::env::var_os("CITADEL_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/citadel")
+            });
+        let cached = cache
+            .join(format!(
+                "helm-{}",
+                String::from_utf8_lossy(&version.stdout).trim()
+            ))
+            .join("helm");
+        if cached.is_file() {
+            return Some(cached);
+        }
+    }
     program("CITADEL_HELM", None)
 }
 
@@ -88,7 +109,12 @@ fn args(manifests: &str) -> Vec<String> {
         .skip_while(|l| l.trim() != "args:")
         .skip(1)
         .take_while(|l| l.trim_start().starts_with("- "))
-        .map(|l| l.trim_start().trim_start_matches("- ").trim_matches('"').to_string())
+        .map(|l| {
+            l.trim_start()
+                .trim_start_matches("- ")
+                .trim_matches('"')
+                .to_string()
+        })
         .collect()
 }
 
@@ -136,6 +162,15 @@ fn the_chart_renders_deploy_byte_for_byte() {
 #[test]
 fn chart_values_do_what_they_say() {
     let Some(helm) = helm() else { return };
+    let lint = Command::new(&helm)
+        .args(["lint", "--strict", CHART])
+        .output()
+        .unwrap();
+    assert!(
+        lint.status.success(),
+        "helm lint --strict: {}",
+        String::from_utf8_lossy(&lint.stdout)
+    );
     let defaults = render(&helm, &[]);
     let a = args(&defaults);
     for want in [
@@ -153,7 +188,10 @@ fn chart_values_do_what_they_say() {
         ("ClusterRole", "citadel"),
         ("Role", "citadel"),
         ("ClusterRole", "citadel-pod-certificates"),
-        ("ValidatingAdmissionPolicy", "citadel-pod-certificate-requests"),
+        (
+            "ValidatingAdmissionPolicy",
+            "citadel-pod-certificate-requests",
+        ),
     ] {
         assert!(doc(&defaults, kind, name).is_some(), "{kind} {name}");
     }
@@ -201,11 +239,28 @@ fn chart_values_do_what_they_say() {
     let mc = doc(&all, "Role", "citadel-multicluster").unwrap();
     assert!(mc.contains("namespace: mesh-ca"));
     let pc = doc(&all, "ClusterRole", "citadel-pod-certificates").unwrap();
-    assert!(pc.contains(r#"resourceNames: ["example.com/svid"]"#), "{pc}");
-    assert!(pc.contains(r#"resourceNames: ["example.com:svid:roots"]"#), "{pc}");
-    let vap = doc(&all, "ValidatingAdmissionPolicy", "citadel-pod-certificate-requests").unwrap();
-    assert!(vap.contains(r#"'object.spec.signerName == "example.com/svid"'"#), "{vap}");
-    for d in all.split("\n---\n").filter(|d| d.contains("kind: ServiceAccount\n")) {
+    assert!(
+        pc.contains(r#"resourceNames: ["example.com/svid"]"#),
+        "{pc}"
+    );
+    assert!(
+        pc.contains(r#"resourceNames: ["example.com:svid:roots"]"#),
+        "{pc}"
+    );
+    let vap = doc(
+        &all,
+        "ValidatingAdmissionPolicy",
+        "citadel-pod-certificate-requests",
+    )
+    .unwrap();
+    assert!(
+        vap.contains(r#"'object.spec.signerName == "example.com/svid"'"#),
+        "{vap}"
+    );
+    for d in all
+        .split("\n---\n")
+        .filter(|d| d.contains("kind: ServiceAccount\n"))
+    {
         assert!(d.contains("namespace: mesh-ca"), "{d}");
     }
 
@@ -213,7 +268,12 @@ fn chart_values_do_what_they_say() {
     let off = render(&helm, &["--set", "podCertificates.enabled=false"]);
     assert!(args(&off).iter().any(|x| x == "--no-pod-certificates"));
     assert!(doc(&off, "ClusterRole", "citadel-pod-certificates").is_none());
-    assert!(doc(&off, "ValidatingAdmissionPolicy", "citadel-pod-certificate-requests").is_none());
+    assert!(doc(
+        &off,
+        "ValidatingAdmissionPolicy",
+        "citadel-pod-certificate-requests"
+    )
+    .is_none());
 
     // The file store: one replica on a kept PersistentVolumeClaim, replaced (not rolled),
     // and only the TokenReview grant (no Secrets, Lease, ConfigMaps, Pod Certificates).
@@ -226,7 +286,10 @@ fn chart_values_do_what_they_say() {
     assert!(doc(&file, "Role", "citadel").is_none());
     assert!(doc(&file, "ClusterRole", "citadel-pod-certificates").is_none());
     let cr = doc(&file, "ClusterRole", "citadel").unwrap();
-    assert!(cr.contains("tokenreviews") && !cr.contains("configmaps"), "{cr}");
+    assert!(
+        cr.contains("tokenreviews") && !cr.contains("configmaps"),
+        "{cr}"
+    );
 
     // Refused, naming the value.
     for (set, why) in [
@@ -234,8 +297,14 @@ fn chart_values_do_what_they_say() {
         ("store=etcd", "store must be kube or file"),
         ("trustDomain=Example.ORG", "trustDomain"),
         ("replicaCount=0", "replicaCount must be at least 1"),
-        ("podCertificates.signerName=nodomain", "podCertificates.signerName"),
-        ("ambient.enabled=true,ambient.trustedNodeAccounts=null", "trustedNodeAccounts"),
+        (
+            "podCertificates.signerName=nodomain",
+            "podCertificates.signerName",
+        ),
+        (
+            "ambient.enabled=true,ambient.trustedNodeAccounts=null",
+            "trustedNodeAccounts",
+        ),
     ] {
         let err = template(&helm, "istio-system", &["--set", set]).unwrap_err();
         assert!(err.contains(why), "--set {set}: {err}");
@@ -511,8 +580,8 @@ impl Prometheus {
     /// GET `path` on the HTTP API: the `data` of a successful answer.
     async fn api(&self, path: &str) -> serde_json::Value {
         let (code, body) = http_get(self.addr, path).await.unwrap();
-        let v: serde_json::Value = serde_json::from_str(&body)
-            .unwrap_or_else(|e| panic!("{path}: {code} {e}: {body}"));
+        let v: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {code} {e}: {body}"));
         assert_eq!(v["status"], "success", "{path}: {body}");
         v["data"].clone()
     }
@@ -550,8 +619,7 @@ fn dashboard_queries() -> Vec<(String, String)> {
             let expr = t["expr"].as_str().unwrap();
             out.push((
                 format!("{} / {}", p["title"].as_str().unwrap(), t["legendFormat"]),
-                expr.replace("$job", ".*")
-                    .replace("$__rate_interval", "1m"),
+                expr.replace("$job", ".*").replace("$__rate_interval", "1m"),
             ));
         }
     }
@@ -598,7 +666,14 @@ async fn prometheus_sees_every_rule_metric_and_every_dashboard_panel_has_data() 
     // A root rotation that stays in its first stage (an hour of propagation), so the
     // rotation gauges exist.
     let out = Command::new(BIN)
-        .args(["ca", "rotate-root", "--activate-after", "1h", "--wait", "0s"])
+        .args([
+            "ca",
+            "rotate-root",
+            "--activate-after",
+            "1h",
+            "--wait",
+            "0s",
+        ])
         .args(["--store", "kube", "--namespace", "citadel"])
         .arg("--kubeconfig")
         .arg(&kube.kubeconfig)
@@ -672,10 +747,10 @@ async fn prometheus_sees_every_rule_metric_and_every_dashboard_panel_has_data() 
             async move { call(&mut c, &csr, Some(&t), 0, None).await }
         });
         let results = futures_util::future::join_all(calls).await;
-        if results
-            .iter()
-            .any(|r| r.as_ref().is_err_and(|e| e.code() == Code::ResourceExhausted))
-        {
+        if results.iter().any(|r| {
+            r.as_ref()
+                .is_err_and(|e| e.code() == Code::ResourceExhausted)
+        }) {
             shed = true;
             break;
         }
@@ -692,10 +767,7 @@ async fn prometheus_sees_every_rule_metric_and_every_dashboard_panel_has_data() 
     eventually("Prometheus scraped after the traffic", 30, async || {
         now() as f64 > at + 1.0
             && !prom
-                .query(
-                    "citadel_server_success_cert_issuance_count >= 6",
-                    at,
-                )
+                .query("citadel_server_success_cert_issuance_count >= 6", at)
                 .await
                 .is_empty()
     })
@@ -726,7 +798,10 @@ async fn prometheus_sees_every_rule_metric_and_every_dashboard_panel_has_data() 
             missing.push(m.clone());
         }
     }
-    assert!(missing.is_empty(), "metrics the rules use but citadel did not export: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "metrics the rules use but citadel did not export: {missing:?}"
+    );
 
     // Every dashboard expression returns data, all of it numbers (no NaN: the rates and
     // quantiles cover the traffic above).
@@ -743,7 +818,11 @@ async fn prometheus_sees_every_rule_metric_and_every_dashboard_panel_has_data() 
             empty.push(format!("{what}: {expr} -> {result:?}"));
         }
     }
-    assert!(empty.is_empty(), "dashboard expressions without data:\n{}", empty.join("\n"));
+    assert!(
+        empty.is_empty(),
+        "dashboard expressions without data:\n{}",
+        empty.join("\n")
+    );
 
     // And the values say what happened: certificates issued in [t0, t1], a review refused,
     // a cache hit, a shed request, one leader, a rotation in stage 1 due in about an hour.
@@ -754,13 +833,18 @@ async fn prometheus_sees_every_rule_metric_and_every_dashboard_panel_has_data() 
     };
     assert!(value("sum(citadel_server_success_cert_issuance_count)").await >= 6.0);
     assert!(value(r#"sum(citadel_tokenreview_requests_total{result="refused"})"#).await >= 1.0);
-    assert!(value(r#"sum(citadel_tokenreview_requests_total{result="authenticated"})"#).await >= 4.0);
+    assert!(
+        value(r#"sum(citadel_tokenreview_requests_total{result="authenticated"})"#).await >= 4.0
+    );
     assert!(value("sum(citadel_tokenreview_cache_hits_total)").await >= 1.0);
     assert!(value(r#"sum(citadel_server_csr_sign_err_count{error="busy"})"#).await >= 1.0);
     assert_eq!(value("sum(citadel_leader)").await, 1.0);
     assert_eq!(value("max(citadel_ca_root_rotation_stage)").await, 1.0);
     let due = value("max(citadel_ca_root_rotation_next_stage_due_timestamp)").await;
-    assert!(due > t0 + 3000.0 && due < t1 + 3700.0, "{due} vs {t0}..{t1}");
+    assert!(
+        due > t0 + 3000.0 && due < t1 + 3700.0,
+        "{due} vs {t0}..{t1}"
+    );
     let journal = value("max(citadel_ca_journal_bytes)").await;
     assert!(journal > 1000.0 && journal < 786_432.0, "{journal}");
     // No alert fires on this healthy CA.
