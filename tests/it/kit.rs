@@ -501,7 +501,7 @@ fn alert_rules_pass_promtool_unit_tests() {
         .iter()
         .map(|r| r["alert"].as_str().unwrap().to_string())
         .collect();
-    assert!(names.len() >= 14, "{names:?}");
+    assert!(names.len() >= 13, "{names:?}");
     for n in &names {
         assert!(fires.contains(n), "no test where {n} fires");
         assert!(quiet.contains(n), "no test where {n} stays quiet");
