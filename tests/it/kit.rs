@@ -587,7 +587,7 @@ impl Prometheus {
 
     /// GET `path` on the HTTP API: the `data` of a successful answer.
     async fn api(&self, path: &str) -> serde_json::Value {
-        let (code, body) = http_get(self.addr, path).await.unwrap();
+        let (code, body) = get_http10(self.addr, path).await;
         let v: serde_json::Value =
             serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {code} {e}: {body}"));
         assert_eq!(v["status"], "success", "{path}: {body}");
@@ -602,6 +602,25 @@ impl Prometheus {
         assert_eq!(data["resultType"], "vector", "{expr}: {data}");
         data["result"].as_array().unwrap().clone()
     }
+}
+
+/// An HTTP/1.0 GET: the answer is the body up to the close (never chunked, unlike HTTP/1.1
+/// answers of a few kilobytes from Go's server).
+async fn get_http10(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    let code = buf
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    (code, body.to_string())
 }
 
 /// Percent-encodes a query parameter.
@@ -670,6 +689,18 @@ async fn prometheus_sees_every_rule_metric_and_every_dashboard_panel_has_data() 
     })
     .await;
     let prom = Prometheus::start(&prometheus, replica.metrics).await;
+    // Scraping before anything happens, so rates see the traffic start.
+    until("Prometheus scrapes citadel", 30, async || {
+        let up = prom.query("up", now() as f64).await;
+        match up.first() {
+            Some(s) if s["value"][1] == "1" => Ok(()),
+            _ => Err(format!(
+                "up: {up:?}; targets: {}",
+                prom.api("/api/v1/targets").await
+            )),
+        }
+    })
+    .await;
 
     // A root rotation that stays in its first stage (an hour of propagation), so the
     // rotation gauges exist.
@@ -769,12 +800,17 @@ async fn prometheus_sees_every_rule_metric_and_every_dashboard_panel_has_data() 
 
     // Scraped once more after the traffic: evaluate everything at a time that sees it all.
     let at = t1 + 3.0;
-    eventually("Prometheus scraped after the traffic", 30, async || {
-        now() as f64 > at + 1.0
-            && !prom
-                .query("citadel_server_success_cert_issuance_count >= 6", at)
-                .await
-                .is_empty()
+    until("Prometheus scraped after the traffic", 30, async || {
+        let seen = prom
+            .query("citadel_server_success_cert_issuance_count", at)
+            .await;
+        let issued = seen
+            .first()
+            .and_then(|s| s["value"][1].as_str()?.parse::<f64>().ok());
+        if now() as f64 > at + 1.0 && issued.is_some_and(|n| n >= 6.0) {
+            return Ok(());
+        }
+        Err(format!("issued at {at}: {seen:?}"))
     })
     .await;
 
