@@ -49,6 +49,21 @@ fn program(var: &str, fallback: Option<&str>) -> Option<PathBuf> {
 }
 
 /// Helm: $CITADEL_HELM, or the build scripts/helm.sh cached (without building it here).
+/// Runs `cmd`: whether it succeeded, and its stdout followed by its stderr.
+fn exec(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+/// Runs `cmd`, which must succeed; its output.
+fn exec_ok(cmd: &mut Command) -> String {
+    let (ok, text) = exec(cmd);
+    assert!(ok, "{cmd:?} failed:\n{text}");
+    text
+}
+
 fn helm() -> Option<PathBuf> {
     if std::env::var_os("CITADEL_HELM").is_none() {
         let version = Command::new("scripts/helm.sh")
@@ -170,15 +185,7 @@ fn the_chart_renders_deploy_byte_for_byte() {
 #[test]
 fn chart_values_do_what_they_say() {
     let Some(helm) = helm() else { return };
-    let lint = Command::new(&helm)
-        .args(["lint", "--strict", CHART])
-        .output()
-        .unwrap();
-    assert!(
-        lint.status.success(),
-        "helm lint --strict: {}",
-        String::from_utf8_lossy(&lint.stdout)
-    );
+    exec_ok(Command::new(&helm).args(["lint", "--strict", CHART]));
     let defaults = render(&helm, &[]);
     has_args(
         &defaults,
@@ -380,20 +387,21 @@ async fn what_the_chart_renders_passes_server_side_dry_run() {
             ],
         ),
     ];
-    for (name, manifests, want) in cases {
+    let dry_run = |manifests: &str| {
         let path = tmp.path().join("manifests.yaml");
-        std::fs::write(&path, &manifests).unwrap();
-        let out = Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(&kube.kubeconfig)
-            .args(["apply", "--server-side", "--dry-run=server", "-f"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
+        std::fs::write(&path, manifests).unwrap();
+        exec(
+            Command::new("kubectl")
+                .arg("--kubeconfig")
+                .arg(&kube.kubeconfig)
+                .args(["apply", "--server-side", "--dry-run=server", "-f"])
+                .arg(&path),
+        )
+    };
+    for (name, manifests, want) in cases {
+        let (ok, text) = dry_run(&manifests);
         assert!(
-            out.status.success(),
+            ok,
             "{name}: kubectl apply --server-side --dry-run=server failed:\n{text}"
         );
         for object in want {
@@ -405,18 +413,8 @@ async fn what_the_chart_renders_passes_server_side_dry_run() {
     }
     // And a broken render is refused by the API server, not only by Helm: a Deployment with
     // a negative replica count.
-    let bad = render(&helm, &[]).replace("replicas: 2", "replicas: -1");
-    let path = tmp.path().join("bad.yaml");
-    std::fs::write(&path, bad).unwrap();
-    let out = Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(&kube.kubeconfig)
-        .args(["apply", "--server-side", "--dry-run=server", "-f"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("spec.replicas"));
+    let (ok, text) = dry_run(&render(&helm, &[]).replace("replicas: 2", "replicas: -1"));
+    assert!(!ok && text.contains("spec.replicas"), "{text}");
 }
 
 const RULES: &str = "deploy/prometheus/citadel-rules.yaml";
@@ -456,29 +454,14 @@ fn alert_rules_pass_promtool_unit_tests() {
     let Some(promtool) = program("CITADEL_PROMTOOL", Some("promtool")) else {
         return;
     };
-    let check = Command::new(&promtool)
-        .args(["check", "rules", RULES])
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    exec_ok(Command::new(&promtool).args(["check", "rules", RULES]));
     let mut tests: Vec<PathBuf> = std::fs::read_dir("deploy/prometheus/tests")
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
     tests.sort();
-    let out = Command::new(&promtool)
-        .args(["test", "rules"])
-        .args(&tests)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "promtool test rules:\n{text}");
+    let text = exec_ok(Command::new(&promtool).args(["test", "rules"]).args(&tests));
     assert_eq!(text.matches("SUCCESS").count(), tests.len(), "{text}");
 
     // Coverage: each alert name both fires and stays quiet somewhere in the tests.
@@ -704,24 +687,18 @@ async fn prometheus_sees_every_rule_metric_and_every_dashboard_panel_has_data() 
 
     // A root rotation that stays in its first stage (an hour of propagation), so the
     // rotation gauges exist.
-    let out = Command::new(BIN)
-        .args([
-            "ca",
-            "rotate-root",
-            "--activate-after",
-            "1h",
-            "--wait",
-            "0s",
-        ])
-        .args(["--store", "kube", "--namespace", "citadel"])
-        .arg("--kubeconfig")
-        .arg(&kube.kubeconfig)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    exec_ok(
+        Command::new(BIN)
+            .args([
+                "ca",
+                "rotate-root",
+                "--activate-after",
+                "1h",
+                "--wait",
+                "0s",
+            ])
+            .args(["--store", "kube", "--namespace", "citadel", "--kubeconfig"])
+            .arg(&kube.kubeconfig),
     );
     let bundle = until("the two-root bundle", 30, async || {
         match kube.bundle("shop").await {
