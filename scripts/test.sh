@@ -13,6 +13,10 @@
 #     cached after).
 #   - tests/gospiffe built against go-spiffe (a third-party SVID validator, CITADEL_GOSPIFFE);
 #   - Istio's pilot-agent from the Go module proxy (scripts/istio-agent.sh, CITADEL_PILOT_AGENT);
+#   - Helm v4 from the Go module proxy (scripts/helm.sh, CITADEL_HELM), to render and test the
+#     chart deploy/helm/citadel;
+#   - Prometheus and promtool (Debian package `prometheus`; CITADEL_PROMETHEUS, CITADEL_PROMTOOL),
+#     for the alert rules and the dashboard (tests/it/kit.rs);
 #   - cargo-fuzz from crates.io, to run each fuzz target for CITADEL_FUZZ_SECONDS (default 10)
 #     after the tests (scripts/fuzz.sh).
 # Under CI=true a missing component fails the run instead of skipping tests.
@@ -94,6 +98,15 @@ ensure_pilot_agent
 log "kube-apiserver: $(scripts/kube-test-env.sh ensure)"
 command -v kubectl >/dev/null || apt_install kubernetes-client
 log "kubectl: $(kubectl version --client 2>/dev/null | head -1)"
+CITADEL_HELM="$(scripts/helm.sh ensure)"
+export CITADEL_HELM
+log "helm: $("$CITADEL_HELM" version --short 2>/dev/null)"
+command -v prometheus >/dev/null && command -v promtool >/dev/null \
+  || apt_install --no-install-recommends prometheus
+CITADEL_PROMETHEUS="$(command -v prometheus)"
+CITADEL_PROMTOOL="$(command -v promtool)"
+export CITADEL_PROMETHEUS CITADEL_PROMTOOL
+log "prometheus: $("$CITADEL_PROMETHEUS" --version 2>&1 | head -1)"
 
 log "cargo fmt --check"
 cargo fmt --all -- --check

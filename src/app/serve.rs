@@ -94,6 +94,25 @@ pub async fn run(
         Some(r) => r.store.clone(),
         None => Arc::new(FileStore::open(&config.state_dir).map_err(|e| e.to_string())?),
     };
+    {
+        // A bounded store's journal size against its limit and the revocation ceiling.
+        let store = store.clone();
+        metrics
+            .sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Box::new(move |out| {
+                use std::fmt::Write;
+                let (Some((bytes, limit)), Some(ceiling)) =
+                    (store.journal_size(), store.revocation_ceiling())
+                else {
+                    return;
+                };
+                let _ = writeln!(out, "# HELP citadel_ca_journal_bytes Bytes of the CA journal as this replica last read or wrote it.\n# TYPE citadel_ca_journal_bytes gauge\ncitadel_ca_journal_bytes {bytes}");
+                let _ = writeln!(out, "# HELP citadel_ca_journal_limit_bytes The most the journal's store holds (a Kubernetes Secret: 1 MiB); a write past it fails.\n# TYPE citadel_ca_journal_limit_bytes gauge\ncitadel_ca_journal_limit_bytes {limit}");
+                let _ = writeln!(out, "# HELP citadel_ca_journal_revocation_ceiling_bytes Past this size, new revocations and denials are refused (the rest is kept for rotation and CRLs).\n# TYPE citadel_ca_journal_revocation_ceiling_bytes gauge\ncitadel_ca_journal_revocation_ceiling_bytes {ceiling}");
+            }));
+    }
     // The issuance index stays a per-replica file in the state directory (see
     // docs/kubernetes.md).
     std::fs::create_dir_all(&config.state_dir)
@@ -247,7 +266,7 @@ pub async fn run(
         "CA ready"
     );
 
-    let (auth, jwks_refresher, remotes) = build_auth(&config, &ca, &clock).await?;
+    let (auth, jwks_refresher, remotes) = build_auth(&config, &ca, &clock, &metrics).await?;
     let registry = remotes.as_ref().map(|r| r.registry.clone());
     if let Some(r) = remotes {
         let _ = metrics.remote_clusters.set(r.registry.clone());
@@ -480,6 +499,7 @@ async fn build_auth(
     config: &ServeConfig,
     ca: &Arc<Ca>,
     clock: &SharedClock,
+    metrics: &Metrics,
 ) -> Result<(AuthChain, Option<Arc<JwksRefresher>>, Option<Remotes>), String> {
     let mut members: Vec<Arc<dyn Authenticator>> = vec![Arc::new(ClientCertAuthenticator::new(
         ca.clone(),
@@ -503,15 +523,26 @@ async fn build_auth(
                     clock.clone(),
                 );
                 let (cache_ttl, limits) = (*cache_ttl, *limits);
+                // Every cluster's authenticator counts into one set (citadel_tokenreview_*).
+                let stats = Arc::new(crate::auth::tokenreview::ReviewStats::default());
+                let shown = stats.clone();
+                metrics
+                    .sources
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(Box::new(move |out| shown.render(out)));
                 Arc::new(move |client: kube::Client| -> Arc<dyn Authenticator> {
-                    Arc::new(TokenReviewAuthenticator::new(
-                        client,
-                        audiences.clone(),
-                        td.clone(),
-                        clock.clone(),
-                        cache_ttl,
-                        limits,
-                    ))
+                    Arc::new(
+                        TokenReviewAuthenticator::new(
+                            client,
+                            audiences.clone(),
+                            td.clone(),
+                            clock.clone(),
+                            cache_ttl,
+                            limits,
+                        )
+                        .with_stats(stats.clone()),
+                    )
                 })
             };
             let local = LocalCluster::new(config.cluster_id.clone(), make(client.clone()));

@@ -72,6 +72,47 @@ pub struct TokenReviewAuthenticator {
     limiter: RateLimiter,
     /// TokenReviews sent to the API server.
     pub reviews: AtomicU64,
+    /// Outcomes and cache hits, shared by every authenticator of this replica (one per
+    /// cluster) for the `citadel_tokenreview_*` metrics.
+    stats: Arc<ReviewStats>,
+}
+
+/// What a replica's TokenReviews came to (`citadel_tokenreview_*`): operators alert on
+/// reviews that could not be made (RBAC, API server down) and watch the cache carry the load.
+#[derive(Default)]
+pub struct ReviewStats {
+    /// Tokens answered from the cache, without a review.
+    pub cache_hits: AtomicU64,
+    /// Reviews the API server answered for a service account of ours.
+    pub authenticated: AtomicU64,
+    /// Reviews the API server answered with a refusal (not authenticated, another audience,
+    /// not a service account).
+    pub refused: AtomicU64,
+    /// Reviews that could not be made: the API server unreachable, or refusing the request
+    /// itself (RBAC, throttling).
+    pub errors: AtomicU64,
+    /// Reviews not sent because this replica's --kube-qps queue was full.
+    pub throttled: AtomicU64,
+}
+
+impl ReviewStats {
+    /// Appends the Prometheus text exposition of these counters.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let name = "citadel_tokenreview_requests_total";
+        let _ = writeln!(out, "# HELP {name} TokenReviews, by result: authenticated, refused (the API server said no), error (the review could not be made), throttled (not sent: --kube-qps queue full).\n# TYPE {name} counter");
+        for (result, c) in [
+            ("authenticated", &self.authenticated),
+            ("refused", &self.refused),
+            ("error", &self.errors),
+            ("throttled", &self.throttled),
+        ] {
+            let _ = writeln!(out, "{name}{{result=\"{result}\"}} {}", get(c));
+        }
+        let name = "citadel_tokenreview_cache_hits_total";
+        let _ = writeln!(out, "# HELP {name} Tokens authenticated from the TokenReview cache (--token-cache-ttl), without an API call.\n# TYPE {name} counter\n{name} {}", get(&self.cache_hits));
+    }
 }
 
 impl TokenReviewAuthenticator {
@@ -99,7 +140,14 @@ impl TokenReviewAuthenticator {
             inflight: Mutex::new(HashMap::new()),
             limiter: RateLimiter::new(limits.qps, limits.burst, limits.max_wait),
             reviews: AtomicU64::new(0),
+            stats: Arc::default(),
         }
+    }
+
+    /// Counts into `stats` (shared with the replica's other authenticators and its metrics).
+    pub fn with_stats(mut self, stats: Arc<ReviewStats>) -> Self {
+        self.stats = stats;
+        self
     }
 
     fn key(token: &str) -> Key {
@@ -125,6 +173,7 @@ impl TokenReviewAuthenticator {
 
     async fn review(&self, token: &str) -> Result<Caller, AuthFailure> {
         if !self.limiter.acquire().await {
+            self.stats.throttled.fetch_add(1, Ordering::Relaxed);
             return Err(AuthFailure::transient(
                 "too many TokenReviews are waiting for the API server; retry shortly",
             ));
@@ -142,17 +191,23 @@ impl TokenReviewAuthenticator {
             .create(&PostParams::default(), &review)
             .await
             .map_err(|e| {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
                 AuthFailure::transient(format!(
                     "TokenReview could not be sent to the API server: {}",
                     redact(&e.to_string(), token)
                 ))
             })?;
-        caller_from_review(
+        let caller = caller_from_review(
             result.status.unwrap_or_default(),
             &self.audiences,
             &self.trust_domain,
-        )
-        .map_err(|e| AuthFailure::invalid(redact(&e, token)))
+        );
+        let outcome = match caller {
+            Ok(_) => &self.stats.authenticated,
+            Err(_) => &self.stats.refused,
+        };
+        outcome.fetch_add(1, Ordering::Relaxed);
+        caller.map_err(|e| AuthFailure::invalid(redact(&e, token)))
     }
 
     fn cached(&self, key: &Key, now: i64) -> Option<Caller> {
@@ -183,6 +238,7 @@ impl TokenReviewAuthenticator {
         let key = Self::key(token);
         let now = self.clock.now().unix_timestamp();
         if let Some(c) = self.cached(&key, now) {
+            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(c);
         }
         self.prefilter(token, now)?;
@@ -315,7 +371,11 @@ impl Authenticator for TokenReviewAuthenticator {
             None => Verified::No,
             Some(t) if t.len() > super::jws::MAX_TOKEN_BYTES => Verified::No,
             Some(t) => match self.cached(&Self::key(t), self.clock.now().unix_timestamp()) {
-                Some(c) => Verified::Caller(c),
+                Some(c) => {
+                    // The caller is served on this answer: a hit, as in authenticate_token.
+                    self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    Verified::Caller(c)
+                }
                 None => Verified::Unknown,
             },
         }
@@ -508,6 +568,41 @@ mod tests {
                 "{audiences}: {err:?}"
             );
             assert_eq!(a.reviews.load(Ordering::Relaxed), 1);
+        }
+    }
+
+    /// Each review is counted once under its result, in the stats shared by the replica's
+    /// authenticators, and a token refused before any review is counted nowhere.
+    #[tokio::test]
+    async fn review_results_are_counted_in_the_shared_stats() {
+        crate::install_crypto_provider();
+        let now = crate::clock::system().now().unix_timestamp();
+        let t = token(serde_json::json!({
+            "sub": "system:serviceaccount:shop:cart", "aud": ["istio-ca"], "exp": now + 3600
+        }));
+        let stats = Arc::new(ReviewStats::default());
+        let ok = fake_api_server(serde_json::json!(["istio-ca"]))
+            .await
+            .with_stats(stats.clone());
+        let other = fake_api_server(serde_json::json!(["vault"]))
+            .await
+            .with_stats(stats.clone());
+        let down = offline().with_stats(stats.clone());
+        ok.authenticate_token(&t).await.unwrap();
+        ok.authenticate_token(&t).await.unwrap();
+        other.authenticate_token(&t).await.unwrap_err();
+        down.authenticate_token(&t).await.unwrap_err();
+        down.authenticate_token("garbage").await.unwrap_err();
+        let mut text = String::new();
+        stats.render(&mut text);
+        for line in [
+            "citadel_tokenreview_requests_total{result=\"authenticated\"} 2\n",
+            "citadel_tokenreview_requests_total{result=\"refused\"} 1\n",
+            "citadel_tokenreview_requests_total{result=\"error\"} 1\n",
+            "citadel_tokenreview_requests_total{result=\"throttled\"} 0\n",
+            "citadel_tokenreview_cache_hits_total 0\n",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
         }
     }
 

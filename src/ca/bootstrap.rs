@@ -120,6 +120,7 @@ pub fn signer_from_journal(journal: &Journal, td: &TrustDomain) -> Result<Signer
         Signer::new(td.clone(), cert_of(active)?, key, Vec::new(), roots)?
             .with_alternates(alternates)?
             .with_rotation_stage(stage)
+            .with_rotation_due(journal.root_rotation.as_ref().and_then(|r| r.next_due()))
             .with_revocations(view),
     )
 }

@@ -84,6 +84,8 @@ pub struct Signer {
     revocations: RevocationView,
     /// Root rotation stage: 0 none, 1 prepared, 2 activated.
     rotation_stage: u8,
+    /// When the rotation's next stage is due (unix seconds), once it can be known.
+    rotation_due: Option<i64>,
 }
 
 /// What a signer knows about revocation: revoked certificates, denied identities, CRL PEM.
@@ -201,6 +203,7 @@ impl Signer {
             alternates_pem: Vec::new(),
             revocations: RevocationView::default(),
             rotation_stage: 0,
+            rotation_due: None,
         })
     }
 
@@ -263,6 +266,19 @@ impl Signer {
     /// The revocation state this signer enforces and publishes.
     pub fn revocations(&self) -> &RevocationView {
         &self.revocations
+    }
+
+    /// Sets when the root rotation's next stage is due (unix seconds).
+    pub fn with_rotation_due(mut self, due: Option<i64>) -> Self {
+        self.rotation_due = due;
+        self
+    }
+
+    /// When the root rotation's next stage is due (unix seconds): an operator's deadline
+    /// (`citadel_ca_root_rotation_next_stage_due_timestamp`); a stage still pending well past
+    /// it means the rotation is stuck.
+    pub fn rotation_due(&self) -> Option<i64> {
+        self.rotation_due
     }
 
     /// Root rotation stage: 0 none, 1 prepared, 2 activated (the `citadel_ca_root_rotation_stage`

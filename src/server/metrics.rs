@@ -257,6 +257,14 @@ impl Metrics {
                 "Identities denied new certificates.",
                 signer.revocations().denied_identities.len() as i64,
             );
+            if let Some(due) = signer.rotation_due() {
+                gauge(
+                    &mut out,
+                    "citadel_ca_root_rotation_next_stage_due_timestamp",
+                    "Unix time the root rotation's next stage is due (present only during a rotation, once known).",
+                    due,
+                );
+            }
             if let Some(next) = signer.revocations().crl_next_update {
                 gauge(
                     &mut out,

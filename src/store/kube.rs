@@ -40,6 +40,9 @@ pub struct KubeStore {
     api: Api<Secret>,
     namespace: String,
     publisher: Option<Arc<dyn Publisher>>,
+    /// Bytes of the journal as this replica last read or wrote it (0: not yet), for
+    /// `citadel_ca_journal_bytes`: the Secret's 1 MiB is a hard limit worth alerting on.
+    journal_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for KubeStore {
@@ -105,6 +108,7 @@ impl KubeStore {
             api: Api::namespaced(client, namespace),
             namespace: namespace.to_string(),
             publisher,
+            journal_bytes: Default::default(),
         }
     }
 
@@ -204,7 +208,15 @@ impl Store for KubeStore {
             else {
                 return Ok(None);
             };
-            decode_journal_secret(&self.namespace, &secret).map(Some)
+            let size = secret
+                .data
+                .as_ref()
+                .and_then(|d| d.get(JOURNAL_KEY))
+                .map_or(0, |b| b.0.len());
+            let journal = decode_journal_secret(&self.namespace, &secret)?;
+            self.journal_bytes
+                .store(size as u64, std::sync::atomic::Ordering::Relaxed);
+            Ok(Some(journal))
         })
     }
 
@@ -219,6 +231,7 @@ impl Store for KubeStore {
                 reason: e.to_string(),
             })?;
             check_size(body.len(), journal)?;
+            let size = body.len() as u64;
             let mut s = Secret {
                 data: Some([(JOURNAL_KEY.to_string(), ByteString(body))].into()),
                 type_: Some("Opaque".into()),
@@ -243,6 +256,8 @@ impl Store for KubeStore {
             };
             match result {
                 Ok(saved) => {
+                    self.journal_bytes
+                        .store(size, std::sync::atomic::Ordering::Relaxed);
                     self.mirror_istio_secret(journal).await;
                     Ok(Revision(
                         saved.metadata.resource_version.unwrap_or_default(),
@@ -274,6 +289,13 @@ impl Store for KubeStore {
 
     fn revocation_ceiling(&self) -> Option<usize> {
         Some(REVOCATION_CEILING)
+    }
+
+    fn journal_size(&self) -> Option<(u64, usize)> {
+        let bytes = self
+            .journal_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (bytes > 0).then_some((bytes, SECRET_DATA_LIMIT))
     }
 
     fn publish_crl<'a>(&'a self, crl_pem: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {

@@ -87,4 +87,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn revocation_ceiling(&self) -> Option<usize> {
         None
     }
+
+    /// The journal's size as this process last read or wrote it, and the most the backend
+    /// holds (`citadel_ca_journal_bytes`, `citadel_ca_journal_limit_bytes`). `None`: unbounded
+    /// (files), or not read yet.
+    fn journal_size(&self) -> Option<(u64, usize)> {
+        None
+    }
 }

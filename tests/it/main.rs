@@ -13,6 +13,7 @@ mod cli;
 mod envoy;
 mod errors;
 mod issue;
+mod kit;
 mod kube;
 mod kube_abuse;
 mod kube_faults;
