@@ -503,29 +503,8 @@ async fn deploy_rbac_grants_citadel_only_what_it_uses() {
 /// A kubeconfig for citadel's service account: the admin's, with its token swapped for one
 /// from the TokenRequest API.
 async fn sa_kubeconfig(kube: &KubeEnv, dir: &std::path::Path) -> std::path::PathBuf {
-    let sa_token = kube
-        .token(
-            "istio-system",
-            "citadel",
-            "https://kubernetes.default.svc.cluster.local",
-        )
-        .await;
-    let admin = std::fs::read_to_string(&kube.kubeconfig).unwrap();
-    let mut swapped = 0;
-    let as_citadel: String = admin
-        .lines()
-        .map(|l| match l.trim_start().strip_prefix("token: ") {
-            Some(_) => {
-                swapped += 1;
-                format!("    token: {sa_token}")
-            }
-            None => l.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    assert_eq!(swapped, 1, "the admin kubeconfig has one token");
     let path = dir.join("citadel-kubeconfig");
-    std::fs::write(&path, as_citadel).unwrap();
+    kube.kubeconfig_as("istio-system", "citadel", &path).await;
     path
 }
 

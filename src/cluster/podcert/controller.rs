@@ -13,7 +13,8 @@ use kube::runtime::controller::{self, Action};
 use kube::runtime::{reflector, watcher, Controller, WatchStreamExt};
 
 use super::error::PodCertError;
-use super::pending::{Pending, PendingStats};
+use super::pending::STATS_NAMES;
+use crate::cluster::pending::{Pending, PendingStats};
 use super::request::{self, Checks};
 use super::status::{self, is_decided, jitter, reason, refresh_at, Decision};
 use super::{PodCertConfig, MIN_LIFETIME_SECS};
@@ -23,7 +24,6 @@ use crate::ca::revocation::SweepRequest;
 use crate::ca::Ca;
 use crate::clock::SharedClock;
 use crate::identity::TrustDomain;
-use crate::pki::pem;
 use crate::shutdown::Shutdown;
 use crate::store::index::IssuanceIndex;
 
@@ -67,7 +67,7 @@ impl PodCertSigner {
                 node_auth: None,
             },
             trust_domain,
-            stats: Arc::new(PendingStats::new(config.max_pending)),
+            stats: Arc::new(PendingStats::new(STATS_NAMES, config.max_pending)),
             config,
             max_ttl,
         })
@@ -105,7 +105,8 @@ impl PodCertSigner {
         loop {
             let relist = Arc::new(tokio::sync::Notify::new());
             let (reader, mut writer) = reflector::store::<PodCertificateRequest>();
-            let mut pending = Pending::new(self.config.max_pending, self.stats.clone());
+            let mut pending: Pending<PodCertificateRequest> =
+                Pending::new(self.config.max_pending, self.stats.clone());
             let api: Api<PodCertificateRequest> = Api::all(self.client.clone());
             // The API server filters by signer: other signers' requests never reach us.
             let wc = watcher::Config::default()
@@ -179,6 +180,7 @@ impl PodCertSigner {
             requester: Requester::Vouched(Vouched {
                 identity: &c.identity,
                 auth: "pod-certificate",
+                caller: "",
                 pod: &pcr.spec.pod_name,
                 node: &pcr.spec.node_name,
                 request: &c.request,
@@ -190,17 +192,11 @@ impl PodCertSigner {
             Ok(done) => done,
             Err(e) => return status::decision(e, &describe(pcr)),
         };
-        let issued = done.issued;
-        let begin_refresh_at = refresh_at(issued.not_before, issued.not_after, jitter());
         // Leaf first, then the CA certificates up to (not including) the roots, which pods
         // get from the ClusterTrustBundle.
-        let mut chain = issued.pem.clone();
-        for c in done.signer.intermediates_der() {
-            if !chain.ends_with('\n') {
-                chain.push('\n');
-            }
-            chain.push_str(&pem::cert_to_pem(c));
-        }
+        let chain = done.chain_without_roots();
+        let issued = done.issued;
+        let begin_refresh_at = refresh_at(issued.not_before, issued.not_after, jitter());
         Ok(Decision::Issue {
             chain,
             not_before: issued.not_before,
