@@ -17,6 +17,7 @@ use kube::api::{Api, PostParams};
 use kube::runtime::{watcher, WatchStreamExt};
 
 use crate::kube::{leads, ready, replica_with};
+use crate::podcert::pem_blocks;
 use crate::support::wait::{condition, wait_event};
 use crate::support::*;
 
@@ -144,11 +145,12 @@ fn failed_reason(c: &CertificateSigningRequest) -> Option<String> {
         .map(|f| f.reason)
 }
 
-fn pem_blocks(pem: &str) -> Vec<String> {
-    pem.split_inclusive("-----END CERTIFICATE-----")
-        .map(|b| b.trim_start().to_string())
-        .filter(|b| b.contains("BEGIN CERTIFICATE"))
-        .map(|b| b + "\n")
+/// The certificates of a PEM text, as DER (PEM line widths differ between writers).
+pub(crate) fn ders(pem: &str) -> Vec<Vec<u8>> {
+    citadel::pki::pem::parse_certs(pem.as_bytes())
+        .unwrap()
+        .iter()
+        .map(|c| c.as_ref().to_vec())
         .collect()
 }
 
@@ -253,7 +255,8 @@ async fn csrs_of_our_signers_are_signed_by_the_mapped_ca_or_failed_at_once() {
         .is_err(),
         "not citadel's own CA"
     );
-    assert!(chain.contains(&pem_blocks(&std::fs::read_to_string(legacy.join("ca-cert.pem")).unwrap())[0]));
+    let legacy_int = std::fs::read_to_string(legacy.join("ca-cert.pem")).unwrap();
+    assert!(ders(&chain).contains(&ders(&legacy_int)[0]), "the mapped CA's intermediate");
 
     // The roots istiod verifies against: both CAs', in the Secret its chart mounts.
     let secret = Api::<Secret>::namespaced(kube.client.clone(), "citadel");
@@ -264,7 +267,7 @@ async fn csrs_of_our_signers_are_signed_by_the_mapped_ca_or_failed_at_once() {
         }
     })
     .await;
-    assert_eq!(published, format!("{roots}{legacy_root}"), "citadel's roots, then the mapped CA's");
+    assert_eq!(ders(&published), [ders(&roots), ders(&legacy_root)].concat(), "citadel's roots, then the mapped CA's");
 
     // A service account for itself, approved by an admin: signed. For another identity: Failed
     // at once, with the reason, an Event and a metric.

@@ -14,6 +14,7 @@ mod csr_signer;
 mod envoy;
 mod errors;
 mod issue;
+mod istiod_ra;
 mod kube;
 mod kube_abuse;
 mod kube_faults;
