@@ -2,14 +2,18 @@
 //! metrics: shared by the Pod Certificates signer (`citadel_pod_cert_*`,
 //! `--pod-cert-max-pending`) and the Kubernetes CSR signer (`citadel_csr_*`,
 //! `--csr-max-pending`). Each request kind says what "decided" means for it and what of it the
-//! store keeps ([`Pendable`]).
+//! store keeps ([`Pendable`]); [`run`] is the controller loop both signers run on it.
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use kube::runtime::watcher;
+use futures_util::{FutureExt, StreamExt, TryFuture, TryStreamExt};
+use kube::api::Api;
+use kube::runtime::controller::{self, Action};
+use kube::runtime::{reflector, watcher, Controller, WatchStreamExt};
 
 /// A request kind a signer decides once: what the bounded cache needs to know of it.
 pub trait Pendable: kube::Resource + Clone {
@@ -186,6 +190,88 @@ impl<K: Pendable> Pending<K> {
             self.left_out = false;
         }
         (out, room)
+    }
+}
+
+/// What a signing controller over the cache is made of.
+pub struct Bounded<K: kube::Resource, Ctx> {
+    /// The requests to watch (cluster-wide or namespaced)...
+    pub api: Api<K>,
+    /// ...with this selection (a field selector on the signer name, where one suffices)...
+    pub config: watcher::Config,
+    /// ...of which only these are ours; the rest never reach the cache.
+    pub ours: fn(&Ctx, &K) -> bool,
+    /// Undecided requests held at most.
+    pub limit: usize,
+    /// The cache's metrics.
+    pub stats: Arc<PendingStats>,
+    /// Requests decided at once.
+    pub workers: u16,
+    /// How long after a failed reconcile it runs again.
+    pub retry: Duration,
+}
+
+/// Runs one kube-runtime `Controller` over the bounded store ([`Pending`]) rather than its
+/// default reflector, which would keep every request of the signer, decided or not, for as
+/// long as it exists; until `stop`. When requests had to be left out and half of the room is
+/// free again, the controller stops (gracefully: in-flight decisions finish) and a fresh one
+/// lists the undecided requests again.
+pub async fn run<K, Ctx, F, Fut>(b: Bounded<K, Ctx>, ctx: Arc<Ctx>, stop: super::controller::Stop, reconcile: F)
+where
+    K: Pendable + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + std::fmt::Debug + Unpin + Default,
+    Ctx: Send + Sync + 'static,
+    F: FnMut(Arc<K>, Arc<Ctx>) -> Fut + Clone,
+    Fut: TryFuture<Ok = Action> + Send + 'static,
+    Fut::Error: std::error::Error + Send + 'static,
+{
+    let stop = stop.shared();
+    let noun = b.stats.names.noun;
+    loop {
+        let relist = Arc::new(tokio::sync::Notify::new());
+        let (reader, mut writer) = reflector::store::<K>();
+        let mut pending: Pending<K> = Pending::new(b.limit, b.stats.clone());
+        let notify = relist.clone();
+        let (ours, me) = (b.ours, ctx.clone());
+        let trigger = watcher(b.api.clone(), b.config.clone())
+            .map_ok(move |event| {
+                let event = match event {
+                    Event::Apply(k) | Event::InitApply(k) | Event::Delete(k) if !ours(&me, &k) => None,
+                    e => Some(e),
+                }?;
+                let (event, room) = pending.admit(event);
+                if room {
+                    notify.notify_one();
+                }
+                if let Some(e) = &event {
+                    writer.apply_watcher_event(e);
+                }
+                event
+            })
+            .try_filter_map(|e| std::future::ready(Ok(e)))
+            .applied_objects();
+        let relisting = Box::pin(async move { relist.notified().await });
+        let until = futures_util::future::select(stop.clone(), relisting).map(|_| ());
+        let retry = b.retry;
+        Controller::for_stream(trigger, reader)
+            .with_config(controller::Config::default().concurrency(b.workers))
+            .graceful_shutdown_on(until)
+            .run(
+                reconcile.clone(),
+                move |k: Arc<K>, e, _| {
+                    let (ns, name) = key(k.as_ref());
+                    tracing::warn!(request = %format!("{ns}/{name}"), error = %e, "could not decide one of the {noun} yet; will retry");
+                    Action::requeue(retry)
+                },
+                ctx.clone(),
+            )
+            .for_each(|_| std::future::ready(()))
+            .await;
+        if stop.peek().is_some() {
+            return;
+        }
+        b.stats.relists.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(max_pending = b.limit, "listing {noun} again: some did not fit in memory and there is room now");
     }
 }
 

@@ -4,16 +4,14 @@
 //! of the CA its signer name maps to, and writes the answer in one `/status` update, with an
 //! Event on the CSR.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use kube::api::{Api, PostParams};
-use kube::runtime::controller::{self, Action};
+use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::{reflector, watcher, Controller, WatchStreamExt};
+use kube::runtime::watcher;
 use kube::Resource;
 
 use super::request::{self, CsrState, Rules};
@@ -26,7 +24,7 @@ use crate::ca::policy::TtlPolicy;
 use crate::ca::revocation::SweepRequest;
 use crate::ca::Ca;
 use crate::clock::SharedClock;
-use crate::cluster::pending::{Pending, PendingStats};
+use crate::cluster::pending::{Bounded, PendingStats};
 use crate::identity::TrustDomain;
 use crate::shutdown::Shutdown;
 use crate::store::index::IssuanceIndex;
@@ -160,63 +158,27 @@ impl CsrSigner {
         .await
     }
 
-    /// One kube-runtime `Controller` over the shared bounded store, as the Pod Certificates
-    /// signer's: a fresh one lists again when requests were left out and there is room.
+    /// The shared bounded-cache controller ([`crate::cluster::pending::run`]) over the CSRs
+    /// of our signer names. One name: the API server filters (other signers' CSRs never reach
+    /// us). Several: one watch of all CSRs, others dropped before the cache.
     async fn controller(self: Arc<Self>, stop: crate::cluster::controller::Stop) {
-        let stop = stop.shared();
-        loop {
-            let relist = Arc::new(tokio::sync::Notify::new());
-            let (reader, mut writer) = reflector::store::<CertificateSigningRequest>();
-            let mut pending: Pending<CertificateSigningRequest> =
-                Pending::new(self.config.max_pending, self.pending.clone());
-            let api: Api<CertificateSigningRequest> = Api::all(self.client.clone());
-            // One signer name: the API server filters (other signers' CSRs never reach us).
-            // Several: one watch of all CSRs, others dropped here before the cache.
-            let wc = match self.served.as_slice() {
-                [one] => watcher::Config::default().fields(&format!("spec.signerName={}", one.name)),
-                _ => watcher::Config::default(),
-            };
-            let notify = relist.clone();
-            let me = self.clone();
-            let trigger = watcher(api, wc)
-                .map_ok(move |event| {
-                    let ours = |c: &CertificateSigningRequest| me.served(&c.spec.signer_name).is_some();
-                    let event = match event {
-                        watcher::Event::Apply(c) | watcher::Event::InitApply(c) | watcher::Event::Delete(c) if !ours(&c) => None,
-                        e => Some(e),
-                    }?;
-                    let (event, room) = pending.admit(event);
-                    if room {
-                        notify.notify_one();
-                    }
-                    if let Some(e) = &event {
-                        writer.apply_watcher_event(e);
-                    }
-                    event
-                })
-                .try_filter_map(|e| std::future::ready(Ok(e)))
-                .applied_objects();
-            let relisting = Box::pin(async move { relist.notified().await });
-            let until = futures_util::future::select(stop.clone(), relisting).map(|_| ());
-            Controller::for_stream(trigger, reader)
-                .with_config(controller::Config::default().concurrency(self.config.workers))
-                .graceful_shutdown_on(until)
-                .run(
-                    |csr, me: Arc<Self>| async move { me.reconcile(&csr).await },
-                    |csr, e, _| {
-                        tracing::warn!(csr = %csr.metadata.name.as_deref().unwrap_or(""), error = %e, "could not answer a CertificateSigningRequest yet; will retry");
-                        Action::requeue(Duration::from_secs(1))
-                    },
-                    self.clone(),
-                )
-                .for_each(|_| std::future::ready(()))
-                .await;
-            if stop.peek().is_some() {
-                return;
-            }
-            self.pending.relists.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(max_pending = self.config.max_pending, "listing CertificateSigningRequests again: some did not fit in memory and there is room now");
-        }
+        let config = match self.served.as_slice() {
+            [one] => watcher::Config::default().fields(&format!("spec.signerName={}", one.name)),
+            _ => watcher::Config::default(),
+        };
+        let b = Bounded {
+            api: Api::all(self.client.clone()),
+            config,
+            ours: |me: &Self, c: &CertificateSigningRequest| me.served(&c.spec.signer_name).is_some(),
+            limit: self.config.max_pending,
+            stats: self.pending.clone(),
+            workers: self.config.workers,
+            retry: Duration::from_secs(1),
+        };
+        crate::cluster::pending::run(b, self.clone(), stop, |csr, me: Arc<Self>| async move {
+            me.reconcile(&csr).await
+        })
+        .await
     }
 
     async fn reconcile(&self, csr: &CertificateSigningRequest) -> Result<Action, Retry> {

@@ -2,19 +2,17 @@
 //! [`Pending`] cache), decides each through [`request::check`](super::request::check) and the
 //! shared issue path, and writes the decision in one `/status` update.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::certificates::v1::PodCertificateRequest;
 use kube::api::{Api, PostParams};
-use kube::runtime::controller::{self, Action};
-use kube::runtime::{reflector, watcher, Controller, WatchStreamExt};
+use kube::runtime::controller::Action;
+use kube::runtime::watcher;
 
 use super::error::PodCertError;
 use super::pending::STATS_NAMES;
-use crate::cluster::pending::{Pending, PendingStats};
+use crate::cluster::pending::{Bounded, PendingStats};
 use super::request::{self, Checks};
 use super::status::{self, is_decided, jitter, reason, refresh_at, Decision};
 use super::{PodCertConfig, MIN_LIFETIME_SECS};
@@ -95,60 +93,23 @@ impl PodCertSigner {
         .await
     }
 
-    /// One kube-runtime `Controller` over our own bounded store ([`Pending`]) rather than
-    /// its default reflector, which would keep every request of our signer, decided or not,
-    /// for as long as it exists. When requests had to be left out and half of the room is
-    /// free again, this controller stops (gracefully: in-flight decisions finish) and a fresh
-    /// one lists the undecided requests again.
+    /// The shared bounded-cache controller ([`crate::cluster::pending::run`]) over the
+    /// requests of our signer: the API server filters by signer name.
     async fn controller(self: Arc<Self>, stop: crate::cluster::controller::Stop) {
-        let stop = stop.shared();
-        loop {
-            let relist = Arc::new(tokio::sync::Notify::new());
-            let (reader, mut writer) = reflector::store::<PodCertificateRequest>();
-            let mut pending: Pending<PodCertificateRequest> =
-                Pending::new(self.config.max_pending, self.stats.clone());
-            let api: Api<PodCertificateRequest> = Api::all(self.client.clone());
-            // The API server filters by signer: other signers' requests never reach us.
-            let wc = watcher::Config::default()
-                .fields(&format!("spec.signerName={}", self.config.signer_name));
-            let notify = relist.clone();
-            let trigger = watcher(api, wc)
-                .map_ok(move |event| {
-                    let (event, room) = pending.admit(event);
-                    if room {
-                        notify.notify_one();
-                    }
-                    if let Some(e) = &event {
-                        writer.apply_watcher_event(e);
-                    }
-                    event
-                })
-                .try_filter_map(|e| std::future::ready(Ok(e)))
-                .applied_objects();
-            let relisting = Box::pin(async move { relist.notified().await });
-            let until = futures_util::future::select(stop.clone(), relisting).map(|_| ());
-            Controller::for_stream(trigger, reader)
-                .with_config(controller::Config::default().concurrency(self.config.workers))
-                .graceful_shutdown_on(until)
-                .run(
-                    |pcr, me: Arc<Self>| async move { me.reconcile(&pcr).await },
-                    |pcr, e, _| {
-                        tracing::warn!(request = %describe(&pcr), error = %e, "could not decide a PodCertificateRequest yet; will retry");
-                        Action::requeue(Duration::from_secs(2))
-                    },
-                    self.clone(),
-                )
-                .for_each(|_| std::future::ready(()))
-                .await;
-            if stop.peek().is_some() {
-                return;
-            }
-            self.stats.relists.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(
-                max_pending = self.config.max_pending,
-                "listing PodCertificateRequests again: some did not fit in memory and there is room now"
-            );
-        }
+        let b = Bounded {
+            api: Api::all(self.client.clone()),
+            config: watcher::Config::default()
+                .fields(&format!("spec.signerName={}", self.config.signer_name)),
+            ours: |_, _| true,
+            limit: self.config.max_pending,
+            stats: self.stats.clone(),
+            workers: self.config.workers,
+            retry: Duration::from_secs(2),
+        };
+        crate::cluster::pending::run(b, self.clone(), stop, |pcr, me: Arc<Self>| async move {
+            me.reconcile(&pcr).await
+        })
+        .await
     }
 
     async fn reconcile(&self, pcr: &PodCertificateRequest) -> Result<Action, PodCertError> {
