@@ -401,3 +401,57 @@ async fn two_hundred_csrs_at_once_are_answered_well_inside_istiods_timeout() {
     let m = metrics(&ca).await;
     assert!(m.lines().any(|l| l == format!("citadel_csr_signed_total {N}")), "{m}");
 }
+
+/// deploy/istio-ra.yaml gives citadel's service account what the CSR signer does and nothing
+/// more: `sign` for its own signer names only, the CSRs' status, its roots Secret by name;
+/// never `approve`, which only deploy/istio-ra-auto-approve.yaml adds (for its names only).
+#[tokio::test]
+async fn the_csr_signer_rbac_signs_for_our_names_only_and_approves_only_when_asked() {
+    use crate::rbac::{allowed, apply, req, Req};
+    let Some(kube) = KubeEnv::start().await else {
+        return;
+    };
+    if !require_tool("kubectl") {
+        return;
+    }
+    apply(&kube, &["deploy/citadel.yaml", "deploy/istio-ra.yaml"]);
+    let g = "certificates.k8s.io";
+    let must: [Req; 7] = [
+        req("list", g, "certificatesigningrequests", "", ""),
+        req("watch", g, "certificatesigningrequests", "", ""),
+        req("get", g, "certificatesigningrequests", "", "csr-workload-x"),
+        req("update", g, "certificatesigningrequests/status", "", "csr-workload-x"),
+        req("sign", g, "signers", "", MAIN),
+        req("sign", g, "signers", "", LEGACY),
+        req("update", "", "secrets", "istio-system", "external-ca-cert"),
+    ];
+    eventually("deploy/istio-ra.yaml's RBAC in effect", 10, async || {
+        allowed(&kube, must[0]).await
+    })
+    .await;
+    for r in must {
+        assert!(allowed(&kube, r).await, "citadel needs {r:?}");
+    }
+    let must_not: [Req; 8] = [
+        req("sign", g, "signers", "", "example.com/other"),
+        req("sign", g, "signers", "", "kubernetes.io/kube-apiserver-client"),
+        req("sign", g, "signers", "", "citadel.dev/other"),
+        req("approve", g, "signers", "", MAIN),
+        req("update", g, "certificatesigningrequests/approval", "", "csr-workload-x"),
+        req("create", g, "certificatesigningrequests", "", ""),
+        req("delete", g, "certificatesigningrequests", "", "csr-workload-x"),
+        req("get", "", "secrets", "istio-system", "istiod-token"),
+    ];
+    for r in must_not {
+        assert!(!allowed(&kube, r).await, "citadel must not have {r:?}");
+    }
+    // With auto-approval: approve for our names, and nothing else.
+    apply(&kube, &["deploy/istio-ra-auto-approve.yaml"]);
+    let approve = req("approve", g, "signers", "", MAIN);
+    eventually("deploy/istio-ra-auto-approve.yaml's RBAC in effect", 10, async || {
+        allowed(&kube, approve).await
+    })
+    .await;
+    assert!(allowed(&kube, req("update", g, "certificatesigningrequests/approval", "", "x")).await);
+    assert!(!allowed(&kube, req("approve", g, "signers", "", "example.com/other")).await);
+}

@@ -6,13 +6,13 @@
 use k8s_openapi::api::certificates::v1::{
     CertificateSigningRequest, CertificateSigningRequestCondition,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::ByteString;
 use time::OffsetDateTime;
 
 use crate::auth::issue_path::IssueError;
 use crate::ca::issue::IssueFailure;
 use crate::cluster::pending::{Pendable, StatsNames};
+use crate::cluster::podcert::k8s_time;
 use crate::pki::csr::CsrError;
 
 /// Condition types the API defines; we write only `Failed`.
@@ -136,10 +136,6 @@ pub fn is_decided(csr: &CertificateSigningRequest) -> bool {
         .is_some_and(|c| !c.0.is_empty())
         || denied(csr)
         || has_condition(csr, FAILED)
-}
-
-fn k8s_time(t: OffsetDateTime) -> Time {
-    Time(k8s_openapi::jiff::Timestamp::from_second(t.unix_timestamp()).unwrap_or_default())
 }
 
 fn condition(type_: &str, reason: &str, message: String, now: OffsetDateTime) -> CertificateSigningRequestCondition {

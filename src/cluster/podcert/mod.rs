@@ -54,7 +54,7 @@ pub use crate::cluster::pending::PendingStats;
 pub use pending::pending_test_request;
 pub use pending::STATS_NAMES;
 pub use request::{lifetime_secs, mounts_pod_certificate};
-pub use status::{is_decided, reason, refresh_at};
+pub use status::{is_decided, k8s_time, reason, refresh_at};
 
 /// The signer name citadel answers to by default. A signer name is `<domain>/<path>`;
 /// operators who own another domain pick a name under it with `--pod-cert-signer-name`.
