@@ -122,6 +122,7 @@ fn key<K: kube::Resource>(p: &K) -> (String, String) {
 }
 
 impl<K: Pendable> Pending<K> {
+    /// An empty cache of at most `limit` requests, reporting to `stats`.
     pub fn new(limit: usize, stats: Arc<PendingStats>) -> Self {
         stats.set_pending(0);
         Self {

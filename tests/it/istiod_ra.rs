@@ -8,7 +8,7 @@
 //! istiod needs and why: docs/istio-ra.md.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
