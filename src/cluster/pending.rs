@@ -71,7 +71,13 @@ impl PendingStats {
                 "# HELP {prefix}_{name} {help}\n# TYPE {prefix}_{name} {kind}\n{prefix}_{name} {v}"
             );
         };
-        g(out, "pending_requests", "gauge", &format!("Undecided {noun} the leader holds in memory (decided ones are dropped)."), self.pending.load(Ordering::Relaxed) as u64);
+        g(
+            out,
+            "pending_requests",
+            "gauge",
+            &format!("Undecided {noun} the leader holds in memory (decided ones are dropped)."),
+            self.pending.load(Ordering::Relaxed) as u64,
+        );
         g(
             out,
             "pending_requests_peak",
@@ -87,7 +93,13 @@ impl PendingStats {
             self.limit as u64,
         );
         g(out, "requests_deferred_total", "counter", &format!("Times one of the {noun} was left in the API server because the in-memory limit was reached; it is listed again when there is room."), self.deferred.load(Ordering::Relaxed));
-        g(out, "relists_total", "counter", &format!("Times the signer listed {noun} again to pick up ones left out at the limit."), self.relists.load(Ordering::Relaxed));
+        g(
+            out,
+            "relists_total",
+            "counter",
+            &format!("Times the signer listed {noun} again to pick up ones left out at the limit."),
+            self.relists.load(Ordering::Relaxed),
+        );
     }
 }
 
@@ -217,8 +229,12 @@ pub struct Bounded<K: kube::Resource, Ctx> {
 /// long as it exists; until `stop`. When requests had to be left out and half of the room is
 /// free again, the controller stops (gracefully: in-flight decisions finish) and a fresh one
 /// lists the undecided requests again.
-pub async fn run<K, Ctx, F, Fut>(b: Bounded<K, Ctx>, ctx: Arc<Ctx>, stop: super::controller::Stop, reconcile: F)
-where
+pub async fn run<K, Ctx, F, Fut>(
+    b: Bounded<K, Ctx>,
+    ctx: Arc<Ctx>,
+    stop: super::controller::Stop,
+    reconcile: F,
+) where
     K: Pendable + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone + std::fmt::Debug + Unpin + Default,
     Ctx: Send + Sync + 'static,
@@ -237,7 +253,9 @@ where
         let trigger = watcher(b.api.clone(), b.config.clone())
             .map_ok(move |event| {
                 let event = match event {
-                    Event::Apply(k) | Event::InitApply(k) | Event::Delete(k) if !ours(&me, &k) => None,
+                    Event::Apply(k) | Event::InitApply(k) | Event::Delete(k) if !ours(&me, &k) => {
+                        None
+                    }
                     e => Some(e),
                 }?;
                 let (event, room) = pending.admit(event);
@@ -272,7 +290,10 @@ where
             return;
         }
         b.stats.relists.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(max_pending = b.limit, "listing {noun} again: some did not fit in memory and there is room now");
+        tracing::info!(
+            max_pending = b.limit,
+            "listing {noun} again: some did not fit in memory and there is room now"
+        );
     }
 }
 

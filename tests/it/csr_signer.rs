@@ -46,8 +46,12 @@ pub(crate) async fn grant_csr_rights(kube: &KubeEnv) {
     }))
     .unwrap();
     let pp = PostParams::default();
-    let _ = Api::<ClusterRole>::all(kube.client.clone()).create(&pp, &role).await;
-    let _ = Api::<ClusterRoleBinding>::all(kube.client.clone()).create(&pp, &binding).await;
+    let _ = Api::<ClusterRole>::all(kube.client.clone())
+        .create(&pp, &role)
+        .await;
+    let _ = Api::<ClusterRoleBinding>::all(kube.client.clone())
+        .create(&pp, &binding)
+        .await;
 }
 
 /// A client acting as the service account `ns/sa`.
@@ -159,8 +163,9 @@ fn verify(chain: &str, roots: &str, identity: &citadel::identity::SpiffeId) -> i
     let mut elems = pem_blocks(chain);
     assert!(elems.len() >= 2, "leaf and intermediate: {chain}");
     elems.push(roots.to_string());
-    let v = citadel::client::verify_response(&elems, Some(identity), time::OffsetDateTime::now_utc())
-        .unwrap_or_else(|e| panic!("webpki rejected the CSR's certificate: {e}"));
+    let v =
+        citadel::client::verify_response(&elems, Some(identity), time::OffsetDateTime::now_utc())
+            .unwrap_or_else(|e| panic!("webpki rejected the CSR's certificate: {e}"));
     let dir = tempfile::tempdir().unwrap();
     crate::thirdparty::write_chain(dir.path(), &elems);
     crate::thirdparty::openssl_verify(dir.path());
@@ -168,7 +173,10 @@ fn verify(chain: &str, roots: &str, identity: &citadel::identity::SpiffeId) -> i
 }
 
 async fn metrics(r: &crate::kube::Replica) -> String {
-    http_get(r.metrics, "/metrics").await.map(|(_, m)| m).unwrap_or_default()
+    http_get(r.metrics, "/metrics")
+        .await
+        .map(|(_, m)| m)
+        .unwrap_or_default()
 }
 
 #[tokio::test]
@@ -211,7 +219,10 @@ async fn csrs_of_our_signers_are_signed_by_the_mapped_ca_or_failed_at_once() {
         ready(&ca).await && leads(&ca).await
     })
     .await;
-    eventually("bundle published", 15, async || kube.bundle("shop").await.is_some()).await;
+    eventually("bundle published", 15, async || {
+        kube.bundle("shop").await.is_some()
+    })
+    .await;
     let roots = kube.bundle("shop").await.unwrap();
 
     let istiod = client_as(&kube, tmp.path(), "istio-system", "istiod").await;
@@ -221,30 +232,86 @@ async fn csrs_of_our_signers_are_signed_by_the_mapped_ca_or_failed_at_once() {
     let payments_id = spiffe("shop", "payments");
 
     // Left alone: a CSR nobody approved, and another signer's CSR even when approved.
-    create(&istiod, &csr_object("unapproved", MAIN, &cart_id.to_string(), &ISTIOD_USAGES, None)).await;
-    create(&kube.client, &csr_object("not-ours", "example.com/other", &cart_id.to_string(), &ISTIOD_USAGES, None)).await;
+    create(
+        &istiod,
+        &csr_object(
+            "unapproved",
+            MAIN,
+            &cart_id.to_string(),
+            &ISTIOD_USAGES,
+            None,
+        ),
+    )
+    .await;
+    create(
+        &kube.client,
+        &csr_object(
+            "not-ours",
+            "example.com/other",
+            &cart_id.to_string(),
+            &ISTIOD_USAGES,
+            None,
+        ),
+    )
+    .await;
     decide(&kube.client, "not-ours", "Approved").await;
     // Denied: never signed (the API refuses to add Approved to it later).
-    create(&istiod, &csr_object("denied", MAIN, &cart_id.to_string(), &ISTIOD_USAGES, None)).await;
+    create(
+        &istiod,
+        &csr_object("denied", MAIN, &cart_id.to_string(), &ISTIOD_USAGES, None),
+    )
+    .await;
     decide(&kube.client, "denied", "Denied").await;
 
     // istiod asks for the cart proxy, as RA mode does: approved by itself, 1h asked.
     let t0 = Instant::now();
-    create(&istiod, &csr_object("istiod-cart", MAIN, &cart_id.to_string(), &ISTIOD_USAGES, Some(3600))).await;
+    create(
+        &istiod,
+        &csr_object(
+            "istiod-cart",
+            MAIN,
+            &cart_id.to_string(),
+            &ISTIOD_USAGES,
+            Some(3600),
+        ),
+    )
+    .await;
     decide(&istiod, "istiod-cart", "Approved").await;
     let c = answered(&kube, "istiod-cart").await;
     eprintln!("one CSR: creation to certificate in {:?}", t0.elapsed());
     let chain = certificate(&c).expect("a certificate");
-    assert_eq!(verify(&chain, &roots, &cart_id), 3600 + 120, "1h asked, notBefore backdated 2 min");
-    assert_eq!(pem_blocks(&chain).len(), 2, "leaf and intermediate, no root");
+    assert_eq!(
+        verify(&chain, &roots, &cart_id),
+        3600 + 120,
+        "1h asked, notBefore backdated 2 min"
+    );
+    assert_eq!(
+        pem_blocks(&chain).len(),
+        2,
+        "leaf and intermediate, no root"
+    );
     assert!(failed_reason(&c).is_none());
 
     // The second signer name: signed by the plugged-in CA mapped to it, which citadel's own
     // roots do not verify.
-    create(&istiod, &csr_object("istiod-legacy", LEGACY, &payments_id.to_string(), &ISTIOD_USAGES, None)).await;
+    create(
+        &istiod,
+        &csr_object(
+            "istiod-legacy",
+            LEGACY,
+            &payments_id.to_string(),
+            &ISTIOD_USAGES,
+            None,
+        ),
+    )
+    .await;
     decide(&istiod, "istiod-legacy", "Approved").await;
     let chain = certificate(&answered(&kube, "istiod-legacy").await).expect("a certificate");
-    assert_eq!(verify(&chain, &legacy_root, &payments_id), 86_400 + 120, "the default TTL");
+    assert_eq!(
+        verify(&chain, &legacy_root, &payments_id),
+        86_400 + 120,
+        "the default TTL"
+    );
     assert!(
         citadel::client::verify_response(
             &[pem_blocks(&chain), vec![roots.clone()]].concat(),
@@ -255,60 +322,164 @@ async fn csrs_of_our_signers_are_signed_by_the_mapped_ca_or_failed_at_once() {
         "not citadel's own CA"
     );
     let legacy_int = std::fs::read_to_string(legacy.join("ca-cert.pem")).unwrap();
-    assert!(ders(&chain).contains(&ders(&legacy_int)[0]), "the mapped CA's intermediate");
+    assert!(
+        ders(&chain).contains(&ders(&legacy_int)[0]),
+        "the mapped CA's intermediate"
+    );
 
     // The roots istiod verifies against: both CAs', in the Secret its chart mounts.
     let secret = Api::<Secret>::namespaced(kube.client.clone(), "citadel");
     let published = until("external-ca-cert published", 15, async || {
         match secret.get_opt("external-ca-cert").await {
-            Ok(Some(s)) => s.data.and_then(|d| d.get("root-cert.pem").map(|b| String::from_utf8(b.0.clone()).unwrap())).ok_or("no root-cert.pem".to_string()),
+            Ok(Some(s)) => s
+                .data
+                .and_then(|d| {
+                    d.get("root-cert.pem")
+                        .map(|b| String::from_utf8(b.0.clone()).unwrap())
+                })
+                .ok_or("no root-cert.pem".to_string()),
             other => Err(format!("{other:?}")),
         }
     })
     .await;
-    assert_eq!(ders(&published), [ders(&roots), ders(&legacy_root)].concat(), "citadel's roots, then the mapped CA's");
+    assert_eq!(
+        ders(&published),
+        [ders(&roots), ders(&legacy_root)].concat(),
+        "citadel's roots, then the mapped CA's"
+    );
 
     // A service account for itself, approved by an admin: signed. For another identity: Failed
     // at once, with the reason, an Event and a metric.
-    create(&cart, &csr_object("cart-self", MAIN, &cart_id.to_string(), &["client auth"], Some(600))).await;
+    create(
+        &cart,
+        &csr_object(
+            "cart-self",
+            MAIN,
+            &cart_id.to_string(),
+            &["client auth"],
+            Some(600),
+        ),
+    )
+    .await;
     decide(&kube.client, "cart-self", "Approved").await;
     let c = answered(&kube, "cart-self").await;
-    assert_eq!(verify(&certificate(&c).unwrap(), &roots, &cart_id), 600 + 120);
+    assert_eq!(
+        verify(&certificate(&c).unwrap(), &roots, &cart_id),
+        600 + 120
+    );
     let t1 = Instant::now();
-    create(&cart, &csr_object("cart-steals", MAIN, &payments_id.to_string(), &ISTIOD_USAGES, None)).await;
+    create(
+        &cart,
+        &csr_object(
+            "cart-steals",
+            MAIN,
+            &payments_id.to_string(),
+            &ISTIOD_USAGES,
+            None,
+        ),
+    )
+    .await;
     decide(&kube.client, "cart-steals", "Approved").await;
     let c = answered(&kube, "cart-steals").await;
-    assert!(t1.elapsed() < Duration::from_secs(10), "refused at once: {:?}", t1.elapsed());
+    assert!(
+        t1.elapsed() < Duration::from_secs(10),
+        "refused at once: {:?}",
+        t1.elapsed()
+    );
     assert_eq!(failed_reason(&c).as_deref(), Some("RequesterNotAllowed"));
     assert!(certificate(&c).is_none());
     let f = condition(&c, "Failed").unwrap();
-    assert!(f.message.contains("system:serviceaccount:shop:cart") && f.message.contains("payments"), "{}", f.message);
-    wait_event(&kube.client, "default", "cart-steals", "RequesterNotAllowed", 15).await;
+    assert!(
+        f.message.contains("system:serviceaccount:shop:cart") && f.message.contains("payments"),
+        "{}",
+        f.message
+    );
+    wait_event(
+        &kube.client,
+        "default",
+        "cart-steals",
+        "RequesterNotAllowed",
+        15,
+    )
+    .await;
     wait_event(&kube.client, "default", "istiod-cart", "Issued", 15).await;
 
     // Usages we do not issue; a foreign trust domain: Failed with their reasons.
-    create(&istiod, &csr_object("code-signing", MAIN, &cart_id.to_string(), &["digital signature", "code signing"], None)).await;
+    create(
+        &istiod,
+        &csr_object(
+            "code-signing",
+            MAIN,
+            &cart_id.to_string(),
+            &["digital signature", "code signing"],
+            None,
+        ),
+    )
+    .await;
     decide(&istiod, "code-signing", "Approved").await;
-    assert_eq!(failed_reason(&answered(&kube, "code-signing").await).as_deref(), Some("UnsupportedUsage"));
-    create(&istiod, &csr_object("foreign", MAIN, "spiffe://evil.example/ns/shop/sa/cart", &ISTIOD_USAGES, None)).await;
+    assert_eq!(
+        failed_reason(&answered(&kube, "code-signing").await).as_deref(),
+        Some("UnsupportedUsage")
+    );
+    create(
+        &istiod,
+        &csr_object(
+            "foreign",
+            MAIN,
+            "spiffe://evil.example/ns/shop/sa/cart",
+            &ISTIOD_USAGES,
+            None,
+        ),
+    )
+    .await;
     decide(&istiod, "foreign", "Approved").await;
-    assert_eq!(failed_reason(&answered(&kube, "foreign").await).as_deref(), Some("InvalidIdentity"));
+    assert_eq!(
+        failed_reason(&answered(&kube, "foreign").await).as_deref(),
+        Some("InvalidIdentity")
+    );
 
     // --csr-auto-approve: the listed requester's CSR is approved by citadel, then signed.
     let auto_id = spiffe("shop", "auto");
-    create(&auto, &csr_object("auto-self", MAIN, &auto_id.to_string(), &ISTIOD_USAGES, None)).await;
+    create(
+        &auto,
+        &csr_object(
+            "auto-self",
+            MAIN,
+            &auto_id.to_string(),
+            &ISTIOD_USAGES,
+            None,
+        ),
+    )
+    .await;
     let c = answered(&kube, "auto-self").await;
-    assert_eq!(condition(&c, "Approved").map(|a| a.reason).as_deref(), Some("AutoApproved"));
+    assert_eq!(
+        condition(&c, "Approved").map(|a| a.reason).as_deref(),
+        Some("AutoApproved")
+    );
     verify(&certificate(&c).unwrap(), &roots, &auto_id);
 
     // Still serving after every refusal; and what it left alone is untouched.
-    create(&istiod, &csr_object("istiod-again", MAIN, &cart_id.to_string(), &ISTIOD_USAGES, None)).await;
+    create(
+        &istiod,
+        &csr_object(
+            "istiod-again",
+            MAIN,
+            &cart_id.to_string(),
+            &ISTIOD_USAGES,
+            None,
+        ),
+    )
+    .await;
     decide(&istiod, "istiod-again", "Approved").await;
     assert!(certificate(&answered(&kube, "istiod-again").await).is_some());
     let api = Api::<CertificateSigningRequest>::all(kube.client.clone());
     for name in ["unapproved", "not-ours", "denied"] {
         let c = api.get(name).await.unwrap();
-        assert!(certificate(&c).is_none() && failed_reason(&c).is_none(), "{name} was touched: {:?}", c.status);
+        assert!(
+            certificate(&c).is_none() && failed_reason(&c).is_none(),
+            "{name} was touched: {:?}",
+            c.status
+        );
     }
     let m = metrics(&ca).await;
     for line in [
@@ -332,7 +503,17 @@ async fn two_hundred_csrs_at_once_are_answered_well_inside_istiods_timeout() {
         return;
     };
     kube.namespace("citadel").await;
-    let ca = replica_with(&kube, "csr-bench", "citadel", &["--csr-signer", MAIN, "--csr-istiod-requester", "citadel-admin"]);
+    let ca = replica_with(
+        &kube,
+        "csr-bench",
+        "citadel",
+        &[
+            "--csr-signer",
+            MAIN,
+            "--csr-istiod-requester",
+            "citadel-admin",
+        ],
+    );
     eventually("replica ready and leading", 30, async || {
         ready(&ca).await && leads(&ca).await
     })
@@ -343,7 +524,9 @@ async fn two_hundred_csrs_at_once_are_answered_well_inside_istiods_timeout() {
         let (client, seen) = (kube.client.clone(), seen.clone());
         async move {
             let api = Api::<CertificateSigningRequest>::all(client);
-            let mut events = watcher(api, watcher::Config::default()).applied_objects().boxed();
+            let mut events = watcher(api, watcher::Config::default())
+                .applied_objects()
+                .boxed();
             while let Ok(Some(c)) = events.try_next().await {
                 if certificate(&c).is_some() {
                     let mut s = seen.lock().unwrap();
@@ -358,7 +541,15 @@ async fn two_hundred_csrs_at_once_are_answered_well_inside_istiods_timeout() {
     });
     // The CSRs (keys and requests) are made before the clock starts.
     let objects: Vec<_> = (0..N)
-        .map(|i| csr_object(&format!("bench-{i}"), MAIN, &spiffe("shop", &format!("w{i}")).to_string(), &ISTIOD_USAGES, None))
+        .map(|i| {
+            csr_object(
+                &format!("bench-{i}"),
+                MAIN,
+                &spiffe("shop", &format!("w{i}")).to_string(),
+                &ISTIOD_USAGES,
+                None,
+            )
+        })
         .collect();
     let started: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let t0 = Instant::now();
@@ -379,8 +570,10 @@ async fn two_hundred_csrs_at_once_are_answered_well_inside_istiods_timeout() {
         .await
         .expect("every CSR answered within 2 minutes")
         .unwrap();
-    let (started, seen) = (started.lock().unwrap(), seen.lock().unwrap());
-    let mut lat: Vec<Duration> = started.iter().map(|(n, t)| seen[n] - *t).collect();
+    let mut lat: Vec<Duration> = {
+        let (started, seen) = (started.lock().unwrap(), seen.lock().unwrap());
+        started.iter().map(|(n, t)| seen[n] - *t).collect()
+    };
     lat.sort();
     let p = |q: f64| lat[((lat.len() as f64 * q).ceil() as usize).min(lat.len()) - 1];
     eprintln!(
@@ -390,9 +583,17 @@ async fn two_hundred_csrs_at_once_are_answered_well_inside_istiods_timeout() {
         lat[lat.len() - 1],
         t0.elapsed()
     );
-    assert!(p(0.99) < Duration::from_secs(30), "p99 {:?} is not well inside istiod's 60 s", p(0.99));
+    assert!(
+        p(0.99) < Duration::from_secs(30),
+        "p99 {:?} is not well inside istiod's 60 s",
+        p(0.99)
+    );
     let m = metrics(&ca).await;
-    assert!(m.lines().any(|l| l == format!("citadel_csr_signed_total {N}")), "{m}");
+    assert!(
+        m.lines()
+            .any(|l| l == format!("citadel_csr_signed_total {N}")),
+        "{m}"
+    );
 }
 
 /// deploy/istio-ra.yaml gives citadel's service account what the CSR signer does and nothing
@@ -413,7 +614,13 @@ async fn the_csr_signer_rbac_signs_for_our_names_only_and_approves_only_when_ask
         req("list", g, "certificatesigningrequests", "", ""),
         req("watch", g, "certificatesigningrequests", "", ""),
         req("get", g, "certificatesigningrequests", "", "csr-workload-x"),
-        req("update", g, "certificatesigningrequests/status", "", "csr-workload-x"),
+        req(
+            "update",
+            g,
+            "certificatesigningrequests/status",
+            "",
+            "csr-workload-x",
+        ),
         req("sign", g, "signers", "", MAIN),
         req("sign", g, "signers", "", LEGACY),
         req("update", "", "secrets", "istio-system", "external-ca-cert"),
@@ -427,12 +634,30 @@ async fn the_csr_signer_rbac_signs_for_our_names_only_and_approves_only_when_ask
     }
     let must_not: [Req; 8] = [
         req("sign", g, "signers", "", "example.com/other"),
-        req("sign", g, "signers", "", "kubernetes.io/kube-apiserver-client"),
+        req(
+            "sign",
+            g,
+            "signers",
+            "",
+            "kubernetes.io/kube-apiserver-client",
+        ),
         req("sign", g, "signers", "", "citadel.dev/other"),
         req("approve", g, "signers", "", MAIN),
-        req("update", g, "certificatesigningrequests/approval", "", "csr-workload-x"),
+        req(
+            "update",
+            g,
+            "certificatesigningrequests/approval",
+            "",
+            "csr-workload-x",
+        ),
         req("create", g, "certificatesigningrequests", "", ""),
-        req("delete", g, "certificatesigningrequests", "", "csr-workload-x"),
+        req(
+            "delete",
+            g,
+            "certificatesigningrequests",
+            "",
+            "csr-workload-x",
+        ),
         req("get", "", "secrets", "istio-system", "istiod-token"),
     ];
     for r in must_not {
@@ -441,10 +666,18 @@ async fn the_csr_signer_rbac_signs_for_our_names_only_and_approves_only_when_ask
     // With auto-approval: approve for our names, and nothing else.
     apply(&kube, &["deploy/istio-ra-auto-approve.yaml"]);
     let approve = req("approve", g, "signers", "", MAIN);
-    eventually("deploy/istio-ra-auto-approve.yaml's RBAC in effect", 10, async || {
-        allowed(&kube, approve).await
-    })
+    eventually(
+        "deploy/istio-ra-auto-approve.yaml's RBAC in effect",
+        10,
+        async || allowed(&kube, approve).await,
+    )
     .await;
-    assert!(allowed(&kube, req("update", g, "certificatesigningrequests/approval", "", "x")).await);
+    assert!(
+        allowed(
+            &kube,
+            req("update", g, "certificatesigningrequests/approval", "", "x")
+        )
+        .await
+    );
     assert!(!allowed(&kube, req("approve", g, "signers", "", "example.com/other")).await);
 }

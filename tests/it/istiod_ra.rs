@@ -19,9 +19,9 @@ use kube::api::{Api, PostParams};
 use crate::csr_signer::{
     answered, certificate, client_as, create, csr_object, decide, ders, grant_csr_rights,
 };
-use crate::podcert::pem_blocks;
 use crate::kube::{leads, ready, replica_with};
 use crate::pilot_agent::{create_pod, istio_binary, Group};
+use crate::podcert::pem_blocks;
 use crate::support::wait::condition;
 use crate::support::*;
 
@@ -37,7 +37,8 @@ fn serving_cert(dir: &Path) -> String {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(rcgen::DnType::CommonName, "istiod test serving CA");
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "istiod test serving CA");
     let ca_cert = ca.self_signed(&ca_key).unwrap();
     let issuer = rcgen::Issuer::new(ca, &ca_key);
     let key = rcgen::KeyPair::generate().unwrap();
@@ -46,8 +47,9 @@ fn serving_cert(dir: &Path) -> String {
         "localhost".to_string(),
     ])
     .unwrap();
-    p.subject_alt_names
-        .push(rcgen::SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+    p.subject_alt_names.push(rcgen::SanType::IpAddress(
+        std::net::Ipv4Addr::LOCALHOST.into(),
+    ));
     let cert = p.signed_by(&key, &issuer).unwrap();
     std::fs::write(dir.join("tls.crt"), cert.pem()).unwrap();
     std::fs::write(dir.join("tls.key"), key.serialize_pem()).unwrap();
@@ -204,7 +206,12 @@ async fn unmodified_istiod_in_ra_mode_gets_workload_certificates_from_citadel() 
         &kube,
         "ra",
         "citadel",
-        &["--csr-signer", "citadel.dev/spiffe", "--csr-signer", &legacy_flag],
+        &[
+            "--csr-signer",
+            "citadel.dev/spiffe",
+            "--csr-signer",
+            &legacy_flag,
+        ],
     );
     eventually("citadel ready and leading", 30, async || {
         ready(&citadel).await && leads(&citadel).await
@@ -217,7 +224,10 @@ async fn unmodified_istiod_in_ra_mode_gets_workload_certificates_from_citadel() 
         match secrets.get_opt("external-ca-cert").await {
             Ok(Some(s)) => s
                 .data
-                .and_then(|d| d.get("root-cert.pem").map(|b| String::from_utf8(b.0.clone()).unwrap()))
+                .and_then(|d| {
+                    d.get("root-cert.pem")
+                        .map(|b| String::from_utf8(b.0.clone()).unwrap())
+                })
                 .ok_or_else(|| "no root-cert.pem".to_string()),
             other => Err(format!("{other:?}")),
         }
@@ -228,17 +238,31 @@ async fn unmodified_istiod_in_ra_mode_gets_workload_certificates_from_citadel() 
         .into_iter()
         .filter(|b| !legacy_der.contains(&ders(b)[0]))
         .collect();
-    assert_eq!(pem_blocks(&citadel_root).len(), 1, "citadel's own root, and the legacy one");
+    assert_eq!(
+        pem_blocks(&citadel_root).len(),
+        1,
+        "citadel's own root, and the legacy one"
+    );
 
     // istiod, unmodified, in RA mode, from its own working directory.
     let istiod_dir = dir.join("istiod");
     std::fs::create_dir_all(istiod_dir.join("etc/external-ca-cert")).unwrap();
-    std::fs::write(istiod_dir.join("etc/external-ca-cert/root-cert.pem"), &ra_roots).unwrap();
+    std::fs::write(
+        istiod_dir.join("etc/external-ca-cert/root-cert.pem"),
+        &ra_roots,
+    )
+    .unwrap();
     let serving_ca = serving_cert(&istiod_dir);
     let kubeconfig = istiod_dir.join("kubeconfig");
-    kube.kubeconfig_as("istio-system", "istiod", &kubeconfig).await;
-    let (http, https, grpc, secure, monitoring) =
-        (free_addr(), free_addr(), free_addr(), free_addr(), free_addr());
+    kube.kubeconfig_as("istio-system", "istiod", &kubeconfig)
+        .await;
+    let (http, https, grpc, secure, monitoring) = (
+        free_addr(),
+        free_addr(),
+        free_addr(),
+        free_addr(),
+        free_addr(),
+    );
     let istiod_log = dir.join("istiod.log");
     let mut cmd = Command::new(&discovery);
     cmd.arg("discovery")
@@ -283,8 +307,14 @@ async fn unmodified_istiod_in_ra_mode_gets_workload_certificates_from_citadel() 
         .stderr(std::fs::File::create(dir.join("istiod.stderr")).unwrap());
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let _istiod = Group(cmd.spawn().expect("start pilot-discovery"));
-    let version = Command::new(&discovery).args(["version", "-s"]).output().unwrap();
-    eprintln!("pilot-discovery {}", String::from_utf8_lossy(&version.stdout).trim());
+    let version = Command::new(&discovery)
+        .args(["version", "-s"])
+        .output()
+        .unwrap();
+    eprintln!(
+        "pilot-discovery {}",
+        String::from_utf8_lossy(&version.stdout).trim()
+    );
     let t0 = Instant::now();
     while !accepts(secure).await {
         assert!(
@@ -301,38 +331,94 @@ async fn unmodified_istiod_in_ra_mode_gets_workload_certificates_from_citadel() 
     let cart_token = kube.pod_token(NS, "cart", "cart-0", &cart_uid).await;
     let cart_dir = dir.join("cart-pod");
     let t1 = Instant::now();
-    let _cart = pilot_agent(&agent, &cart_dir, "cart-0", "cart", &cart_token, &serving_ca, secure, None);
+    let _cart = pilot_agent(
+        &agent,
+        &cart_dir,
+        "cart-0",
+        "cart",
+        &cart_token,
+        &serving_ca,
+        secure,
+        None,
+    );
     let (chain, roots) = agent_certificate(&cart_dir, &istiod_log).await;
-    eprintln!("pilot-agent -> istiod -> CSR -> citadel -> certificate in {:?}", t1.elapsed());
+    eprintln!(
+        "pilot-agent -> istiod -> CSR -> citadel -> certificate in {:?}",
+        t1.elapsed()
+    );
     let cart_id = spiffe(NS, "cart");
-    assert!(verifies(&chain, &citadel_root, &cart_id), "cart's chain verifies to citadel's root:\n{chain}");
-    assert!(!verifies(&chain, &legacy_root, &cart_id), "not to the legacy root");
-    assert_eq!(ders(&roots), ders(&ra_roots), "the roots istiod hands out are citadel's");
+    assert!(
+        verifies(&chain, &citadel_root, &cart_id),
+        "cart's chain verifies to citadel's root:\n{chain}"
+    );
+    assert!(
+        !verifies(&chain, &legacy_root, &cart_id),
+        "not to the legacy root"
+    );
+    assert_eq!(
+        ders(&roots),
+        ders(&ra_roots),
+        "the roots istiod hands out are citadel's"
+    );
 
     // Workload 2: ISTIO_META_CERT_SIGNER=legacy selects citadel.dev/legacy, the mapped CA.
     let ledger_token = kube.pod_token(NS, "ledger", "ledger-0", &ledger_uid).await;
     let ledger_dir = dir.join("ledger-pod");
-    let _ledger = pilot_agent(&agent, &ledger_dir, "ledger-0", "ledger", &ledger_token, &serving_ca, secure, Some("legacy"));
+    let _ledger = pilot_agent(
+        &agent,
+        &ledger_dir,
+        "ledger-0",
+        "ledger",
+        &ledger_token,
+        &serving_ca,
+        secure,
+        Some("legacy"),
+    );
     let (chain, _) = agent_certificate(&ledger_dir, &istiod_log).await;
     let ledger_id = spiffe(NS, "ledger");
-    assert!(verifies(&chain, &legacy_root, &ledger_id), "ledger's chain verifies to the legacy root:\n{chain}");
-    assert!(!verifies(&chain, &citadel_root, &ledger_id), "not to citadel's own");
+    assert!(
+        verifies(&chain, &legacy_root, &ledger_id),
+        "ledger's chain verifies to the legacy root:\n{chain}"
+    );
+    assert!(
+        !verifies(&chain, &citadel_root, &ledger_id),
+        "not to citadel's own"
+    );
     let legacy_int = std::fs::read_to_string(legacy.join("ca-cert.pem")).unwrap();
-    assert!(ders(&chain).contains(&ders(&legacy_int)[0]), "signed by the legacy intermediate");
+    assert!(
+        ders(&chain).contains(&ders(&legacy_int)[0]),
+        "signed by the legacy intermediate"
+    );
 
     // Both went through citadel as CSRs, which istiod deleted after reading them.
     let m = http_get(citadel.metrics, "/metrics").await.unwrap().1;
     assert!(
-        m.lines().any(|l| l.strip_prefix("citadel_csr_signed_total ").and_then(|n| n.parse::<u64>().ok()).is_some_and(|n| n >= 2)),
+        m.lines().any(|l| l
+            .strip_prefix("citadel_csr_signed_total ")
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|n| n >= 2)),
         "{m}"
     );
 
     // A CSR from a requester not allowed the identity: Failed at once (istiod would give up
     // after 60 s; the Failed condition tells an operator why).
     let cart = client_as(&kube, dir, NS, "cart").await;
-    create(&cart, &csr_object("cart-wants-ledger", "citadel.dev/spiffe", &ledger_id.to_string(), &["client auth"], None)).await;
+    create(
+        &cart,
+        &csr_object(
+            "cart-wants-ledger",
+            "citadel.dev/spiffe",
+            &ledger_id.to_string(),
+            &["client auth"],
+            None,
+        ),
+    )
+    .await;
     decide(&kube.client, "cart-wants-ledger", "Approved").await;
     let c = answered(&kube, "cart-wants-ledger").await;
     assert!(certificate(&c).is_none());
-    assert_eq!(condition(&c, "Failed").map(|f| f.reason).as_deref(), Some("RequesterNotAllowed"));
+    assert_eq!(
+        condition(&c, "Failed").map(|f| f.reason).as_deref(),
+        Some("RequesterNotAllowed")
+    );
 }

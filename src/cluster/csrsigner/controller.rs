@@ -18,7 +18,9 @@ use super::request::{self, CsrState, Rules};
 use super::stats::CsrStats;
 use super::status::{self, reason, Refusal, Retry, STATS_NAMES};
 use super::{CsrSignerConfig, Route, MIN_EXPIRATION_SECS};
-use crate::auth::issue_path::{CsrInput, IssueError, IssuePath, IssueRequest, Requester, Ttl, Vouched};
+use crate::auth::issue_path::{
+    CsrInput, IssueError, IssuePath, IssueRequest, Requester, Ttl, Vouched,
+};
 use crate::ca::issue::IssueFailure;
 use crate::ca::policy::TtlPolicy;
 use crate::ca::revocation::SweepRequest;
@@ -39,7 +41,11 @@ struct Served {
 
 /// What one CSR gets.
 enum Answer {
-    Certificate { chain: String, serial: String, identity: String },
+    Certificate {
+        chain: String,
+        serial: String,
+        identity: String,
+    },
     Failed(Refusal),
 }
 
@@ -148,7 +154,15 @@ impl CsrSigner {
                 "csr-signer-roots",
                 self.leader.clone(),
                 shutdown.clone(),
-                move |stop| super::roots::keep(client.clone(), ns.clone(), secret.clone(), cas.clone(), stop),
+                move |stop| {
+                    super::roots::keep(
+                        client.clone(),
+                        ns.clone(),
+                        secret.clone(),
+                        cas.clone(),
+                        stop,
+                    )
+                },
             ));
         }
         let leader = self.leader.clone();
@@ -169,7 +183,9 @@ impl CsrSigner {
         let b = Bounded {
             api: Api::all(self.client.clone()),
             config,
-            ours: |me: &Self, c: &CertificateSigningRequest| me.served(&c.spec.signer_name).is_some(),
+            ours: |me: &Self, c: &CertificateSigningRequest| {
+                me.served(&c.spec.signer_name).is_some()
+            },
             limit: self.config.max_pending,
             stats: self.pending.clone(),
             workers: self.config.workers,
@@ -212,13 +228,18 @@ impl CsrSigner {
         let name = csr.metadata.name.as_deref().unwrap_or("");
         let api: Api<CertificateSigningRequest> = Api::all(self.client.clone());
         let obj = status::approval(csr, requester, self.clock.now());
-        match api.replace_subresource("approval", name, &PostParams::default(), &obj).await {
+        match api
+            .replace_subresource("approval", name, &PostParams::default(), &obj)
+            .await
+        {
             Ok(_) => {
                 self.stats.approved();
                 tracing::info!(csr = %name, requester = %crate::audit::shown(requester), "approved a CertificateSigningRequest (--csr-auto-approve)");
                 Ok(Action::await_change())
             }
-            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(Action::await_change()),
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {
+                Ok(Action::await_change())
+            }
             Err(e) => Err(Retry(format!("approving {name}: {e}"))),
         }
     }
@@ -285,7 +306,11 @@ impl CsrSigner {
 
     /// Writes the answer in one `/status` update, conditional on the resourceVersion read,
     /// then counts it and records an Event on the CSR.
-    async fn write(&self, csr: &CertificateSigningRequest, answer: Answer) -> Result<Action, Retry> {
+    async fn write(
+        &self,
+        csr: &CertificateSigningRequest,
+        answer: Answer,
+    ) -> Result<Action, Retry> {
         let name = csr.metadata.name.as_deref().unwrap_or("");
         let api: Api<CertificateSigningRequest> = Api::all(self.client.clone());
         let now = self.clock.now();
@@ -296,7 +321,9 @@ impl CsrSigner {
         // Checked at the write too: a replica paused past its lease must not answer from
         // what it saw before.
         if !self.leading() {
-            return Err(Retry("this replica does not lead (any more); not writing".into()));
+            return Err(Retry(
+                "this replica does not lead (any more); not writing".into(),
+            ));
         }
         let answer = match api.replace_status(name, &PostParams::default(), &obj).await {
             Ok(_) => answer,
@@ -309,10 +336,15 @@ impl CsrSigner {
                     _ => Ok(Action::requeue(Duration::from_millis(200))),
                 };
             }
-            Err(kube::Error::Api(s)) if s.code == 422 && matches!(answer, Answer::Certificate { .. }) => {
+            Err(kube::Error::Api(s))
+                if s.code == 422 && matches!(answer, Answer::Certificate { .. }) =>
+            {
                 tracing::error!(csr = %name, error = %s.message, "the API server refused the issued certificate");
                 let msg: String = s.message.chars().take(1024).collect();
-                let r = status::refuse(reason::SIGNING_FAILED, format!("the API server refused the issued certificate: {msg}"));
+                let r = status::refuse(
+                    reason::SIGNING_FAILED,
+                    format!("the API server refused the issued certificate: {msg}"),
+                );
                 api.replace_status(name, &PostParams::default(), &status::failed(csr, &r, now))
                     .await
                     .map_err(|e| Retry(format!("{name}: {e}")))?;
@@ -329,13 +361,17 @@ impl CsrSigner {
         let latency = Duration::from_secs((now.unix_timestamp() - created).max(0) as u64);
         let requester = crate::audit::shown(csr.spec.username.as_deref().unwrap_or("")).to_string();
         let event = match answer {
-            Answer::Certificate { serial, identity, .. } => {
+            Answer::Certificate {
+                serial, identity, ..
+            } => {
                 self.stats.signed(latency);
                 tracing::info!(csr = %name, signer = %csr.spec.signer_name, requester = %requester, identity = %identity, serial = %serial, "CertificateSigningRequest signed");
                 Event {
                     type_: EventType::Normal,
                     reason: reason::ISSUED.into(),
-                    note: Some(format!("citadel issued {identity} (serial {serial}) to {requester}")),
+                    note: Some(format!(
+                        "citadel issued {identity} (serial {serial}) to {requester}"
+                    )),
                     action: "Sign".into(),
                     secondary: None,
                 }

@@ -76,9 +76,7 @@ impl std::str::FromStr for SignerRoute {
     /// `NAME` or `NAME=DIR`.
     fn from_str(s: &str) -> Result<Self, String> {
         let (name, dir) = match s.split_once('=') {
-            Some((n, d)) if d.is_empty() => {
-                return Err(format!("--csr-signer {n:?}=: the CA directory is empty"))
-            }
+            Some((n, "")) => return Err(format!("--csr-signer {n:?}=: the CA directory is empty")),
             Some((n, d)) => (n, Some(PathBuf::from(d))),
             None => (s, None),
         };
@@ -178,9 +176,8 @@ pub fn routes(
             Some(dir) => match loaded.iter().find(|(d, _)| d == dir) {
                 Some((_, ca)) => (ca.clone(), true),
                 None => {
-                    let l = plugged::load_checked(&DirSource(dir), td, now).map_err(|e| {
-                        format!("--csr-signer {}={}: {e}", s.name, dir.display())
-                    })?;
+                    let l = plugged::load_checked(&DirSource(dir), td, now)
+                        .map_err(|e| format!("--csr-signer {}={}: {e}", s.name, dir.display()))?;
                     for w in &l.warnings {
                         tracing::warn!(signer = %s.name, "{w}");
                     }

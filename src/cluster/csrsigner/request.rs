@@ -80,7 +80,10 @@ pub fn check(rules: Rules<'_>, csr: &CertificateSigningRequest) -> Result<Checke
     if usages.is_empty() {
         return Err(refuse(reason::UNSUPPORTED_USAGE, "spec.usages is empty"));
     }
-    if let Some(u) = usages.iter().find(|u| !ALLOWED_USAGES.contains(&u.as_str())) {
+    if let Some(u) = usages
+        .iter()
+        .find(|u| !ALLOWED_USAGES.contains(&u.as_str()))
+    {
         return Err(refuse(
             reason::UNSUPPORTED_USAGE,
             format!(
@@ -103,7 +106,10 @@ pub fn check(rules: Rules<'_>, csr: &CertificateSigningRequest) -> Result<Checke
     let parsed = match csr::parse_pem(&spec.request.0) {
         Ok(p) => p,
         // Worded by the surface's one mapping, as the issue path's CSR errors are.
-        Err(e) => return Err(status::refusal(IssueError::Csr(e), "").unwrap_or_else(|r| refuse(reason::INVALID_REQUEST, r.0))),
+        Err(e) => {
+            return Err(status::refusal(IssueError::Csr(e), "")
+                .unwrap_or_else(|r| refuse(reason::INVALID_REQUEST, r.0)))
+        }
     };
     let [uri] = parsed.uri_sans.as_slice() else {
         return Err(refuse(
@@ -193,7 +199,13 @@ mod tests {
         p.serialize_request(&key).unwrap().pem().unwrap()
     }
 
-    fn csr(pem: &str, user: &str, groups: &[&str], usages: &[&str], exp: Option<i32>) -> CertificateSigningRequest {
+    fn csr(
+        pem: &str,
+        user: &str,
+        groups: &[&str],
+        usages: &[&str],
+        exp: Option<i32>,
+    ) -> CertificateSigningRequest {
         use base64::Engine;
         let mut spec = serde_json::json!({
             "signerName": "citadel.dev/spiffe",
@@ -203,11 +215,16 @@ mod tests {
         if let Some(e) = exp {
             spec["expirationSeconds"] = e.into();
         }
-        serde_json::from_value(serde_json::json!({"metadata": {"name": "c"}, "spec": spec})).unwrap()
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "c"}, "spec": spec}))
+            .unwrap()
     }
 
     const ALL: [&str; 4] = ALLOWED_USAGES;
-    const SA_GROUPS: [&str; 3] = ["system:serviceaccounts", "system:serviceaccounts:shop", "system:authenticated"];
+    const SA_GROUPS: [&str; 3] = [
+        "system:serviceaccounts",
+        "system:serviceaccounts:shop",
+        "system:authenticated",
+    ];
 
     fn run(c: &CertificateSigningRequest) -> Result<Checked, &'static str> {
         let reqs = vec![ISTIOD.to_string()];
@@ -227,16 +244,35 @@ mod tests {
     fn istiod_may_ask_for_any_identity_of_the_trust_domain() {
         let pem = pem_for(&["spiffe://cluster.local/ns/shop/sa/cart"]);
         let ok = run(&csr(&pem, ISTIOD, &SA_GROUPS, &ALL, Some(3600))).unwrap();
-        assert_eq!(ok.identity.to_string(), "spiffe://cluster.local/ns/shop/sa/cart");
+        assert_eq!(
+            ok.identity.to_string(),
+            "spiffe://cluster.local/ns/shop/sa/cart"
+        );
         assert_eq!((ok.ttl_secs, ok.requester.as_str()), (3600, ISTIOD));
         // Default lifetime when none is asked; capped at the maximum when more is.
-        assert_eq!(run(&csr(&pem, ISTIOD, &SA_GROUPS, &["client auth"], None)).unwrap().ttl_secs, 0);
-        assert_eq!(run(&csr(&pem, ISTIOD, &SA_GROUPS, &ALL, Some(90 * 86_400))).unwrap().ttl_secs, 86_400);
+        assert_eq!(
+            run(&csr(&pem, ISTIOD, &SA_GROUPS, &["client auth"], None))
+                .unwrap()
+                .ttl_secs,
+            0
+        );
+        assert_eq!(
+            run(&csr(&pem, ISTIOD, &SA_GROUPS, &ALL, Some(90 * 86_400)))
+                .unwrap()
+                .ttl_secs,
+            86_400
+        );
         // Not another trust domain, not a non-SPIFFE URI.
         let other = pem_for(&["spiffe://evil.example/ns/shop/sa/cart"]);
-        assert_eq!(run(&csr(&other, ISTIOD, &SA_GROUPS, &ALL, None)), Err(reason::INVALID_IDENTITY));
+        assert_eq!(
+            run(&csr(&other, ISTIOD, &SA_GROUPS, &ALL, None)),
+            Err(reason::INVALID_IDENTITY)
+        );
         let http = pem_for(&["https://cluster.local/x"]);
-        assert_eq!(run(&csr(&http, ISTIOD, &SA_GROUPS, &ALL, None)), Err(reason::INVALID_IDENTITY));
+        assert_eq!(
+            run(&csr(&http, ISTIOD, &SA_GROUPS, &ALL, None)),
+            Err(reason::INVALID_IDENTITY)
+        );
     }
 
     #[test]
@@ -245,32 +281,69 @@ mod tests {
         let me = "system:serviceaccount:shop:cart";
         assert!(run(&csr(&own, me, &SA_GROUPS, &ALL, None)).is_ok());
         let theirs = pem_for(&["spiffe://cluster.local/ns/shop/sa/payments"]);
-        assert_eq!(run(&csr(&theirs, me, &SA_GROUPS, &ALL, None)), Err(reason::REQUESTER_NOT_ALLOWED));
+        assert_eq!(
+            run(&csr(&theirs, me, &SA_GROUPS, &ALL, None)),
+            Err(reason::REQUESTER_NOT_ALLOWED)
+        );
         // A username shaped like a service account without the group the API server adds to
         // service-account credentials (a client certificate with that CN, say) counts as
         // nobody; so does a user.
-        assert_eq!(run(&csr(&own, me, &["system:authenticated"], &ALL, None)), Err(reason::REQUESTER_NOT_ALLOWED));
-        assert_eq!(run(&csr(&own, "alice", &["system:authenticated"], &ALL, None)), Err(reason::REQUESTER_NOT_ALLOWED));
+        assert_eq!(
+            run(&csr(&own, me, &["system:authenticated"], &ALL, None)),
+            Err(reason::REQUESTER_NOT_ALLOWED)
+        );
+        assert_eq!(
+            run(&csr(&own, "alice", &["system:authenticated"], &ALL, None)),
+            Err(reason::REQUESTER_NOT_ALLOWED)
+        );
     }
 
     #[test]
     fn bad_requests_are_refused_with_their_reason() {
         let ok = pem_for(&["spiffe://cluster.local/ns/shop/sa/cart"]);
-        assert_eq!(run(&csr(&ok, ISTIOD, &SA_GROUPS, &["client auth", "code signing"], None)), Err(reason::UNSUPPORTED_USAGE));
-        assert_eq!(run(&csr(&ok, ISTIOD, &SA_GROUPS, &[], None)), Err(reason::UNSUPPORTED_USAGE));
-        assert_eq!(run(&csr(&ok, ISTIOD, &SA_GROUPS, &ALL, Some(599))), Err(reason::INVALID_EXPIRATION));
-        assert_eq!(run(&csr("not a pem", ISTIOD, &SA_GROUPS, &ALL, None)), Err(reason::INVALID_REQUEST));
-        let two = pem_for(&["spiffe://cluster.local/ns/a/sa/a", "spiffe://cluster.local/ns/b/sa/b"]);
-        assert_eq!(run(&csr(&two, ISTIOD, &SA_GROUPS, &ALL, None)), Err(reason::INVALID_REQUEST));
+        assert_eq!(
+            run(&csr(
+                &ok,
+                ISTIOD,
+                &SA_GROUPS,
+                &["client auth", "code signing"],
+                None
+            )),
+            Err(reason::UNSUPPORTED_USAGE)
+        );
+        assert_eq!(
+            run(&csr(&ok, ISTIOD, &SA_GROUPS, &[], None)),
+            Err(reason::UNSUPPORTED_USAGE)
+        );
+        assert_eq!(
+            run(&csr(&ok, ISTIOD, &SA_GROUPS, &ALL, Some(599))),
+            Err(reason::INVALID_EXPIRATION)
+        );
+        assert_eq!(
+            run(&csr("not a pem", ISTIOD, &SA_GROUPS, &ALL, None)),
+            Err(reason::INVALID_REQUEST)
+        );
+        let two = pem_for(&[
+            "spiffe://cluster.local/ns/a/sa/a",
+            "spiffe://cluster.local/ns/b/sa/b",
+        ]);
+        assert_eq!(
+            run(&csr(&two, ISTIOD, &SA_GROUPS, &ALL, None)),
+            Err(reason::INVALID_REQUEST)
+        );
         let none = pem_for(&[]);
-        assert_eq!(run(&csr(&none, ISTIOD, &SA_GROUPS, &ALL, None)), Err(reason::INVALID_REQUEST));
+        assert_eq!(
+            run(&csr(&none, ISTIOD, &SA_GROUPS, &ALL, None)),
+            Err(reason::INVALID_REQUEST)
+        );
         // A tampered request: its self-signature no longer verifies.
         let mut bad = csr(&ok, ISTIOD, &SA_GROUPS, &ALL, None);
         let block = ::pem::parse(&bad.spec.request.0).unwrap();
         let mut der = block.contents().to_vec();
         let n = der.len();
         der[n - 5] ^= 1;
-        bad.spec.request.0 = ::pem::encode(&::pem::Pem::new("CERTIFICATE REQUEST", der)).into_bytes();
+        bad.spec.request.0 =
+            ::pem::encode(&::pem::Pem::new("CERTIFICATE REQUEST", der)).into_bytes();
         assert_eq!(run(&bad), Err(reason::INVALID_REQUEST));
     }
 
@@ -278,13 +351,23 @@ mod tests {
     fn state_follows_the_conditions_and_denied_wins() {
         let mut c = csr(&pem_for(&[]), ISTIOD, &[], &ALL, None);
         assert_eq!(state(&c), CsrState::AwaitingApproval);
-        let cond = |t: &str| serde_json::from_value(serde_json::json!({"type": t, "status": "True"})).unwrap();
-        c.status = Some(k8s_openapi::api::certificates::v1::CertificateSigningRequestStatus {
-            conditions: Some(vec![cond("Approved")]),
-            certificate: None,
-        });
+        let cond = |t: &str| {
+            serde_json::from_value(serde_json::json!({"type": t, "status": "True"})).unwrap()
+        };
+        c.status = Some(
+            k8s_openapi::api::certificates::v1::CertificateSigningRequestStatus {
+                conditions: Some(vec![cond("Approved")]),
+                certificate: None,
+            },
+        );
         assert_eq!(state(&c), CsrState::Approved);
-        c.status.as_mut().unwrap().conditions.as_mut().unwrap().push(cond("Denied"));
+        c.status
+            .as_mut()
+            .unwrap()
+            .conditions
+            .as_mut()
+            .unwrap()
+            .push(cond("Denied"));
         assert_eq!(state(&c), CsrState::Decided);
         c.status.as_mut().unwrap().conditions = Some(vec![cond("Approved")]);
         c.status.as_mut().unwrap().certificate = Some(k8s_openapi::ByteString(b"x".to_vec()));

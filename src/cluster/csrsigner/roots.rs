@@ -40,7 +40,13 @@ pub fn bundle(cas: &[Arc<Ca>]) -> String {
 }
 
 /// Keeps the Secret `name` in `namespace` equal to [`bundle`] until `stop`.
-pub async fn keep(client: kube::Client, namespace: String, name: String, cas: Vec<Arc<Ca>>, stop: Stop) {
+pub async fn keep(
+    client: kube::Client,
+    namespace: String,
+    name: String,
+    cas: Vec<Arc<Ca>>,
+    stop: Stop,
+) {
     let api: Api<Secret> = Api::namespaced(client, &namespace);
     let mut changes: Vec<_> = cas.iter().map(|c| c.subscribe()).collect();
     let mut stop = stop;
@@ -48,14 +54,17 @@ pub async fn keep(client: kube::Client, namespace: String, name: String, cas: Ve
         let want = bundle(&cas);
         if !want.is_empty() {
             match write(&api, &name, &want).await {
-                Ok(true) => tracing::info!(secret = %format!("{namespace}/{name}"), "published the CSR signers' roots for istiod"),
+                Ok(true) => {
+                    tracing::info!(secret = %format!("{namespace}/{name}"), "published the CSR signers' roots for istiod")
+                }
                 Ok(false) => {}
-                Err(e) => tracing::warn!(secret = %format!("{namespace}/{name}"), error = %e, "could not publish the CSR signers' roots; retrying"),
+                Err(e) => {
+                    tracing::warn!(secret = %format!("{namespace}/{name}"), error = %e, "could not publish the CSR signers' roots; retrying")
+                }
             }
         }
-        let changed = futures_util::future::select_all(
-            changes.iter_mut().map(|c| Box::pin(c.changed())),
-        );
+        let changed =
+            futures_util::future::select_all(changes.iter_mut().map(|c| Box::pin(c.changed())));
         tokio::select! {
             _ = changed => {}
             _ = tokio::time::sleep(Duration::from_secs(60)) => {}
@@ -68,9 +77,19 @@ pub async fn keep(client: kube::Client, namespace: String, name: String, cas: Ve
 async fn write(api: &Api<Secret>, name: &str, want: &str) -> Result<bool, kube::Error> {
     let data = BTreeMap::from([(KEY.to_string(), ByteString(want.as_bytes().to_vec()))]);
     match api.get_opt(name).await? {
-        Some(s) if s.data.as_ref().and_then(|d| d.get(KEY)).map(|b| b.0.as_slice()) == Some(want.as_bytes()) => Ok(false),
+        Some(s)
+            if s.data
+                .as_ref()
+                .and_then(|d| d.get(KEY))
+                .map(|b| b.0.as_slice())
+                == Some(want.as_bytes()) =>
+        {
+            Ok(false)
+        }
         Some(mut s) => {
-            s.data.get_or_insert_default().insert(KEY.into(), data[KEY].clone());
+            s.data
+                .get_or_insert_default()
+                .insert(KEY.into(), data[KEY].clone());
             api.replace(name, &PostParams::default(), &s).await?;
             Ok(true)
         }

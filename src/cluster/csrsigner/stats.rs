@@ -50,8 +50,10 @@ impl CsrStats {
             self.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
         self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_millis
-            .fetch_add(d.as_millis().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+        self.sum_millis.fetch_add(
+            d.as_millis().min(u64::MAX as u128) as u64,
+            Ordering::Relaxed,
+        );
     }
 
     /// Appends the metrics to a Prometheus text exposition.

@@ -78,7 +78,10 @@ pub fn refusal(e: IssueError, request: &str) -> Result<Refusal, Retry> {
             reason::UNSUPPORTED_KEY_TYPE,
             format!("{why}; citadel certifies ECDSA P-256 or P-384 and RSA 2048-8192 keys"),
         )),
-        IssueError::Csr(e) => Ok(refuse(reason::INVALID_REQUEST, format!("spec.request: {e}"))),
+        IssueError::Csr(e) => Ok(refuse(
+            reason::INVALID_REQUEST,
+            format!("spec.request: {e}"),
+        )),
         e @ IssueError::Ca(IssueFailure::Denied { .. }) => {
             Ok(refuse(reason::IDENTITY_DENIED, e.to_string()))
         }
@@ -138,7 +141,12 @@ pub fn is_decided(csr: &CertificateSigningRequest) -> bool {
         || has_condition(csr, FAILED)
 }
 
-fn condition(type_: &str, reason: &str, message: String, now: OffsetDateTime) -> CertificateSigningRequestCondition {
+fn condition(
+    type_: &str,
+    reason: &str,
+    message: String,
+    now: OffsetDateTime,
+) -> CertificateSigningRequestCondition {
     CertificateSigningRequestCondition {
         type_: type_.into(),
         status: "True".into(),
@@ -185,7 +193,9 @@ pub fn approval(
         .push(condition(
             APPROVED,
             reason::AUTO_APPROVED,
-            format!("approved by citadel: the requester {requester:?} is listed in --csr-auto-approve"),
+            format!(
+                "approved by citadel: the requester {requester:?} is listed in --csr-auto-approve"
+            ),
             now,
         ));
     obj
@@ -240,7 +250,10 @@ mod tests {
         assert!(!is_decided(&csr(&[("Approved", "True")], None)));
         assert!(is_decided(&csr(&[("Approved", "True")], Some("x"))));
         assert!(is_decided(&csr(&[("Denied", "True")], None)));
-        assert!(is_decided(&csr(&[("Approved", "True"), ("Failed", "True")], None)));
+        assert!(is_decided(&csr(
+            &[("Approved", "True"), ("Failed", "True")],
+            None
+        )));
         assert!(!is_decided(&csr(&[("Failed", "False")], None)));
         assert!(approved(&csr(&[("Approved", "True")], None)));
         assert!(!approved(&csr(&[("Approved", "False")], None)));
@@ -254,7 +267,11 @@ mod tests {
         let cs = f.status.as_ref().unwrap().conditions.as_ref().unwrap();
         assert_eq!(cs.len(), 2);
         assert_eq!(
-            (cs[1].type_.as_str(), cs[1].status.as_str(), cs[1].reason.as_deref()),
+            (
+                cs[1].type_.as_str(),
+                cs[1].status.as_str(),
+                cs[1].reason.as_deref()
+            ),
             ("Failed", "True", Some("RequesterNotAllowed"))
         );
         assert!(is_decided(&f));
@@ -277,7 +294,10 @@ mod tests {
             kind(IssueError::Csr(CsrError::UnsupportedKey("Ed448".into()))),
             "Failed/UnsupportedKeyType"
         );
-        assert_eq!(kind(IssueError::Csr(CsrError::BadSignature)), "Failed/InvalidRequest");
+        assert_eq!(
+            kind(IssueError::Csr(CsrError::BadSignature)),
+            "Failed/InvalidRequest"
+        );
         assert_eq!(
             kind(IssueError::Ca(IssueFailure::Denied {
                 identity: "spiffe://td/x".into(),
@@ -293,7 +313,9 @@ mod tests {
             "Failed/RequesterNotAllowed"
         );
         assert_eq!(
-            kind(IssueError::Ca(IssueFailure::Sign(crate::ca::SignError::Expired(t)))),
+            kind(IssueError::Ca(IssueFailure::Sign(
+                crate::ca::SignError::Expired(t)
+            ))),
             "Failed/SigningFailed"
         );
         assert_eq!(

@@ -12,7 +12,6 @@ use kube::runtime::watcher;
 
 use super::error::PodCertError;
 use super::pending::STATS_NAMES;
-use crate::cluster::pending::{Bounded, PendingStats};
 use super::request::{self, Checks};
 use super::status::{self, is_decided, jitter, reason, refresh_at, Decision};
 use super::{PodCertConfig, MIN_LIFETIME_SECS};
@@ -21,6 +20,7 @@ use crate::ca::policy::TtlPolicy;
 use crate::ca::revocation::SweepRequest;
 use crate::ca::Ca;
 use crate::clock::SharedClock;
+use crate::cluster::pending::{Bounded, PendingStats};
 use crate::identity::TrustDomain;
 use crate::shutdown::Shutdown;
 use crate::store::index::IssuanceIndex;

@@ -47,9 +47,9 @@ mod pending;
 mod request;
 mod status;
 
+pub use crate::cluster::pending::PendingStats;
 pub use controller::PodCertSigner;
 pub use error::PodCertError;
-pub use crate::cluster::pending::PendingStats;
 #[cfg(test)]
 pub use pending::pending_test_request;
 pub use pending::STATS_NAMES;
