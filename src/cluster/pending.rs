@@ -24,6 +24,17 @@ pub trait Pendable: kube::Resource + Clone {
     fn slim(self) -> Self;
 }
 
+/// Drops what no signer reads from a request's metadata (labels, annotations, owner
+/// references, finalizers, managedFields): a `/status` write cannot change them anyway, since
+/// the API server keeps the stored metadata and spec.
+pub fn slim_meta(m: &mut kube::api::ObjectMeta) {
+    m.managed_fields = None;
+    m.annotations = None;
+    m.labels = None;
+    m.owner_references = None;
+    m.finalizers = None;
+}
+
 /// Names the metrics and the flag of one signer's cache.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StatsNames {

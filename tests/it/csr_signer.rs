@@ -54,6 +54,38 @@ pub(crate) async fn grant_csr_rights(kube: &KubeEnv) {
         .await;
 }
 
+/// A second CA in Istio's cacerts layout, for `--csr-signer citadel.dev/legacy=DIR`: its
+/// directory and its root's PEM.
+pub(crate) fn legacy_ca(dir: &Path) -> (std::path::PathBuf, String) {
+    let legacy = dir.join("legacy-ca");
+    std::fs::create_dir(&legacy).unwrap();
+    crate::thirdparty::make_cacerts(
+        &legacy,
+        "openssl ecparam -name prime256v1 -genkey -noout -out ca-key.pem",
+    );
+    let root = std::fs::read_to_string(legacy.join("root-cert.pem")).unwrap();
+    (legacy, root)
+}
+
+/// The roots citadel publishes for istiod: `root-cert.pem` of the Secret `external-ca-cert`
+/// in `ns`, once it exists.
+pub(crate) async fn published_roots(kube: &KubeEnv, ns: &str) -> String {
+    let secret = Api::<Secret>::namespaced(kube.client.clone(), ns);
+    until("external-ca-cert published", 20, async || {
+        match secret.get_opt("external-ca-cert").await {
+            Ok(Some(s)) => s
+                .data
+                .and_then(|d| {
+                    d.get("root-cert.pem")
+                        .map(|b| String::from_utf8(b.0.clone()).unwrap())
+                })
+                .ok_or("no root-cert.pem".to_string()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+}
+
 /// A client acting as the service account `ns/sa`.
 pub(crate) async fn client_as(kube: &KubeEnv, dir: &Path, ns: &str, sa: &str) -> kube::Client {
     let path = dir.join(format!("{ns}-{sa}.kubeconfig"));
@@ -191,13 +223,7 @@ async fn csrs_of_our_signers_are_signed_by_the_mapped_ca_or_failed_at_once() {
         kube.service_account("shop", sa).await;
     }
     grant_csr_rights(&kube).await;
-    let legacy = tmp.path().join("legacy-ca");
-    std::fs::create_dir(&legacy).unwrap();
-    crate::thirdparty::make_cacerts(
-        &legacy,
-        "openssl ecparam -name prime256v1 -genkey -noout -out ca-key.pem",
-    );
-    let legacy_root = std::fs::read_to_string(legacy.join("root-cert.pem")).unwrap();
+    let (legacy, legacy_root) = legacy_ca(tmp.path());
 
     let legacy_flag = format!("{LEGACY}={}", legacy.display());
     let ca = replica_with(
@@ -328,20 +354,7 @@ async fn csrs_of_our_signers_are_signed_by_the_mapped_ca_or_failed_at_once() {
     );
 
     // The roots istiod verifies against: both CAs', in the Secret its chart mounts.
-    let secret = Api::<Secret>::namespaced(kube.client.clone(), "citadel");
-    let published = until("external-ca-cert published", 15, async || {
-        match secret.get_opt("external-ca-cert").await {
-            Ok(Some(s)) => s
-                .data
-                .and_then(|d| {
-                    d.get("root-cert.pem")
-                        .map(|b| String::from_utf8(b.0.clone()).unwrap())
-                })
-                .ok_or("no root-cert.pem".to_string()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    let published = published_roots(&kube, "citadel").await;
     assert_eq!(
         ders(&published),
         [ders(&roots), ders(&legacy_root)].concat(),

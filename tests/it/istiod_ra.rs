@@ -12,12 +12,12 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use kube::api::{Api, PostParams};
 
 use crate::csr_signer::{
     answered, certificate, client_as, create, csr_object, decide, ders, grant_csr_rights,
+    legacy_ca, published_roots,
 };
 use crate::kube::{leads, ready, replica_with};
 use crate::pilot_agent::{create_pod, istio_binary, Group};
@@ -194,13 +194,7 @@ async fn unmodified_istiod_in_ra_mode_gets_workload_certificates_from_citadel() 
     let ledger_uid = create_pod(&kube, NS, "ledger-0", "ledger").await;
 
     // citadel: its own CA for citadel.dev/spiffe, a plugged-in CA for citadel.dev/legacy.
-    let legacy = dir.join("legacy-ca");
-    std::fs::create_dir(&legacy).unwrap();
-    crate::thirdparty::make_cacerts(
-        &legacy,
-        "openssl ecparam -name prime256v1 -genkey -noout -out ca-key.pem",
-    );
-    let legacy_root = std::fs::read_to_string(legacy.join("root-cert.pem")).unwrap();
+    let (legacy, legacy_root) = legacy_ca(dir);
     let legacy_flag = format!("citadel.dev/legacy={}", legacy.display());
     let citadel = replica_with(
         &kube,
@@ -219,20 +213,7 @@ async fn unmodified_istiod_in_ra_mode_gets_workload_certificates_from_citadel() 
     .await;
 
     // What Istio's chart mounts at /etc/external-ca-cert: the Secret citadel keeps.
-    let secrets = Api::<Secret>::namespaced(kube.client.clone(), "citadel");
-    let ra_roots = until("external-ca-cert published", 20, async || {
-        match secrets.get_opt("external-ca-cert").await {
-            Ok(Some(s)) => s
-                .data
-                .and_then(|d| {
-                    d.get("root-cert.pem")
-                        .map(|b| String::from_utf8(b.0.clone()).unwrap())
-                })
-                .ok_or_else(|| "no root-cert.pem".to_string()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    let ra_roots = published_roots(&kube, "citadel").await;
     let legacy_der = ders(&legacy_root);
     let citadel_root: String = pem_blocks(&ra_roots)
         .into_iter()

@@ -217,12 +217,7 @@ impl Pendable for CertificateSigningRequest {
     /// what the API server accepts) and the status. Labels, annotations, owner references and
     /// managedFields go; a status write cannot change them anyway.
     fn slim(mut self) -> Self {
-        let m = &mut self.metadata;
-        m.managed_fields = None;
-        m.annotations = None;
-        m.labels = None;
-        m.owner_references = None;
-        m.finalizers = None;
+        crate::cluster::pending::slim_meta(&mut self.metadata);
         self
     }
 }

@@ -23,12 +23,7 @@ impl Pendable for PodCertificateRequest {
     /// the stored metadata and spec), and of `unverifiedUserAnnotations` (up to 256 KiB) only
     /// the names the denial message shows.
     fn slim(mut self) -> Self {
-        let m = &mut self.metadata;
-        m.managed_fields = None;
-        m.annotations = None;
-        m.labels = None;
-        m.owner_references = None;
-        m.finalizers = None;
+        crate::cluster::pending::slim_meta(&mut self.metadata);
         if let Some(a) = self.spec.unverified_user_annotations.as_mut() {
             *a = a
                 .keys()
