@@ -351,7 +351,7 @@ pub struct Args {
 
     /// With --csr-signer: the Secret in --namespace whose root-cert.pem the leader keeps equal
     /// to the roots of every CA a signer name maps to: what istiod verifies answers against
-    /// (Istio's chart mounts Secret external-ca-cert at /etc/external-ca-cert). Empty: none.
+    /// (mount it into istiod at /etc/external-ca-cert; docs/istio-ra.md). Empty: none.
     #[arg(long, default_value = crate::cluster::csrsigner::DEFAULT_ROOT_SECRET, value_name = "NAME")]
     pub csr_root_secret: String,
 }

@@ -57,7 +57,7 @@ pub const DEFAULT_ISTIOD_REQUESTER: &str = "system:serviceaccount:istio-system:i
 pub const MIN_EXPIRATION_SECS: u64 = 600;
 
 /// The Secret (in `--namespace`) whose `root-cert.pem` holds the roots of every mapped CA:
-/// what Istio's chart mounts into istiod at `/etc/external-ca-cert` in RA mode.
+/// what istiod reads at `/etc/external-ca-cert` in RA mode, once mounted there.
 pub const DEFAULT_ROOT_SECRET: &str = "external-ca-cert";
 
 /// One `--csr-signer`: a signer name, and the plugged-in CA directory that serves it (`None`:

@@ -1,6 +1,6 @@
 //! The roots istiod verifies our answers against, kept in a Secret (default
-//! `external-ca-cert` in `--namespace`, key `root-cert.pem`): what Istio's chart mounts into
-//! istiod at `/etc/external-ca-cert` in RA mode. istiod checks every chain it gets from a CSR
+//! `external-ca-cert` in `--namespace`, key `root-cert.pem`), to be mounted into istiod at
+//! `/etc/external-ca-cert`, the file it reads in RA mode. istiod checks every chain it gets from a CSR
 //! against that file, whichever signer name it asked, and hands the file's content to the
 //! proxy as its roots, so it holds the roots of EVERY CA a signer name maps to (citadel's own
 //! bundle, rotations included, and each mapped CA's).
