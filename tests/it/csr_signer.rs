@@ -353,7 +353,7 @@ async fn csrs_of_our_signers_are_signed_by_the_mapped_ca_or_failed_at_once() {
         "the mapped CA's intermediate"
     );
 
-    // The roots istiod verifies against: both CAs', in the Secret its chart mounts.
+    // The roots istiod verifies against: both CAs', in the Secret istiod mounts.
     let published = published_roots(&kube, "citadel").await;
     assert_eq!(
         ders(&published),

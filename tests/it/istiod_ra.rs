@@ -4,7 +4,7 @@
 //! `EXTERNAL_CA=ISTIOD_RA_KUBERNETES_API`, `K8S_SIGNER=citadel.dev/spiffe` and
 //! `CERT_SIGNER_DOMAIN=citadel.dev`, authenticates each pilot-agent with a TokenReview,
 //! creates and approves a CSR, and waits for citadel's answer, which it verifies against the
-//! roots citadel published (the `external-ca-cert` Secret, mounted as its chart does). What
+//! roots citadel published (the `external-ca-cert` Secret, mounted where istiod reads it). What
 //! istiod needs and why: docs/istio-ra.md.
 
 use std::net::SocketAddr;
@@ -212,7 +212,7 @@ async fn unmodified_istiod_in_ra_mode_gets_workload_certificates_from_citadel() 
     })
     .await;
 
-    // What Istio's chart mounts at /etc/external-ca-cert: the Secret citadel keeps.
+    // What istiod reads at /etc/external-ca-cert: the Secret citadel keeps, as a volume would mount it.
     let ra_roots = published_roots(&kube, "citadel").await;
     let legacy_der = ders(&legacy_root);
     let citadel_root: String = pem_blocks(&ra_roots)
