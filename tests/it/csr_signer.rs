@@ -223,6 +223,8 @@ async fn csrs_of_our_signers_are_signed_by_the_mapped_ca_or_failed_at_once() {
         kube.service_account("shop", sa).await;
     }
     grant_csr_rights(&kube).await;
+    // The Revocation CRD, so that an identity can be denied below.
+    crate::rbac::apply(&kube, &["deploy/crds/revocation.yaml"]);
     let (legacy, legacy_root) = legacy_ca(tmp.path());
 
     let legacy_flag = format!("{LEGACY}={}", legacy.display());
@@ -505,6 +507,60 @@ async fn csrs_of_our_signers_are_signed_by_the_mapped_ca_or_failed_at_once() {
     ] {
         assert!(m.lines().any(|l| l == line), "{line} missing in:\n{m}");
     }
+
+    // A denied identity (a Revocation): Failed/IdentityDenied under citadel's own signer name
+    // once the denial is in force, and under the mapped CA's too.
+    let banned = spiffe("shop", "banned");
+    let rev = tmp.path().join("revocation.yaml");
+    std::fs::write(
+        &rev,
+        format!(
+            "apiVersion: citadel.dev/v1alpha1\nkind: Revocation\nmetadata:\n  name: ban\n  namespace: citadel\nspec:\n  identity: {banned}\n  reason: key-compromise\n"
+        ),
+    )
+    .unwrap();
+    crate::rbac::apply(&kube, &[rev.to_str().unwrap()]);
+    let mut attempt = 0;
+    until(
+        "a CSR for the denied identity Failed/IdentityDenied",
+        30,
+        async || {
+            attempt += 1;
+            let name = format!("banned-{attempt}");
+            create(
+                &istiod,
+                &csr_object(&name, MAIN, &banned.to_string(), &ISTIOD_USAGES, None),
+            )
+            .await;
+            decide(&istiod, &name, "Approved").await;
+            match failed_reason(&answered(&kube, &name).await).as_deref() {
+                Some("IdentityDenied") => Ok(()),
+                other => Err(format!(
+                    "{name}: {other:?} (the denial is not in force yet)"
+                )),
+            }
+        },
+    )
+    .await;
+    create(
+        &istiod,
+        &csr_object(
+            "banned-legacy",
+            LEGACY,
+            &banned.to_string(),
+            &ISTIOD_USAGES,
+            None,
+        ),
+    )
+    .await;
+    decide(&istiod, "banned-legacy", "Approved").await;
+    let c = answered(&kube, "banned-legacy").await;
+    assert_eq!(
+        failed_reason(&c).as_deref(),
+        Some("IdentityDenied"),
+        "the mapped CA honours citadel's deny list"
+    );
+    assert!(certificate(&c).is_none());
 }
 
 /// 200 CSRs created at once, as a mesh restart would make istiod create them, each approved
