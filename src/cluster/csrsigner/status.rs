@@ -141,20 +141,28 @@ pub fn is_decided(csr: &CertificateSigningRequest) -> bool {
         || has_condition(csr, FAILED)
 }
 
-fn condition(
+/// `csr` with one more condition (status True) of `type_`.
+fn with_condition(
+    csr: &CertificateSigningRequest,
     type_: &str,
     reason: &str,
     message: String,
     now: OffsetDateTime,
-) -> CertificateSigningRequestCondition {
-    CertificateSigningRequestCondition {
-        type_: type_.into(),
-        status: "True".into(),
-        reason: Some(reason.into()),
-        message: Some(message),
-        last_update_time: Some(k8s_time(now)),
-        last_transition_time: Some(k8s_time(now)),
-    }
+) -> CertificateSigningRequest {
+    let mut obj = csr.clone();
+    obj.status
+        .get_or_insert_default()
+        .conditions
+        .get_or_insert_default()
+        .push(CertificateSigningRequestCondition {
+            type_: type_.into(),
+            status: "True".into(),
+            reason: Some(reason.into()),
+            message: Some(message),
+            last_update_time: Some(k8s_time(now)),
+            last_transition_time: Some(k8s_time(now)),
+        });
+    obj
 }
 
 /// `csr` with `chain` as its certificate: what the `/status` write sends.
@@ -170,13 +178,7 @@ pub fn failed(
     r: &Refusal,
     now: OffsetDateTime,
 ) -> CertificateSigningRequest {
-    let mut obj = csr.clone();
-    obj.status
-        .get_or_insert_default()
-        .conditions
-        .get_or_insert_default()
-        .push(condition(FAILED, r.reason, r.message.clone(), now));
-    obj
+    with_condition(csr, FAILED, r.reason, r.message.clone(), now)
 }
 
 /// `csr` with an `Approved` condition added: what the `/approval` write sends.
@@ -185,20 +187,9 @@ pub fn approval(
     requester: &str,
     now: OffsetDateTime,
 ) -> CertificateSigningRequest {
-    let mut obj = csr.clone();
-    obj.status
-        .get_or_insert_default()
-        .conditions
-        .get_or_insert_default()
-        .push(condition(
-            APPROVED,
-            reason::AUTO_APPROVED,
-            format!(
-                "approved by citadel: the requester {requester:?} is listed in --csr-auto-approve"
-            ),
-            now,
-        ));
-    obj
+    let why =
+        format!("approved by citadel: the requester {requester:?} is listed in --csr-auto-approve");
+    with_condition(csr, APPROVED, reason::AUTO_APPROVED, why, now)
 }
 
 /// The names of the CSR signer's cache metrics (`citadel_csr_*`) and its flag.
