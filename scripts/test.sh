@@ -17,6 +17,8 @@
 #     chart deploy/helm/citadel;
 #   - Prometheus and promtool (Debian package `prometheus`; CITADEL_PROMETHEUS, CITADEL_PROMTOOL),
 #     for the alert rules and the dashboard (tests/it/kit.rs);
+#   - istiod (pilot-discovery) of the same Istio version (scripts/istio-agent.sh discovery,
+#     CITADEL_PILOT_DISCOVERY), for the RA-mode test in tests/it/istiod_ra.rs;
 #   - cargo-fuzz from crates.io, to run each fuzz target for CITADEL_FUZZ_SECONDS (default 10)
 #     after the tests (scripts/fuzz.sh).
 # Under CI=true a missing component fails the run instead of skipping tests.
@@ -90,11 +92,18 @@ ensure_pilot_agent() {
   log "pilot-agent: $("$CITADEL_PILOT_AGENT" version -s 2>/dev/null)"
 }
 
+ensure_pilot_discovery() {
+  CITADEL_PILOT_DISCOVERY="$(scripts/istio-agent.sh discovery)"
+  export CITADEL_PILOT_DISCOVERY
+  log "pilot-discovery: $("$CITADEL_PILOT_DISCOVERY" version -s 2>/dev/null)"
+}
+
 ensure_openssl
 ensure_python_venv
 ensure_envoy
 ensure_gospiffe
 ensure_pilot_agent
+ensure_pilot_discovery
 log "kube-apiserver: $(scripts/kube-test-env.sh ensure)"
 command -v kubectl >/dev/null || apt_install kubernetes-client
 log "kubectl: $(kubectl version --client 2>/dev/null | head -1)"

@@ -11,6 +11,7 @@ use crate::auth::node::TrustedNodeAccounts;
 use crate::auth::tokenreview::ReviewLimits;
 use crate::ca::bootstrap::CaOptions;
 use crate::ca::policy::{CaPolicy, RotationPolicy, TtlPolicy};
+pub use crate::cluster::csrsigner::CsrSignerConfig;
 pub use crate::cluster::podcert::PodCertConfig;
 use crate::duration;
 use crate::identity::TrustDomain;
@@ -150,6 +151,9 @@ pub struct ServeConfig {
     /// The Pod Certificates signer and its ClusterTrustBundle (`--store kube` only); `None`
     /// signs no PodCertificateRequests.
     pub pod_certificates: Option<PodCertConfig>,
+    /// The Kubernetes CSR signer (`--csr-signer`, `--store kube` only); `None` signs no
+    /// CertificateSigningRequests.
+    pub csr_signer: Option<CsrSignerConfig>,
 }
 
 impl ServeConfig {
@@ -187,6 +191,7 @@ impl ServeConfig {
             ca_resource_caps: Default::default(),
             activate_after_explicit: false,
             pod_certificates: None,
+            csr_signer: None,
         }
     }
 
@@ -388,6 +393,12 @@ impl ServeConfig {
                 return Err("the Pod Certificates signer needs --store kube".into());
             }
             p.validate()?;
+        }
+        if let Some(c) = &self.csr_signer {
+            if self.store == StoreConfig::File {
+                return Err("the CSR signer (--csr-signer) needs --store kube".into());
+            }
+            c.validate()?;
         }
         if self.tls_names.as_ref().is_some_and(|n| n.is_empty()) {
             return Err("TLS needs at least one --server-dns-name".into());
@@ -604,6 +615,15 @@ mod tests {
                     })
                 }),
                 "--pod-cert-workers",
+            ),
+            (
+                Box::new(|c| {
+                    c.csr_signer = Some(CsrSignerConfig {
+                        signers: vec!["citadel.dev/spiffe".parse().unwrap()],
+                        ..Default::default()
+                    })
+                }),
+                "--csr-signer) needs --store kube",
             ),
         ];
         for (change, flag) in cases {

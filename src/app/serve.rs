@@ -343,6 +343,29 @@ pub async fn run(
             .push(Box::new(move |out| stats.render(out)));
         tokio::spawn(signer.run(shutdown.clone()));
     }
+    if let (Some(r), Some(cc)) = (&replica, &config.csr_signer) {
+        let routes = cluster::csrsigner::routes(cc, &ca, &config.trust_domain, clock.now())?;
+        let signer = cluster::csrsigner::CsrSigner::new(
+            r.client.clone(),
+            Some(r.elector.subscribe()),
+            routes,
+            ca.clone(),
+            index.clone(),
+            sweep.clone(),
+            clock.clone(),
+            config.trust_domain.clone(),
+            cc.clone(),
+            config.ttl,
+            r.namespace(),
+        );
+        let m = signer.clone();
+        metrics
+            .sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Box::new(move |out| m.render_metrics(out)));
+        tokio::spawn(signer.run(shutdown.clone()));
+    }
     let server = Server {
         ca,
         auth,

@@ -1,7 +1,7 @@
 //! The one issue path every surface calls: authenticate, authorize the identity, sign,
 //! record and audit. Istio's CreateCertificate (`server::istio`) and the Pod Certificates
-//! signer (`cluster::podcert`) call it today; Linkerd's Certify, the Kubernetes CSR signer,
-//! the Workload API on the CA port and JWT-SVIDs are to call it too, never copy it.
+//! signer (`cluster::podcert`) and the Kubernetes CSR signer (`cluster::csrsigner`) call it
+//! today; Linkerd's Certify, the Workload API on the CA port and JWT-SVIDs are to call it too, never copy it.
 //!
 //! A surface owns only its decode (wire request -> [`Requester`] and [`IssueRequest`]) and its
 //! ONE mapping from [`IssueError`] to its wire's answer (a gRPC code, a PodCertificateRequest
@@ -134,8 +134,11 @@ pub enum Requester<'a> {
 pub struct Vouched<'a> {
     /// The identity the checked objects name.
     pub identity: &'a SpiffeId,
-    /// How it was established, for the audit line (`pod-certificate`).
+    /// How it was established, for the audit line (`pod-certificate`, `kubernetes-csr`).
     pub auth: &'a str,
+    /// Who asked, when the request object records it (a CSR's `spec.username`); empty when
+    /// it does not (a PodCertificateRequest: the kubelet).
+    pub caller: &'a str,
     /// The pod it is for.
     pub pod: &'a str,
     /// The node that asked.
@@ -191,6 +194,21 @@ pub struct Certified {
     pub signer: Arc<Signer>,
     /// The certificate.
     pub issued: Issued,
+}
+
+impl Certified {
+    /// The leaf, then the CA certificates up to (not including) the roots, as PEM: what a
+    /// Kubernetes signer writes (the roots reach workloads through a trust bundle).
+    pub fn chain_without_roots(&self) -> String {
+        let mut chain = self.issued.pem.clone();
+        for c in self.signer.intermediates_der() {
+            if !chain.ends_with('\n') {
+                chain.push('\n');
+            }
+            chain.push_str(&crate::pki::pem::cert_to_pem(c));
+        }
+        chain
+    }
 }
 
 /// What issuing needs, shared by every surface of a replica.
@@ -285,7 +303,7 @@ impl IssuePath {
             Requester::Vouched(v) => audit_issued(&AuditRecord {
                 serial_hex: &issued.serial_hex,
                 identity: &want,
-                caller: "",
+                caller: v.caller,
                 not_after: issued.not_after,
                 key_type: &key_type,
                 auth: v.auth,

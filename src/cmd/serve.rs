@@ -317,6 +317,43 @@ pub struct Args {
     /// intermediateTtl 1825d, rootTtl 7300d, crlValidity 7d (docs/operations.md).
     #[arg(long, default_value = "90d", value_parser = clap_parse, value_name = "DUR")]
     pub ca_resource_max_workload_ttl: Duration,
+
+    /// With --store kube: sign Kubernetes CertificateSigningRequests (certificates.k8s.io/v1)
+    /// whose spec.signerName is NAME, as istiod in RA mode creates them
+    /// (EXTERNAL_CA=ISTIOD_RA_KUBERNETES_API, K8S_SIGNER=NAME; with CERT_SIGNER_DOMAIN, a
+    /// proxy's CertSigner metadata picks <domain>/<name>). NAME alone is served by citadel's
+    /// own CA; NAME=DIR by the plugged-in CA in DIR (Istio's cacerts layout, checked at
+    /// start). Repeat for several. Only Approved CSRs are signed; see docs/istio-ra.md.
+    #[arg(long = "csr-signer", value_name = "NAME[=DIR]")]
+    pub csr_signers: Vec<crate::cluster::csrsigner::SignerRoute>,
+
+    /// With --csr-signer: a requester (Kubernetes username) that may ask for ANY identity of
+    /// the trust domain, as istiod does for the proxies it authenticated. Every other
+    /// service account gets its own identity only. Repeat for several.
+    #[arg(long = "csr-istiod-requester", value_name = "USER",
+          default_value = crate::cluster::csrsigner::DEFAULT_ISTIOD_REQUESTER)]
+    pub csr_istiod_requesters: Vec<String>,
+
+    /// With --csr-signer: approve the CSRs of this requester (Kubernetes username) for our
+    /// signer names (needs RBAC verb `approve` on them). Without it citadel never approves;
+    /// istiod approves its own. Repeat for several.
+    #[arg(long = "csr-auto-approve", value_name = "USER")]
+    pub csr_auto_approve: Vec<String>,
+
+    /// With --csr-signer: CSRs decided at once by the leader.
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    pub csr_workers: u16,
+
+    /// With --csr-signer: undecided CSRs of our signers held in memory at most (the rest wait
+    /// in the API server and are listed again when there is room).
+    #[arg(long, default_value_t = crate::cluster::podcert::DEFAULT_MAX_PENDING, value_name = "N")]
+    pub csr_max_pending: usize,
+
+    /// With --csr-signer: the Secret in --namespace whose root-cert.pem the leader keeps equal
+    /// to the roots of every CA a signer name maps to: what istiod verifies answers against
+    /// (mount it into istiod at /etc/external-ca-cert; docs/istio-ra.md). Empty: none.
+    #[arg(long, default_value = crate::cluster::csrsigner::DEFAULT_ROOT_SECRET, value_name = "NAME")]
+    pub csr_root_secret: String,
 }
 
 /// Checks one `--trusted-node-accounts` entry at parse time, so a typo stops the start with
@@ -445,6 +482,17 @@ impl Args {
                     max_pending: self.pod_cert_max_pending,
                 },
             ),
+            csr_signer: (!self.csr_signers.is_empty()).then(|| {
+                crate::app::config::CsrSignerConfig {
+                    signers: self.csr_signers.clone(),
+                    istiod_requesters: self.csr_istiod_requesters.clone(),
+                    auto_approve: self.csr_auto_approve.clone(),
+                    workers: self.csr_workers,
+                    max_pending: self.csr_max_pending,
+                    root_secret: (!self.csr_root_secret.is_empty())
+                        .then(|| self.csr_root_secret.clone()),
+                }
+            }),
         };
         config.validate()?;
         Ok(config)

@@ -31,8 +31,14 @@ const POD: &str = "cart-7c9d5b8f4-q2x7m";
 /// pilot-agent: $CITADEL_PILOT_AGENT (scripts/test.sh exports it), or the binary that
 /// scripts/istio-agent.sh caches. None skips; under CI=true a missing one fails.
 fn pilot_agent_binary() -> Option<PathBuf> {
+    istio_binary("pilot-agent", "CITADEL_PILOT_AGENT", "ensure")
+}
+
+/// An Istio binary `name` built by scripts/istio-agent.sh (`target` builds it): `$env`, or the
+/// cached build of the pinned version. None skips; under CI=true a missing one fails.
+pub(crate) fn istio_binary(name: &str, env: &str, target: &str) -> Option<PathBuf> {
     let mut candidates = vec![];
-    if let Some(p) = std::env::var_os("CITADEL_PILOT_AGENT") {
+    if let Some(p) = std::env::var_os(env) {
         candidates.push(PathBuf::from(p));
     }
     if let Ok(out) = Command::new("scripts/istio-agent.sh")
@@ -44,7 +50,7 @@ fn pilot_agent_binary() -> Option<PathBuf> {
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/citadel")));
         if let (false, Some(cache)) = (version.is_empty(), cache) {
-            candidates.push(cache.join(format!("pilot-agent-{version}/pilot-agent")));
+            candidates.push(cache.join(format!("{name}-{version}/{name}")));
         }
     }
     if let Some(found) = candidates.into_iter().find(|c| c.is_file()) {
@@ -52,15 +58,15 @@ fn pilot_agent_binary() -> Option<PathBuf> {
     }
     assert!(
         std::env::var("CI").as_deref() != Ok("true"),
-        "pilot-agent is required under CI=true; run scripts/test.sh (scripts/istio-agent.sh ensure)"
+        "{name} is required under CI=true; run scripts/test.sh (scripts/istio-agent.sh {target})"
     );
-    eprintln!("SKIPPED: pilot-agent not built (run scripts/istio-agent.sh ensure)");
+    eprintln!("SKIPPED: {name} not built (run scripts/istio-agent.sh {target})");
     None
 }
 
 /// A Pod object for the service account (never scheduled: there is no kubelet), so that a
 /// token can be bound to it and carry its name and UID. Returns the UID.
-async fn create_pod(kube: &KubeEnv, ns: &str, name: &str, sa: &str) -> String {
+pub(crate) async fn create_pod(kube: &KubeEnv, ns: &str, name: &str, sa: &str) -> String {
     let pod: Pod = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "labels": {"app": sa}},
@@ -206,7 +212,7 @@ fn write_atomic(path: &Path, data: &[u8]) {
 }
 
 /// pilot-agent and the Envoy it starts live in one process group, killed together.
-struct Group(Child);
+pub(crate) struct Group(pub(crate) Child);
 
 impl Drop for Group {
     fn drop(&mut self) {

@@ -167,7 +167,7 @@ pub(crate) fn condition(p: &PodCertificateRequest) -> (String, String) {
     (cs[0].type_.clone(), cs[0].reason.clone())
 }
 
-fn pem_blocks(pem: &str) -> Vec<String> {
+pub(crate) fn pem_blocks(pem: &str) -> Vec<String> {
     pem.split_inclusive("-----END CERTIFICATE-----")
         .map(|b| b.trim_start().to_string())
         .filter(|b| b.contains("BEGIN CERTIFICATE"))

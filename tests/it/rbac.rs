@@ -22,7 +22,7 @@ use crate::support::*;
 const USER: &str = "system:serviceaccount:istio-system:citadel";
 
 /// `kubectl apply -f` each file as the admin; panics with kubectl's output on failure.
-fn apply(kube: &KubeEnv, files: &[&str]) -> String {
+pub(crate) fn apply(kube: &KubeEnv, files: &[&str]) -> String {
     let mut cmd = Command::new("kubectl");
     cmd.arg("--kubeconfig").arg(&kube.kubeconfig).arg("apply");
     for f in files {
@@ -37,7 +37,7 @@ fn apply(kube: &KubeEnv, files: &[&str]) -> String {
 
 /// One request citadel's service account might make: `verb group/resource[/sub] ns/name`.
 #[derive(Clone, Copy, Debug)]
-struct Req {
+pub(crate) struct Req {
     verb: &'static str,
     group: &'static str,
     resource: &'static str,
@@ -45,7 +45,7 @@ struct Req {
     name: &'static str,
 }
 
-const fn req(
+pub(crate) const fn req(
     verb: &'static str,
     group: &'static str,
     resource: &'static str,
@@ -65,7 +65,7 @@ const fn req(
 /// SubjectAccessReview (as the admin) for the user and the groups its token carries. A list or
 /// watch with a `metadata.name` field selector is authorized as one with that name, which is
 /// what a SubjectAccessReview with `name` asks.
-async fn allowed(kube: &KubeEnv, r: Req) -> bool {
+pub(crate) async fn allowed(kube: &KubeEnv, r: Req) -> bool {
     let (resource, subresource) = match r.resource.split_once('/') {
         Some((res, sub)) => (res, Some(sub.to_string())),
         None => (r.resource, None),
@@ -503,29 +503,8 @@ async fn deploy_rbac_grants_citadel_only_what_it_uses() {
 /// A kubeconfig for citadel's service account: the admin's, with its token swapped for one
 /// from the TokenRequest API.
 async fn sa_kubeconfig(kube: &KubeEnv, dir: &std::path::Path) -> std::path::PathBuf {
-    let sa_token = kube
-        .token(
-            "istio-system",
-            "citadel",
-            "https://kubernetes.default.svc.cluster.local",
-        )
-        .await;
-    let admin = std::fs::read_to_string(&kube.kubeconfig).unwrap();
-    let mut swapped = 0;
-    let as_citadel: String = admin
-        .lines()
-        .map(|l| match l.trim_start().strip_prefix("token: ") {
-            Some(_) => {
-                swapped += 1;
-                format!("    token: {sa_token}")
-            }
-            None => l.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    assert_eq!(swapped, 1, "the admin kubeconfig has one token");
     let path = dir.join("citadel-kubeconfig");
-    std::fs::write(&path, as_citadel).unwrap();
+    kube.kubeconfig_as("istio-system", "citadel", &path).await;
     path
 }
 

@@ -2,18 +2,16 @@
 //! [`Pending`] cache), decides each through [`request::check`](super::request::check) and the
 //! shared issue path, and writes the decision in one `/status` update.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::certificates::v1::PodCertificateRequest;
 use kube::api::{Api, PostParams};
-use kube::runtime::controller::{self, Action};
-use kube::runtime::{reflector, watcher, Controller, WatchStreamExt};
+use kube::runtime::controller::Action;
+use kube::runtime::watcher;
 
 use super::error::PodCertError;
-use super::pending::{Pending, PendingStats};
+use super::pending::STATS_NAMES;
 use super::request::{self, Checks};
 use super::status::{self, is_decided, jitter, reason, refresh_at, Decision};
 use super::{PodCertConfig, MIN_LIFETIME_SECS};
@@ -22,8 +20,8 @@ use crate::ca::policy::TtlPolicy;
 use crate::ca::revocation::SweepRequest;
 use crate::ca::Ca;
 use crate::clock::SharedClock;
+use crate::cluster::pending::{Bounded, PendingStats};
 use crate::identity::TrustDomain;
-use crate::pki::pem;
 use crate::shutdown::Shutdown;
 use crate::store::index::IssuanceIndex;
 
@@ -67,7 +65,7 @@ impl PodCertSigner {
                 node_auth: None,
             },
             trust_domain,
-            stats: Arc::new(PendingStats::new(config.max_pending)),
+            stats: Arc::new(PendingStats::new(STATS_NAMES, config.max_pending)),
             config,
             max_ttl,
         })
@@ -95,59 +93,23 @@ impl PodCertSigner {
         .await
     }
 
-    /// One kube-runtime `Controller` over our own bounded store ([`Pending`]) rather than
-    /// its default reflector, which would keep every request of our signer, decided or not,
-    /// for as long as it exists. When requests had to be left out and half of the room is
-    /// free again, this controller stops (gracefully: in-flight decisions finish) and a fresh
-    /// one lists the undecided requests again.
+    /// The shared bounded-cache controller ([`crate::cluster::pending::run`]) over the
+    /// requests of our signer: the API server filters by signer name.
     async fn controller(self: Arc<Self>, stop: crate::cluster::controller::Stop) {
-        let stop = stop.shared();
-        loop {
-            let relist = Arc::new(tokio::sync::Notify::new());
-            let (reader, mut writer) = reflector::store::<PodCertificateRequest>();
-            let mut pending = Pending::new(self.config.max_pending, self.stats.clone());
-            let api: Api<PodCertificateRequest> = Api::all(self.client.clone());
-            // The API server filters by signer: other signers' requests never reach us.
-            let wc = watcher::Config::default()
-                .fields(&format!("spec.signerName={}", self.config.signer_name));
-            let notify = relist.clone();
-            let trigger = watcher(api, wc)
-                .map_ok(move |event| {
-                    let (event, room) = pending.admit(event);
-                    if room {
-                        notify.notify_one();
-                    }
-                    if let Some(e) = &event {
-                        writer.apply_watcher_event(e);
-                    }
-                    event
-                })
-                .try_filter_map(|e| std::future::ready(Ok(e)))
-                .applied_objects();
-            let relisting = Box::pin(async move { relist.notified().await });
-            let until = futures_util::future::select(stop.clone(), relisting).map(|_| ());
-            Controller::for_stream(trigger, reader)
-                .with_config(controller::Config::default().concurrency(self.config.workers))
-                .graceful_shutdown_on(until)
-                .run(
-                    |pcr, me: Arc<Self>| async move { me.reconcile(&pcr).await },
-                    |pcr, e, _| {
-                        tracing::warn!(request = %describe(&pcr), error = %e, "could not decide a PodCertificateRequest yet; will retry");
-                        Action::requeue(Duration::from_secs(2))
-                    },
-                    self.clone(),
-                )
-                .for_each(|_| std::future::ready(()))
-                .await;
-            if stop.peek().is_some() {
-                return;
-            }
-            self.stats.relists.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(
-                max_pending = self.config.max_pending,
-                "listing PodCertificateRequests again: some did not fit in memory and there is room now"
-            );
-        }
+        let b = Bounded {
+            api: Api::all(self.client.clone()),
+            config: watcher::Config::default()
+                .fields(&format!("spec.signerName={}", self.config.signer_name)),
+            ours: |_, _| true,
+            limit: self.config.max_pending,
+            stats: self.stats.clone(),
+            workers: self.config.workers,
+            retry: Duration::from_secs(2),
+        };
+        crate::cluster::pending::run(b, self.clone(), stop, |pcr, me: Arc<Self>| async move {
+            me.reconcile(&pcr).await
+        })
+        .await
     }
 
     async fn reconcile(&self, pcr: &PodCertificateRequest) -> Result<Action, PodCertError> {
@@ -179,6 +141,7 @@ impl PodCertSigner {
             requester: Requester::Vouched(Vouched {
                 identity: &c.identity,
                 auth: "pod-certificate",
+                caller: "",
                 pod: &pcr.spec.pod_name,
                 node: &pcr.spec.node_name,
                 request: &c.request,
@@ -190,17 +153,11 @@ impl PodCertSigner {
             Ok(done) => done,
             Err(e) => return status::decision(e, &describe(pcr)),
         };
-        let issued = done.issued;
-        let begin_refresh_at = refresh_at(issued.not_before, issued.not_after, jitter());
         // Leaf first, then the CA certificates up to (not including) the roots, which pods
         // get from the ClusterTrustBundle.
-        let mut chain = issued.pem.clone();
-        for c in done.signer.intermediates_der() {
-            if !chain.ends_with('\n') {
-                chain.push('\n');
-            }
-            chain.push_str(&pem::cert_to_pem(c));
-        }
+        let chain = done.chain_without_roots();
+        let issued = done.issued;
+        let begin_refresh_at = refresh_at(issued.not_before, issued.not_after, jitter());
         Ok(Decision::Issue {
             chain,
             not_before: issued.not_before,

@@ -30,15 +30,15 @@
 //! each part (citadel, the policy, NodeRestriction) stops.
 //!
 //! Memory: the leader holds only *undecided* requests, slimmed to what deciding needs, and at
-//! most `--pod-cert-max-pending` of them (`pending::Pending`); a decided request leaves memory as
+//! most `--pod-cert-max-pending` of them (the shared `cluster::pending::Pending`); a decided request leaves memory as
 //! soon as its decision is seen, and requests that did not fit are listed again once half of
 //! the room is free (`citadel_pod_cert_*` metrics, [`PendingStats`]).
 //!
 //! The parts, one concern each: `request` decodes a request and checks it against the live
 //! objects; `status` is the ONE mapping from a decision (or the shared issue path's
 //! [`IssueError`](crate::auth::issue_path::IssueError)) to the request's conditions
-//! (`status::decision`); `pending` is the bounded cache of undecided requests and its
-//! metrics; `controller` watches, decides through the shared issue path
+//! (`status::decision`); `pending` says what the shared bounded cache
+//! (`cluster::pending`) keeps of a request; `controller` watches, decides through the shared issue path
 //! (`auth::issue_path`) and writes `/status`.
 
 mod controller;
@@ -47,11 +47,14 @@ mod pending;
 mod request;
 mod status;
 
+pub use crate::cluster::pending::PendingStats;
 pub use controller::PodCertSigner;
 pub use error::PodCertError;
-pub use pending::PendingStats;
+#[cfg(test)]
+pub use pending::pending_test_request;
+pub use pending::STATS_NAMES;
 pub use request::{lifetime_secs, mounts_pod_certificate};
-pub use status::{is_decided, reason, refresh_at};
+pub use status::{is_decided, k8s_time, reason, refresh_at};
 
 /// The signer name citadel answers to by default. A signer name is `<domain>/<path>`;
 /// operators who own another domain pick a name under it with `--pod-cert-signer-name`.
@@ -129,7 +132,13 @@ pub async fn served(client: &kube::Client) -> Result<bool, String> {
 /// reserved for the Kubernetes project. The ClusterTrustBundle name derived from it must stay
 /// a valid object name.
 pub fn validate_signer_name(name: &str) -> Result<(), String> {
-    let bad = |why: &str| Err(format!("--pod-cert-signer-name {name:?}: {why}"));
+    check_signer_name("--pod-cert-signer-name", name)
+}
+
+/// The same rules for any flag that takes a signer name (`--csr-signer` too), naming `flag`
+/// in the refusal.
+pub fn check_signer_name(flag: &str, name: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("{flag} {name:?}: {why}"));
     let Some((domain, path)) = name.split_once('/') else {
         return bad("must be <domain>/<path>, e.g. example.com/spiffe");
     };

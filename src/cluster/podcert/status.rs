@@ -164,7 +164,8 @@ pub fn refresh_at(nb: OffsetDateTime, na: OffsetDateTime, jitter: f64) -> Offset
     }
 }
 
-fn k8s_time(t: OffsetDateTime) -> Time {
+/// A certificate time as the API's `Time` (whole seconds, as certificate times are).
+pub fn k8s_time(t: OffsetDateTime) -> Time {
     // Certificate times are whole seconds; nothing is lost.
     Time(k8s_openapi::jiff::Timestamp::from_second(t.unix_timestamp()).unwrap_or_default())
 }

@@ -119,6 +119,29 @@ impl KubeEnv {
             .to_string()
     }
 
+    /// A kubeconfig at `path` that acts as the service account `ns/sa`: the admin's, with its
+    /// token swapped for one from the TokenRequest API (for the API server's own audience).
+    pub async fn kubeconfig_as(&self, ns: &str, sa: &str, path: &std::path::Path) {
+        let token = self
+            .token(ns, sa, "https://kubernetes.default.svc.cluster.local")
+            .await;
+        let admin = std::fs::read_to_string(&self.kubeconfig).unwrap();
+        let mut swapped = 0;
+        let as_sa: String = admin
+            .lines()
+            .map(|l| match l.trim_start().strip_prefix("token: ") {
+                Some(_) => {
+                    swapped += 1;
+                    format!("    token: {token}")
+                }
+                None => l.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert_eq!(swapped, 1, "the admin kubeconfig has one token");
+        std::fs::write(path, as_sa).unwrap();
+    }
+
     /// TokenReviews the API server has served, from its own metrics (a third-party count).
     pub async fn token_reviews(&self) -> u64 {
         let req = http::Request::get("/metrics").body(Vec::new()).unwrap();
