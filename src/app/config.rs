@@ -150,6 +150,25 @@ pub struct ServeConfig {
     /// The Pod Certificates signer and its ClusterTrustBundle (`--store kube` only); `None`
     /// signs no PodCertificateRequests.
     pub pod_certificates: Option<PodCertConfig>,
+    /// Where new CA keys are generated and held (`--ca-key-source`).
+    pub key_source: KeySourceConfig,
+}
+
+/// Where new CA keys are generated and held.
+#[derive(Debug, Clone, Default)]
+pub enum KeySourceConfig {
+    /// In memory, stored (PKCS#8) in the journal: the default.
+    #[default]
+    Software,
+    /// Inside a PKCS#11 token; the journal records each key's label and public key.
+    Pkcs11 {
+        /// Module, token, PIN source, sessions.
+        token: crate::hsm::Pkcs11Config,
+        /// Key labels are `<prefix>-<role>-<authority id>`.
+        label_prefix: String,
+        /// Roots too (`--pkcs11-keys all`), not only intermediates.
+        roots_in_token: bool,
+    },
 }
 
 impl ServeConfig {
@@ -187,6 +206,7 @@ impl ServeConfig {
             ca_resource_caps: Default::default(),
             activate_after_explicit: false,
             pod_certificates: None,
+            key_source: KeySourceConfig::Software,
         }
     }
 
@@ -354,6 +374,14 @@ impl ServeConfig {
                 "--auth-failure-rate must be a positive number of failures per second (got {}); use --auth-failure-burst 0 to turn throttling off",
                 t.per_second
             ));
+        }
+        if let (KeySourceConfig::Pkcs11 { label_prefix, .. }, ca) = (&self.key_source, &self.ca) {
+            if matches!(ca, CaSource::Plugged(_)) {
+                return Err("--ca-key-source pkcs11 is for citadel's own CA; a plugged-in CA (--ca-certs-dir) brings its own ca-key.pem".into());
+            }
+            if label_prefix.is_empty() || label_prefix.len() > 64 {
+                return Err("--pkcs11-key-label-prefix must be 1 to 64 characters".into());
+            }
         }
         if let CaSource::Own(o) = &self.ca {
             if o.trust_domain != self.trust_domain {

@@ -12,6 +12,7 @@ mod ca_resource;
 mod cli;
 mod envoy;
 mod errors;
+mod hsm;
 mod issue;
 mod kube;
 mod kube_abuse;
