@@ -550,10 +550,6 @@ async fn envoys_speak_mtls_with_leaves_from_a_module_held_intermediate() {
 
     let before = metric(&server.metrics().await, OK_SIGNATURES).unwrap();
     let backend = backend().await;
-    let (frontend_id, cart_id) = (
-        spiffe("shop", "frontend").to_string(),
-        spiffe("shop", "cart").to_string(),
-    );
     let agent = |sa: &str| {
         let tok = dir.join(format!("{sa}.jwt"));
         std::fs::write(&tok, token("shop", sa)).unwrap();
@@ -561,34 +557,11 @@ async fn envoys_speak_mtls_with_leaves_from_a_module_held_intermediate() {
     };
     let (cart_agent, cart_sock) = agent("cart");
     let (front_agent, front_sock) = agent("frontend");
-    let (cart_admin, cart_port, front_admin, front_port) =
-        (free_port(), free_port(), free_port(), free_port());
     let base = std::process::id() % 1000 * 10 + 5;
-    let cart_envoy = spawn_envoy(
-        &envoy,
-        &dir,
-        "cart-envoy",
-        &server_envoy(cart_admin, cart_port, backend, &cart_sock, &frontend_id),
-        base + 1,
-    );
-    let front_envoy = spawn_envoy(
-        &envoy,
-        &dir,
-        "frontend-envoy",
-        &client_envoy(
-            "frontend",
-            front_admin,
-            front_port,
-            cart_port,
-            &front_sock,
-            &cart_id,
-        ),
-        base + 2,
-    );
-    let _procs = Procs(vec![cart_agent, front_agent, cart_envoy, front_envoy]);
-    wait_ready(cart_admin, "cart envoy", &dir).await;
-    wait_ready(front_admin, "frontend envoy", &dir).await;
-    let front: SocketAddr = format!("127.0.0.1:{front_port}").parse().unwrap();
+    let mesh = start_mesh(&envoy, &dir, backend, &cart_sock, &front_sock, base).await;
+    let mut procs = Procs(vec![cart_agent, front_agent]);
+    procs.0.extend(mesh.envoys);
+    let (front, cart_admin) = (mesh.front, mesh.cart_admin);
     for _ in 0..5 {
         assert_eq!(http_get(front, "/").await.unwrap(), (200, "ok".to_string()));
     }
