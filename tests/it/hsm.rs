@@ -16,14 +16,11 @@ use citadel::client::{self, CaClient, ConnectOptions};
 use citadel::hsm::softhsm::{self, SoftHsm};
 use citadel::journal::{Journal, Role, Status};
 use citadel::pki::KeyType;
-use citadel::store::file::FileStore;
-use citadel::store::Store;
 use tonic::Code;
 
 use crate::support::*;
 
 const PIN: &str = "24681357";
-const OK_SIGNATURES: &str = "citadel_ca_key_signatures_total{backend=\"pkcs11\",result=\"ok\"}";
 
 /// A SoftHSM2 token of its own, in a directory of its own.
 struct TestToken {
@@ -180,13 +177,7 @@ impl HsmServer {
     }
 
     async fn journal(&self) -> Journal {
-        FileStore::open(&self.state)
-            .unwrap()
-            .load_journal()
-            .await
-            .unwrap()
-            .unwrap()
-            .value
+        crate::envoy::journal(&self.state).await
     }
 
     fn log(&self) -> String {
@@ -220,6 +211,12 @@ fn signed_by(leaf: &[u8], issuer: &[u8]) -> bool {
     let leaf = citadel::pki::chain::parse(leaf).unwrap();
     let issuer = citadel::pki::chain::parse(issuer).unwrap();
     leaf.verify_signature(Some(issuer.public_key())).is_ok()
+}
+
+/// `citadel_ca_key_signatures_total` for one result.
+fn signatures(text: &str, result: &str) -> f64 {
+    let line = format!("citadel_ca_key_signatures_total{{backend=\"pkcs11\",result=\"{result}\"}}");
+    metric(text, &line).unwrap_or_else(|| panic!("{line} not in {text}"))
 }
 
 fn metric(text: &str, line_prefix: &str) -> Option<f64> {
@@ -284,14 +281,7 @@ async fn leaves_are_signed_in_the_token_and_the_same_key_signs_after_a_restart()
     }
     let m = server.metrics().await;
     assert_eq!(metric(&m, "citadel_ca_key_available{"), Some(1.0), "{m}");
-    assert!(
-        metric(
-            &m,
-            "citadel_ca_key_signatures_total{backend=\"pkcs11\",result=\"ok\"}"
-        )
-        .unwrap()
-            >= 1.0
-    );
+    assert!(signatures(&m, "ok") >= 1.0, "{m}");
     let log = server.log();
     assert!(!log.contains(PIN), "the PIN reached the log");
     drop(server);
@@ -416,14 +406,7 @@ async fn a_vanished_token_is_unavailable_with_a_metric_and_signing_resumes_when_
     // The server keeps serving (health, metrics), counting the refusals.
     let m = server.metrics().await;
     assert_eq!(metric(&m, "citadel_ca_key_available{"), Some(0.0), "{m}");
-    assert!(
-        metric(
-            &m,
-            "citadel_ca_key_signatures_total{backend=\"pkcs11\",result=\"unavailable\"}"
-        )
-        .unwrap()
-            >= 1.0
-    );
+    assert!(signatures(&m, "unavailable") >= 1.0, "{m}");
     assert!(
         metric(
             &m,
@@ -548,7 +531,7 @@ async fn envoys_speak_mtls_with_leaves_from_a_module_held_intermediate() {
         "the intermediate's key is in the token"
     );
 
-    let before = metric(&server.metrics().await, OK_SIGNATURES).unwrap();
+    let before = signatures(&server.metrics().await, "ok");
     let backend = backend().await;
     let agent = |sa: &str| {
         let tok = dir.join(format!("{sa}.jwt"));
@@ -579,6 +562,6 @@ async fn envoys_speak_mtls_with_leaves_from_a_module_held_intermediate() {
         .collect();
     assert_eq!(ints.len(), 1);
     assert_eq!(ints[0].id, int.id);
-    let signed = metric(&server.metrics().await, OK_SIGNATURES).unwrap();
+    let signed = signatures(&server.metrics().await, "ok");
     assert!(signed >= before + 2.0, "{before} -> {signed}");
 }
