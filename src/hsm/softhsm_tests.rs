@@ -322,3 +322,104 @@ fn sessions_are_pooled_up_to_the_limit_under_concurrent_signing() {
     );
     assert!(t.open_sessions() <= 4, "{} sessions", t.open_sessions());
 }
+
+/// Imports `bare` (an RSA key made in memory) into the token as a sensitive key pair
+/// labelled `label`: test-only, so one key can sign both ways.
+fn import_rsa(t: &Token, label: &str, bare: &rcgen::KeyPair) {
+    use cryptoki::object::{KeyType as CkKeyType, ObjectClass};
+    use rsa::pkcs1::EncodeRsaPrivateKey;
+    use rsa::pkcs8::DecodePrivateKey;
+    let key = rsa::RsaPrivateKey::from_pkcs8_der(&bare.serialize_der()).unwrap();
+    let der = key.to_pkcs1_der().unwrap();
+    let k = rsa::pkcs1::RsaPrivateKey::try_from(der.as_bytes()).unwrap();
+    let b = |u: rsa::pkcs1::UintRef<'_>| u.as_bytes().to_vec();
+    let common = |class| {
+        vec![
+            Attribute::Class(class),
+            Attribute::KeyType(CkKeyType::RSA),
+            Attribute::Token(true),
+            Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::Modulus(b(k.modulus)),
+            Attribute::PublicExponent(b(k.public_exponent)),
+        ]
+    };
+    let mut private = common(ObjectClass::PRIVATE_KEY);
+    private.extend([
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Sign(true),
+        Attribute::PrivateExponent(b(k.private_exponent)),
+        Attribute::Prime1(b(k.prime1)),
+        Attribute::Prime2(b(k.prime2)),
+        Attribute::Exponent1(b(k.exponent1)),
+        Attribute::Exponent2(b(k.exponent2)),
+        Attribute::Coefficient(b(k.coefficient)),
+    ]);
+    let mut public = common(ObjectClass::PUBLIC_KEY);
+    public.push(Attribute::Verify(true));
+    t.admin(|s, tl| {
+        for template in [&private, &public] {
+            s.create_object(template)
+                .map_err(|e| HsmError::call(tl, "create object", e))?;
+        }
+        Ok(())
+    })
+    .unwrap();
+}
+
+/// Issue 23: the leaf profile and the chain are byte for byte what the software backend
+/// makes. With the same RSA key in the token and in memory (PKCS#1 v1.5 is deterministic),
+/// a root, an intermediate under it, a workload leaf and a CRL signed through the token equal
+/// those signed with the software key, signatures included.
+#[test]
+fn certificates_signed_through_the_token_are_byte_for_byte_the_software_ones() {
+    use crate::identity::{ServiceAccount, TrustDomain};
+    use crate::pki::{profile, RcgenKey, SoftwareKey};
+    let Some((hsm, _lock)) = harness() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (t, _) = token(hsm, "same-bytes", tmp.path());
+    let bare = KeyType::Rsa2048.generate().unwrap();
+    import_rsa(&t, "imported", &bare);
+    let soft = SoftwareKey::from_pem(bare.serialize_pem().as_bytes())
+        .unwrap()
+        .shared();
+    let spki = crate::pki::cakey::spki(soft.as_ref());
+    let token_key = Pkcs11Key::open(&t, "imported", &spki).unwrap().shared();
+    let (soft, token_key) = (RcgenKey::new(soft), RcgenKey::new(token_key));
+
+    let td = TrustDomain::new("cluster.local").unwrap();
+    let nb = time::macros::datetime!(2030-01-01 00:00 UTC);
+    let na = time::macros::datetime!(2031-01-01 00:00 UTC);
+    let root = profile::root(&td, &[7; 16], nb, na);
+    let root_soft = root.self_signed(&soft).unwrap();
+    assert_eq!(root_soft.der(), root.self_signed(&token_key).unwrap().der());
+
+    let issuer =
+        |k: &RcgenKey| rcgen::Issuer::from_ca_cert_der(root_soft.der(), k.clone()).unwrap();
+    let int = profile::intermediate(&td, &[8; 16], nb, na);
+    let subject = KeyType::EcP256.generate().unwrap();
+    assert_eq!(
+        int.signed_by(&subject, &issuer(&soft)).unwrap().der(),
+        int.signed_by(&subject, &issuer(&token_key)).unwrap().der()
+    );
+    let id = td.service_account_id(&ServiceAccount::new("shop", "cart").unwrap());
+    let leaf = profile::workload(&id, &[9; 16], nb, na).unwrap();
+    assert_eq!(
+        leaf.signed_by(&subject, &issuer(&soft)).unwrap().der(),
+        leaf.signed_by(&subject, &issuer(&token_key)).unwrap().der()
+    );
+    let crl = rcgen::CertificateRevocationListParams {
+        this_update: nb,
+        next_update: na,
+        crl_number: rcgen::SerialNumber::from(3u64),
+        issuing_distribution_point: None,
+        revoked_certs: vec![],
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    assert_eq!(
+        crl.signed_by(&issuer(&soft)).unwrap().der(),
+        crl.signed_by(&issuer(&token_key)).unwrap().der()
+    );
+}
