@@ -465,6 +465,30 @@ mod tests {
     }
 
     #[test]
+    fn pkcs11_keys_are_for_the_own_ca_with_a_sane_label_prefix() {
+        let pkcs11 = |prefix: &str| KeySourceConfig::Pkcs11 {
+            token: crate::hsm::Pkcs11Config {
+                module: "/usr/lib/softhsm/libsofthsm2.so".into(),
+                token_label: "ca".into(),
+                pin: crate::hsm::PinSource::Env("PIN".into()),
+                max_sessions: None,
+            },
+            label_prefix: prefix.into(),
+            roots_in_token: false,
+        };
+        let mut ok = ServeConfig::dev("x");
+        ok.key_source = pkcs11("citadel");
+        ok.validate().unwrap();
+        let plugged = err(|c| {
+            c.key_source = pkcs11("citadel");
+            c.ca = CaSource::Plugged("/etc/cacerts".into());
+        });
+        assert!(plugged.contains("--ca-certs-dir"), "{plugged}");
+        let empty = err(|c| c.key_source = pkcs11(""));
+        assert!(empty.contains("--pkcs11-key-label-prefix"), "{empty}");
+    }
+
+    #[test]
     fn the_dev_defaults_are_valid() {
         ServeConfig::dev("x").validate().unwrap();
     }

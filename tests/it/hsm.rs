@@ -499,6 +499,13 @@ async fn a_wrong_pin_a_missing_token_or_missing_flags_stop_the_start_with_a_clea
         "{err}"
     );
 
+    let (ok, err) = run(with(&|a| a[1] = "software".into()));
+    assert!(!ok);
+    assert!(
+        err.contains("the --pkcs11-* flags need --ca-key-source pkcs11"),
+        "{err}"
+    );
+
     let (ok, err) = run(with(&|a| a[3] = "/nonexistent/libp11.so".into()));
     assert!(!ok);
     assert!(
