@@ -572,3 +572,52 @@ async fn envoys_speak_mtls_with_leaves_from_a_module_held_intermediate() {
     let signed = signatures(&server.metrics().await, "ok");
     assert!(signed >= before + 2.0, "{before} -> {signed}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_pkcs11_keys_all_the_root_key_is_made_in_the_token_too() {
+    let Some(t) = TestToken::new("ca-all") else {
+        return;
+    };
+    let state = t.tmp.path().join("state");
+    let server = HsmServer::start(
+        &t,
+        &state,
+        &["--pkcs11-keys", "all", "--ca-key-type", "rsa-3072"],
+    )
+    .await
+    .unwrap();
+    let mut c = server.client().await;
+    let chain = issue_der(&mut c).await.unwrap();
+    let j = server.journal().await;
+    let (root, int) = (j.active_root().unwrap(), j.active_signer().unwrap());
+    let raw = std::fs::read_to_string(state.join("ca-journal.json")).unwrap();
+    assert!(
+        !raw.contains("PRIVATE KEY"),
+        "no key material in the journal"
+    );
+    for a in [root, int] {
+        let r = a.key_ref.as_ref().expect("in the token");
+        assert_eq!(a.key_pem.expose(), "");
+        assert!(r.label.starts_with("citadel-"), "{}", r.label);
+    }
+    assert!(signed_by(&chain[0], &chain[1]));
+    assert!(
+        signed_by(&chain[1], &chain[2]),
+        "the intermediate was signed by the token-held root"
+    );
+    assert_eq!(
+        citadel::pki::keys::spki_kind(&spki_of(&chain[2])).unwrap(),
+        citadel::pki::PublicKeyKind::Rsa { bits: 3072 }
+    );
+    if let Some(keys) = t.private_keys() {
+        let labels: Vec<&str> = keys.iter().map(|(l, _)| l.as_str()).collect();
+        assert!(
+            labels.contains(&format!("citadel-root-{}", root.id).as_str()),
+            "{labels:?}"
+        );
+        assert!(
+            labels.contains(&format!("citadel-intermediate-{}", int.id).as_str()),
+            "{labels:?}"
+        );
+    }
+}
