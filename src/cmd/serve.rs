@@ -33,7 +33,13 @@ Examples:
   # Sign with a plugged-in CA in Istio's cacerts layout. Replace the files (or update the
   # mounted Secret) to swap it while serving; `citadel_ca_plugged_reload_total{result}` and
   # the log say whether the change was installed or refused.
-  citadel serve --jwks-file jwks.json --ca-certs-dir /etc/cacerts --ca-certs-poll-interval 5s")]
+  citadel serve --jwks-file jwks.json --ca-certs-dir /etc/cacerts --ca-certs-poll-interval 5s
+
+  # Keep the signing intermediate's key in a PKCS#11 token (SoftHSM2 here); the PIN comes
+  # from a file, never a flag (docs/operations.md, \"HSM keys (PKCS#11)\").
+  citadel serve --jwks-file jwks.json --ca-key-source pkcs11 \\
+    --pkcs11-module /usr/lib/softhsm/libsofthsm2.so --pkcs11-token-label citadel-ca \\
+    --pkcs11-pin-file /etc/citadel/pin")]
 /// Flags of `citadel serve`.
 pub struct Args {
     /// Development mode: trust the dev JWT key compiled in from certs-dev/ (its private key is
