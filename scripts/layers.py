@@ -30,6 +30,7 @@ LAYERS = [
     ("certificate authority", ["ca"]),
     ("storage", ["store"]),
     ("stored state", ["journal"]),
+    ("key backends", ["hsm"]),
     ("X.509", ["pki"]),
     ("identity", ["identity"]),
     ("leaves", ["audit", "leadership", "clock", "duration", "fsutil", "shutdown", "future", "proto", "lib"]),

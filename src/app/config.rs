@@ -154,6 +154,25 @@ pub struct ServeConfig {
     /// The Kubernetes CSR signer (`--csr-signer`, `--store kube` only); `None` signs no
     /// CertificateSigningRequests.
     pub csr_signer: Option<CsrSignerConfig>,
+    /// Where new CA keys are generated and held (`--ca-key-source`).
+    pub key_source: KeySourceConfig,
+}
+
+/// Where new CA keys are generated and held.
+#[derive(Debug, Clone, Default)]
+pub enum KeySourceConfig {
+    /// In memory, stored (PKCS#8) in the journal: the default.
+    #[default]
+    Software,
+    /// Inside a PKCS#11 token; the journal records each key's label and public key.
+    Pkcs11 {
+        /// Module, token, PIN source, sessions.
+        token: crate::hsm::Pkcs11Config,
+        /// Key labels are `<prefix>-<role>-<authority id>`.
+        label_prefix: String,
+        /// Roots too (`--pkcs11-keys all`), not only intermediates.
+        roots_in_token: bool,
+    },
 }
 
 impl ServeConfig {
@@ -192,6 +211,7 @@ impl ServeConfig {
             activate_after_explicit: false,
             pod_certificates: None,
             csr_signer: None,
+            key_source: KeySourceConfig::Software,
         }
     }
 
@@ -360,6 +380,14 @@ impl ServeConfig {
                 t.per_second
             ));
         }
+        if let (KeySourceConfig::Pkcs11 { label_prefix, .. }, ca) = (&self.key_source, &self.ca) {
+            if matches!(ca, CaSource::Plugged(_)) {
+                return Err("--ca-key-source pkcs11 is for citadel's own CA; a plugged-in CA (--ca-certs-dir) brings its own ca-key.pem".into());
+            }
+            if label_prefix.is_empty() || label_prefix.len() > 64 {
+                return Err("--pkcs11-key-label-prefix must be 1 to 64 characters".into());
+            }
+        }
         if let CaSource::Own(o) = &self.ca {
             if o.trust_domain != self.trust_domain {
                 return Err("the CA's trust domain must be --trust-domain".into());
@@ -445,6 +473,30 @@ mod tests {
         let mut c = ServeConfig::dev("x");
         f(&mut c);
         c.validate().expect_err("should be refused")
+    }
+
+    #[test]
+    fn pkcs11_keys_are_for_the_own_ca_with_a_sane_label_prefix() {
+        let pkcs11 = |prefix: &str| KeySourceConfig::Pkcs11 {
+            token: crate::hsm::Pkcs11Config {
+                module: "/usr/lib/softhsm/libsofthsm2.so".into(),
+                token_label: "ca".into(),
+                pin: crate::hsm::PinSource::Env("PIN".into()),
+                max_sessions: None,
+            },
+            label_prefix: prefix.into(),
+            roots_in_token: false,
+        };
+        let mut ok = ServeConfig::dev("x");
+        ok.key_source = pkcs11("citadel");
+        ok.validate().unwrap();
+        let plugged = err(|c| {
+            c.key_source = pkcs11("citadel");
+            c.ca = CaSource::Plugged("/etc/cacerts".into());
+        });
+        assert!(plugged.contains("--ca-certs-dir"), "{plugged}");
+        let empty = err(|c| c.key_source = pkcs11(""));
+        assert!(empty.contains("--pkcs11-key-label-prefix"), "{empty}");
     }
 
     #[test]

@@ -55,6 +55,27 @@ pub async fn run(
     }
     let ca = Ca::new();
     let metrics = Arc::new(Metrics::default());
+    if let super::config::KeySourceConfig::Pkcs11 {
+        token,
+        label_prefix,
+        roots_in_token,
+    } = config.key_source.clone()
+    {
+        let kt = match &config.ca {
+            CaSource::Own(o) => o.key_type,
+            CaSource::Plugged(_) => crate::pki::KeyType::EcP256,
+        };
+        let token = tokio::task::spawn_blocking(move || {
+            crate::ca::keysource::connect(token, label_prefix, roots_in_token, kt)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        metrics
+            .sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Box::new(move |out| token.stats().render(out)));
+    }
     let replica = match &config.store {
         StoreConfig::File => None,
         StoreConfig::Kube {

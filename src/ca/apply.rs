@@ -28,6 +28,7 @@ pub fn prepare_root_rotation(
             r.prepared_at
         )));
     }
+    super::keysource::ensure_can_mint(j)?;
     let td = TrustDomain::new(&j.trust_domain).map_err(|e| CaError::Config(e.to_string()))?;
     let old_root = j
         .active_root()
@@ -97,6 +98,7 @@ pub fn apply(
     let td = TrustDomain::new(&j.trust_domain).map_err(|e| CaError::Config(e.to_string()))?;
     match action {
         Action::PrepareIntermediate => {
+            super::keysource::ensure_can_mint(j)?;
             let root = j
                 .active_root()
                 .ok_or_else(|| CaError::Config("no active root".into()))?

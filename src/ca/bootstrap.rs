@@ -155,7 +155,12 @@ pub async fn load_or_create(
                 let signer = signer_from_journal(&journal, &opts.trust_domain)?;
                 return Ok((journal, signer));
             }
-            Err(StoreError::Conflict) => continue,
+            Err(StoreError::Conflict) => {
+                // Another process created the CA first: a token key minted for ours is
+                // destroyed rather than left behind.
+                super::keysource::settle(&Journal::new(&journal.trust_domain), &journal, false);
+                continue;
+            }
             Err(e) => return Err(e.into()),
         }
     }

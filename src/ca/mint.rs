@@ -8,32 +8,34 @@ use std::time::Duration;
 use rcgen::Issuer;
 use time::OffsetDateTime;
 
+use super::keysource::{self, NewKey};
 use super::CaError;
 use crate::identity::TrustDomain;
-use crate::journal::{AuthorityRecord, Role, Secret, Status};
-use crate::pki::{
-    self, cakey, keys, profile, CaKey, KeyType, PkiError, PublicKeyKind, RcgenKey, SoftwareKey,
-};
+use crate::journal::{AuthorityRecord, Role, Status};
+use crate::pki::{self, keys, profile, CaKey, KeyType, PkiError, PublicKeyKind, RcgenKey};
 
-/// The signing key of a journal authority: the one place a record becomes a [`CaKey`].
-/// Today every record holds its PKCS#8 key; a record naming a key held elsewhere (an HSM)
-/// resolves here too.
+/// The signing key of a journal authority: the one place a record becomes a [`CaKey`]
+/// (its PKCS#8 key, or the PKCS#11 key it names: [`keysource::open`]).
 pub(crate) fn ca_key_of(a: &AuthorityRecord) -> Result<Arc<dyn CaKey>, CaError> {
-    SoftwareKey::from_pem(a.key_pem.expose().as_bytes())
-        .map(SoftwareKey::shared)
-        .map_err(|e| CaError::Config(format!("authority {}: {e}", a.id)))
+    keysource::open(a)
 }
 
+/// The key type of authority `a`, read from its certificate (no key access: the key may be
+/// in a token that is slow or away).
 pub(crate) fn key_type_of(a: &AuthorityRecord) -> Result<KeyType, CaError> {
-    Ok(
-        match keys::spki_kind(&cakey::spki(ca_key_of(a)?.as_ref()))? {
-            PublicKeyKind::EcP256 => KeyType::EcP256,
-            PublicKeyKind::EcP384 => KeyType::EcP384,
-            PublicKeyKind::Rsa { bits: 3072 } => KeyType::Rsa3072,
-            PublicKeyKind::Rsa { bits: 4096 } => KeyType::Rsa4096,
-            PublicKeyKind::Rsa { .. } => KeyType::Rsa2048,
-        },
-    )
+    let der = pki::pem::parse_certs(a.cert_pem.as_bytes())
+        .map_err(|e| CaError::Config(format!("authority {}: {e}", a.id)))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| CaError::Config(format!("authority {}: no certificate", a.id)))?;
+    let cert = pki::chain::parse(&der)?;
+    Ok(match keys::spki_kind(cert.public_key().raw)? {
+        PublicKeyKind::EcP256 => KeyType::EcP256,
+        PublicKeyKind::EcP384 => KeyType::EcP384,
+        PublicKeyKind::Rsa { bits: 3072 } => KeyType::Rsa3072,
+        PublicKeyKind::Rsa { bits: 4096 } => KeyType::Rsa4096,
+        PublicKeyKind::Rsa { .. } => KeyType::Rsa2048,
+    })
 }
 
 /// rcgen's issuer for authority `a`, signing with `key` (its key, from [`ca_key_of`]).
@@ -49,7 +51,7 @@ fn record(
     role: Role,
     status: Status,
     cert: &rcgen::Certificate,
-    key: &SoftwareKey,
+    key: &NewKey,
     issuer: Option<String>,
     params: &rcgen::CertificateParams,
     now: i64,
@@ -63,7 +65,7 @@ fn record(
         role,
         status,
         cert_pem: cert.pem(),
-        key_pem: Secret::new(key.pkcs8_pem()),
+        key_pem: key.key_pem.clone(),
         issuer,
         created_at: now,
         activated_at: (status == Status::Active).then_some(now),
@@ -72,6 +74,7 @@ fn record(
         not_after: params.not_after.unix_timestamp(),
         not_before: params.not_before.unix_timestamp(),
         cross_cert_pem: None,
+        key_ref: key.key_ref.clone(),
     }
 }
 
@@ -83,14 +86,14 @@ pub fn mint_root(
     ttl: Duration,
     status: Status,
 ) -> Result<AuthorityRecord, CaError> {
-    let key = Arc::new(SoftwareKey::generate(kt)?);
     let serial = pki::try_random_serial()?;
     let not_after = crate::clock::checked_add(now, ttl)
         .ok_or_else(|| CaError::Config("the root lifetime is out of range".into()))?;
+    let key = keysource::generate(Role::Root, kt, &hex::encode(serial))?;
     let params = profile::root(td, &serial, now - profile::BACKDATE, not_after);
     let cert = params
-        .self_signed(&RcgenKey::new(key.clone()))
-        .map_err(PkiError::from)?;
+        .self_signed(&RcgenKey::new(key.key.clone()))
+        .map_err(|e| keysource::discard(&key, PkiError::from(e).into()))?;
     Ok(record(
         Role::Root,
         status,
@@ -127,7 +130,6 @@ pub(crate) fn mint_intermediate_under(
     ttl: Duration,
     status: Status,
 ) -> Result<(AuthorityRecord, Arc<dyn CaKey>), CaError> {
-    let key = Arc::new(SoftwareKey::generate(kt)?);
     let serial = pki::try_random_serial()?;
     let not_after = crate::clock::checked_add(now, ttl)
         .ok_or_else(|| CaError::Config("the intermediate lifetime is out of range".into()))?
@@ -135,10 +137,15 @@ pub(crate) fn mint_intermediate_under(
             OffsetDateTime::from_unix_timestamp(parent.not_after)
                 .map_err(|e| CaError::Config(e.to_string()))?,
         );
+    let key = keysource::generate(Role::Intermediate, kt, &hex::encode(serial))?;
     let params = profile::intermediate(td, &serial, now - profile::BACKDATE, not_after);
-    let cert = params
-        .signed_by(&RcgenKey::new(key.clone()), &issuer_of(parent, parent_key)?)
-        .map_err(PkiError::from)?;
+    let cert = issuer_of(parent, parent_key)
+        .and_then(|issuer| {
+            params
+                .signed_by(&RcgenKey::new(key.key.clone()), &issuer)
+                .map_err(|e| PkiError::from(e).into())
+        })
+        .map_err(|e| keysource::discard(&key, e))?;
     let rec = record(
         Role::Intermediate,
         status,
@@ -148,7 +155,7 @@ pub(crate) fn mint_intermediate_under(
         &params,
         now.unix_timestamp(),
     );
-    Ok((rec, key))
+    Ok((rec, key.key))
 }
 
 /// Certifies `int`'s key and subject under `old_root` too (same serial space, new serial).

@@ -8,6 +8,7 @@ pub mod backup;
 pub mod bootstrap;
 pub mod crl;
 pub mod issue;
+pub mod keysource;
 pub mod mint;
 pub mod plan;
 pub mod plugged;

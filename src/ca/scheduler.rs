@@ -258,8 +258,16 @@ impl Scheduler {
                 .save_journal(&journal, Some(&current.revision))
                 .await
             {
-                Ok(_) => report.actions.extend(actions),
-                Err(StoreError::Conflict) => continue,
+                Ok(_) => {
+                    // Token keys of authorities retired by this write are destroyed now.
+                    super::keysource::settle(&current.value, &journal, true);
+                    report.actions.extend(actions)
+                }
+                Err(StoreError::Conflict) => {
+                    // Not stored: token keys minted for this attempt would be orphans.
+                    super::keysource::settle(&current.value, &journal, false);
+                    continue;
+                }
                 Err(e) => return Err(e.into()),
             }
         }

@@ -125,13 +125,18 @@ pub async fn update<T>(
         let Some(out) = change(&mut j).map_err(UpdateError::Refused)? else {
             return Ok(None);
         };
-        check_ceiling(&j, ceiling)?;
+        if let Err(e) = check_ceiling(&j, ceiling) {
+            super::keysource::settle(&cur.value, &j, false);
+            return Err(e);
+        }
         match store.save_journal(&j, Some(&cur.revision)).await {
             Ok(rev) => {
+                super::keysource::settle(&cur.value, &j, true);
                 store.publish_crl(&crl::bundle(&j)).await?;
                 return Ok(Some((out, j, rev)));
             }
             Err(StoreError::Conflict) => {
+                super::keysource::settle(&cur.value, &j, false);
                 let backoff = FIRST_BACKOFF
                     .saturating_mul(1 << attempt.min(10))
                     .min(MAX_BACKOFF);

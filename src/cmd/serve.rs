@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::app::config::{AuthConfig, CaSource, JwksSource, StoreConfig};
+use crate::app::config::{AuthConfig, CaSource, JwksSource, KeySourceConfig, StoreConfig};
 pub use crate::app::config::{AuthMode, StoreKind};
 use crate::app::{Listeners, ServeConfig};
 use crate::auth::tokenreview::ReviewLimits;
@@ -14,6 +14,7 @@ use crate::ca::bootstrap::CaOptions;
 use crate::ca::policy::{RotationPolicy, TtlPolicy};
 use crate::clock::{self, SharedClock};
 use crate::duration::clap_parse;
+use crate::hsm::{PinSource, Pkcs11Config};
 use crate::identity::TrustDomain;
 use crate::pki::KeyType;
 use crate::{devkeys, shutdown};
@@ -32,7 +33,13 @@ Examples:
   # Sign with a plugged-in CA in Istio's cacerts layout. Replace the files (or update the
   # mounted Secret) to swap it while serving; `citadel_ca_plugged_reload_total{result}` and
   # the log say whether the change was installed or refused.
-  citadel serve --jwks-file jwks.json --ca-certs-dir /etc/cacerts --ca-certs-poll-interval 5s")]
+  citadel serve --jwks-file jwks.json --ca-certs-dir /etc/cacerts --ca-certs-poll-interval 5s
+
+  # Keep the signing intermediate's key in a PKCS#11 token (SoftHSM2 here); the PIN comes
+  # from a file, never a flag (docs/operations.md, \"HSM keys (PKCS#11)\").
+  citadel serve --jwks-file jwks.json --ca-key-source pkcs11 \\
+    --pkcs11-module /usr/lib/softhsm/libsofthsm2.so --pkcs11-token-label citadel-ca \\
+    --pkcs11-pin-file /etc/citadel/pin")]
 /// Flags of `citadel serve`.
 pub struct Args {
     /// Development mode: trust the dev JWT key compiled in from certs-dev/ (its private key is
@@ -354,6 +361,47 @@ pub struct Args {
     /// (mount it into istiod at /etc/external-ca-cert; docs/istio-ra.md). Empty: none.
     #[arg(long, default_value = crate::cluster::csrsigner::DEFAULT_ROOT_SECRET, value_name = "NAME")]
     pub csr_root_secret: String,
+    /// Where new CA keys are generated and held: `software` (PKCS#8 in the CA journal) or
+    /// `pkcs11` (generated inside a PKCS#11 token, never extractable; every CA signature is
+    /// made there and the journal records only each key's label and public key). Needs
+    /// --pkcs11-module, --pkcs11-token-label and --pkcs11-pin-file or --pkcs11-pin-env.
+    /// Existing software keys keep signing until rotation replaces them.
+    #[arg(long, default_value = "software", value_name = "SOURCE",
+          value_parser = ["software", "pkcs11"])]
+    pub ca_key_source: String,
+
+    /// The PKCS#11 module (shared library), e.g. /usr/lib/softhsm/libsofthsm2.so.
+    #[arg(long, value_name = "FILE")]
+    pub pkcs11_module: Option<PathBuf>,
+
+    /// The label of the PKCS#11 token holding the CA keys.
+    #[arg(long, value_name = "LABEL")]
+    pub pkcs11_token_label: Option<String>,
+
+    /// A file holding the token's user PIN (re-read at each reconnect). The PIN is never a
+    /// flag value: process listings show those.
+    #[arg(long, value_name = "FILE", conflicts_with = "pkcs11_pin_env")]
+    pub pkcs11_pin_file: Option<PathBuf>,
+
+    /// An environment variable holding the token's user PIN.
+    #[arg(long, value_name = "VAR")]
+    pub pkcs11_pin_env: Option<String>,
+
+    /// Labels of keys generated in the token: `<prefix>-intermediate-<id>`,
+    /// `<prefix>-root-<id>` (id: the certificate serial, hex).
+    #[arg(long, default_value = "citadel", value_name = "PREFIX")]
+    pub pkcs11_key_label_prefix: String,
+
+    /// Which new keys go into the token: `intermediate` (the signing intermediates; roots stay
+    /// software keys, e.g. for an offline copy) or `all` (roots too).
+    #[arg(long, default_value = "intermediate", value_name = "WHICH",
+          value_parser = ["intermediate", "all"])]
+    pub pkcs11_keys: String,
+
+    /// The most PKCS#11 sessions to open for signing. Default: the token's own limit, at most
+    /// 16.
+    #[arg(long, value_name = "N")]
+    pub pkcs11_max_sessions: Option<usize>,
 }
 
 /// Checks one `--trusted-node-accounts` entry at parse time, so a typo stops the start with
@@ -426,6 +474,7 @@ impl Args {
                 CaSource::Own(o)
             }
         };
+        let key_source = self.key_source()?;
         let config = ServeConfig {
             dev: self.dev,
             state_dir: self.state_dir,
@@ -493,9 +542,54 @@ impl Args {
                         .then(|| self.csr_root_secret.clone()),
                 }
             }),
+            key_source,
         };
         config.validate()?;
         Ok(config)
+    }
+}
+
+impl Args {
+    /// `--ca-key-source` and the `--pkcs11-*` flags, each missing one named.
+    fn key_source(&self) -> Result<KeySourceConfig, String> {
+        if self.ca_key_source != "pkcs11" {
+            let set = [
+                self.pkcs11_module.is_some(),
+                self.pkcs11_token_label.is_some(),
+                self.pkcs11_pin_file.is_some(),
+                self.pkcs11_pin_env.is_some(),
+            ];
+            if set.into_iter().any(|s| s) {
+                return Err("the --pkcs11-* flags need --ca-key-source pkcs11".into());
+            }
+            return Ok(KeySourceConfig::Software);
+        }
+        let module = self
+            .pkcs11_module
+            .clone()
+            .ok_or("--ca-key-source pkcs11 needs --pkcs11-module (the module's .so)")?;
+        let token_label = self
+            .pkcs11_token_label
+            .clone()
+            .ok_or("--ca-key-source pkcs11 needs --pkcs11-token-label")?;
+        let pin = match (&self.pkcs11_pin_file, &self.pkcs11_pin_env) {
+            (Some(f), None) => PinSource::File(f.clone()),
+            (None, Some(v)) => PinSource::Env(v.clone()),
+            _ => return Err("--ca-key-source pkcs11 needs the PIN from --pkcs11-pin-file or --pkcs11-pin-env (never a flag value)".into()),
+        };
+        if self.pkcs11_max_sessions == Some(0) {
+            return Err("--pkcs11-max-sessions must be at least 1".into());
+        }
+        Ok(KeySourceConfig::Pkcs11 {
+            token: Pkcs11Config {
+                module,
+                token_label,
+                pin,
+                max_sessions: self.pkcs11_max_sessions,
+            },
+            label_prefix: self.pkcs11_key_label_prefix.clone(),
+            roots_in_token: self.pkcs11_keys == "all",
+        })
     }
 }
 

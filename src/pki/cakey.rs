@@ -323,6 +323,26 @@ pub fn ecdsa_fixed_to_der(fixed: &[u8]) -> Option<Vec<u8>> {
     Some(der_tlv(0x30, &[int(r), int(s)].concat()))
 }
 
+/// A DER PKCS#1 `RSAPublicKey ::= SEQUENCE { modulus INTEGER, publicExponent INTEGER }` from
+/// the big-endian unsigned modulus and exponent (as a PKCS#11 token gives them): the
+/// SubjectPublicKeyInfo BIT STRING contents of an RSA key.
+pub fn rsa_public_key_der(modulus: &[u8], exponent: &[u8]) -> Vec<u8> {
+    let int = |x: &[u8]| {
+        let start = x
+            .iter()
+            .position(|&b| b != 0)
+            .unwrap_or(x.len().saturating_sub(1));
+        let x = &x[start.min(x.len())..];
+        let mut v = Vec::with_capacity(x.len() + 1);
+        if x.first().is_none_or(|b| b & 0x80 != 0) {
+            v.push(0);
+        }
+        v.extend_from_slice(x);
+        der_tlv(0x02, &v)
+    };
+    der_tlv(0x30, &[int(modulus), int(exponent)].concat())
+}
+
 /// One DER TLV: (tag, contents, what follows). Short and long (up to 2-octet) lengths.
 fn der_next(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let (&tag, rest) = input.split_first()?;
@@ -410,6 +430,23 @@ mod tests {
                 assert_eq!(x509, sig, "RSA PKCS#1 v1.5 is deterministic");
             }
         }
+    }
+
+    #[test]
+    fn an_rsa_public_key_from_modulus_and_exponent_is_the_one_in_the_spki() {
+        // What a PKCS#11 token hands out (CKA_MODULUS, CKA_PUBLIC_EXPONENT) rebuilds the exact
+        // RSAPublicKey a software key reports, whose first INTEGER needs a 0x00 pad.
+        let key = SoftwareKey::generate(KeyType::Rsa2048).unwrap();
+        let der = key.public_key();
+        let (_, seq, _) = der_next(der).unwrap();
+        let (_, n, rest) = der_next(seq).unwrap();
+        let (_, e, _) = der_next(rest).unwrap();
+        assert_eq!(n[0], 0, "a 2048-bit modulus has its top bit set");
+        assert_eq!(rsa_public_key_der(&n[1..], e), der);
+        assert_eq!(
+            rsa_public_key_der(&[0, 0, 1, 2], &[1, 0, 1]),
+            vec![0x30, 0x09, 0x02, 0x02, 1, 2, 0x02, 0x03, 1, 0, 1]
+        );
     }
 
     #[test]

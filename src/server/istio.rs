@@ -14,7 +14,9 @@ use tonic::{Code, Request, Response, Status};
 use crate::auth::issue_path::{CsrInput, IssueError, IssuePath, IssueRequest, Requester, Ttl};
 use crate::auth::{Caller, Credentials};
 use crate::ca::issue::IssueFailure;
+use crate::ca::SignError;
 use crate::pki::csr::MAX_CSR_BYTES;
+use crate::pki::KeyError;
 use crate::proto::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
 };
@@ -71,6 +73,12 @@ impl IstioError {
                     IssueFailure::NoSigner | IssueFailure::Expired(_) | IssueFailure::Index,
                 )
                 | IssueError::Unaudited => (Code::Unavailable, not_ready(e)),
+                // An HSM that is away or busy: istio-agent retries Unavailable. The token's
+                // name and error are logged, not sent.
+                IssueError::Ca(IssueFailure::Sign(SignError::Key(KeyError::Unavailable(_)))) => (
+                    Code::Unavailable,
+                    "CA is not ready: the CA signing key is unavailable; retry shortly".into(),
+                ),
                 // The cause is logged, not sent.
                 IssueError::Ca(IssueFailure::Sign(_)) | IssueError::TooShort { .. } => {
                     (Code::Internal, "signing failed".into())
@@ -103,6 +111,9 @@ impl IstioError {
                 IssueError::Ca(IssueFailure::NoSigner) => m.sign_error("not_ready"),
                 IssueError::Ca(IssueFailure::Expired(_)) => m.sign_error("ca_expired"),
                 IssueError::Ca(IssueFailure::Index) => m.sign_error("index"),
+                IssueError::Ca(IssueFailure::Sign(SignError::Key(KeyError::Unavailable(_)))) => {
+                    m.sign_error("key_unavailable")
+                }
                 IssueError::Ca(IssueFailure::Sign(_)) | IssueError::TooShort { .. } => {
                     m.sign_error("sign_failed")
                 }
@@ -311,9 +322,15 @@ mod tests {
             (IssueError::Ca(IssueFailure::Index).into(), Code::Unavailable, "CA is not ready: the CA cannot record certificates right now"),
             (IssueError::Ca(IssueFailure::Sign(crate::ca::SignError::Expired(t))).into(), Code::Internal, "signing failed"),
             (IssueError::Unaudited.into(), Code::Unavailable, "CA is not ready: the audit log cannot be written; no certificate is handed out unaudited"),
+            // Issue 23: an HSM that is away is a retry, not an internal error, and its
+            // details stay in the log.
+            (IssueError::Ca(IssueFailure::Sign(SignError::Key(KeyError::Unavailable("token \"ca\" removed".into())))).into(), Code::Unavailable,
+             "CA is not ready: the CA signing key is unavailable; retry shortly"),
+            (IssueError::Ca(IssueFailure::Sign(SignError::Key(KeyError::Failed("CKR_KEY_FUNCTION_NOT_PERMITTED".into())))).into(), Code::Internal, "signing failed"),
         ];
         for (e, code, text) in cases {
             let s = e.status();
+            assert!(!s.message().contains("token"), "{:?}", s.message());
             assert_eq!(s.code(), code, "{e:?}");
             assert!(
                 s.message().starts_with(text),

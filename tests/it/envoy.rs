@@ -115,7 +115,14 @@ static_resources:
 
 /// A client-side Envoy: plain HTTP in, mTLS to the cart (requiring the cart's identity),
 /// one request per upstream connection so every request is a fresh handshake.
-fn client_envoy(id: &str, admin: u16, port: u16, upstream: u16, sock: &Path, peer: &str) -> String {
+pub(crate) fn client_envoy(
+    id: &str,
+    admin: u16,
+    port: u16,
+    upstream: u16,
+    sock: &Path,
+    peer: &str,
+) -> String {
     format!(
         r#"node: {{id: {id}, cluster: {id}}}
 admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
@@ -150,6 +157,60 @@ static_resources:
         tls = tls_context(peer).replace("\n            ", "\n          "),
         sds = sds_cluster(sock)
     )
+}
+
+/// The two Envoys of these tests, fed by their agents' SDS sockets: the cart's terminates
+/// mTLS and requires the frontend's SPIFFE ID; the frontend's (plain HTTP in at `front`)
+/// originates mTLS to the cart and requires the cart's. Both are ready when this returns.
+pub(crate) struct Mesh {
+    pub(crate) cart_admin: u16,
+    pub(crate) cart_port: u16,
+    pub(crate) front: SocketAddr,
+    pub(crate) envoys: Vec<Child>,
+}
+
+pub(crate) async fn start_mesh(
+    envoy: &Path,
+    dir: &Path,
+    backend: u16,
+    cart_sock: &Path,
+    front_sock: &Path,
+    base: u32,
+) -> Mesh {
+    let frontend_id = spiffe("shop", "frontend").to_string();
+    let cart_id = spiffe("shop", "cart").to_string();
+    let (cart_admin, cart_port, front_admin, front_port) =
+        (free_port(), free_port(), free_port(), free_port());
+    let cart_envoy = spawn_envoy(
+        envoy,
+        dir,
+        "cart-envoy",
+        &server_envoy(cart_admin, cart_port, backend, cart_sock, &frontend_id),
+        base + 1,
+    );
+    let front_envoy = spawn_envoy(
+        envoy,
+        dir,
+        "frontend-envoy",
+        &client_envoy(
+            "frontend",
+            front_admin,
+            front_port,
+            cart_port,
+            front_sock,
+            &cart_id,
+        ),
+        base + 2,
+    );
+    let envoys = vec![cart_envoy, front_envoy];
+    wait_ready(cart_admin, "cart envoy", dir).await;
+    wait_ready(front_admin, "frontend envoy", dir).await;
+    Mesh {
+        cart_admin,
+        cart_port,
+        front: format!("127.0.0.1:{front_port}").parse().unwrap(),
+        envoys,
+    }
 }
 
 pub(crate) fn spawn_envoy(
@@ -345,33 +406,15 @@ async fn real_envoys_keep_mtls_up_through_renewal_and_rotation_then_enforce_revo
 
     let (cart_agent, cart_sock) = spawn_agent(&dir, &ca, "shop", "cart");
     let (front_agent, front_sock) = spawn_agent(&dir, &ca, "shop", "frontend");
-    let (cart_admin, cart_port, front_admin, front_port) =
-        (free_port(), free_port(), free_port(), free_port());
-    let cart_envoy = spawn_envoy(
-        &envoy,
-        &dir,
-        "cart-envoy",
-        &server_envoy(cart_admin, cart_port, backend, &cart_sock, &frontend_id),
-        base + 1,
-    );
-    let front_envoy = spawn_envoy(
-        &envoy,
-        &dir,
-        "frontend-envoy",
-        &client_envoy(
-            "frontend",
-            front_admin,
-            front_port,
-            cart_port,
-            &front_sock,
-            &cart_id,
-        ),
-        base + 2,
-    );
-    let mut procs = Procs(vec![cart_agent, front_agent, cart_envoy, front_envoy]);
-    wait_ready(cart_admin, "cart envoy", &dir).await;
-    wait_ready(front_admin, "frontend envoy", &dir).await;
-    let front: SocketAddr = format!("127.0.0.1:{front_port}").parse().unwrap();
+    let Mesh {
+        cart_admin,
+        cart_port,
+        front,
+        envoys,
+        ..
+    } = start_mesh(&envoy, &dir, backend, &cart_sock, &front_sock, base).await;
+    let mut procs = Procs(vec![cart_agent, front_agent]);
+    procs.0.extend(envoys);
     assert_eq!(
         http_get(front, "/").await.unwrap(),
         (200, "ok".to_string()),

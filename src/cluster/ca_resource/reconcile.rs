@@ -475,6 +475,11 @@ impl Reconciler {
         if degraded.is_none() {
             *self.last_warning.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
+        // A PKCS#11 token that stopped answering: signatures are refused as unavailable
+        // until it is back (never made with another key), which needs a person.
+        if let (None, Some((false, msg))) = (&degraded, crate::ca::keysource::health()) {
+            degraded = Some(("KeyUnavailable".into(), msg));
+        }
         let observed = Observed {
             generation: cr.metadata.generation,
             now: now.unix_timestamp(),

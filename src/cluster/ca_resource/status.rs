@@ -254,6 +254,7 @@ mod tests {
                 not_after: 1000,
                 not_before: 0,
                 cross_cert_pem: None,
+                key_ref: None,
             });
         }
         j

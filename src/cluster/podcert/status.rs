@@ -93,6 +93,10 @@ pub fn decision(e: IssueError, request: &str) -> Result<Decision, PodCertError> 
         e @ IssueError::Ca(IssueFailure::Denied { .. }) => {
             Ok(deny(reason::IDENTITY_DENIED, e.to_string()))
         }
+        // An HSM that is away or busy: retried like a missing signer, never Failed.
+        e @ IssueError::Ca(IssueFailure::Sign(crate::ca::SignError::Key(
+            crate::pki::KeyError::Unavailable(_),
+        ))) => Err(PodCertError(e.to_string())),
         IssueError::Ca(IssueFailure::Sign(e)) => {
             tracing::error!(request = %request, error = %e, "pod certificate signing failed");
             Ok(Decision::Fail {
@@ -293,7 +297,16 @@ mod tests {
             }),
             "Failed/SigningFailed"
         );
+        assert_eq!(
+            kind(IssueError::Ca(IssueFailure::Sign(
+                crate::ca::SignError::Key(crate::pki::KeyError::Failed("refused".into()))
+            ))),
+            "Failed/SigningFailed"
+        );
         for e in [
+            IssueError::Ca(IssueFailure::Sign(crate::ca::SignError::Key(
+                crate::pki::KeyError::Unavailable("token removed".into()),
+            ))),
             IssueError::Ca(IssueFailure::NoSigner),
             IssueError::Ca(IssueFailure::Expired(t)),
             IssueError::Ca(IssueFailure::Index),

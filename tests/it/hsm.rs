@@ -1,0 +1,623 @@
+//! CA keys in a real PKCS#11 module (SoftHSM2, issue 23): `citadel serve --ca-key-source
+//! pkcs11` as a separate process (the key source is process-wide), a token initialised per
+//! test in its own directory (`SOFTHSM2_CONF`), leaves issued with the module's key, the key
+//! kept across a restart, the intermediate rotated inside the token and the retired key
+//! destroyed, a token that disappears answered with Unavailable (a metric, and back once
+//! the token is), and start errors for a wrong PIN or a missing token. `pkcs11-tool`
+//! (OpenSC) looks into the token from outside.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine as _;
+use citadel::client::{self, CaClient, ConnectOptions};
+use citadel::hsm::softhsm::{self, SoftHsm};
+use citadel::journal::{Journal, Role, Status};
+use citadel::pki::KeyType;
+use tonic::Code;
+
+use crate::support::*;
+
+const PIN: &str = "24681357";
+
+/// A SoftHSM2 token of its own, in a directory of its own.
+struct TestToken {
+    tmp: tempfile::TempDir,
+    hsm: SoftHsm,
+    label: String,
+    dir: PathBuf,
+    pin_file: PathBuf,
+}
+
+impl TestToken {
+    /// `None` (the test skips) without SoftHSM2; under CI=true that fails instead.
+    fn new(label: &str) -> Option<Self> {
+        if !softhsm::available() {
+            eprintln!("SKIPPED: SoftHSM2 not installed (scripts/test.sh installs it)");
+            return None;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let hsm = SoftHsm::new(tmp.path()).unwrap();
+        let dir = hsm.init_token(label, PIN).unwrap();
+        let pin_file = tmp.path().join("pin");
+        std::fs::write(&pin_file, format!("{PIN}\n")).unwrap();
+        Some(Self {
+            tmp,
+            hsm,
+            label: label.into(),
+            dir,
+            pin_file,
+        })
+    }
+
+    fn flags(&self) -> Vec<String> {
+        vec![
+            "--ca-key-source".into(),
+            "pkcs11".into(),
+            "--pkcs11-module".into(),
+            softhsm::module().display().to_string(),
+            "--pkcs11-token-label".into(),
+            self.label.clone(),
+            "--pkcs11-pin-file".into(),
+            self.pin_file.display().to_string(),
+        ]
+    }
+
+    /// `pkcs11-tool` on this token (logged in): its output, or `None` without OpenSC.
+    fn p11tool(&self, args: &[&str]) -> Option<String> {
+        let tool = std::env::var("CITADEL_PKCS11_TOOL").unwrap_or_else(|_| "pkcs11-tool".into());
+        if !require_tool(&tool) {
+            return None;
+        }
+        let out = Command::new(&tool)
+            .env("SOFTHSM2_CONF", self.hsm.conf())
+            .arg("--module")
+            .arg(softhsm::module())
+            .args(["--token-label", &self.label, "--login", "--pin", PIN])
+            .args(args)
+            .output()
+            .unwrap();
+        Some(
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+
+    /// The private keys in the token, by label, with their access line.
+    fn private_keys(&self) -> Option<Vec<(String, String)>> {
+        let text = self.p11tool(&["--list-objects", "--type", "privkey"])?;
+        let mut keys = Vec::new();
+        let mut label = None;
+        for line in text.lines() {
+            let line = line.trim();
+            if let Some(l) = line.strip_prefix("label:") {
+                label = Some(l.trim().to_string());
+            } else if let (Some(a), Some(l)) = (line.strip_prefix("Access:"), &label) {
+                keys.push((l.clone(), a.trim().to_string()));
+            }
+        }
+        Some(keys)
+    }
+}
+
+/// `citadel serve --dev` as a child process with the token's flags and its `SOFTHSM2_CONF`.
+struct HsmServer {
+    child: Child,
+    addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    state: PathBuf,
+    log: PathBuf,
+}
+
+impl Drop for HsmServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl HsmServer {
+    async fn start(t: &TestToken, state: &Path, extra: &[&str]) -> Result<Self, String> {
+        let (port, mport) = (free_port(), free_port());
+        let log = t.tmp.path().join(format!("serve-{port}.log"));
+        let mut child = Command::new(crate::support::process::BIN)
+            .env("SOFTHSM2_CONF", t.hsm.conf())
+            .args(["serve", "--dev"])
+            .arg("--state-dir")
+            .arg(state)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--metrics-listen", &format!("127.0.0.1:{mport}")])
+            .args(t.flags())
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let metrics_addr: SocketAddr = format!("127.0.0.1:{mport}").parse().unwrap();
+        for _ in 0..600 {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Err(format!(
+                    "serve exited ({status}): {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                ));
+            }
+            if let Ok((200, _)) = http_get(metrics_addr, "/healthz/ready").await {
+                return Ok(Self {
+                    child,
+                    addr: format!("127.0.0.1:{port}").parse().unwrap(),
+                    metrics_addr,
+                    state: state.to_path_buf(),
+                    log,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(format!(
+            "serve did not become ready: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        ))
+    }
+
+    /// A TLS client: the serving certificate is signed by the token-held intermediate too.
+    async fn client(&self) -> CaClient {
+        client::connect(&ConnectOptions {
+            addr: self.addr.to_string(),
+            root_pem: std::fs::read(self.state.join("root-cert.pem")).unwrap(),
+            server_name: Some("localhost".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn metrics(&self) -> String {
+        http_get(self.metrics_addr, "/metrics").await.unwrap().1
+    }
+
+    async fn journal(&self) -> Journal {
+        crate::envoy::journal(&self.state).await
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Issues a leaf for shop/cart; returns the chain's DER (leaf first).
+async fn issue_der(client: &mut CaClient) -> Result<Vec<Vec<u8>>, tonic::Status> {
+    let (_, csr) = csr_for(KeyType::EcP256, &spiffe("shop", "cart"));
+    let chain = call(client, &csr, Some(&bearer(&token("shop", "cart"))), 0, None).await?;
+    Ok(chain
+        .iter()
+        .flat_map(|p| citadel::pki::pem::parse_certs(p.as_bytes()).unwrap())
+        .map(|c| c.to_vec())
+        .collect())
+}
+
+/// The SubjectPublicKeyInfo (DER) of a certificate.
+fn spki_of(der: &[u8]) -> Vec<u8> {
+    citadel::pki::chain::parse(der)
+        .unwrap()
+        .public_key()
+        .raw
+        .to_vec()
+}
+
+/// The leaf verifies under the intermediate's key (webpki path building is the other tests'
+/// job; here: which key signed).
+fn signed_by(leaf: &[u8], issuer: &[u8]) -> bool {
+    let leaf = citadel::pki::chain::parse(leaf).unwrap();
+    let issuer = citadel::pki::chain::parse(issuer).unwrap();
+    leaf.verify_signature(Some(issuer.public_key())).is_ok()
+}
+
+/// `citadel_ca_key_signatures_total` for one result.
+fn signatures(text: &str, result: &str) -> f64 {
+    let line = format!("citadel_ca_key_signatures_total{{backend=\"pkcs11\",result=\"{result}\"}}");
+    metric(text, &line).unwrap_or_else(|| panic!("{line} not in {text}"))
+}
+
+fn metric(text: &str, line_prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaves_are_signed_in_the_token_and_the_same_key_signs_after_a_restart() {
+    let Some(t) = TestToken::new("ca-restart") else {
+        return;
+    };
+    let state = t.tmp.path().join("state");
+    let server = HsmServer::start(&t, &state, &[]).await.unwrap();
+    let mut c = server.client().await;
+    let chain = issue_der(&mut c).await.unwrap();
+    assert!(chain.len() >= 3, "leaf, intermediate, root");
+
+    // The journal records the intermediate's label and public key, never the key; the root
+    // (--pkcs11-keys intermediate, the default) stays a software key.
+    let j = server.journal().await;
+    let int = j.active_signer().unwrap().clone();
+    let r = int
+        .key_ref
+        .clone()
+        .expect("the intermediate's key is in the token");
+    assert_eq!(int.key_pem.expose(), "", "no key material in the journal");
+    assert_eq!(
+        (r.backend.as_str(), r.token.as_str()),
+        ("pkcs11", "ca-restart")
+    );
+    assert_eq!(r.label, format!("citadel-intermediate-{}", int.id));
+    assert_eq!(
+        base64::engine::general_purpose::STANDARD
+            .decode(&r.public_key)
+            .unwrap(),
+        spki_of(&chain[1]),
+        "the recorded public key is the certificate's"
+    );
+    let root = j.active_root().unwrap();
+    assert!(root.key_ref.is_none() && !root.key_pem.expose().is_empty());
+    assert!(signed_by(&chain[0], &chain[1]));
+    let raw = std::fs::read_to_string(state.join("ca-journal.json")).unwrap();
+    assert_eq!(
+        raw.matches("BEGIN PRIVATE KEY").count(),
+        1,
+        "only the root's key is in the journal"
+    );
+
+    // From outside: the key is in the token, sensitive and never extractable.
+    if let Some(keys) = t.private_keys() {
+        let (_, access) = keys
+            .iter()
+            .find(|(l, _)| *l == r.label)
+            .unwrap_or_else(|| panic!("{} not in {keys:?}", r.label));
+        assert!(
+            access.contains("sensitive") && access.contains("never extractable"),
+            "{access}"
+        );
+    }
+    let m = server.metrics().await;
+    assert_eq!(metric(&m, "citadel_ca_key_available{"), Some(1.0), "{m}");
+    assert!(signatures(&m, "ok") >= 1.0, "{m}");
+    let log = server.log();
+    assert!(!log.contains(PIN), "the PIN reached the log");
+    drop(server);
+
+    // A restart finds the same key in the token by label and keeps signing with it.
+    let server = HsmServer::start(&t, &state, &[]).await.unwrap();
+    let mut c = server.client().await;
+    let again = issue_der(&mut c).await.unwrap();
+    assert_eq!(again[1], chain[1], "same intermediate");
+    assert!(signed_by(&again[0], &chain[1]));
+    assert!(!server.log().contains(PIN));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_intermediate_rotates_inside_the_token_and_the_retired_key_is_destroyed() {
+    let Some(t) = TestToken::new("ca-rotate") else {
+        return;
+    };
+    let state = t.tmp.path().join("state");
+    // A 30 s intermediate, prepared at 3 s, active at 6 s, retired once its 1 s leaves and
+    // the (zero) skew margin have passed.
+    let server = HsmServer::start(
+        &t,
+        &state,
+        &[
+            "--intermediate-ttl",
+            "30s",
+            "--intermediate-prepare-at",
+            "0.1",
+            "--intermediate-activate-at",
+            "0.2",
+            "--max-ttl",
+            "2s",
+            "--default-ttl",
+            "1s",
+            "--clock-skew-margin",
+            "0s",
+            "--reconcile-interval",
+            "200ms",
+            "--ca-key-type",
+            "rsa-2048",
+        ],
+    )
+    .await
+    .unwrap();
+    let mut c = server.client().await;
+    let first = issue_der(&mut c).await.unwrap();
+    let first_int = server.journal().await.active_signer().unwrap().clone();
+    let first_label = first_int.key_ref.as_ref().unwrap().label.clone();
+
+    let second = until("the next intermediate to sign", 40, async || {
+        let chain = issue_der(&mut c).await.map_err(|e| e.to_string())?;
+        if chain[1] != first[1] {
+            Ok(chain)
+        } else {
+            Err("still the first intermediate".into())
+        }
+    })
+    .await;
+    assert!(signed_by(&second[0], &second[1]));
+    let j = server.journal().await;
+    let new_int = j.active_signer().unwrap();
+    let new_ref = new_int.key_ref.as_ref().expect("generated in the token");
+    assert_ne!(new_ref.label, first_label);
+    assert_eq!(
+        base64::engine::general_purpose::STANDARD
+            .decode(&new_ref.public_key)
+            .unwrap(),
+        spki_of(&second[1])
+    );
+    assert_eq!(
+        citadel::pki::keys::spki_kind(&spki_of(&second[1])).unwrap(),
+        citadel::pki::PublicKeyKind::Rsa { bits: 2048 },
+        "the next key has the same type"
+    );
+
+    // Retired (its leaves expired): the old key is destroyed in the token, the new one stays.
+    until("the first intermediate to retire", 40, async || {
+        let j = server.journal().await;
+        match j.get(&first_int.id).map(|a| a.status) {
+            Some(Status::Retired) => Ok(()),
+            s => Err(format!("{s:?}")),
+        }
+    })
+    .await;
+    if t.private_keys().is_some() {
+        eventually("the retired key to leave the token", 10, async || {
+            let keys = t.private_keys().unwrap();
+            !keys.iter().any(|(l, _)| *l == first_label)
+                && keys.iter().any(|(l, _)| *l == new_ref.label)
+        })
+        .await;
+    }
+    let roots: Vec<_> = j
+        .authorities
+        .iter()
+        .filter(|a| a.role == Role::Root)
+        .collect();
+    assert_eq!(roots.len(), 1);
+    // And the CA still signs.
+    issue_der(&mut c).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_token_is_unavailable_with_a_metric_and_signing_resumes_when_it_is_back() {
+    let Some(t) = TestToken::new("ca-vanish") else {
+        return;
+    };
+    let state = t.tmp.path().join("state");
+    let server = HsmServer::start(&t, &state, &[]).await.unwrap();
+    let mut c = server.client().await;
+    let before = issue_der(&mut c).await.unwrap();
+
+    let away = t.tmp.path().join("token-away");
+    std::fs::rename(&t.dir, &away).unwrap();
+    let e = issue_der(&mut c).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert_eq!(
+        e.message(),
+        "CA is not ready: the CA signing key is unavailable; retry shortly"
+    );
+    // The server keeps serving (health, metrics), counting the refusals.
+    let m = server.metrics().await;
+    assert_eq!(metric(&m, "citadel_ca_key_available{"), Some(0.0), "{m}");
+    assert!(signatures(&m, "unavailable") >= 1.0, "{m}");
+    assert!(
+        metric(
+            &m,
+            "citadel_server_csr_sign_err_count{error=\"key_unavailable\"}"
+        )
+        .unwrap()
+            >= 1.0,
+        "{m}"
+    );
+    assert!(matches!(
+        http_get(server.metrics_addr, "/healthz/live").await,
+        Ok((200, _))
+    ));
+    let e = issue_der(&mut c).await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::Unavailable,
+        "still unavailable, never another key"
+    );
+
+    std::fs::rename(&away, &t.dir).unwrap();
+    let after = until("signing to resume", 20, async || {
+        issue_der(&mut c).await.map_err(|e| format!("{e:?}"))
+    })
+    .await;
+    assert_eq!(after[1], before[1], "the same intermediate, the same key");
+    assert!(signed_by(&after[0], &before[1]));
+    let m = server.metrics().await;
+    assert_eq!(metric(&m, "citadel_ca_key_available{"), Some(1.0));
+    assert!(metric(&m, "citadel_ca_key_reconnects_total{").unwrap() >= 1.0);
+    assert!(!server.log().contains(PIN));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_pin_a_missing_token_or_missing_flags_stop_the_start_with_a_clear_error() {
+    let Some(t) = TestToken::new("ca-start") else {
+        return;
+    };
+    let state = t.tmp.path().join("state");
+    let run = |args: Vec<String>| {
+        let out = Command::new(crate::support::process::BIN)
+            .env("SOFTHSM2_CONF", t.hsm.conf())
+            .args([
+                "serve",
+                "--dev",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--state-dir")
+            .arg(&state)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let with = |f: &dyn Fn(&mut Vec<String>)| {
+        let mut a = t.flags();
+        f(&mut a);
+        a
+    };
+
+    let wrong = t.tmp.path().join("wrong-pin");
+    std::fs::write(&wrong, "11112222\n").unwrap();
+    let (ok, err) = run(with(&|a| a[7] = wrong.display().to_string()));
+    assert!(!ok);
+    assert!(
+        err.contains("login to PKCS#11 token \"ca-start\" refused: PinIncorrect"),
+        "{err}"
+    );
+    assert!(!err.contains("11112222"), "the PIN is never shown: {err}");
+
+    let (ok, err) = run(with(&|a| a[5] = "nope".into()));
+    assert!(!ok);
+    assert!(
+        err.contains("no PKCS#11 token labelled \"nope\"") && err.contains("ca-start"),
+        "{err}"
+    );
+
+    let (ok, err) = run(with(&|a| {
+        a.truncate(6);
+    }));
+    assert!(!ok);
+    assert!(
+        err.contains("--pkcs11-pin-file or --pkcs11-pin-env"),
+        "{err}"
+    );
+
+    let (ok, err) = run(with(&|a| a[1] = "software".into()));
+    assert!(!ok);
+    assert!(
+        err.contains("the --pkcs11-* flags need --ca-key-source pkcs11"),
+        "{err}"
+    );
+
+    let (ok, err) = run(with(&|a| a[3] = "/nonexistent/libp11.so".into()));
+    assert!(!ok);
+    assert!(
+        err.contains("PKCS#11 module /nonexistent/libp11.so"),
+        "{err}"
+    );
+
+    // A CA whose intermediate key is in a token refuses to start without it, naming it,
+    // rather than signing with anything else.
+    let server = HsmServer::start(&t, &state, &[]).await.unwrap();
+    drop(server);
+    let (ok, err) = run(vec![]);
+    assert!(!ok);
+    assert!(err.contains("held in PKCS#11 token \"ca-start\""), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoys_speak_mtls_with_leaves_from_a_module_held_intermediate() {
+    use crate::envoy::*;
+    let Some(envoy) = envoy_binary() else { return };
+    let Some(t) = TestToken::new("ca-envoy") else {
+        return;
+    };
+    let dir = t.tmp.path().to_path_buf();
+    let state = dir.join("state");
+    let server = HsmServer::start(&t, &state, &[]).await.unwrap();
+    let int = server.journal().await.active_signer().unwrap().clone();
+    assert!(
+        int.key_ref.is_some(),
+        "the intermediate's key is in the token"
+    );
+
+    let before = signatures(&server.metrics().await, "ok");
+    let backend = backend().await;
+    let agent = |sa: &str| {
+        let tok = dir.join(format!("{sa}.jwt"));
+        std::fs::write(&tok, token("shop", sa)).unwrap();
+        spawn_agent_with(&dir, server.addr, &state, sa, &tok)
+    };
+    let (cart_agent, cart_sock) = agent("cart");
+    let (front_agent, front_sock) = agent("frontend");
+    let base = std::process::id() % 1000 * 10 + 5;
+    let mesh = start_mesh(&envoy, &dir, backend, &cart_sock, &front_sock, base).await;
+    let mut procs = Procs(vec![cart_agent, front_agent]);
+    procs.0.extend(mesh.envoys);
+    let (front, cart_admin) = (mesh.front, mesh.cart_admin);
+    for _ in 0..5 {
+        assert_eq!(http_get(front, "/").await.unwrap(), (200, "ok".to_string()));
+    }
+    assert!(
+        stat(cart_admin, "handshake").await >= 1,
+        "mTLS handshakes at the cart"
+    );
+    // Both workload leaves were signed in the token: the only intermediate is the token-held
+    // one, and the token made a signature for each.
+    let j = server.journal().await;
+    let ints: Vec<_> = j
+        .authorities
+        .iter()
+        .filter(|a| a.role == Role::Intermediate)
+        .collect();
+    assert_eq!(ints.len(), 1);
+    assert_eq!(ints[0].id, int.id);
+    let signed = signatures(&server.metrics().await, "ok");
+    assert!(signed >= before + 2.0, "{before} -> {signed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_pkcs11_keys_all_the_root_key_is_made_in_the_token_too() {
+    let Some(t) = TestToken::new("ca-all") else {
+        return;
+    };
+    let state = t.tmp.path().join("state");
+    let server = HsmServer::start(
+        &t,
+        &state,
+        &["--pkcs11-keys", "all", "--ca-key-type", "rsa-3072"],
+    )
+    .await
+    .unwrap();
+    let mut c = server.client().await;
+    let chain = issue_der(&mut c).await.unwrap();
+    let j = server.journal().await;
+    let (root, int) = (j.active_root().unwrap(), j.active_signer().unwrap());
+    let raw = std::fs::read_to_string(state.join("ca-journal.json")).unwrap();
+    assert!(
+        !raw.contains("PRIVATE KEY"),
+        "no key material in the journal"
+    );
+    for a in [root, int] {
+        let r = a.key_ref.as_ref().expect("in the token");
+        assert_eq!(a.key_pem.expose(), "");
+        assert!(r.label.starts_with("citadel-"), "{}", r.label);
+    }
+    assert!(signed_by(&chain[0], &chain[1]));
+    assert!(
+        signed_by(&chain[1], &chain[2]),
+        "the intermediate was signed by the token-held root"
+    );
+    assert_eq!(
+        citadel::pki::keys::spki_kind(&spki_of(&chain[2])).unwrap(),
+        citadel::pki::PublicKeyKind::Rsa { bits: 3072 }
+    );
+    if let Some(keys) = t.private_keys() {
+        let labels: Vec<&str> = keys.iter().map(|(l, _)| l.as_str()).collect();
+        assert!(
+            labels.contains(&format!("citadel-root-{}", root.id).as_str()),
+            "{labels:?}"
+        );
+        assert!(
+            labels.contains(&format!("citadel-intermediate-{}", int.id).as_str()),
+            "{labels:?}"
+        );
+    }
+}
