@@ -21,7 +21,7 @@ use super::apply::apply;
 use super::plan::{plan, Action};
 use super::policy::RotationPolicy;
 use super::revocation::{self, SweepRequest};
-use super::{bootstrap, crl, Ca, CaError};
+use super::{bootstrap, crl, jwt, Ca, CaError};
 use crate::clock::SharedClock;
 use crate::identity::TrustDomain;
 use crate::journal::Journal;
@@ -69,6 +69,7 @@ fn describe(a: &Action) -> String {
     match a {
         Action::Retire { id } => format!("retire authority {id}"),
         Action::SignCrl { issuer } => format!("sign CRL of {issuer}"),
+        Action::RetireJwtKey { kid } => format!("retire JWT key {kid}"),
         other => format!("{other:?}"),
     }
 }
@@ -223,13 +224,31 @@ impl Scheduler {
                     Err(e) => tracing::error!(error = %e, "revocation sweep failed; retrying"),
                 }
                 self.publish(&journal).await?;
-                if let Some(r) = journal
+                // Keys in the JWT bundle just written count as published from now: their
+                // activation waits from this moment, as a new root's does.
+                let mut newly_published = false;
+                for k in journal
+                    .jwt_keys
+                    .iter_mut()
+                    .filter(|k| k.in_bundle() && k.published_at.is_none())
+                {
+                    k.published_at = Some(now.unix_timestamp());
+                    newly_published = true;
+                    tracing::info!(target: "citadel::audit", event = "jwt_key_published", kid = %k.kid, "the JWT bundle holding this key is published; it signs after {}s at the earliest (a first key at once)", self.policy.jwt.publish_lead());
+                }
+                let root_published = match journal
                     .root_rotation
                     .as_mut()
                     .filter(|r| r.bundle_published_at.is_none())
                 {
-                    r.bundle_published_at = Some(now.unix_timestamp());
-                    tracing::info!(target: "citadel::audit", event = "root_rotation_published", new_root = %r.new_root, "the two-root trust bundle is published; activation waits {}s from now", r.activate_after_secs);
+                    Some(r) => {
+                        r.bundle_published_at = Some(now.unix_timestamp());
+                        tracing::info!(target: "citadel::audit", event = "root_rotation_published", new_root = %r.new_root, "the two-root trust bundle is published; activation waits {}s from now", r.activate_after_secs);
+                        true
+                    }
+                    None => false,
+                };
+                if root_published || newly_published {
                     match self
                         .store
                         .save_journal(&journal, Some(&current.revision))
@@ -275,6 +294,9 @@ impl Scheduler {
             .collect();
         self.store.publish_bundle(&bundle).await?;
         self.store.publish_crl(&crl::bundle(journal)).await?;
+        self.store
+            .publish_jwks(&jwt::render_jwks(journal, self.policy.jwt.refresh_hint)?)
+            .await?;
         Ok(())
     }
 
@@ -286,7 +308,9 @@ impl Scheduler {
         }
         let signer = bootstrap::signer_from_journal(journal, &self.trust_domain)
             .map_err(|e| CaError::Config(format!("{}: {e}", self.store.describe())))?;
-        tracing::info!(signer = %signer.signing_cert().subject, roots = signer.roots_der().len(), revoked = signer.revocations().crl_entries, "installed CA state");
+        let jwt = jwt::JwtKeys::from_journal(journal, &self.policy.jwt)?;
+        tracing::info!(signer = %signer.signing_cert().subject, roots = signer.roots_der().len(), revoked = signer.revocations().crl_entries, jwt_kid = jwt.active.as_ref().map(|k| k.kid.as_str()).unwrap_or(""), "installed CA state");
+        self.ca.install_jwt(jwt);
         self.ca.install(signer);
         *installed = Some(revision.clone());
         Ok(true)

@@ -1,6 +1,7 @@
 //! Publishes the trust bundle (`istio-ca-root-cert`, key `root-cert.pem`, label
 //! `istio.io/config=true`) and the CRLs (`istio-ca-crl`, key `ca-crl.pem`) into every
-//! namespace but kube-public and kube-node-lease.
+//! namespace but kube-public and kube-node-lease, and the JWT bundle (`citadel-jwt-bundle`,
+//! key `jwks.json`) into the CA's own namespace only.
 //!
 //! Two ways in, one reconcile: the scheduler's `publish` (new bundle or CRL) makes a full pass
 //! over every namespace, and only returns Ok once every namespace holds it, because a new root
@@ -26,7 +27,9 @@ use kube::runtime::{watcher, Controller, WatchStreamExt};
 use kube::Resource;
 use tokio::sync::{watch, Mutex};
 
-use super::names::{CRL_CONFIGMAP, CRL_KEY, ROOT_CONFIGMAP, ROOT_KEY};
+use super::names::{
+    CRL_CONFIGMAP, CRL_KEY, JWKS_CONFIGMAP, JWKS_KEY, ROOT_CONFIGMAP, ROOT_KEY,
+};
 use crate::future::BoxFuture;
 use crate::shutdown::Shutdown;
 use crate::store::kube::Publisher;
@@ -42,6 +45,8 @@ type Caches = (Cache<Namespace>, Cache<ConfigMap>, Cache<ConfigMap>);
 struct Desired {
     bundle: Option<String>,
     crl: Option<String>,
+    /// The JWT bundle, for [`ConfigMapPublisher::jwks_namespace`] only.
+    jwks: Option<String>,
 }
 
 /// Publishes the bundle and CRLs into every namespace's ConfigMaps, reconciling drift.
@@ -61,6 +66,8 @@ pub struct ConfigMapPublisher {
     /// The CertificateAuthority resource (namespace, name) that also gets each drift Event, so
     /// `kubectl describe ca` shows every repair in one place.
     certificate_authority: std::sync::OnceLock<(String, String)>,
+    /// The namespace that gets the JWT bundle ConfigMap (the CA's); unset publishes none.
+    jwks_namespace: std::sync::OnceLock<String>,
 }
 
 /// A reconcile that failed; the controller retries it.
@@ -99,6 +106,7 @@ impl ConfigMapPublisher {
             history: std::sync::Mutex::new(Vec::new()),
             writes: AtomicU64::new(0),
             certificate_authority: std::sync::OnceLock::new(),
+            jwks_namespace: std::sync::OnceLock::new(),
         })
     }
 
@@ -108,6 +116,29 @@ impl ConfigMapPublisher {
         let _ = self
             .certificate_authority
             .set((namespace.to_string(), name.to_string()));
+    }
+
+    /// Publishes the JWT bundle ConfigMap into `namespace` (the CA's). Set once, at start.
+    pub fn jwks_namespace(&self, namespace: &str) {
+        let _ = self.jwks_namespace.set(namespace.to_string());
+    }
+
+    /// The JWT bundle ConfigMap, as desired now, read from the API server rather than a
+    /// cache (it is one object, compared at each pass and each resync of its namespace).
+    async fn reconcile_jwks(&self, ns: &str) -> Result<(), String> {
+        if self.jwks_namespace.get().map(String::as_str) != Some(ns) {
+            return Ok(());
+        }
+        let Some(content) = self.desired.borrow().jwks.clone() else {
+            return Ok(());
+        };
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
+        let current = api
+            .get_opt(JWKS_CONFIGMAP)
+            .await
+            .map_err(|e| format!("{ns}/{JWKS_CONFIGMAP}: {e}"))?;
+        self.ensure(ns, JWKS_CONFIGMAP, JWKS_KEY, &content, current.as_ref())
+            .await
     }
 
     fn leading(&self) -> bool {
@@ -256,7 +287,7 @@ impl ConfigMapPublisher {
             self.ensure(name, cm, key, content, current.as_deref())
                 .await?;
         }
-        Ok(())
+        self.reconcile_jwks(name).await
     }
 
     async fn ensure(
@@ -420,6 +451,28 @@ impl Publisher for ConfigMapPublisher {
                 Some((ns, root, crl)) => self.reconcile(&ns, &[&root, &crl]).await,
                 None => Err("the namespace and ConfigMap watches are not ready yet".into()),
             }
+        })
+    }
+
+    fn publish_jwks<'a>(&'a self, jwks: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let changed = self.desired.send_if_modified(|d| {
+                let changed = d.jwks.as_deref() != Some(jwks);
+                d.jwks = Some(jwks.to_string());
+                changed
+            });
+            if changed {
+                let mut seen = self.history.lock().unwrap_or_else(|p| p.into_inner());
+                seen.push(digest(jwks));
+                let excess = seen.len().saturating_sub(HISTORY);
+                seen.drain(..excess);
+            }
+            let Some(ns) = self.jwks_namespace.get().filter(|_| self.leading()) else {
+                return Ok(());
+            };
+            // Like the bundle: Ok only once the ConfigMap holds it, since a new key's
+            // activation waits from its publication.
+            self.reconcile_jwks(ns).await
         })
     }
 }

@@ -411,6 +411,22 @@ impl Publisher for AllPublishers {
             }
         })
     }
+
+    fn publish_jwks<'a>(&'a self, jwks: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let mut errors = Vec::new();
+            for p in &self.0 {
+                if let Err(e) = p.publish_jwks(jwks).await {
+                    errors.push(e);
+                }
+            }
+            if errors.is_empty() {
+                Ok(())
+            } else {
+                Err(errors.join("; "))
+            }
+        })
+    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ pub use crate::app::config::{AuthMode, StoreKind};
 use crate::app::{Listeners, ServeConfig};
 use crate::auth::tokenreview::ReviewLimits;
 use crate::ca::bootstrap::CaOptions;
-use crate::ca::policy::{RotationPolicy, TtlPolicy};
+use crate::ca::policy::{JwtKeyPolicy, RotationPolicy, TtlPolicy};
 use crate::clock::{self, SharedClock};
 use crate::duration::clap_parse;
 use crate::identity::TrustDomain;
@@ -317,6 +317,21 @@ pub struct Args {
     /// intermediateTtl 1825d, rootTtl 7300d, crlValidity 7d (docs/operations.md).
     #[arg(long, default_value = "90d", value_parser = clap_parse, value_name = "DUR")]
     pub ca_resource_max_workload_ttl: Duration,
+
+    /// Lifetime of each JWT-SVID (`exp - iat`) signed by citadel.v1.JwtSvidService; at most
+    /// 24h (SPIFFE recommends short JWT-SVIDs: they are bearer tokens).
+    #[arg(long, default_value = "5m", value_parser = clap_parse, value_name = "DUR")]
+    pub jwt_svid_ttl: Duration,
+
+    /// Planned life of each JWT-SVID signing key: its successor is prepared (and published
+    /// in the JWT bundle) at 1/2 of it and signs from 5/6, once published for 5 refresh hints.
+    #[arg(long, default_value = "30d", value_parser = clap_parse, value_name = "DUR")]
+    pub jwt_key_ttl: Duration,
+
+    /// The JWT bundle's `spiffe_refresh_hint`: how often relying parties should fetch it. A
+    /// new JWT key signs no earlier than 5 hints after its bundle was published.
+    #[arg(long, default_value = "5m", value_parser = clap_parse, value_name = "DUR")]
+    pub jwt_bundle_refresh_hint: Duration,
 }
 
 /// Checks one `--trusted-node-accounts` entry at parse time, so a typo stops the start with
@@ -410,6 +425,12 @@ impl Args {
                 max_leaf_ttl: self.max_ttl,
                 crl_validity: self.crl_validity,
                 skew_margin: self.clock_skew_margin,
+                jwt: JwtKeyPolicy {
+                    key_ttl: self.jwt_key_ttl,
+                    svid_ttl: self.jwt_svid_ttl,
+                    refresh_hint: self.jwt_bundle_refresh_hint,
+                    ..JwtKeyPolicy::default()
+                },
             },
             tls_names: (!self.plaintext).then_some(self.server_dns_names),
             reconcile_interval: self.reconcile_interval,
