@@ -39,12 +39,12 @@ use super::node::{Impersonation, NodeAuthError, NodeAuthorizer, Refusal};
 use super::{AuthChain, AuthError, Caller, Credentials};
 use crate::ca::issue::{audit_issued, sign_svid, AuditRecord, IssueFailure};
 use crate::ca::jwt::{audit_jwt_issued, sign_jwt_svid, JwtAudit, JwtFailure, JwtSvid};
-use crate::pki::cakey::KeyError;
 use crate::ca::policy::{TtlError, TtlPolicy};
 use crate::ca::revocation::SweepRequest;
 use crate::ca::{Ca, Issued, Signer};
 use crate::clock::SharedClock;
 use crate::identity::SpiffeId;
+use crate::pki::cakey::KeyError;
 use crate::pki::csr::{self, CsrError, SubjectKey};
 use crate::store::index::IssuanceIndex;
 

@@ -14,6 +14,7 @@ use super::{crl, jwt, CaError};
 const RETIRED_JWT_KEYS_KEPT: usize = 4;
 use crate::identity::TrustDomain;
 use crate::journal::{Journal, Role, RootRotation, Status};
+use crate::pki::KeyType;
 
 /// Starts a root rotation: a new root and an intermediate under it, both prepared.
 pub fn prepare_root_rotation(
@@ -188,9 +189,14 @@ pub fn apply(
         }
         Action::SignCrl { issuer } => crl::sign(j, issuer, now, p.crl_validity)?,
         Action::PrepareJwtKey => {
-            // The CA key type decides the JWT algorithm (ES256, ES384, RS256).
+            // The CA key type decides the JWT algorithm (ES256, ES384, RS256). An RSA CA's
+            // JWT keys are RSA-2048: RS256's usual size, for a key that lives a month, and
+            // cheap to make on the scheduler's thread (RSA-4096 generation takes seconds).
             let kt = match j.active_signer().or_else(|| j.active_root()) {
-                Some(a) => key_type_of(a)?,
+                Some(a) => match key_type_of(a)? {
+                    KeyType::Rsa3072 | KeyType::Rsa4096 => KeyType::Rsa2048,
+                    kt => kt,
+                },
                 None => return Err(CaError::Config("no active authority".into())),
             };
             j.jwt_keys
@@ -225,10 +231,10 @@ pub fn apply(
                 .iter()
                 .filter(|k| k.status == Status::Retired)
                 .count();
-            let mut drop = retired.saturating_sub(RETIRED_JWT_KEYS_KEPT);
+            let mut excess = retired.saturating_sub(RETIRED_JWT_KEYS_KEPT);
             j.jwt_keys.retain(|k| {
-                let gone = drop > 0 && k.status == Status::Retired;
-                drop -= usize::from(gone);
+                let gone = excess > 0 && k.status == Status::Retired;
+                excess -= usize::from(gone);
                 !gone
             });
         }

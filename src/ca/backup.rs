@@ -305,10 +305,7 @@ pub fn merge(mut backup: Journal, current: &Journal, now: i64) -> Journal {
         }
         backup.jwt_keys.push(k);
     }
-    backup.jwt_bundle_sequence = backup
-        .jwt_bundle_sequence
-        .max(current.jwt_bundle_sequence)
-        + 1;
+    backup.jwt_bundle_sequence = backup.jwt_bundle_sequence.max(current.jwt_bundle_sequence) + 1;
     for c in &current.crls {
         let known = backup.get(&c.issuer).is_some();
         match backup.crls.iter_mut().find(|b| b.issuer == c.issuer) {

@@ -23,6 +23,8 @@ use crate::journal::{Journal, JwtKeyRecord, Secret, Status};
 use crate::pki::cakey::{self, CaKey, KeyError, SignatureAlgorithm, SoftwareKey};
 use crate::pki::KeyType;
 
+pub use super::jwtkeys::{JwtKeys, JwtSigningKey};
+
 /// A fresh JWT signing key of type `kt`, in status `status`, planned to live `ttl`.
 pub fn mint_jwt_key(
     kt: KeyType,
@@ -108,32 +110,6 @@ pub fn render_jwks(journal: &Journal, refresh_hint: Duration) -> Result<String, 
         "spiffe_sequence": journal.jwt_bundle_sequence,
     });
     serde_json::to_string_pretty(&set).map_err(|e| CaError::Config(e.to_string()))
-}
-
-/// The key that signs JWT-SVIDs now.
-#[derive(Debug, Clone)]
-pub struct JwtSigningKey {
-    /// Its `kid`.
-    pub kid: String,
-    /// The key.
-    pub key: Arc<dyn CaKey>,
-}
-
-/// The installed JWT state, swapped whole like the X.509 signer (see [`Ca::install_jwt`]):
-/// the active key (if any), the bundle as published, and the token lifetime.
-#[derive(Debug, Clone)]
-pub struct JwtKeys {
-    /// The trust domain of the bundle.
-    pub trust_domain: String,
-    /// The signing key; `None` until the first key has been published (JWT-SVIDs are then
-    /// Unavailable).
-    pub active: Option<JwtSigningKey>,
-    /// The JWK Set ([`render_jwks`]).
-    pub jwks: String,
-    /// Its `spiffe_sequence`.
-    pub sequence: u64,
-    /// `exp - iat` of each JWT-SVID.
-    pub svid_ttl: Duration,
 }
 
 impl JwtKeys {
@@ -297,9 +273,8 @@ mod tests {
         let mut opts = CaOptions::new(td.clone());
         opts.key_type = kt;
         let mut j = new_journal(&opts, now).unwrap();
-        j.jwt_keys.push(
-            mint_jwt_key(kt, now, Duration::from_secs(86_400), Status::Active).unwrap(),
-        );
+        j.jwt_keys
+            .push(mint_jwt_key(kt, now, Duration::from_secs(86_400), Status::Active).unwrap());
         j.jwt_bundle_sequence = 1;
         let ca = Ca::new();
         ca.install(signer_from_journal(&j, &td).unwrap());
@@ -329,8 +304,7 @@ mod tests {
         let sig = B64.decode(sig).unwrap();
         let ok = match k["kty"].as_str().unwrap() {
             "EC" => {
-                let alg: &dyn signature::VerificationAlgorithm = match k["crv"].as_str().unwrap()
-                {
+                let alg: &dyn signature::VerificationAlgorithm = match k["crv"].as_str().unwrap() {
                     "P-256" => &signature::ECDSA_P256_SHA256_FIXED,
                     _ => &signature::ECDSA_P384_SHA384_FIXED,
                 };
@@ -339,7 +313,11 @@ mod tests {
                 point.extend(d("y"));
                 signature::UnparsedPublicKey::new(alg, point).verify(input.as_bytes(), &sig)
             }
-            _ => signature::RsaPublicKeyComponents { n: d("n"), e: d("e") }.verify(
+            _ => signature::RsaPublicKeyComponents {
+                n: d("n"),
+                e: d("e"),
+            }
+            .verify(
                 &signature::RSA_PKCS1_2048_8192_SHA256,
                 input.as_bytes(),
                 &sig,
@@ -385,17 +363,31 @@ mod tests {
     fn the_bundle_holds_only_jwt_svid_keys_not_retired() {
         let now = time::macros::datetime!(2030-01-01 0:00 UTC);
         let (_, mut j, _) = ca_with(KeyType::EcP256, now);
-        let mut old = mint_jwt_key(KeyType::EcP256, now, Duration::from_secs(60), Status::Retired)
-            .unwrap();
+        let mut old = mint_jwt_key(
+            KeyType::EcP256,
+            now,
+            Duration::from_secs(60),
+            Status::Retired,
+        )
+        .unwrap();
         old.kid = "gone".into();
         j.jwt_keys.push(old);
-        j.jwt_keys
-            .push(mint_jwt_key(KeyType::EcP256, now, Duration::from_secs(60), Status::Prepared).unwrap());
+        j.jwt_keys.push(
+            mint_jwt_key(
+                KeyType::EcP256,
+                now,
+                Duration::from_secs(60),
+                Status::Prepared,
+            )
+            .unwrap(),
+        );
         let set: serde_json::Value =
             serde_json::from_str(&render_jwks(&j, Duration::from_secs(42)).unwrap()).unwrap();
         let keys = set["keys"].as_array().unwrap();
         assert_eq!(keys.len(), 2, "active and prepared, not retired");
-        assert!(keys.iter().all(|k| k["use"] == "jwt-svid" && k["kid"].is_string()));
+        assert!(keys
+            .iter()
+            .all(|k| k["use"] == "jwt-svid" && k["kid"].is_string()));
         assert!(keys.iter().all(|k| k["kid"] != "gone"));
         assert_eq!(set["spiffe_refresh_hint"], 42);
         assert_eq!(set["spiffe_sequence"], 1);

@@ -9,6 +9,7 @@ pub mod bootstrap;
 pub mod crl;
 pub mod issue;
 pub mod jwt;
+pub mod jwtkeys;
 pub mod mint;
 pub mod plan;
 pub mod plugged;
@@ -62,7 +63,7 @@ pub enum CaError {
 pub struct Ca {
     signer: ArcSwapOption<Signer>,
     /// The JWT-SVID key and bundle, installed beside the signer from the same journal.
-    jwt: ArcSwapOption<jwt::JwtKeys>,
+    jwt: ArcSwapOption<jwtkeys::JwtKeys>,
     generation: watch::Sender<u64>,
     step_failures: std::sync::atomic::AtomicU64,
 }
@@ -97,12 +98,12 @@ impl Ca {
 
     /// The installed JWT-SVID state, or `None` when this CA has none (not loaded yet, or a
     /// plugged-in CA, which keeps no journal for JWT keys).
-    pub fn jwt_current(&self) -> Option<Arc<jwt::JwtKeys>> {
+    pub fn jwt_current(&self) -> Option<Arc<jwtkeys::JwtKeys>> {
         self.jwt.load_full()
     }
 
     /// Makes `keys` the JWT key and bundle new requests use.
-    pub fn install_jwt(&self, keys: jwt::JwtKeys) {
+    pub fn install_jwt(&self, keys: jwtkeys::JwtKeys) {
         self.jwt.store(Some(Arc::new(keys)));
     }
 

@@ -69,9 +69,7 @@ fn plan_jwt(now: i64, j: &Journal, p: &RotationPolicy) -> Vec<Action> {
     let jp = &p.jwt;
     match (j.active_jwt_key(), j.next_jwt_key()) {
         (None, None) => out.push(Action::PrepareJwtKey),
-        (Some(a), None) if a.age_fraction(now) >= jp.prepare_at => {
-            out.push(Action::PrepareJwtKey)
-        }
+        (Some(a), None) if a.age_fraction(now) >= jp.prepare_at => out.push(Action::PrepareJwtKey),
         (None, Some(n)) if n.published_at.is_some() => out.push(Action::ActivateJwtKey),
         (Some(a), Some(n)) => {
             if let Some(published) = n.published_at {
@@ -84,7 +82,10 @@ fn plan_jwt(now: i64, j: &Journal, p: &RotationPolicy) -> Vec<Action> {
     }
     for k in &j.jwt_keys {
         if k.status == Status::Retiring
-            && now >= k.deactivated_at.unwrap_or(now).saturating_add(p.jwt_grace())
+            && now
+                >= k.deactivated_at
+                    .unwrap_or(now)
+                    .saturating_add(p.jwt_grace())
         {
             out.push(Action::RetireJwtKey { kid: k.kid.clone() });
         }
@@ -585,12 +586,18 @@ mod tests {
         assert!(jwks.contains(&next.kid) && jwks.contains(&first));
         // Not published yet: never activated, however late.
         clock.set(time::OffsetDateTime::from_unix_timestamp(t0 + 59 * DAY).unwrap());
-        assert!(step(&mut j, &clock).is_empty(), "unpublished keys never sign");
+        assert!(
+            step(&mut j, &clock).is_empty(),
+            "unpublished keys never sign"
+        );
         assert_eq!(j.active_jwt_key().unwrap().kid, first);
         // Published at day 45: 5/6 is day 50, but 5 hints of 3 days run to day 60.
         publish(&mut j, t0 + 45 * DAY);
         assert_eq!(j.next_jwt_key().unwrap().stage(), "published");
-        assert!(step(&mut j, &clock).is_empty(), "published for less than the lead");
+        assert!(
+            step(&mut j, &clock).is_empty(),
+            "published for less than the lead"
+        );
         clock.set(time::OffsetDateTime::from_unix_timestamp(t0 + 60 * DAY).unwrap());
         assert_eq!(step(&mut j, &clock), vec![Action::ActivateJwtKey]);
         assert_eq!(j.active_jwt_key().unwrap().kid, next.kid);
@@ -638,8 +645,14 @@ mod tests {
     fn jwt_keys_follow_the_ca_key_type() {
         let now = time::macros::datetime!(2030-01-01 0:00 UTC);
         for (kt, alg) in [
-            (KeyType::EcP384, crate::pki::cakey::SignatureAlgorithm::EcdsaP384Sha384),
-            (KeyType::Rsa2048, crate::pki::cakey::SignatureAlgorithm::RsaPkcs1Sha256),
+            (
+                KeyType::EcP384,
+                crate::pki::cakey::SignatureAlgorithm::EcdsaP384Sha384,
+            ),
+            (
+                KeyType::Rsa2048,
+                crate::pki::cakey::SignatureAlgorithm::RsaPkcs1Sha256,
+            ),
         ] {
             let mut opts = CaOptions::new(TrustDomain::new("cluster.local").unwrap());
             opts.key_type = kt;

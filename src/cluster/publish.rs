@@ -27,9 +27,7 @@ use kube::runtime::{watcher, Controller, WatchStreamExt};
 use kube::Resource;
 use tokio::sync::{watch, Mutex};
 
-use super::names::{
-    CRL_CONFIGMAP, CRL_KEY, JWKS_CONFIGMAP, JWKS_KEY, ROOT_CONFIGMAP, ROOT_KEY,
-};
+use super::names::{CRL_CONFIGMAP, CRL_KEY, JWKS_CONFIGMAP, JWKS_KEY, ROOT_CONFIGMAP, ROOT_KEY};
 use crate::future::BoxFuture;
 use crate::shutdown::Shutdown;
 use crate::store::kube::Publisher;
@@ -68,6 +66,10 @@ pub struct ConfigMapPublisher {
     certificate_authority: std::sync::OnceLock<(String, String)>,
     /// The namespace that gets the JWT bundle ConfigMap (the CA's); unset publishes none.
     jwks_namespace: std::sync::OnceLock<String>,
+    /// Digest of the JWT bundle last confirmed in its ConfigMap: the scheduler publishes on
+    /// every pass, and an unchanged bundle costs no API call (drift is repaired by the
+    /// controller's pass over the CA namespace).
+    jwks_confirmed: std::sync::Mutex<Option<[u8; 32]>>,
 }
 
 /// A reconcile that failed; the controller retries it.
@@ -107,6 +109,7 @@ impl ConfigMapPublisher {
             writes: AtomicU64::new(0),
             certificate_authority: std::sync::OnceLock::new(),
             jwks_namespace: std::sync::OnceLock::new(),
+            jwks_confirmed: std::sync::Mutex::new(None),
         })
     }
 
@@ -138,7 +141,12 @@ impl ConfigMapPublisher {
             .await
             .map_err(|e| format!("{ns}/{JWKS_CONFIGMAP}: {e}"))?;
         self.ensure(ns, JWKS_CONFIGMAP, JWKS_KEY, &content, current.as_ref())
-            .await
+            .await?;
+        *self
+            .jwks_confirmed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(digest(&content));
+        Ok(())
     }
 
     fn leading(&self) -> bool {
@@ -231,6 +239,10 @@ impl ConfigMapPublisher {
         ready.abort();
         // Lost the lease (or shutting down): nothing may act on these caches any more.
         *self.caches.lock().await = None;
+        *self
+            .jwks_confirmed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// The controller's reconcile: one namespace, from the caches.
@@ -470,6 +482,13 @@ impl Publisher for ConfigMapPublisher {
             let Some(ns) = self.jwks_namespace.get().filter(|_| self.leading()) else {
                 return Ok(());
             };
+            let confirmed = *self
+                .jwks_confirmed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if confirmed == Some(digest(jwks)) {
+                return Ok(());
+            }
             // Like the bundle: Ok only once the ConfigMap holds it, since a new key's
             // activation waits from its publication.
             self.reconcile_jwks(ns).await

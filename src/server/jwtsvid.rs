@@ -71,7 +71,9 @@ impl JwtSvidError {
                     (Code::Unavailable, not_ready(e))
                 }
                 // The cause is logged, not sent.
-                JwtIssueError::Sign(KeyError::Failed(_)) => (Code::Internal, "signing failed".into()),
+                JwtIssueError::Sign(KeyError::Failed(_)) => {
+                    (Code::Internal, "signing failed".into())
+                }
                 JwtIssueError::Issue(i) => match i {
                     IssueError::Unauthenticated(_) => (Code::Unauthenticated, i.to_string()),
                     IssueError::OtherIdentity { .. }
@@ -176,9 +178,7 @@ impl JwtSvidServer {
         };
         result.map(Response::new).map_err(|e| {
             let status = e.status();
-            self.port
-                .metrics
-                .jwt_svid_refused(code_name(status.code()));
+            self.port.metrics.jwt_svid_refused(code_name(status.code()));
             if let JwtSvidError::Issue(JwtIssueError::Issue(
                 IssueError::Unauthenticated(_) | IssueError::AuthUnavailable(_),
             )) = &e
@@ -282,8 +282,10 @@ mod tests {
             assert_eq!(e.status().code(), code, "{e:?}");
         }
         // The signing failure's cause stays in the log.
-        let s = JwtSvidError::from(JwtIssueError::Sign(KeyError::Failed("secret detail".into())))
-            .status();
+        let s = JwtSvidError::from(JwtIssueError::Sign(KeyError::Failed(
+            "secret detail".into(),
+        )))
+        .status();
         assert!(!s.message().contains("secret detail"));
     }
 }

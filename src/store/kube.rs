@@ -285,13 +285,10 @@ impl Store for KubeStore {
     fn publish_jwks<'a>(&'a self, jwks: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             match &self.publisher {
-                Some(p) => p
-                    .publish_jwks(jwks)
-                    .await
-                    .map_err(|e| StoreError::Corrupt {
-                        what: "JWT bundle ConfigMap".into(),
-                        reason: e,
-                    }),
+                Some(p) => p.publish_jwks(jwks).await.map_err(|e| StoreError::Corrupt {
+                    what: "JWT bundle ConfigMap".into(),
+                    reason: e,
+                }),
                 None => Ok(()),
             }
         })

@@ -147,7 +147,10 @@ async fn jwt_svids_over_tls_with_a_token_and_with_a_client_certificate() {
         serde_json::json!({"alg": "ES256", "kid": kid, "typ": "JWT"})
     );
     let iat = claims["iat"].as_i64().unwrap();
-    assert!(iat >= before - 1 && iat <= before + 5, "iat {iat} now {before}");
+    assert!(
+        iat >= before - 1 && iat <= before + 5,
+        "iat {iat} now {before}"
+    );
     assert_eq!(
         claims,
         serde_json::json!({"aud": [AUD], "exp": iat + 300, "iat": iat, "sub": id})
@@ -184,12 +187,18 @@ async fn jwt_svids_over_tls_with_a_token_and_with_a_client_certificate() {
     .await;
     let by_cert = fetch(&mut m, None, &[AUD, "other"], "").await.unwrap();
     assert_eq!(by_cert.spiffe_id, id);
-    assert_eq!(part(&by_cert.token, 1)["aud"], serde_json::json!([AUD, "other"]));
+    assert_eq!(
+        part(&by_cert.token, 1)["aud"],
+        serde_json::json!([AUD, "other"])
+    );
 
     // A real third-party validator.
     if let Some(go) = gojwtsvid() {
         assert_eq!(gojwtsvid_verify(&go, &r.token, &jwks, AUD).unwrap(), id);
-        assert_eq!(gojwtsvid_verify(&go, &by_cert.token, &jwks, "other").unwrap(), id);
+        assert_eq!(
+            gojwtsvid_verify(&go, &by_cert.token, &jwks, "other").unwrap(),
+            id
+        );
         let e = gojwtsvid_verify(&go, &r.token, &jwks, "spiffe://cluster.local/ns/x/sa/y")
             .expect_err("a token for another audience");
         assert!(e.contains("REJECTED") && e.contains("audience"), "{e}");
@@ -213,7 +222,11 @@ async fn each_bad_jwt_svid_request_gets_its_code_and_the_server_keeps_serving() 
     let expect = |r: Result<FetchJwtSvidResponse, tonic::Status>, code: Code, text: &str| {
         let s = r.expect_err("refused");
         assert_eq!(s.code(), code, "{s:?}");
-        assert!(s.message().contains(text), "{:?} lacks {text:?}", s.message());
+        assert!(
+            s.message().contains(text),
+            "{:?} lacks {text:?}",
+            s.message()
+        );
     };
 
     expect(
@@ -228,7 +241,11 @@ async fn each_bad_jwt_svid_request_gets_its_code_and_the_server_keeps_serving() 
         "control characters",
     );
     good(&mut c).await;
-    expect(fetch(&mut c, None, &[AUD], "").await, Code::Unauthenticated, "");
+    expect(
+        fetch(&mut c, None, &[AUD], "").await,
+        Code::Unauthenticated,
+        "",
+    );
     good(&mut c).await;
     expect(
         fetch(&mut c, Some("not.a.token"), &[AUD], "").await,
@@ -271,7 +288,11 @@ async fn each_bad_jwt_svid_request_gets_its_code_and_the_server_keeps_serving() 
     let front = token("shop", "front");
     fetch(&mut c, Some(&front), &[AUD], "").await.unwrap();
     citadel_ok(
-        &["revoke", "--identity", "spiffe://cluster.local/ns/shop/sa/front"],
+        &[
+            "revoke",
+            "--identity",
+            "spiffe://cluster.local/ns/shop/sa/front",
+        ],
         &ca.state_dir(),
     );
     eventually("the denial is installed", 10, async || {
@@ -359,7 +380,11 @@ async fn after_a_jwt_key_rotation_go_spiffe_accepts_tokens_of_the_new_key() {
     assert!(seq2 > seq1, "the key set changed");
     assert_eq!(kids(&published), vec![kid1.clone(), kid2.clone()]);
     let r = fetch(&mut c, Some(&tok(&clock)), &[AUD], "").await.unwrap();
-    assert_eq!(part(&r.token, 0)["kid"], kid1.as_str(), "published, not yet signing");
+    assert_eq!(
+        part(&r.token, 0)["kid"],
+        kid1.as_str(),
+        "published, not yet signing"
+    );
 
     // 5/6 (50 min) and 5 refresh hints after publication (36 min): the new key signs. Then
     // the clock reaches the real time.
@@ -384,7 +409,11 @@ async fn after_a_jwt_key_rotation_go_spiffe_accepts_tokens_of_the_new_key() {
         "the old key stays while its tokens may live"
     );
     let j = journal().await;
-    let stages: Vec<_> = j.jwt_keys.iter().map(|k| (k.kid.clone(), k.stage())).collect();
+    let stages: Vec<_> = j
+        .jwt_keys
+        .iter()
+        .map(|k| (k.kid.clone(), k.stage()))
+        .collect();
     assert_eq!(stages, vec![(kid1, "retiring"), (kid2, "active")]);
 
     if let Some(go) = gojwtsvid() {
@@ -402,7 +431,10 @@ async fn jwt_flags_are_checked_at_start() {
     for (flags, text) in [
         (["--jwt-svid-ttl", "2d"], "--jwt-svid-ttl"),
         (["--jwt-key-ttl", "10s"], "--jwt-key-ttl"),
-        (["--jwt-bundle-refresh-hint", "0s"], "--jwt-bundle-refresh-hint"),
+        (
+            ["--jwt-bundle-refresh-hint", "0s"],
+            "--jwt-bundle-refresh-hint",
+        ),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let e = match TestCa::try_start_in(tmp.path(), &flags).await {
@@ -411,4 +443,108 @@ async fn jwt_flags_are_checked_at_start() {
         };
         assert!(e.contains(text), "{e}");
     }
+}
+
+/// With `--store kube` the leader publishes the JWT bundle as the ConfigMap
+/// `citadel-jwt-bundle` (key `jwks.json`) in its namespace, the same bytes FetchJwtBundle
+/// serves; it follows a key change (moved clock), and an edit is put back.
+#[tokio::test]
+async fn the_jwt_bundle_configmap_appears_and_follows_a_key_change() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Api, PostParams};
+    let Some(kube) = KubeEnv::start().await else {
+        return;
+    };
+    kube.namespace("citadel").await;
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(time::OffsetDateTime::now_utc()));
+    let kubeconfig = kube.kubeconfig.to_str().unwrap().to_string();
+    let ca = TestCa::try_start_with(
+        tmp.path(),
+        &[
+            "--kubeconfig",
+            &kubeconfig,
+            "--store",
+            "kube",
+            "--namespace",
+            "citadel",
+            "--lease-duration",
+            "3s",
+            "--reconcile-interval",
+            "200ms",
+            "--no-pod-certificates",
+            "--jwt-key-ttl",
+            "4h",
+            "--jwt-bundle-refresh-hint",
+            "1m",
+        ],
+        "127.0.0.1:0".parse().unwrap(),
+        clock.clone(),
+    )
+    .await
+    .unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(kube.client.clone(), "citadel");
+    let held = || async {
+        cms.get_opt("citadel-jwt-bundle")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|c| c.data?.get("jwks.json").cloned())
+    };
+    let mut c = jwt_client(&ca, None, true).await;
+    let tok = token_at(&*clock, "shop", "cart");
+    let (_, served, _) = bundle(&mut c, &tok).await;
+    assert_eq!(kids(&served).len(), 1);
+    until("the JWT bundle ConfigMap", 30, async || {
+        let h = held().await;
+        (h.as_deref() == Some(served.as_str()))
+            .then_some(())
+            .ok_or_else(|| format!("{h:?}"))
+    })
+    .await;
+
+    // Half of the key's life: the next key joins the bundle, and the ConfigMap follows.
+    // (A short jump: the lease and the serving certificate live on this clock too.)
+    clock.advance(time::Duration::hours(2) + time::Duration::minutes(1));
+    let two = until("the ConfigMap holds the next key", 30, async || {
+        let h = held().await.unwrap_or_default();
+        if h.is_empty() || kids(&h).len() != 2 {
+            return Err(h);
+        }
+        Ok(h)
+    })
+    .await;
+    let (_, served, _) = bundle(&mut c, &token_at(&*clock, "shop", "cart")).await;
+    assert_eq!(
+        two, served,
+        "the ConfigMap and the RPC serve the same bundle"
+    );
+
+    // Someone edits it: the leader puts it back.
+    let mut cm = cms.get("citadel-jwt-bundle").await.unwrap();
+    cm.data
+        .as_mut()
+        .unwrap()
+        .insert("jwks.json".into(), "{\"keys\":[]}".into());
+    cms.replace("citadel-jwt-bundle", &PostParams::default(), &cm)
+        .await
+        .unwrap();
+    // The namespace controller repairs it on its next look at the CA namespace; a pass is
+    // forced by touching the namespace (an edit of a ConfigMap it does not watch by name).
+    let ns: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(kube.client.clone());
+    let mut n = ns.get("citadel").await.unwrap();
+    n.metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert("touched".into(), "1".into());
+    ns.replace("citadel", &PostParams::default(), &n)
+        .await
+        .unwrap();
+    eventually(
+        "the edited JWT bundle ConfigMap is repaired",
+        30,
+        async || held().await.as_deref() == Some(served.as_str()),
+    )
+    .await;
+    ca.stop().await;
 }
