@@ -609,13 +609,14 @@ mod tests {
         // Retired when its longest token and the skew margin have passed.
         let grace = p.jwt_grace();
         clock.advance(time::Duration::seconds(grace - 1));
-        assert!(step(&mut j, &clock).is_empty());
+        // (The new key is at half its life by now: its own successor is prepared.)
+        assert_eq!(step(&mut j, &clock), vec![Action::PrepareJwtKey]);
         clock.advance(time::Duration::seconds(1));
         assert_eq!(
             step(&mut j, &clock),
             vec![Action::RetireJwtKey { kid: first.clone() }]
         );
-        assert_eq!(j.jwt_bundle_sequence, 2);
+        assert_eq!(j.jwt_bundle_sequence, 3, "prepared, prepared, retired");
         assert!(!crate::ca::jwt::render_jwks(&j, p.jwt.refresh_hint)
             .unwrap()
             .contains(&first));

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
-use citadel::clock::{Clock, ManualClock};
+use citadel::clock::ManualClock;
 use citadel::jwtsvid_proto::jwt_svid_service_client::JwtSvidServiceClient;
 use citadel::jwtsvid_proto::{FetchJwtBundleRequest, FetchJwtSvidRequest, FetchJwtSvidResponse};
 use citadel::pki::KeyType;
@@ -473,6 +473,7 @@ async fn the_jwt_bundle_configmap_appears_and_follows_a_key_change() {
             "--reconcile-interval",
             "200ms",
             "--no-pod-certificates",
+            "--plaintext",
             "--jwt-key-ttl",
             "4h",
             "--jwt-bundle-refresh-hint",
@@ -491,7 +492,7 @@ async fn the_jwt_bundle_configmap_appears_and_follows_a_key_change() {
             .flatten()
             .and_then(|c| c.data?.get("jwks.json").cloned())
     };
-    let mut c = jwt_client(&ca, None, true).await;
+    let mut c = jwt_client(&ca, None, false).await;
     let tok = token_at(&*clock, "shop", "cart");
     let (_, served, _) = bundle(&mut c, &tok).await;
     assert_eq!(kids(&served).len(), 1);
