@@ -373,6 +373,15 @@ impl ConfigMapPublisher {
 }
 
 impl ConfigMapPublisher {
+    /// Records contents we were asked to publish: a ConfigMap holding one of the last
+    /// [`HISTORY`] is merely outdated, not drifted.
+    fn remember<'a>(&self, contents: impl IntoIterator<Item = &'a str>) {
+        let mut seen = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        seen.extend(contents.into_iter().map(digest));
+        let excess = seen.len().saturating_sub(HISTORY);
+        seen.drain(..excess);
+    }
+
     fn published_before(&self, content: &str) -> bool {
         let d = digest(content);
         self.history
@@ -445,12 +454,7 @@ impl Publisher for ConfigMapPublisher {
             });
             if changed {
                 tracing::debug!("desired bundle or CRL changed");
-                let mut seen = self.history.lock().unwrap_or_else(|p| p.into_inner());
-                for content in bundle.into_iter().chain(crl) {
-                    seen.push(digest(content));
-                }
-                let excess = seen.len().saturating_sub(HISTORY);
-                seen.drain(..excess);
+                self.remember(bundle.into_iter().chain(crl));
             }
             if !self.leading() {
                 return Ok(());
@@ -474,10 +478,7 @@ impl Publisher for ConfigMapPublisher {
                 changed
             });
             if changed {
-                let mut seen = self.history.lock().unwrap_or_else(|p| p.into_inner());
-                seen.push(digest(jwks));
-                let excess = seen.len().saturating_sub(HISTORY);
-                seen.drain(..excess);
+                self.remember([jwks]);
             }
             let Some(ns) = self.jwks_namespace.get().filter(|_| self.leading()) else {
                 return Ok(());

@@ -20,7 +20,7 @@ use crate::proto::istio_certificate_service_server::{
 use crate::proto::{IstioCertificateRequest, IstioCertificateResponse};
 
 use super::metrics::Metrics;
-use super::port::{CaPort, CallerError};
+use super::port::{issue_code, CaPort, CallerError};
 
 pub use crate::auth::issue_path::IMPERSONATION_REFUSED;
 
@@ -49,32 +49,12 @@ impl IstioError {
     /// istiod's codes: Unauthenticated, InvalidArgument, PermissionDenied, Unavailable,
     /// ResourceExhausted, Internal. The only place this surface builds a `tonic::Status`.
     pub fn status(&self) -> Status {
-        let not_ready = |e: &dyn std::fmt::Display| format!("CA is not ready: {e}");
         let (code, message) = match self {
             IstioError::CsrTooLarge(_) => (Code::InvalidArgument, self.to_string()),
             IstioError::Busy | IstioError::Throttled(_) => {
                 (Code::ResourceExhausted, self.to_string())
             }
-            IstioError::Issue(e) => match e {
-                IssueError::Unauthenticated(_) => (Code::Unauthenticated, e.to_string()),
-                IssueError::Ttl(_) | IssueError::Csr(_) => (Code::InvalidArgument, e.to_string()),
-                IssueError::ImpersonationRefused(_)
-                | IssueError::OtherIdentity { .. }
-                | IssueError::Ca(IssueFailure::Denied { .. }) => {
-                    (Code::PermissionDenied, e.to_string())
-                }
-                IssueError::AuthUnavailable(_)
-                | IssueError::PodIndexStale { .. }
-                | IssueError::PodIndexNotSynced
-                | IssueError::Ca(
-                    IssueFailure::NoSigner | IssueFailure::Expired(_) | IssueFailure::Index,
-                )
-                | IssueError::Unaudited => (Code::Unavailable, not_ready(e)),
-                // The cause is logged, not sent.
-                IssueError::Ca(IssueFailure::Sign(_)) | IssueError::TooShort { .. } => {
-                    (Code::Internal, "signing failed".into())
-                }
-            },
+            IstioError::Issue(e) => issue_code(e),
         };
         Status::new(code, message)
     }

@@ -12,14 +12,13 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::auth::issue_path::{IssueError, JwtIssueError, JwtRequest};
 use crate::auth::Caller;
-use crate::ca::issue::IssueFailure;
 use crate::jwtsvid_proto::jwt_svid_service_server::{JwtSvidService, JwtSvidServiceServer};
 use crate::jwtsvid_proto::{
     FetchJwtBundleRequest, FetchJwtBundleResponse, FetchJwtSvidRequest, FetchJwtSvidResponse,
 };
 use crate::pki::cakey::KeyError;
 
-use super::port::{CaPort, CallerError};
+use super::port::{issue_code, CaPort, CallerError};
 
 /// Why a JWT-SVID service call failed: this surface's own refusals and the shared path's.
 #[derive(Debug, thiserror::Error)]
@@ -74,27 +73,7 @@ impl JwtSvidError {
                 JwtIssueError::Sign(KeyError::Failed(_)) => {
                     (Code::Internal, "signing failed".into())
                 }
-                JwtIssueError::Issue(i) => match i {
-                    IssueError::Unauthenticated(_) => (Code::Unauthenticated, i.to_string()),
-                    IssueError::OtherIdentity { .. }
-                    | IssueError::ImpersonationRefused(_)
-                    | IssueError::Ca(IssueFailure::Denied { .. }) => {
-                        (Code::PermissionDenied, i.to_string())
-                    }
-                    IssueError::Ttl(_) | IssueError::Csr(_) => {
-                        (Code::InvalidArgument, i.to_string())
-                    }
-                    IssueError::AuthUnavailable(_)
-                    | IssueError::PodIndexStale { .. }
-                    | IssueError::PodIndexNotSynced
-                    | IssueError::Ca(
-                        IssueFailure::NoSigner | IssueFailure::Expired(_) | IssueFailure::Index,
-                    )
-                    | IssueError::Unaudited => (Code::Unavailable, not_ready(i)),
-                    IssueError::Ca(IssueFailure::Sign(_)) | IssueError::TooShort { .. } => {
-                        (Code::Internal, "signing failed".into())
-                    }
-                },
+                JwtIssueError::Issue(i) => issue_code(i),
             },
         };
         Status::new(code, message)
@@ -231,6 +210,7 @@ impl JwtSvidService for JwtSvidServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ca::issue::IssueFailure;
 
     /// Each refusal keeps its code (tests/it/jwt_svid.rs checks them end to end).
     #[test]

@@ -10,11 +10,36 @@ use tokio::sync::Semaphore;
 
 use rustls_pki_types::CertificateDer;
 use tonic::metadata::MetadataMap;
+use tonic::Code;
 
 use super::metrics::Metrics;
 use super::throttle::AuthThrottle;
 use crate::auth::issue_path::{IssueError, IssuePath};
 use crate::auth::{AuthChain, Caller, Credentials};
+use crate::ca::issue::IssueFailure;
+
+/// The gRPC code and message of a refusal of the shared issue path: the same on every
+/// CA-port surface (istiod's codes), so each surface's one mapping (`IstioError::status`,
+/// `JwtSvidError::status`) hands these on rather than restating them.
+pub fn issue_code(e: &IssueError) -> (Code, String) {
+    let not_ready = |e: &dyn std::fmt::Display| format!("CA is not ready: {e}");
+    match e {
+        IssueError::Unauthenticated(_) => (Code::Unauthenticated, e.to_string()),
+        IssueError::Ttl(_) | IssueError::Csr(_) => (Code::InvalidArgument, e.to_string()),
+        IssueError::ImpersonationRefused(_)
+        | IssueError::OtherIdentity { .. }
+        | IssueError::Ca(IssueFailure::Denied { .. }) => (Code::PermissionDenied, e.to_string()),
+        IssueError::AuthUnavailable(_)
+        | IssueError::PodIndexStale { .. }
+        | IssueError::PodIndexNotSynced
+        | IssueError::Ca(IssueFailure::NoSigner | IssueFailure::Expired(_) | IssueFailure::Index)
+        | IssueError::Unaudited => (Code::Unavailable, not_ready(e)),
+        // The cause is logged, not sent.
+        IssueError::Ca(IssueFailure::Sign(_)) | IssueError::TooShort { .. } => {
+            (Code::Internal, "signing failed".into())
+        }
+    }
+}
 
 /// Why a CA-port call has no caller.
 #[derive(Debug)]

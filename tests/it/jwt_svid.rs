@@ -89,17 +89,7 @@ fn kids(jwks: &str) -> Vec<String> {
 /// scripts/test.sh as CITADEL_GOJWTSVID). None skips the caller's check; under CI=true a
 /// missing validator fails instead.
 fn gojwtsvid() -> Option<std::path::PathBuf> {
-    if let Some(p) = std::env::var_os("CITADEL_GOJWTSVID").map(std::path::PathBuf::from) {
-        if p.is_file() {
-            return Some(p);
-        }
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "the go-spiffe JWT-SVID validator is required under CI=true (CITADEL_GOJWTSVID); run scripts/test.sh"
-    );
-    eprintln!("SKIPPED: go-spiffe JWT-SVID validator not built (set CITADEL_GOJWTSVID; scripts/test.sh builds it)");
-    None
+    crate::thirdparty::built_program("CITADEL_GOJWTSVID", "the go-spiffe JWT-SVID validator")
 }
 
 /// go-spiffe's verdict on `token` against `jwks` for `audience`: the SPIFFE ID, or its reason.
@@ -356,16 +346,8 @@ async fn after_a_jwt_key_rotation_go_spiffe_accepts_tokens_of_the_new_key() {
     assert_eq!(kids(&old_bundle), vec![kid1.clone()]);
 
     // Half-life (30 min): the successor is prepared and published, not yet signing.
-    let journal = || async {
-        citadel::store::file::FileStore::open(ca.state_dir())
-            .unwrap()
-            .load_journal()
-            .await
-            .unwrap()
-            .unwrap()
-            .value
-    };
-    use citadel::store::Store;
+    let state = ca.state_dir();
+    let journal = || crate::envoy::journal(&state);
     clock.advance(time::Duration::minutes(31));
     let kid2 = until("the next JWT key is published", 10, async || {
         let j = journal().await;
