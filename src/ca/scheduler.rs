@@ -387,4 +387,71 @@ mod tests {
         assert!(store.journal().unwrap().denied.is_empty());
         assert!(!ca.current().unwrap().is_denied(id), "expired");
     }
+
+    /// Through the real scheduler and a store: every JWT key that signs was in the JWT bundle
+    /// the store published before it signed, for a whole key rotation on a moved clock, and
+    /// the new key only signs once its bundle was published for the lead.
+    #[tokio::test]
+    async fn a_jwt_key_is_published_before_it_signs() {
+        let t0 = time::macros::datetime!(2030-01-01 0:00 UTC);
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let opts = super::bootstrap::CaOptions::new(td.clone());
+        let store = Arc::new(MemStore::with_journal(
+            super::bootstrap::new_journal(&opts, t0).unwrap(),
+        ));
+        let policy = RotationPolicy {
+            jwt: crate::ca::policy::JwtKeyPolicy {
+                key_ttl: Duration::from_secs(3600),
+                refresh_hint: Duration::from_secs(120),
+                ..Default::default()
+            },
+            ..RotationPolicy::default()
+        };
+        let clock = ManualClock::new(t0);
+        let ca = Ca::new();
+        let s = Scheduler::new(
+            store.clone(),
+            ca.clone(),
+            policy,
+            Arc::new(clock.clone()),
+            td,
+        );
+        let kids = |jwks: &str| -> Vec<String> {
+            let v: serde_json::Value = serde_json::from_str(jwks).unwrap();
+            v["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|k| k["kid"].as_str().unwrap().to_string())
+                .collect()
+        };
+        let mut signers = Vec::new();
+        let mut published_before_signing = std::collections::HashMap::new();
+        for minute in 0..=120 {
+            clock.set(t0 + time::Duration::minutes(minute));
+            s.step().await.unwrap();
+            for k in kids(&store.jwks()) {
+                published_before_signing.entry(k).or_insert(minute);
+            }
+            let active = ca.jwt_current().unwrap().active.clone().unwrap().kid;
+            let since = published_before_signing
+                .get(&active)
+                .unwrap_or_else(|| panic!("{active} signs at minute {minute}, unpublished"));
+            if signers.last() != Some(&active) {
+                // The first key signs at once; later ones 5 hints (10 min) after publication.
+                if !signers.is_empty() {
+                    assert!(
+                        minute - since >= 10,
+                        "{active} signed {}m after",
+                        minute - since
+                    );
+                }
+                signers.push(active);
+            }
+        }
+        // 1h keys, each made at its predecessor's half-life (0, 30, 60, 90 min) and signing
+        // from its predecessor's 5/6: at 0, 50, 80 and 110 min.
+        assert_eq!(signers.len(), 4, "{signers:?}");
+        assert!(ca.jwt_current().unwrap().sequence >= 3);
+    }
 }
