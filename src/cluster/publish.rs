@@ -127,7 +127,8 @@ impl ConfigMapPublisher {
     }
 
     /// The JWT bundle ConfigMap, as desired now, read from the API server rather than a
-    /// cache (it is one object, compared at each pass and each resync of its namespace).
+    /// cache (one object): when the bundle changes, and at the controller's look at the CA
+    /// namespace (which repairs an edit or a deletion).
     async fn reconcile_jwks(&self, ns: &str) -> Result<(), String> {
         if self.jwks_namespace.get().map(String::as_str) != Some(ns) {
             return Ok(());
@@ -254,6 +255,11 @@ impl ConfigMapPublisher {
         self.reconcile_one(ns, &[&root, &crl])
             .await
             .map_err(PublishError)?;
+        // The JWT bundle ConfigMap has no cache: it is read here, at the controller's look
+        // at the CA namespace (its resync, or a namespace event), not at every full pass.
+        if let Some(name) = ns.metadata.name.as_deref() {
+            self.reconcile_jwks(name).await.map_err(PublishError)?;
+        }
         Ok(Action::requeue(RESYNC))
     }
 
@@ -299,7 +305,7 @@ impl ConfigMapPublisher {
             self.ensure(name, cm, key, content, current.as_deref())
                 .await?;
         }
-        self.reconcile_jwks(name).await
+        Ok(())
     }
 
     async fn ensure(
