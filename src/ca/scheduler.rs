@@ -344,6 +344,26 @@ mod tests {
     use crate::clock::ManualClock;
     use crate::store::mem::MemStore;
 
+    /// A scheduler over `j` in a memory store, on a manual clock at `t0`.
+    fn on_manual_clock(
+        j: Journal,
+        policy: RotationPolicy,
+        t0: time::OffsetDateTime,
+        td: TrustDomain,
+    ) -> (Arc<MemStore>, Arc<Ca>, ManualClock, Scheduler) {
+        let store = Arc::new(MemStore::with_journal(j));
+        let clock = ManualClock::new(t0);
+        let ca = Ca::new();
+        let s = Scheduler::new(
+            store.clone(),
+            ca.clone(),
+            policy,
+            Arc::new(clock.clone()),
+            td,
+        );
+        (store, ca, clock, s)
+    }
+
     /// Issue 20, M2: a denial expires by itself once nothing it covers can be valid, moved by
     /// the injected clock alone: installed and enforced before, dropped from the journal and
     /// no longer enforced after. Failed before: the denial stayed forever.
@@ -360,20 +380,11 @@ mod tests {
             reason: "key-compromise".into(),
             revocation: Some("citadel/cart".into()),
         });
-        let store = Arc::new(MemStore::with_journal(j));
         let policy = RotationPolicy {
             max_leaf_ttl: Duration::from_secs(3600),
             ..RotationPolicy::default()
         };
-        let clock = ManualClock::new(t0);
-        let ca = Ca::new();
-        let s = Scheduler::new(
-            store.clone(),
-            ca.clone(),
-            policy.clone(),
-            Arc::new(clock.clone()),
-            td,
-        );
+        let (store, ca, clock, s) = on_manual_clock(j, policy.clone(), t0, td);
         s.step().await.unwrap();
         assert!(ca.current().unwrap().is_denied(id));
         // One second before: max_ttl + skew margin after the denial.
@@ -396,9 +407,6 @@ mod tests {
         let t0 = time::macros::datetime!(2030-01-01 0:00 UTC);
         let td = TrustDomain::new("cluster.local").unwrap();
         let opts = super::bootstrap::CaOptions::new(td.clone());
-        let store = Arc::new(MemStore::with_journal(
-            super::bootstrap::new_journal(&opts, t0).unwrap(),
-        ));
         let policy = RotationPolicy {
             jwt: crate::ca::policy::JwtKeyPolicy {
                 key_ttl: Duration::from_secs(3600),
@@ -407,15 +415,8 @@ mod tests {
             },
             ..RotationPolicy::default()
         };
-        let clock = ManualClock::new(t0);
-        let ca = Ca::new();
-        let s = Scheduler::new(
-            store.clone(),
-            ca.clone(),
-            policy,
-            Arc::new(clock.clone()),
-            td,
-        );
+        let j = super::bootstrap::new_journal(&opts, t0).unwrap();
+        let (store, ca, clock, s) = on_manual_clock(j, policy, t0, td);
         let kids = |jwks: &str| -> Vec<String> {
             let v: serde_json::Value = serde_json::from_str(jwks).unwrap();
             v["keys"]
