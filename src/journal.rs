@@ -85,6 +85,10 @@ pub struct JwtKeyRecord {
     /// The end of its planned life (`created_at + --jwt-key-ttl`): its successor is prepared
     /// and activated at fractions of it.
     pub not_after: i64,
+    /// An operator asked for it (`citadel ca rotate-jwt-key`): it takes over once its bundle
+    /// has been published for the lead, whatever the active key's age.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub requested: bool,
 }
 
 impl JwtKeyRecord {
@@ -531,6 +535,7 @@ mod tests {
             deactivated_at: None,
             retired_at: None,
             not_after: 10,
+            requested: false,
         };
         assert!(!format!("{k:?}").contains("xyz"));
         assert_eq!(k.stage(), "prepared");

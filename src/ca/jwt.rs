@@ -45,6 +45,7 @@ pub fn mint_jwt_key(
         deactivated_at: None,
         retired_at: None,
         not_after: created.saturating_add(ttl.as_secs() as i64),
+        requested: false,
     })
 }
 

@@ -62,7 +62,9 @@ pub enum Action {
 /// the first key is prepared at once and activates as soon as its bundle is published (no
 /// relying party can hold an older bundle with keys in it); later keys are prepared at
 /// `prepare_at` of the active key's life and activated at `activate_at`, but never before
-/// their bundle has been published for `publish_lead`; a retiring key leaves the bundle when
+/// their bundle has been published for `publish_lead` (a key an operator asked for,
+/// `citadel ca rotate-jwt-key`, as soon as that lead has passed); a retiring key leaves the
+/// bundle when
 /// the longest JWT-SVID it may have signed (plus the skew margin) has expired.
 fn plan_jwt(now: i64, j: &Journal, p: &RotationPolicy) -> Vec<Action> {
     let mut out = Vec::new();
@@ -73,7 +75,8 @@ fn plan_jwt(now: i64, j: &Journal, p: &RotationPolicy) -> Vec<Action> {
         (None, Some(n)) if n.published_at.is_some() => out.push(Action::ActivateJwtKey),
         (Some(a), Some(n)) => {
             if let Some(published) = n.published_at {
-                if a.age_fraction(now) >= jp.activate_at && now >= published + jp.publish_lead() {
+                let due = a.age_fraction(now) >= jp.activate_at || n.requested;
+                if due && now >= published + jp.publish_lead() {
                     out.push(Action::ActivateJwtKey);
                 }
             }
@@ -663,5 +666,22 @@ mod tests {
             let key = crate::ca::jwt::jwt_key_of(j.next_jwt_key().unwrap()).unwrap();
             assert_eq!(key.algorithm(), alg);
         }
+    }
+
+    /// `citadel ca rotate-jwt-key`: a requested key takes over as soon as its bundle has been
+    /// published for the lead, long before 5/6 of the active key's life, never sooner.
+    #[test]
+    fn a_requested_jwt_key_takes_over_after_the_lead_only() {
+        let p = RotationPolicy::default();
+        let now = time::macros::datetime!(2030-01-01 0:00 UTC);
+        let mut j = journal_for(&p, now);
+        let t = now.unix_timestamp();
+        apply(&mut j, &Action::PrepareJwtKey, now, &p).unwrap();
+        j.jwt_keys.last_mut().unwrap().requested = true;
+        assert!(jwt_actions(&j, &p, t + 86_400).is_empty(), "unpublished");
+        publish(&mut j, t);
+        let lead = p.jwt.publish_lead();
+        assert!(jwt_actions(&j, &p, t + lead - 1).is_empty());
+        assert_eq!(jwt_actions(&j, &p, t + lead), vec![Action::ActivateJwtKey]);
     }
 }

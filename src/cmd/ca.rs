@@ -25,6 +25,9 @@ pub enum Command {
     /// Print the JWT bundle: the JWK Set of the JWT-SVID signing keys (prepared, active and
     /// retiring ones), as FetchJwtBundle and the citadel-jwt-bundle ConfigMap serve it.
     JwtBundle(StateArgs),
+    /// Rotate the JWT-SVID signing key now: a new key joins the JWT bundle at once and signs
+    /// once the running server has published that bundle for 5 refresh hints.
+    RotateJwtKey(StateArgs),
     /// Start a staged root rotation: prepare now, activate after a propagation period,
     /// retire the old root after the old chain's last leaf expired.
     RotateRoot(RotateArgs),
@@ -495,6 +498,7 @@ pub async fn run(cmd: Command) -> CmdResult {
             Ok(())
         }
         Command::RotateRoot(a) => rotate_root(a).await,
+        Command::RotateJwtKey(a) => rotate_jwt_key(a).await,
         Command::Status(a) => {
             let j = load(&a.state).await?;
             let now = crate::clock::system().now();
@@ -761,6 +765,42 @@ async fn request_rotation_via_resource(a: &RotateArgs) -> Result<bool, String> {
         println!("no citadel leader has acted on the request yet; it stays in the spec and the leader acts on it once when it runs (`kubectl describe ca {name} -n {ns}` shows its Events)");
     }
     Ok(true)
+}
+
+/// `citadel ca rotate-jwt-key`: a new JWT key (or the one already prepared), marked as
+/// requested; the server publishes it and activates it after the lead (`ca::plan`).
+async fn rotate_jwt_key(a: StateArgs) -> CmdResult {
+    use crate::ca::plan::Action;
+    let store = a.open().await?;
+    let journal = load(&a).await?;
+    let policy = journal
+        .policy
+        .as_ref()
+        .map(|p| crate::ca::policy::CaPolicy::from_stored(p).rotation)
+        .unwrap_or_default();
+    let now = crate::clock::system().now();
+    let (kid, _) = super::revoke::update_journal(store.as_ref(), |j| {
+        if j.next_jwt_key().is_none() {
+            crate::ca::apply::apply(j, &Action::PrepareJwtKey, now, &policy)
+                .map_err(|e| e.to_string())?;
+        }
+        let k = j
+            .jwt_keys
+            .iter_mut()
+            .find(|k| k.status == crate::journal::Status::Prepared)
+            .ok_or("no JWT key could be prepared")?;
+        k.requested = true;
+        Ok(k.kid.clone())
+    })
+    .await?;
+    tracing::info!(target: "citadel::audit", event = "jwt_key_rotation_requested", kid = %kid, "operator asked for a JWT key rotation");
+    println!(
+        "JWT key {kid} prepared: the server publishes it in the JWT bundle at its next pass and it signs {} after that",
+        crate::duration::format(std::time::Duration::from_secs(
+            policy.jwt.publish_lead() as u64
+        ))
+    );
+    Ok(())
 }
 
 async fn rotate_root(a: RotateArgs) -> CmdResult {

@@ -531,3 +531,51 @@ async fn the_jwt_bundle_configmap_appears_and_follows_a_key_change() {
     .await;
     ca.stop().await;
 }
+
+/// `citadel ca rotate-jwt-key` against a running server on the real clock: the new key is in
+/// the bundle at once, signs 5 refresh hints (here 5 x 1s) after its bundle was published,
+/// and go-spiffe accepts its tokens against the bundle fetched again (and refuses them
+/// against the bundle from before).
+#[tokio::test]
+async fn rotate_jwt_key_from_the_cli_reaches_a_running_server() {
+    let ca = TestCa::start(&["--jwt-bundle-refresh-hint", "1s"]).await;
+    let mut c = jwt_client(&ca, None, true).await;
+    let tok = token("shop", "cart");
+    let first = fetch(&mut c, Some(&tok), &[AUD], "").await.unwrap();
+    let kid1 = part(&first.token, 0)["kid"].as_str().unwrap().to_string();
+    let (_, before, _) = bundle(&mut c, &tok).await;
+
+    let (ok, out) = cli(&["ca", "rotate-jwt-key"], &ca.state_dir());
+    assert!(ok, "{out}");
+    let kid2 = out
+        .split_whitespace()
+        .nth(2)
+        .expect("the new kid is printed")
+        .to_string();
+    assert_ne!(kid2, kid1);
+    let t0 = std::time::Instant::now();
+    let new = until("the requested JWT key signs", 20, async || {
+        let r = fetch(&mut c, Some(&tok), &[AUD], "")
+            .await
+            .map_err(|s| s.to_string())?;
+        let kid = part(&r.token, 0)["kid"].clone();
+        (kid == kid2.as_str())
+            .then_some(r)
+            .ok_or_else(|| format!("signed by {kid}"))
+    })
+    .await;
+    assert!(
+        t0.elapsed() >= std::time::Duration::from_secs(4),
+        "signed {:?} after the request, before the 5s lead",
+        t0.elapsed()
+    );
+    let (_, after, _) = bundle(&mut c, &tok).await;
+    assert_eq!(kids(&after), vec![kid1, kid2]);
+    if let Some(go) = gojwtsvid() {
+        let id = spiffe("shop", "cart").to_string();
+        assert_eq!(gojwtsvid_verify(&go, &new.token, &after, AUD).unwrap(), id);
+        let e = gojwtsvid_verify(&go, &new.token, &before, AUD).expect_err("old bundle");
+        assert!(e.contains("REJECTED"), "{e}");
+    }
+    ca.stop().await;
+}
