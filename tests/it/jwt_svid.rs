@@ -68,6 +68,20 @@ async fn bundle(c: &mut JwtClient, token: &str) -> (String, String, u64) {
     )
 }
 
+/// Waits (up to `secs`) for a JWT-SVID signed by `kid`, and returns it.
+async fn signed_by(c: &mut JwtClient, token: &str, kid: &str, secs: u64) -> FetchJwtSvidResponse {
+    until(&format!("JWT key {kid} signs"), secs, async || {
+        let r = fetch(c, Some(token), &[AUD], "")
+            .await
+            .map_err(|s| s.to_string())?;
+        let got = part(&r.token, 0)["kid"].clone();
+        (got == kid)
+            .then_some(r)
+            .ok_or_else(|| format!("signed by {got}"))
+    })
+    .await
+}
+
 fn part(token: &str, i: usize) -> serde_json::Value {
     serde_json::from_slice(&B64.decode(token.split('.').nth(i).unwrap()).unwrap()).unwrap()
 }
@@ -371,16 +385,7 @@ async fn after_a_jwt_key_rotation_go_spiffe_accepts_tokens_of_the_new_key() {
     // 5/6 (50 min) and 5 refresh hints after publication (36 min): the new key signs. Then
     // the clock reaches the real time.
     clock.set(start + time::Duration::minutes(60));
-    until("the new JWT key signs", 10, async || {
-        let r = fetch(&mut c, Some(&tok(&clock)), &[AUD], "")
-            .await
-            .map_err(|s| s.to_string())?;
-        let kid = part(&r.token, 0)["kid"].clone();
-        (kid == kid2.as_str())
-            .then_some(r)
-            .ok_or_else(|| format!("signed by {kid}"))
-    })
-    .await;
+    signed_by(&mut c, &tok(&clock), &kid2, 10).await;
     clock.set(time::OffsetDateTime::now_utc());
     let new = fetch(&mut c, Some(&tok(&clock)), &[AUD], "").await.unwrap();
     assert_eq!(part(&new.token, 0)["kid"], kid2.as_str());
@@ -554,16 +559,7 @@ async fn rotate_jwt_key_from_the_cli_reaches_a_running_server() {
         .to_string();
     assert_ne!(kid2, kid1);
     let t0 = std::time::Instant::now();
-    let new = until("the requested JWT key signs", 20, async || {
-        let r = fetch(&mut c, Some(&tok), &[AUD], "")
-            .await
-            .map_err(|s| s.to_string())?;
-        let kid = part(&r.token, 0)["kid"].clone();
-        (kid == kid2.as_str())
-            .then_some(r)
-            .ok_or_else(|| format!("signed by {kid}"))
-    })
-    .await;
+    let new = signed_by(&mut c, &tok, &kid2, 20).await;
     assert!(
         t0.elapsed() >= std::time::Duration::from_secs(4),
         "signed {:?} after the request, before the 5s lead",
