@@ -14,6 +14,7 @@
 #     (scripts/kube-test-env.sh; 20-25 minutes the first time on 2 busy cores,
 #     cached after).
 #   - tests/gospiffe built against go-spiffe (a third-party SVID validator, CITADEL_GOSPIFFE);
+#   - tests/gojwtsvid built against go-spiffe (a third-party JWT-SVID validator, CITADEL_GOJWTSVID);
 #   - Istio's pilot-agent from the Go module proxy (scripts/istio-agent.sh, CITADEL_PILOT_AGENT);
 #   - Helm v4 from the Go module proxy (scripts/helm.sh, CITADEL_HELM), to render and test the
 #     chart deploy/helm/citadel;
@@ -72,11 +73,13 @@ ensure_envoy() {
   log "envoy: $("$CITADEL_ENVOY" --version 2>/dev/null | grep -o 'version: [^ ]*')"
 }
 
-ensure_gospiffe() {
-  local src=tests/gospiffe
+# Builds one of the go-spiffe programs under tests/ (own go.mod pinning go-spiffe
+# $GO_SPIFFE_VERSION), cached by a hash of its sources, and exports its path as $3.
+ensure_go_spiffe_program() {
+  local src="$1" name="$2" var="$3"
   local hash
   hash="$(cat "$src/go.mod" "$src/go.sum" "$src"/*.go | sha256sum | cut -c1-12)"
-  local bin="$CACHE/gospiffe-check-$GO_SPIFFE_VERSION-$hash"
+  local bin="$CACHE/$name-$GO_SPIFFE_VERSION-$hash"
   if [ ! -x "$bin" ]; then
     command -v go >/dev/null || apt_install golang-go
     grep -q "go-spiffe/v2 $GO_SPIFFE_VERSION" "$src/go.mod" || { echo "$src/go.mod must pin go-spiffe $GO_SPIFFE_VERSION" >&2; exit 1; }
@@ -84,8 +87,15 @@ ensure_gospiffe() {
     (cd "$src" && CGO_ENABLED=0 nice -n 19 go build -mod=readonly -trimpath -o "$bin.tmp" .)
     mv "$bin.tmp" "$bin"
   fi
-  export CITADEL_GOSPIFFE="$bin"
-  log "go-spiffe validator: $bin"
+  export "$var=$bin"
+  log "$name: $bin"
+}
+
+ensure_gospiffe() {
+  # X.509-SVIDs: x509svid.Verify.
+  ensure_go_spiffe_program tests/gospiffe gospiffe-check CITADEL_GOSPIFFE
+  # JWT-SVIDs: jwtbundle.Parse + jwtsvid.ParseAndValidate.
+  ensure_go_spiffe_program tests/gojwtsvid gojwtsvid-check CITADEL_GOJWTSVID
 }
 
 ensure_pilot_agent() {

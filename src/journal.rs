@@ -42,6 +42,78 @@ pub struct Journal {
     /// restart or a new leader never starts a second rotation for one request.
     #[serde(default)]
     pub root_rotation_request: Option<String>,
+    /// The JWT-SVID signing keys, in creation order; retired ones stay as history (pruned by
+    /// age). Empty in journals written before JWT-SVIDs existed: the planner then prepares
+    /// the first key.
+    #[serde(default)]
+    pub jwt_keys: Vec<JwtKeyRecord>,
+    /// The JWT bundle's `spiffe_sequence`: bumped whenever the set of keys in the bundle
+    /// changes (a key prepared or retired), so relying parties can tell a newer bundle.
+    #[serde(default)]
+    pub jwt_bundle_sequence: u64,
+}
+
+/// One JWT-SVID signing key and its lifecycle, the same stages as an intermediate: prepared
+/// (written here, and so in the JWT bundle from the next publication), published (the
+/// bundle holding it was written where relying parties read it), active (signs JWT-SVIDs),
+/// retiring (no longer signs; stays in the bundle until the last token it signed expired),
+/// retired (out of the bundle). A key is never used before it is in this journal, and never
+/// signs before the bundle holding it was published.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JwtKeyRecord {
+    /// The JWS `kid`: random, unique within the journal.
+    pub kid: String,
+    /// Where it is in its lifecycle (prepared, active, retiring, retired).
+    pub status: Status,
+    /// The private key, PKCS#8 PEM; redacted in `Debug`.
+    pub key_pem: Secret,
+    /// When it was made (unix seconds); its age counts from here.
+    pub created_at: i64,
+    /// When the JWT bundle holding it was first published (unix seconds); activation waits
+    /// from here.
+    #[serde(default)]
+    pub published_at: Option<i64>,
+    /// When it started signing.
+    #[serde(default)]
+    pub activated_at: Option<i64>,
+    /// When it stopped signing (active -> retiring).
+    #[serde(default)]
+    pub deactivated_at: Option<i64>,
+    /// When it left the bundle.
+    #[serde(default)]
+    pub retired_at: Option<i64>,
+    /// The end of its planned life (`created_at + --jwt-key-ttl`): its successor is prepared
+    /// and activated at fractions of it.
+    pub not_after: i64,
+    /// An operator asked for it (`citadel ca rotate-jwt-key`): it takes over once its bundle
+    /// has been published for the lead, whatever the active key's age.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub requested: bool,
+}
+
+impl JwtKeyRecord {
+    /// The stage name for status output and logs: `prepared`, `published`, `active`,
+    /// `retiring` or `retired`.
+    pub fn stage(&self) -> &'static str {
+        match (self.status, self.published_at) {
+            (Status::Prepared, None) => "prepared",
+            (Status::Prepared, Some(_)) => "published",
+            (Status::Active, _) => "active",
+            (Status::Retiring, _) => "retiring",
+            (Status::Retired, _) => "retired",
+        }
+    }
+
+    /// The fraction of its planned life elapsed at `now`.
+    pub fn age_fraction(&self, now: i64) -> f64 {
+        let life = (self.not_after - self.created_at).max(1) as f64;
+        (now - self.created_at) as f64 / life
+    }
+
+    /// Whether the JWT bundle holds it: every key not retired.
+    pub fn in_bundle(&self) -> bool {
+        self.status != Status::Retired
+    }
 }
 
 /// The server's effective workload and rotation policy, as stored with the state.
@@ -73,6 +145,15 @@ pub struct StoredPolicy {
     /// Where the settings came from: `flags`, or `CertificateAuthority <ns>/<name>`.
     #[serde(default)]
     pub source: String,
+    /// `--jwt-key-ttl`; 0 in policies stored before JWT-SVIDs (the default applies).
+    #[serde(default)]
+    pub jwt_key_ttl_secs: u64,
+    /// `--jwt-svid-ttl`; 0 likewise.
+    #[serde(default)]
+    pub jwt_svid_ttl_secs: u64,
+    /// `--jwt-bundle-refresh-hint`; 0 likewise.
+    #[serde(default)]
+    pub jwt_refresh_hint_secs: u64,
 }
 
 // The fractions are validated finite numbers in (0, 1), never NaN.
@@ -364,6 +445,8 @@ impl Journal {
             crls: Vec::new(),
             policy: None,
             root_rotation_request: None,
+            jwt_keys: Vec::new(),
+            jwt_bundle_sequence: 0,
         }
     }
 
@@ -382,6 +465,16 @@ impl Journal {
     /// The root that issues new intermediates.
     pub fn active_root(&self) -> Option<&AuthorityRecord> {
         self.find(Role::Root, Status::Active)
+    }
+
+    /// The JWT key that signs JWT-SVIDs now.
+    pub fn active_jwt_key(&self) -> Option<&JwtKeyRecord> {
+        self.jwt_keys.iter().find(|k| k.status == Status::Active)
+    }
+
+    /// The JWT key waiting to take over (prepared, published or not).
+    pub fn next_jwt_key(&self) -> Option<&JwtKeyRecord> {
+        self.jwt_keys.iter().find(|k| k.status == Status::Prepared)
     }
 
     /// The denial of this identity (a SPIFFE ID string), if any.
@@ -445,5 +538,25 @@ mod tests {
                 .unwrap();
         assert_eq!(j.policy, None);
         assert_eq!(j.root_rotation_request, None);
+        assert!(j.jwt_keys.is_empty(), "journals from before JWT-SVIDs load");
+        assert_eq!(j.jwt_bundle_sequence, 0);
+    }
+
+    #[test]
+    fn jwt_keys_do_not_print() {
+        let k = JwtKeyRecord {
+            kid: "k1".into(),
+            status: Status::Prepared,
+            key_pem: Secret::new("-----BEGIN PRIVATE KEY-----xyz".into()),
+            created_at: 0,
+            published_at: None,
+            activated_at: None,
+            deactivated_at: None,
+            retired_at: None,
+            not_after: 10,
+            requested: false,
+        };
+        assert!(!format!("{k:?}").contains("xyz"));
+        assert_eq!(k.stage(), "prepared");
     }
 }

@@ -298,6 +298,19 @@ impl ServeConfig {
                     .into(),
             );
         }
+        check_range(
+            "--jwt-svid-ttl",
+            r.jwt.svid_ttl,
+            s(10),
+            crate::ca::policy::JwtKeyPolicy::MAX_SVID_TTL,
+        )?;
+        check_range("--jwt-key-ttl", r.jwt.key_ttl, s(60), MAX_LIFETIME)?;
+        check_range(
+            "--jwt-bundle-refresh-hint",
+            r.jwt.refresh_hint,
+            s(1),
+            s(7 * 86_400),
+        )?;
         if r.max_leaf_ttl != self.ttl.max {
             return Err("the rotation policy's leaf TTL must be --max-ttl".into());
         }

@@ -22,6 +22,12 @@
 //! 6. Refuse a leaf that the issuer's notAfter cut below the surface's minimum lifetime.
 //! 7. Write the audit line ([`audit_issued`]): no audit line, no certificate.
 //!
+//! JWT-SVIDs ([`IssuePath::issue_jwt`]) take the same path with a JWS in place of the
+//! certificate: authenticate (step 1), authorize the caller's own identity only (a
+//! `spiffe_id` naming anyone else is [`IssueError::OtherIdentity`]), check the audiences, then
+//! `ca::jwt::sign_jwt_svid` (the same deny checks as [`sign_svid`], before and after signing)
+//! and one audit line per token ([`crate::ca::jwt::audit_jwt_issued`]; never the token).
+//!
 //! The error is domain-level: no tonic, no Kubernetes types.
 
 use std::sync::Arc;
@@ -32,11 +38,13 @@ use time::OffsetDateTime;
 use super::node::{Impersonation, NodeAuthError, NodeAuthorizer, Refusal};
 use super::{AuthChain, AuthError, Caller, Credentials};
 use crate::ca::issue::{audit_issued, sign_svid, AuditRecord, IssueFailure};
+use crate::ca::jwt::{audit_jwt_issued, sign_jwt_svid, JwtAudit, JwtFailure, JwtSvid};
 use crate::ca::policy::{TtlError, TtlPolicy};
 use crate::ca::revocation::SweepRequest;
 use crate::ca::{Ca, Issued, Signer};
 use crate::clock::SharedClock;
 use crate::identity::SpiffeId;
+use crate::pki::cakey::KeyError;
 use crate::pki::csr::{self, CsrError, SubjectKey};
 use crate::store::index::IssuanceIndex;
 
@@ -108,6 +116,76 @@ pub enum IssueError {
     /// revocable by identity) but never handed out (Vault's rule: no audit, no certificate).
     #[error("the audit log cannot be written; no certificate is handed out unaudited")]
     Unaudited,
+}
+
+/// The most audiences one JWT-SVID may carry (SPIFFE recommends one).
+pub const MAX_AUDIENCES: usize = 16;
+/// The longest audience, in bytes.
+pub const MAX_AUDIENCE_BYTES: usize = 1024;
+
+/// Why no JWT-SVID was handed out. The surface maps these in one function
+/// (`server::jwtsvid::JwtSvidError::status`).
+#[derive(Debug, thiserror::Error)]
+pub enum JwtIssueError {
+    /// The refusals a certificate request gets too: authentication, another identity asked
+    /// for, no signer, a denied identity, no audit line.
+    #[error(transparent)]
+    Issue(#[from] IssueError),
+    /// No audience, or one that cannot go into a token (empty, too long, control characters).
+    #[error("{0}")]
+    Audience(String),
+    /// No JWT key is active yet (or this CA keeps none: a plugged-in CA).
+    #[error("no JWT-SVID signing key is active yet")]
+    NoKey,
+    /// The JWT key could not sign.
+    #[error(transparent)]
+    Sign(KeyError),
+}
+
+/// A request for a JWT-SVID, decoded by a surface.
+#[derive(Debug, Clone, Copy)]
+pub struct JwtRequest<'a> {
+    /// The authenticated caller: the token is for its own identity only.
+    pub caller: &'a Caller,
+    /// The identity the request names, if any: it must be the caller's.
+    pub spiffe_id: Option<&'a str>,
+    /// The `aud` claim: one or more.
+    pub audience: &'a [String],
+}
+
+/// A JWT-SVID signed and audited: the surface only has to answer with it.
+#[derive(Debug)]
+pub struct JwtIssued {
+    /// The identity in `sub`.
+    pub identity: SpiffeId,
+    /// The token and its times.
+    pub svid: JwtSvid,
+}
+
+/// Refuses audiences that cannot go into a token as they are: none, too many, empty, too
+/// long, or with control characters (a relying party compares them byte for byte; nothing
+/// the caller chose goes into a credential unchecked).
+fn check_audience(audience: &[String]) -> Result<(), JwtIssueError> {
+    if audience.is_empty() {
+        return Err(JwtIssueError::Audience(
+            "a JWT-SVID needs at least one audience".into(),
+        ));
+    }
+    if audience.len() > MAX_AUDIENCES {
+        return Err(JwtIssueError::Audience(format!(
+            "{} audiences; at most {MAX_AUDIENCES}",
+            audience.len()
+        )));
+    }
+    for a in audience {
+        if a.is_empty() || a.len() > MAX_AUDIENCE_BYTES || a.chars().any(char::is_control) {
+            return Err(JwtIssueError::Audience(format!(
+                "audience {} must be 1-{MAX_AUDIENCE_BYTES} bytes without control characters",
+                crate::audit::shown(a)
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Who asks, as the surface established it.
@@ -322,6 +400,42 @@ impl IssuePath {
             signer,
             issued,
         })
+    }
+
+    /// The JWT-SVID steps after authentication: the caller's own identity only, the
+    /// audiences, the deny checks and the JWS, then the audit line (no audit, no token).
+    pub fn issue_jwt(&self, req: JwtRequest<'_>) -> Result<JwtIssued, JwtIssueError> {
+        let caller = req.caller;
+        let identity = caller.identity.clone();
+        let want = identity.to_string();
+        if let Some(asked) = req.spiffe_id.filter(|s| !s.is_empty() && *s != want) {
+            return Err(IssueError::OtherIdentity {
+                asked: crate::audit::shown(asked).to_string(),
+                identity: want,
+            }
+            .into());
+        }
+        check_audience(req.audience)?;
+        let svid = sign_jwt_svid(&self.ca, &identity, req.audience, self.clock.now()).map_err(
+            |e| match e {
+                JwtFailure::Refused(f) => JwtIssueError::Issue(IssueError::Ca(f)),
+                JwtFailure::NoKey => JwtIssueError::NoKey,
+                JwtFailure::Sign(k) => JwtIssueError::Sign(k),
+            },
+        )?;
+        let written = audit_jwt_issued(&JwtAudit {
+            identity: &want,
+            kid: &svid.kid,
+            audience: req.audience,
+            expires_at: svid.expires_at,
+            auth: &caller.method.to_string(),
+            pod: caller.pod_name.as_deref().unwrap_or(""),
+            cluster: caller.cluster.as_deref().unwrap_or(""),
+        });
+        if !written {
+            return Err(IssueError::Unaudited.into());
+        }
+        Ok(JwtIssued { identity, svid })
     }
 
     /// Step 2: the identity the certificate will carry, and the impersonation that granted

@@ -8,9 +8,13 @@ use time::OffsetDateTime;
 use super::mint::{cross_sign, key_type_of, mint_intermediate, mint_root};
 use super::plan::Action;
 use super::policy::RotationPolicy;
-use super::{crl, CaError};
+use super::{crl, jwt, CaError};
+
+/// Retired JWT keys kept in the journal as history (status output); older ones are dropped.
+const RETIRED_JWT_KEYS_KEPT: usize = 4;
 use crate::identity::TrustDomain;
 use crate::journal::{Journal, Role, RootRotation, Status};
+use crate::pki::KeyType;
 
 /// Starts a root rotation: a new root and an intermediate under it, both prepared.
 pub fn prepare_root_rotation(
@@ -186,6 +190,56 @@ pub fn apply(
             j.denied.retain(|_| !ended.next().unwrap_or(false));
         }
         Action::SignCrl { issuer } => crl::sign(j, issuer, now, p.crl_validity)?,
+        Action::PrepareJwtKey => {
+            // The CA key type decides the JWT algorithm (ES256, ES384, RS256). An RSA CA's
+            // JWT keys are RSA-2048: RS256's usual size, for a key that lives a month, and
+            // cheap to make on the scheduler's thread (RSA-4096 generation takes seconds).
+            let kt = match j.active_signer().or_else(|| j.active_root()) {
+                Some(a) => match key_type_of(a)? {
+                    KeyType::Rsa3072 | KeyType::Rsa4096 => KeyType::Rsa2048,
+                    kt => kt,
+                },
+                None => return Err(CaError::Config("no active authority".into())),
+            };
+            j.jwt_keys
+                .push(jwt::mint_jwt_key(kt, now, p.jwt.key_ttl, Status::Prepared)?);
+            j.jwt_bundle_sequence += 1;
+        }
+        Action::ActivateJwtKey => {
+            // Re-checked here: only a key whose bundle was published may sign.
+            let next = j
+                .jwt_keys
+                .iter()
+                .position(|k| k.status == Status::Prepared && k.published_at.is_some());
+            if let Some(next) = next {
+                for k in j.jwt_keys.iter_mut().filter(|k| k.status == Status::Active) {
+                    k.status = Status::Retiring;
+                    k.deactivated_at = Some(ts);
+                }
+                let k = &mut j.jwt_keys[next];
+                k.status = Status::Active;
+                k.activated_at = Some(ts);
+            }
+        }
+        Action::RetireJwtKey { kid } => {
+            if let Some(k) = j.jwt_keys.iter_mut().find(|k| &k.kid == kid) {
+                k.status = Status::Retired;
+                k.retired_at = Some(ts);
+                j.jwt_bundle_sequence += 1;
+            }
+            // Keep the last few retired keys as history; older ones only grow the journal.
+            let retired = j
+                .jwt_keys
+                .iter()
+                .filter(|k| k.status == Status::Retired)
+                .count();
+            let mut excess = retired.saturating_sub(RETIRED_JWT_KEYS_KEPT);
+            j.jwt_keys.retain(|k| {
+                let gone = excess > 0 && k.status == Status::Retired;
+                excess -= usize::from(gone);
+                !gone
+            });
+        }
     }
     // A retired authority's CRL is no longer published or re-signed; drop it so status and
     // the next-update gauge only speak of live CRLs.

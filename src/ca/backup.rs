@@ -292,6 +292,20 @@ pub fn merge(mut backup: Journal, current: &Journal, now: i64) -> Journal {
         }
         backup.authorities.push(a);
     }
+    // JWT keys made after the backup may have signed tokens still live: they stay in the
+    // bundle as retiring, and the bundle's sequence moves forward, never back.
+    for k in &current.jwt_keys {
+        if backup.jwt_keys.iter().any(|b| b.kid == k.kid) {
+            continue;
+        }
+        let mut k = k.clone();
+        if matches!(k.status, Status::Active | Status::Prepared) {
+            k.status = Status::Retiring;
+            k.deactivated_at = Some(now);
+        }
+        backup.jwt_keys.push(k);
+    }
+    backup.jwt_bundle_sequence = backup.jwt_bundle_sequence.max(current.jwt_bundle_sequence) + 1;
     for c in &current.crls {
         let known = backup.get(&c.issuer).is_some();
         match backup.crls.iter_mut().find(|b| b.issuer == c.issuer) {

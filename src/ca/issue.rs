@@ -47,6 +47,21 @@ pub enum IssueFailure {
     Index,
 }
 
+/// The installed signer, if `identity` (a SPIFFE ID string) may have a new credential: the
+/// deny check every credential passes, an X.509-SVID ([`sign_svid`]) or a JWT-SVID
+/// (`ca::jwt::sign_jwt_svid`). Refuses with [`IssueFailure::NoSigner`] before the CA is
+/// loaded and [`IssueFailure::Denied`] for a denied identity.
+pub fn permitted(ca: &Ca, identity: &str) -> Result<Arc<Signer>, IssueFailure> {
+    let signer = ca.current().ok_or(IssueFailure::NoSigner)?;
+    if signer.is_denied(identity) {
+        return Err(IssueFailure::Denied {
+            identity: identity.to_string(),
+            after_signing: false,
+        });
+    }
+    Ok(signer)
+}
+
 /// Signs an SVID for `id` over `key`, valid from `now` (backdated) for `ttl` (capped at the
 /// issuer), and records it in `index`. Returns the signer that signed (for the chain) and the
 /// certificate. `for_node`: a node proxy asked on the workload's behalf (node
@@ -68,13 +83,7 @@ pub fn sign_svid(
     for_node: bool,
 ) -> Result<(Arc<Signer>, Issued), IssueFailure> {
     let want = id.to_string();
-    let signer = ca.current().ok_or(IssueFailure::NoSigner)?;
-    if signer.is_denied(&want) {
-        return Err(IssueFailure::Denied {
-            identity: want,
-            after_signing: false,
-        });
-    }
+    let signer = permitted(ca, &want)?;
     let issued = signer
         .issue_workload_as(key, id, now, ttl, for_node)
         .map_err(|e| match e {

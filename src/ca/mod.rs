@@ -8,6 +8,8 @@ pub mod backup;
 pub mod bootstrap;
 pub mod crl;
 pub mod issue;
+pub mod jwt;
+pub mod jwtkeys;
 pub mod keysource;
 pub mod mint;
 pub mod plan;
@@ -61,6 +63,8 @@ pub enum CaError {
 #[derive(Debug)]
 pub struct Ca {
     signer: ArcSwapOption<Signer>,
+    /// The JWT-SVID key and bundle, installed beside the signer from the same journal.
+    jwt: ArcSwapOption<jwtkeys::JwtKeys>,
     generation: watch::Sender<u64>,
     step_failures: std::sync::atomic::AtomicU64,
 }
@@ -69,6 +73,7 @@ impl Default for Ca {
     fn default() -> Self {
         Self {
             signer: ArcSwapOption::empty(),
+            jwt: ArcSwapOption::empty(),
             generation: watch::channel(0).0,
             step_failures: Default::default(),
         }
@@ -90,6 +95,17 @@ impl Ca {
     pub fn install(&self, signer: Signer) {
         self.signer.store(Some(Arc::new(signer)));
         self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// The installed JWT-SVID state, or `None` when this CA has none (not loaded yet, or a
+    /// plugged-in CA, which keeps no journal for JWT keys).
+    pub fn jwt_current(&self) -> Option<Arc<jwtkeys::JwtKeys>> {
+        self.jwt.load_full()
+    }
+
+    /// Makes `keys` the JWT key and bundle new requests use.
+    pub fn install_jwt(&self, keys: jwtkeys::JwtKeys) {
+        self.jwt.store(Some(Arc::new(keys)));
     }
 
     /// Counts a scheduler pass that failed (a step that could not be journaled, a store that

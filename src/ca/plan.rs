@@ -46,6 +46,54 @@ pub enum Action {
         /// The id of the authority whose CRL is due.
         issuer: String,
     },
+    /// Mint the next JWT-SVID signing key, prepared: it joins the JWT bundle at once, and
+    /// the scheduler marks it published once that bundle was written.
+    PrepareJwtKey,
+    /// The published JWT key starts signing; the active one starts retiring.
+    ActivateJwtKey,
+    /// A retiring JWT key leaves the bundle: every token it signed has expired.
+    RetireJwtKey {
+        /// The key's `kid`.
+        kid: String,
+    },
+}
+
+/// What is due for the JWT-SVID keys at `now` (see [`crate::ca::policy::JwtKeyPolicy`]):
+/// the first key is prepared at once and activates as soon as its bundle is published (no
+/// relying party can hold an older bundle with keys in it); later keys are prepared at
+/// `prepare_at` of the active key's life and activated at `activate_at`, but never before
+/// their bundle has been published for `publish_lead` (a key an operator asked for,
+/// `citadel ca rotate-jwt-key`, as soon as that lead has passed); a retiring key leaves the
+/// bundle when
+/// the longest JWT-SVID it may have signed (plus the skew margin) has expired.
+fn plan_jwt(now: i64, j: &Journal, p: &RotationPolicy) -> Vec<Action> {
+    let mut out = Vec::new();
+    let jp = &p.jwt;
+    match (j.active_jwt_key(), j.next_jwt_key()) {
+        (None, None) => out.push(Action::PrepareJwtKey),
+        (Some(a), None) if a.age_fraction(now) >= jp.prepare_at => out.push(Action::PrepareJwtKey),
+        (None, Some(n)) if n.published_at.is_some() => out.push(Action::ActivateJwtKey),
+        (Some(a), Some(n)) => {
+            if let Some(published) = n.published_at {
+                let due = a.age_fraction(now) >= jp.activate_at || n.requested;
+                if due && now >= published + jp.publish_lead() {
+                    out.push(Action::ActivateJwtKey);
+                }
+            }
+        }
+        _ => {}
+    }
+    for k in &j.jwt_keys {
+        if k.status == Status::Retiring
+            && now
+                >= k.deactivated_at
+                    .unwrap_or(now)
+                    .saturating_add(p.jwt_grace())
+        {
+            out.push(Action::RetireJwtKey { kid: k.kid.clone() });
+        }
+    }
+    out
 }
 
 /// What is due at `now`. Pure: no I/O, no clock, no randomness.
@@ -124,6 +172,7 @@ pub fn plan(now: i64, j: &Journal, p: &RotationPolicy) -> Vec<Action> {
             }
         }
     }
+    out.extend(plan_jwt(now, j, p));
     if j.revocations.iter().any(|r| r.not_after < now) {
         out.push(Action::PruneRevocations);
     }
@@ -161,6 +210,7 @@ mod tests {
     use crate::ca::apply::{apply, prepare_root_rotation};
     use crate::identity::TrustDomain;
     use crate::journal::AuthorityRecord;
+    use crate::pki::KeyType;
     use std::time::Duration;
     use time::OffsetDateTime;
 
@@ -177,7 +227,12 @@ mod tests {
         let mut opts = CaOptions::new(TrustDomain::new("cluster.local").unwrap());
         opts.root_ttl = p.root_ttl;
         opts.intermediate_ttl = p.intermediate_ttl;
-        new_journal(&opts, now).unwrap()
+        let mut j = new_journal(&opts, now).unwrap();
+        j.jwt_keys.push(
+            crate::ca::jwt::mint_jwt_key(KeyType::EcP256, now, p.jwt.key_ttl, Status::Active)
+                .unwrap(),
+        );
+        j
     }
 
     fn setup() -> (Journal, RotationPolicy, i64) {
@@ -205,8 +260,15 @@ mod tests {
     fn rotation_actions(j: &Journal, p: &RotationPolicy, t: i64) -> Vec<Action> {
         plan(t, j, p)
             .into_iter()
-            .filter(|a| !matches!(a, Action::SignCrl { .. }))
+            .filter(|a| !matches!(a, Action::SignCrl { .. }) && !is_jwt(a))
             .collect()
+    }
+
+    fn is_jwt(a: &Action) -> bool {
+        matches!(
+            a,
+            Action::PrepareJwtKey | Action::ActivateJwtKey | Action::RetireJwtKey { .. }
+        )
     }
 
     #[test]
@@ -475,5 +537,151 @@ mod tests {
             );
         }
         assert!(j.root_rotation.is_none(), "the rotation completed");
+    }
+
+    fn jwt_actions(j: &Journal, p: &RotationPolicy, t: i64) -> Vec<Action> {
+        plan(t, j, p).into_iter().filter(is_jwt).collect()
+    }
+
+    /// What the scheduler does after a successful publication: every key in the bundle
+    /// counts as published from then.
+    fn publish(j: &mut Journal, t: i64) {
+        for k in j.jwt_keys.iter_mut().filter(|k| k.in_bundle()) {
+            k.published_at.get_or_insert(t);
+        }
+    }
+
+    /// The JWT key schedule on a moved clock: prepared at 1/2 of the active key's life and
+    /// in the bundle from then, activated at 5/6 only once published for 5 refresh hints,
+    /// retired when its last token (max JWT-SVID TTL + skew) expired.
+    #[test]
+    fn jwt_keys_move_through_their_stages_on_the_clock() {
+        let p = RotationPolicy {
+            jwt: crate::ca::policy::JwtKeyPolicy {
+                key_ttl: Duration::from_secs(60 * DAY as u64),
+                refresh_hint: Duration::from_secs(3 * DAY as u64),
+                ..Default::default()
+            },
+            ..RotationPolicy::default()
+        };
+        let clock = crate::clock::ManualClock::new(time::macros::datetime!(2030-01-01 0:00 UTC));
+        use crate::clock::Clock;
+        let t0 = clock.now().unix_timestamp();
+        let mut j = journal_for(&p, clock.now());
+        let first = j.active_jwt_key().unwrap().kid.clone();
+        let step = |j: &mut Journal, clock: &crate::clock::ManualClock| {
+            let now = clock.now();
+            let actions = jwt_actions(j, &p, now.unix_timestamp());
+            for a in &actions {
+                apply(j, a, now, &p).unwrap();
+            }
+            actions
+        };
+        clock.set(time::OffsetDateTime::from_unix_timestamp(t0 + 30 * DAY - 60).unwrap());
+        assert!(step(&mut j, &clock).is_empty(), "nothing before half-life");
+        clock.advance(time::Duration::seconds(120));
+        assert_eq!(step(&mut j, &clock), vec![Action::PrepareJwtKey]);
+        let next = j.next_jwt_key().unwrap().clone();
+        assert_eq!(next.stage(), "prepared");
+        assert_eq!(j.jwt_bundle_sequence, 1, "the key set changed");
+        // In the bundle at once, before it can sign.
+        let jwks = crate::ca::jwt::render_jwks(&j, p.jwt.refresh_hint).unwrap();
+        assert!(jwks.contains(&next.kid) && jwks.contains(&first));
+        // Not published yet: never activated, however late.
+        clock.set(time::OffsetDateTime::from_unix_timestamp(t0 + 59 * DAY).unwrap());
+        assert!(
+            step(&mut j, &clock).is_empty(),
+            "unpublished keys never sign"
+        );
+        assert_eq!(j.active_jwt_key().unwrap().kid, first);
+        // Published at day 45: 5/6 is day 50, but 5 hints of 3 days run to day 60.
+        publish(&mut j, t0 + 45 * DAY);
+        assert_eq!(j.next_jwt_key().unwrap().stage(), "published");
+        assert!(
+            step(&mut j, &clock).is_empty(),
+            "published for less than the lead"
+        );
+        clock.set(time::OffsetDateTime::from_unix_timestamp(t0 + 60 * DAY).unwrap());
+        assert_eq!(step(&mut j, &clock), vec![Action::ActivateJwtKey]);
+        assert_eq!(j.active_jwt_key().unwrap().kid, next.kid);
+        let old = j.jwt_keys.iter().find(|k| k.kid == first).unwrap();
+        assert_eq!(old.stage(), "retiring");
+        assert!(crate::ca::jwt::render_jwks(&j, p.jwt.refresh_hint)
+            .unwrap()
+            .contains(&first));
+        // Retired when its longest token and the skew margin have passed.
+        let grace = p.jwt_grace();
+        clock.advance(time::Duration::seconds(grace - 1));
+        // (The new key is at half its life by now: its own successor is prepared.)
+        assert_eq!(step(&mut j, &clock), vec![Action::PrepareJwtKey]);
+        clock.advance(time::Duration::seconds(1));
+        assert_eq!(
+            step(&mut j, &clock),
+            vec![Action::RetireJwtKey { kid: first.clone() }]
+        );
+        assert_eq!(j.jwt_bundle_sequence, 3, "prepared, prepared, retired");
+        assert!(!crate::ca::jwt::render_jwks(&j, p.jwt.refresh_hint)
+            .unwrap()
+            .contains(&first));
+    }
+
+    /// A journal from before JWT-SVIDs: the first key is prepared at once and activates
+    /// as soon as it is published, without the lead (nobody holds an older bundle with keys).
+    #[test]
+    fn the_first_jwt_key_signs_once_published() {
+        let p = RotationPolicy::default();
+        let now = time::macros::datetime!(2030-01-01 0:00 UTC);
+        let mut j = journal_for(&p, now);
+        j.jwt_keys.clear();
+        let t = now.unix_timestamp();
+        assert_eq!(jwt_actions(&j, &p, t), vec![Action::PrepareJwtKey]);
+        apply(&mut j, &Action::PrepareJwtKey, now, &p).unwrap();
+        assert!(jwt_actions(&j, &p, t).is_empty(), "waits for publication");
+        publish(&mut j, t);
+        assert_eq!(jwt_actions(&j, &p, t), vec![Action::ActivateJwtKey]);
+        apply(&mut j, &Action::ActivateJwtKey, now, &p).unwrap();
+        assert!(j.active_jwt_key().is_some());
+        assert!(jwt_actions(&j, &p, t).is_empty(), "converged");
+    }
+
+    /// The JWT key follows the CA key type: ES384 keys under a P-384 CA, RSA under RSA.
+    #[test]
+    fn jwt_keys_follow_the_ca_key_type() {
+        let now = time::macros::datetime!(2030-01-01 0:00 UTC);
+        for (kt, alg) in [
+            (
+                KeyType::EcP384,
+                crate::pki::cakey::SignatureAlgorithm::EcdsaP384Sha384,
+            ),
+            (
+                KeyType::Rsa2048,
+                crate::pki::cakey::SignatureAlgorithm::RsaPkcs1Sha256,
+            ),
+        ] {
+            let mut opts = CaOptions::new(TrustDomain::new("cluster.local").unwrap());
+            opts.key_type = kt;
+            let mut j = new_journal(&opts, now).unwrap();
+            let p = RotationPolicy::default();
+            apply(&mut j, &Action::PrepareJwtKey, now, &p).unwrap();
+            let key = crate::ca::jwt::jwt_key_of(j.next_jwt_key().unwrap()).unwrap();
+            assert_eq!(key.algorithm(), alg);
+        }
+    }
+
+    /// `citadel ca rotate-jwt-key`: a requested key takes over as soon as its bundle has been
+    /// published for the lead, long before 5/6 of the active key's life, never sooner.
+    #[test]
+    fn a_requested_jwt_key_takes_over_after_the_lead_only() {
+        let p = RotationPolicy::default();
+        let now = time::macros::datetime!(2030-01-01 0:00 UTC);
+        let mut j = journal_for(&p, now);
+        let t = now.unix_timestamp();
+        apply(&mut j, &Action::PrepareJwtKey, now, &p).unwrap();
+        j.jwt_keys.last_mut().unwrap().requested = true;
+        assert!(jwt_actions(&j, &p, t + 86_400).is_empty(), "unpublished");
+        publish(&mut j, t);
+        let lead = p.jwt.publish_lead();
+        assert!(jwt_actions(&j, &p, t + lead - 1).is_empty());
+        assert_eq!(jwt_actions(&j, &p, t + lead), vec![Action::ActivateJwtKey]);
     }
 }

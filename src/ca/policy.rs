@@ -91,6 +91,55 @@ pub struct RotationPolicy {
     /// How long after notAfter a peer with a slow clock may still accept a leaf; every
     /// retirement waits this much longer than the last leaf's notAfter.
     pub skew_margin: Duration,
+    /// When JWT-SVID signing keys are prepared, published, activated and retired.
+    pub jwt: JwtKeyPolicy,
+}
+
+/// The JWT-SVID key schedule (`--jwt-key-ttl`, `--jwt-svid-ttl`, `--jwt-bundle-refresh-hint`):
+/// the same fractions as intermediates (prepared at 1/2 of the active key's life, activated
+/// at 5/6), and never activated before the bundle holding the key has been published for
+/// [`JwtKeyPolicy::PUBLISH_LEAD_HINTS`] refresh hints (SPIFFE: publish keys 3-5 refresh hints
+/// before signing with them).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct JwtKeyPolicy {
+    /// The planned life of each key: its successor is prepared and activated at fractions
+    /// of it. A key past it keeps signing until a successor may take over (signing never
+    /// stops for want of a published successor).
+    pub key_ttl: Duration,
+    /// Fraction of the active key's life at which its successor is prepared.
+    pub prepare_at: f64,
+    /// ... and at which the successor takes over (once published long enough).
+    pub activate_at: f64,
+    /// The bundle's `spiffe_refresh_hint`: how often relying parties should fetch it.
+    pub refresh_hint: Duration,
+    /// The lifetime of each JWT-SVID (`exp - iat`).
+    pub svid_ttl: Duration,
+}
+
+impl Default for JwtKeyPolicy {
+    fn default() -> Self {
+        Self {
+            key_ttl: Duration::from_secs(30 * 86_400),
+            prepare_at: 0.5,
+            activate_at: 5.0 / 6.0,
+            refresh_hint: Duration::from_secs(300),
+            svid_ttl: Duration::from_secs(300),
+        }
+    }
+}
+
+impl JwtKeyPolicy {
+    /// How many refresh hints a new key is published before it signs (the top of SPIFFE's
+    /// 3-5, since a replica's copy and an agent's cache each add a refresh of delay).
+    pub const PUBLISH_LEAD_HINTS: u32 = 5;
+    /// The longest `--jwt-svid-ttl`: a retired key leaves the bundle this long (plus the skew
+    /// margin) after it stopped signing, whatever TTL the server ran with when it signed.
+    pub const MAX_SVID_TTL: Duration = Duration::from_secs(86_400);
+
+    /// Seconds between a key's first publication and the earliest moment it may sign.
+    pub fn publish_lead(&self) -> i64 {
+        (self.refresh_hint * Self::PUBLISH_LEAD_HINTS).as_secs() as i64
+    }
 }
 
 impl Default for RotationPolicy {
@@ -105,6 +154,7 @@ impl Default for RotationPolicy {
             max_leaf_ttl: Duration::from_secs(90 * 86_400),
             crl_validity: Duration::from_secs(86_400),
             skew_margin: Duration::from_secs(120),
+            jwt: JwtKeyPolicy::default(),
         }
     }
 }
@@ -113,6 +163,11 @@ impl RotationPolicy {
     /// How long after an intermediate stops signing its last leaf may still be valid.
     pub(crate) fn leaf_grace(&self) -> i64 {
         (self.max_leaf_ttl + self.skew_margin).as_secs() as i64
+    }
+
+    /// How long after a JWT key stops signing its last token may still be valid.
+    pub(crate) fn jwt_grace(&self) -> i64 {
+        (JwtKeyPolicy::MAX_SVID_TTL + self.skew_margin).as_secs() as i64
     }
 }
 
@@ -145,6 +200,9 @@ impl CaPolicy {
             skew_margin_secs: r.skew_margin.as_secs(),
             key_type: self.key_type.clone(),
             source: source.to_string(),
+            jwt_key_ttl_secs: r.jwt.key_ttl.as_secs(),
+            jwt_svid_ttl_secs: r.jwt.svid_ttl.as_secs(),
+            jwt_refresh_hint_secs: r.jwt.refresh_hint.as_secs(),
         }
     }
 
@@ -166,6 +224,23 @@ impl CaPolicy {
                 max_leaf_ttl: s(p.max_ttl_secs),
                 crl_validity: s(p.crl_validity_secs),
                 skew_margin: s(p.skew_margin_secs),
+                jwt: {
+                    // Zero: a policy stored before JWT-SVIDs existed; the defaults apply.
+                    let d = JwtKeyPolicy::default();
+                    let or = |secs: u64, default: Duration| {
+                        if secs == 0 {
+                            default
+                        } else {
+                            s(secs)
+                        }
+                    };
+                    JwtKeyPolicy {
+                        key_ttl: or(p.jwt_key_ttl_secs, d.key_ttl),
+                        svid_ttl: or(p.jwt_svid_ttl_secs, d.svid_ttl),
+                        refresh_hint: or(p.jwt_refresh_hint_secs, d.refresh_hint),
+                        ..d
+                    }
+                },
             },
             key_type: p.key_type.clone(),
         }

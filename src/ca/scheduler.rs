@@ -21,7 +21,7 @@ use super::apply::apply;
 use super::plan::{plan, Action};
 use super::policy::RotationPolicy;
 use super::revocation::{self, SweepRequest};
-use super::{bootstrap, crl, Ca, CaError};
+use super::{bootstrap, crl, jwt, Ca, CaError};
 use crate::clock::SharedClock;
 use crate::identity::TrustDomain;
 use crate::journal::Journal;
@@ -69,6 +69,7 @@ fn describe(a: &Action) -> String {
     match a {
         Action::Retire { id } => format!("retire authority {id}"),
         Action::SignCrl { issuer } => format!("sign CRL of {issuer}"),
+        Action::RetireJwtKey { kid } => format!("retire JWT key {kid}"),
         other => format!("{other:?}"),
     }
 }
@@ -223,13 +224,31 @@ impl Scheduler {
                     Err(e) => tracing::error!(error = %e, "revocation sweep failed; retrying"),
                 }
                 self.publish(&journal).await?;
-                if let Some(r) = journal
+                // Keys in the JWT bundle just written count as published from now: their
+                // activation waits from this moment, as a new root's does.
+                let mut newly_published = false;
+                for k in journal
+                    .jwt_keys
+                    .iter_mut()
+                    .filter(|k| k.in_bundle() && k.published_at.is_none())
+                {
+                    k.published_at = Some(now.unix_timestamp());
+                    newly_published = true;
+                    tracing::info!(target: "citadel::audit", event = "jwt_key_published", kid = %k.kid, "the JWT bundle holding this key is published; it signs after {}s at the earliest (a first key at once)", self.policy.jwt.publish_lead());
+                }
+                let root_published = match journal
                     .root_rotation
                     .as_mut()
                     .filter(|r| r.bundle_published_at.is_none())
                 {
-                    r.bundle_published_at = Some(now.unix_timestamp());
-                    tracing::info!(target: "citadel::audit", event = "root_rotation_published", new_root = %r.new_root, "the two-root trust bundle is published; activation waits {}s from now", r.activate_after_secs);
+                    Some(r) => {
+                        r.bundle_published_at = Some(now.unix_timestamp());
+                        tracing::info!(target: "citadel::audit", event = "root_rotation_published", new_root = %r.new_root, "the two-root trust bundle is published; activation waits {}s from now", r.activate_after_secs);
+                        true
+                    }
+                    None => false,
+                };
+                if root_published || newly_published {
                     match self
                         .store
                         .save_journal(&journal, Some(&current.revision))
@@ -283,6 +302,9 @@ impl Scheduler {
             .collect();
         self.store.publish_bundle(&bundle).await?;
         self.store.publish_crl(&crl::bundle(journal)).await?;
+        self.store
+            .publish_jwks(&jwt::render_jwks(journal, self.policy.jwt.refresh_hint)?)
+            .await?;
         Ok(())
     }
 
@@ -294,7 +316,9 @@ impl Scheduler {
         }
         let signer = bootstrap::signer_from_journal(journal, &self.trust_domain)
             .map_err(|e| CaError::Config(format!("{}: {e}", self.store.describe())))?;
-        tracing::info!(signer = %signer.signing_cert().subject, roots = signer.roots_der().len(), revoked = signer.revocations().crl_entries, "installed CA state");
+        let jwt = jwt::JwtKeys::from_journal(journal, &self.policy.jwt)?;
+        tracing::info!(signer = %signer.signing_cert().subject, roots = signer.roots_der().len(), revoked = signer.revocations().crl_entries, jwt_kid = jwt.active.as_ref().map(|k| k.kid.as_str()).unwrap_or(""), "installed CA state");
+        self.ca.install_jwt(jwt);
         self.ca.install(signer);
         *installed = Some(revision.clone());
         Ok(true)
@@ -328,6 +352,26 @@ mod tests {
     use crate::clock::ManualClock;
     use crate::store::mem::MemStore;
 
+    /// A scheduler over `j` in a memory store, on a manual clock at `t0`.
+    fn on_manual_clock(
+        j: Journal,
+        policy: RotationPolicy,
+        t0: time::OffsetDateTime,
+        td: TrustDomain,
+    ) -> (Arc<MemStore>, Arc<Ca>, ManualClock, Scheduler) {
+        let store = Arc::new(MemStore::with_journal(j));
+        let clock = ManualClock::new(t0);
+        let ca = Ca::new();
+        let s = Scheduler::new(
+            store.clone(),
+            ca.clone(),
+            policy,
+            Arc::new(clock.clone()),
+            td,
+        );
+        (store, ca, clock, s)
+    }
+
     /// Issue 20, M2: a denial expires by itself once nothing it covers can be valid, moved by
     /// the injected clock alone: installed and enforced before, dropped from the journal and
     /// no longer enforced after. Failed before: the denial stayed forever.
@@ -344,20 +388,11 @@ mod tests {
             reason: "key-compromise".into(),
             revocation: Some("citadel/cart".into()),
         });
-        let store = Arc::new(MemStore::with_journal(j));
         let policy = RotationPolicy {
             max_leaf_ttl: Duration::from_secs(3600),
             ..RotationPolicy::default()
         };
-        let clock = ManualClock::new(t0);
-        let ca = Ca::new();
-        let s = Scheduler::new(
-            store.clone(),
-            ca.clone(),
-            policy.clone(),
-            Arc::new(clock.clone()),
-            td,
-        );
+        let (store, ca, clock, s) = on_manual_clock(j, policy.clone(), t0, td);
         s.step().await.unwrap();
         assert!(ca.current().unwrap().is_denied(id));
         // One second before: max_ttl + skew margin after the denial.
@@ -370,5 +405,62 @@ mod tests {
         s.step().await.unwrap();
         assert!(store.journal().unwrap().denied.is_empty());
         assert!(!ca.current().unwrap().is_denied(id), "expired");
+    }
+
+    /// Through the real scheduler and a store: every JWT key that signs was in the JWT bundle
+    /// the store published before it signed, for a whole key rotation on a moved clock, and
+    /// the new key only signs once its bundle was published for the lead.
+    #[tokio::test]
+    async fn a_jwt_key_is_published_before_it_signs() {
+        let t0 = time::macros::datetime!(2030-01-01 0:00 UTC);
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let opts = super::bootstrap::CaOptions::new(td.clone());
+        let policy = RotationPolicy {
+            jwt: crate::ca::policy::JwtKeyPolicy {
+                key_ttl: Duration::from_secs(3600),
+                refresh_hint: Duration::from_secs(120),
+                ..Default::default()
+            },
+            ..RotationPolicy::default()
+        };
+        let j = super::bootstrap::new_journal(&opts, t0).unwrap();
+        let (store, ca, clock, s) = on_manual_clock(j, policy, t0, td);
+        let kids = |jwks: &str| -> Vec<String> {
+            let v: serde_json::Value = serde_json::from_str(jwks).unwrap();
+            v["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|k| k["kid"].as_str().unwrap().to_string())
+                .collect()
+        };
+        let mut signers = Vec::new();
+        let mut published_before_signing = std::collections::HashMap::new();
+        for minute in 0..=120 {
+            clock.set(t0 + time::Duration::minutes(minute));
+            s.step().await.unwrap();
+            for k in kids(&store.jwks()) {
+                published_before_signing.entry(k).or_insert(minute);
+            }
+            let active = ca.jwt_current().unwrap().active.clone().unwrap().kid;
+            let since = published_before_signing
+                .get(&active)
+                .unwrap_or_else(|| panic!("{active} signs at minute {minute}, unpublished"));
+            if signers.last() != Some(&active) {
+                // The first key signs at once; later ones 5 hints (10 min) after publication.
+                if !signers.is_empty() {
+                    assert!(
+                        minute - since >= 10,
+                        "{active} signed {}m after",
+                        minute - since
+                    );
+                }
+                signers.push(active);
+            }
+        }
+        // 1h keys, each made at its predecessor's half-life (0, 30, 60, 90 min) and signing
+        // from its predecessor's 5/6: at 0, 50, 80 and 110 min.
+        assert_eq!(signers.len(), 4, "{signers:?}");
+        assert!(ca.jwt_current().unwrap().sequence >= 3);
     }
 }

@@ -14,6 +14,11 @@ pub const CRL_CONFIGMAP: &str = "istio-ca-crl";
 /// The key of the CRLs in that ConfigMap.
 pub const CRL_KEY: &str = "ca-crl.pem";
 
+/// The JWT bundle ConfigMap, in the CA's namespace only: a JWK Set of the JWT-SVID keys.
+pub const JWKS_CONFIGMAP: &str = "citadel-jwt-bundle";
+/// The key of the JWK Set in that ConfigMap.
+pub const JWKS_KEY: &str = "jwks.json";
+
 /// The `CertificateAuthority` kind, for controllers that only put Events on it and so need no
 /// typed access (the type is `ca_resource`'s; its unit test checks the two agree).
 pub fn certificate_authority() -> ApiResource {

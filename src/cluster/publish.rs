@@ -1,6 +1,7 @@
 //! Publishes the trust bundle (`istio-ca-root-cert`, key `root-cert.pem`, label
 //! `istio.io/config=true`) and the CRLs (`istio-ca-crl`, key `ca-crl.pem`) into every
-//! namespace but kube-public and kube-node-lease.
+//! namespace but kube-public and kube-node-lease, and the JWT bundle (`citadel-jwt-bundle`,
+//! key `jwks.json`) into the CA's own namespace only.
 //!
 //! Two ways in, one reconcile: the scheduler's `publish` (new bundle or CRL) makes a full pass
 //! over every namespace, and only returns Ok once every namespace holds it, because a new root
@@ -26,7 +27,7 @@ use kube::runtime::{watcher, Controller, WatchStreamExt};
 use kube::Resource;
 use tokio::sync::{watch, Mutex};
 
-use super::names::{CRL_CONFIGMAP, CRL_KEY, ROOT_CONFIGMAP, ROOT_KEY};
+use super::names::{CRL_CONFIGMAP, CRL_KEY, JWKS_CONFIGMAP, JWKS_KEY, ROOT_CONFIGMAP, ROOT_KEY};
 use crate::future::BoxFuture;
 use crate::shutdown::Shutdown;
 use crate::store::kube::Publisher;
@@ -42,6 +43,8 @@ type Caches = (Cache<Namespace>, Cache<ConfigMap>, Cache<ConfigMap>);
 struct Desired {
     bundle: Option<String>,
     crl: Option<String>,
+    /// The JWT bundle, for [`ConfigMapPublisher::jwks_namespace`] only.
+    jwks: Option<String>,
 }
 
 /// Publishes the bundle and CRLs into every namespace's ConfigMaps, reconciling drift.
@@ -61,6 +64,12 @@ pub struct ConfigMapPublisher {
     /// The CertificateAuthority resource (namespace, name) that also gets each drift Event, so
     /// `kubectl describe ca` shows every repair in one place.
     certificate_authority: std::sync::OnceLock<(String, String)>,
+    /// The namespace that gets the JWT bundle ConfigMap (the CA's); unset publishes none.
+    jwks_namespace: std::sync::OnceLock<String>,
+    /// Digest of the JWT bundle last confirmed in its ConfigMap: the scheduler publishes on
+    /// every pass, and an unchanged bundle costs no API call (drift is repaired by the
+    /// controller's pass over the CA namespace).
+    jwks_confirmed: std::sync::Mutex<Option<[u8; 32]>>,
 }
 
 /// A reconcile that failed; the controller retries it.
@@ -99,6 +108,8 @@ impl ConfigMapPublisher {
             history: std::sync::Mutex::new(Vec::new()),
             writes: AtomicU64::new(0),
             certificate_authority: std::sync::OnceLock::new(),
+            jwks_namespace: std::sync::OnceLock::new(),
+            jwks_confirmed: std::sync::Mutex::new(None),
         })
     }
 
@@ -108,6 +119,35 @@ impl ConfigMapPublisher {
         let _ = self
             .certificate_authority
             .set((namespace.to_string(), name.to_string()));
+    }
+
+    /// Publishes the JWT bundle ConfigMap into `namespace` (the CA's). Set once, at start.
+    pub fn jwks_namespace(&self, namespace: &str) {
+        let _ = self.jwks_namespace.set(namespace.to_string());
+    }
+
+    /// The JWT bundle ConfigMap, as desired now, read from the API server rather than a
+    /// cache (one object): when the bundle changes, and at the controller's look at the CA
+    /// namespace (which repairs an edit or a deletion).
+    async fn reconcile_jwks(&self, ns: &str) -> Result<(), String> {
+        if self.jwks_namespace.get().map(String::as_str) != Some(ns) {
+            return Ok(());
+        }
+        let Some(content) = self.desired.borrow().jwks.clone() else {
+            return Ok(());
+        };
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
+        let current = api
+            .get_opt(JWKS_CONFIGMAP)
+            .await
+            .map_err(|e| format!("{ns}/{JWKS_CONFIGMAP}: {e}"))?;
+        self.ensure(ns, JWKS_CONFIGMAP, JWKS_KEY, &content, current.as_ref())
+            .await?;
+        *self
+            .jwks_confirmed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(digest(&content));
+        Ok(())
     }
 
     fn leading(&self) -> bool {
@@ -200,6 +240,10 @@ impl ConfigMapPublisher {
         ready.abort();
         // Lost the lease (or shutting down): nothing may act on these caches any more.
         *self.caches.lock().await = None;
+        *self
+            .jwks_confirmed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// The controller's reconcile: one namespace, from the caches.
@@ -211,6 +255,11 @@ impl ConfigMapPublisher {
         self.reconcile_one(ns, &[&root, &crl])
             .await
             .map_err(PublishError)?;
+        // The JWT bundle ConfigMap has no cache: it is read here, at the controller's look
+        // at the CA namespace (its resync, or a namespace event), not at every full pass.
+        if let Some(name) = ns.metadata.name.as_deref() {
+            self.reconcile_jwks(name).await.map_err(PublishError)?;
+        }
         Ok(Action::requeue(RESYNC))
     }
 
@@ -330,6 +379,15 @@ impl ConfigMapPublisher {
 }
 
 impl ConfigMapPublisher {
+    /// Records contents we were asked to publish: a ConfigMap holding one of the last
+    /// [`HISTORY`] is merely outdated, not drifted.
+    fn remember<'a>(&self, contents: impl IntoIterator<Item = &'a str>) {
+        let mut seen = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        seen.extend(contents.into_iter().map(digest));
+        let excess = seen.len().saturating_sub(HISTORY);
+        seen.drain(..excess);
+    }
+
     fn published_before(&self, content: &str) -> bool {
         let d = digest(content);
         self.history
@@ -402,12 +460,7 @@ impl Publisher for ConfigMapPublisher {
             });
             if changed {
                 tracing::debug!("desired bundle or CRL changed");
-                let mut seen = self.history.lock().unwrap_or_else(|p| p.into_inner());
-                for content in bundle.into_iter().chain(crl) {
-                    seen.push(digest(content));
-                }
-                let excess = seen.len().saturating_sub(HISTORY);
-                seen.drain(..excess);
+                self.remember(bundle.into_iter().chain(crl));
             }
             if !self.leading() {
                 return Ok(());
@@ -420,6 +473,32 @@ impl Publisher for ConfigMapPublisher {
                 Some((ns, root, crl)) => self.reconcile(&ns, &[&root, &crl]).await,
                 None => Err("the namespace and ConfigMap watches are not ready yet".into()),
             }
+        })
+    }
+
+    fn publish_jwks<'a>(&'a self, jwks: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let changed = self.desired.send_if_modified(|d| {
+                let changed = d.jwks.as_deref() != Some(jwks);
+                d.jwks = Some(jwks.to_string());
+                changed
+            });
+            if changed {
+                self.remember([jwks]);
+            }
+            let Some(ns) = self.jwks_namespace.get().filter(|_| self.leading()) else {
+                return Ok(());
+            };
+            let confirmed = *self
+                .jwks_confirmed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if confirmed == Some(digest(jwks)) {
+                return Ok(());
+            }
+            // Like the bundle: Ok only once the ConfigMap holds it, since a new key's
+            // activation waits from its publication.
+            self.reconcile_jwks(ns).await
         })
     }
 }

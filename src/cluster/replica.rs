@@ -70,6 +70,7 @@ impl Replica {
         );
         tokio::spawn(elector.clone().run(shutdown.clone()));
         let configmaps = ConfigMapPublisher::new(client.clone(), Some(elector.subscribe()));
+        configmaps.jwks_namespace(namespace);
         tokio::spawn(configmaps.clone().run(shutdown.clone()));
         let publisher = configmaps.clone();
         // With the Pod Certificates signer, the bundle is also a ClusterTrustBundle, if this

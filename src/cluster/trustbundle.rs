@@ -398,18 +398,32 @@ impl Publisher for AllPublishers {
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
             // Every one is tried, so a failing one does not hold the others back.
-            let mut errors = Vec::new();
+            let mut results = Vec::new();
             for p in &self.0 {
-                if let Err(e) = p.publish(bundle, crl).await {
-                    errors.push(e);
-                }
+                results.push(p.publish(bundle, crl).await);
             }
-            if errors.is_empty() {
-                Ok(())
-            } else {
-                Err(errors.join("; "))
-            }
+            joined(results)
         })
+    }
+
+    fn publish_jwks<'a>(&'a self, jwks: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let mut results = Vec::new();
+            for p in &self.0 {
+                results.push(p.publish_jwks(jwks).await);
+            }
+            joined(results)
+        })
+    }
+}
+
+/// Ok when every publisher succeeded, else every error, joined.
+fn joined(results: Vec<Result<(), String>>) -> Result<(), String> {
+    let errors: Vec<String> = results.into_iter().filter_map(Result::err).collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
     }
 }
 

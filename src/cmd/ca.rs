@@ -1,4 +1,5 @@
-//! `citadel ca status|bundle`: read the CA state without a running server.
+//! `citadel ca status|bundle|crl|jwt-bundle`: read the CA state without a running server;
+//! `rotate-root`, `backup`, `restore`: change it.
 
 use std::path::PathBuf;
 
@@ -21,6 +22,12 @@ pub enum Command {
     Bundle(StateArgs),
     /// Print the current CRLs (PEM), one per authority.
     Crl(StateArgs),
+    /// Print the JWT bundle: the JWK Set of the JWT-SVID signing keys (prepared, active and
+    /// retiring ones), as FetchJwtBundle and the citadel-jwt-bundle ConfigMap serve it.
+    JwtBundle(StateArgs),
+    /// Rotate the JWT-SVID signing key now: a new key joins the JWT bundle at once and signs
+    /// once the running server has published that bundle for 5 refresh hints.
+    RotateJwtKey(StateArgs),
     /// Start a staged root rotation: prepare now, activate after a propagation period,
     /// retire the old root after the old chain's last leaf expired.
     RotateRoot(RotateArgs),
@@ -467,7 +474,31 @@ pub async fn run(cmd: Command) -> CmdResult {
             }
             Ok(())
         }
+        Command::JwtBundle(a) => {
+            match load(&a).await {
+                Ok(j) => {
+                    let hint = j
+                        .policy
+                        .as_ref()
+                        .map(|p| crate::ca::policy::CaPolicy::from_stored(p).rotation.jwt)
+                        .unwrap_or_default()
+                        .refresh_hint;
+                    println!(
+                        "{}",
+                        crate::ca::jwt::render_jwks(&j, hint).map_err(|e| e.to_string())?
+                    );
+                }
+                Err(e) => {
+                    let published =
+                        std::fs::read_to_string(a.state_dir.join(crate::store::file::JWKS_FILE))
+                            .map_err(|_| e)?;
+                    println!("{}", published.trim_end());
+                }
+            }
+            Ok(())
+        }
         Command::RotateRoot(a) => rotate_root(a).await,
+        Command::RotateJwtKey(a) => rotate_jwt_key(a).await,
         Command::Status(a) => {
             let j = load(&a.state).await?;
             let now = crate::clock::system().now();
@@ -503,6 +534,13 @@ pub async fn run(cmd: Command) -> CmdResult {
                     "revoked_certificates": j.revocations.len(),
                     "denied_identities": j.denied.iter().map(|d| &d.identity).collect::<Vec<_>>(),
                     "crl_next_update": j.crls.iter().map(|c| c.next_update).min(),
+                    "jwt_keys": j.jwt_keys.iter().map(|k| serde_json::json!({
+                        "kid": k.kid, "stage": k.stage(), "created_at": k.created_at,
+                        "published_at": k.published_at, "activated_at": k.activated_at,
+                        "deactivated_at": k.deactivated_at, "retired_at": k.retired_at,
+                        "planned_end": k.not_after,
+                    })).collect::<Vec<_>>(),
+                    "jwt_bundle_sequence": j.jwt_bundle_sequence,
                     "policy": j.policy,
                 });
                 println!(
@@ -547,6 +585,26 @@ pub async fn run(cmd: Command) -> CmdResult {
                             .map(when)
                             .unwrap_or_else(|| "after the bundle is published".into())
                     ),
+                }
+                if j.jwt_keys.is_empty() {
+                    println!("JWT-SVID keys: none yet (the server prepares the first at start)");
+                } else {
+                    println!(
+                        "JWT-SVID keys (bundle sequence {}):\n  {:<24} {:<10} {:<17} {:<17} {:<17} PLANNED END",
+                        j.jwt_bundle_sequence, "KID", "STAGE", "CREATED", "PUBLISHED", "ACTIVATED"
+                    );
+                    let or_dash = |t: Option<i64>| t.map(when).unwrap_or_else(|| "-".into());
+                    for k in &j.jwt_keys {
+                        println!(
+                            "  {:<24} {:<10} {:<17} {:<17} {:<17} {}",
+                            k.kid,
+                            k.stage(),
+                            when(k.created_at),
+                            or_dash(k.published_at),
+                            or_dash(k.activated_at),
+                            when(k.not_after)
+                        );
+                    }
                 }
                 match &j.policy {
                     Some(p) => println!(
@@ -707,6 +765,42 @@ async fn request_rotation_via_resource(a: &RotateArgs) -> Result<bool, String> {
         println!("no citadel leader has acted on the request yet; it stays in the spec and the leader acts on it once when it runs (`kubectl describe ca {name} -n {ns}` shows its Events)");
     }
     Ok(true)
+}
+
+/// `citadel ca rotate-jwt-key`: a new JWT key (or the one already prepared), marked as
+/// requested; the server publishes it and activates it after the lead (`ca::plan`).
+async fn rotate_jwt_key(a: StateArgs) -> CmdResult {
+    use crate::ca::plan::Action;
+    let store = a.open().await?;
+    let journal = load(&a).await?;
+    let policy = journal
+        .policy
+        .as_ref()
+        .map(|p| crate::ca::policy::CaPolicy::from_stored(p).rotation)
+        .unwrap_or_default();
+    let now = crate::clock::system().now();
+    let (kid, _) = super::revoke::update_journal(store.as_ref(), |j| {
+        if j.next_jwt_key().is_none() {
+            crate::ca::apply::apply(j, &Action::PrepareJwtKey, now, &policy)
+                .map_err(|e| e.to_string())?;
+        }
+        let k = j
+            .jwt_keys
+            .iter_mut()
+            .find(|k| k.status == crate::journal::Status::Prepared)
+            .ok_or("no JWT key could be prepared")?;
+        k.requested = true;
+        Ok(k.kid.clone())
+    })
+    .await?;
+    tracing::info!(target: "citadel::audit", event = "jwt_key_rotation_requested", kid = %kid, "operator asked for a JWT key rotation");
+    println!(
+        "JWT key {kid} prepared: the server publishes it in the JWT bundle at its next pass and it signs {} after that",
+        crate::duration::format(std::time::Duration::from_secs(
+            policy.jwt.publish_lead() as u64
+        ))
+    );
+    Ok(())
 }
 
 async fn rotate_root(a: RotateArgs) -> CmdResult {

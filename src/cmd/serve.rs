@@ -11,7 +11,7 @@ pub use crate::app::config::{AuthMode, StoreKind};
 use crate::app::{Listeners, ServeConfig};
 use crate::auth::tokenreview::ReviewLimits;
 use crate::ca::bootstrap::CaOptions;
-use crate::ca::policy::{RotationPolicy, TtlPolicy};
+use crate::ca::policy::{JwtKeyPolicy, RotationPolicy, TtlPolicy};
 use crate::clock::{self, SharedClock};
 use crate::duration::clap_parse;
 use crate::hsm::{PinSource, Pkcs11Config};
@@ -361,6 +361,7 @@ pub struct Args {
     /// (mount it into istiod at /etc/external-ca-cert; docs/istio-ra.md). Empty: none.
     #[arg(long, default_value = crate::cluster::csrsigner::DEFAULT_ROOT_SECRET, value_name = "NAME")]
     pub csr_root_secret: String,
+
     /// Where new CA keys are generated and held: `software` (PKCS#8 in the CA journal) or
     /// `pkcs11` (generated inside a PKCS#11 token, never extractable; every CA signature is
     /// made there and the journal records only each key's label and public key). Needs
@@ -402,6 +403,21 @@ pub struct Args {
     /// 16.
     #[arg(long, value_name = "N")]
     pub pkcs11_max_sessions: Option<usize>,
+
+    /// Lifetime of each JWT-SVID (`exp - iat`) signed by citadel.v1.JwtSvidService; at most
+    /// 24h (SPIFFE recommends short JWT-SVIDs: they are bearer tokens).
+    #[arg(long, default_value = "5m", value_parser = clap_parse, value_name = "DUR")]
+    pub jwt_svid_ttl: Duration,
+
+    /// Planned life of each JWT-SVID signing key: its successor is prepared (and published
+    /// in the JWT bundle) at 1/2 of it and signs from 5/6, once published for 5 refresh hints.
+    #[arg(long, default_value = "30d", value_parser = clap_parse, value_name = "DUR")]
+    pub jwt_key_ttl: Duration,
+
+    /// The JWT bundle's `spiffe_refresh_hint`: how often relying parties should fetch it. A
+    /// new JWT key signs no earlier than 5 hints after its bundle was published.
+    #[arg(long, default_value = "5m", value_parser = clap_parse, value_name = "DUR")]
+    pub jwt_bundle_refresh_hint: Duration,
 }
 
 /// Checks one `--trusted-node-accounts` entry at parse time, so a typo stops the start with
@@ -496,6 +512,12 @@ impl Args {
                 max_leaf_ttl: self.max_ttl,
                 crl_validity: self.crl_validity,
                 skew_margin: self.clock_skew_margin,
+                jwt: JwtKeyPolicy {
+                    key_ttl: self.jwt_key_ttl,
+                    svid_ttl: self.jwt_svid_ttl,
+                    refresh_hint: self.jwt_bundle_refresh_hint,
+                    ..JwtKeyPolicy::default()
+                },
             },
             tls_names: (!self.plaintext).then_some(self.server_dns_names),
             reconcile_interval: self.reconcile_interval,

@@ -11,8 +11,7 @@ use std::time::Instant;
 
 use tonic::{Code, Request, Response, Status};
 
-use crate::auth::issue_path::{CsrInput, IssueError, IssuePath, IssueRequest, Requester, Ttl};
-use crate::auth::{Caller, Credentials};
+use crate::auth::issue_path::{CsrInput, IssueError, IssueRequest, Requester, Ttl};
 use crate::ca::issue::IssueFailure;
 use crate::ca::SignError;
 use crate::pki::csr::MAX_CSR_BYTES;
@@ -23,7 +22,7 @@ use crate::proto::istio_certificate_service_server::{
 use crate::proto::{IstioCertificateRequest, IstioCertificateResponse};
 
 use super::metrics::Metrics;
-use super::port::CaPort;
+use super::port::{issue_code, CaPort, CallerError};
 
 pub use crate::auth::issue_path::IMPERSONATION_REFUSED;
 
@@ -52,38 +51,12 @@ impl IstioError {
     /// istiod's codes: Unauthenticated, InvalidArgument, PermissionDenied, Unavailable,
     /// ResourceExhausted, Internal. The only place this surface builds a `tonic::Status`.
     pub fn status(&self) -> Status {
-        let not_ready = |e: &dyn std::fmt::Display| format!("CA is not ready: {e}");
         let (code, message) = match self {
             IstioError::CsrTooLarge(_) => (Code::InvalidArgument, self.to_string()),
             IstioError::Busy | IstioError::Throttled(_) => {
                 (Code::ResourceExhausted, self.to_string())
             }
-            IstioError::Issue(e) => match e {
-                IssueError::Unauthenticated(_) => (Code::Unauthenticated, e.to_string()),
-                IssueError::Ttl(_) | IssueError::Csr(_) => (Code::InvalidArgument, e.to_string()),
-                IssueError::ImpersonationRefused(_)
-                | IssueError::OtherIdentity { .. }
-                | IssueError::Ca(IssueFailure::Denied { .. }) => {
-                    (Code::PermissionDenied, e.to_string())
-                }
-                IssueError::AuthUnavailable(_)
-                | IssueError::PodIndexStale { .. }
-                | IssueError::PodIndexNotSynced
-                | IssueError::Ca(
-                    IssueFailure::NoSigner | IssueFailure::Expired(_) | IssueFailure::Index,
-                )
-                | IssueError::Unaudited => (Code::Unavailable, not_ready(e)),
-                // An HSM that is away or busy: istio-agent retries Unavailable. The token's
-                // name and error are logged, not sent.
-                IssueError::Ca(IssueFailure::Sign(SignError::Key(KeyError::Unavailable(_)))) => (
-                    Code::Unavailable,
-                    "CA is not ready: the CA signing key is unavailable; retry shortly".into(),
-                ),
-                // The cause is logged, not sent.
-                IssueError::Ca(IssueFailure::Sign(_)) | IssueError::TooShort { .. } => {
-                    (Code::Internal, "signing failed".into())
-                }
-            },
+            IstioError::Issue(e) => issue_code(e),
         };
         Status::new(code, message)
     }
@@ -135,26 +108,6 @@ pub fn service(port: &Arc<CaPort>) -> IstioCertificateServiceServer<IstioService
         .max_decoding_message_size(super::MAX_MESSAGE_BYTES)
 }
 
-fn bearer(req: &Request<IstioCertificateRequest>) -> Result<Option<&str>, IstioError> {
-    let unauthenticated = |why: &str| IstioError::Issue(IssueError::Unauthenticated(why.into()));
-    let Some(v) = req.metadata().get("authorization") else {
-        return Ok(None);
-    };
-    let v = v
-        .to_str()
-        .map_err(|_| unauthenticated("authorization header is not ASCII"))?;
-    match v.split_once(' ') {
-        Some((scheme, token))
-            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
-        {
-            Ok(Some(token.trim()))
-        }
-        _ => Err(unauthenticated(
-            "authorization header must be \"Bearer <token>\"",
-        )),
-    }
-}
-
 fn metadata_string<'a>(req: &'a IstioCertificateRequest, key: &str) -> Option<&'a str> {
     use prost_types::value::Kind;
     match req.metadata.as_ref()?.fields.get(key)?.kind.as_ref()? {
@@ -164,44 +117,6 @@ fn metadata_string<'a>(req: &'a IstioCertificateRequest, key: &str) -> Option<&'
 }
 
 impl IstioService {
-    /// Authenticates credentials that cost a verification or a TokenReview, under the
-    /// per-peer throttle: a peer that keeps failing is refused before they are read. Every
-    /// failed authentication counts toward it, whatever its code: Unauthenticated, and
-    /// Unavailable too (a TokenReview that could not be sent or had no turn in the queue),
-    /// since plausible forgeries that fill the review queue are exactly what the throttle
-    /// is for. Failures after authentication (a refused CSR, impersonation) do not count:
-    /// the caller has proven who it is.
-    async fn authenticate(
-        &self,
-        req: &Request<IstioCertificateRequest>,
-        creds: Credentials<'_>,
-        header_problem: Option<IstioError>,
-    ) -> Result<Caller, IstioError> {
-        let port = &self.port;
-        let peer = req.remote_addr().map(|a| a.ip());
-        let now = port.issue.clock.now().unix_timestamp_nanos() as f64 / 1e9;
-        if let Some(ip) = peer {
-            if let Err(t) = port.throttle.check(ip, now) {
-                return Err(IstioError::Throttled(t.retry_after_secs));
-            }
-        }
-        IssuePath::authenticate(&port.auth, creds)
-            .await
-            .map_err(|e| {
-                if let Some(ip) = peer {
-                    if port.throttle.failed(ip, now) {
-                        tracing::warn!(peer = %super::peer::PeerKey::of(ip), "this address failed authentication too often; its calls with credentials not yet verified are refused unread until it earns failures back (--auth-failure-burst, citadel_auth_throttled_total)");
-                    }
-                }
-                match (e, header_problem) {
-                    // The credential could not be checked (API server down): retryable.
-                    (e @ IssueError::AuthUnavailable(_), _) => IstioError::Issue(e),
-                    (_, Some(problem)) => problem,
-                    (e, None) => IstioError::Issue(e),
-                }
-            })
-    }
-
     /// Decodes the request, authenticates its caller, and hands the rest to the issue path.
     async fn issue(
         &self,
@@ -212,30 +127,18 @@ impl IstioService {
             return Err(IstioError::CsrTooLarge(msg.csr.len()));
         }
         let peer_chain = req.peer_certs();
-        // A malformed Authorization header does not stop a valid client certificate from
-        // authenticating (first success wins); it is reported only if nothing succeeds.
-        let (bearer, header_problem) = match bearer(req) {
-            Ok(b) => (b, None),
-            Err(e) => (None, Some(e)),
-        };
-        // istiod reads `clusterid` only when sent exactly once.
-        let mut cluster_ids = req.metadata().get_all("clusterid").iter();
-        let cluster_id = match (cluster_ids.next(), cluster_ids.next()) {
-            (Some(v), None) => v.to_str().ok().filter(|v| !v.is_empty()),
-            _ => None,
-        };
-        let creds = Credentials {
-            bearer,
-            peer_chain: peer_chain.as_ref().map(|c| c.as_slice()),
-            cluster_id,
-        };
-        let caller = match self.port.auth.verified(creds) {
-            // A valid client certificate or an already-reviewed token costs nothing to
-            // check, so it is served even when its address is throttled: peers behind one
-            // SNAT address or gateway are not locked out by one of them failing.
-            Some(caller) => caller,
-            None => self.authenticate(req, creds, header_problem).await?,
-        };
+        let caller = self
+            .port
+            .caller(
+                req.metadata(),
+                req.remote_addr(),
+                peer_chain.as_ref().map(|c| c.as_slice()),
+            )
+            .await
+            .map_err(|e| match e {
+                CallerError::Throttled(t) => IstioError::Throttled(t),
+                CallerError::Issue(e) => IstioError::Issue(e),
+            })?;
         let done = self.port.issue.issue(IssueRequest {
             requester: Requester::Workload {
                 caller: &caller,

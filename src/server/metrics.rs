@@ -51,6 +51,10 @@ pub struct Metrics {
     /// Other ClusterTrustBundles claiming the Pod Certificates signer name, as the leader
     /// last saw them (set when the ClusterTrustBundle is published).
     pub foreign_trust_bundles: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    /// JWT-SVIDs signed (`citadel_jwt_svid_issued_total`).
+    pub jwt_svid_issued: Counter,
+    /// JWT-SVID and JWT bundle calls refused, by gRPC code (`citadel_jwt_svid_refused_total`).
+    jwt_svid_refused: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 /// Appends one component's metrics to the exposition text.
@@ -130,6 +134,16 @@ impl Metrics {
             .or_default() += 1;
     }
 
+    /// Counts a refused JWT-SVID (or JWT bundle) call under its gRPC code's name.
+    pub fn jwt_svid_refused(&self, code: &'static str) {
+        *self
+            .jwt_svid_refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(code)
+            .or_default() += 1;
+    }
+
     /// The Prometheus text exposition of these counters and of `ca`'s signer (expiry, roots,
     /// rotation, CRLs).
     pub fn render(&self, ca: &Ca) -> String {
@@ -194,6 +208,22 @@ impl Metrics {
                 out,
                 "citadel_server_csr_sign_err_count{{error=\"{kind}\"}} {v}"
             );
+        }
+
+        counter(
+            &mut out,
+            "citadel_jwt_svid_issued_total",
+            "JWT-SVIDs signed (citadel.v1.JwtSvidService/FetchJwtSvid).",
+            self.jwt_svid_issued.get(),
+        );
+        let _ = writeln!(out, "# HELP citadel_jwt_svid_refused_total JWT-SVID service calls refused, by gRPC code.\n# TYPE citadel_jwt_svid_refused_total counter");
+        for (code, v) in self
+            .jwt_svid_refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(out, "citadel_jwt_svid_refused_total{{code=\"{code}\"}} {v}");
         }
 
         let name = "citadel_server_csr_latency_seconds";

@@ -11,6 +11,7 @@ pub mod conn;
 pub mod http;
 mod instrument;
 pub mod istio;
+pub mod jwtsvid;
 pub mod metrics;
 pub mod peer;
 pub mod port;

@@ -1,15 +1,84 @@
 //! What every surface on the CA port shares: the issue path, the caller chain, the in-flight
-//! limit, the failed-authentication throttle and the counters. Below the surfaces and the
-//! router, so a surface never imports the router that lists it.
+//! limit, the failed-authentication throttle and the counters, and the one way a surface
+//! learns who calls ([`CaPort::caller`]: the `authorization` and `clusterid` headers, the
+//! client certificate, under the throttle). Below the surfaces and the router, so a surface
+//! never imports the router that lists it.
 
 use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
+use rustls_pki_types::CertificateDer;
+use tonic::metadata::MetadataMap;
+use tonic::Code;
+
 use super::metrics::Metrics;
 use super::throttle::AuthThrottle;
-use crate::auth::issue_path::IssuePath;
-use crate::auth::AuthChain;
+use crate::auth::issue_path::{IssueError, IssuePath};
+use crate::auth::{AuthChain, Caller, Credentials};
+use crate::ca::issue::IssueFailure;
+use crate::ca::SignError;
+use crate::pki::KeyError;
+
+/// The gRPC code and message of a refusal of the shared issue path: the same on every
+/// CA-port surface (istiod's codes), so each surface's one mapping (`IstioError::status`,
+/// `JwtSvidError::status`) hands these on rather than restating them.
+pub fn issue_code(e: &IssueError) -> (Code, String) {
+    let not_ready = |e: &dyn std::fmt::Display| format!("CA is not ready: {e}");
+    match e {
+        IssueError::Unauthenticated(_) => (Code::Unauthenticated, e.to_string()),
+        IssueError::Ttl(_) | IssueError::Csr(_) => (Code::InvalidArgument, e.to_string()),
+        IssueError::ImpersonationRefused(_)
+        | IssueError::OtherIdentity { .. }
+        | IssueError::Ca(IssueFailure::Denied { .. }) => (Code::PermissionDenied, e.to_string()),
+        IssueError::AuthUnavailable(_)
+        | IssueError::PodIndexStale { .. }
+        | IssueError::PodIndexNotSynced
+        | IssueError::Ca(IssueFailure::NoSigner | IssueFailure::Expired(_) | IssueFailure::Index)
+        | IssueError::Unaudited => (Code::Unavailable, not_ready(e)),
+        // An HSM that is away or busy: istio-agent retries Unavailable. The token's name and
+        // error are logged, not sent.
+        IssueError::Ca(IssueFailure::Sign(SignError::Key(KeyError::Unavailable(_)))) => (
+            Code::Unavailable,
+            "CA is not ready: the CA signing key is unavailable; retry shortly".into(),
+        ),
+        // The cause is logged, not sent.
+        IssueError::Ca(IssueFailure::Sign(_)) | IssueError::TooShort { .. } => {
+            (Code::Internal, "signing failed".into())
+        }
+    }
+}
+
+/// Why a CA-port call has no caller.
+#[derive(Debug)]
+pub enum CallerError {
+    /// Its peer address failed authentication too often: seconds until it may try again.
+    Throttled(f64),
+    /// Authentication failed (or could not be checked now).
+    Issue(IssueError),
+}
+
+/// The bearer token of `authorization: Bearer <token>`; `None` without the header, an
+/// Unauthenticated error for a malformed one.
+pub fn bearer(metadata: &MetadataMap) -> Result<Option<&str>, IssueError> {
+    let unauthenticated = |why: &str| IssueError::Unauthenticated(why.into());
+    let Some(v) = metadata.get("authorization") else {
+        return Ok(None);
+    };
+    let v = v
+        .to_str()
+        .map_err(|_| unauthenticated("authorization header is not ASCII"))?;
+    match v.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(Some(token.trim()))
+        }
+        _ => Err(unauthenticated(
+            "authorization header must be \"Bearer <token>\"",
+        )),
+    }
+}
 
 /// What the surfaces of the CA port share.
 pub struct CaPort {
@@ -23,4 +92,66 @@ pub struct CaPort {
     pub inflight: Arc<Semaphore>,
     /// Failed authentications per peer address (`Limits::auth_throttle`).
     pub throttle: Arc<AuthThrottle>,
+}
+
+impl CaPort {
+    /// Who calls, from a request's headers, peer address and client certificate chain.
+    ///
+    /// A malformed Authorization header does not stop a valid client certificate from
+    /// authenticating (first success wins); it is reported only if nothing succeeds.
+    /// `clusterid` is read only when sent exactly once (istiod's rule). A valid client
+    /// certificate or an already-reviewed token costs nothing to check, so it is served even
+    /// when its address is throttled: peers behind one SNAT address or gateway are not locked
+    /// out by one of them failing. Everything else is authenticated under the per-peer
+    /// throttle: a peer that keeps failing is refused before its credentials are read. Every
+    /// failed authentication counts toward it, whatever its code: Unauthenticated, and
+    /// Unavailable too (a TokenReview that could not be sent or had no turn in the queue),
+    /// since plausible forgeries that fill the review queue are exactly what the throttle is
+    /// for. Failures after authentication do not count: the caller has proven who it is.
+    pub async fn caller(
+        &self,
+        metadata: &MetadataMap,
+        remote: Option<std::net::SocketAddr>,
+        peer_chain: Option<&[CertificateDer<'static>]>,
+    ) -> Result<Caller, CallerError> {
+        let (bearer, header_problem) = match bearer(metadata) {
+            Ok(b) => (b, None),
+            Err(e) => (None, Some(e)),
+        };
+        let mut cluster_ids = metadata.get_all("clusterid").iter();
+        let cluster_id = match (cluster_ids.next(), cluster_ids.next()) {
+            (Some(v), None) => v.to_str().ok().filter(|v| !v.is_empty()),
+            _ => None,
+        };
+        let creds = Credentials {
+            bearer,
+            peer_chain,
+            cluster_id,
+        };
+        if let Some(caller) = self.auth.verified(creds) {
+            return Ok(caller);
+        }
+        let peer = remote.map(|a| a.ip());
+        let now = self.issue.clock.now().unix_timestamp_nanos() as f64 / 1e9;
+        if let Some(ip) = peer {
+            if let Err(t) = self.throttle.check(ip, now) {
+                return Err(CallerError::Throttled(t.retry_after_secs));
+            }
+        }
+        IssuePath::authenticate(&self.auth, creds)
+            .await
+            .map_err(|e| {
+                if let Some(ip) = peer {
+                    if self.throttle.failed(ip, now) {
+                        tracing::warn!(peer = %super::peer::PeerKey::of(ip), "this address failed authentication too often; its calls with credentials not yet verified are refused unread until it earns failures back (--auth-failure-burst, citadel_auth_throttled_total)");
+                    }
+                }
+                match (e, header_problem) {
+                    // The credential could not be checked (API server down): retryable.
+                    (e @ IssueError::AuthUnavailable(_), _) => CallerError::Issue(e),
+                    (_, Some(problem)) => CallerError::Issue(problem),
+                    (e, None) => CallerError::Issue(e),
+                }
+            })
+    }
 }

@@ -25,6 +25,8 @@ pub const JOURNAL_FILE: &str = "ca-journal.json";
 pub const BUNDLE_FILE: &str = "root-cert.pem";
 /// The CRLs' file name (0644).
 pub const CRL_FILE: &str = "ca-crl.pem";
+/// The JWT bundle's file name (0644): a JWK Set of the JWT-SVID signing keys.
+pub const JWKS_FILE: &str = "jwt-bundle.json";
 
 /// CA state in a local directory; see the module comment for the layout.
 #[derive(Debug, Clone)]
@@ -161,6 +163,10 @@ impl Store for FileStore {
 
     fn publish_crl<'a>(&'a self, crl_pem: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move { self.publish_file(CRL_FILE, crl_pem) })
+    }
+
+    fn publish_jwks<'a>(&'a self, jwks: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move { self.publish_file(JWKS_FILE, jwks) })
     }
 }
 

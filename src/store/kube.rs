@@ -33,6 +33,12 @@ pub trait Publisher: Send + Sync {
         bundle_pem: Option<&'a str>,
         crl_pem: Option<&'a str>,
     ) -> BoxFuture<'a, Result<(), String>>;
+
+    /// Publishes the JWT bundle (a JWK Set); the default publishes nowhere.
+    fn publish_jwks<'a>(&'a self, jwks: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        let _ = jwks;
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
 
 /// CA state in Secrets of one namespace, published through an optional [`Publisher`].
@@ -296,6 +302,18 @@ impl Store for KubeStore {
             .journal_bytes
             .load(std::sync::atomic::Ordering::Relaxed);
         (bytes > 0).then_some((bytes, SECRET_DATA_LIMIT))
+    }
+
+    fn publish_jwks<'a>(&'a self, jwks: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            match &self.publisher {
+                Some(p) => p.publish_jwks(jwks).await.map_err(|e| StoreError::Corrupt {
+                    what: "JWT bundle ConfigMap".into(),
+                    reason: e,
+                }),
+                None => Ok(()),
+            }
+        })
     }
 
     fn publish_crl<'a>(&'a self, crl_pem: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {

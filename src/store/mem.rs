@@ -18,6 +18,7 @@ pub struct MemStore {
     journal: Mutex<Option<(Journal, u64)>>,
     bundle: Mutex<String>,
     crl: Mutex<String>,
+    jwks: Mutex<String>,
     mutations: AtomicUsize,
     /// Fail at this mutation number: `(n, false)` before it takes effect, `(n, true)` just
     /// after.
@@ -60,6 +61,11 @@ impl MemStore {
     /// The CRLs last published.
     pub fn crl(&self) -> String {
         self.crl.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The JWT bundle last published.
+    pub fn jwks(&self) -> String {
+        self.jwks.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Mutations so far (journal writes and changed publications).
@@ -153,5 +159,9 @@ impl Store for MemStore {
 
     fn publish_crl<'a>(&'a self, pem: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(std::future::ready(self.publish(&self.crl, pem)))
+    }
+
+    fn publish_jwks<'a>(&'a self, jwks: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(std::future::ready(self.publish(&self.jwks, jwks)))
     }
 }

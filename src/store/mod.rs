@@ -81,6 +81,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Publishes the CRLs (`ca-crl.pem`).
     fn publish_crl<'a>(&'a self, crl_pem: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
 
+    /// Publishes the JWT bundle (a JWK Set, `ca::jwt::render_jwks`) where relying parties
+    /// and operators look for it. The default publishes nowhere (the bundle is still served
+    /// by the CA port's FetchJwtBundle).
+    fn publish_jwks<'a>(&'a self, jwks: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        let _ = jwks;
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     /// The most bytes a write that adds revocations or denials may leave the journal at
     /// ([`crate::ca::update::update_revocations`] refuses beyond it), so the rest of a bounded
     /// backend always stays free for rotation and CRL re-signing. `None`: unbounded (files).

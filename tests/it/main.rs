@@ -16,6 +16,7 @@ mod errors;
 mod hsm;
 mod issue;
 mod istiod_ra;
+mod jwt_svid;
 mod kit;
 mod kube;
 mod kube_abuse;

@@ -133,6 +133,8 @@ const MUST_NOT: &[Req] = &[
     req("list", "", "configmaps", "shop", ""),
     req("list", "", "configmaps", "", ""),
     req("delete", "", "configmaps", "shop", "istio-ca-root-cert"),
+    // The JWT bundle is the CA namespace's only: not another namespace's of that name.
+    req("update", "", "configmaps", "shop", "citadel-jwt-bundle"),
     // citadel's old plugged-roots record is a Secret now, not a ConfigMap it may rewrite.
     req(
         "update",
@@ -263,6 +265,21 @@ const MUST: &[Req] = &[
     ),
     req("get", "", "secrets", "istio-system", "istio-ca-secret"),
     req("update", "", "secrets", "istio-system", "istio-ca-secret"),
+    // The JWT bundle ConfigMap, in its own namespace.
+    req(
+        "get",
+        "",
+        "configmaps",
+        "istio-system",
+        "citadel-jwt-bundle",
+    ),
+    req(
+        "update",
+        "",
+        "configmaps",
+        "istio-system",
+        "citadel-jwt-bundle",
+    ),
     req("get", "", "secrets", "istio-system", "cacerts"),
     req("list", "", "secrets", "istio-system", "cacerts"),
     req("watch", "", "secrets", "istio-system", "cacerts"),

@@ -306,18 +306,22 @@ async fn plugged_in_ca_crl_is_honoured_and_published() {
 /// scripts/test.sh, which exports its path as CITADEL_GOSPIFFE). None skips the caller's
 /// check; under CI=true a missing validator fails instead.
 pub(crate) fn gospiffe() -> Option<std::path::PathBuf> {
-    if let Some(p) = std::env::var_os("CITADEL_GOSPIFFE").map(std::path::PathBuf::from) {
+    built_program("CITADEL_GOSPIFFE", "the go-spiffe validator")
+}
+
+/// A program scripts/test.sh built and exported as `var`; None skips the caller's check,
+/// and under CI=true a missing one fails instead.
+pub(crate) fn built_program(var: &str, what: &str) -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os(var).map(std::path::PathBuf::from) {
         if p.is_file() {
             return Some(p);
         }
     }
     assert!(
         std::env::var("CI").as_deref() != Ok("true"),
-        "the go-spiffe validator is required under CI=true (CITADEL_GOSPIFFE); run scripts/test.sh"
+        "{what} is required under CI=true ({var}); run scripts/test.sh"
     );
-    eprintln!(
-        "SKIPPED: go-spiffe validator not built (set CITADEL_GOSPIFFE; scripts/test.sh builds it)"
-    );
+    eprintln!("SKIPPED: {what} not built (set {var}; scripts/test.sh builds it)");
     None
 }
 

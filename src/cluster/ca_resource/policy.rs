@@ -172,6 +172,8 @@ pub fn effective_policy(
             )?,
             // Not a setting of its own: how long a workload leaf lives at most.
             max_leaf_ttl: ttl.max,
+            // The spec has no JWT-SVID fields (yet): the flags'.
+            jwt: r.jwt,
         },
         ttl,
     };
