@@ -150,6 +150,21 @@ pub struct ServeConfig {
     /// The Pod Certificates signer and its ClusterTrustBundle (`--store kube` only); `None`
     /// signs no PodCertificateRequests.
     pub pod_certificates: Option<PodCertConfig>,
+    /// Linkerd's Certify on the CA port (`--linkerd-identity-domain`); `None` does not serve it.
+    pub linkerd: Option<LinkerdConfig>,
+}
+
+/// Linkerd's identity service on the CA port (docs/linkerd.md).
+#[derive(Debug, Clone)]
+pub struct LinkerdConfig {
+    /// The control-plane namespace and identity domain of the DNS-form identities.
+    pub names: crate::identity::LinkerdNames,
+    /// Also put the SPIFFE ID in Linkerd leaves, so one workload is known to both meshes.
+    pub spiffe_san: bool,
+    /// How long a positive TokenReview (audience `identity.l5d.io`) is reused.
+    pub cache_ttl: Duration,
+    /// Rate, burst and longest wait for those reviews.
+    pub limits: ReviewLimits,
 }
 
 impl ServeConfig {
@@ -187,6 +202,7 @@ impl ServeConfig {
             ca_resource_caps: Default::default(),
             activate_after_explicit: false,
             pod_certificates: None,
+            linkerd: None,
         }
     }
 

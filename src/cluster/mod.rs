@@ -105,6 +105,7 @@ pub mod cacerts;
 pub mod controller;
 pub mod crds;
 pub mod leader;
+pub mod linkerd_drift;
 pub mod names;
 pub mod podcert;
 pub mod pods;

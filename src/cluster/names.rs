@@ -13,6 +13,12 @@ pub const ROOT_KEY: &str = "root-cert.pem";
 pub const CRL_CONFIGMAP: &str = "istio-ca-crl";
 /// The key of the CRLs in that ConfigMap.
 pub const CRL_KEY: &str = "ca-crl.pem";
+/// Linkerd's trust anchors ConfigMap, in its control-plane namespace only: its proxy injector
+/// inlines it into each injected pod, and the control plane's own proxies read it through a
+/// `configMapKeyRef`, both when the pod is created (`--linkerd-identity-domain`).
+pub const LINKERD_ANCHORS_CONFIGMAP: &str = "linkerd-identity-trust-roots";
+/// The key of the anchors (PEM) in that ConfigMap.
+pub const LINKERD_ANCHORS_KEY: &str = "ca-bundle.crt";
 
 /// The `CertificateAuthority` kind, for controllers that only put Events on it and so need no
 /// typed access (the type is `ca_resource`'s; its unit test checks the two agree).

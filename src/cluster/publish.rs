@@ -1,6 +1,8 @@
 //! Publishes the trust bundle (`istio-ca-root-cert`, key `root-cert.pem`, label
 //! `istio.io/config=true`) and the CRLs (`istio-ca-crl`, key `ca-crl.pem`) into every
-//! namespace but kube-public and kube-node-lease.
+//! namespace but kube-public and kube-node-lease; with `--linkerd-identity-domain`, also the
+//! same bundle as Linkerd's trust anchors (`linkerd-identity-trust-roots`, key
+//! `ca-bundle.crt`) in Linkerd's control-plane namespace only.
 //!
 //! Two ways in, one reconcile: the scheduler's `publish` (new bundle or CRL) makes a full pass
 //! over every namespace, and only returns Ok once every namespace holds it, because a new root
@@ -26,7 +28,10 @@ use kube::runtime::{watcher, Controller, WatchStreamExt};
 use kube::Resource;
 use tokio::sync::{watch, Mutex};
 
-use super::names::{CRL_CONFIGMAP, CRL_KEY, ROOT_CONFIGMAP, ROOT_KEY};
+use super::names::{
+    CRL_CONFIGMAP, CRL_KEY, LINKERD_ANCHORS_CONFIGMAP, LINKERD_ANCHORS_KEY, ROOT_CONFIGMAP,
+    ROOT_KEY,
+};
 use crate::future::BoxFuture;
 use crate::shutdown::Shutdown;
 use crate::store::kube::Publisher;
@@ -35,8 +40,14 @@ const SKIPPED: [&str; 2] = ["kube-public", "kube-node-lease"];
 /// Namespaces a full publishing pass writes at once.
 const PASS_CONCURRENCY: usize = 16;
 
-/// Namespaces, then the root-cert and CRL ConfigMaps, as the list-watches see them.
-type Caches = (Cache<Namespace>, Cache<ConfigMap>, Cache<ConfigMap>);
+/// Namespaces, then the root-cert and CRL ConfigMaps, and Linkerd's anchors when published,
+/// as the list-watches see them.
+type Caches = (
+    Cache<Namespace>,
+    Cache<ConfigMap>,
+    Cache<ConfigMap>,
+    Option<Cache<ConfigMap>>,
+);
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Desired {
@@ -61,6 +72,12 @@ pub struct ConfigMapPublisher {
     /// The CertificateAuthority resource (namespace, name) that also gets each drift Event, so
     /// `kubectl describe ca` shows every repair in one place.
     certificate_authority: std::sync::OnceLock<(String, String)>,
+    /// Linkerd's control-plane namespace, where the bundle is also written as Linkerd's trust
+    /// anchors ([`ConfigMapPublisher::publish_linkerd_anchors`]).
+    linkerd_ns: std::sync::OnceLock<String>,
+    /// The time Linkerd's anchors are stamped with when they change
+    /// (`linkerd_drift::CHANGED_AT`).
+    clock: std::sync::OnceLock<crate::clock::SharedClock>,
 }
 
 /// A reconcile that failed; the controller retries it.
@@ -99,7 +116,19 @@ impl ConfigMapPublisher {
             history: std::sync::Mutex::new(Vec::new()),
             writes: AtomicU64::new(0),
             certificate_authority: std::sync::OnceLock::new(),
+            linkerd_ns: std::sync::OnceLock::new(),
+            clock: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Also publishes the bundle as Linkerd's trust anchors in `namespace` (ConfigMap
+    /// `linkerd-identity-trust-roots`, key `ca-bundle.crt`), watched and repaired like the
+    /// others, and stamped with the time (on `clock`) its anchor set last changed, which the
+    /// anchor drift count reads (`cluster::linkerd_drift`). Set once, before
+    /// [`ConfigMapPublisher::run`].
+    pub fn publish_linkerd_anchors(&self, namespace: &str, clock: crate::clock::SharedClock) {
+        let _ = self.linkerd_ns.set(namespace.to_string());
+        let _ = self.clock.set(clock);
     }
 
     /// Also records each drift Event on `CertificateAuthority/<name>` in `namespace` (when it
@@ -152,6 +181,13 @@ impl ConfigMapPublisher {
         };
         let (root_cache, root_stream) = configmaps(ROOT_CONFIGMAP);
         let (crl_cache, crl_stream) = configmaps(CRL_CONFIGMAP);
+        let (linkerd_cache, linkerd_stream) = match self.linkerd_ns.get() {
+            Some(_) => {
+                let (cache, stream) = configmaps(LINKERD_ANCHORS_CONFIGMAP);
+                (Some(cache), Some(stream))
+            }
+            None => (None, None),
+        };
         let to_namespace = |cm: ConfigMap| {
             cm.metadata
                 .namespace
@@ -161,7 +197,12 @@ impl ConfigMapPublisher {
         let ready = {
             let (me, caches) = (
                 self.clone(),
-                (ns_cache.clone(), root_cache.clone(), crl_cache.clone()),
+                (
+                    ns_cache.clone(),
+                    root_cache.clone(),
+                    crl_cache.clone(),
+                    linkerd_cache.clone(),
+                ),
             );
             tokio::spawn(async move {
                 // Re-polled on a short timer rather than awaited once: the controller waits
@@ -179,13 +220,21 @@ impl ConfigMapPublisher {
                 ready(&caches.0).await;
                 let _ = caches.1.wait_until_ready().await;
                 let _ = caches.2.wait_until_ready().await;
+                if let Some(c) = &caches.3 {
+                    let _ = c.wait_until_ready().await;
+                }
                 tracing::debug!("namespace and ConfigMap caches ready");
                 *me.caches.lock().await = Some(caches);
             })
         };
-        Controller::for_stream(ns_stream, ns_cache)
+        let controller = Controller::for_stream(ns_stream, ns_cache)
             .watches_stream(root_stream, to_namespace)
-            .watches_stream(crl_stream, to_namespace)
+            .watches_stream(crl_stream, to_namespace);
+        let controller = match linkerd_stream {
+            Some(s) => controller.watches_stream(s, to_namespace),
+            None => controller,
+        };
+        controller
             .graceful_shutdown_on(stop)
             .run(
                 |ns, me: Arc<Self>| async move { me.reconcile_namespace(&ns).await },
@@ -204,11 +253,13 @@ impl ConfigMapPublisher {
 
     /// The controller's reconcile: one namespace, from the caches.
     async fn reconcile_namespace(&self, ns: &Namespace) -> Result<Action, PublishError> {
-        let Some((_, root, crl)) = self.caches.lock().await.clone() else {
+        let Some((_, root, crl, linkerd)) = self.caches.lock().await.clone() else {
             // The ConfigMap caches are still listing; come back shortly.
             return Ok(Action::requeue(Duration::from_secs(1)));
         };
-        self.reconcile_one(ns, &[&root, &crl])
+        let mut caches = vec![&root, &crl];
+        caches.extend(linkerd.as_ref());
+        self.reconcile_one(ns, &caches)
             .await
             .map_err(PublishError)?;
         Ok(Action::requeue(RESYNC))
@@ -231,7 +282,8 @@ impl ConfigMapPublisher {
         results.into_iter().collect()
     }
 
-    /// Both ConfigMaps of one namespace, as desired now.
+    /// Both ConfigMaps of one namespace (and Linkerd's anchors in its control-plane
+    /// namespace), as desired now.
     async fn reconcile_one(
         &self,
         ns: &Namespace,
@@ -244,10 +296,17 @@ impl ConfigMapPublisher {
             return Ok(());
         }
         let want = self.desired.borrow().clone();
-        let items: [(&str, &str, Option<&String>); 2] = [
+        let mut items: Vec<(&str, &str, Option<&String>)> = vec![
             (ROOT_CONFIGMAP, ROOT_KEY, want.bundle.as_ref()),
             (CRL_CONFIGMAP, CRL_KEY, want.crl.as_ref()),
         ];
+        if self.linkerd_ns.get().map(String::as_str) == Some(name) {
+            items.push((
+                LINKERD_ANCHORS_CONFIGMAP,
+                LINKERD_ANCHORS_KEY,
+                want.bundle.as_ref(),
+            ));
+        }
         for (cm, key, content) in items {
             let Some(content) = content else { continue };
             let current = caches
@@ -294,6 +353,9 @@ impl ConfigMapPublisher {
             data: Some(BTreeMap::from([(key.to_string(), content.to_string())])),
             ..Default::default()
         };
+        if name == LINKERD_ANCHORS_CONFIGMAP {
+            cm.metadata.annotations = self.anchors_changed_at(current, held, content);
+        }
         cm.metadata.name = Some(name.into());
         cm.metadata.labels = Some(BTreeMap::from([(
             "istio.io/config".to_string(),
@@ -330,6 +392,36 @@ impl ConfigMapPublisher {
 }
 
 impl ConfigMapPublisher {
+    /// The `linkerd_drift::CHANGED_AT` annotation for Linkerd's anchors: kept while the set
+    /// is the one held (a repaired label or annotation is no change of anchors), now when it
+    /// changes. Compared as certificate sets, so a reformatted bundle is no change either.
+    fn anchors_changed_at(
+        &self,
+        current: Option<&ConfigMap>,
+        held: Option<&str>,
+        content: &str,
+    ) -> Option<BTreeMap<String, String>> {
+        use super::linkerd_drift::CHANGED_AT;
+        let set = |pem: &str| {
+            crate::pki::pem::parse_certs(pem.as_bytes())
+                .map(|v| {
+                    v.into_iter()
+                        .map(|c| c.to_vec())
+                        .collect::<std::collections::BTreeSet<_>>()
+                })
+                .ok()
+        };
+        let kept = current
+            .and_then(|c| c.metadata.annotations.as_ref()?.get(CHANGED_AT).cloned())
+            .filter(|_| held.is_some_and(|h| set(h) == set(content)));
+        let at = kept.or_else(|| {
+            let now = self.clock.get()?.now();
+            now.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })?;
+        Some(BTreeMap::from([(CHANGED_AT.to_string(), at)]))
+    }
+
     fn published_before(&self, content: &str) -> bool {
         let d = digest(content);
         self.history
@@ -417,7 +509,11 @@ impl Publisher for ConfigMapPublisher {
             // retried on the next pass). Reconciling is idempotent and reads from the caches.
             let caches = self.caches.lock().await.clone();
             match caches {
-                Some((ns, root, crl)) => self.reconcile(&ns, &[&root, &crl]).await,
+                Some((ns, root, crl, linkerd)) => {
+                    let mut caches = vec![&root, &crl];
+                    caches.extend(linkerd.as_ref());
+                    self.reconcile(&ns, &caches).await
+                }
                 None => Err("the namespace and ConfigMap watches are not ready yet".into()),
             }
         })

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use tonic::{Code, Request, Response, Status};
 
-use crate::auth::issue_path::{CsrInput, IssueError, IssuePath, IssueRequest, Requester, Ttl};
+use crate::auth::issue_path::{CsrInput, IssueError, IssueRequest, Requester, Ttl};
 use crate::auth::{Caller, Credentials};
 use crate::ca::issue::IssueFailure;
 use crate::pki::csr::MAX_CSR_BYTES;
@@ -21,7 +21,7 @@ use crate::proto::istio_certificate_service_server::{
 use crate::proto::{IstioCertificateRequest, IstioCertificateResponse};
 
 use super::metrics::Metrics;
-use super::port::CaPort;
+use super::port::{CaPort, Gated};
 
 pub use crate::auth::issue_path::IMPERSONATION_REFUSED;
 
@@ -166,28 +166,16 @@ impl IstioService {
         creds: Credentials<'_>,
         header_problem: Option<IstioError>,
     ) -> Result<Caller, IstioError> {
-        let port = &self.port;
         let peer = req.remote_addr().map(|a| a.ip());
-        let now = port.issue.clock.now().unix_timestamp_nanos() as f64 / 1e9;
-        if let Some(ip) = peer {
-            if let Err(t) = port.throttle.check(ip, now) {
-                return Err(IstioError::Throttled(t.retry_after_secs));
-            }
-        }
-        IssuePath::authenticate(&port.auth, creds)
+        self.port
+            .authenticate_throttled(&self.port.auth, peer, creds)
             .await
-            .map_err(|e| {
-                if let Some(ip) = peer {
-                    if port.throttle.failed(ip, now) {
-                        tracing::warn!(peer = %super::peer::PeerKey::of(ip), "this address failed authentication too often; its calls with credentials not yet verified are refused unread until it earns failures back (--auth-failure-burst, citadel_auth_throttled_total)");
-                    }
-                }
-                match (e, header_problem) {
-                    // The credential could not be checked (API server down): retryable.
-                    (e @ IssueError::AuthUnavailable(_), _) => IstioError::Issue(e),
-                    (_, Some(problem)) => problem,
-                    (e, None) => IstioError::Issue(e),
-                }
+            .map_err(|g| match (g, header_problem) {
+                (Gated::Throttled(secs), _) => IstioError::Throttled(secs),
+                // The credential could not be checked (API server down): retryable.
+                (Gated::Failed(e @ IssueError::AuthUnavailable(_)), _) => IstioError::Issue(e),
+                (Gated::Failed(_), Some(problem)) => problem,
+                (Gated::Failed(e), None) => IstioError::Issue(e),
             })
     }
 
