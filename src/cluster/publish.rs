@@ -166,12 +166,12 @@ impl ConfigMapPublisher {
         .touched_objects();
         // Only our two ConfigMaps, in every namespace: a label selector would miss one whose
         // label was removed, so select by name.
-        let configmaps = |name: &str| {
+        let configmaps = |name: &str, api: Api<ConfigMap>| {
             let (cache, writer) = reflector::store::<ConfigMap>();
             let stream = reflector::reflector(
                 writer,
                 watcher(
-                    Api::<ConfigMap>::all(self.client.clone()),
+                    api,
                     watcher::Config::default().fields(&format!("metadata.name={name}")),
                 ),
             )
@@ -179,11 +179,14 @@ impl ConfigMapPublisher {
             .touched_objects();
             (cache, stream)
         };
-        let (root_cache, root_stream) = configmaps(ROOT_CONFIGMAP);
-        let (crl_cache, crl_stream) = configmaps(CRL_CONFIGMAP);
+        let all = || Api::<ConfigMap>::all(self.client.clone());
+        let (root_cache, root_stream) = configmaps(ROOT_CONFIGMAP, all());
+        let (crl_cache, crl_stream) = configmaps(CRL_CONFIGMAP, all());
+        // Linkerd's anchors live in one namespace: watched there only (a namespaced Role).
         let (linkerd_cache, linkerd_stream) = match self.linkerd_ns.get() {
-            Some(_) => {
-                let (cache, stream) = configmaps(LINKERD_ANCHORS_CONFIGMAP);
+            Some(ns) => {
+                let api = Api::<ConfigMap>::namespaced(self.client.clone(), ns);
+                let (cache, stream) = configmaps(LINKERD_ANCHORS_CONFIGMAP, api);
                 (Some(cache), Some(stream))
             }
             None => (None, None),
