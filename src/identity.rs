@@ -396,7 +396,7 @@ mod tests {
             assert!(LinkerdNames::new(ns, d).is_err(), "{ns:?} {d:?}");
         }
         // A name too long for DNS gets no identity rather than a truncated one.
-        let long_name = format!("{}.{}", ["a".repeat(63); 3].join("."), "b".repeat(50));
+        let long_name = format!("{}.{}", vec!["a".repeat(63); 3].join("."), "b".repeat(50));
         let long = ServiceAccount::new("shop", &long_name).unwrap();
         assert_eq!(n.identity_of(&long), None);
     }
