@@ -44,6 +44,8 @@ impl Replica {
     /// Connects, and starts leader election and the ConfigMap publisher (which acts only
     /// while this replica leads; with `linkerd_anchors_ns`, it also writes Linkerd's trust
     /// anchors there).
+    // Plain settings, each used once at start; a struct for them would only be unpacked here.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         kubeconfig: Option<&Path>,
         namespace: &str,

@@ -59,6 +59,10 @@ fn csr_with(kt: KeyType, sans: Vec<rcgen::SanType>) -> Vec<u8> {
         .to_vec()
 }
 
+/// One refused Certify: what it is, the request's identity, token and CSR, the code and a
+/// part of the message.
+type Refusal<'a> = (&'a str, String, String, Vec<u8>, Code, &'a str);
+
 async fn certify(
     c: &mut IdentityClient<Channel>,
     identity: &str,
@@ -200,7 +204,7 @@ async fn linkerd_certify_with_real_projected_tokens_and_linkerds_refusals() {
     let other_token = kube.token("shop", "web", AUDIENCE).await;
     let istio_token = kube.token("shop", "cart", "istio-ca").await;
     let dns = |n: &str| rcgen::SanType::DnsName(n.try_into().unwrap());
-    let cases: Vec<(&str, String, String, Vec<u8>, Code, &str)> = vec![
+    let cases: Vec<Refusal> = vec![
         ("no identity", String::new(), token.clone(), csr.clone(), Code::InvalidArgument, "missing identity"),
         ("no token", name.clone(), String::new(), csr.clone(), Code::InvalidArgument, "missing token"),
         ("no CSR", name.clone(), token.clone(), Vec::new(), Code::InvalidArgument, "missing certificate signing request"),
