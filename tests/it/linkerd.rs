@@ -59,6 +59,20 @@ fn csr_with(kt: KeyType, sans: Vec<rcgen::SanType>) -> Vec<u8> {
         .to_vec()
 }
 
+/// `citadel serve --dev` with Linkerd's Certify for `cluster.local` (tokens reviewed by
+/// `kube`), plus `extra` flags.
+async fn linkerd_ca(kube: &KubeEnv, extra: &[&str]) -> TestCa {
+    let kubeconfig = kube.kubeconfig.to_str().unwrap().to_string();
+    let mut args = vec![
+        "--kubeconfig",
+        &kubeconfig,
+        "--linkerd-identity-domain",
+        "cluster.local",
+    ];
+    args.extend_from_slice(extra);
+    TestCa::start(&args).await
+}
+
 /// One refused Certify: what it is, the request's identity, token and CSR, the code and a
 /// part of the message.
 type Refusal<'a> = (&'a str, String, String, Vec<u8>, Code, &'a str);
@@ -150,15 +164,9 @@ async fn linkerd_certify_with_real_projected_tokens_and_linkerds_refusals() {
     for sa in ["cart", "web", "gone"] {
         kube.service_account("shop", sa).await;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let kubeconfig = kube.kubeconfig.to_str().unwrap().to_string();
-    let ca = TestCa::start_in(
-        tmp.path(),
+    let ca = linkerd_ca(
+        &kube,
         &[
-            "--kubeconfig",
-            &kubeconfig,
-            "--linkerd-identity-domain",
-            "cluster.local",
             // The refusals below fail authentication on purpose; the throttle is tested
             // elsewhere (tests/it/limits.rs).
             "--auth-failure-burst",
@@ -324,19 +332,7 @@ async fn linkerd_leaves_can_carry_the_spiffe_id_for_both_meshes() {
         return;
     };
     kube.service_account("shop", "cart").await;
-    let tmp = tempfile::tempdir().unwrap();
-    let kubeconfig = kube.kubeconfig.to_str().unwrap().to_string();
-    let ca = TestCa::start_in(
-        tmp.path(),
-        &[
-            "--kubeconfig",
-            &kubeconfig,
-            "--linkerd-identity-domain",
-            "cluster.local",
-            "--linkerd-spiffe-san",
-        ],
-    )
-    .await;
+    let ca = linkerd_ca(&kube, &["--linkerd-spiffe-san"]).await;
     let roots = ca.root_pem();
     let mut c = linkerd_client(ca.addr, &roots, SERVING_NAME).await.unwrap();
     let name = l5d("shop", "cart");
