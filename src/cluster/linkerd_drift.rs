@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, ListParams};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::Resource;
 use time::OffsetDateTime;
 
@@ -139,13 +139,7 @@ impl DriftWatch {
         let stats = DriftStats::default();
         stats.behind.store(-1, Ordering::Relaxed);
         Self {
-            recorder: Recorder::new(
-                client.clone(),
-                Reporter {
-                    controller: "citadel".into(),
-                    instance: std::env::var("POD_NAME").ok(),
-                },
-            ),
+            recorder: super::controller::recorder(client.clone()),
             client,
             namespace: namespace.to_string(),
             leader,
