@@ -557,3 +557,84 @@ async fn linkerd_anchors_are_published_where_linkerd_reads_them_and_drift_is_cou
         "{again} vs {changed_at}"
     );
 }
+
+/// deploy/citadel.yaml plus deploy/linkerd.yaml are enough, applied for real: citadel as the
+/// `citadel` service account and nothing else publishes Linkerd's anchors, reviews Linkerd's
+/// tokens and counts the drift (the pod list), with the Kubernetes store.
+#[tokio::test]
+async fn linkerd_runs_with_exactly_the_rbac_in_deploy() {
+    let Some(kube) = KubeEnv::start().await else {
+        return;
+    };
+    if !require_tool("kubectl") {
+        return;
+    }
+    kube.namespace("istio-system").await;
+    kube.namespace("linkerd").await;
+    let text = crate::rbac::apply(&kube, &["deploy/citadel.yaml", "deploy/linkerd.yaml"]);
+    assert!(
+        text.contains("role.rbac.authorization.k8s.io/citadel-linkerd-anchors")
+            && text.contains("clusterrole.rbac.authorization.k8s.io/citadel-linkerd-drift"),
+        "{text}"
+    );
+    crate::rbac::rbac_in_effect(&kube).await;
+    kube.service_account("shop", "cart").await;
+    let tmp = tempfile::tempdir().unwrap();
+    let kubeconfig = crate::rbac::sa_kubeconfig(&kube, tmp.path()).await;
+    let ca = TestCa::start(&[
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--store",
+        "kube",
+        "--namespace",
+        "istio-system",
+        "--lease-duration",
+        "3s",
+        "--reconcile-interval",
+        "500ms",
+        "--linkerd-identity-domain",
+        "cluster.local",
+    ])
+    .await;
+    let cm = until(
+        "linkerd-identity-trust-roots is published",
+        30,
+        async || {
+            kube.configmap("linkerd", "linkerd-identity-trust-roots")
+                .await
+                .ok_or_else(|| "not yet".to_string())
+        },
+    )
+    .await;
+    let anchors = cm.data.as_ref().unwrap()["ca-bundle.crt"].clone();
+    let mut c = linkerd_client(ca.addr, anchors.as_bytes(), SERVING_NAME)
+        .await
+        .unwrap();
+    let name = l5d("shop", "cart");
+    let (key, csr) = dns_csr(&name);
+    let token = kube.token("shop", "cart", AUDIENCE).await;
+    let rsp = certify(&mut c, &name, &token, &csr).await.unwrap();
+    proxy_accepts(&rsp, anchors.as_bytes(), &name, &key, None);
+    meshed_pod(
+        &kube,
+        "behind",
+        None,
+        time::OffsetDateTime::now_utc() - time::Duration::days(1),
+    )
+    .await;
+    until(
+        "the drift is counted under deploy/'s RBAC",
+        30,
+        async || {
+            let m = ca.metrics().await;
+            match (
+                gauge(&m, "citadel_linkerd_anchor_drift_pods"),
+                gauge(&m, "citadel_linkerd_meshed_pods"),
+            ) {
+                (Some(1), Some(1)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+}

@@ -22,7 +22,7 @@ use crate::support::*;
 const USER: &str = "system:serviceaccount:istio-system:citadel";
 
 /// `kubectl apply -f` each file as the admin; panics with kubectl's output on failure.
-fn apply(kube: &KubeEnv, files: &[&str]) -> String {
+pub(crate) fn apply(kube: &KubeEnv, files: &[&str]) -> String {
     let mut cmd = Command::new("kubectl");
     cmd.arg("--kubeconfig").arg(&kube.kubeconfig).arg("apply");
     for f in files {
@@ -419,7 +419,7 @@ const MUST: &[Req] = &[
 ];
 
 /// Waits until the authorizer has seen the roles just applied (its caches follow the API).
-async fn rbac_in_effect(kube: &KubeEnv) {
+pub(crate) async fn rbac_in_effect(kube: &KubeEnv) {
     eventually("deploy/'s RBAC in effect", 10, async || {
         allowed(
             kube,
@@ -502,7 +502,7 @@ async fn deploy_rbac_grants_citadel_only_what_it_uses() {
 
 /// A kubeconfig for citadel's service account: the admin's, with its token swapped for one
 /// from the TokenRequest API.
-async fn sa_kubeconfig(kube: &KubeEnv, dir: &std::path::Path) -> std::path::PathBuf {
+pub(crate) async fn sa_kubeconfig(kube: &KubeEnv, dir: &std::path::Path) -> std::path::PathBuf {
     let sa_token = kube
         .token(
             "istio-system",
