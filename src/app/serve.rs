@@ -91,6 +91,10 @@ pub async fn run(
     {
         policy_source = apply_ca_resource(&mut config, &r.client, &namespace).await?;
     }
+    // Linkerd anchor drift's gauges (`--linkerd-identity-domain` with the Kubernetes store):
+    // counted by the drift watch, read by the metrics and the CertificateAuthority's status.
+    let linkerd_drift = (replica.is_some() && config.linkerd.is_some())
+        .then(cluster::linkerd_drift::DriftStats::new);
     let store: Arc<dyn Store> = match &replica {
         Some(r) => r.store.clone(),
         None => Arc::new(FileStore::open(&config.state_dir).map_err(|e| e.to_string())?),
@@ -218,6 +222,9 @@ pub async fn run(
                     scheduler.wake.clone(),
                     config.reconcile_interval,
                 );
+                if let Some(d) = &linkerd_drift {
+                    reconciler.report_linkerd_drift(d.clone());
+                }
                 tokio::spawn(reconciler.run(Some(r.elector.subscribe()), shutdown.clone()));
             }
             let scheduler = Arc::new(scheduler);
@@ -305,6 +312,9 @@ pub async fn run(
             r.client.clone(),
             l.names.control_plane_ns(),
             Some(r.elector.subscribe()),
+            linkerd_drift
+                .clone()
+                .unwrap_or_else(cluster::linkerd_drift::DriftStats::new),
         );
         let stats = drift.stats.clone();
         metrics

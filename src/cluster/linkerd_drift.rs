@@ -111,6 +111,19 @@ pub struct DriftStats {
 }
 
 impl DriftStats {
+    /// Gauges that report nothing yet (`behind` is -1 until the first count).
+    pub fn new() -> Arc<Self> {
+        let stats = Self::default();
+        stats.behind.store(-1, Ordering::Relaxed);
+        Arc::new(stats)
+    }
+
+    /// (pods behind, meshed pods), once counted.
+    pub fn counted(&self) -> Option<(i64, i64)> {
+        let behind = self.behind.load(Ordering::Relaxed);
+        (behind >= 0).then(|| (behind, self.meshed.load(Ordering::Relaxed)))
+    }
+
     /// The exposition text (a `Metrics` source).
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write;
@@ -130,20 +143,20 @@ pub struct DriftWatch {
 }
 
 impl DriftWatch {
-    /// A watch of the control plane in `namespace`.
+    /// A watch of the control plane in `namespace`, counting into `stats`
+    /// ([`DriftStats::new`]; the CertificateAuthority's status reads the same gauges).
     pub fn new(
         client: kube::Client,
         namespace: &str,
         leader: Option<crate::leadership::Leadership>,
+        stats: Arc<DriftStats>,
     ) -> Self {
-        let stats = DriftStats::default();
-        stats.behind.store(-1, Ordering::Relaxed);
         Self {
             recorder: super::controller::recorder(client.clone()),
             client,
             namespace: namespace.to_string(),
             leader,
-            stats: Arc::new(stats),
+            stats,
         }
     }
 

@@ -429,6 +429,7 @@ fn gauge(metrics: &str, name: &str) -> Option<i64> {
 
 #[tokio::test]
 async fn linkerd_anchors_are_published_where_linkerd_reads_them_and_drift_is_counted() {
+    use citadel::cluster::ca_resource::CertificateAuthority;
     use k8s_openapi::api::core::v1::ConfigMap;
     use kube::api::{Api, PostParams};
     let Some(kube) = KubeEnv::start().await else {
@@ -437,6 +438,16 @@ async fn linkerd_anchors_are_published_where_linkerd_reads_them_and_drift_is_cou
     kube.namespace("citadel").await;
     kube.namespace("linkerd").await;
     kube.service_account("shop", "cart").await;
+    // The CertificateAuthority resource, whose status carries LinkerdAnchorsCurrent.
+    crate::ca_resource::install_crd(&kube).await;
+    let cas: Api<CertificateAuthority> = Api::namespaced(kube.client.clone(), "citadel");
+    let ca_obj: CertificateAuthority = serde_json::from_value(serde_json::json!({
+        "apiVersion": "citadel.dev/v1alpha1", "kind": "CertificateAuthority",
+        "metadata": {"name": "citadel", "namespace": "citadel"},
+        "spec": {"trustDomain": "cluster.local"}
+    }))
+    .unwrap();
+    cas.create(&PostParams::default(), &ca_obj).await.unwrap();
     let r = crate::kube::replica_with(
         &kube,
         "l5d-a",
@@ -523,6 +534,46 @@ async fn linkerd_anchors_are_published_where_linkerd_reads_them_and_drift_is_cou
         "linkerd",
         "linkerd-identity-trust-roots",
         "AnchorDrift",
+        30,
+    )
+    .await;
+    // ...and a condition on the CertificateAuthority, for `kubectl get ca` and alerting.
+    let ca =
+        crate::support::wait::wait_condition(&cas, "citadel", "LinkerdAnchorsCurrent", "False", 30)
+            .await;
+    let cond = crate::support::wait::condition(&ca, "LinkerdAnchorsCurrent").unwrap();
+    assert_eq!(cond.reason, "PodsBehind");
+    assert!(
+        cond.message
+            .starts_with("2 of 4 running Linkerd-meshed pods"),
+        "{}",
+        cond.message
+    );
+    // Restarted with the current anchors (recreated: a new pod), they are current again.
+    for old in ["old-inline", "old-ref"] {
+        kube.delete_pod("shop", old).await;
+    }
+    meshed_pod(
+        &kube,
+        "new-inline",
+        Some(&anchors),
+        time::OffsetDateTime::now_utc(),
+    )
+    .await;
+    let ca =
+        crate::support::wait::wait_condition(&cas, "citadel", "LinkerdAnchorsCurrent", "True", 30)
+            .await;
+    let cond = crate::support::wait::condition(&ca, "LinkerdAnchorsCurrent").unwrap();
+    assert_eq!(cond.reason, "AllPodsCurrent");
+    assert_eq!(
+        cond.message,
+        "all 3 running Linkerd-meshed pods hold the published trust anchors"
+    );
+    crate::support::wait::wait_event(
+        &kube.client,
+        "linkerd",
+        "linkerd-identity-trust-roots",
+        "AnchorsCurrent",
         30,
     )
     .await;
