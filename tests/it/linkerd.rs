@@ -421,6 +421,32 @@ async fn meshed_pod(
         .unwrap();
 }
 
+/// shop/cart's proxy as linkerd2-proxy runs it: trusting exactly `anchors`, expecting the
+/// identity service's name, asking for its identity with a real projected token; the
+/// certificate passes the proxy's own checks against those anchors.
+async fn cart_proxy_certifies(kube: &KubeEnv, addr: SocketAddr, anchors: &[u8]) {
+    let mut c = linkerd_client(addr, anchors, SERVING_NAME).await.unwrap();
+    let name = l5d("shop", "cart");
+    let (key, csr) = dns_csr(&name);
+    let token = kube.token("shop", "cart", AUDIENCE).await;
+    let rsp = certify(&mut c, &name, &token, &csr).await.unwrap();
+    proxy_accepts(&rsp, anchors, &name, &key, None);
+}
+
+/// Linkerd's trust anchors ConfigMap, once citadel has published it.
+async fn published_anchors(kube: &KubeEnv) -> k8s_openapi::api::core::v1::ConfigMap {
+    until(
+        "linkerd-identity-trust-roots is published",
+        30,
+        async || {
+            kube.configmap("linkerd", "linkerd-identity-trust-roots")
+                .await
+                .ok_or_else(|| "not yet".to_string())
+        },
+    )
+    .await
+}
+
 fn gauge(metrics: &str, name: &str) -> Option<i64> {
     metrics
         .lines()
@@ -460,16 +486,7 @@ async fn linkerd_anchors_are_published_where_linkerd_reads_them_and_drift_is_cou
     .await;
 
     // The bundle, as Linkerd reads it: in the control-plane namespace only.
-    let cm = until(
-        "linkerd-identity-trust-roots is published",
-        30,
-        async || {
-            kube.configmap("linkerd", "linkerd-identity-trust-roots")
-                .await
-                .ok_or_else(|| "not yet".to_string())
-        },
-    )
-    .await;
+    let cm = published_anchors(&kube).await;
     let anchors = cm.data.as_ref().unwrap()["ca-bundle.crt"].clone();
     let istio_bundle = until("istio-ca-root-cert in shop", 30, async || {
         kube.bundle("shop")
@@ -490,14 +507,7 @@ async fn linkerd_anchors_are_published_where_linkerd_reads_them_and_drift_is_cou
 
     // A proxy that trusts exactly the published anchors and expects the identity service's
     // name gets a certificate that chains to them.
-    let mut c = linkerd_client(r.addr, anchors.as_bytes(), SERVING_NAME)
-        .await
-        .unwrap();
-    let name = l5d("shop", "cart");
-    let (key, csr) = dns_csr(&name);
-    let token = kube.token("shop", "cart", AUDIENCE).await;
-    let rsp = certify(&mut c, &name, &token, &csr).await.unwrap();
-    proxy_accepts(&rsp, anchors.as_bytes(), &name, &key, None);
+    cart_proxy_certifies(&kube, r.addr, anchors.as_bytes()).await;
 
     // Drift: pods with other inline anchors, or that read the ConfigMap before it changed,
     // are behind; the others are current.
@@ -647,25 +657,9 @@ async fn linkerd_runs_with_exactly_the_rbac_in_deploy() {
         "cluster.local",
     ])
     .await;
-    let cm = until(
-        "linkerd-identity-trust-roots is published",
-        30,
-        async || {
-            kube.configmap("linkerd", "linkerd-identity-trust-roots")
-                .await
-                .ok_or_else(|| "not yet".to_string())
-        },
-    )
-    .await;
+    let cm = published_anchors(&kube).await;
     let anchors = cm.data.as_ref().unwrap()["ca-bundle.crt"].clone();
-    let mut c = linkerd_client(ca.addr, anchors.as_bytes(), SERVING_NAME)
-        .await
-        .unwrap();
-    let name = l5d("shop", "cart");
-    let (key, csr) = dns_csr(&name);
-    let token = kube.token("shop", "cart", AUDIENCE).await;
-    let rsp = certify(&mut c, &name, &token, &csr).await.unwrap();
-    proxy_accepts(&rsp, anchors.as_bytes(), &name, &key, None);
+    cart_proxy_certifies(&kube, ca.addr, anchors.as_bytes()).await;
     meshed_pod(
         &kube,
         "behind",
