@@ -429,7 +429,16 @@ async fn cart_proxy_certifies(kube: &KubeEnv, addr: SocketAddr, anchors: &[u8]) 
     let name = l5d("shop", "cart");
     let (key, csr) = dns_csr(&name);
     let token = kube.token("shop", "cart", AUDIENCE).await;
-    let rsp = certify(&mut c, &name, &token, &csr).await.unwrap();
+    // Like the proxy, retry Unavailable (an API server slow to review under the suite's load);
+    // any other refusal fails.
+    let rsp = until("a certificate", 30, async || {
+        match certify(&mut c, &name, &token, &csr).await {
+            Ok(r) => Ok(r),
+            Err(e) if e.code() == Code::Unavailable => Err(format!("{e:?}")),
+            Err(e) => panic!("refused: {e:?}"),
+        }
+    })
+    .await;
     proxy_accepts(&rsp, anchors, &name, &key, None);
 }
 
