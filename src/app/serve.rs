@@ -189,6 +189,11 @@ pub async fn run(
                 config.trust_domain.clone(),
             )
             .with_index(index.clone());
+            if config.linkerd.is_some() {
+                // Linkerd's proxies read anchors only at pod start: no root leaves the bundle
+                // while a leaf that chains only to it is unexpired.
+                scheduler = scheduler.with_old_root_hold();
+            }
             if let Some(r) = &replica {
                 scheduler = scheduler.with_leader(r.elector.subscribe());
                 r.watch_journal(scheduler.wake.clone(), shutdown.clone());

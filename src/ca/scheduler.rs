@@ -57,6 +57,8 @@ pub struct Scheduler {
     /// The old root may not leave the bundle before this (unix seconds): the latest notAfter
     /// of a leaf in this replica's index that chains only to it ([`Scheduler::hold_old_root`]).
     old_root_needed_until: Mutex<Option<i64>>,
+    /// Whether [`Scheduler::hold_old_root`] applies (`--linkerd-identity-domain`).
+    hold_old_root: bool,
 }
 
 /// What one step did.
@@ -98,8 +100,17 @@ impl Scheduler {
             index: None,
             swept: Mutex::new(HashSet::new()),
             old_root_needed_until: Mutex::new(None),
+            hold_old_root: false,
             sweep: Arc::new(SweepRequest::default()),
         }
+    }
+
+    /// Keeps an old root in the bundle while the index holds an unexpired leaf that chains
+    /// only to it ([`Scheduler::hold_old_root`]). On with `--linkerd-identity-domain`: Linkerd's
+    /// proxies cannot pick up a new anchor without a restart.
+    pub fn with_old_root_hold(mut self) -> Self {
+        self.hold_old_root = true;
+        self
     }
 
     /// Sweeps `index` for the certificates of newly denied identities (see the module docs).
@@ -282,7 +293,9 @@ impl Scheduler {
     /// The index is this replica's own: leaves other replicas signed are covered by the
     /// planner's timing only. An unreadable index holds the root (the safe side).
     fn hold_old_root(&self, journal: &Journal, mut actions: Vec<Action>, now: i64) -> Vec<Action> {
-        let (Some(index), Some(r)) = (&self.index, &journal.root_rotation) else {
+        let (true, Some(index), Some(r)) =
+            (self.hold_old_root, &self.index, &journal.root_rotation)
+        else {
             return actions;
         };
         if !actions.contains(&Action::CompleteRootRotation) {
@@ -455,7 +468,8 @@ mod tests {
             Arc::new(clock.clone()),
             td,
         )
-        .with_index(index);
+        .with_index(index)
+        .with_old_root_hold();
         s.step().await.unwrap();
         crate::ca::update::update_journal(store.as_ref(), |j| {
             super::super::apply::prepare_root_rotation(
