@@ -216,6 +216,76 @@ impl ServiceAccount {
     }
 }
 
+/// Linkerd's DNS-form identities under one control plane: a workload of service account
+/// `<sa>` in `<ns>` is `<sa>.<ns>.serviceaccount.identity.<control-plane-ns>.<domain>`, and the
+/// identity service itself is `linkerd-identity` in the control-plane namespace. Linkerd's
+/// proxies ask for, and check their peers by, these names (not SPIFFE IDs), so the issue path
+/// derives the DNS SAN from the authenticated service account with this type; it never
+/// copies one a caller sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkerdNames {
+    control_plane_ns: String,
+    domain: String,
+}
+
+/// The longest DNS name (RFC 1035 presentation form without the final dot).
+const MAX_DNS_NAME: usize = 253;
+
+impl LinkerdNames {
+    /// Names under `domain` (Linkerd's `identityTrustDomain`, e.g. `cluster.local`) for the
+    /// control plane in `control_plane_ns` (Linkerd's default is `linkerd`).
+    pub fn new(control_plane_ns: &str, domain: &str) -> Result<Self, IdentityError> {
+        if !is_dns_label(control_plane_ns) {
+            return Err(IdentityError::KubeName {
+                what: "namespace",
+                value: control_plane_ns.to_string(),
+            });
+        }
+        let domain = domain.strip_suffix('.').unwrap_or(domain);
+        if domain.is_empty() || domain.len() > 200 || !domain.split('.').all(is_dns_label) {
+            return Err(IdentityError::KubeName {
+                what: "Linkerd identity domain",
+                value: domain.to_string(),
+            });
+        }
+        Ok(Self {
+            control_plane_ns: control_plane_ns.to_string(),
+            domain: domain.to_string(),
+        })
+    }
+
+    /// The control plane's namespace (where the trust anchors ConfigMap lives).
+    pub fn control_plane_ns(&self) -> &str {
+        &self.control_plane_ns
+    }
+
+    /// The identity domain.
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    /// The DNS-form identity of `sa`, or `None` when it would be longer than a DNS name may
+    /// be (a 253-character service-account name): such an account has no Linkerd identity.
+    pub fn identity_of(&self, sa: &ServiceAccount) -> Option<String> {
+        let name = format!(
+            "{}.{}.serviceaccount.identity.{}.{}",
+            sa.name, sa.namespace, self.control_plane_ns, self.domain
+        );
+        (name.len() <= MAX_DNS_NAME).then_some(name)
+    }
+
+    /// The identity service's own TLS name, which proxies expect of the CA port
+    /// (`LINKERD2_PROXY_IDENTITY_SVC_NAME`): service account `linkerd-identity` of the
+    /// control-plane namespace.
+    pub fn service_name(&self) -> String {
+        format!(
+            "linkerd-identity.{ns}.serviceaccount.identity.{ns}.{}",
+            self.domain,
+            ns = self.control_plane_ns
+        )
+    }
+}
+
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
@@ -300,5 +370,34 @@ mod tests {
             td.service_account_id(&sa).to_string(),
             "spiffe://cluster.local/ns/shop/sa/frontend"
         );
+    }
+
+    #[test]
+    fn linkerd_names_follow_linkerds_form() {
+        let n = LinkerdNames::new("linkerd", "cluster.local").unwrap();
+        let sa = ServiceAccount::new("shop", "cart").unwrap();
+        assert_eq!(
+            n.identity_of(&sa).unwrap(),
+            "cart.shop.serviceaccount.identity.linkerd.cluster.local"
+        );
+        assert_eq!(
+            n.service_name(),
+            "linkerd-identity.linkerd.serviceaccount.identity.linkerd.cluster.local"
+        );
+        // A trailing dot is the same domain; bad namespaces and domains are refused.
+        assert_eq!(LinkerdNames::new("linkerd", "cluster.local.").unwrap(), n);
+        for (ns, d) in [
+            ("Linkerd", "cluster.local"),
+            ("linkerd", ""),
+            ("linkerd", "a..b"),
+            ("linkerd", "UP.local"),
+            ("linkerd", "a b"),
+        ] {
+            assert!(LinkerdNames::new(ns, d).is_err(), "{ns:?} {d:?}");
+        }
+        // A name too long for DNS gets no identity rather than a truncated one.
+        let long_name = format!("{}.{}", vec!["a".repeat(63); 3].join("."), "b".repeat(50));
+        let long = ServiceAccount::new("shop", &long_name).unwrap();
+        assert_eq!(n.identity_of(&long), None);
     }
 }

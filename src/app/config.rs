@@ -156,6 +156,8 @@ pub struct ServeConfig {
     pub csr_signer: Option<CsrSignerConfig>,
     /// Where new CA keys are generated and held (`--ca-key-source`).
     pub key_source: KeySourceConfig,
+    /// Linkerd's Certify on the CA port (`--linkerd-identity-domain`); `None` does not serve it.
+    pub linkerd: Option<LinkerdConfig>,
 }
 
 /// Where new CA keys are generated and held.
@@ -173,6 +175,19 @@ pub enum KeySourceConfig {
         /// Roots too (`--pkcs11-keys all`), not only intermediates.
         roots_in_token: bool,
     },
+}
+
+/// Linkerd's identity service on the CA port (docs/linkerd.md).
+#[derive(Debug, Clone)]
+pub struct LinkerdConfig {
+    /// The control-plane namespace and identity domain of the DNS-form identities.
+    pub names: crate::identity::LinkerdNames,
+    /// Also put the SPIFFE ID in Linkerd leaves, so one workload is known to both meshes.
+    pub spiffe_san: bool,
+    /// How long a positive TokenReview (audience `identity.l5d.io`) is reused.
+    pub cache_ttl: Duration,
+    /// Rate, burst and longest wait for those reviews.
+    pub limits: ReviewLimits,
 }
 
 impl ServeConfig {
@@ -212,6 +227,7 @@ impl ServeConfig {
             pod_certificates: None,
             csr_signer: None,
             key_source: KeySourceConfig::Software,
+            linkerd: None,
         }
     }
 

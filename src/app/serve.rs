@@ -94,6 +94,7 @@ pub async fn run(
                     .map(|p| p.signer_name.as_str()),
                 &clock,
                 &shutdown,
+                config.linkerd.as_ref().map(|l| l.names.control_plane_ns()),
             )
             .await?;
             let _ = metrics.leader.set(r.elector.subscribe().changes());
@@ -111,6 +112,10 @@ pub async fn run(
     {
         policy_source = apply_ca_resource(&mut config, &r.client, &namespace).await?;
     }
+    // Linkerd anchor drift's gauges (`--linkerd-identity-domain` with the Kubernetes store):
+    // counted by the drift watch, read by the metrics and the CertificateAuthority's status.
+    let linkerd_drift = (replica.is_some() && config.linkerd.is_some())
+        .then(cluster::linkerd_drift::DriftStats::new);
     let store: Arc<dyn Store> = match &replica {
         Some(r) => r.store.clone(),
         None => Arc::new(FileStore::open(&config.state_dir).map_err(|e| e.to_string())?),
@@ -224,6 +229,11 @@ pub async fn run(
                 config.trust_domain.clone(),
             )
             .with_index(index.clone());
+            if config.linkerd.is_some() {
+                // Linkerd's proxies read anchors only at pod start: no root leaves the bundle
+                // while a leaf that chains only to it is unexpired.
+                scheduler = scheduler.with_old_root_hold();
+            }
             if let Some(r) = &replica {
                 scheduler = scheduler.with_leader(r.elector.subscribe());
                 r.watch_journal(scheduler.wake.clone(), shutdown.clone());
@@ -257,6 +267,9 @@ pub async fn run(
                     scheduler.wake.clone(),
                     config.reconcile_interval,
                 );
+                if let Some(d) = &linkerd_drift {
+                    reconciler.report_linkerd_drift(d.clone());
+                }
                 tokio::spawn(reconciler.run(Some(r.elector.subscribe()), shutdown.clone()));
             }
             let scheduler = Arc::new(scheduler);
@@ -337,6 +350,26 @@ pub async fn run(
         &shutdown,
     )
     .await?;
+    let linkerd = start_linkerd(&config, replica.as_ref(), &clock).await?;
+    if let (Some(r), Some(l)) = (replica.as_ref(), &config.linkerd) {
+        // Linkerd's proxies read anchors only at pod start: count those behind the bundle.
+        let drift = cluster::linkerd_drift::DriftWatch::new(
+            r.client.clone(),
+            l.names.control_plane_ns(),
+            Some(r.elector.subscribe()),
+            linkerd_drift
+                .clone()
+                .unwrap_or_else(cluster::linkerd_drift::DriftStats::new),
+        );
+        let stats = drift.stats.clone();
+        metrics
+            .sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Box::new(move |out| stats.render(out)));
+        let period = config.reconcile_interval.max(Duration::from_millis(100)) * 10;
+        tokio::spawn(drift.run(period, shutdown.clone()));
+    }
     let sweep = scheduler
         .as_ref()
         .map(|s| s.sweep.clone())
@@ -398,6 +431,7 @@ pub async fn run(
         sweep,
         limits: config.limits.clone(),
         node_auth,
+        linkerd,
     };
     if let Some(s) = scheduler {
         tokio::spawn(s.run(config.reconcile_interval, shutdown.clone()));
@@ -668,4 +702,44 @@ async fn build_auth(
     });
     members.push(Arc::new(LocalCluster::new(config.cluster_id.clone(), jwt)));
     Ok((AuthChain::new(members), refresher, None))
+}
+
+/// Linkerd's Certify (`--linkerd-identity-domain`): its own TokenReview authenticator, with
+/// audience `identity.l5d.io` only (whatever `--auth` says: Linkerd's tokens are reviewed by
+/// the API server, as Linkerd's identity service does), on the replica's client or one of its
+/// own.
+async fn start_linkerd(
+    config: &ServeConfig,
+    replica: Option<&Replica>,
+    clock: &SharedClock,
+) -> Result<Option<crate::server::port::LinkerdPort>, String> {
+    let Some(l) = &config.linkerd else {
+        return Ok(None);
+    };
+    let client = match replica {
+        Some(r) => r.client.clone(),
+        None => cluster::client(config.kubeconfig.as_deref())
+            .await
+            .map_err(|e| format!("--linkerd-identity-domain needs the API server: {e}"))?,
+    };
+    let reviews = TokenReviewAuthenticator::new(
+        client,
+        vec![crate::server::linkerd::AUDIENCE.to_string()],
+        config.trust_domain.clone(),
+        clock.clone(),
+        l.cache_ttl,
+        l.limits,
+    );
+    tracing::info!(
+        domain = l.names.domain(),
+        control_plane_namespace = l.names.control_plane_ns(),
+        serving_name = %l.names.service_name(),
+        spiffe_san = l.spiffe_san,
+        "Linkerd identity (Certify) enabled on the CA port"
+    );
+    Ok(Some(crate::server::port::LinkerdPort {
+        auth: AuthChain::new(vec![Arc::new(reviews)]),
+        names: l.names.clone(),
+        spiffe_san: l.spiffe_san,
+    }))
 }

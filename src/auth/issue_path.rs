@@ -1,7 +1,9 @@
 //! The one issue path every surface calls: authenticate, authorize the identity, sign,
-//! record and audit. Istio's CreateCertificate (`server::istio`) and the Pod Certificates
-//! signer (`cluster::podcert`) and the Kubernetes CSR signer (`cluster::csrsigner`) call it
-//! today; Linkerd's Certify, the Workload API on the CA port and JWT-SVIDs are to call it too, never copy it.
+//! record and audit. Istio's CreateCertificate (`server::istio`), Linkerd's Certify
+//! (`server::linkerd`), citadel's JWT-SVID service (`server::jwtsvid`, through
+//! [`IssuePath::issue_jwt`]), the Pod Certificates signer (`cluster::podcert`) and the
+//! Kubernetes CSR signer (`cluster::csrsigner`) call it; the Workload API on the CA port is to
+//! call it too, never copy it.
 //!
 //! A surface owns only its decode (wire request -> [`Requester`] and [`IssueRequest`]) and its
 //! ONE mapping from [`IssueError`] to its wire's answer (a gRPC code, a PodCertificateRequest
@@ -17,8 +19,9 @@
 //!    impersonation ([`NodeAuthorizer`], `--trusted-node-accounts`) grants it; a request a
 //!    controller vouched for from Kubernetes objects gets the identity those objects name.
 //! 3. Resolve the TTL ([`TtlPolicy`]: `<= 0` is the default, above the maximum is refused).
-//! 4. Read the CSR, and refuse one whose URI SANs name anyone but the identity.
-//! 5. Sign, record in the issuance index, re-check the deny list ([`sign_svid`]).
+//! 4. Read the CSR, and refuse one whose URI SANs name anyone but the identity (or, for a
+//!    DNS-form identity, whose one DNS SAN is not the identity's name: [`CsrInput::Dns`]).
+//! 5. Sign, record in the issuance index, re-check the deny list ([`sign_leaf`]).
 //! 6. Refuse a leaf that the issuer's notAfter cut below the surface's minimum lifetime.
 //! 7. Write the audit line ([`audit_issued`]): no audit line, no certificate.
 //!
@@ -37,15 +40,16 @@ use time::OffsetDateTime;
 
 use super::node::{Impersonation, NodeAuthError, NodeAuthorizer, Refusal};
 use super::{AuthChain, AuthError, Caller, Credentials};
-use crate::ca::issue::{audit_issued, sign_svid, AuditRecord, IssueFailure};
+use crate::ca::issue::{audit_issued, sign_leaf, AuditRecord, IssueFailure, Leaf};
 use crate::ca::jwt::{audit_jwt_issued, sign_jwt_svid, JwtAudit, JwtFailure, JwtSvid};
 use crate::ca::policy::{TtlError, TtlPolicy};
 use crate::ca::revocation::SweepRequest;
 use crate::ca::{Ca, Issued, Signer};
 use crate::clock::SharedClock;
-use crate::identity::SpiffeId;
+use crate::identity::{LinkerdNames, SpiffeId};
 use crate::pki::cakey::KeyError;
-use crate::pki::csr::{self, CsrError, SubjectKey};
+use crate::pki::csr::{self, CsrError, SubjectKey, VerifiedCsr};
+use crate::pki::profile::LeafNames;
 use crate::store::index::IssuanceIndex;
 
 /// The one answer to every refused impersonation, istiod's words: which check failed is for
@@ -245,6 +249,20 @@ pub enum CsrInput<'a> {
     /// Only the key, from a CSR the surface parsed itself and whose names it does not use
     /// (Pod Certificates' stub request: signers take only its public key).
     Key(&'a SubjectKey),
+    /// A CSR for a DNS-form identity (Linkerd's Certify), parsed and verified by the surface
+    /// (it checks the name against the request before spending a TokenReview). It must have
+    /// an ECDSA key and exactly one DNS SAN, equal to the authorized identity's name under
+    /// `names`, and nothing else ([`csr::single_dns_name`]). The leaf carries the name this
+    /// path derives from the identity (never the CSR's bytes), plus the SPIFFE ID when
+    /// `spiffe_san`.
+    Dns {
+        /// The parsed CSR.
+        csr: &'a VerifiedCsr,
+        /// The control plane and domain the DNS-form identity is under.
+        names: &'a LinkerdNames,
+        /// Also put the SPIFFE ID in the leaf (`--linkerd-spiffe-san`).
+        spiffe_san: bool,
+    },
 }
 
 /// One request for a certificate, decoded by a surface.
@@ -326,6 +344,8 @@ impl IssuePath {
             Ttl::Exact(d) => d,
         };
         let parsed;
+        let mut leaf_names = LeafNames::SPIFFE;
+        let dns_name;
         let (key, sans): (&SubjectKey, &[String]) = match req.csr {
             CsrInput::Pem(pem) => {
                 parsed = csr::parse_pem(pem)?;
@@ -336,6 +356,20 @@ impl IssuePath {
                 (&parsed.key, &parsed.uri_sans)
             }
             CsrInput::Key(key) => (key, &[]),
+            CsrInput::Dns {
+                csr,
+                names,
+                spiffe_san,
+            } => {
+                let asked = csr::single_dns_name(csr)?;
+                dns_name = dns_identity(&identity, names, asked)?;
+                leaf_names = LeafNames {
+                    spiffe: spiffe_san,
+                    dns: Some(&dns_name),
+                };
+                // single_dns_name refused any URI SAN.
+                (&csr.key, &csr.uri_sans)
+            }
         };
         let want = identity.to_string();
         if let Some(other) = sans.iter().find(|u| **u != want) {
@@ -345,15 +379,19 @@ impl IssuePath {
             });
         }
 
-        let (signer, issued) = sign_svid(
+        let leaf = Leaf {
+            key,
+            id: &identity,
+            names: leaf_names,
+            for_node: via_node.is_some(),
+        };
+        let (signer, issued) = sign_leaf(
             &self.ca,
             self.index.as_ref(),
             &self.sweep,
-            key,
-            &identity,
+            &leaf,
             self.clock.now(),
             ttl,
-            via_node.is_some(),
         )?;
         if let Some(min) = req.min_lifetime {
             if issued.not_after - issued.not_before < min {
@@ -491,5 +529,26 @@ impl IssuePath {
                 Err(IssueError::ImpersonationRefused(d.reason))
             }
         }
+    }
+}
+
+/// The DNS-form name of `identity` under `names`, when the CSR asked for exactly it. The name
+/// is derived from the authorized identity's service account; a CSR naming anyone else (or an
+/// identity that is no service account, or whose name would be too long for DNS) is refused
+/// as asking for another identity.
+fn dns_identity(
+    identity: &SpiffeId,
+    names: &LinkerdNames,
+    asked: &str,
+) -> Result<String, IssueError> {
+    match identity
+        .service_account()
+        .and_then(|sa| names.identity_of(&sa))
+    {
+        Some(own) if own == asked => Ok(own),
+        own => Err(IssueError::OtherIdentity {
+            asked: crate::audit::shown(asked).to_string(),
+            identity: own.unwrap_or_else(|| identity.to_string()),
+        }),
     }
 }

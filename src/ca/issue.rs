@@ -17,6 +17,7 @@ use super::revocation::SweepRequest;
 use super::{Ca, Issued, SignError, Signer};
 use crate::identity::SpiffeId;
 use crate::pki::csr::SubjectKey;
+use crate::pki::profile::LeafNames;
 use crate::store::index::{IssuanceIndex, IssuedEntry};
 
 /// Why no certificate was handed out.
@@ -82,10 +83,49 @@ pub fn sign_svid(
     ttl: Duration,
     for_node: bool,
 ) -> Result<(Arc<Signer>, Issued), IssueFailure> {
+    let svid = Leaf {
+        key,
+        id,
+        names: LeafNames::SPIFFE,
+        for_node,
+    };
+    sign_leaf(ca, index, sweep, &svid, now, ttl)
+}
+
+/// What one workload leaf certifies: the key, the identity it is issued to (checked against
+/// the deny list and recorded in the index), and the names it carries (derived from that
+/// identity by the issue path).
+#[derive(Debug, Clone, Copy)]
+pub struct Leaf<'a> {
+    /// The subject key, from the CSR.
+    pub key: &'a SubjectKey,
+    /// The authorized identity: deny list, index and audit go by it, whatever names it shows.
+    pub id: &'a SpiffeId,
+    /// The SANs: the SPIFFE ID, Linkerd's DNS-form name of the same identity, or both.
+    pub names: LeafNames<'a>,
+    /// Issued to a node proxy on the workload's behalf (`profile::NODE_ISSUED_OID`).
+    pub for_node: bool,
+}
+
+/// [`sign_svid`] for any [`Leaf`]: the same deny check, index record and deny re-check.
+pub fn sign_leaf(
+    ca: &Ca,
+    index: Option<&Arc<dyn IssuanceIndex>>,
+    sweep: &SweepRequest,
+    leaf: &Leaf<'_>,
+    now: OffsetDateTime,
+    ttl: Duration,
+) -> Result<(Arc<Signer>, Issued), IssueFailure> {
+    let Leaf {
+        key,
+        id,
+        names,
+        for_node,
+    } = *leaf;
     let want = id.to_string();
     let signer = permitted(ca, &want)?;
     let issued = signer
-        .issue_workload_as(key, id, now, ttl, for_node)
+        .issue_workload_named(key, id, names, now, ttl, for_node)
         .map_err(|e| match e {
             SignError::Expired(at) => IssueFailure::Expired(at),
             other => IssueFailure::Sign(other),

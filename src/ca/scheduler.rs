@@ -54,6 +54,11 @@ pub struct Scheduler {
     swept: Mutex<HashSet<String>>,
     /// Set by the issue path to force another sweep.
     pub sweep: Arc<SweepRequest>,
+    /// The old root may not leave the bundle before this (unix seconds): the latest notAfter
+    /// of a leaf in this replica's index that chains only to it ([`Scheduler::hold_old_root`]).
+    old_root_needed_until: Mutex<Option<i64>>,
+    /// Whether [`Scheduler::hold_old_root`] applies (`--linkerd-identity-domain`).
+    hold_old_root: bool,
 }
 
 /// What one step did.
@@ -95,8 +100,18 @@ impl Scheduler {
             wake: Arc::new(tokio::sync::Notify::new()),
             index: None,
             swept: Mutex::new(HashSet::new()),
+            old_root_needed_until: Mutex::new(None),
+            hold_old_root: false,
             sweep: Arc::new(SweepRequest::default()),
         }
+    }
+
+    /// Keeps an old root in the bundle while the index holds an unexpired leaf that chains
+    /// only to it ([`Scheduler::hold_old_root`]). On with `--linkerd-identity-domain`: Linkerd's
+    /// proxies cannot pick up a new anchor without a restart.
+    pub fn with_old_root_hold(mut self) -> Self {
+        self.hold_old_root = true;
+        self
     }
 
     /// Sweeps `index` for the certificates of newly denied identities (see the module docs).
@@ -213,6 +228,7 @@ impl Scheduler {
             let now = self.clock.now();
             let mut journal = current.value.clone();
             let actions = plan(now.unix_timestamp(), &journal, &self.policy);
+            let actions = self.hold_old_root(&journal, actions, now.unix_timestamp());
             if actions.is_empty() {
                 // Install what is committed first (safe: a new chain activates only after its
                 // bundle was published), then publish; a failed publish is retried next pass.
@@ -293,6 +309,55 @@ impl Scheduler {
         Err(CaError::Config(
             "the CA journal kept changing; will retry".into(),
         ))
+    }
+
+    /// Holds back `CompleteRootRotation` (the old root leaving the bundle) while this
+    /// replica's issuance index holds an unexpired leaf signed under the old root: such a leaf
+    /// chains only to it, and a workload that still presents it (Linkerd's proxies read
+    /// anchors only at pod start and renew on their own schedule) would be cut off. The
+    /// planner's timing already covers every leaf issued under the policy of the rotation's
+    /// start; this catches the rest (a `--max-ttl` raised since, a leaf capped differently).
+    /// The index is this replica's own: leaves other replicas signed are covered by the
+    /// planner's timing only. An unreadable index holds the root (the safe side).
+    fn hold_old_root(&self, journal: &Journal, mut actions: Vec<Action>, now: i64) -> Vec<Action> {
+        let (true, Some(index), Some(r)) =
+            (self.hold_old_root, &self.index, &journal.root_rotation)
+        else {
+            return actions;
+        };
+        if !actions.contains(&Action::CompleteRootRotation) {
+            return actions;
+        }
+        let mut until = self
+            .old_root_needed_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if until.is_none_or(|u| now >= u) {
+            // Intermediates signed by the old root; the new one's cross-signed certificate
+            // is by the old root too, but its leaves also chain to the new root.
+            let under_old: HashSet<&str> = journal
+                .authorities
+                .iter()
+                .filter(|a| {
+                    a.issuer.as_deref() == Some(r.old_root.as_str()) && a.id != r.new_intermediate
+                })
+                .map(|a| a.id.as_str())
+                .collect();
+            *until = match index.live(now, &|e| under_old.contains(e.issuer.as_str())) {
+                Ok(live) => live.iter().map(|e| e.not_after).max(),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the issuance index; the old root stays in the bundle");
+                    Some(now + 1)
+                }
+            };
+            if let Some(u) = until.filter(|u| now < *u) {
+                tracing::info!(target: "citadel::audit", event = "old_root_held", old_root = %r.old_root, until = u, "the old root stays in the bundle until an unexpired leaf signed under it (which chains only to it) expires");
+            }
+        }
+        if until.is_some_and(|u| now < u) {
+            actions.retain(|a| *a != Action::CompleteRootRotation);
+        }
+        actions
     }
 
     async fn publish(&self, journal: &Journal) -> Result<(), CaError> {
@@ -462,5 +527,97 @@ mod tests {
         // from its predecessor's 5/6: at 0, 50, 80 and 110 min.
         assert_eq!(signers.len(), 4, "{signers:?}");
         assert!(ca.jwt_current().unwrap().sequence >= 3);
+    }
+
+    /// Issue 22: the old root never leaves the bundle while an unexpired leaf signed under it
+    /// is in the index (it chains only to that root; Linkerd's proxies cannot pick up a new
+    /// anchor without a restart). A leaf longer than the rotation's grace (issued before
+    /// `--max-ttl` was lowered) holds the completion until it expires, on the injected clock.
+    #[tokio::test]
+    async fn the_old_root_stays_while_a_leaf_signed_under_it_is_unexpired() {
+        let t0 = time::macros::datetime!(2030-01-01 0:00 UTC);
+        let hour = 3600;
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let opts = super::bootstrap::CaOptions::new(td.clone());
+        let j = super::bootstrap::new_journal(&opts, t0).unwrap();
+        let old_root = j.active_root().unwrap().id.clone();
+        let old_int = j.active_signer().unwrap().id.clone();
+        let store = Arc::new(MemStore::with_journal(j));
+        let policy = RotationPolicy {
+            max_leaf_ttl: Duration::from_secs(hour),
+            ..RotationPolicy::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let index = Arc::new(crate::store::index::FileIndex::new(dir.path()));
+        // A leaf signed under the old root, valid for 30 days (longer than the 1 h max TTL
+        // the rotation below plans with).
+        let long = t0.unix_timestamp() + 30 * 24 * hour as i64;
+        index
+            .record(&crate::store::index::IssuedEntry {
+                serial: "abcd".into(),
+                identity: "spiffe://cluster.local/ns/shop/sa/cart".into(),
+                not_after: long,
+                issuer: old_int.clone(),
+            })
+            .unwrap();
+        let clock = ManualClock::new(t0);
+        let s = Scheduler::new(
+            store.clone(),
+            Ca::new(),
+            policy.clone(),
+            Arc::new(clock.clone()),
+            td,
+        )
+        .with_index(index)
+        .with_old_root_hold();
+        s.step().await.unwrap();
+        crate::ca::update::update_journal(store.as_ref(), |j| {
+            super::super::apply::prepare_root_rotation(
+                j,
+                t0,
+                &policy,
+                "operator",
+                Duration::ZERO,
+                Duration::from_secs(hour),
+            )
+            .map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap();
+        let roots = || {
+            store
+                .journal()
+                .unwrap()
+                .trusted_roots()
+                .map(|r| r.id.clone())
+                .collect::<Vec<_>>()
+        };
+        // Publish, activate, withdraw the cross-signed certificate: hours, not days.
+        for _ in 0..48 {
+            clock.advance(time::Duration::hours(1));
+            s.step().await.unwrap();
+        }
+        assert!(store
+            .journal()
+            .unwrap()
+            .root_rotation
+            .as_ref()
+            .unwrap()
+            .cross_withdrawn_at
+            .is_some());
+        assert!(
+            roots().contains(&old_root),
+            "held: the 30-day leaf chains only to the old root"
+        );
+        clock.set(time::OffsetDateTime::from_unix_timestamp(long - 1).unwrap());
+        s.step().await.unwrap();
+        assert!(roots().contains(&old_root), "held until the leaf expires");
+        clock.set(time::OffsetDateTime::from_unix_timestamp(long).unwrap());
+        s.step().await.unwrap();
+        assert!(
+            !roots().contains(&old_root),
+            "the leaf expired: the old root leaves the bundle"
+        );
+        assert!(store.journal().unwrap().root_rotation.is_none());
     }
 }

@@ -422,13 +422,26 @@ impl Signer {
         ttl: Duration,
         for_node: bool,
     ) -> Result<Issued, SignError> {
+        self.issue_workload_named(key, id, profile::LeafNames::SPIFFE, now, ttl, for_node)
+    }
+
+    /// [`Signer::issue_workload_as`] with the leaf's names chosen by the issue path
+    /// ([`profile::LeafNames`]: Linkerd's DNS-form identity, with or without the SPIFFE ID).
+    pub fn issue_workload_named(
+        &self,
+        key: &SubjectKey,
+        id: &SpiffeId,
+        names: profile::LeafNames<'_>,
+        now: OffsetDateTime,
+        ttl: Duration,
+        for_node: bool,
+    ) -> Result<Issued, SignError> {
         let (nb, na) = self.validity(now, ttl)?;
         let serial = try_random_serial()?;
-        let params = if for_node {
-            profile::workload_for_node(id, &serial, nb, na)?
-        } else {
-            profile::workload(id, &serial, nb, na)?
-        };
+        let mut params = profile::workload_named(id, names, &serial, nb, na)?;
+        if for_node {
+            profile::mark_for_node(&mut params);
+        }
         let cert = params.signed_by(key, &self.issuer)?;
         Ok(issued(&serial, cert, nb, na))
     }

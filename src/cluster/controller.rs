@@ -12,6 +12,18 @@ use std::pin::Pin;
 
 use crate::shutdown::Shutdown;
 
+/// The Kubernetes Event recorder every controller reports with: controller `citadel`, this
+/// replica's pod (`POD_NAME`) as the instance.
+pub fn recorder(client: kube::Client) -> kube::runtime::events::Recorder {
+    kube::runtime::events::Recorder::new(
+        client,
+        kube::runtime::events::Reporter {
+            controller: "citadel".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+    )
+}
+
 /// Resolves when the controller it was given to must stop.
 pub type Stop = Pin<Box<dyn Future<Output = ()> + Send + Sync>>;
 

@@ -106,6 +106,7 @@ pub mod controller;
 pub mod crds;
 pub mod csrsigner;
 pub mod leader;
+pub mod linkerd_drift;
 pub mod names;
 pub mod pending;
 pub mod podcert;

@@ -13,6 +13,12 @@ pub const ROOT_KEY: &str = "root-cert.pem";
 pub const CRL_CONFIGMAP: &str = "istio-ca-crl";
 /// The key of the CRLs in that ConfigMap.
 pub const CRL_KEY: &str = "ca-crl.pem";
+/// Linkerd's trust anchors ConfigMap, in its control-plane namespace only: its proxy injector
+/// inlines it into each injected pod, and the control plane's own proxies read it through a
+/// `configMapKeyRef`, both when the pod is created (`--linkerd-identity-domain`).
+pub const LINKERD_ANCHORS_CONFIGMAP: &str = "linkerd-identity-trust-roots";
+/// The key of the anchors (PEM) in that ConfigMap.
+pub const LINKERD_ANCHORS_KEY: &str = "ca-bundle.crt";
 
 /// The JWT bundle ConfigMap, in the CA's namespace only: a JWK Set of the JWT-SVID keys.
 pub const JWKS_CONFIGMAP: &str = "citadel-jwt-bundle";

@@ -1,7 +1,9 @@
 //! Publishes the trust bundle (`istio-ca-root-cert`, key `root-cert.pem`, label
 //! `istio.io/config=true`) and the CRLs (`istio-ca-crl`, key `ca-crl.pem`) into every
-//! namespace but kube-public and kube-node-lease, and the JWT bundle (`citadel-jwt-bundle`,
-//! key `jwks.json`) into the CA's own namespace only.
+//! namespace but kube-public and kube-node-lease; the JWT bundle (`citadel-jwt-bundle`, key
+//! `jwks.json`) into the CA's own namespace only; with `--linkerd-identity-domain`, also the
+//! same bundle as Linkerd's trust anchors (`linkerd-identity-trust-roots`, key
+//! `ca-bundle.crt`) in Linkerd's control-plane namespace only.
 //!
 //! Two ways in, one reconcile: the scheduler's `publish` (new bundle or CRL) makes a full pass
 //! over every namespace, and only returns Ok once every namespace holds it, because a new root
@@ -27,7 +29,10 @@ use kube::runtime::{watcher, Controller, WatchStreamExt};
 use kube::Resource;
 use tokio::sync::{watch, Mutex};
 
-use super::names::{CRL_CONFIGMAP, CRL_KEY, JWKS_CONFIGMAP, JWKS_KEY, ROOT_CONFIGMAP, ROOT_KEY};
+use super::names::{
+    CRL_CONFIGMAP, CRL_KEY, JWKS_CONFIGMAP, JWKS_KEY, LINKERD_ANCHORS_CONFIGMAP,
+    LINKERD_ANCHORS_KEY, ROOT_CONFIGMAP, ROOT_KEY,
+};
 use crate::future::BoxFuture;
 use crate::shutdown::Shutdown;
 use crate::store::kube::Publisher;
@@ -36,8 +41,14 @@ const SKIPPED: [&str; 2] = ["kube-public", "kube-node-lease"];
 /// Namespaces a full publishing pass writes at once.
 const PASS_CONCURRENCY: usize = 16;
 
-/// Namespaces, then the root-cert and CRL ConfigMaps, as the list-watches see them.
-type Caches = (Cache<Namespace>, Cache<ConfigMap>, Cache<ConfigMap>);
+/// Namespaces, then the root-cert and CRL ConfigMaps, and Linkerd's anchors when published,
+/// as the list-watches see them.
+type Caches = (
+    Cache<Namespace>,
+    Cache<ConfigMap>,
+    Cache<ConfigMap>,
+    Option<Cache<ConfigMap>>,
+);
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Desired {
@@ -70,6 +81,12 @@ pub struct ConfigMapPublisher {
     /// every pass, and an unchanged bundle costs no API call (drift is repaired by the
     /// controller's pass over the CA namespace).
     jwks_confirmed: std::sync::Mutex<Option<[u8; 32]>>,
+    /// Linkerd's control-plane namespace, where the bundle is also written as Linkerd's trust
+    /// anchors ([`ConfigMapPublisher::publish_linkerd_anchors`]).
+    linkerd_ns: std::sync::OnceLock<String>,
+    /// The time Linkerd's anchors are stamped with when they change
+    /// (`linkerd_drift::CHANGED_AT`).
+    clock: std::sync::OnceLock<crate::clock::SharedClock>,
 }
 
 /// A reconcile that failed; the controller retries it.
@@ -110,7 +127,19 @@ impl ConfigMapPublisher {
             certificate_authority: std::sync::OnceLock::new(),
             jwks_namespace: std::sync::OnceLock::new(),
             jwks_confirmed: std::sync::Mutex::new(None),
+            linkerd_ns: std::sync::OnceLock::new(),
+            clock: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Also publishes the bundle as Linkerd's trust anchors in `namespace` (ConfigMap
+    /// `linkerd-identity-trust-roots`, key `ca-bundle.crt`), watched and repaired like the
+    /// others, and stamped with the time (on `clock`) its anchor set last changed, which the
+    /// anchor drift count reads (`cluster::linkerd_drift`). Set once, before
+    /// [`ConfigMapPublisher::run`].
+    pub fn publish_linkerd_anchors(&self, namespace: &str, clock: crate::clock::SharedClock) {
+        let _ = self.linkerd_ns.set(namespace.to_string());
+        let _ = self.clock.set(clock);
     }
 
     /// Also records each drift Event on `CertificateAuthority/<name>` in `namespace` (when it
@@ -177,12 +206,12 @@ impl ConfigMapPublisher {
         .touched_objects();
         // Only our two ConfigMaps, in every namespace: a label selector would miss one whose
         // label was removed, so select by name.
-        let configmaps = |name: &str| {
+        let configmaps = |name: &str, api: Api<ConfigMap>| {
             let (cache, writer) = reflector::store::<ConfigMap>();
             let stream = reflector::reflector(
                 writer,
                 watcher(
-                    Api::<ConfigMap>::all(self.client.clone()),
+                    api,
                     watcher::Config::default().fields(&format!("metadata.name={name}")),
                 ),
             )
@@ -190,8 +219,18 @@ impl ConfigMapPublisher {
             .touched_objects();
             (cache, stream)
         };
-        let (root_cache, root_stream) = configmaps(ROOT_CONFIGMAP);
-        let (crl_cache, crl_stream) = configmaps(CRL_CONFIGMAP);
+        let all = || Api::<ConfigMap>::all(self.client.clone());
+        let (root_cache, root_stream) = configmaps(ROOT_CONFIGMAP, all());
+        let (crl_cache, crl_stream) = configmaps(CRL_CONFIGMAP, all());
+        // Linkerd's anchors live in one namespace: watched there only (a namespaced Role).
+        let (linkerd_cache, linkerd_stream) = match self.linkerd_ns.get() {
+            Some(ns) => {
+                let api = Api::<ConfigMap>::namespaced(self.client.clone(), ns);
+                let (cache, stream) = configmaps(LINKERD_ANCHORS_CONFIGMAP, api);
+                (Some(cache), Some(stream))
+            }
+            None => (None, None),
+        };
         let to_namespace = |cm: ConfigMap| {
             cm.metadata
                 .namespace
@@ -201,7 +240,12 @@ impl ConfigMapPublisher {
         let ready = {
             let (me, caches) = (
                 self.clone(),
-                (ns_cache.clone(), root_cache.clone(), crl_cache.clone()),
+                (
+                    ns_cache.clone(),
+                    root_cache.clone(),
+                    crl_cache.clone(),
+                    linkerd_cache.clone(),
+                ),
             );
             tokio::spawn(async move {
                 // Re-polled on a short timer rather than awaited once: the controller waits
@@ -219,13 +263,21 @@ impl ConfigMapPublisher {
                 ready(&caches.0).await;
                 let _ = caches.1.wait_until_ready().await;
                 let _ = caches.2.wait_until_ready().await;
+                if let Some(c) = &caches.3 {
+                    let _ = c.wait_until_ready().await;
+                }
                 tracing::debug!("namespace and ConfigMap caches ready");
                 *me.caches.lock().await = Some(caches);
             })
         };
-        Controller::for_stream(ns_stream, ns_cache)
+        let controller = Controller::for_stream(ns_stream, ns_cache)
             .watches_stream(root_stream, to_namespace)
-            .watches_stream(crl_stream, to_namespace)
+            .watches_stream(crl_stream, to_namespace);
+        let controller = match linkerd_stream {
+            Some(s) => controller.watches_stream(s, to_namespace),
+            None => controller,
+        };
+        controller
             .graceful_shutdown_on(stop)
             .run(
                 |ns, me: Arc<Self>| async move { me.reconcile_namespace(&ns).await },
@@ -248,11 +300,13 @@ impl ConfigMapPublisher {
 
     /// The controller's reconcile: one namespace, from the caches.
     async fn reconcile_namespace(&self, ns: &Namespace) -> Result<Action, PublishError> {
-        let Some((_, root, crl)) = self.caches.lock().await.clone() else {
+        let Some((_, root, crl, linkerd)) = self.caches.lock().await.clone() else {
             // The ConfigMap caches are still listing; come back shortly.
             return Ok(Action::requeue(Duration::from_secs(1)));
         };
-        self.reconcile_one(ns, &[&root, &crl])
+        let mut caches = vec![&root, &crl];
+        caches.extend(linkerd.as_ref());
+        self.reconcile_one(ns, &caches)
             .await
             .map_err(PublishError)?;
         // The JWT bundle ConfigMap has no cache: it is read here, at the controller's look
@@ -280,7 +334,8 @@ impl ConfigMapPublisher {
         results.into_iter().collect()
     }
 
-    /// Both ConfigMaps of one namespace, as desired now.
+    /// Both ConfigMaps of one namespace (and Linkerd's anchors in its control-plane
+    /// namespace), as desired now.
     async fn reconcile_one(
         &self,
         ns: &Namespace,
@@ -293,10 +348,17 @@ impl ConfigMapPublisher {
             return Ok(());
         }
         let want = self.desired.borrow().clone();
-        let items: [(&str, &str, Option<&String>); 2] = [
+        let mut items: Vec<(&str, &str, Option<&String>)> = vec![
             (ROOT_CONFIGMAP, ROOT_KEY, want.bundle.as_ref()),
             (CRL_CONFIGMAP, CRL_KEY, want.crl.as_ref()),
         ];
+        if self.linkerd_ns.get().map(String::as_str) == Some(name) {
+            items.push((
+                LINKERD_ANCHORS_CONFIGMAP,
+                LINKERD_ANCHORS_KEY,
+                want.bundle.as_ref(),
+            ));
+        }
         for (cm, key, content) in items {
             let Some(content) = content else { continue };
             let current = caches
@@ -343,6 +405,9 @@ impl ConfigMapPublisher {
             data: Some(BTreeMap::from([(key.to_string(), content.to_string())])),
             ..Default::default()
         };
+        if name == LINKERD_ANCHORS_CONFIGMAP {
+            cm.metadata.annotations = self.anchors_changed_at(current, held, content);
+        }
         cm.metadata.name = Some(name.into());
         cm.metadata.labels = Some(BTreeMap::from([(
             "istio.io/config".to_string(),
@@ -386,6 +451,36 @@ impl ConfigMapPublisher {
         seen.extend(contents.into_iter().map(digest));
         let excess = seen.len().saturating_sub(HISTORY);
         seen.drain(..excess);
+    }
+
+    /// The `linkerd_drift::CHANGED_AT` annotation for Linkerd's anchors: kept while the set
+    /// is the one held (a repaired label or annotation is no change of anchors), now when it
+    /// changes. Compared as certificate sets, so a reformatted bundle is no change either.
+    fn anchors_changed_at(
+        &self,
+        current: Option<&ConfigMap>,
+        held: Option<&str>,
+        content: &str,
+    ) -> Option<BTreeMap<String, String>> {
+        use super::linkerd_drift::CHANGED_AT;
+        let set = |pem: &str| {
+            crate::pki::pem::parse_certs(pem.as_bytes())
+                .map(|v| {
+                    v.into_iter()
+                        .map(|c| c.to_vec())
+                        .collect::<std::collections::BTreeSet<_>>()
+                })
+                .ok()
+        };
+        let kept = current
+            .and_then(|c| c.metadata.annotations.as_ref()?.get(CHANGED_AT).cloned())
+            .filter(|_| held.is_some_and(|h| set(h) == set(content)));
+        let at = kept.or_else(|| {
+            let now = self.clock.get()?.now();
+            now.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })?;
+        Some(BTreeMap::from([(CHANGED_AT.to_string(), at)]))
     }
 
     fn published_before(&self, content: &str) -> bool {
@@ -470,7 +565,11 @@ impl Publisher for ConfigMapPublisher {
             // retried on the next pass). Reconciling is idempotent and reads from the caches.
             let caches = self.caches.lock().await.clone();
             match caches {
-                Some((ns, root, crl)) => self.reconcile(&ns, &[&root, &crl]).await,
+                Some((ns, root, crl, linkerd)) => {
+                    let mut caches = vec![&root, &crl];
+                    caches.extend(linkerd.as_ref());
+                    self.reconcile(&ns, &caches).await
+                }
                 None => Err("the namespace and ConfigMap watches are not ready yet".into()),
             }
         })

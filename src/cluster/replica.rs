@@ -42,7 +42,10 @@ pub struct Replica {
 
 impl Replica {
     /// Connects, and starts leader election and the ConfigMap publisher (which acts only
-    /// while this replica leads).
+    /// while this replica leads; with `linkerd_anchors_ns`, it also writes Linkerd's trust
+    /// anchors there).
+    // Plain settings, each used once at start; a struct for them would only be unpacked here.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         kubeconfig: Option<&Path>,
         namespace: &str,
@@ -51,6 +54,7 @@ impl Replica {
         trust_bundle_signer: Option<&str>,
         clock: &SharedClock,
         shutdown: &Shutdown,
+        linkerd_anchors_ns: Option<&str>,
     ) -> Result<Self, String> {
         let client = super::client(kubeconfig).await?;
         let identity = identity.unwrap_or_else(|| {
@@ -71,6 +75,9 @@ impl Replica {
         tokio::spawn(elector.clone().run(shutdown.clone()));
         let configmaps = ConfigMapPublisher::new(client.clone(), Some(elector.subscribe()));
         configmaps.jwks_namespace(namespace);
+        if let Some(ns) = linkerd_anchors_ns {
+            configmaps.publish_linkerd_anchors(ns, clock.clone());
+        }
         tokio::spawn(configmaps.clone().run(shutdown.clone()));
         let publisher = configmaps.clone();
         // With the Pod Certificates signer, the bundle is also a ClusterTrustBundle, if this

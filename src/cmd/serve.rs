@@ -418,6 +418,24 @@ pub struct Args {
     /// new JWT key signs no earlier than 5 hints after its bundle was published.
     #[arg(long, default_value = "5m", value_parser = clap_parse, value_name = "DUR")]
     pub jwt_bundle_refresh_hint: Duration,
+
+    /// Serve Linkerd's identity protocol (io.linkerd.proxy.identity.Identity/Certify) on the CA
+    /// port for this identity domain (Linkerd's identityTrustDomain, e.g. cluster.local):
+    /// tokens are reviewed by the API server with audience identity.l5d.io, and workloads get
+    /// <sa>.<ns>.serviceaccount.identity.<control-plane-ns>.<DOMAIN>. With --store kube the
+    /// trust anchors are published as Linkerd reads them (docs/linkerd.md). Off by default.
+    #[arg(long, value_name = "DOMAIN")]
+    pub linkerd_identity_domain: Option<String>,
+
+    /// Linkerd's control-plane namespace: part of every Linkerd identity, of the CA port's
+    /// Linkerd serving name, and where the linkerd-identity-trust-roots ConfigMap is written.
+    #[arg(long, default_value = "linkerd", value_name = "NS")]
+    pub linkerd_control_plane_namespace: String,
+
+    /// Also put the workload's SPIFFE ID (a URI SAN) in Linkerd leaves, so one workload is
+    /// known to both meshes.
+    #[arg(long)]
+    pub linkerd_spiffe_san: bool,
 }
 
 /// Checks one `--trusted-node-accounts` entry at parse time, so a typo stops the start with
@@ -491,6 +509,28 @@ impl Args {
             }
         };
         let key_source = self.key_source()?;
+        let linkerd = match &self.linkerd_identity_domain {
+            None => None,
+            Some(domain) => Some(crate::app::config::LinkerdConfig {
+                names: crate::identity::LinkerdNames::new(
+                    &self.linkerd_control_plane_namespace,
+                    domain,
+                )
+                .map_err(|e| format!("--linkerd-identity-domain: {e}"))?,
+                spiffe_san: self.linkerd_spiffe_san,
+                cache_ttl: self.token_cache_ttl,
+                limits: ReviewLimits {
+                    qps: self.kube_qps,
+                    burst: self.kube_burst,
+                    max_wait: self.kube_review_max_wait,
+                },
+            }),
+        };
+        // Linkerd's proxies expect the CA port to present the identity service's own name.
+        let mut tls_names = self.server_dns_names;
+        if let Some(l) = &linkerd {
+            tls_names.push(l.names.service_name());
+        }
         let config = ServeConfig {
             dev: self.dev,
             state_dir: self.state_dir,
@@ -519,7 +559,7 @@ impl Args {
                     ..JwtKeyPolicy::default()
                 },
             },
-            tls_names: (!self.plaintext).then_some(self.server_dns_names),
+            tls_names: (!self.plaintext).then_some(tls_names),
             reconcile_interval: self.reconcile_interval,
             plugged_poll: self.ca_certs_poll_interval,
             limits: crate::server::Limits {
@@ -565,6 +605,7 @@ impl Args {
                 }
             }),
             key_source,
+            linkerd,
         };
         config.validate()?;
         Ok(config)

@@ -41,6 +41,10 @@ pub enum CsrError {
     /// The key is not P-256, P-384 or RSA 2048-8192; the text says what it is.
     #[error("CSR {0}")]
     UnsupportedKey(String),
+    /// A CSR for a DNS-form (Linkerd) identity without exactly one DNS SAN, or with a URI,
+    /// IP, email or other SAN beside it ([`single_dns_name`]); the text says what it has.
+    #[error("CSR must carry exactly one DNS name and no URI, IP or email SAN; it has {0}")]
+    NotOneDnsName(String),
 }
 
 /// The subject public key taken from a CSR, in the form rcgen needs to certify it.
@@ -82,6 +86,12 @@ pub struct VerifiedCsr {
     pub key: SubjectKey,
     /// URI SANs the CSR asked for (istio-agent sends its own SPIFFE ID).
     pub uri_sans: Vec<String>,
+    /// DNS SANs the CSR asked for (Linkerd's proxy sends its DNS-form identity). Never copied
+    /// into a certificate: the issue path compares them with the name it derives itself.
+    pub dns_sans: Vec<String>,
+    /// The kinds of any other SANs (`IP`, `email`, ...), so a surface that allows none can
+    /// refuse them ([`single_dns_name`]).
+    pub other_sans: Vec<&'static str>,
     /// The subject CN, when the CSR had one. Only for logs: it is never copied into a
     /// certificate (see `profile::workload`).
     pub common_name: Option<String>,
@@ -124,13 +134,17 @@ pub fn parse_der(der: &[u8]) -> Result<VerifiedCsr, CsrError> {
     }
     csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
 
-    let mut uri_sans = Vec::new();
+    let (mut uri_sans, mut dns_sans, mut other_sans) = (Vec::new(), Vec::new(), Vec::new());
     if let Some(exts) = csr.requested_extensions() {
         for ext in exts {
             if let ParsedExtension::SubjectAlternativeName(san) = ext {
                 for name in &san.general_names {
-                    if let GeneralName::URI(uri) = name {
-                        uri_sans.push((*uri).to_string());
+                    match name {
+                        GeneralName::URI(uri) => uri_sans.push((*uri).to_string()),
+                        GeneralName::DNSName(dns) => dns_sans.push((*dns).to_string()),
+                        GeneralName::IPAddress(_) => other_sans.push("IP"),
+                        GeneralName::RFC822Name(_) => other_sans.push("email"),
+                        _ => other_sans.push("other"),
                     }
                 }
             }
@@ -149,8 +163,47 @@ pub fn parse_der(der: &[u8]) -> Result<VerifiedCsr, CsrError> {
             kind,
         },
         uri_sans,
+        dns_sans,
+        other_sans,
         common_name,
     })
+}
+
+/// The one DNS SAN of a CSR for a DNS-form identity (Linkerd's rule): exactly one DNS name,
+/// no URI, IP, email or other SAN, and an ECDSA key (Linkerd's proxies make P-256 keys, and
+/// Linkerd's identity service certifies nothing else). The name is only compared, never
+/// copied into a certificate.
+pub fn single_dns_name(csr: &VerifiedCsr) -> Result<&str, CsrError> {
+    if !matches!(
+        csr.key.kind(),
+        PublicKeyKind::EcP256 | PublicKeyKind::EcP384
+    ) {
+        return Err(CsrError::UnsupportedKey(format!(
+            "key is {}; a DNS-form (Linkerd) identity needs an ECDSA key",
+            csr.key.kind()
+        )));
+    }
+    let mut has: Vec<String> = Vec::new();
+    if csr.dns_sans.len() != 1 {
+        has.push(format!("{} DNS names", csr.dns_sans.len()));
+    }
+    if !csr.uri_sans.is_empty() {
+        has.push(format!("{} URI", csr.uri_sans.len()));
+    }
+    has.extend(csr.other_sans.iter().map(|k| format!("an {k} SAN")));
+    match (has.is_empty(), csr.dns_sans.first()) {
+        (true, Some(name)) => Ok(name.as_str()),
+        _ => Err(CsrError::NotOneDnsName(has.join(", "))),
+    }
+}
+
+/// Builds a CSR the way Linkerd's proxy does: empty subject, one DNS SAN (its identity).
+/// For tests and tools.
+pub fn build_dns(key: &rcgen::KeyPair, dns_san: &str) -> Result<Vec<u8>, rcgen::Error> {
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.subject_alt_names = vec![rcgen::SanType::DnsName(dns_san.try_into()?)];
+    Ok(params.serialize_request(key)?.der().to_vec())
 }
 
 /// Builds a CSR the way istio-agent does: empty subject, one URI SAN.
@@ -265,5 +318,54 @@ mod tests {
             parse_der(&der).unwrap_err(),
             CsrError::Malformed(_)
         ));
+    }
+
+    #[test]
+    fn a_dns_form_csr_has_one_dns_name_nothing_else_and_an_ecdsa_key() {
+        let name = "cart.shop.serviceaccount.identity.linkerd.cluster.local";
+        let key = KeyType::EcP256.generate().unwrap();
+        let csr = parse_der(&build_dns(&key, name).unwrap()).unwrap();
+        assert_eq!(csr.dns_sans, vec![name.to_string()]);
+        assert_eq!(single_dns_name(&csr), Ok(name));
+
+        let with = |sans: Vec<rcgen::SanType>, kt: KeyType| {
+            let mut p = rcgen::CertificateParams::default();
+            p.distinguished_name = rcgen::DistinguishedName::new();
+            p.subject_alt_names = sans;
+            let der = p
+                .serialize_request(&kt.generate().unwrap())
+                .unwrap()
+                .der()
+                .to_vec();
+            single_dns_name(&parse_der(&der).unwrap())
+                .unwrap_err()
+                .to_string()
+        };
+        let dns = |n: &str| rcgen::SanType::DnsName(n.try_into().unwrap());
+        let cases = [
+            (vec![], "it has 0 DNS names"),
+            (vec![dns(name), dns("b.example")], "it has 2 DNS names"),
+            (
+                vec![dns(name), rcgen::SanType::URI(ID.try_into().unwrap())],
+                "it has 1 URI",
+            ),
+            (
+                vec![dns(name), rcgen::SanType::IpAddress([10, 0, 0, 1].into())],
+                "it has an IP SAN",
+            ),
+            (
+                vec![
+                    dns(name),
+                    rcgen::SanType::Rfc822Name("a@b.c".try_into().unwrap()),
+                ],
+                "it has an email SAN",
+            ),
+        ];
+        for (sans, want) in cases {
+            let got = with(sans, KeyType::EcP256);
+            assert!(got.ends_with(want), "{got:?} should end with {want:?}");
+        }
+        let rsa = with(vec![dns(name)], KeyType::Rsa2048);
+        assert!(rsa.contains("needs an ECDSA key"), "{rsa}");
     }
 }

@@ -84,8 +84,52 @@ pub fn workload(
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
 ) -> Result<CertificateParams, PkiError> {
+    workload_named(id, LeafNames::SPIFFE, serial, not_before, not_after)
+}
+
+/// The names a workload leaf carries. Both come from the identity the issue path authorized
+/// (the DNS name is derived from its service account, `identity::LinkerdNames`), never from
+/// the CSR, so nothing the caller chose is signed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeafNames<'a> {
+    /// The SPIFFE ID as a URI SAN.
+    pub spiffe: bool,
+    /// A DNS SAN: Linkerd's DNS-form identity.
+    pub dns: Option<&'a str>,
+}
+
+impl LeafNames<'static> {
+    /// The SPIFFE ID alone: every surface but Linkerd's.
+    pub const SPIFFE: Self = Self {
+        spiffe: true,
+        dns: None,
+    };
+}
+
+/// [`workload`] with the names `names` says: the SPIFFE URI, a DNS name, or both (a leaf that
+/// Linkerd's proxies and SPIFFE verifiers both accept). The subject stays empty, so the SAN
+/// extension is critical whichever names it holds.
+pub fn workload_named(
+    id: &SpiffeId,
+    names: LeafNames<'_>,
+    serial: &[u8],
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<CertificateParams, PkiError> {
     let mut p = base(serial, not_before, not_after);
-    p.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
+    if let Some(dns) = names.dns {
+        p.subject_alt_names
+            .push(SanType::DnsName(dns.try_into().map_err(|_| {
+                PkiError::invalid(format!("{dns:?} is not a valid DNS name"))
+            })?));
+    }
+    if names.spiffe {
+        p.subject_alt_names
+            .push(SanType::URI(id.to_string().try_into()?));
+    }
+    if p.subject_alt_names.is_empty() {
+        return Err(PkiError::invalid("a workload leaf must name its identity"));
+    }
     leaf_usages(&mut p);
     Ok(p)
 }
@@ -109,12 +153,17 @@ pub fn workload_for_node(
     not_after: OffsetDateTime,
 ) -> Result<CertificateParams, PkiError> {
     let mut p = workload(id, serial, not_before, not_after)?;
+    mark_for_node(&mut p);
+    Ok(p)
+}
+
+/// Adds [`NODE_ISSUED_OID`] to a workload leaf.
+pub fn mark_for_node(p: &mut CertificateParams) {
     p.custom_extensions
         .push(rcgen::CustomExtension::from_oid_content(
             NODE_ISSUED_OID,
             vec![0x05, 0x00],
         ));
-    Ok(p)
 }
 
 /// citadel's own TLS serving certificate, with DNS and IP SANs.

@@ -1,8 +1,8 @@
 //! The network edge: the CA port's gRPC surfaces over TLS, and the monitoring HTTP port.
 //!
-//! One module per wire surface on the CA port (`istio`: CreateCertificate), each with its own
-//! decode and its one mapping to gRPC codes, all assembled in `router`; they call the shared
-//! issue path (`auth::issue_path`).
+//! One module per wire surface on the CA port (`istio`: CreateCertificate; `linkerd`:
+//! Linkerd's Certify, when enabled), each with its own decode and its one mapping to gRPC
+//! codes, all assembled in `router`; they call the shared issue path (`auth::issue_path`).
 //!
 //! `run` takes already-bound listeners and a shutdown signal, so tests bind `127.0.0.1:0`
 //! and the CLI binds the configured addresses.
@@ -12,6 +12,7 @@ pub mod http;
 mod instrument;
 pub mod istio;
 pub mod jwtsvid;
+pub mod linkerd;
 pub mod metrics;
 pub mod peer;
 pub mod port;
@@ -112,6 +113,8 @@ pub struct Server {
     pub limits: Limits,
     /// Node impersonation (`--trusted-node-accounts`); `None` refuses it.
     pub node_auth: Option<Arc<crate::auth::node::NodeAuthorizer>>,
+    /// Linkerd's Certify on this port (`--linkerd-identity-domain`); `None` does not serve it.
+    pub linkerd: Option<port::LinkerdPort>,
 }
 
 /// What the readiness probe and metrics page look at.
@@ -191,6 +194,7 @@ impl Server {
                 self.limits.auth_throttle,
                 self.limits.exempt.clone(),
             )),
+            linkerd: self.linkerd,
         });
         if !self.limits.exempt.nets().is_empty() {
             tracing::info!(exempt = ?self.limits.exempt.nets().iter().map(ToString::to_string).collect::<Vec<_>>(), "sources exempt from the per-peer limits (--throttle-exempt-cidr)");

@@ -4,6 +4,7 @@
 //! client certificate, under the throttle). Below the surfaces and the router, so a surface
 //! never imports the router that lists it.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use tokio::sync::Semaphore;
@@ -79,6 +80,7 @@ pub fn bearer(metadata: &MetadataMap) -> Result<Option<&str>, IssueError> {
         )),
     }
 }
+use crate::identity::LinkerdNames;
 
 /// What the surfaces of the CA port share.
 pub struct CaPort {
@@ -92,6 +94,59 @@ pub struct CaPort {
     pub inflight: Arc<Semaphore>,
     /// Failed authentications per peer address (`Limits::auth_throttle`).
     pub throttle: Arc<AuthThrottle>,
+    /// Linkerd's Certify, when `--linkerd-identity-domain` turns it on.
+    pub linkerd: Option<LinkerdPort>,
+}
+
+impl CaPort {
+    /// Authenticates `creds` with `chain` under the per-peer failed-authentication throttle:
+    /// a peer that keeps failing is refused before its credentials cost a verification or a
+    /// TokenReview, and every failed authentication (Unavailable included: forgeries filling
+    /// the review queue are what the throttle is for) counts toward it. For surfaces whose
+    /// credentials only `authenticate` can judge (Linkerd's token in the request body).
+    pub async fn authenticate_throttled(
+        &self,
+        chain: &AuthChain,
+        peer: Option<IpAddr>,
+        creds: Credentials<'_>,
+    ) -> Result<Caller, Gated> {
+        let now = self.issue.clock.now().unix_timestamp_nanos() as f64 / 1e9;
+        if let Some(ip) = peer {
+            if let Err(t) = self.throttle.check(ip, now) {
+                return Err(Gated::Throttled(t.retry_after_secs));
+            }
+        }
+        IssuePath::authenticate(chain, creds).await.map_err(|e| {
+            if let Some(ip) = peer {
+                if self.throttle.failed(ip, now) {
+                    tracing::warn!(peer = %super::peer::PeerKey::of(ip), "this address failed authentication too often; its calls with credentials not yet verified are refused unread until it earns failures back (--auth-failure-burst, citadel_auth_throttled_total)");
+                }
+            }
+            Gated::Failed(e)
+        })
+    }
+}
+
+/// Why [`CaPort::authenticate_throttled`] established no caller.
+#[derive(Debug)]
+pub enum Gated {
+    /// The peer failed too often; seconds until it may try again. Its credentials were not read.
+    Throttled(f64),
+    /// The chain refused (or could not check) the credentials.
+    Failed(IssueError),
+}
+
+/// Linkerd's Certify on the CA port (`--linkerd-identity-domain`), what it has beyond what
+/// every surface shares: its own authenticator chain (TokenReview with audience
+/// `identity.l5d.io`: a token projected for Linkerd must not get an Istio certificate, nor
+/// the reverse) and the names its identities take.
+pub struct LinkerdPort {
+    /// Authenticates the token in the request body.
+    pub auth: AuthChain,
+    /// The control plane and domain of the DNS-form identities.
+    pub names: LinkerdNames,
+    /// Also put the SPIFFE ID in Linkerd leaves (`--linkerd-spiffe-san`).
+    pub spiffe_san: bool,
 }
 
 impl CaPort {
@@ -132,26 +187,14 @@ impl CaPort {
             return Ok(caller);
         }
         let peer = remote.map(|a| a.ip());
-        let now = self.issue.clock.now().unix_timestamp_nanos() as f64 / 1e9;
-        if let Some(ip) = peer {
-            if let Err(t) = self.throttle.check(ip, now) {
-                return Err(CallerError::Throttled(t.retry_after_secs));
-            }
-        }
-        IssuePath::authenticate(&self.auth, creds)
+        self.authenticate_throttled(&self.auth, peer, creds)
             .await
-            .map_err(|e| {
-                if let Some(ip) = peer {
-                    if self.throttle.failed(ip, now) {
-                        tracing::warn!(peer = %super::peer::PeerKey::of(ip), "this address failed authentication too often; its calls with credentials not yet verified are refused unread until it earns failures back (--auth-failure-burst, citadel_auth_throttled_total)");
-                    }
-                }
-                match (e, header_problem) {
-                    // The credential could not be checked (API server down): retryable.
-                    (e @ IssueError::AuthUnavailable(_), _) => CallerError::Issue(e),
-                    (_, Some(problem)) => CallerError::Issue(problem),
-                    (e, None) => CallerError::Issue(e),
-                }
+            .map_err(|g| match (g, header_problem) {
+                (Gated::Throttled(secs), _) => CallerError::Throttled(secs),
+                // The credential could not be checked (API server down): retryable.
+                (Gated::Failed(e @ IssueError::AuthUnavailable(_)), _) => CallerError::Issue(e),
+                (Gated::Failed(_), Some(problem)) => CallerError::Issue(problem),
+                (Gated::Failed(e), None) => CallerError::Issue(e),
             })
     }
 }

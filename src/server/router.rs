@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use super::conn::Tracked;
 use super::port::CaPort;
-use super::{istio, jwtsvid, MAX_HEADER_LIST_BYTES, MAX_STREAMS_PER_CONNECTION, REQUEST_TIMEOUT};
+use super::{
+    istio, jwtsvid, linkerd, MAX_HEADER_LIST_BYTES, MAX_STREAMS_PER_CONNECTION, REQUEST_TIMEOUT,
+};
 
 /// The CA port's HTTP/2 settings around every surface, whose calls count as streams in
 /// progress on connections whose transport info is `I` (see [`Tracked`]).
@@ -23,4 +25,5 @@ where
         // One line per surface.
         .add_service(Tracked::<_, I>::new(istio::service(port)))
         .add_service(Tracked::<_, I>::new(jwtsvid::service(port)))
+        .add_optional_service(linkerd::service(port).map(Tracked::<_, I>::new))
 }

@@ -35,7 +35,7 @@ fn kubectl(kube: &KubeEnv, args: &[&str]) -> (bool, String) {
 }
 
 /// Installs the CRD from deploy/ and waits until it is served.
-async fn install_crd(kube: &KubeEnv) {
+pub(crate) async fn install_crd(kube: &KubeEnv) {
     let (ok, out) = kubectl(kube, &["apply", "--server-side", "-f", CRD]);
     assert!(ok, "{out}");
     let (ok, out) = kubectl(

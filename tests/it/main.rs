@@ -23,6 +23,7 @@ mod kube_abuse;
 mod kube_faults;
 mod lifecycle;
 mod limits;
+mod linkerd;
 mod multicluster;
 mod pilot_agent;
 mod plugged_swap;

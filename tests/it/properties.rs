@@ -106,6 +106,7 @@ fn no_accepted_csr_names_anyone_but_the_caller() {
                 Default::default(),
                 Default::default(),
             )),
+            linkerd: None,
         }),
     };
     let token = bearer(&token("shop", "cart"));

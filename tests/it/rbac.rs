@@ -436,7 +436,7 @@ const MUST: &[Req] = &[
 ];
 
 /// Waits until the authorizer has seen the roles just applied (its caches follow the API).
-async fn rbac_in_effect(kube: &KubeEnv) {
+pub(crate) async fn rbac_in_effect(kube: &KubeEnv) {
     eventually("deploy/'s RBAC in effect", 10, async || {
         allowed(
             kube,
@@ -519,7 +519,7 @@ async fn deploy_rbac_grants_citadel_only_what_it_uses() {
 
 /// A kubeconfig for citadel's service account: the admin's, with its token swapped for one
 /// from the TokenRequest API.
-async fn sa_kubeconfig(kube: &KubeEnv, dir: &std::path::Path) -> std::path::PathBuf {
+pub(crate) async fn sa_kubeconfig(kube: &KubeEnv, dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("citadel-kubeconfig");
     kube.kubeconfig_as("istio-system", "citadel", &path).await;
     path

@@ -74,6 +74,9 @@ pub struct Reconciler {
     last_warning: std::sync::Mutex<Option<String>>,
     /// Held while the policy is compared and stored.
     policy_lock: tokio::sync::Mutex<()>,
+    /// Linkerd anchor drift, reported as `LinkerdAnchorsCurrent` when set
+    /// ([`Reconciler::report_linkerd_drift`]).
+    linkerd_drift: std::sync::OnceLock<Arc<crate::cluster::linkerd_drift::DriftStats>>,
 }
 
 /// A pass that failed; the controller retries it after `interval`.
@@ -107,6 +110,12 @@ pub struct Pass {
 }
 
 impl Reconciler {
+    /// Also reports Linkerd anchor drift (`--linkerd-identity-domain`) as the condition
+    /// `LinkerdAnchorsCurrent`, from the drift count's gauges. Set once, at start.
+    pub fn report_linkerd_drift(&self, stats: Arc<crate::cluster::linkerd_drift::DriftStats>) {
+        let _ = self.linkerd_drift.set(stats);
+    }
+
     /// A reconciler for `namespace/name`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -147,6 +156,7 @@ impl Reconciler {
             interval,
             last_warning: std::sync::Mutex::new(None),
             policy_lock: tokio::sync::Mutex::new(()),
+            linkerd_drift: std::sync::OnceLock::new(),
         })
     }
 
@@ -489,6 +499,7 @@ impl Reconciler {
                 .map(|s| s.signing_cert().not_after.unix_timestamp()),
             bundle: counted,
             degraded,
+            linkerd_drift: self.linkerd_drift.get().and_then(|d| d.counted()),
         };
         let status = status_for(&journal, &observed, cr.status.as_ref());
         let before = cr

@@ -1,5 +1,6 @@
 //! The resource's status, derived from the journal and what the reconciler observed: the
-//! conditions (`Ready`, `RootRotationInProgress`, `BundlePublished`, `Degraded`), the
+//! conditions (`Ready`, `RootRotationInProgress`, `BundlePublished`, `Degraded`, and
+//! `LinkerdAnchorsCurrent` with `--linkerd-identity-domain`), the
 //! authorities, the rotation stage, the merge patch that writes it, and the Event a stage
 //! change calls for. Pure functions: no API calls.
 
@@ -36,6 +37,10 @@ pub struct Observed {
     pub bundle: Option<(u32, u32)>,
     /// Something that needs a person: `(reason, message)`.
     pub degraded: Option<(String, String)>,
+    /// Linkerd anchor drift (`--linkerd-identity-domain`): running meshed pods behind the
+    /// published anchors, and meshed pods (`cluster::linkerd_drift`); `None`: not counted
+    /// (Linkerd off, or no count yet), and no `LinkerdAnchorsCurrent` condition.
+    pub linkerd_drift: Option<(i64, i64)>,
 }
 
 fn stage_name(s: &str) -> String {
@@ -166,6 +171,21 @@ pub fn status_for(
             "the bundle ConfigMaps could not be counted".into(),
         ),
     }
+    match o.linkerd_drift {
+        Some((0, meshed)) => cond(
+            "LinkerdAnchorsCurrent",
+            Some(true),
+            "AllPodsCurrent",
+            format!("all {meshed} running Linkerd-meshed pods hold the published trust anchors"),
+        ),
+        Some((behind, meshed)) => cond(
+            "LinkerdAnchorsCurrent",
+            Some(false),
+            "PodsBehind",
+            format!("{behind} of {meshed} running Linkerd-meshed pods started before the current trust anchors (Linkerd reads them only at pod start): restart them before a new root signs or an old root leaves the bundle"),
+        ),
+        None => {}
+    }
     match &o.degraded {
         Some((reason, message)) => cond("Degraded", Some(true), reason, message.clone()),
         None => cond(
@@ -260,6 +280,59 @@ mod tests {
         j
     }
 
+    /// Linkerd anchor drift is a condition only when counted: True with no pod behind, False
+    /// naming how many are, and its transition time moves only when that flips.
+    #[test]
+    fn linkerd_anchor_drift_is_a_condition_when_counted() {
+        let j = journal();
+        let o = Observed {
+            generation: Some(1),
+            now: 100,
+            signer_not_after: Some(1000),
+            bundle: Some((1, 1)),
+            degraded: None,
+            linkerd_drift: None,
+        };
+        let find = |s: &CertificateAuthorityStatus| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == "LinkerdAnchorsCurrent")
+                .cloned()
+        };
+        assert_eq!(
+            find(&status_for(&j, &o, None)),
+            None,
+            "Linkerd off: no condition"
+        );
+        let behind = Observed {
+            linkerd_drift: Some((2, 5)),
+            ..o.clone()
+        };
+        let s = status_for(&j, &behind, None);
+        let c = find(&s).unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "PodsBehind")
+        );
+        assert!(
+            c.message.starts_with("2 of 5 running Linkerd-meshed pods"),
+            "{}",
+            c.message
+        );
+        let current = Observed {
+            now: 200,
+            linkerd_drift: Some((0, 5)),
+            ..o.clone()
+        };
+        let s2 = status_for(&j, &current, Some(&s));
+        let c2 = find(&s2).unwrap();
+        assert_eq!(
+            (c2.status.as_str(), c2.reason.as_str()),
+            ("True", "AllPodsCurrent")
+        );
+        assert_ne!(c2.last_transition_time, c.last_transition_time);
+    }
+
     #[test]
     fn status_follows_the_journal_and_keeps_transition_times() {
         let j = journal();
@@ -269,6 +342,7 @@ mod tests {
             signer_not_after: Some(1000),
             bundle: Some((2, 3)),
             degraded: None,
+            linkerd_drift: None,
         };
         let s = status_for(&j, &o, None);
         let c = |s: &CertificateAuthorityStatus, t: &str| {

@@ -386,6 +386,7 @@ pub fn dev_server(
         sweep: Default::default(),
         limits: citadel::server::Limits::default(),
         node_auth: None,
+        linkerd: None,
     }
 }
 
