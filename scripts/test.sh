@@ -12,6 +12,10 @@
 #     (scripts/kube-test-env.sh; 20-25 minutes the first time on 2 busy cores,
 #     cached after).
 #   - tests/gospiffe built against go-spiffe (a third-party SVID validator, CITADEL_GOSPIFFE);
+#   - tests/goworkload built against go-spiffe's workloadapi (a Workload API client,
+#     CITADEL_GOWORKLOAD);
+#   - a Python venv with py-spiffe (PyPI `spiffe`, a second Workload API client,
+#     CITADEL_PYSPIFFE_PYTHON);
 #   - Istio's pilot-agent from the Go module proxy (scripts/istio-agent.sh, CITADEL_PILOT_AGENT);
 #   - cargo-fuzz from crates.io, to run each fuzz target for CITADEL_FUZZ_SECONDS (default 10)
 #     after the tests (scripts/fuzz.sh).
@@ -23,6 +27,7 @@ CACHE="${CITADEL_CACHE:-$HOME/.cache/citadel}"
 CRYPTOGRAPHY_VERSION="48.0.0"
 ENVOY_VERSION="1.40.0"
 GO_SPIFFE_VERSION="v2.9.0"
+PY_SPIFFE_VERSION="0.3.2"
 mkdir -p "$CACHE"
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -80,6 +85,35 @@ ensure_gospiffe() {
   log "go-spiffe validator: $bin"
 }
 
+ensure_goworkload() {
+  local src=tests/goworkload
+  local hash
+  hash="$(cat "$src/go.mod" "$src/go.sum" "$src"/*.go | sha256sum | cut -c1-12)"
+  local bin="$CACHE/goworkload-$GO_SPIFFE_VERSION-$hash"
+  if [ ! -x "$bin" ]; then
+    command -v go >/dev/null || apt_install golang-go
+    grep -q "go-spiffe/v2 $GO_SPIFFE_VERSION" "$src/go.mod" || { echo "$src/go.mod must pin go-spiffe $GO_SPIFFE_VERSION" >&2; exit 1; }
+    log "building $bin"
+    (cd "$src" && CGO_ENABLED=0 nice -n 19 go build -mod=readonly -trimpath -o "$bin.tmp" .)
+    mv "$bin.tmp" "$bin"
+  fi
+  export CITADEL_GOWORKLOAD="$bin"
+  log "go-spiffe Workload API client: $bin"
+}
+
+ensure_pyspiffe() {
+  local venv="$CACHE/venv-pyspiffe-$PY_SPIFFE_VERSION"
+  if ! "$venv/bin/python" -c 'import spiffe, cryptography.x509.verification' 2>/dev/null; then
+    command -v python3 >/dev/null || apt_install python3 python3-venv
+    log "creating $venv (spiffe $PY_SPIFFE_VERSION from PyPI)"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check "spiffe==$PY_SPIFFE_VERSION"
+  fi
+  export CITADEL_PYSPIFFE_PYTHON="$venv/bin/python"
+  log "py-spiffe Workload API client: $("$CITADEL_PYSPIFFE_PYTHON" -c 'import importlib.metadata as m; print("spiffe", m.version("spiffe"))')"
+}
+
 ensure_pilot_agent() {
   CITADEL_PILOT_AGENT="$(scripts/istio-agent.sh ensure)"
   export CITADEL_PILOT_AGENT
@@ -90,6 +124,8 @@ ensure_openssl
 ensure_python_venv
 ensure_envoy
 ensure_gospiffe
+ensure_goworkload
+ensure_pyspiffe
 ensure_pilot_agent
 log "kube-apiserver: $(scripts/kube-test-env.sh ensure)"
 command -v kubectl >/dev/null || apt_install kubernetes-client

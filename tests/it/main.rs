@@ -32,3 +32,4 @@ mod storage;
 mod support;
 mod thirdparty;
 mod timetravel;
+mod workload_api;
