@@ -189,8 +189,13 @@ pub async fn fetch(
         .map_err(|e| FetchError::Rejected(e.to_string()))?;
     let csr =
         csr::build(&key, &identity.to_string()).map_err(|e| FetchError::Rejected(e.to_string()))?;
-    let chain_pem =
-        client::create_certificate(&mut ca, csr, bearer.as_deref(), cfg.cert_ttl.as_secs() as i64).await?;
+    let chain_pem = client::create_certificate(
+        &mut ca,
+        csr,
+        bearer.as_deref(),
+        cfg.cert_ttl.as_secs() as i64,
+    )
+    .await?;
     let verified = client::verify_response(&chain_pem, Some(&identity), now)
         .map_err(|e| FetchError::Rejected(e.to_string()))?;
     let leaf = pem::parse_certs(chain_pem[0].as_bytes())

@@ -60,14 +60,23 @@ impl std::fmt::Debug for JwtBundle {
 impl JwtBundle {
     /// Parses a JWK Set for `trust_domain`, keeping only the keys for JWT-SVIDs (`use`
     /// `jwt-svid`, or no `use`): an X.509 authority in the same set must not verify tokens.
-    pub fn parse(trust_domain: TrustDomain, jwks_json: Vec<u8>, sequence: u64) -> Result<Self, String> {
+    pub fn parse(
+        trust_domain: TrustDomain,
+        jwks_json: Vec<u8>,
+        sequence: u64,
+    ) -> Result<Self, String> {
         let mut doc: serde_json::Value = serde_json::from_slice(&jwks_json)
             .map_err(|e| format!("the JWT bundle is not JSON: {e}"))?;
         let keys = doc
             .get_mut("keys")
             .and_then(|k| k.as_array_mut())
             .ok_or("the JWT bundle has no \"keys\" array")?;
-        keys.retain(|k| matches!(k.get("use").and_then(|u| u.as_str()), None | Some("jwt-svid")));
+        keys.retain(|k| {
+            matches!(
+                k.get("use").and_then(|u| u.as_str()),
+                None | Some("jwt-svid")
+            )
+        });
         // auth::jwks takes signature keys (`use: sig`); these are, for JWT-SVIDs.
         for k in keys.iter_mut() {
             if let Some(o) = k.as_object_mut() {
@@ -125,7 +134,11 @@ impl CaJwt {
     ) -> Result<(JwtSvidServiceClient<Channel>, Option<String>, SpiffeId), FetchError> {
         let call = ca_call(&self.cfg, Some(current), self.clock.now())?;
         let channel = channel(&call.opts).await?;
-        Ok((JwtSvidServiceClient::new(channel), call.bearer, call.identity))
+        Ok((
+            JwtSvidServiceClient::new(channel),
+            call.bearer,
+            call.identity,
+        ))
     }
 }
 
@@ -252,7 +265,12 @@ pub async fn follow(
                             o.sequence == b.sequence && o.jwks_json == b.jwks_json
                         });
                         if !same {
-                            tracing::info!(trust_domain = b.trust_domain.as_str(), sequence = b.sequence, keys = b.keys.as_ref().map_or(0, Jwks::len), "JWT bundle updated");
+                            tracing::info!(
+                                trust_domain = b.trust_domain.as_str(),
+                                sequence = b.sequence,
+                                keys = b.keys.as_ref().map_or(0, Jwks::len),
+                                "JWT bundle updated"
+                            );
                             *cur = Some(Arc::new(b));
                         }
                         !same

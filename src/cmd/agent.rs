@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::agent::fetch::FetchConfig;
-use crate::agent::renew::{self, RenewPolicy};
 use crate::agent::jwt::{self, CaJwt, JwtCa};
+use crate::agent::renew::{self, RenewPolicy};
 use crate::agent::workload::{self, WorkloadApi};
 use crate::agent::{crl, files, http, sds, AgentStats};
 use crate::clock;
@@ -140,8 +140,7 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 /// Runs the agent (renewal loop, SDS server and/or file writer, monitoring port) until stopped, or
 /// for one fetch with `--once`.
 pub async fn run(args: Args) -> CmdResult {
-    if args.out_dir.is_none() && args.sds_socket.is_none() && args.workload_api_socket.is_none()
-    {
+    if args.out_dir.is_none() && args.sds_socket.is_none() && args.workload_api_socket.is_none() {
         return Err(
             "nothing to hand certificates to: pass --sds-socket PATH, --workload-api-socket PATH and/or --out-dir DIR".into(),
         );
@@ -263,9 +262,16 @@ pub async fn run(args: Args) -> CmdResult {
         tokio::spawn(async move { sds::serve(&p, rx, stats, sd).await })
     });
     let workload_task = args.workload_api_socket.clone().map(|p| {
-        let ca: std::sync::Arc<dyn JwtCa> = std::sync::Arc::new(CaJwt::new(cfg.clone(), clock.clone()));
+        let ca: std::sync::Arc<dyn JwtCa> =
+            std::sync::Arc::new(CaJwt::new(cfg.clone(), clock.clone()));
         let (jwt_tx, jwt_rx) = tokio::sync::watch::channel(None);
-        tokio::spawn(jwt::follow(ca.clone(), rx.clone(), jwt_tx, args.jwt_bundle_refresh, sd.clone()));
+        tokio::spawn(jwt::follow(
+            ca.clone(),
+            rx.clone(),
+            jwt_tx,
+            args.jwt_bundle_refresh,
+            sd.clone(),
+        ));
         let uids = (!args.workload_api_uids.is_empty()).then(|| args.workload_api_uids.clone());
         let api = WorkloadApi::new(rx.clone(), jwt_rx, ca, clock.clone(), stats.clone(), uids);
         let (mode, sd, stop) = (args.workload_api_socket_mode, sd.clone(), trigger.clone());
@@ -303,8 +309,13 @@ mod tests {
             parse_socket("/run/a.sock").unwrap(),
             PathBuf::from("/run/a.sock")
         );
-        assert_eq!(parse_socket("unix:rel.sock").unwrap(), PathBuf::from("rel.sock"));
-        assert!(parse_socket("tcp://127.0.0.1:8081").unwrap_err().contains("tcp://"));
+        assert_eq!(
+            parse_socket("unix:rel.sock").unwrap(),
+            PathBuf::from("rel.sock")
+        );
+        assert!(parse_socket("tcp://127.0.0.1:8081")
+            .unwrap_err()
+            .contains("tcp://"));
         assert!(parse_socket("unix://").is_err());
         assert!(parse_socket("").is_err());
     }

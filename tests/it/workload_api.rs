@@ -19,8 +19,7 @@ use citadel::pki::KeyType;
 use citadel::shutdown::{self, Trigger};
 use citadel::workload_proto::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use citadel::workload_proto::{
-    JwtBundlesRequest, JwtsvidRequest, ValidateJwtsvidRequest, X509BundlesRequest,
-    X509svidRequest,
+    JwtBundlesRequest, JwtsvidRequest, ValidateJwtsvidRequest, X509BundlesRequest, X509svidRequest,
 };
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::watch;
@@ -163,7 +162,10 @@ impl Served {
         let (trigger, sd) = shutdown::channel();
         let p = path.to_path_buf();
         let task = tokio::spawn(async move { workload::serve(&p, mode, api, sd).await });
-        eventually("the socket", 5, async || path.exists()).await;
+        eventually("the socket accepting", 5, async || {
+            std::os::unix::net::UnixStream::connect(path).is_ok()
+        })
+        .await;
         Served {
             path: path.to_path_buf(),
             creds,
@@ -177,7 +179,10 @@ impl Served {
     async fn stop(self) {
         self.trigger.trigger();
         let r = tokio::time::timeout(Duration::from_secs(5), self.task).await;
-        assert!(matches!(r, Ok(Ok(Ok(())))), "server did not stop cleanly: {r:?}");
+        assert!(
+            matches!(r, Ok(Ok(Ok(())))),
+            "server did not stop cleanly: {r:?}"
+        );
     }
 }
 
@@ -228,18 +233,49 @@ async fn a_missing_false_or_repeated_header_is_invalid_argument_and_serving_goes
     let ca = TestCa::start(&[]).await;
     let creds = real_creds(&ca, "cart", 1).await;
     let tmp = tempfile::tempdir().unwrap();
-    let s = Served::start(&tmp.path().join("api.sock"), Some(creds.clone()), None, 0o600).await;
+    let s = Served::start(
+        &tmp.path().join("api.sock"),
+        Some(creds.clone()),
+        None,
+        0o600,
+    )
+    .await;
     s.jwt.send_replace(Some(Arc::new(s.ca.bundle(1))));
     let mut c = client(&s.path).await;
     for header in [&[][..], &["false"], &["TRUE"], &["true", "true"]] {
         let codes = [
-            c.fetch_x509svid(req(X509svidRequest {}, header)).await.err().map(|e| e.code()),
-            c.fetch_x509_bundles(req(X509BundlesRequest {}, header)).await.err().map(|e| e.code()),
-            c.fetch_jwtsvid(req(JwtsvidRequest { audience: vec!["db".into()], spiffe_id: String::new() }, header))
-                .await.err().map(|e| e.code()),
-            c.fetch_jwt_bundles(req(JwtBundlesRequest {}, header)).await.err().map(|e| e.code()),
-            c.validate_jwtsvid(req(ValidateJwtsvidRequest { audience: "db".into(), svid: "x.y.z".into() }, header))
-                .await.err().map(|e| e.code()),
+            c.fetch_x509svid(req(X509svidRequest {}, header))
+                .await
+                .err()
+                .map(|e| e.code()),
+            c.fetch_x509_bundles(req(X509BundlesRequest {}, header))
+                .await
+                .err()
+                .map(|e| e.code()),
+            c.fetch_jwtsvid(req(
+                JwtsvidRequest {
+                    audience: vec!["db".into()],
+                    spiffe_id: String::new(),
+                },
+                header,
+            ))
+            .await
+            .err()
+            .map(|e| e.code()),
+            c.fetch_jwt_bundles(req(JwtBundlesRequest {}, header))
+                .await
+                .err()
+                .map(|e| e.code()),
+            c.validate_jwtsvid(req(
+                ValidateJwtsvidRequest {
+                    audience: "db".into(),
+                    svid: "x.y.z".into(),
+                },
+                header,
+            ))
+            .await
+            .err()
+            .map(|e| e.code()),
         ];
         assert_eq!(codes, [Some(Code::InvalidArgument); 5], "header {header:?}");
     }
@@ -255,7 +291,10 @@ async fn a_missing_false_or_repeated_header_is_invalid_argument_and_serving_goes
         .unwrap();
     assert_eq!(first.svids[0].spiffe_id, spiffe("shop", "cart").to_string());
     let mut fresh = client(&s.path).await;
-    assert!(fresh.fetch_x509_bundles(ok(X509BundlesRequest {})).await.is_ok());
+    assert!(fresh
+        .fetch_x509_bundles(ok(X509BundlesRequest {}))
+        .await
+        .is_ok());
     s.stop().await;
     ca.stop().await;
 }
@@ -269,19 +308,42 @@ async fn unavailable_before_the_first_svid_then_the_full_state_at_once() {
     let s = Served::start(&tmp.path().join("api.sock"), None, None, 0o600).await;
     let mut c = client(&s.path).await;
     let codes = [
-        c.fetch_x509svid(ok(X509svidRequest {})).await.err().map(|e| e.code()),
-        c.fetch_x509_bundles(ok(X509BundlesRequest {})).await.err().map(|e| e.code()),
-        c.fetch_jwtsvid(ok(JwtsvidRequest { audience: vec!["db".into()], spiffe_id: String::new() }))
-            .await.err().map(|e| e.code()),
-        c.fetch_jwt_bundles(ok(JwtBundlesRequest {})).await.err().map(|e| e.code()),
-        c.validate_jwtsvid(ok(ValidateJwtsvidRequest { audience: "db".into(), svid: "x.y.z".into() }))
-            .await.err().map(|e| e.code()),
+        c.fetch_x509svid(ok(X509svidRequest {}))
+            .await
+            .err()
+            .map(|e| e.code()),
+        c.fetch_x509_bundles(ok(X509BundlesRequest {}))
+            .await
+            .err()
+            .map(|e| e.code()),
+        c.fetch_jwtsvid(ok(JwtsvidRequest {
+            audience: vec!["db".into()],
+            spiffe_id: String::new(),
+        }))
+        .await
+        .err()
+        .map(|e| e.code()),
+        c.fetch_jwt_bundles(ok(JwtBundlesRequest {}))
+            .await
+            .err()
+            .map(|e| e.code()),
+        c.validate_jwtsvid(ok(ValidateJwtsvidRequest {
+            audience: "db".into(),
+            svid: "x.y.z".into(),
+        }))
+        .await
+        .err()
+        .map(|e| e.code()),
     ];
     assert_eq!(codes, [Some(Code::Unavailable); 5]);
 
     let creds = real_creds(&ca, "cart", 1).await;
     s.creds.send_replace(Some(creds.clone()));
-    let mut svids = c.fetch_x509svid(ok(X509svidRequest {})).await.unwrap().into_inner();
+    let mut svids = c
+        .fetch_x509svid(ok(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
     let m = tokio::time::timeout(Duration::from_secs(2), svids.message())
         .await
         .expect("the first message at once")
@@ -290,22 +352,35 @@ async fn unavailable_before_the_first_svid_then_the_full_state_at_once() {
     assert_eq!(m.svids.len(), 1);
     let svid = &m.svids[0];
     assert_eq!(svid.spiffe_id, creds.identity.to_string());
-    assert_eq!(svid.x509_svid, der_certs(&creds.chain_pem), "leaf then intermediates, DER");
+    assert_eq!(
+        svid.x509_svid,
+        der_certs(&creds.chain_pem),
+        "leaf then intermediates, DER"
+    );
     assert_eq!(svid.bundle, der_certs(&creds.roots_pem));
     assert_eq!(
         svid.x509_svid_key,
-        ::pem::parse(creds.key_pem.as_bytes()).unwrap().into_contents(),
+        ::pem::parse(creds.key_pem.as_bytes())
+            .unwrap()
+            .into_contents(),
         "PKCS#8 DER"
     );
     assert!(m.federated_bundles.is_empty());
-    let mut bundles = c.fetch_x509_bundles(ok(X509BundlesRequest {})).await.unwrap().into_inner();
+    let mut bundles = c
+        .fetch_x509_bundles(ok(X509BundlesRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
     let b = bundles.message().await.unwrap().unwrap();
     assert_eq!(
         b.bundles.keys().collect::<Vec<_>>(),
         ["spiffe://cluster.local"],
         "own trust domain always present"
     );
-    assert_eq!(b.bundles["spiffe://cluster.local"], der_certs(&creds.roots_pem));
+    assert_eq!(
+        b.bundles["spiffe://cluster.local"],
+        der_certs(&creds.roots_pem)
+    );
     s.stop().await;
     ca.stop().await;
 }
@@ -317,10 +392,24 @@ async fn streams_get_every_renewal_rotation_and_crl_change() {
     let ca = TestCa::start(&[]).await;
     let first = real_creds(&ca, "cart", 1).await;
     let tmp = tempfile::tempdir().unwrap();
-    let s = Served::start(&tmp.path().join("api.sock"), Some(first.clone()), None, 0o600).await;
+    let s = Served::start(
+        &tmp.path().join("api.sock"),
+        Some(first.clone()),
+        None,
+        0o600,
+    )
+    .await;
     let mut c = client(&s.path).await;
-    let mut svids = c.fetch_x509svid(ok(X509svidRequest {})).await.unwrap().into_inner();
-    let mut bundles = c.fetch_x509_bundles(ok(X509BundlesRequest {})).await.unwrap().into_inner();
+    let mut svids = c
+        .fetch_x509svid(ok(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut bundles = c
+        .fetch_x509_bundles(ok(X509BundlesRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
     let m: citadel::workload_proto::X509svidResponse = next(&mut svids).await;
     assert_eq!(m.svids[0].x509_svid, der_certs(&first.chain_pem));
 
@@ -345,9 +434,17 @@ async fn streams_get_every_renewal_rotation_and_crl_change() {
     s.creds.send_replace(Some(Arc::new(rotated.clone())));
     let m: citadel::workload_proto::X509svidResponse = next(&mut svids).await;
     assert_eq!(m.svids[0].bundle, der_certs(&rotated.roots_pem));
-    assert_eq!(citadel::pki::pem::parse_certs(rotated.roots_pem.as_bytes()).unwrap().len(), 2);
+    assert_eq!(
+        citadel::pki::pem::parse_certs(rotated.roots_pem.as_bytes())
+            .unwrap()
+            .len(),
+        2
+    );
     let b: citadel::workload_proto::X509BundlesResponse = next(&mut bundles).await;
-    assert_eq!(b.bundles["spiffe://cluster.local"], der_certs(&rotated.roots_pem));
+    assert_eq!(
+        b.bundles["spiffe://cluster.local"],
+        der_certs(&rotated.roots_pem)
+    );
 
     // A CRL (the CA's real one) arrives: both streams carry it, DER.
     let crl_pem = std::fs::read_to_string(ca.state_dir().join("ca-crl.pem")).unwrap();
@@ -389,15 +486,36 @@ async fn a_caller_outside_the_allowed_uids_gets_permission_denied() {
     let mut c = client(&denied.path).await;
     for _ in 0..2 {
         let codes = [
-            c.fetch_x509svid(ok(X509svidRequest {})).await.err().map(|e| e.code()),
-            c.fetch_x509_bundles(ok(X509BundlesRequest {})).await.err().map(|e| e.code()),
-            c.fetch_jwtsvid(ok(JwtsvidRequest { audience: vec!["db".into()], spiffe_id: String::new() }))
-                .await.err().map(|e| e.code()),
-            c.fetch_jwt_bundles(ok(JwtBundlesRequest {})).await.err().map(|e| e.code()),
+            c.fetch_x509svid(ok(X509svidRequest {}))
+                .await
+                .err()
+                .map(|e| e.code()),
+            c.fetch_x509_bundles(ok(X509BundlesRequest {}))
+                .await
+                .err()
+                .map(|e| e.code()),
+            c.fetch_jwtsvid(ok(JwtsvidRequest {
+                audience: vec!["db".into()],
+                spiffe_id: String::new(),
+            }))
+            .await
+            .err()
+            .map(|e| e.code()),
+            c.fetch_jwt_bundles(ok(JwtBundlesRequest {}))
+                .await
+                .err()
+                .map(|e| e.code()),
         ];
         assert_eq!(codes, [Some(Code::PermissionDenied); 4]);
-        let no_header = c.fetch_x509svid(req(X509svidRequest {}, &[])).await.unwrap_err();
-        assert_eq!(no_header.code(), Code::InvalidArgument, "the header is checked first");
+        let no_header = c
+            .fetch_x509svid(req(X509svidRequest {}, &[]))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            no_header.code(),
+            Code::InvalidArgument,
+            "the header is checked first"
+        );
     }
     let allowed = Served::start(
         &tmp.path().join("allowed.sock"),
@@ -419,7 +537,13 @@ async fn jwt_methods_follow_the_rules_with_a_fake_ca() {
     let ca = TestCa::start(&[]).await;
     let creds = real_creds(&ca, "cart", 1).await;
     let tmp = tempfile::tempdir().unwrap();
-    let s = Served::start(&tmp.path().join("api.sock"), Some(creds.clone()), None, 0o600).await;
+    let s = Served::start(
+        &tmp.path().join("api.sock"),
+        Some(creds.clone()),
+        None,
+        0o600,
+    )
+    .await;
     let mut c = client(&s.path).await;
     let jwt_req = |aud: &[&str], id: &str| {
         ok(JwtsvidRequest {
@@ -432,11 +556,17 @@ async fn jwt_methods_follow_the_rules_with_a_fake_ca() {
         (jwt_req(&[], ""), Code::InvalidArgument),
         (jwt_req(&[""], ""), Code::InvalidArgument),
         (jwt_req(&["a"; 17], ""), Code::InvalidArgument),
-        (jwt_req(&["db"], "spiffe://cluster.local/ns/shop/sa/admin"), Code::PermissionDenied),
+        (
+            jwt_req(&["db"], "spiffe://cluster.local/ns/shop/sa/admin"),
+            Code::PermissionDenied,
+        ),
     ] {
         assert_eq!(c.fetch_jwtsvid(r).await.unwrap_err().code(), code);
     }
-    assert!(s.ca.asked.lock().unwrap().is_empty(), "refused before asking the CA");
+    assert!(
+        s.ca.asked.lock().unwrap().is_empty(),
+        "refused before asking the CA"
+    );
     let r = c
         .fetch_jwtsvid(jwt_req(&["db", "cache"], &creds.identity.to_string()))
         .await
@@ -444,12 +574,18 @@ async fn jwt_methods_follow_the_rules_with_a_fake_ca() {
         .into_inner();
     assert_eq!(r.svids.len(), 1);
     assert_eq!(r.svids[0].spiffe_id, creds.identity.to_string());
-    assert_eq!(s.ca.asked.lock().unwrap().as_slice(), [vec!["db".to_string(), "cache".to_string()]]);
+    assert_eq!(
+        s.ca.asked.lock().unwrap().as_slice(),
+        [vec!["db".to_string(), "cache".to_string()]]
+    );
     let token = r.svids[0].svid.clone();
 
     // No JWT bundle yet: the bundle stream is Unavailable and nothing validates.
     assert_eq!(
-        c.fetch_jwt_bundles(ok(JwtBundlesRequest {})).await.unwrap_err().code(),
+        c.fetch_jwt_bundles(ok(JwtBundlesRequest {}))
+            .await
+            .unwrap_err()
+            .code(),
         Code::Unavailable
     );
     let validate = |aud: &str, svid: &str| {
@@ -459,27 +595,50 @@ async fn jwt_methods_follow_the_rules_with_a_fake_ca() {
         })
     };
     assert_eq!(
-        c.validate_jwtsvid(validate("db", &token)).await.unwrap_err().code(),
+        c.validate_jwtsvid(validate("db", &token))
+            .await
+            .unwrap_err()
+            .code(),
         Code::InvalidArgument
     );
     s.jwt.send_replace(Some(Arc::new(s.ca.bundle(1))));
-    let v = c.validate_jwtsvid(validate("db", &token)).await.unwrap().into_inner();
+    let v = c
+        .validate_jwtsvid(validate("db", &token))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(v.spiffe_id, creds.identity.to_string());
     let claims = v.claims.unwrap();
     assert!(claims.fields.contains_key("exp") && claims.fields.contains_key("aud"));
-    for (aud, svid) in [("other", token.as_str()), ("", token.as_str()), ("db", ""), ("db", "a.b.c")] {
+    for (aud, svid) in [
+        ("other", token.as_str()),
+        ("", token.as_str()),
+        ("db", ""),
+        ("db", "a.b.c"),
+    ] {
         assert_eq!(
-            c.validate_jwtsvid(validate(aud, svid)).await.unwrap_err().code(),
+            c.validate_jwtsvid(validate(aud, svid))
+                .await
+                .unwrap_err()
+                .code(),
             Code::InvalidArgument,
             "{aud:?} {svid:?}"
         );
     }
 
     // The bundle stream: keyed by trust domain ID, pushed again when the set changes.
-    let mut st = c.fetch_jwt_bundles(ok(JwtBundlesRequest {})).await.unwrap().into_inner();
+    let mut st = c
+        .fetch_jwt_bundles(ok(JwtBundlesRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
     let first = st.message().await.unwrap().unwrap();
-    assert_eq!(first.bundles.keys().collect::<Vec<_>>(), ["spiffe://cluster.local"]);
-    let doc: serde_json::Value = serde_json::from_slice(&first.bundles["spiffe://cluster.local"]).unwrap();
+    assert_eq!(
+        first.bundles.keys().collect::<Vec<_>>(),
+        ["spiffe://cluster.local"]
+    );
+    let doc: serde_json::Value =
+        serde_json::from_slice(&first.bundles["spiffe://cluster.local"]).unwrap();
     assert_eq!(doc["keys"][0]["use"], "jwt-svid");
     s.jwt.send_replace(Some(Arc::new(s.ca.bundle(2))));
     let second = tokio::time::timeout(Duration::from_secs(5), st.message())
@@ -487,7 +646,8 @@ async fn jwt_methods_follow_the_rules_with_a_fake_ca() {
         .unwrap()
         .unwrap()
         .unwrap();
-    let doc: serde_json::Value = serde_json::from_slice(&second.bundles["spiffe://cluster.local"]).unwrap();
+    let doc: serde_json::Value =
+        serde_json::from_slice(&second.bundles["spiffe://cluster.local"]).unwrap();
     assert_eq!(doc["spiffe_sequence"], 2);
 
     // The CA failing: its PermissionDenied passes through, anything else is Unavailable.
@@ -497,10 +657,19 @@ async fn jwt_methods_follow_the_rules_with_a_fake_ca() {
         (Code::PermissionDenied, Code::PermissionDenied),
     ] {
         *s.ca.fail.lock().unwrap() = Some(ca_code);
-        assert_eq!(c.fetch_jwtsvid(jwt_req(&["db"], "")).await.unwrap_err().code(), want);
+        assert_eq!(
+            c.fetch_jwtsvid(jwt_req(&["db"], ""))
+                .await
+                .unwrap_err()
+                .code(),
+            want
+        );
     }
     *s.ca.fail.lock().unwrap() = None;
-    assert!(c.fetch_jwtsvid(jwt_req(&["db"], "")).await.is_ok(), "serving goes on");
+    assert!(
+        c.fetch_jwtsvid(jwt_req(&["db"], "")).await.is_ok(),
+        "serving goes on"
+    );
     s.stop().await;
     ca.stop().await;
 }
@@ -520,7 +689,10 @@ async fn the_socket_has_its_mode_and_replaces_only_a_stale_socket() {
     assert_eq!(file_mode(&path), 0o660);
     let mut c = client(&path).await;
     assert_eq!(
-        c.fetch_x509svid(ok(X509svidRequest {})).await.unwrap_err().code(),
+        c.fetch_x509svid(ok(X509svidRequest {}))
+            .await
+            .unwrap_err()
+            .code(),
         Code::Unavailable,
         "the new server answers on the replaced socket"
     );
@@ -530,7 +702,14 @@ async fn the_socket_has_its_mode_and_replaces_only_a_stale_socket() {
     std::fs::write(&file, "data").unwrap();
     let (api_tx, api_rx) = watch::channel(None);
     let (_jwt_tx, jwt_rx) = watch::channel(None);
-    let api = WorkloadApi::new(api_rx, jwt_rx, FakeCa::new(), citadel::clock::system(), AgentStats::new(), None);
+    let api = WorkloadApi::new(
+        api_rx,
+        jwt_rx,
+        FakeCa::new(),
+        citadel::clock::system(),
+        AgentStats::new(),
+        None,
+    );
     let (_t, sd) = shutdown::channel();
     let err = workload::serve(&file, 0o600, api, sd).await.unwrap_err();
     assert!(err.contains("not a socket"), "{err}");
@@ -581,12 +760,19 @@ async fn reflection_describes_the_workload_api() {
     else {
         panic!("not a file descriptor")
     };
-    let file = prost_types::FileDescriptorProto::decode(&files.file_descriptor_proto[0][..]).unwrap();
+    let file =
+        prost_types::FileDescriptorProto::decode(&files.file_descriptor_proto[0][..]).unwrap();
     assert_eq!(file.package(), "", "no proto package");
     let methods: Vec<_> = file.service[0].method.iter().map(|m| m.name()).collect();
     assert_eq!(
         methods,
-        ["FetchX509SVID", "FetchX509Bundles", "FetchJWTSVID", "FetchJWTBundles", "ValidateJWTSVID"]
+        [
+            "FetchX509SVID",
+            "FetchX509Bundles",
+            "FetchJWTSVID",
+            "FetchJWTBundles",
+            "ValidateJWTSVID"
+        ]
     );
     s.stop().await;
 }
@@ -638,20 +824,39 @@ impl Mesh {
         let socket = tmp.path().join("spiffe/agent.sock");
         let log = std::fs::File::create(tmp.path().join("agent.log")).unwrap();
         let agent = tokio::process::Command::new(BIN)
-            .args(["agent", "--ca-addr", &ca.addr.to_string(), "--tls-server-name", "localhost"])
+            .args([
+                "agent",
+                "--ca-addr",
+                &ca.addr.to_string(),
+                "--tls-server-name",
+                "localhost",
+            ])
             .arg("--ca-root-cert")
             .arg(ca.state_dir().join("root-cert.pem"))
             .arg("--token-file")
             .arg(&token)
-            .args(["--cert-ttl", "10s", "--retry-initial", "200ms", "--retry-max", "2s"])
+            .args([
+                "--cert-ttl",
+                "10s",
+                "--retry-initial",
+                "200ms",
+                "--retry-max",
+                "2s",
+            ])
             .args(["--metrics-listen", "", "--jwt-bundle-refresh", "2s"])
-            .env("SPIFFE_ENDPOINT_SOCKET", format!("unix://{}", socket.display()))
+            .env(
+                "SPIFFE_ENDPOINT_SOCKET",
+                format!("unix://{}", socket.display()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        eventually("the agent's Workload API socket", 20, async || socket.exists()).await;
+        eventually("the agent's Workload API socket", 20, async || {
+            socket.exists()
+        })
+        .await;
         Mesh {
             ca,
             agent,
@@ -694,12 +899,19 @@ impl Lines {
     }
 
     /// The first line from now on that satisfies `pred`, within `secs`.
-    async fn until(&mut self, what: &str, secs: u64, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    async fn until(
+        &mut self,
+        what: &str,
+        secs: u64,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
         loop {
             let line = tokio::time::timeout_at(deadline, self.lines.next_line())
                 .await
-                .unwrap_or_else(|_| panic!("{what}: not within {secs}s; lines so far: {:#?}", self.seen))
+                .unwrap_or_else(|_| {
+                    panic!("{what}: not within {secs}s; lines so far: {:#?}", self.seen)
+                })
                 .unwrap()
                 .unwrap_or_else(|| panic!("{what}: the client exited; lines: {:#?}", self.seen));
             let v: serde_json::Value = serde_json::from_str(&line).unwrap();
@@ -725,12 +937,17 @@ async fn renewal_and_rotation_reach(mesh: &Mesh, mut out: Lines) {
     let is_svid = |v: &serde_json::Value| v["kind"] == "svid";
     let first = out.until("the first X.509-SVID", 30, is_svid).await;
     assert_eq!(first["id"], want_id.as_str());
-    assert!(first.get("verified").is_some(), "the client verified it: {first}");
+    assert!(
+        first.get("verified").is_some(),
+        "the client verified it: {first}"
+    );
     let first_roots = roots(&first);
     assert_eq!(first_roots.len(), 1);
     let serial = first["serial"].clone();
     let renewed = out
-        .until("a renewed X.509-SVID", 30, |v| is_svid(v) && v["serial"] != serial)
+        .until("a renewed X.509-SVID", 30, |v| {
+            is_svid(v) && v["serial"] != serial
+        })
         .await;
     assert_eq!(renewed["id"], want_id.as_str());
     assert!(renewed.get("verified").is_some(), "{renewed}");
@@ -752,7 +969,9 @@ async fn renewal_and_rotation_reach(mesh: &Mesh, mut out: Lines) {
         &mesh.ca.state_dir(),
     );
     let both = out
-        .until("an X.509-SVID with both roots", 40, |v| is_svid(v) && roots(v).len() == 2)
+        .until("an X.509-SVID with both roots", 40, |v| {
+            is_svid(v) && roots(v).len() == 2
+        })
         .await;
     assert!(
         roots(&both).contains(&first_roots[0]),
@@ -775,7 +994,10 @@ async fn go_spiffe_receives_renewals_and_both_roots_during_rotation() {
     let bundles = out
         .until("an X.509 bundles update", 30, |v| v["kind"] == "bundles")
         .await;
-    assert!(bundles["bundles"]["spiffe://cluster.local"].is_array(), "{bundles}");
+    assert!(
+        bundles["bundles"]["spiffe://cluster.local"].is_array(),
+        "{bundles}"
+    );
     renewal_and_rotation_reach(&mesh, out).await;
     mesh.stop().await;
 }
@@ -805,7 +1027,15 @@ async fn real_clients_fetch_and_validate_jwt_svids() {
     let id = spiffe("shop", "cart").to_string();
     if let Some(bin) = real_client("CITADEL_GOWORKLOAD", "the go-spiffe Workload API client") {
         let mut cmd = tokio::process::Command::new(bin);
-        cmd.args(["jwt", "-audience", "db", "-timeout", "30s", "-socket", &mesh.endpoint()]);
+        cmd.args([
+            "jwt",
+            "-audience",
+            "db",
+            "-timeout",
+            "30s",
+            "-socket",
+            &mesh.endpoint(),
+        ]);
         let mut out = Lines::spawn(cmd);
         let v = out.until("go-spiffe's JWT check", 40, |_| true).await;
         assert_eq!(v["id"], id.as_str());

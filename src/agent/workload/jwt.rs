@@ -161,15 +161,19 @@ mod tests {
             &rng,
         )
         .unwrap();
-        SigningKey::from_pkcs8_pem(&crate::pki::pem::encode("PRIVATE KEY", pkcs8.as_ref()))
-            .unwrap()
+        SigningKey::from_pkcs8_pem(&crate::pki::pem::encode("PRIVATE KEY", pkcs8.as_ref())).unwrap()
     }
 
     fn bundle_of(k: &SigningKey, td: &str) -> JwtBundle {
         let mut jwk = k.public_jwk();
         jwk["use"] = json!("jwt-svid");
         let doc = json!({"keys": [jwk], "spiffe_sequence": 1});
-        JwtBundle::parse(TrustDomain::new(td).unwrap(), doc.to_string().into_bytes(), 1).unwrap()
+        JwtBundle::parse(
+            TrustDomain::new(td).unwrap(),
+            doc.to_string().into_bytes(),
+            1,
+        )
+        .unwrap()
     }
 
     fn claims() -> Value {
@@ -199,7 +203,10 @@ mod tests {
         let k = key();
         let b = bundle_of(&k, "cluster.local");
         let v = validate(&k.sign(&claims()), "db", Some(&b), now()).unwrap();
-        assert_eq!(v.spiffe_id.to_string(), "spiffe://cluster.local/ns/shop/sa/cart");
+        assert_eq!(
+            v.spiffe_id.to_string(),
+            "spiffe://cluster.local/ns/shop/sa/cart"
+        );
         assert_eq!(v.claims["exp"], json!(NOW + 300));
         let s = to_struct(v.claims);
         assert!(matches!(
@@ -224,12 +231,38 @@ mod tests {
             f(&mut c);
             k.sign(&c)
         };
-        check(&with(&|c| c["aud"] = json!(["other"])), ValidationError::WrongAudience);
-        check(&with(&|c| c.as_object_mut().unwrap().remove("aud").map(|_| ()).unwrap()), ValidationError::WrongAudience);
-        check(&with(&|c| c["exp"] = json!(NOW)), ValidationError::Expired(NOW));
-        check(&with(&|c| { c.as_object_mut().unwrap().remove("exp"); }), ValidationError::NoExpiry);
-        check(&with(&|c| c["nbf"] = json!(NOW + 10)), ValidationError::NotYetValid(NOW + 10));
-        check(&with(&|c| c["sub"] = json!("system:serviceaccount:shop:cart")), ValidationError::BadSubject);
+        check(
+            &with(&|c| c["aud"] = json!(["other"])),
+            ValidationError::WrongAudience,
+        );
+        check(
+            &with(&|c| {
+                c.as_object_mut()
+                    .unwrap()
+                    .remove("aud")
+                    .map(|_| ())
+                    .unwrap()
+            }),
+            ValidationError::WrongAudience,
+        );
+        check(
+            &with(&|c| c["exp"] = json!(NOW)),
+            ValidationError::Expired(NOW),
+        );
+        check(
+            &with(&|c| {
+                c.as_object_mut().unwrap().remove("exp");
+            }),
+            ValidationError::NoExpiry,
+        );
+        check(
+            &with(&|c| c["nbf"] = json!(NOW + 10)),
+            ValidationError::NotYetValid(NOW + 10),
+        );
+        check(
+            &with(&|c| c["sub"] = json!("system:serviceaccount:shop:cart")),
+            ValidationError::BadSubject,
+        );
         check(
             &with(&|c| c["sub"] = json!("spiffe://other.org/ns/shop/sa/cart")),
             ValidationError::UnknownTrustDomain("other.org".into()),
@@ -242,11 +275,19 @@ mod tests {
         ));
         let kid = k.kid();
         check(
-            &sign_with_header(&k, json!({"alg": "ES256", "kid": kid, "typ": "JWS"}), &claims()),
+            &sign_with_header(
+                &k,
+                json!({"alg": "ES256", "kid": kid, "typ": "JWS"}),
+                &claims(),
+            ),
             ValidationError::BadType,
         );
         assert!(validate(
-            &sign_with_header(&k, json!({"alg": "ES256", "kid": kid, "typ": "JOSE"}), &claims()),
+            &sign_with_header(
+                &k,
+                json!({"alg": "ES256", "kid": kid, "typ": "JOSE"}),
+                &claims()
+            ),
             "db",
             Some(&b),
             now()
@@ -261,7 +302,10 @@ mod tests {
         );
         check(&unsigned, ValidationError::Jws(JwsError::AlgNone));
         let hmac = sign_with_header(&k, json!({"alg": "HS256", "kid": kid}), &claims());
-        check(&hmac, ValidationError::Jws(JwsError::UnsupportedAlg("HS256".into())));
+        check(
+            &hmac,
+            ValidationError::Jws(JwsError::UnsupportedAlg("HS256".into())),
+        );
         // A tampered payload fails the signature.
         let good = k.sign(&claims());
         let mut parts: Vec<&str> = good.split('.').collect();
@@ -269,7 +313,10 @@ mod tests {
         forged["sub"] = json!("spiffe://cluster.local/ns/shop/sa/admin");
         let body = B64.encode(forged.to_string());
         parts[1] = &body;
-        check(&parts.join("."), ValidationError::Jws(JwsError::BadSignature));
+        check(
+            &parts.join("."),
+            ValidationError::Jws(JwsError::BadSignature),
+        );
     }
 
     #[test]

@@ -72,7 +72,9 @@ pub enum WorkloadError {
     #[error("the JWT-SVID is not valid: {0}")]
     InvalidToken(#[from] jwt::ValidationError),
     /// [`MAX_STREAMS`] streams are open already.
-    #[error("too many Workload API streams are open (at most {MAX_STREAMS}); retry when one closes")]
+    #[error(
+        "too many Workload API streams are open (at most {MAX_STREAMS}); retry when one closes"
+    )]
     TooManyStreams,
     /// The CA refused or could not be reached for a JWT-SVID.
     #[error("the CA did not sign a JWT-SVID: {0}")]
@@ -125,6 +127,8 @@ pub struct WorkloadApi {
     stats: Arc<AgentStats>,
     uids: Option<Vec<u32>>,
     streams: Arc<Semaphore>,
+    /// Set by [`serve`]: ends every stream at shutdown (a graceful stop waits for them).
+    shutdown: Option<Shutdown>,
 }
 
 impl WorkloadApi {
@@ -146,6 +150,7 @@ impl WorkloadApi {
             stats,
             uids,
             streams: Arc::new(Semaphore::new(MAX_STREAMS)),
+            shutdown: None,
         }
     }
 
@@ -205,8 +210,16 @@ impl WorkloadApi {
             .map_err(|_| self.refused(WorkloadError::TooManyStreams))?;
         let (out, rx) = mpsc::channel(4);
         let stats = self.stats.clone();
+        let shutdown = self.shutdown.clone();
         stats.workload_streams.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
+            let stopped = async {
+                match &shutdown {
+                    Some(s) => s.wait().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(stopped);
             let _permit = permit;
             let mut next = Some(Ok(first));
             while let Some(msg) = next.take() {
@@ -217,6 +230,7 @@ impl WorkloadApi {
                 tokio::select! {
                     changed = watched.changed() => if changed.is_err() { break },
                     _ = out.closed() => break,
+                    _ = &mut stopped => break,
                 }
                 let current = watched.borrow_and_update().clone();
                 // Credentials never go back to None; if they did, nothing is sent.
@@ -285,14 +299,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
         if !r.spiffe_id.is_empty() && r.spiffe_id != c.identity.to_string() {
             return Err(self.refused(WorkloadError::NoIdentity(" with that SPIFFE ID")));
         }
-        let svid = self
-            .ca
-            .fetch_jwt_svid(&c, r.audience)
-            .await
-            .map_err(|e| {
-                tracing::warn!(error = %e, "the CA did not sign a JWT-SVID");
-                WorkloadError::Ca(e).status()
-            })?;
+        let svid = self.ca.fetch_jwt_svid(&c, r.audience).await.map_err(|e| {
+            tracing::warn!(error = %e, "the CA did not sign a JWT-SVID");
+            WorkloadError::Ca(e).status()
+        })?;
         Ok(Response::new(JwtsvidResponse {
             svids: vec![Jwtsvid {
                 spiffe_id: svid.spiffe_id.to_string(),
@@ -338,9 +348,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
 pub async fn serve(
     path: &Path,
     mode: u32,
-    api: WorkloadApi,
+    mut api: WorkloadApi,
     shutdown: Shutdown,
 ) -> Result<(), String> {
+    api.shutdown = Some(shutdown.clone());
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::workload_proto::FILE_DESCRIPTOR_SET)
@@ -356,9 +367,7 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .max_concurrent_streams(Some(MAX_STREAMS as u32))
         .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
-        .add_service(
-            SpiffeWorkloadApiServer::new(api).max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
+        .add_service(SpiffeWorkloadApiServer::new(api).max_decoding_message_size(MAX_MESSAGE_BYTES))
         // Server reflection (the spec asks for it): grpcurl and friends list and describe
         // SpiffeWorkloadAPI without a copy of the proto file. It needs no header.
         .add_service(v1)
