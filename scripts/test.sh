@@ -69,36 +69,33 @@ ensure_envoy() {
   log "envoy: $("$CITADEL_ENVOY" --version 2>/dev/null | grep -o 'version: [^ ]*')"
 }
 
-ensure_gospiffe() {
-  local src=tests/gospiffe
+# Builds the Go module in $1 (which must pin go-spiffe $GO_SPIFFE_VERSION) into the cache as
+# $2-<version>-<hash of its sources>, once; prints the binary's path.
+build_go_spiffe_module() {
+  local src="$1" name="$2"
   local hash
   hash="$(cat "$src/go.mod" "$src/go.sum" "$src"/*.go | sha256sum | cut -c1-12)"
-  local bin="$CACHE/gospiffe-check-$GO_SPIFFE_VERSION-$hash"
+  local bin="$CACHE/$name-$GO_SPIFFE_VERSION-$hash"
   if [ ! -x "$bin" ]; then
-    command -v go >/dev/null || apt_install golang-go
+    command -v go >/dev/null || apt_install golang-go >&2
     grep -q "go-spiffe/v2 $GO_SPIFFE_VERSION" "$src/go.mod" || { echo "$src/go.mod must pin go-spiffe $GO_SPIFFE_VERSION" >&2; exit 1; }
     log "building $bin"
-    (cd "$src" && CGO_ENABLED=0 nice -n 19 go build -mod=readonly -trimpath -o "$bin.tmp" .)
+    (cd "$src" && CGO_ENABLED=0 nice -n 19 go build -mod=readonly -trimpath -o "$bin.tmp" .) >&2
     mv "$bin.tmp" "$bin"
   fi
-  export CITADEL_GOSPIFFE="$bin"
-  log "go-spiffe validator: $bin"
+  printf '%s\n' "$bin"
+}
+
+ensure_gospiffe() {
+  CITADEL_GOSPIFFE="$(build_go_spiffe_module tests/gospiffe gospiffe-check)"
+  export CITADEL_GOSPIFFE
+  log "go-spiffe validator: $CITADEL_GOSPIFFE"
 }
 
 ensure_goworkload() {
-  local src=tests/goworkload
-  local hash
-  hash="$(cat "$src/go.mod" "$src/go.sum" "$src"/*.go | sha256sum | cut -c1-12)"
-  local bin="$CACHE/goworkload-$GO_SPIFFE_VERSION-$hash"
-  if [ ! -x "$bin" ]; then
-    command -v go >/dev/null || apt_install golang-go
-    grep -q "go-spiffe/v2 $GO_SPIFFE_VERSION" "$src/go.mod" || { echo "$src/go.mod must pin go-spiffe $GO_SPIFFE_VERSION" >&2; exit 1; }
-    log "building $bin"
-    (cd "$src" && CGO_ENABLED=0 nice -n 19 go build -mod=readonly -trimpath -o "$bin.tmp" .)
-    mv "$bin.tmp" "$bin"
-  fi
-  export CITADEL_GOWORKLOAD="$bin"
-  log "go-spiffe Workload API client: $bin"
+  CITADEL_GOWORKLOAD="$(build_go_spiffe_module tests/goworkload goworkload)"
+  export CITADEL_GOWORKLOAD
+  log "go-spiffe Workload API client: $CITADEL_GOWORKLOAD"
 }
 
 ensure_pyspiffe() {

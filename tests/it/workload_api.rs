@@ -30,24 +30,8 @@ use crate::support::*;
 
 type Client = SpiffeWorkloadApiClient<Channel>;
 
-/// A channel over the Unix socket at `path`.
-async fn channel(path: &Path) -> Channel {
-    let path = path.to_path_buf();
-    tonic::transport::Endpoint::from_static("http://workload")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(p).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap()
-}
-
 async fn client(path: &Path) -> Client {
-    SpiffeWorkloadApiClient::new(channel(path).await)
+    SpiffeWorkloadApiClient::new(uds_channel(path.to_path_buf()).await)
 }
 
 /// A request with the header set to each of `values` (none: no header).
@@ -217,6 +201,50 @@ fn der_certs(pem: &str) -> Vec<u8> {
         .collect()
 }
 
+/// The code each of the five methods answers with `header` (None: it succeeded).
+async fn codes(c: &mut Client, header: &[&str]) -> [Option<Code>; 5] {
+    let code = |r: Result<(), tonic::Status>| r.err().map(|e| e.code());
+    [
+        code(
+            c.fetch_x509svid(req(X509svidRequest {}, header))
+                .await
+                .map(drop),
+        ),
+        code(
+            c.fetch_x509_bundles(req(X509BundlesRequest {}, header))
+                .await
+                .map(drop),
+        ),
+        code(
+            c.fetch_jwtsvid(req(
+                JwtsvidRequest {
+                    audience: vec!["db".into()],
+                    spiffe_id: String::new(),
+                },
+                header,
+            ))
+            .await
+            .map(drop),
+        ),
+        code(
+            c.fetch_jwt_bundles(req(JwtBundlesRequest {}, header))
+                .await
+                .map(drop),
+        ),
+        code(
+            c.validate_jwtsvid(req(
+                ValidateJwtsvidRequest {
+                    audience: "db".into(),
+                    svid: "x.y.z".into(),
+                },
+                header,
+            ))
+            .await
+            .map(drop),
+        ),
+    ]
+}
+
 /// The next message of a stream, within 5 s.
 async fn next<T>(st: &mut tonic::Streaming<T>) -> T {
     tokio::time::timeout(Duration::from_secs(5), st.message())
@@ -243,41 +271,8 @@ async fn a_missing_false_or_repeated_header_is_invalid_argument_and_serving_goes
     s.jwt.send_replace(Some(Arc::new(s.ca.bundle(1))));
     let mut c = client(&s.path).await;
     for header in [&[][..], &["false"], &["TRUE"], &["true", "true"]] {
-        let codes = [
-            c.fetch_x509svid(req(X509svidRequest {}, header))
-                .await
-                .err()
-                .map(|e| e.code()),
-            c.fetch_x509_bundles(req(X509BundlesRequest {}, header))
-                .await
-                .err()
-                .map(|e| e.code()),
-            c.fetch_jwtsvid(req(
-                JwtsvidRequest {
-                    audience: vec!["db".into()],
-                    spiffe_id: String::new(),
-                },
-                header,
-            ))
-            .await
-            .err()
-            .map(|e| e.code()),
-            c.fetch_jwt_bundles(req(JwtBundlesRequest {}, header))
-                .await
-                .err()
-                .map(|e| e.code()),
-            c.validate_jwtsvid(req(
-                ValidateJwtsvidRequest {
-                    audience: "db".into(),
-                    svid: "x.y.z".into(),
-                },
-                header,
-            ))
-            .await
-            .err()
-            .map(|e| e.code()),
-        ];
-        assert_eq!(codes, [Some(Code::InvalidArgument); 5], "header {header:?}");
+        let got = codes(&mut c, header).await;
+        assert_eq!(got, [Some(Code::InvalidArgument); 5], "header {header:?}");
     }
     // The same connection, then a new one, still get answers.
     let first = c
@@ -307,35 +302,8 @@ async fn unavailable_before_the_first_svid_then_the_full_state_at_once() {
     let tmp = tempfile::tempdir().unwrap();
     let s = Served::start(&tmp.path().join("api.sock"), None, None, 0o600).await;
     let mut c = client(&s.path).await;
-    let codes = [
-        c.fetch_x509svid(ok(X509svidRequest {}))
-            .await
-            .err()
-            .map(|e| e.code()),
-        c.fetch_x509_bundles(ok(X509BundlesRequest {}))
-            .await
-            .err()
-            .map(|e| e.code()),
-        c.fetch_jwtsvid(ok(JwtsvidRequest {
-            audience: vec!["db".into()],
-            spiffe_id: String::new(),
-        }))
-        .await
-        .err()
-        .map(|e| e.code()),
-        c.fetch_jwt_bundles(ok(JwtBundlesRequest {}))
-            .await
-            .err()
-            .map(|e| e.code()),
-        c.validate_jwtsvid(ok(ValidateJwtsvidRequest {
-            audience: "db".into(),
-            svid: "x.y.z".into(),
-        }))
-        .await
-        .err()
-        .map(|e| e.code()),
-    ];
-    assert_eq!(codes, [Some(Code::Unavailable); 5]);
+    let got = codes(&mut c, &["true"]).await;
+    assert_eq!(got, [Some(Code::Unavailable); 5]);
 
     let creds = real_creds(&ca, "cart", 1).await;
     s.creds.send_replace(Some(creds.clone()));
@@ -485,28 +453,8 @@ async fn a_caller_outside_the_allowed_uids_gets_permission_denied() {
     .await;
     let mut c = client(&denied.path).await;
     for _ in 0..2 {
-        let codes = [
-            c.fetch_x509svid(ok(X509svidRequest {}))
-                .await
-                .err()
-                .map(|e| e.code()),
-            c.fetch_x509_bundles(ok(X509BundlesRequest {}))
-                .await
-                .err()
-                .map(|e| e.code()),
-            c.fetch_jwtsvid(ok(JwtsvidRequest {
-                audience: vec!["db".into()],
-                spiffe_id: String::new(),
-            }))
-            .await
-            .err()
-            .map(|e| e.code()),
-            c.fetch_jwt_bundles(ok(JwtBundlesRequest {}))
-                .await
-                .err()
-                .map(|e| e.code()),
-        ];
-        assert_eq!(codes, [Some(Code::PermissionDenied); 4]);
+        let got = codes(&mut c, &["true"]).await;
+        assert_eq!(got, [Some(Code::PermissionDenied); 5]);
         let no_header = c
             .fetch_x509svid(req(X509svidRequest {}, &[]))
             .await
@@ -728,7 +676,7 @@ async fn reflection_describes_the_workload_api() {
 
     let tmp = tempfile::tempdir().unwrap();
     let s = Served::start(&tmp.path().join("api.sock"), None, None, 0o600).await;
-    let mut r = ServerReflectionClient::new(channel(&s.path).await);
+    let mut r = ServerReflectionClient::new(uds_channel(s.path.clone()).await);
     let ask = |m: MessageRequest| {
         tokio_stream::iter([ServerReflectionRequest {
             host: String::new(),
