@@ -132,13 +132,25 @@ impl Served {
         uids: Option<Vec<u32>>,
         mode: u32,
     ) -> Self {
+        let ca = FakeCa::new();
+        Self::start_with(path, first, uids, mode, ca.clone(), ca).await
+    }
+
+    /// Served with JWT-SVIDs from `jwt_ca` (`ca` stays the handle tests drive).
+    async fn start_with(
+        path: &Path,
+        first: Option<Arc<Credentials>>,
+        uids: Option<Vec<u32>>,
+        mode: u32,
+        ca: Arc<FakeCa>,
+        jwt_ca: Arc<dyn JwtCa>,
+    ) -> Self {
         let (creds, rx) = watch::channel(first);
         let (jwt, jwt_rx) = watch::channel(None);
-        let ca = FakeCa::new();
         let api = WorkloadApi::new(
             rx,
             jwt_rx,
-            ca.clone(),
+            jwt_ca,
             citadel::clock::system(),
             AgentStats::new(),
             uids,
@@ -723,6 +735,224 @@ async fn reflection_describes_the_workload_api() {
         ]
     );
     s.stop().await;
+}
+
+/// A CA's `citadel.v1.JwtSvidService` stand-in on loopback: signs with `FakeCa`'s key for
+/// callers presenting `token`, refuses others (Unauthenticated).
+mod fake_service {
+    use super::*;
+    use citadel::jwtsvid_proto::jwt_svid_service_server::{JwtSvidService, JwtSvidServiceServer};
+    use citadel::jwtsvid_proto::*;
+    use tonic::{Request, Response, Status};
+
+    pub struct Svc {
+        pub ca: Arc<FakeCa>,
+        pub token: String,
+        pub trust_domain: String,
+    }
+
+    impl Svc {
+        fn check<T>(&self, r: &Request<T>) -> Result<(), Status> {
+            let want = format!("Bearer {}", self.token);
+            match r.metadata().get("authorization") {
+                Some(v) if v.as_bytes() == want.as_bytes() => Ok(()),
+                _ => Err(Status::unauthenticated("no token")),
+            }
+        }
+    }
+
+    #[tonic::async_trait]
+    impl JwtSvidService for Svc {
+        async fn fetch_jwt_svid(
+            &self,
+            r: Request<FetchJwtSvidRequest>,
+        ) -> Result<Response<FetchJwtSvidResponse>, Status> {
+            self.check(&r)?;
+            let r = r.into_inner();
+            let exp = now() + 300;
+            let token = self.ca.key.sign(&serde_json::json!({
+                "sub": r.spiffe_id, "aud": r.audience, "exp": exp, "iat": now()
+            }));
+            Ok(Response::new(FetchJwtSvidResponse {
+                spiffe_id: r.spiffe_id,
+                token,
+                expires_at: exp,
+            }))
+        }
+
+        async fn fetch_jwt_bundle(
+            &self,
+            r: Request<FetchJwtBundleRequest>,
+        ) -> Result<Response<FetchJwtBundleResponse>, Status> {
+            self.check(&r)?;
+            let b = self.ca.bundle(7);
+            Ok(Response::new(FetchJwtBundleResponse {
+                trust_domain: self.trust_domain.clone(),
+                jwks: b.jwks_json,
+                sequence: b.sequence,
+            }))
+        }
+    }
+
+    /// Serves `svc` on 127.0.0.1 (plaintext); returns the address.
+    pub async fn serve(svc: Svc) -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(JwtSvidServiceServer::new(svc))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+        );
+        addr
+    }
+}
+
+/// The agent's real CA client for JWT-SVIDs (`agent::jwt::CaJwt`: the bearer token renewal
+/// uses, the answer checked) over the network to a stand-in `JwtSvidService`, with the
+/// bundle kept by `agent::jwt::follow`; then go-spiffe's and py-spiffe's JWT calls
+/// (FetchJWTSVID, FetchJWTBundles, local validation, ValidateJWTSVID) on the socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_svids_through_the_agents_ca_client_reach_real_clients() {
+    use citadel::agent::jwt::{follow, CaJwt};
+    let ca = TestCa::start(&[]).await;
+    let creds = real_creds(&ca, "cart", 1).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let token_file = tmp.path().join("token");
+    let token = self::token("shop", "cart");
+    std::fs::write(&token_file, &token).unwrap();
+    let fake = FakeCa::new();
+    let cfg = |addr: String| FetchConfig {
+        ca_addr: addr,
+        ca_root_pem: vec![],
+        ca_root_file: None,
+        tls_server_name: None,
+        token_file: Some(token_file.clone()),
+        trust_domain: td(),
+        identity: None,
+        key_type: KeyType::EcP256,
+        cert_ttl: Duration::from_secs(3600),
+        plaintext: true,
+    };
+    let addr = fake_service::serve(fake_service::Svc {
+        ca: fake.clone(),
+        token: token.clone(),
+        trust_domain: "cluster.local".into(),
+    })
+    .await;
+    let jwt_ca = Arc::new(CaJwt::new(cfg(addr), citadel::clock::system()));
+
+    // Directly: the bundle of another trust domain, or a token the CA refuses, are errors.
+    let foreign = fake_service::serve(fake_service::Svc {
+        ca: fake.clone(),
+        token: token.clone(),
+        trust_domain: "other.org".into(),
+    })
+    .await;
+    let err = CaJwt::new(cfg(foreign), citadel::clock::system())
+        .fetch_jwt_bundle(&creds)
+        .await
+        .err()
+        .expect("another trust domain's bundle is refused");
+    assert!(err.to_string().contains("other.org"), "{err}");
+    let strict = fake_service::serve(fake_service::Svc {
+        ca: fake.clone(),
+        token: "another".into(),
+        trust_domain: "cluster.local".into(),
+    })
+    .await;
+    let err = CaJwt::new(cfg(strict), citadel::clock::system())
+        .fetch_jwt_svid(&creds, vec!["db".into()])
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(
+            &err,
+            FetchError::Client(ClientError::Rpc {
+                code: Code::Unauthenticated,
+                ..
+            })
+        ),
+        "{err}"
+    );
+
+    let path = tmp.path().join("api.sock");
+    let s = Served::start_with(
+        &path,
+        Some(creds.clone()),
+        None,
+        0o600,
+        fake,
+        jwt_ca.clone(),
+    )
+    .await;
+    let (_stop, sd) = shutdown::channel();
+    tokio::spawn(follow(
+        jwt_ca,
+        s.creds.subscribe(),
+        s.jwt.clone(),
+        Duration::from_secs(60),
+        sd,
+    ));
+    let mut jwt_rx = s.jwt.subscribe();
+    tokio::time::timeout(Duration::from_secs(10), jwt_rx.wait_for(|b| b.is_some()))
+        .await
+        .expect("the follower fetched the bundle")
+        .unwrap();
+    assert_eq!(s.jwt.borrow().as_ref().unwrap().sequence, 7);
+
+    let mut c = client(&path).await;
+    let r = c
+        .fetch_jwtsvid(ok(JwtsvidRequest {
+            audience: vec!["db".into()],
+            spiffe_id: String::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let v = c
+        .validate_jwtsvid(ok(ValidateJwtsvidRequest {
+            audience: "db".into(),
+            svid: r.svids[0].svid.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.spiffe_id, creds.identity.to_string());
+
+    let endpoint = format!("unix://{}", path.display());
+    let id = creds.identity.to_string();
+    if let Some(bin) = real_client("CITADEL_GOWORKLOAD", "the go-spiffe Workload API client") {
+        let mut cmd = tokio::process::Command::new(bin);
+        cmd.args([
+            "jwt",
+            "-audience",
+            "db",
+            "-timeout",
+            "30s",
+            "-socket",
+            &endpoint,
+        ]);
+        let mut out = Lines::spawn(cmd);
+        let v = out.until("go-spiffe's JWT check", 40, |_| true).await;
+        assert_eq!(v["id"], id.as_str());
+        assert_eq!(v["remote_id"], id.as_str());
+        assert_eq!(v["audience"], serde_json::json!(["db"]));
+        assert!(out.child.wait().await.unwrap().success());
+    }
+    if let Some(py) = real_client("CITADEL_PYSPIFFE_PYTHON", "py-spiffe") {
+        let mut cmd = tokio::process::Command::new(py);
+        cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pyworkload/watch.py"))
+            .args(["jwt", "--audience", "db"])
+            .env("SPIFFE_ENDPOINT_SOCKET", &endpoint);
+        let mut out = Lines::spawn(cmd);
+        let v = out.until("py-spiffe's JWT check", 40, |_| true).await;
+        assert_eq!(v["id"], id.as_str());
+        assert_eq!(v["remote_id"], id.as_str());
+        assert!(out.child.wait().await.unwrap().success());
+    }
+    s.stop().await;
+    ca.stop().await;
 }
 
 // --- real clients written by others -------------------------------------------------------
