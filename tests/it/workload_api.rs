@@ -851,8 +851,7 @@ async fn jwt_svids_through_the_agents_ca_client_reach_real_clients() {
     let err = CaJwt::new(cfg(foreign), citadel::clock::system())
         .fetch_jwt_bundle(&creds)
         .await
-        .err()
-        .expect("another trust domain's bundle is refused");
+        .expect_err("another trust domain's bundle is refused");
     assert!(err.to_string().contains("other.org"), "{err}");
     let strict = fake_service::serve(fake_service::Svc {
         ca: fake.clone(),
