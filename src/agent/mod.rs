@@ -5,6 +5,7 @@
 //! `tokio::sync::watch`; the file writer, the SDS server, the SPIFFE Workload API and the
 //! health endpoint subscribe.
 
+pub mod authority;
 pub mod crl;
 pub mod fetch;
 pub mod files;

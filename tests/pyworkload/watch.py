@@ -18,24 +18,10 @@ import sys
 import threading
 import time
 
-import grpc
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.verification import PolicyBuilder, Store
 from spiffe import WorkloadApiClient
 from spiffe.svid.jwt_svid import JwtSvid
-
-# grpcio >= 1.57 sends the %-encoded socket path as the HTTP/2 :authority of a unix: target;
-# tonic's HTTP/2 layer (h2) refuses that authority with RST_STREAM(PROTOCOL_ERROR) (h2 issue
-# 487). Until the agent accepts it, the client is given the authority grpc-go sends:
-# "localhost". See docs/spiffe.md, "py-spiffe".
-if "--raw-authority" not in sys.argv:
-    _insecure_channel = grpc.insecure_channel
-
-    def _with_localhost(target, options=None, compression=None):
-        options = list(options or []) + [("grpc.default_authority", "localhost")]
-        return _insecure_channel(target, options, compression)
-
-    grpc.insecure_channel = _with_localhost
 
 lock = threading.Lock()
 
@@ -103,7 +89,6 @@ def main():
     p.add_argument("--socket", default=None)
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--audience", default="")
-    p.add_argument("--raw-authority", action="store_true", help="do not set grpc.default_authority")
     a = p.parse_args()
     with WorkloadApiClient(socket_path=a.socket) as client:
         if a.mode == "x509":

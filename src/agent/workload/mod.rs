@@ -363,7 +363,12 @@ pub async fn serve(
     );
     let listener = super::socket::bind(path, mode)?;
     tracing::info!(socket = %path.display(), mode = format!("{mode:04o}"), "SPIFFE Workload API serving");
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    // Every connection through agent::authority: grpcio and grpc-java clients send an
+    // :authority h2 would refuse.
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::UnixListenerStream::new(listener),
+        |conn| conn.map(super::authority::wrap),
+    );
     tonic::transport::Server::builder()
         .max_concurrent_streams(Some(MAX_STREAMS as u32))
         .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
