@@ -235,8 +235,11 @@ mod tests {
         f
     }
 
+    /// A decoded header block.
+    type Block = Vec<(Vec<u8>, Vec<u8>)>;
+
     /// Header blocks of the output, decoded, and the other frames as they are.
-    fn split(mut out: &[u8]) -> (Vec<Vec<(Vec<u8>, Vec<u8>)>>, Vec<Vec<u8>>) {
+    fn split(mut out: &[u8]) -> (Vec<Block>, Vec<Vec<u8>>) {
         assert_eq!(&out[..24], PREFACE);
         out = &out[24..];
         let (mut dec, mut blocks, mut others) = (hpack::Decoder::new(), vec![], vec![]);
