@@ -921,6 +921,14 @@ async fn jwt_svids_through_the_agents_ca_client_reach_real_clients() {
 
     let endpoint = format!("unix://{}", path.display());
     let id = creds.identity.to_string();
+    real_clients_check_jwt(&endpoint, &id).await;
+    s.stop().await;
+    ca.stop().await;
+}
+
+/// go-spiffe's and py-spiffe's JWT checks (FetchJWTSVID for "db", FetchJWTBundles, local
+/// validation, ValidateJWTSVID, another audience refused) against the socket at `endpoint`.
+async fn real_clients_check_jwt(endpoint: &str, id: &str) {
     if let Some(bin) = real_client("CITADEL_GOWORKLOAD", "the go-spiffe Workload API client") {
         let mut cmd = tokio::process::Command::new(bin);
         cmd.args([
@@ -930,12 +938,12 @@ async fn jwt_svids_through_the_agents_ca_client_reach_real_clients() {
             "-timeout",
             "30s",
             "-socket",
-            &endpoint,
+            endpoint,
         ]);
         let mut out = Lines::spawn(cmd);
         let v = out.until("go-spiffe's JWT check", 40, |_| true).await;
-        assert_eq!(v["id"], id.as_str());
-        assert_eq!(v["remote_id"], id.as_str());
+        assert_eq!(v["id"], id);
+        assert_eq!(v["remote_id"], id);
         assert_eq!(v["audience"], serde_json::json!(["db"]));
         assert!(out.child.wait().await.unwrap().success());
     }
@@ -943,15 +951,13 @@ async fn jwt_svids_through_the_agents_ca_client_reach_real_clients() {
         let mut cmd = tokio::process::Command::new(py);
         cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pyworkload/watch.py"))
             .args(["jwt", "--audience", "db"])
-            .env("SPIFFE_ENDPOINT_SOCKET", &endpoint);
+            .env("SPIFFE_ENDPOINT_SOCKET", endpoint);
         let mut out = Lines::spawn(cmd);
         let v = out.until("py-spiffe's JWT check", 40, |_| true).await;
-        assert_eq!(v["id"], id.as_str());
-        assert_eq!(v["remote_id"], id.as_str());
+        assert_eq!(v["id"], id);
+        assert_eq!(v["remote_id"], id);
         assert!(out.child.wait().await.unwrap().success());
     }
-    s.stop().await;
-    ca.stop().await;
 }
 
 // --- real clients written by others -------------------------------------------------------
@@ -1202,34 +1208,6 @@ async fn py_spiffe_receives_renewals_and_both_roots_during_rotation() {
 async fn real_clients_fetch_and_validate_jwt_svids() {
     let mesh = Mesh::start().await;
     let id = spiffe("shop", "cart").to_string();
-    if let Some(bin) = real_client("CITADEL_GOWORKLOAD", "the go-spiffe Workload API client") {
-        let mut cmd = tokio::process::Command::new(bin);
-        cmd.args([
-            "jwt",
-            "-audience",
-            "db",
-            "-timeout",
-            "30s",
-            "-socket",
-            &mesh.endpoint(),
-        ]);
-        let mut out = Lines::spawn(cmd);
-        let v = out.until("go-spiffe's JWT check", 40, |_| true).await;
-        assert_eq!(v["id"], id.as_str());
-        assert_eq!(v["remote_id"], id.as_str());
-        assert_eq!(v["audience"], serde_json::json!(["db"]));
-        assert!(out.child.wait().await.unwrap().success());
-    }
-    if let Some(py) = real_client("CITADEL_PYSPIFFE_PYTHON", "py-spiffe") {
-        let mut cmd = tokio::process::Command::new(py);
-        cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pyworkload/watch.py"))
-            .args(["jwt", "--audience", "db"])
-            .env("SPIFFE_ENDPOINT_SOCKET", mesh.endpoint());
-        let mut out = Lines::spawn(cmd);
-        let v = out.until("py-spiffe's JWT check", 40, |_| true).await;
-        assert_eq!(v["id"], id.as_str());
-        assert_eq!(v["remote_id"], id.as_str());
-        assert!(out.child.wait().await.unwrap().success());
-    }
+    real_clients_check_jwt(&mesh.endpoint(), &id).await;
     mesh.stop().await;
 }
