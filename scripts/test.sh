@@ -15,6 +15,10 @@
 #     cached after).
 #   - tests/gospiffe built against go-spiffe (a third-party SVID validator, CITADEL_GOSPIFFE);
 #   - tests/gojwtsvid built against go-spiffe (a third-party JWT-SVID validator, CITADEL_GOJWTSVID);
+#   - tests/goworkload built against go-spiffe's workloadapi (a Workload API client,
+#     CITADEL_GOWORKLOAD);
+#   - a Python venv with py-spiffe (PyPI `spiffe`, a second Workload API client,
+#     CITADEL_PYSPIFFE_PYTHON);
 #   - Istio's pilot-agent from the Go module proxy (scripts/istio-agent.sh, CITADEL_PILOT_AGENT);
 #   - Helm v4 from the Go module proxy (scripts/helm.sh, CITADEL_HELM), to render and test the
 #     chart deploy/helm/citadel;
@@ -32,6 +36,7 @@ CACHE="${CITADEL_CACHE:-$HOME/.cache/citadel}"
 CRYPTOGRAPHY_VERSION="48.0.0"
 ENVOY_VERSION="1.40.0"
 GO_SPIFFE_VERSION="v2.9.0"
+PY_SPIFFE_VERSION="0.3.2"
 mkdir -p "$CACHE"
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -81,10 +86,10 @@ ensure_go_spiffe_program() {
   hash="$(cat "$src/go.mod" "$src/go.sum" "$src"/*.go | sha256sum | cut -c1-12)"
   local bin="$CACHE/$name-$GO_SPIFFE_VERSION-$hash"
   if [ ! -x "$bin" ]; then
-    command -v go >/dev/null || apt_install golang-go
+    command -v go >/dev/null || apt_install golang-go >&2
     grep -q "go-spiffe/v2 $GO_SPIFFE_VERSION" "$src/go.mod" || { echo "$src/go.mod must pin go-spiffe $GO_SPIFFE_VERSION" >&2; exit 1; }
     log "building $bin"
-    (cd "$src" && CGO_ENABLED=0 nice -n 19 go build -mod=readonly -trimpath -o "$bin.tmp" .)
+    (cd "$src" && CGO_ENABLED=0 nice -n 19 go build -mod=readonly -trimpath -o "$bin.tmp" .) >&2
     mv "$bin.tmp" "$bin"
   fi
   export "$var=$bin"
@@ -96,6 +101,21 @@ ensure_gospiffe() {
   ensure_go_spiffe_program tests/gospiffe gospiffe-check CITADEL_GOSPIFFE
   # JWT-SVIDs: jwtbundle.Parse + jwtsvid.ParseAndValidate.
   ensure_go_spiffe_program tests/gojwtsvid gojwtsvid-check CITADEL_GOJWTSVID
+  # The Workload API client (workloadapi: X.509 and JWT sources, ValidateJWTSVID).
+  ensure_go_spiffe_program tests/goworkload goworkload CITADEL_GOWORKLOAD
+}
+
+ensure_pyspiffe() {
+  local venv="$CACHE/venv-pyspiffe-$PY_SPIFFE_VERSION"
+  if ! "$venv/bin/python" -c 'import spiffe, cryptography.x509.verification' 2>/dev/null; then
+    command -v python3 >/dev/null || apt_install python3 python3-venv
+    log "creating $venv (spiffe $PY_SPIFFE_VERSION from PyPI)"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check "spiffe==$PY_SPIFFE_VERSION"
+  fi
+  export CITADEL_PYSPIFFE_PYTHON="$venv/bin/python"
+  log "py-spiffe Workload API client: $("$CITADEL_PYSPIFFE_PYTHON" -c 'import importlib.metadata as m; print("spiffe", m.version("spiffe"))')"
 }
 
 ensure_pilot_agent() {
@@ -129,6 +149,7 @@ ensure_softhsm
 ensure_python_venv
 ensure_envoy
 ensure_gospiffe
+ensure_pyspiffe
 ensure_pilot_agent
 ensure_pilot_discovery
 log "kube-apiserver: $(scripts/kube-test-env.sh ensure)"

@@ -102,26 +102,37 @@ fn read_token(cfg: &FetchConfig, now: i64) -> Result<Option<(String, Option<Spif
     Ok(Some((token, id)))
 }
 
-/// Fetches a certificate, using the token if there is one, else renewing over mTLS with
-/// `current` (istio's first authenticator). `bundle` is the latest bundle received, trusted
-/// for the CA connection so a root rotation does not cut the agent off.
-pub async fn fetch(
+/// How to call the CA right now: the connection (roots, and the client certificate when
+/// renewing by mTLS), the bearer token if there is one, and the identity it stands for.
+pub struct CaCall {
+    /// Where and how to connect.
+    pub opts: ConnectOptions,
+    /// The service-account token, sent as `authorization: Bearer` when present.
+    pub bearer: Option<String>,
+    /// The identity the CA is expected to answer for.
+    pub identity: SpiffeId,
+}
+
+/// Picks the credential the way istio-agent does: the token if there is an unexpired one, else
+/// the `current` certificate over mTLS. Every call to the CA (certificates, JWT-SVIDs) goes
+/// through this, so they all authenticate alike. The latest bundle received (`current`'s
+/// roots) is trusted for the CA connection too, so a root rotation does not cut the agent off.
+pub fn ca_call(
     cfg: &FetchConfig,
     current: Option<&Credentials>,
     now: OffsetDateTime,
-    version: u64,
-) -> Result<Credentials, FetchError> {
+) -> Result<CaCall, FetchError> {
     let token = read_token(cfg, now.unix_timestamp()).map_err(FetchError::NoCredential)?;
     let usable_current = current.filter(|c| c.not_after > now);
-    let (bearer, identity, mtls) = match (&token, usable_current) {
+    let (bearer, identity, mtls) = match (token, usable_current) {
         (Some((t, id)), _) => {
-            let id = cfg.identity.clone().or(id.clone()).ok_or_else(|| {
+            let id = cfg.identity.clone().or(id).ok_or_else(|| {
                 FetchError::NoCredential(
                     "the token names no service account; pass --namespace and --service-account"
                         .into(),
                 )
             })?;
-            (Some(t.as_str()), id, None)
+            (Some(t), id, None)
         }
         (None, Some(c)) => (
             None,
@@ -144,23 +155,47 @@ pub async fn fetch(
     if let Some(c) = current {
         roots.extend_from_slice(c.roots_pem.as_bytes());
     }
-    let mut ca = client::connect(&ConnectOptions {
-        addr: cfg.ca_addr.clone(),
-        root_pem: roots,
-        server_name: cfg.tls_server_name.clone(),
-        identity: mtls,
-        plaintext: cfg.plaintext,
-        local_address: None,
+    Ok(CaCall {
+        opts: ConnectOptions {
+            addr: cfg.ca_addr.clone(),
+            root_pem: roots,
+            server_name: cfg.tls_server_name.clone(),
+            identity: mtls,
+            plaintext: cfg.plaintext,
+            local_address: None,
+        },
+        bearer,
+        identity,
     })
-    .await?;
+}
+
+/// Fetches a certificate, using the token if there is one, else renewing over mTLS with
+/// `current` (istio's first authenticator); see [`ca_call`].
+pub async fn fetch(
+    cfg: &FetchConfig,
+    current: Option<&Credentials>,
+    now: OffsetDateTime,
+    version: u64,
+) -> Result<Credentials, FetchError> {
+    let CaCall {
+        opts,
+        bearer,
+        identity,
+    } = ca_call(cfg, current, now)?;
+    let mut ca = client::connect(&opts).await?;
     let key = cfg
         .key_type
         .generate()
         .map_err(|e| FetchError::Rejected(e.to_string()))?;
     let csr =
         csr::build(&key, &identity.to_string()).map_err(|e| FetchError::Rejected(e.to_string()))?;
-    let chain_pem =
-        client::create_certificate(&mut ca, csr, bearer, cfg.cert_ttl.as_secs() as i64).await?;
+    let chain_pem = client::create_certificate(
+        &mut ca,
+        csr,
+        bearer.as_deref(),
+        cfg.cert_ttl.as_secs() as i64,
+    )
+    .await?;
     let verified = client::verify_response(&chain_pem, Some(&identity), now)
         .map_err(|e| FetchError::Rejected(e.to_string()))?;
     let leaf = pem::parse_certs(chain_pem[0].as_bytes())

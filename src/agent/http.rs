@@ -136,5 +136,23 @@ async fn metrics(State(s): State<AgentState>) -> String {
         "SDS calls refused by a limit (streams, resource names).",
         st.sds_refused.load(Ordering::Relaxed) as i64,
     );
+    put(
+        "citadel_agent_workload_api_streams",
+        "gauge",
+        "Open SPIFFE Workload API streams.",
+        st.workload_streams.load(Ordering::Relaxed),
+    );
+    put(
+        "citadel_agent_workload_api_pushes_total",
+        "counter",
+        "SPIFFE Workload API stream messages sent.",
+        st.workload_pushes.load(Ordering::Relaxed) as i64,
+    );
+    put(
+        "citadel_agent_workload_api_refused_total",
+        "counter",
+        "SPIFFE Workload API calls refused (header, caller, limits).",
+        st.workload_refused.load(Ordering::Relaxed) as i64,
+    );
     out
 }

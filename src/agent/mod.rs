@@ -2,14 +2,19 @@
 //! ahead of expiry, and hands it to Envoy over SDS and/or to files.
 //!
 //! Shape (linkerd's `Credentials` idea): the renewal loop publishes [`Credentials`] on a
-//! `tokio::sync::watch`; the file writer, the SDS server and the health endpoint subscribe.
+//! `tokio::sync::watch`; the file writer, the SDS server, the SPIFFE Workload API and the
+//! health endpoint subscribe.
 
+pub mod authority;
 pub mod crl;
 pub mod fetch;
 pub mod files;
 pub mod http;
+pub mod jwt;
 pub mod renew;
 pub mod sds;
+pub mod socket;
+pub mod workload;
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -79,6 +84,12 @@ pub struct AgentStats {
     pub sds_nacks: AtomicU64,
     /// SDS calls refused by a limit (too many streams, too many or too long names).
     pub sds_refused: AtomicU64,
+    /// Workload API streams currently open (a gauge).
+    pub workload_streams: AtomicI64,
+    /// Messages sent on Workload API streams.
+    pub workload_pushes: AtomicU64,
+    /// Workload API calls refused (header, caller, limits).
+    pub workload_refused: AtomicU64,
 }
 
 impl AgentStats {

@@ -324,45 +324,15 @@ enum Push {
     No,
 }
 
-/// Serves SDS on a Unix socket at `path` (replacing a stale socket file) until shutdown.
+/// Serves SDS on a Unix socket at `path` (0600, replacing a stale socket) until shutdown.
 pub async fn serve(
     path: &Path,
     rx: CredentialsRx,
     stats: Arc<AgentStats>,
     shutdown: Shutdown,
 ) -> Result<(), String> {
-    if path.exists() {
-        std::fs::remove_file(path)
-            .map_err(|e| format!("cannot remove stale socket {}: {e}", path.display()))?;
-    }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        // 0700: only this user (and Envoy, running as it) may reach the socket's directory.
-        crate::fsutil::create_private_dir(dir, 0o700)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    }
     // Only this user (Envoy runs as the same user in the pod) may fetch the private key.
-    // Bind under a temporary name, restrict it, then rename into place: no moment exists
-    // in which the socket is reachable at `path` with looser permissions.
-    let tmp = path.with_file_name(format!(
-        ".{}.{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("sds"),
-        std::process::id()
-    ));
-    let _ = std::fs::remove_file(&tmp);
-    let listener = tokio::net::UnixListener::bind(&tmp)
-        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-            .and_then(|()| std::fs::rename(&tmp, path))
-            .map_err(|e| {
-                let _ = std::fs::remove_file(&tmp);
-                format!(
-                    "cannot restrict and publish the socket {}: {e}",
-                    path.display()
-                )
-            })?;
-    }
+    let listener = super::socket::bind(path, 0o600)?;
     tracing::info!(socket = %path.display(), "SDS serving");
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     tonic::transport::Server::builder()

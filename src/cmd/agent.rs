@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::agent::fetch::FetchConfig;
+use crate::agent::jwt::{self, CaJwt, JwtCa};
 use crate::agent::renew::{self, RenewPolicy};
+use crate::agent::workload::{self, WorkloadApi};
 use crate::agent::{crl, files, http, sds, AgentStats};
 use crate::clock;
 use crate::duration::clap_parse;
@@ -21,11 +23,14 @@ Examples:
   # Sidecar for Envoy: SDS on a Unix socket, renewing at half-life.
   citadel agent --ca-addr istiod.istio-system.svc:15012 --ca-root-cert /var/run/secrets/istio/root-cert.pem \\
       --token-file /var/run/secrets/tokens/istio-token --sds-socket /etc/istio/proxy/SDS
+  # SPIFFE Workload API for go-spiffe / py-spiffe applications of this user.
+  citadel agent --ca-addr istiod.istio-system.svc:15012 --ca-root-cert /var/run/secrets/istio/root-cert.pem \\
+      --token-file /var/run/secrets/tokens/istio-token --workload-api-socket unix:///run/spiffe/agent.sock
   # Init container or job: fetch once into files and exit.
   citadel agent --ca-addr 127.0.0.1:15012 --ca-root-cert citadel-data/root-cert.pem \\
       --token-file token.jwt --out-dir certs/ --once
 
-See docs/agent.md for an Envoy bootstrap.")]
+See docs/agent.md for an Envoy bootstrap, docs/spiffe.md for a go-spiffe application.")]
 /// Flags of `citadel agent`.
 pub struct Args {
     /// The CA's gRPC address.
@@ -85,14 +90,59 @@ pub struct Args {
     /// Talk to a CA started with --plaintext.
     #[arg(long)]
     pub plaintext: bool,
+    /// Serve the SPIFFE Workload API (go-spiffe, py-spiffe, spiffe-helper) on this Unix
+    /// socket: X.509-SVID, bundles and CRLs, JWT-SVIDs. Every caller that can open the socket
+    /// receives this agent's identity, so its permissions are the access control.
+    /// Accepts `unix:///path` (the form of SPIFFE_ENDPOINT_SOCKET) or a path.
+    #[arg(long, value_name = "PATH", env = "SPIFFE_ENDPOINT_SOCKET", value_parser = parse_socket)]
+    pub workload_api_socket: Option<PathBuf>,
+    /// Permissions of the Workload API socket, octal (0600: only this user; 0660 adds the group).
+    #[arg(long, default_value = "0600", value_name = "MODE", value_parser = parse_mode)]
+    pub workload_api_socket_mode: u32,
+    /// Only these peer UIDs (SO_PEERCRED) receive an identity on the Workload API socket;
+    /// others get PermissionDenied. Repeat for several. Default: whoever can open the socket.
+    #[arg(long = "workload-api-uid", value_name = "UID")]
+    pub workload_api_uids: Vec<u32>,
+    /// How often the JWT bundle is re-read from the CA (also after every renewal).
+    #[arg(long, default_value = "60s", value_parser = clap_parse, value_name = "DUR")]
+    pub jwt_bundle_refresh: Duration,
+}
+
+/// `unix:///path` or a plain path; any other scheme (`tcp://`) is refused.
+fn parse_socket(s: &str) -> Result<PathBuf, String> {
+    let path = match s.split_once("://") {
+        Some(("unix", rest)) => rest,
+        Some((scheme, _)) => {
+            return Err(format!(
+                "{scheme}:// sockets are not served; use unix:///path or a path"
+            ))
+        }
+        None => s.strip_prefix("unix:").unwrap_or(s),
+    };
+    if path.is_empty() {
+        return Err("an empty socket path".into());
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// An octal mode that keeps the owner's read and write (the agent's own clients need them).
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let m = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("{s:?} is not an octal mode such as 0600"))?;
+    if m > 0o777 || m & 0o600 != 0o600 {
+        return Err(format!(
+            "{s:?}: permission bits only (at most 0777), with the owner's rw (0600)"
+        ));
+    }
+    Ok(m)
 }
 
 /// Runs the agent (renewal loop, SDS server and/or file writer, monitoring port) until stopped, or
 /// for one fetch with `--once`.
 pub async fn run(args: Args) -> CmdResult {
-    if args.out_dir.is_none() && args.sds_socket.is_none() {
+    if args.out_dir.is_none() && args.sds_socket.is_none() && args.workload_api_socket.is_none() {
         return Err(
-            "nothing to hand certificates to: pass --sds-socket PATH and/or --out-dir DIR".into(),
+            "nothing to hand certificates to: pass --sds-socket PATH, --workload-api-socket PATH and/or --out-dir DIR".into(),
         );
     }
     if !(0.05..=0.95).contains(&args.renew_at) || !(0.0..0.5).contains(&args.renew_jitter) {
@@ -211,9 +261,72 @@ pub async fn run(args: Args) -> CmdResult {
         let (rx, stats, sd) = (rx.clone(), stats.clone(), sd.clone());
         tokio::spawn(async move { sds::serve(&p, rx, stats, sd).await })
     });
+    let workload_task = args.workload_api_socket.clone().map(|p| {
+        let ca: std::sync::Arc<dyn JwtCa> =
+            std::sync::Arc::new(CaJwt::new(cfg.clone(), clock.clone()));
+        let (jwt_tx, jwt_rx) = tokio::sync::watch::channel(None);
+        tokio::spawn(jwt::follow(
+            ca.clone(),
+            rx.clone(),
+            jwt_tx,
+            args.jwt_bundle_refresh,
+            sd.clone(),
+        ));
+        let uids = (!args.workload_api_uids.is_empty()).then(|| args.workload_api_uids.clone());
+        let api = WorkloadApi::new(rx.clone(), jwt_rx, ca, clock.clone(), stats.clone(), uids);
+        let (mode, sd, stop) = (args.workload_api_socket_mode, sd.clone(), trigger.clone());
+        tokio::spawn(async move {
+            let served = workload::serve(&p, mode, api, sd).await;
+            if let Err(e) = &served {
+                // Not serving what was asked for: stop the agent rather than run without it.
+                tracing::error!(error = %e, "the SPIFFE Workload API cannot be served");
+                stop.trigger();
+            }
+            served
+        })
+    });
     renew::run(cfg, policy, clock, tx, stats, false, sd).await?;
     if let Some(t) = sds_task {
         t.await.map_err(|e| e.to_string())??;
     }
+    if let Some(t) = workload_task {
+        t.await.map_err(|e| e.to_string())??;
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_addresses_take_the_spiffe_endpoint_form_or_a_path() {
+        assert_eq!(
+            parse_socket("unix:///run/spiffe/agent.sock").unwrap(),
+            PathBuf::from("/run/spiffe/agent.sock")
+        );
+        assert_eq!(
+            parse_socket("/run/a.sock").unwrap(),
+            PathBuf::from("/run/a.sock")
+        );
+        assert_eq!(
+            parse_socket("unix:rel.sock").unwrap(),
+            PathBuf::from("rel.sock")
+        );
+        assert!(parse_socket("tcp://127.0.0.1:8081")
+            .unwrap_err()
+            .contains("tcp://"));
+        assert!(parse_socket("unix://").is_err());
+        assert!(parse_socket("").is_err());
+    }
+
+    #[test]
+    fn socket_modes_are_octal_permission_bits_keeping_the_owners_rw() {
+        assert_eq!(parse_mode("0600").unwrap(), 0o600);
+        assert_eq!(parse_mode("660").unwrap(), 0o660);
+        assert_eq!(parse_mode("0o666").unwrap(), 0o666);
+        for bad in ["0400", "04600", "1777", "rw", "0800", ""] {
+            assert!(parse_mode(bad).is_err(), "{bad}");
+        }
+    }
 }

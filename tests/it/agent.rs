@@ -270,18 +270,7 @@ fn creds(version: u64, crl: Option<&str>) -> Arc<Credentials> {
 }
 
 async fn sds_client(path: PathBuf) -> SecretDiscoveryServiceClient<tonic::transport::Channel> {
-    let channel = tonic::transport::Endpoint::from_static("http://sds")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(p).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap();
-    SecretDiscoveryServiceClient::new(channel)
+    SecretDiscoveryServiceClient::new(uds_channel(path).await)
 }
 
 /// SDS served at `path` from a credentials channel starting at `first`, until `Trigger`.

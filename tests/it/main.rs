@@ -38,3 +38,4 @@ mod storage;
 mod support;
 mod thirdparty;
 mod timetravel;
+mod workload_api;

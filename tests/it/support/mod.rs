@@ -408,3 +408,18 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A gRPC channel over the Unix socket at `path` (the agent's SDS and Workload API sockets).
+pub async fn uds_channel(path: PathBuf) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_static("http://uds")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(p).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap()
+}
