@@ -80,6 +80,12 @@ impl std::fmt::Debug for ConnectOptions {
 /// Opens a channel to the CA: TLS trusting `root_pem` (and presenting `identity` if set) unless
 /// `plaintext`; 5 s connect timeout, TCP_NODELAY.
 pub async fn connect(opts: &ConnectOptions) -> Result<CaClient, ClientError> {
+    Ok(IstioCertificateServiceClient::new(channel(opts).await?))
+}
+
+/// The channel [`connect`] opens, for the CA port's other services (the agent's JWT-SVID
+/// calls): one place decides how citadel's clients reach the CA.
+pub async fn channel(opts: &ConnectOptions) -> Result<Channel, ClientError> {
     let host = opts
         .addr
         .rsplit_once(':')
@@ -104,11 +110,10 @@ pub async fn connect(opts: &ConnectOptions) -> Result<CaClient, ClientError> {
             source,
         })?;
     }
-    let channel = ep.connect().await.map_err(|source| ClientError::Connect {
+    ep.connect().await.map_err(|source| ClientError::Connect {
         addr: opts.addr.clone(),
         source,
-    })?;
-    Ok(IstioCertificateServiceClient::new(channel))
+    })
 }
 
 /// Sends one CreateCertificate the way istio-agent does.

@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 
 use super::fetch::{ca_call, FetchConfig, FetchError};
 use super::{Credentials, CredentialsRx};
 use crate::auth::jwks::{Jwks, JwksError};
-use crate::client::{ClientError, ConnectOptions};
+use crate::client::ClientError;
 use crate::clock::SharedClock;
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::jwtsvid_proto::jwt_svid_service_client::JwtSvidServiceClient;
@@ -133,7 +133,7 @@ impl CaJwt {
         current: &Credentials,
     ) -> Result<(JwtSvidServiceClient<Channel>, Option<String>, SpiffeId), FetchError> {
         let call = ca_call(&self.cfg, Some(current), self.clock.now())?;
-        let channel = channel(&call.opts).await?;
+        let channel = crate::client::channel(&call.opts).await?;
         Ok((
             JwtSvidServiceClient::new(channel),
             call.bearer,
@@ -205,37 +205,6 @@ impl JwtCa for CaJwt {
         JwtBundle::parse(self.cfg.trust_domain.clone(), r.jwks, r.sequence)
             .map_err(FetchError::Rejected)
     }
-}
-
-/// A channel to the CA as [`crate::client::connect`] opens one (TLS with `opts`' roots and
-/// client identity, 5 s connect timeout, TCP_NODELAY), for a service other than Istio's.
-async fn channel(opts: &ConnectOptions) -> Result<Channel, ClientError> {
-    let connect_err = |source| ClientError::Connect {
-        addr: opts.addr.clone(),
-        source,
-    };
-    let host = opts
-        .addr
-        .rsplit_once(':')
-        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
-        .filter(|h| !h.is_empty())
-        .ok_or_else(|| ClientError::Address(opts.addr.clone()))?;
-    let scheme = if opts.plaintext { "http" } else { "https" };
-    let mut ep = Endpoint::from_shared(format!("{scheme}://{}", opts.addr))
-        .map_err(|_| ClientError::Address(opts.addr.clone()))?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5));
-    if !opts.plaintext {
-        let server_name = opts.server_name.clone().unwrap_or_else(|| host.to_string());
-        let mut tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&opts.root_pem))
-            .domain_name(server_name);
-        if let Some((cert, key)) = &opts.identity {
-            tls = tls.identity(Identity::from_pem(cert, key));
-        }
-        ep = ep.tls_config(tls).map_err(connect_err)?;
-    }
-    ep.connect().await.map_err(connect_err)
 }
 
 /// The receiving side of the JWT bundle: `None` until the first fetch succeeds.

@@ -1204,7 +1204,6 @@ async fn py_spiffe_receives_renewals_and_both_roots_during_rotation() {
 /// go-spiffe's FetchJWTSVID, FetchJWTBundles, `jwtsvid.ParseAndValidate` and ValidateJWTSVID
 /// against the agent and a CA serving `citadel.v1.JwtSvidService`; then py-spiffe's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the CA's JwtSvidService (jwtsvid branch)"]
 async fn real_clients_fetch_and_validate_jwt_svids() {
     let mesh = Mesh::start().await;
     let id = spiffe("shop", "cart").to_string();
