@@ -343,7 +343,9 @@ fn chart_values_do_what_they_say() {
             "--csr-root-secret=ra-roots",
         ],
     );
-    assert!(!args(&ra).iter().any(|a| a.starts_with("--csr-auto-approve")));
+    assert!(!args(&ra)
+        .iter()
+        .any(|a| a.starts_with("--csr-auto-approve")));
     let signer = doc(&ra, "ClusterRole", "citadel-csr-signer").unwrap();
     assert!(
         signer.contains(
