@@ -363,8 +363,14 @@ fn chart_values_do_what_they_say() {
     assert!(doc(&ra, "RoleBinding", "citadel-csr-signer").is_some());
     assert!(doc(&ra, "ClusterRole", "citadel-csr-approver").is_none());
     let dep = doc(&ra, "Deployment", "citadel").unwrap();
-    // Two names share one Secret: one volume, one mount.
+    // Two names share one Secret: one volume, one mount; its key readable by citadel's
+    // group only.
     assert_eq!(dep.matches("secretName: old-ca").count(), 1, "{dep}");
+    assert!(
+        dep.contains("secret: {secretName: old-ca, defaultMode: 288}")
+            && dep.contains("fsGroup: 65532"),
+        "{dep}"
+    );
     assert!(
         dep.contains("- {name: csr-ca-0, mountPath: /etc/citadel/csr-ca/old-ca, readOnly: true}"),
         "{dep}"
@@ -397,6 +403,7 @@ fn chart_values_do_what_they_say() {
     );
     assert!(doc(&approving, "ClusterRoleBinding", "citadel-csr-approver").is_some());
     assert!(doc(&approving, "Role", "citadel-csr-signer").is_none());
+    assert!(!approving.contains("fsGroup"), "no mapped CA, no fsGroup");
 
     // Refused, naming the value.
     for (set, why) in [
