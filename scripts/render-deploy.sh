@@ -7,6 +7,9 @@
 #   deploy/ambient.yaml                  the RBAC ambient.enabled adds
 #   deploy/multicluster.yaml             the RBAC multicluster.enabled adds
 #   deploy/podcertificate-policy.yaml    the admission policy (also in deploy/citadel.yaml)
+#   deploy/istio-ra.yaml                 the RBAC istioRA.enabled adds (istiod's RA mode), for
+#                                        the signer names citadel.dev/spiffe and citadel.dev/legacy
+#   deploy/istio-ra-auto-approve.yaml    the RBAC istioRA.autoApprove adds on top
 #
 #   scripts/render-deploy.sh             # rewrite them
 #   scripts/render-deploy.sh --print F   # print what deploy/F should hold, change nothing
@@ -58,13 +61,18 @@ HEAD
 }
 
 addon() { # FILE SET-FLAG HOW-TO-TURN-IT-ON...
-  local file="$1" set="$2"
+  local file="$1" set="$2" shown="$2"
   shift 2
-  generated " --set $set --show-only templates/$file"
+  # Quoted in the header when the shell would expand it ({a,b} lists).
+  case "$set" in *[{}\[\]]*) shown="'$set'" ;; esac
+  generated " --set $shown --show-only templates/$file"
   printf '#\n'
   printf '# %s\n' "$@"
   template --set "$set" --show-only "templates/$file"
 }
+
+# The signer names deploy/istio-ra*.yaml grant: citadel's own and one plugged-in CA.
+ISTIO_RA="istioRA.enabled=true,istioRA.signerNames={citadel.dev/spiffe,citadel.dev/legacy}"
 
 render() {
   case "$1" in
@@ -85,11 +93,25 @@ render() {
         "deploy/citadel.yaml includes it; this file is for installs that predate that:" \
         "  kubectl apply -f deploy/podcertificate-policy.yaml" \
         "With another --pod-cert-signer-name, render the chart with podCertificates.signerName." ;;
+    istio-ra.yaml)
+      addon istio-ra.yaml "$ISTIO_RA" \
+        "On top of deploy/citadel.yaml, for istiod in RA mode (docs/istio-ra.md):" \
+        "  kubectl apply -f deploy/istio-ra.yaml" \
+        "and add one --csr-signer to citadel's args for each signer name granted \`sign\` below:" \
+        "  --csr-signer=citadel.dev/spiffe" \
+        "  --csr-signer=citadel.dev/legacy=/etc/legacy-ca   # a plugged-in CA mounted there" \
+        "For other names, render the chart with istioRA.signerNames and istioRA.mappedSigners." ;;
+    istio-ra-auto-approve.yaml)
+      addon istio-ra-auto-approve.yaml "$ISTIO_RA,istioRA.autoApprove={USER}" \
+        "Only with --csr-auto-approve USER, on top of deploy/istio-ra.yaml: citadel approves" \
+        "USER's CSRs for the signer names below. istiod approves its own and needs none of it." \
+        "  kubectl apply -f deploy/istio-ra-auto-approve.yaml" ;;
     *) echo "unknown file $1" >&2; exit 2 ;;
   esac
 }
 
-FILES=(citadel.yaml ambient.yaml multicluster.yaml podcertificate-policy.yaml)
+FILES=(citadel.yaml ambient.yaml multicluster.yaml podcertificate-policy.yaml istio-ra.yaml
+  istio-ra-auto-approve.yaml)
 
 if [ "${1:-}" = "--print" ]; then
   render "${2:?--print FILE}"

@@ -668,6 +668,8 @@ async fn two_hundred_csrs_at_once_are_answered_well_inside_istiods_timeout() {
 /// deploy/istio-ra.yaml gives citadel's service account what the CSR signer does and nothing
 /// more: `sign` for its own signer names only, the CSRs' status, its roots Secret by name;
 /// never `approve`, which only deploy/istio-ra-auto-approve.yaml adds (for its names only).
+/// Both files are the chart's `istioRA` RBAC rendered by scripts/render-deploy.sh (checked by
+/// `kit::the_chart_renders_deploy_byte_for_byte`).
 #[tokio::test]
 async fn the_csr_signer_rbac_signs_for_our_names_only_and_approves_only_when_asked() {
     use crate::rbac::{allowed, apply, req, Req};

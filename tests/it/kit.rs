@@ -141,9 +141,9 @@ fn has_args(manifests: &str, want: &[&str]) {
     }
 }
 
-/// deploy/citadel.yaml, ambient.yaml, multicluster.yaml and podcertificate-policy.yaml are
-/// what the chart renders (scripts/render-deploy.sh), byte for byte: the kubectl path and the
-/// Helm path cannot drift. The CRD unit tests (`crds_in_deploy_*`) in turn keep the chart's
+/// deploy/citadel.yaml, ambient.yaml, multicluster.yaml, podcertificate-policy.yaml,
+/// istio-ra.yaml and istio-ra-auto-approve.yaml are what the chart renders
+/// (scripts/render-deploy.sh), byte for byte: the kubectl path and the Helm path cannot drift. The CRD unit tests (`crds_in_deploy_*`) in turn keep the chart's
 /// crds/ and the copies embedded in deploy/citadel.yaml equal to the Rust types.
 #[test]
 fn the_chart_renders_deploy_byte_for_byte() {
@@ -153,6 +153,8 @@ fn the_chart_renders_deploy_byte_for_byte() {
         "ambient.yaml",
         "multicluster.yaml",
         "podcertificate-policy.yaml",
+        "istio-ra.yaml",
+        "istio-ra-auto-approve.yaml",
     ] {
         let out = Command::new("scripts/render-deploy.sh")
             .args(["--print", file])
@@ -306,6 +308,103 @@ fn chart_values_do_what_they_say() {
         "{cr}"
     );
 
+    // istiod's RA mode: off by default; on, the flags and `sign` on exactly the signer names
+    // (own and mapped), the mapped CA's Secret mounted where its flag points, the roots
+    // Secret by name; `approve` only with autoApprove.
+    for (kind, name) in [
+        ("ClusterRole", "citadel-csr-signer"),
+        ("ClusterRole", "citadel-csr-approver"),
+    ] {
+        assert!(doc(&defaults, kind, name).is_none(), "{kind} {name}");
+    }
+    assert!(!args(&defaults).iter().any(|a| a.starts_with("--csr-")));
+    let ra = template(
+        &helm,
+        "mesh-ca",
+        &[
+            "--set",
+            "istioRA.enabled=true,istioRA.signerNames={example.com/own}",
+            "--set",
+            "istioRA.mappedSigners[0].name=example.com/old,istioRA.mappedSigners[0].secret=old-ca",
+            "--set",
+            "istioRA.mappedSigners[1].name=example.com/older,istioRA.mappedSigners[1].secret=old-ca",
+            "--set",
+            "istioRA.istiodRequesters={system:serviceaccount:istio:istiod},istioRA.rootSecret=ra-roots",
+        ],
+    )
+    .unwrap();
+    has_args(
+        &ra,
+        &[
+            "--csr-signer=example.com/own",
+            "--csr-signer=example.com/old=/etc/citadel/csr-ca/old-ca",
+            "--csr-signer=example.com/older=/etc/citadel/csr-ca/old-ca",
+            "--csr-istiod-requester=system:serviceaccount:istio:istiod",
+            "--csr-root-secret=ra-roots",
+        ],
+    );
+    assert!(!args(&ra)
+        .iter()
+        .any(|a| a.starts_with("--csr-auto-approve")));
+    let signer = doc(&ra, "ClusterRole", "citadel-csr-signer").unwrap();
+    assert!(
+        signer.contains(
+            r#"resourceNames: ["example.com/own", "example.com/old", "example.com/older"]
+  verbs: ["sign"]"#
+        ),
+        "{signer}"
+    );
+    assert!(!signer.contains("approve"), "{signer}");
+    let roots = doc(&ra, "Role", "citadel-csr-signer").unwrap();
+    assert!(
+        roots.contains("namespace: mesh-ca") && roots.contains(r#"resourceNames: ["ra-roots"]"#),
+        "{roots}"
+    );
+    assert!(doc(&ra, "RoleBinding", "citadel-csr-signer").is_some());
+    assert!(doc(&ra, "ClusterRole", "citadel-csr-approver").is_none());
+    let dep = doc(&ra, "Deployment", "citadel").unwrap();
+    // Two names share one Secret: one volume, one mount; its key readable by citadel's
+    // group only.
+    assert_eq!(dep.matches("secretName: old-ca").count(), 1, "{dep}");
+    assert!(
+        dep.contains("secret: {secretName: old-ca, defaultMode: 288}")
+            && dep.contains("fsGroup: 65532"),
+        "{dep}"
+    );
+    assert!(
+        dep.contains("- {name: csr-ca-0, mountPath: /etc/citadel/csr-ca/old-ca, readOnly: true}"),
+        "{dep}"
+    );
+    // autoApprove: the flags and `approve` on the same names; no roots Secret: no Role.
+    let approving = render(
+        &helm,
+        &[
+            "--set",
+            "istioRA.enabled=true,istioRA.autoApprove={system:serviceaccount:a:b,u2},istioRA.rootSecret=",
+        ],
+    );
+    has_args(
+        &approving,
+        &[
+            "--csr-signer=citadel.dev/spiffe",
+            "--csr-istiod-requester=system:serviceaccount:istio-system:istiod",
+            "--csr-auto-approve=system:serviceaccount:a:b",
+            "--csr-auto-approve=u2",
+            "--csr-root-secret=",
+        ],
+    );
+    let approver = doc(&approving, "ClusterRole", "citadel-csr-approver").unwrap();
+    assert!(
+        approver.contains(
+            r#"resourceNames: ["citadel.dev/spiffe"]
+  verbs: ["approve"]"#
+        ),
+        "{approver}"
+    );
+    assert!(doc(&approving, "ClusterRoleBinding", "citadel-csr-approver").is_some());
+    assert!(doc(&approving, "Role", "citadel-csr-signer").is_none());
+    assert!(!approving.contains("fsGroup"), "no mapped CA, no fsGroup");
+
     // Refused, naming the value.
     for (set, why) in [
         ("store=file,replicaCount=2", "replicaCount must be 1"),
@@ -320,6 +419,42 @@ fn chart_values_do_what_they_say() {
             "ambient.enabled=true,ambient.trustedNodeAccounts=null",
             "trustedNodeAccounts",
         ),
+        (
+            "istioRA.enabled=true,store=file,replicaCount=1",
+            "istioRA (the CSR signer) needs store: kube",
+        ),
+        (
+            "istioRA.enabled=true,istioRA.signerNames=null",
+            "at least one signer name",
+        ),
+        (
+            "istioRA.enabled=true,istioRA.signerNames={nodomain}",
+            r#"signer name "nodomain""#,
+        ),
+        (
+            "istioRA.enabled=true,istioRA.signerNames={Citadel.dev/x}",
+            r#"signer name "Citadel.dev/x""#,
+        ),
+        (
+            "istioRA.enabled=true,istioRA.signerNames={kubernetes.io/kube-apiserver-client}",
+            "reserved for Kubernetes",
+        ),
+        (
+            "istioRA.enabled=true,istioRA.signerNames={a.dev/x,a.dev/x}",
+            "given twice",
+        ),
+        (
+            "istioRA.enabled=true,istioRA.mappedSigners[0].name=a.dev/y,istioRA.mappedSigners[0].secret=Bad_Secret",
+            "secret must name a Secret",
+        ),
+        (
+            "istioRA.enabled=true,istioRA.istiodRequesters=null",
+            "istioRA.istiodRequesters needs at least one username",
+        ),
+        (
+            "istioRA.enabled=true,istioRA.rootSecret=Roots",
+            "istioRA.rootSecret",
+        ),
     ] {
         let err = template(&helm, "istio-system", &["--set", set]).unwrap_err();
         assert!(err.contains(why), "--set {set}: {err}");
@@ -327,8 +462,8 @@ fn chart_values_do_what_they_say() {
 }
 
 /// `kubectl apply --server-side --dry-run=server` of what the chart renders, against the real
-/// kube-apiserver: the defaults (as deploy/citadel.yaml), every feature on with the CRDs, and
-/// the file store. The API server validates every object (RBAC, the admission policy's CEL,
+/// kube-apiserver: the defaults (as deploy/citadel.yaml), every feature on with the CRDs,
+/// istiod's RA mode (a mapped CA and auto-approval), and the file store. The API server validates every object (RBAC, the admission policy's CEL,
 /// the Deployment) without creating it.
 #[tokio::test]
 async fn what_the_chart_renders_passes_server_side_dry_run() {
@@ -343,7 +478,7 @@ async fn what_the_chart_renders_passes_server_side_dry_run() {
     kube.namespace("istio-system").await;
     kube.namespace("mesh-ca").await;
     let tmp = tempfile::tempdir().unwrap();
-    let cases: [(&str, String, &[&str]); 3] = [
+    let cases: [(&str, String, &[&str]); 4] = [
         (
             "deploy/citadel.yaml",
             std::fs::read_to_string("deploy/citadel.yaml").unwrap(),
@@ -374,6 +509,29 @@ async fn what_the_chart_renders_passes_server_side_dry_run() {
                 "role.rbac.authorization.k8s.io/citadel-multicluster",
                 "rolebinding.rbac.authorization.k8s.io/citadel-multicluster",
                 "customresourcedefinition.apiextensions.k8s.io/revocations.citadel.dev",
+                "deployment.apps/citadel",
+            ],
+        ),
+        (
+            "istiod's RA mode",
+            template(
+                &helm,
+                "mesh-ca",
+                &[
+                    "--set",
+                    "istioRA.enabled=true,istioRA.autoApprove={system:serviceaccount:mesh-ca:requester}",
+                    "--set",
+                    "istioRA.mappedSigners[0].name=citadel.dev/legacy,istioRA.mappedSigners[0].secret=legacy-cacerts",
+                ],
+            )
+            .unwrap(),
+            &[
+                "clusterrole.rbac.authorization.k8s.io/citadel-csr-signer",
+                "clusterrolebinding.rbac.authorization.k8s.io/citadel-csr-signer",
+                "role.rbac.authorization.k8s.io/citadel-csr-signer",
+                "rolebinding.rbac.authorization.k8s.io/citadel-csr-signer",
+                "clusterrole.rbac.authorization.k8s.io/citadel-csr-approver",
+                "clusterrolebinding.rbac.authorization.k8s.io/citadel-csr-approver",
                 "deployment.apps/citadel",
             ],
         ),
