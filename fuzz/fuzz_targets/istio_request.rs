@@ -58,6 +58,7 @@ fn fixture() -> &'static Fixture {
                 metrics: Arc::new(citadel::server::Metrics::default()),
                 inflight: Arc::new(tokio::sync::Semaphore::new(8)),
                 throttle: Arc::new(citadel::server::throttle::AuthThrottle::new(Default::default(), Default::default())),
+                linkerd: None,
             }),
         };
         Fixture {
