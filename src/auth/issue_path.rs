@@ -292,6 +292,21 @@ pub struct Certified {
     pub issued: Issued,
 }
 
+impl IssueError {
+    /// The CA key could not sign now (an HSM away, busy or reconnecting): a retry may
+    /// succeed. Every surface's one mapping asks this rather than matching the nesting, so a
+    /// token outage is retryable on all of them (Unavailable, a requeue), never a permanent
+    /// refusal.
+    pub fn key_unavailable(&self) -> bool {
+        matches!(
+            self,
+            IssueError::Ca(IssueFailure::Sign(crate::ca::SignError::Key(
+                KeyError::Unavailable(_)
+            )))
+        )
+    }
+}
+
 impl Certified {
     /// The leaf, then the CA certificates up to (not including) the roots, as PEM: what a
     /// Kubernetes signer writes (the roots reach workloads through a trust bundle).

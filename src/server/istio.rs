@@ -13,9 +13,7 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::auth::issue_path::{CsrInput, IssueError, IssueRequest, Requester, Ttl};
 use crate::ca::issue::IssueFailure;
-use crate::ca::SignError;
 use crate::pki::csr::MAX_CSR_BYTES;
-use crate::pki::KeyError;
 use crate::proto::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
 };
@@ -84,9 +82,7 @@ impl IstioError {
                 IssueError::Ca(IssueFailure::NoSigner) => m.sign_error("not_ready"),
                 IssueError::Ca(IssueFailure::Expired(_)) => m.sign_error("ca_expired"),
                 IssueError::Ca(IssueFailure::Index) => m.sign_error("index"),
-                IssueError::Ca(IssueFailure::Sign(SignError::Key(KeyError::Unavailable(_)))) => {
-                    m.sign_error("key_unavailable")
-                }
+                e if e.key_unavailable() => m.sign_error("key_unavailable"),
                 IssueError::Ca(IssueFailure::Sign(_)) | IssueError::TooShort { .. } => {
                     m.sign_error("sign_failed")
                 }
@@ -197,7 +193,9 @@ mod tests {
     use super::*;
     use crate::auth::node::Refusal;
     use crate::ca::policy::TtlError;
+    use crate::ca::SignError;
     use crate::pki::csr::CsrError;
+    use crate::pki::KeyError;
 
     /// Every refusal keeps istiod's code and its exact text on the wire (tests/it/errors.rs
     /// checks them end to end; this pins the one mapping itself, variant by variant).

@@ -106,6 +106,11 @@ impl LinkerdError {
                 | IssueError::Unaudited => {
                     (Code::Unavailable, format!("cert issuer not ready: {e}"))
                 }
+                // An HSM that is away or busy: the proxy retries Unavailable.
+                e if e.key_unavailable() => (
+                    Code::Unavailable,
+                    "cert issuer not ready: the CA signing key is unavailable".into(),
+                ),
                 // The cause is logged, not sent.
                 IssueError::Ca(IssueFailure::Sign(_)) | IssueError::TooShort { .. } => {
                     (Code::Internal, "signing failed".into())
@@ -349,6 +354,15 @@ mod tests {
                 LinkerdError::Busy,
                 Code::Unavailable,
                 "the CA is at its limit",
+            ),
+            (
+                LinkerdError::Issue(IssueError::Ca(IssueFailure::Sign(
+                    crate::ca::SignError::Key(crate::pki::KeyError::Unavailable(
+                        "token removed".into(),
+                    )),
+                ))),
+                Code::Unavailable,
+                "cert issuer not ready: the CA signing key is unavailable",
             ),
             (
                 LinkerdError::Throttled(2.0),

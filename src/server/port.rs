@@ -18,8 +18,6 @@ use super::throttle::AuthThrottle;
 use crate::auth::issue_path::{IssueError, IssuePath};
 use crate::auth::{AuthChain, Caller, Credentials};
 use crate::ca::issue::IssueFailure;
-use crate::ca::SignError;
-use crate::pki::KeyError;
 
 /// The gRPC code and message of a refusal of the shared issue path: the same on every
 /// CA-port surface (istiod's codes), so each surface's one mapping (`IstioError::status`,
@@ -39,7 +37,7 @@ pub fn issue_code(e: &IssueError) -> (Code, String) {
         | IssueError::Unaudited => (Code::Unavailable, not_ready(e)),
         // An HSM that is away or busy: istio-agent retries Unavailable. The token's name and
         // error are logged, not sent.
-        IssueError::Ca(IssueFailure::Sign(SignError::Key(KeyError::Unavailable(_)))) => (
+        e if e.key_unavailable() => (
             Code::Unavailable,
             "CA is not ready: the CA signing key is unavailable; retry shortly".into(),
         ),

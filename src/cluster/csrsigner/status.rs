@@ -88,6 +88,8 @@ pub fn refusal(e: IssueError, request: &str) -> Result<Refusal, Retry> {
         e @ IssueError::OtherIdentity { .. } => {
             Ok(refuse(reason::REQUESTER_NOT_ALLOWED, e.to_string()))
         }
+        // An HSM that is away or busy: retried like a missing signer, never Failed.
+        e if e.key_unavailable() => Err(Retry(e.to_string())),
         IssueError::Ca(IssueFailure::Sign(e)) => {
             tracing::error!(request = %request, error = %e, "CSR signing failed");
             Ok(refuse(
@@ -312,6 +314,10 @@ mod tests {
             "Failed/SigningFailed"
         );
         for e in [
+            // An HSM that is away: retried, never a permanent Failed.
+            IssueError::Ca(IssueFailure::Sign(crate::ca::SignError::Key(
+                crate::pki::KeyError::Unavailable("token removed".into()),
+            ))),
             IssueError::Ca(IssueFailure::NoSigner),
             IssueError::Ca(IssueFailure::Expired(t)),
             IssueError::Ca(IssueFailure::Index),

@@ -94,9 +94,7 @@ pub fn decision(e: IssueError, request: &str) -> Result<Decision, PodCertError> 
             Ok(deny(reason::IDENTITY_DENIED, e.to_string()))
         }
         // An HSM that is away or busy: retried like a missing signer, never Failed.
-        e @ IssueError::Ca(IssueFailure::Sign(crate::ca::SignError::Key(
-            crate::pki::KeyError::Unavailable(_),
-        ))) => Err(PodCertError(e.to_string())),
+        e if e.key_unavailable() => Err(PodCertError(e.to_string())),
         IssueError::Ca(IssueFailure::Sign(e)) => {
             tracing::error!(request = %request, error = %e, "pod certificate signing failed");
             Ok(Decision::Fail {
