@@ -163,6 +163,19 @@ pub enum SigningKey {
 }
 
 impl SigningKey {
+    /// A fresh P-256 key, for tests that sign tokens (one helper instead of one per module).
+    #[cfg(test)]
+    pub(crate) fn generate_p256() -> Self {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &rng,
+        )
+        .expect("ring generates a P-256 key");
+        Self::from_pkcs8_pem(&crate::pki::pem::encode("PRIVATE KEY", pkcs8.as_ref()))
+            .expect("its own PKCS#8 loads")
+    }
+
     /// Loads a PKCS#8 key (PEM `PRIVATE KEY`).
     pub fn from_pkcs8_pem(pem: &str) -> Result<Self, String> {
         let der = ::pem::parse(pem)

@@ -155,13 +155,7 @@ mod tests {
     }
 
     fn key() -> SigningKey {
-        let rng = ring::rand::SystemRandom::new();
-        let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(
-            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-            &rng,
-        )
-        .unwrap();
-        SigningKey::from_pkcs8_pem(&crate::pki::pem::encode("PRIVATE KEY", pkcs8.as_ref())).unwrap()
+        SigningKey::generate_p256()
     }
 
     fn bundle_of(k: &SigningKey, td: &str) -> JwtBundle {
