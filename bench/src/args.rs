@@ -78,6 +78,10 @@ pub struct Args {
     /// PID of that server, to report its CPU time.
     #[arg(long, value_name = "PID")]
     pub server_pid: Option<u32>,
+    /// TLS server name to check that server's certificate against (default: the host of
+    /// --ca-addr). istiod's serving certificate names `istiod.istio-system.svc`, not an IP.
+    #[arg(long, value_name = "NAME", requires = "ca_addr")]
+    pub server_name: Option<String>,
     /// Measure for this long instead of a fixed number of --requests.
     #[arg(long, value_parser = citadel::duration::clap_parse, value_name = "DUR")]
     pub duration: Option<Duration>,

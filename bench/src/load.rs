@@ -156,6 +156,7 @@ pub async fn run(args: &Args, key_type: KeyType) -> BenchResult {
     let opts = ConnectOptions {
         addr: addr.clone(),
         root_pem,
+        server_name: args.server_name.clone(),
         ..Default::default()
     };
     let warmup = args.warmup;
