@@ -387,6 +387,6 @@ func pct(sorted []time.Duration, q float64) time.Duration {
 func ms(d time.Duration) string { return fmt.Sprintf("%.2f ms", float64(d.Microseconds())/1000) }
 
 func fail(format string, args ...any) {
-	fmt.Fprintf(os.Stderr, "spire-load: "+format+"\n", args...)
+	fmt.Fprintf(os.Stderr, "peers-load: "+format+"\n", args...)
 	os.Exit(1)
 }
