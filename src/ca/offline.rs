@@ -713,8 +713,6 @@ mod tests {
 
     #[test]
     fn sign_refuses_a_tampered_csr_a_wrong_root_key_and_caps_at_the_root() {
-        let (j, ..) = ceremony(Duration::from_secs(DAY as u64));
-        let _ = j;
         let (root_pem, root_key) = root(t0());
         let mut j = new_journal(&td(), &root_pem, KeyType::EcP256, t0()).unwrap();
         let good = csr_of(&j);

@@ -8,8 +8,7 @@ use time::OffsetDateTime;
 use crate::journal::Journal;
 use crate::pki::chain::{self, CertInfo};
 use crate::pki::pem;
-use crate::store::file::{FileStore, BUNDLE_FILE};
-use crate::store::Store;
+use crate::store::file::BUNDLE_FILE;
 
 use super::CmdResult;
 

@@ -8,12 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::ca::offline;
-use crate::clock::Clock;
 use crate::hsm::{PinSource, Pkcs11Config, Pkcs11Key, Token};
 use crate::identity::TrustDomain;
 use crate::journal::{Role, Status};
 use crate::pki::{chain, pem, CaKey, KeyType, SoftwareKey};
-use crate::store::Store;
 
 use super::state::StateArgs;
 use super::{read_file, CmdResult};

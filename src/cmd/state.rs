@@ -1,6 +1,8 @@
 //! Where the CA state lives: the flags every `citadel ca` subcommand shares (the server's
 //! state directory, or its journal Secret), and opening that store.
 
+use std::path::PathBuf;
+
 use crate::store::file::FileStore;
 use crate::store::Store;
 

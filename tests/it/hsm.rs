@@ -704,7 +704,7 @@ async fn an_offline_root_in_a_second_token_signs_intermediates_in_a_ceremony() {
         "--cert-out",
     ];
     let root_cert_s = p(&root_cert);
-    args.push(&root_cert_s);
+    args.push(root_cert_s.as_str());
     args.extend(root_flags.iter().map(String::as_str));
     let out = cli_ok(&root, &args);
     assert!(out.contains("in the token"), "{out}");
@@ -728,7 +728,7 @@ async fn an_offline_root_in_a_second_token_signs_intermediates_in_a_ceremony() {
         &state_s,
     ];
     let csr1_s = p(&csr1);
-    init.extend(["--csr-out", &csr1_s]);
+    init.extend(["--csr-out", csr1_s.as_str()]);
     let ca_flags = ca.flags();
     init.extend(ca_flags.iter().map(String::as_str));
     let printed = cli_ok(&ca, &init);
