@@ -160,11 +160,13 @@ pub fn plan(now: i64, j: &Journal, p: &RotationPolicy) -> Vec<Action> {
                 // Offline root: the request is made once; then only the ceremony can move
                 // on (`ca::offline::signature_needed` raises the alarm), and nothing
                 // activates without a signed intermediate: the current one keeps signing.
-                None if age >= p.prepare_at && j.offline_root => {
-                    if j.intermediate_request.is_none() {
-                        out.push(Action::RequestIntermediate);
-                    }
+                None if age >= p.prepare_at
+                    && j.offline_root
+                    && j.intermediate_request.is_none() =>
+                {
+                    out.push(Action::RequestIntermediate)
                 }
+                None if age >= p.prepare_at && j.offline_root => {}
                 None if age >= p.prepare_at => out.push(Action::PrepareIntermediate),
                 Some(_) if age >= p.activate_at => out.push(Action::ActivateIntermediate),
                 _ => {}

@@ -111,9 +111,12 @@ pub struct RootKeyArgs {
     pub root_key_label: Option<String>,
 }
 
+/// A root certificate (PEM text), its key, and the token holding the key (if one does).
+type OpenedRoot = (String, Arc<dyn CaKey>, Option<Arc<Token>>);
+
 impl RootKeyArgs {
     /// The root certificate (PEM text) and its key, checked to belong together.
-    fn open(&self) -> Result<(String, Arc<dyn CaKey>, Option<Arc<Token>>), String> {
+    fn open(&self) -> Result<OpenedRoot, String> {
         let cert = String::from_utf8(read_file(&self.root_cert, "--root-cert")?)
             .map_err(|_| format!("{} is not PEM text", self.root_cert.display()))?;
         let der = pem::parse_certs(cert.as_bytes())
@@ -389,7 +392,7 @@ pub async fn init(a: InitArgs) -> CmdResult {
         return Err("`citadel ca init` prepares an offline-root CA: pass --offline-root (an online CA is created by `citadel serve` at its first start)".into());
     }
     let td = TrustDomain::new(&a.trust_domain).map_err(|e| e.to_string())?;
-    let kt: KeyType = a.ca_key_type.parse().map_err(|e| format!("{e}"))?;
+    let kt: KeyType = a.ca_key_type.parse()?;
     let roots = String::from_utf8(read_file(&a.root_cert, "--root-cert")?)
         .map_err(|_| format!("{} is not PEM text", a.root_cert.display()))?;
     if a.state.store == super::serve::StoreKind::File {
@@ -609,7 +612,7 @@ pub async fn install_intermediate(a: InstallIntermediateArgs) -> CmdResult {
 /// `citadel ca new-root`.
 pub fn new_root(a: NewRootArgs) -> CmdResult {
     let td = TrustDomain::new(&a.trust_domain).map_err(|e| e.to_string())?;
-    let kt: KeyType = a.key_type.parse().map_err(|e| format!("{e}"))?;
+    let kt: KeyType = a.key_type.parse()?;
     for p in [Some(&a.cert_out), a.key_out.as_ref()]
         .into_iter()
         .flatten()
