@@ -677,7 +677,10 @@ fn openssl_verifies(dir: &Path, root: &Path, intermediate: &[u8], leaf: &[u8]) -
 /// intermediate's prepare point the server makes the next CSR (its key in the CA token) and
 /// raises the alarm (metric, `ca status`) -> sign -> install -> activated: leaves chain to the
 /// new intermediate. The next request is then left unsigned: past its deadline the metric
-/// goes negative and the current intermediate keeps signing.
+/// goes negative and the current intermediate keeps signing. Last, a root rotation as a
+/// ceremony with both root keys in the root token: the new chain signs after the staged
+/// steps, and openssl verifies its leaves to the new root, and through the cross-signed
+/// certificate to the old one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offline_root_in_a_second_token_signs_intermediates_in_a_ceremony() {
     let (Some(ca), Some(root)) = (TestToken::new("ca-int"), TestToken::new("offline-root")) else {
@@ -945,4 +948,88 @@ async fn an_offline_root_in_a_second_token_signs_intermediates_in_a_ceremony() {
         "{}",
         server.log()
     );
+
+    // A root rotation as a ceremony, both root keys in the root token: a new root, the
+    // waiting request signed under it and cross-signed by the current root (found by the
+    // label new-root gave it), installed as a staged rotation the server carries out.
+    let new_root = dir.join("new-root.pem");
+    let new_root_s = p(&new_root);
+    let mut a = vec![
+        "ca",
+        "new-root",
+        "--trust-domain",
+        "cluster.local",
+        "--cert-out",
+    ];
+    a.push(new_root_s.as_str());
+    a.extend(root_flags.iter().map(String::as_str));
+    cli_ok(&root, &a);
+    let csr3 = dir.join("csr3.pem");
+    cli_ok(
+        &ca,
+        &[
+            "ca",
+            "intermediate-csr",
+            "--state-dir",
+            &state_s,
+            "--out",
+            &p(&csr3),
+        ],
+    );
+    let (int3, cross) = (dir.join("int3.pem"), dir.join("cross.pem"));
+    let (csr3_s, int3_s, cross_s) = (p(&csr3), p(&int3), p(&cross));
+    let mut a = vec![
+        "ca",
+        "sign-intermediate",
+        "--root-cert",
+        &new_root_s,
+        "--old-root-cert",
+        &root_cert_s,
+        "--csr",
+        &csr3_s,
+        "--out",
+        &int3_s,
+        "--cross-out",
+        &cross_s,
+        "--ttl",
+        "60s",
+    ];
+    a.extend(root_flags.iter().map(String::as_str));
+    cli_ok(&root, &a);
+    let out = cli_ok(
+        &ca,
+        &[
+            "ca",
+            "install-intermediate",
+            "--state-dir",
+            &state_s,
+            "--cert",
+            &int3_s,
+            "--new-root",
+            &new_root_s,
+            "--cross-cert",
+            &cross_s,
+        ],
+    );
+    assert!(out.contains("root rotation prepared"), "{out}");
+    let int3_der =
+        citadel::pki::pem::parse_certs(&std::fs::read(&int3).unwrap()).unwrap()[0].to_vec();
+    let rotated = until("the new root's chain to sign", 40, async || {
+        let chain = issue_der(&mut c).await.map_err(|e| e.to_string())?;
+        if chain[1] == int3_der {
+            Ok(chain)
+        } else {
+            Err("not yet".into())
+        }
+    })
+    .await;
+    if let Some(v) = openssl_verifies(dir, &new_root, &rotated[1], &rotated[0]) {
+        assert!(v.contains(": OK"), "{v}");
+    }
+    // Holders of only the old root verify through the cross-signed certificate.
+    let cross_der =
+        citadel::pki::pem::parse_certs(&std::fs::read(&cross).unwrap()).unwrap()[0].to_vec();
+    if let Some(v) = openssl_verifies(dir, &root_cert, &cross_der, &rotated[0]) {
+        assert!(v.contains(": OK"), "{v}");
+    }
 }
