@@ -51,6 +51,36 @@ pub struct Journal {
     /// changes (a key prepared or retired), so relying parties can tell a newer bundle.
     #[serde(default)]
     pub jwt_bundle_sequence: u64,
+    /// The roots' private keys are held offline (`citadel ca init --offline-root`): the
+    /// journal holds their certificates only. The planner then never mints with a root; the
+    /// next intermediate is requested ([`Journal::intermediate_request`]) and signed in a
+    /// ceremony (`citadel ca sign-intermediate`). Absent (false) in other journals.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub offline_root: bool,
+    /// With an offline root: the next intermediate's key (made here, in the token when one is
+    /// configured) and its CSR, waiting for the root's signature. Journaled before the CSR is
+    /// shown to anyone, so the key the signed certificate names is the one recorded here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intermediate_request: Option<IntermediateRequest>,
+}
+
+/// The next intermediate of an offline-root CA, before the root signed it: its key and the
+/// CSR that `citadel ca intermediate-csr` prints. `citadel ca install-intermediate` turns it
+/// into a prepared (or, for the first, active) intermediate once the signed certificate
+/// names this very key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IntermediateRequest {
+    /// Random hex, unique within the journal; the token key's label ends in it.
+    pub id: String,
+    /// The private key, PKCS#8 PEM; empty when the key is in a token ([`Self::key_ref`]).
+    pub key_pem: Secret,
+    /// Where the key lives when it is in a PKCS#11 token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_ref: Option<KeyRef>,
+    /// The PKCS#10 request, PEM, self-signed with the key.
+    pub csr_pem: String,
+    /// When it was made (unix seconds).
+    pub created_at: i64,
 }
 
 /// One JWT-SVID signing key and its lifecycle, the same stages as an intermediate: prepared
@@ -447,6 +477,8 @@ impl Journal {
             root_rotation_request: None,
             jwt_keys: Vec::new(),
             jwt_bundle_sequence: 0,
+            offline_root: false,
+            intermediate_request: None,
         }
     }
 

@@ -32,6 +32,11 @@ pub fn prepare_root_rotation(
             r.prepared_at
         )));
     }
+    if j.offline_root {
+        return Err(CaError::Config(
+            "the root key of this CA is held offline: a root rotation is a ceremony (`citadel ca sign-intermediate --new-root-...`, then `citadel ca install-intermediate --new-root ... --cross-cert ...`; docs/operations.md, \"Offline root\")".into(),
+        ));
+    }
     super::keysource::ensure_can_mint(j)?;
     let td = TrustDomain::new(&j.trust_domain).map_err(|e| CaError::Config(e.to_string()))?;
     let old_root = j
@@ -114,6 +119,13 @@ pub fn apply(
             let (rec, _) =
                 mint_intermediate(&td, kt, &root, now, p.intermediate_ttl, Status::Prepared)?;
             j.authorities.push(rec);
+        }
+        Action::RequestIntermediate => {
+            let kt = match j.active_signer().or_else(|| j.active_root()) {
+                Some(a) => key_type_of(a)?,
+                None => return Err(CaError::Config("no active authority".into())),
+            };
+            super::offline::request_intermediate(j, now, kt)?;
         }
         Action::ActivateIntermediate => {
             let next = j

@@ -76,9 +76,14 @@ pub fn signer_from_journal(journal: &Journal, td: &TrustDomain) -> Result<Signer
             journal.trust_domain, td, journal.trust_domain
         )));
     }
-    let active = journal
-        .active_signer()
-        .ok_or_else(|| CaError::Config("the CA journal has no active intermediate".into()))?;
+    let active = journal.active_signer().ok_or_else(|| {
+        CaError::Config(if journal.offline_root {
+            "the offline-root CA has no intermediate signed by its root yet: print its CSR with              `citadel ca intermediate-csr`, sign it where the root key is with `citadel ca              sign-intermediate`, and `citadel ca install-intermediate` it (docs/operations.md,              \"Offline root\")"
+                .into()
+        } else {
+            "the CA journal has no active intermediate".into()
+        })
+    })?;
     let key = mint::ca_key_of(active)?;
     let roots = journal
         .trusted_roots()

@@ -219,6 +219,20 @@ pub fn settle(before: &Journal, after: &Journal, committed: bool) {
         return;
     };
     let was = |id: &str| before.get(id);
+    // An intermediate request (offline root) whose write was lost: its token key is an orphan.
+    if let (false, Some(req)) = (committed, &after.intermediate_request) {
+        let new = before
+            .intermediate_request
+            .as_ref()
+            .is_none_or(|b| b.id != req.id);
+        if let (true, Some(r)) = (new, &req.key_ref) {
+            if r.token == source.token.label() {
+                if let Err(e) = Pkcs11Key::destroy(&source.token, &r.label) {
+                    tracing::warn!(label = %r.label, error = %e, "could not destroy an unused CA key in the PKCS#11 token; delete it by hand (it signs nothing)");
+                }
+            }
+        }
+    }
     for a in &after.authorities {
         let Some(r) = &a.key_ref else { continue };
         if r.token != source.token.label() {
@@ -227,7 +241,14 @@ pub fn settle(before: &Journal, after: &Journal, committed: bool) {
         let drop_it = if committed {
             a.status == Status::Retired && was(&a.id).is_some_and(|b| b.status != Status::Retired)
         } else {
-            was(&a.id).is_none()
+            // A new authority, unless it is the installed intermediate request (offline
+            // root): that key is still the stored request's.
+            let requested = before
+                .intermediate_request
+                .as_ref()
+                .and_then(|q| q.key_ref.as_ref())
+                .is_some_and(|q| q.label == r.label);
+            was(&a.id).is_none() && !requested
         };
         if !drop_it {
             continue;

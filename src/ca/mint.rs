@@ -131,21 +131,18 @@ pub(crate) fn mint_intermediate_under(
     status: Status,
 ) -> Result<(AuthorityRecord, Arc<dyn CaKey>), CaError> {
     let serial = pki::try_random_serial()?;
-    let not_after = crate::clock::checked_add(now, ttl)
-        .ok_or_else(|| CaError::Config("the intermediate lifetime is out of range".into()))?
-        .min(
-            OffsetDateTime::from_unix_timestamp(parent.not_after)
-                .map_err(|e| CaError::Config(e.to_string()))?,
-        );
     let key = keysource::generate(Role::Intermediate, kt, &hex::encode(serial))?;
-    let params = profile::intermediate(td, &serial, now - profile::BACKDATE, not_after);
-    let cert = issuer_of(parent, parent_key)
-        .and_then(|issuer| {
-            params
-                .signed_by(&RcgenKey::new(key.key.clone()), &issuer)
-                .map_err(|e| PkiError::from(e).into())
-        })
-        .map_err(|e| keysource::discard(&key, e))?;
+    let (params, cert) = certify_intermediate(
+        td,
+        &RcgenKey::new(key.key.clone()),
+        &serial,
+        &parent.cert_pem,
+        parent.not_after,
+        parent_key,
+        now,
+        ttl,
+    )
+    .map_err(|e| keysource::discard(&key, e))?;
     let rec = record(
         Role::Intermediate,
         status,
@@ -156,6 +153,44 @@ pub(crate) fn mint_intermediate_under(
         now.unix_timestamp(),
     );
     Ok((rec, key.key))
+}
+
+/// Our intermediate profile (`profile::intermediate`: CA:true, pathLen 0, keyCertSign and
+/// cRLSign, subject from the trust domain and serial) for `subject_key`, signed by the parent
+/// whose certificate is `parent_cert_pem`, living `ttl` but never past the parent's notAfter.
+/// The one place an intermediate certificate is made, whether the key was minted here or
+/// arrives in an offline-root ceremony's CSR (`ca::offline`): nothing of a CSR but its public
+/// key reaches the certificate.
+// Eight plain inputs, each used once.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn certify_intermediate(
+    td: &TrustDomain,
+    subject_key: &impl rcgen::PublicKeyData,
+    serial: &[u8],
+    parent_cert_pem: &str,
+    parent_not_after: i64,
+    parent_key: Arc<dyn CaKey>,
+    now: OffsetDateTime,
+    ttl: Duration,
+) -> Result<(rcgen::CertificateParams, rcgen::Certificate), CaError> {
+    let not_after = crate::clock::checked_add(now, ttl)
+        .ok_or_else(|| CaError::Config("the intermediate lifetime is out of range".into()))?
+        .min(
+            OffsetDateTime::from_unix_timestamp(parent_not_after)
+                .map_err(|e| CaError::Config(e.to_string()))?,
+        );
+    if not_after <= now {
+        return Err(CaError::Config(
+            "the parent certificate has expired: it cannot sign an intermediate".into(),
+        ));
+    }
+    let params = profile::intermediate(td, serial, now - profile::BACKDATE, not_after);
+    let issuer = Issuer::from_ca_cert_pem(parent_cert_pem, RcgenKey::new(parent_key))
+        .map_err(PkiError::from)?;
+    let cert = params
+        .signed_by(subject_key, &issuer)
+        .map_err(PkiError::from)?;
+    Ok((params, cert))
 }
 
 /// Certifies `int`'s key and subject under `old_root` too (same serial space, new serial).

@@ -12,6 +12,7 @@ pub mod jwt;
 pub mod jwtkeys;
 pub mod keysource;
 pub mod mint;
+pub mod offline;
 pub mod plan;
 pub mod plugged;
 pub mod policy;
@@ -67,6 +68,9 @@ pub struct Ca {
     jwt: ArcSwapOption<jwtkeys::JwtKeys>,
     generation: watch::Sender<u64>,
     step_failures: std::sync::atomic::AtomicU64,
+    /// Offline root: what the last scheduler pass found waiting for the root's signature,
+    /// with the seconds left until its deadline at that pass's time.
+    intermediate_needed: std::sync::Mutex<Option<(offline::SignatureNeeded, i64)>>,
 }
 
 impl Default for Ca {
@@ -76,6 +80,7 @@ impl Default for Ca {
             jwt: ArcSwapOption::empty(),
             generation: watch::channel(0).0,
             step_failures: Default::default(),
+            intermediate_needed: Default::default(),
         }
     }
 }
@@ -119,6 +124,27 @@ impl Ca {
     pub fn step_failures(&self) -> u64 {
         self.step_failures
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records what the scheduler's pass at its clock's `now` found waiting for an offline
+    /// root's signature (`None`: nothing), for `citadel_ca_offline_intermediate_needed_seconds`.
+    pub fn note_intermediate_needed(&self, needed: Option<offline::SignatureNeeded>, now: i64) {
+        *self
+            .intermediate_needed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = needed.map(|n| {
+            let left = n.deadline - now;
+            (n, left)
+        });
+    }
+
+    /// What [`Ca::note_intermediate_needed`] last recorded: the request and the seconds left
+    /// until a signed intermediate is due (negative: overdue).
+    pub fn intermediate_needed(&self) -> Option<(offline::SignatureNeeded, i64)> {
+        self.intermediate_needed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Fires whenever a new signer (and so possibly a new trust bundle) is installed.

@@ -18,6 +18,9 @@ use crate::journal::{Journal, Role, Status};
 pub enum Action {
     /// Mint the next intermediate under the active root, in status prepared.
     PrepareIntermediate,
+    /// Offline root: make the next intermediate's key and record its CSR, for the root's
+    /// signature in a ceremony (`ca::offline`).
+    RequestIntermediate,
     /// The prepared intermediate starts signing; the active one starts retiring.
     ActivateIntermediate,
     /// Mark a retiring authority retired: its last leaf has expired.
@@ -122,6 +125,9 @@ pub fn plan(now: i64, j: &Journal, p: &RotationPolicy) -> Vec<Action> {
                 _ => {}
             }
         }
+        // An offline root's key is not here: its rotation is a ceremony
+        // (`ca::offline::sign_root_rotation`), never automatic.
+        None if j.offline_root => {}
         None => {
             if let Some(root) = j.active_root() {
                 if root.age_fraction(now) >= p.root_rotate_at {
@@ -151,6 +157,16 @@ pub fn plan(now: i64, j: &Journal, p: &RotationPolicy) -> Vec<Action> {
             let prepared = j.find(Role::Intermediate, Status::Prepared);
             let age = active.age_fraction(now);
             match prepared {
+                // Offline root: the request is made once; then only the ceremony can move
+                // on (`ca::offline::signature_needed` raises the alarm), and nothing
+                // activates without a signed intermediate: the current one keeps signing.
+                None if age >= p.prepare_at
+                    && j.offline_root
+                    && j.intermediate_request.is_none() =>
+                {
+                    out.push(Action::RequestIntermediate)
+                }
+                None if age >= p.prepare_at && j.offline_root => {}
                 None if age >= p.prepare_at => out.push(Action::PrepareIntermediate),
                 Some(_) if age >= p.activate_at => out.push(Action::ActivateIntermediate),
                 _ => {}
@@ -185,7 +201,14 @@ pub fn plan(now: i64, j: &Journal, p: &RotationPolicy) -> Vec<Action> {
     if !ended.is_empty() {
         out.push(Action::ExpireDenials { identities: ended });
     }
-    for a in j.authorities.iter().filter(|a| a.status != Status::Retired) {
+    // An offline root's CRL cannot be signed here (its key is not): only intermediates'.
+    let key_here = |a: &&crate::journal::AuthorityRecord| !(j.offline_root && a.role == Role::Root);
+    for a in j
+        .authorities
+        .iter()
+        .filter(|a| a.status != Status::Retired)
+        .filter(key_here)
+    {
         let want = crl::serials_for(j, &a.id);
         let due = match j.crls.iter().find(|c| c.issuer == a.id) {
             None => true,

@@ -373,8 +373,34 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Offline root: tells the operator (metric, log) whether a root-signed intermediate is
+    /// needed and how long is left, at the injected clock's now. Logged once per request at
+    /// warn, and again at error once its deadline has passed.
+    fn note_offline(&self, journal: &Journal) {
+        let now = self.clock.now().unix_timestamp();
+        let needed = super::offline::signature_needed(journal, self.policy.activate_at);
+        let before = self.ca.intermediate_needed();
+        if let Some(n) = &needed {
+            let left = n.deadline - now;
+            let was_overdue = before
+                .as_ref()
+                .is_some_and(|(b, l)| b.request == n.request && *l < 0);
+            let new = before.as_ref().is_none_or(|(b, _)| b.request != n.request);
+            if new {
+                tracing::warn!(target: "citadel::audit", event = "intermediate_signature_needed", request = %n.request, deadline = n.deadline, seconds_left = left, "offline root: the next intermediate's CSR is waiting for the root's signature; run `citadel ca intermediate-csr`, sign it with `citadel ca sign-intermediate` where the root key is, and `citadel ca install-intermediate` (the current intermediate keeps signing meanwhile)");
+            }
+            if left < 0 && !was_overdue {
+                tracing::error!(target: "citadel::audit", event = "intermediate_signature_overdue", request = %n.request, deadline = n.deadline, signer_expires = ?n.signer_expires, "offline root: the intermediate's activation point has passed with no signed successor installed; the current intermediate keeps signing until it expires");
+            }
+        }
+        self.ca.note_intermediate_needed(needed, now);
+    }
+
     /// Installs the signer for `journal` unless that revision is already installed.
     fn install(&self, journal: &Journal, revision: &Revision) -> Result<bool, CaError> {
+        if journal.offline_root {
+            self.note_offline(journal);
+        }
         let mut installed = self.installed.lock().unwrap_or_else(|p| p.into_inner());
         if installed.as_ref() == Some(revision) && self.ca.current().is_some() {
             return Ok(false);

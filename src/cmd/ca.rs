@@ -8,8 +8,7 @@ use time::OffsetDateTime;
 use crate::journal::Journal;
 use crate::pki::chain::{self, CertInfo};
 use crate::pki::pem;
-use crate::store::file::{FileStore, BUNDLE_FILE};
-use crate::store::Store;
+use crate::store::file::BUNDLE_FILE;
 
 use super::CmdResult;
 
@@ -39,6 +38,18 @@ pub enum Command {
     BackupKey(BackupKeyArgs),
     /// Put a backup's CA state back into the store (stop every citadel first).
     Restore(RestoreArgs),
+    /// Prepare a CA whose root key is held offline (--offline-root): root certificate in,
+    /// first intermediate's CSR out.
+    Init(super::ceremony::InitArgs),
+    /// Offline root: print the CSR of the next intermediate waiting for the root's signature.
+    IntermediateCsr(super::ceremony::IntermediateCsrArgs),
+    /// Offline root: sign an intermediate CSR with the root key (file or PKCS#11 token); needs
+    /// no cluster and no state directory.
+    SignIntermediate(super::ceremony::SignIntermediateArgs),
+    /// Offline root: install the root-signed intermediate (or a root rotation's outputs).
+    InstallIntermediate(super::ceremony::InstallIntermediateArgs),
+    /// Offline root: make a new self-signed root (key to a file or into a PKCS#11 token).
+    NewRoot(super::ceremony::NewRootArgs),
 }
 
 /// Flags of `citadel ca backup`.
@@ -177,61 +188,7 @@ pub struct RotateArgs {
     pub wait: std::time::Duration,
 }
 
-/// Where the CA state lives: the flags every `citadel ca` subcommand shares.
-#[derive(Debug, clap::Args)]
-pub struct StateArgs {
-    /// The server's state directory (--store file).
-    #[arg(long, default_value = "citadel-data", value_name = "DIR")]
-    pub state_dir: PathBuf,
-    /// Where the server keeps its state: a directory, or Secrets (--store kube).
-    #[arg(long, value_enum, default_value_t = super::serve::StoreKind::File)]
-    pub store: super::serve::StoreKind,
-    /// citadel's namespace with --store kube.
-    #[arg(long, default_value = "istio-system", value_name = "NS")]
-    pub namespace: String,
-    /// kubeconfig with --store kube; default KUBECONFIG, ~/.kube/config or in-cluster.
-    #[arg(long, value_name = "FILE")]
-    pub kubeconfig: Option<PathBuf>,
-}
-
-impl StateArgs {
-    fn describe(&self) -> String {
-        match self.store {
-            super::serve::StoreKind::File => self.state_dir.display().to_string(),
-            super::serve::StoreKind::Kube => format!(
-                "Secret {}/{}",
-                self.namespace,
-                crate::store::kube::JOURNAL_SECRET
-            ),
-        }
-    }
-
-    /// The store the server uses, for reading and compare-and-swap writes.
-    pub async fn open(&self) -> Result<std::sync::Arc<dyn Store>, String> {
-        match self.store {
-            super::serve::StoreKind::File => {
-                if !self.state_dir.exists() {
-                    return Err(format!(
-                        "state directory {} does not exist; start `citadel serve --state-dir {}` first",
-                        self.state_dir.display(),
-                        self.state_dir.display()
-                    ));
-                }
-                Ok(std::sync::Arc::new(
-                    FileStore::open(&self.state_dir).map_err(|e| e.to_string())?,
-                ))
-            }
-            super::serve::StoreKind::Kube => {
-                let client = crate::cluster::client(self.kubeconfig.as_deref()).await?;
-                Ok(std::sync::Arc::new(crate::store::kube::KubeStore::new(
-                    client,
-                    &self.namespace,
-                    None,
-                )))
-            }
-        }
-    }
-}
+pub use super::state::StateArgs;
 
 /// Flags of `citadel ca status`.
 #[derive(Debug, clap::Args)]
@@ -446,6 +403,11 @@ pub async fn run(cmd: Command) -> CmdResult {
         Command::Backup(a) => backup(a).await,
         Command::BackupKey(a) => backup_key(a),
         Command::Restore(a) => restore(a).await,
+        Command::Init(a) => super::ceremony::init(a).await,
+        Command::IntermediateCsr(a) => super::ceremony::intermediate_csr(a).await,
+        Command::SignIntermediate(a) => super::ceremony::sign_intermediate(a),
+        Command::InstallIntermediate(a) => super::ceremony::install_intermediate(a).await,
+        Command::NewRoot(a) => super::ceremony::new_root(a),
         Command::Bundle(a) => {
             match load(&a).await {
                 Ok(j) => {
@@ -542,6 +504,15 @@ pub async fn run(cmd: Command) -> CmdResult {
                     })).collect::<Vec<_>>(),
                     "jwt_bundle_sequence": j.jwt_bundle_sequence,
                     "policy": j.policy,
+                    "offline_root": j.offline_root,
+                    "intermediate_request": j.intermediate_request.as_ref().map(|r| serde_json::json!({
+                        "id": r.id, "created_at": r.created_at,
+                        "key_in_token": r.key_ref.as_ref().map(|k| &k.token),
+                    })),
+                    "intermediate_signature_needed": offline_needed(&j, now).map(|(n, left)| serde_json::json!({
+                        "request": n.request, "deadline": n.deadline, "seconds_left": left,
+                        "signer_expires": n.signer_expires,
+                    })),
                 });
                 println!(
                     "{}",
@@ -606,6 +577,18 @@ pub async fn run(cmd: Command) -> CmdResult {
                         );
                     }
                 }
+                if j.offline_root {
+                    match offline_needed(&j, now) {
+                        Some((n, left)) => println!(
+                            "offline root: INTERMEDIATE SIGNATURE NEEDED: request {} waits for the root's signature; {} (deadline {}); the current intermediate keeps signing{}. `citadel ca intermediate-csr` prints the CSR",
+                            n.request,
+                            if left >= 0 { format!("{} left", crate::duration::format(std::time::Duration::from_secs(left as u64))) } else { format!("OVERDUE by {}", crate::duration::format(std::time::Duration::from_secs(left.unsigned_abs()))) },
+                            when(n.deadline),
+                            n.signer_expires.map(|e| format!(" until {}", when(e))).unwrap_or_default()
+                        ),
+                        None => println!("offline root: the root key is held offline; no intermediate signature is needed now"),
+                    }
+                }
                 match &j.policy {
                     Some(p) => println!(
                         "policy (stored by the server, from {}): max TTL {}, default TTL {}, propagation {}, clock skew margin {}, CRL validity {}, key type {}",
@@ -630,6 +613,22 @@ pub async fn run(cmd: Command) -> CmdResult {
             Ok(())
         }
     }
+}
+
+/// Offline root: the request waiting for the root's signature and the seconds left at `now`.
+fn offline_needed(
+    j: &Journal,
+    now: OffsetDateTime,
+) -> Option<(crate::ca::offline::SignatureNeeded, i64)> {
+    let activate_at = j
+        .policy
+        .as_ref()
+        .map(|p| p.activate_at)
+        .unwrap_or(crate::ca::policy::RotationPolicy::default().activate_at);
+    crate::ca::offline::signature_needed(j, activate_at).map(|n| {
+        let left = n.deadline - now.unix_timestamp();
+        (n, left)
+    })
 }
 
 /// The rotation policy `rotate-root` plans with: the one the server stored with the state,

@@ -3,10 +3,12 @@
 
 pub mod agent;
 pub mod ca;
+pub mod ceremony;
 pub mod dev_token;
 pub mod request;
 pub mod revoke;
 pub mod serve;
+pub mod state;
 
 /// A command failure: printed as `error: ...` and exit status 1.
 pub type CmdResult = Result<(), String>;

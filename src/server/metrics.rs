@@ -304,6 +304,12 @@ impl Metrics {
                 );
             }
         }
+        if let Some((needed, left)) = ca.intermediate_needed() {
+            let _ = writeln!(out, "# HELP citadel_ca_offline_intermediate_needed_seconds Offline root: seconds until a root-signed intermediate must be installed (the active one's activation point; negative: overdue). Present only while a request waits: `citadel ca intermediate-csr` prints it, docs/operations.md has the ceremony.\n# TYPE citadel_ca_offline_intermediate_needed_seconds gauge\ncitadel_ca_offline_intermediate_needed_seconds{{request=\"{}\"}} {left}", needed.request);
+            if let Some(exp) = needed.signer_expires {
+                let _ = writeln!(out, "# HELP citadel_ca_offline_signer_expiry_timestamp Offline root: unix time the current intermediate stops signing if no signed successor is installed.\n# TYPE citadel_ca_offline_signer_expiry_timestamp gauge\ncitadel_ca_offline_signer_expiry_timestamp {exp}");
+            }
+        }
         counter(
             &mut out,
             "citadel_ca_step_failures_total",

@@ -834,3 +834,257 @@ async fn restore_force_lists_and_keeps_newer_revocations_unless_drop_newer() {
     assert!(j["revocations"].as_array().unwrap().is_empty(), "{j}");
     assert!(j["denied"].as_array().unwrap().is_empty(), "{j}");
 }
+
+/// The offline-root ceremony with key files (no token needed; the SoftHSM2 version is in
+/// `hsm`): new-root -> init -> sign-intermediate -> install; the bad inputs refused with a
+/// message that says what is wrong and nothing written; `rotate-root` refused; then a root
+/// rotation as a ceremony (both root keys) starts the staged rotation.
+#[test]
+fn an_offline_root_ceremony_with_key_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let f = |n: &str| d.join(n).display().to_string();
+    let ok = |args: &[&str]| {
+        let (code, out, err) = run(args, d);
+        assert_eq!(code, 0, "citadel {args:?}: {out}{err}");
+        out
+    };
+    let fails = |args: &[&str], why: &str| {
+        let (code, out, err) = run(args, d);
+        assert_ne!(code, 0, "citadel {args:?} should fail: {out}");
+        assert!(err.contains(why), "citadel {args:?}: {err}");
+    };
+    let (root, key, state) = (f("root.pem"), f("root-key.pem"), f("state"));
+    ok(&[
+        "ca",
+        "new-root",
+        "--trust-domain",
+        "example.org",
+        "--cert-out",
+        &root,
+        "--key-out",
+        &key,
+    ]);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    fails(
+        &[
+            "ca",
+            "new-root",
+            "--trust-domain",
+            "example.org",
+            "--cert-out",
+            &root,
+            "--key-out",
+            &key,
+        ],
+        "never replaces a file",
+    );
+    fails(
+        &[
+            "ca",
+            "init",
+            "--trust-domain",
+            "example.org",
+            "--root-cert",
+            &root,
+            "--state-dir",
+            &state,
+        ],
+        "--offline-root",
+    );
+    let csr = ok(&[
+        "ca",
+        "init",
+        "--offline-root",
+        "--trust-domain",
+        "example.org",
+        "--root-cert",
+        &root,
+        "--state-dir",
+        &state,
+        "--csr-out",
+        &f("next.csr"),
+    ]);
+    assert!(csr.contains("BEGIN CERTIFICATE REQUEST"));
+    assert_eq!(ok(&["ca", "intermediate-csr", "--state-dir", &state]), csr);
+    // Another root's key for this root certificate.
+    let (other, other_key) = (f("other.pem"), f("other-key.pem"));
+    ok(&[
+        "ca",
+        "new-root",
+        "--trust-domain",
+        "example.org",
+        "--cert-out",
+        &other,
+        "--key-out",
+        &other_key,
+    ]);
+    fails(
+        &[
+            "ca",
+            "sign-intermediate",
+            "--root-cert",
+            &root,
+            "--root-key",
+            &other_key,
+            "--csr",
+            &f("next.csr"),
+        ],
+        "not the key of the root certificate",
+    );
+    // Signed by the other root: refused at install.
+    ok(&[
+        "ca",
+        "sign-intermediate",
+        "--root-cert",
+        &other,
+        "--root-key",
+        &other_key,
+        "--csr",
+        &f("next.csr"),
+        "--out",
+        &f("foreign.pem"),
+    ]);
+    fails(
+        &[
+            "ca",
+            "install-intermediate",
+            "--state-dir",
+            &state,
+            "--cert",
+            &f("foreign.pem"),
+        ],
+        "does not chain to a root",
+    );
+    // Not a CSR.
+    fails(
+        &[
+            "ca",
+            "sign-intermediate",
+            "--root-cert",
+            &root,
+            "--root-key",
+            &key,
+            "--csr",
+            &root,
+        ],
+        "the intermediate CSR",
+    );
+    ok(&[
+        "ca",
+        "sign-intermediate",
+        "--root-cert",
+        &root,
+        "--root-key",
+        &key,
+        "--csr",
+        &f("next.csr"),
+        "--ttl",
+        "30d",
+        "--out",
+        &f("int.pem"),
+    ]);
+    let out = ok(&[
+        "ca",
+        "install-intermediate",
+        "--state-dir",
+        &state,
+        "--cert",
+        &f("int.pem"),
+    ]);
+    assert!(out.contains("active"), "{out}");
+    let status = ok(&["ca", "status", "--state-dir", &state]);
+    assert!(
+        status.contains("offline root: the root key is held offline"),
+        "{status}"
+    );
+    let bundle = ok(&["ca", "bundle", "--state-dir", &state]);
+    let der = |t: &[u8]| citadel::pki::pem::parse_certs(t).unwrap();
+    assert_eq!(der(bundle.as_bytes()), der(&std::fs::read(&root).unwrap()));
+    fails(
+        &["ca", "rotate-root", "--state-dir", &state],
+        "held offline",
+    );
+
+    // A root rotation as a ceremony.
+    ok(&[
+        "ca",
+        "intermediate-csr",
+        "--new",
+        "--state-dir",
+        &state,
+        "--out",
+        &f("next2.csr"),
+    ]);
+    let (new_root, new_key) = (f("new-root.pem"), f("new-root-key.pem"));
+    ok(&[
+        "ca",
+        "new-root",
+        "--trust-domain",
+        "example.org",
+        "--cert-out",
+        &new_root,
+        "--key-out",
+        &new_key,
+    ]);
+    ok(&[
+        "ca",
+        "sign-intermediate",
+        "--root-cert",
+        &new_root,
+        "--root-key",
+        &new_key,
+        "--old-root-cert",
+        &root,
+        "--old-root-key",
+        &key,
+        "--csr",
+        &f("next2.csr"),
+        "--out",
+        &f("int2.pem"),
+        "--cross-out",
+        &f("cross.pem"),
+    ]);
+    // The cross-signed certificate in place of the intermediate: refused.
+    fails(
+        &[
+            "ca",
+            "install-intermediate",
+            "--state-dir",
+            &state,
+            "--cert",
+            &f("cross.pem"),
+            "--new-root",
+            &new_root,
+            "--cross-cert",
+            &f("cross.pem"),
+        ],
+        "not signed by --new-root",
+    );
+    let out = ok(&[
+        "ca",
+        "install-intermediate",
+        "--state-dir",
+        &state,
+        "--cert",
+        &f("int2.pem"),
+        "--new-root",
+        &new_root,
+        "--cross-cert",
+        &f("cross.pem"),
+    ]);
+    assert!(out.contains("root rotation prepared"), "{out}");
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&["ca", "status", "--state-dir", &state, "--json"])).unwrap();
+    assert_eq!(v["root_rotation"]["trigger"], "ceremony", "{v}");
+    assert_eq!(v["root_rotation"]["stage"], "preparing", "{v}");
+    let bundle = ok(&["ca", "bundle", "--state-dir", &state]);
+    assert!(
+        bundle.matches("BEGIN CERTIFICATE").count() == 2,
+        "both roots: {bundle}"
+    );
+}

@@ -626,3 +626,410 @@ async fn with_pkcs11_keys_all_the_root_key_is_made_in_the_token_too() {
         );
     }
 }
+
+/// `citadel ARGS` with `SOFTHSM2_CONF` of `t` (the token the command may reach): success,
+/// stdout, stderr.
+fn cli_with(t: &TestToken, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(crate::support::process::BIN)
+        .env("SOFTHSM2_CONF", t.hsm.conf())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn cli_ok(t: &TestToken, args: &[&str]) -> String {
+    let (ok, out, err) = cli_with(t, args);
+    assert!(ok, "citadel {args:?}: {out}{err}");
+    out
+}
+
+/// `openssl verify` of the leaf up to `root` through `intermediate`, all DER: openssl's
+/// own answer, or `None` without openssl.
+fn openssl_verifies(dir: &Path, root: &Path, intermediate: &[u8], leaf: &[u8]) -> Option<String> {
+    if !require_tool("openssl") {
+        return None;
+    }
+    let int = dir.join("int-under-test.pem");
+    let leaf_file = dir.join("leaf-under-test.pem");
+    std::fs::write(&int, citadel::pki::pem::cert_to_pem(intermediate)).unwrap();
+    std::fs::write(&leaf_file, citadel::pki::pem::cert_to_pem(leaf)).unwrap();
+    let out = Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(root)
+        .arg("-untrusted")
+        .arg(&int)
+        .arg(&leaf_file)
+        .output()
+        .unwrap();
+    Some(String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+/// Issue 23, section 2: an offline root in a SECOND SoftHSM2 token (its own SOFTHSM2_CONF,
+/// which the server never sees). new-root in the root token -> `ca init --offline-root` (the
+/// intermediate's key in the CA's token) -> serve refuses until installed -> sign-intermediate
+/// with the token root -> install -> leaves verify with openssl up to the root. At the
+/// intermediate's prepare point the server makes the next CSR (its key in the CA token) and
+/// raises the alarm (metric, `ca status`) -> sign -> install -> activated: leaves chain to the
+/// new intermediate. The next request is then left unsigned: past its deadline the metric
+/// goes negative and the current intermediate keeps signing. Last, a root rotation as a
+/// ceremony with both root keys in the root token: the new chain signs after the staged
+/// steps, and openssl verifies its leaves to the new root, and through the cross-signed
+/// certificate to the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_root_in_a_second_token_signs_intermediates_in_a_ceremony() {
+    let (Some(ca), Some(root)) = (TestToken::new("ca-int"), TestToken::new("offline-root")) else {
+        return;
+    };
+    let dir = ca.tmp.path();
+    let state = dir.join("state");
+    let p = |x: &Path| x.display().to_string();
+    let module = softhsm::module().display().to_string();
+    let root_cert = dir.join("root.pem");
+    let root_flags = [
+        "--root-pkcs11-module".to_string(),
+        module.clone(),
+        "--root-pkcs11-token-label".into(),
+        root.label.clone(),
+        "--root-pkcs11-pin-file".into(),
+        p(&root.pin_file),
+    ];
+    let mut args = vec![
+        "ca",
+        "new-root",
+        "--trust-domain",
+        "cluster.local",
+        "--cert-out",
+    ];
+    let root_cert_s = p(&root_cert);
+    args.push(root_cert_s.as_str());
+    args.extend(root_flags.iter().map(String::as_str));
+    let out = cli_ok(&root, &args);
+    assert!(out.contains("in the token"), "{out}");
+    if let Some(keys) = root.private_keys() {
+        assert_eq!(keys.len(), 1, "the root key is in the root token: {keys:?}");
+    }
+
+    // init: the first intermediate's key in the CA token, its CSR out; no root key anywhere
+    // near the server.
+    let csr1 = dir.join("csr1.pem");
+    let state_s = p(&state);
+    let mut init = vec![
+        "ca",
+        "init",
+        "--offline-root",
+        "--trust-domain",
+        "cluster.local",
+        "--root-cert",
+        &root_cert_s,
+        "--state-dir",
+        &state_s,
+    ];
+    let csr1_s = p(&csr1);
+    init.extend(["--csr-out", csr1_s.as_str()]);
+    let ca_flags = ca.flags();
+    init.extend(ca_flags.iter().map(String::as_str));
+    let printed = cli_ok(&ca, &init);
+    assert!(printed.contains("BEGIN CERTIFICATE REQUEST"), "{printed}");
+    let j = crate::envoy::journal(&state).await;
+    assert!(j.offline_root);
+    assert_eq!(j.active_root().unwrap().key_pem.expose(), "");
+    assert!(
+        j.active_root().unwrap().key_ref.is_none(),
+        "no root key recorded"
+    );
+    let req = j.intermediate_request.clone().unwrap();
+    assert_eq!(req.key_ref.as_ref().unwrap().token, "ca-int");
+    // A second init never replaces the state.
+    let (ok, _, err) = cli_with(&ca, &init);
+    assert!(!ok && err.contains("already holds a CA journal"), "{err}");
+
+    // The server refuses to start before an intermediate is installed, saying what to do.
+    let flags = [
+        "--intermediate-prepare-at",
+        "0.2",
+        "--intermediate-activate-at",
+        "0.6",
+        "--max-ttl",
+        "2s",
+        "--default-ttl",
+        "1s",
+        "--clock-skew-margin",
+        "0s",
+        "--reconcile-interval",
+        "200ms",
+    ];
+    let e = HsmServer::start(&ca, &state, &flags).await.err().unwrap();
+    assert!(e.contains("citadel ca intermediate-csr"), "{e}");
+
+    // The ceremony, on the "offline machine" (only the root token's SOFTHSM2_CONF).
+    let sign = |csr: &Path, out: &Path, ttl: &str| {
+        let (csr, out) = (p(csr), p(out));
+        let mut a = vec![
+            "ca",
+            "sign-intermediate",
+            "--root-cert",
+            &root_cert_s,
+            "--csr",
+            &csr,
+            "--out",
+            &out,
+            "--ttl",
+            ttl,
+        ];
+        a.extend(root_flags.iter().map(String::as_str));
+        cli_ok(&root, &a);
+    };
+    // A wrong PIN for the root token fails, without echoing it.
+    let wrong = dir.join("wrong");
+    std::fs::write(&wrong, "99990000\n").unwrap();
+    let (ok, _, err) = cli_with(
+        &root,
+        &[
+            "ca",
+            "sign-intermediate",
+            "--root-cert",
+            &root_cert_s,
+            "--csr",
+            &csr1_s,
+            "--root-pkcs11-module",
+            &module,
+            "--root-pkcs11-token-label",
+            "offline-root",
+            "--root-pkcs11-pin-file",
+            &p(&wrong),
+        ],
+    );
+    assert!(
+        !ok && err.contains("PinIncorrect") && !err.contains("99990000"),
+        "{err}"
+    );
+    let int1 = dir.join("int1.pem");
+    sign(&csr1, &int1, "40s");
+    let install = |cert: &Path| {
+        cli_ok(
+            &ca,
+            &[
+                "ca",
+                "install-intermediate",
+                "--state-dir",
+                &state_s,
+                "--cert",
+                &p(cert),
+            ],
+        )
+    };
+    // Installing it twice: the second finds no request waiting.
+    assert!(install(&int1).contains("active"));
+    let (ok, _, err) = cli_with(
+        &ca,
+        &[
+            "ca",
+            "install-intermediate",
+            "--state-dir",
+            &state_s,
+            "--cert",
+            &p(&int1),
+        ],
+    );
+    assert!(
+        !ok && err.contains("no intermediate request is waiting"),
+        "{err}"
+    );
+
+    let server = HsmServer::start(&ca, &state, &flags).await.unwrap();
+    let mut c = server.client().await;
+    let first = issue_der(&mut c).await.unwrap();
+    let int1_der =
+        citadel::pki::pem::parse_certs(&std::fs::read(&int1).unwrap()).unwrap()[0].to_vec();
+    assert_eq!(first[1], int1_der, "the installed intermediate signs");
+    if let Some(v) = openssl_verifies(dir, &root_cert, &first[1], &first[0]) {
+        assert!(v.contains(": OK"), "{v}");
+    }
+
+    // The prepare point (0.2 of 40 s): the server requests the next intermediate in the CA
+    // token and raises the alarm.
+    let req2 = until(
+        "the server to request the next intermediate",
+        30,
+        async || {
+            server
+                .journal()
+                .await
+                .intermediate_request
+                .ok_or_else(|| "not yet".to_string())
+        },
+    )
+    .await;
+    assert_eq!(req2.key_ref.as_ref().unwrap().token, "ca-int");
+    let needed = until("the alarm metric", 10, async || {
+        metric(
+            &server.metrics().await,
+            &format!(
+                "citadel_ca_offline_intermediate_needed_seconds{{request=\"{}\"}}",
+                req2.id
+            ),
+        )
+        .ok_or_else(|| "absent".to_string())
+    })
+    .await;
+    assert!(needed > 0.0 && needed <= 24.0, "{needed}");
+    let status = cli_ok(&ca, &["ca", "status", "--state-dir", &state_s, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(
+        v["intermediate_signature_needed"]["request"],
+        req2.id.as_str(),
+        "{status}"
+    );
+    let csr2 = dir.join("csr2.pem");
+    let printed = cli_ok(
+        &ca,
+        &[
+            "ca",
+            "intermediate-csr",
+            "--state-dir",
+            &state_s,
+            "--out",
+            &p(&csr2),
+        ],
+    );
+    assert_eq!(printed, req2.csr_pem);
+    let int2 = dir.join("int2.pem");
+    sign(&csr2, &int2, "30s");
+    assert!(install(&int2).contains("prepared"));
+    let int2_der =
+        citadel::pki::pem::parse_certs(&std::fs::read(&int2).unwrap()).unwrap()[0].to_vec();
+    // Activated at 0.6 of the first one's life: leaves chain to the new intermediate.
+    let second = until("the new intermediate to sign", 40, async || {
+        let chain = issue_der(&mut c).await.map_err(|e| e.to_string())?;
+        if chain[1] == int2_der {
+            Ok(chain)
+        } else {
+            Err("still the first".into())
+        }
+    })
+    .await;
+    if let Some(v) = openssl_verifies(dir, &root_cert, &second[1], &second[0]) {
+        assert!(v.contains(": OK"), "{v}");
+    }
+
+    // The next request is left unsigned: past its deadline (0.6 of 30 s) the metric is
+    // negative, and the current intermediate keeps signing.
+    let req3 = until("the third request", 30, async || {
+        server
+            .journal()
+            .await
+            .intermediate_request
+            .ok_or_else(|| "not yet".to_string())
+    })
+    .await;
+    let line = format!(
+        "citadel_ca_offline_intermediate_needed_seconds{{request=\"{}\"}}",
+        req3.id
+    );
+    until("the deadline to pass", 40, async || {
+        match metric(&server.metrics().await, &line) {
+            Some(v) if v < 0.0 => Ok(v),
+            v => Err(format!("{v:?}")),
+        }
+    })
+    .await;
+    let still = issue_der(&mut c).await.unwrap();
+    assert_eq!(still[1], int2_der, "keeps serving the current intermediate");
+    let status = cli_ok(&ca, &["ca", "status", "--state-dir", &state_s]);
+    assert!(status.contains("OVERDUE"), "{status}");
+    assert!(
+        server.log().contains("intermediate_signature_overdue"),
+        "{}",
+        server.log()
+    );
+
+    // A root rotation as a ceremony, both root keys in the root token: a new root, the
+    // waiting request signed under it and cross-signed by the current root (found by the
+    // label new-root gave it), installed as a staged rotation the server carries out.
+    let new_root = dir.join("new-root.pem");
+    let new_root_s = p(&new_root);
+    let mut a = vec![
+        "ca",
+        "new-root",
+        "--trust-domain",
+        "cluster.local",
+        "--cert-out",
+    ];
+    a.push(new_root_s.as_str());
+    a.extend(root_flags.iter().map(String::as_str));
+    cli_ok(&root, &a);
+    let csr3 = dir.join("csr3.pem");
+    cli_ok(
+        &ca,
+        &[
+            "ca",
+            "intermediate-csr",
+            "--state-dir",
+            &state_s,
+            "--out",
+            &p(&csr3),
+        ],
+    );
+    let (int3, cross) = (dir.join("int3.pem"), dir.join("cross.pem"));
+    let (csr3_s, int3_s, cross_s) = (p(&csr3), p(&int3), p(&cross));
+    let mut a = vec![
+        "ca",
+        "sign-intermediate",
+        "--root-cert",
+        &new_root_s,
+        "--old-root-cert",
+        &root_cert_s,
+        "--csr",
+        &csr3_s,
+        "--out",
+        &int3_s,
+        "--cross-out",
+        &cross_s,
+        "--ttl",
+        "60s",
+    ];
+    a.extend(root_flags.iter().map(String::as_str));
+    cli_ok(&root, &a);
+    let out = cli_ok(
+        &ca,
+        &[
+            "ca",
+            "install-intermediate",
+            "--state-dir",
+            &state_s,
+            "--cert",
+            &int3_s,
+            "--new-root",
+            &new_root_s,
+            "--cross-cert",
+            &cross_s,
+        ],
+    );
+    assert!(out.contains("root rotation prepared"), "{out}");
+    let int3_der =
+        citadel::pki::pem::parse_certs(&std::fs::read(&int3).unwrap()).unwrap()[0].to_vec();
+    let rotated = until("the new root's chain to sign", 40, async || {
+        let chain = issue_der(&mut c).await.map_err(|e| e.to_string())?;
+        if chain[1] == int3_der {
+            Ok(chain)
+        } else {
+            Err("not yet".into())
+        }
+    })
+    .await;
+    if let Some(v) = openssl_verifies(dir, &new_root, &rotated[1], &rotated[0]) {
+        assert!(v.contains(": OK"), "{v}");
+    }
+    // Holders of only the old root verify through the cross-signed certificate.
+    let cross_der =
+        citadel::pki::pem::parse_certs(&std::fs::read(&cross).unwrap()).unwrap()[0].to_vec();
+    if let Some(v) = openssl_verifies(dir, &root_cert, &cross_der, &rotated[0]) {
+        assert!(v.contains(": OK"), "{v}");
+    }
+}

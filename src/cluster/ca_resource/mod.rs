@@ -23,7 +23,7 @@ mod validate;
 pub use policy::{effective_policy, Sources};
 pub use reconcile::{get, Pass, Reconciler};
 pub use resource::*;
-pub use status::{merge_patch, stage_event, status_for, Observed};
+pub use status::{merge_patch, signature_event, stage_event, status_for, Observed};
 pub use validate::{
     SpecCaps, MAX_SPEC_CRL_VALIDITY, MAX_SPEC_INTERMEDIATE_TTL, MAX_SPEC_ROOT_TTL,
     MAX_SPEC_WORKLOAD_TTL,

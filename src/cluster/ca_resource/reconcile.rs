@@ -13,7 +13,7 @@ use kube::Resource;
 
 use super::policy::effective_policy;
 use super::resource::CertificateAuthority;
-use super::status::{merge_patch, stage_event, status_for, Observed};
+use super::status::{merge_patch, signature_event, stage_event, status_for, Observed};
 use super::validate::SpecCaps;
 use crate::ca::policy::CaPolicy;
 use crate::ca::Ca;
@@ -508,6 +508,16 @@ impl Reconciler {
             .and_then(|s| s.root_rotation.as_ref())
             .and_then(|r| r.stage.clone());
         let after = status.root_rotation.as_ref().and_then(|r| r.stage.clone());
+        let reason_of = |s: Option<&crate::cluster::ca_resource::CertificateAuthorityStatus>| {
+            s.and_then(|s| {
+                s.conditions
+                    .iter()
+                    .find(|c| c.type_ == "IntermediateSignatureNeeded")
+                    .map(|c| (c.reason.clone(), c.message.clone()))
+            })
+        };
+        let sig_before = reason_of(cr.status.as_ref());
+        let sig_after = reason_of(Some(&status));
         if cr.status.as_ref() != Some(&status) {
             api.patch_status(
                 &self.name,
@@ -525,6 +535,22 @@ impl Reconciler {
             if let Some((reason, note)) = stage_event(before.as_deref(), after.as_deref()) {
                 tracing::info!(reason = %reason, "{note}");
                 self.event(&cr, EventType::Normal, &reason, note).await;
+            }
+            if let Some((warning, reason, note)) = signature_event(
+                sig_before.as_ref().map(|(r, _)| r.as_str()),
+                sig_after.as_ref().map(|(r, _)| r.as_str()),
+                sig_after
+                    .as_ref()
+                    .map(|(_, m)| m.as_str())
+                    .unwrap_or_default(),
+            ) {
+                tracing::info!(reason = %reason, "{note}");
+                let kind = if warning {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                };
+                self.event(&cr, kind, &reason, note).await;
             }
         }
         Ok(pass)

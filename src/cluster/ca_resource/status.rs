@@ -186,6 +186,46 @@ pub fn status_for(
         ),
         None => {}
     }
+    if j.offline_root {
+        let activate_at = j
+            .policy
+            .as_ref()
+            .map(|p| p.activate_at)
+            .unwrap_or(crate::ca::policy::RotationPolicy::default().activate_at);
+        match crate::ca::offline::signature_needed(j, activate_at) {
+            Some(n) if n.deadline >= o.now => cond(
+                "IntermediateSignatureNeeded",
+                Some(true),
+                "AwaitingRootSignature",
+                format!(
+                    "offline root: intermediate request {} needs the root's signature by {} ({}s left); the current intermediate keeps signing. `citadel ca intermediate-csr --store kube` prints the CSR",
+                    n.request,
+                    rfc3339(n.deadline),
+                    n.deadline - o.now
+                ),
+            ),
+            Some(n) => cond(
+                "IntermediateSignatureNeeded",
+                Some(true),
+                "Overdue",
+                format!(
+                    "offline root: intermediate request {} was due to be signed by {} ({}s overdue); the current intermediate keeps signing{}. `citadel ca intermediate-csr --store kube` prints the CSR",
+                    n.request,
+                    rfc3339(n.deadline),
+                    o.now - n.deadline,
+                    n.signer_expires
+                        .map(|e| format!(" until it expires at {}", rfc3339(e)))
+                        .unwrap_or_default()
+                ),
+            ),
+            None => cond(
+                "IntermediateSignatureNeeded",
+                Some(false),
+                "NoRequestWaiting",
+                "offline root: no intermediate waits for the root's signature".into(),
+            ),
+        }
+    }
     match &o.degraded {
         Some((reason, message)) => cond("Degraded", Some(true), reason, message.clone()),
         None => cond(
@@ -237,6 +277,34 @@ pub fn merge_patch(old: &serde_json::Value, new: serde_json::Value) -> serde_jso
     }
 }
 
+/// The Event a change of the `IntermediateSignatureNeeded` condition's reason calls for:
+/// `(type is warning, reason, note)`. `before`/`after` are the condition's reasons.
+pub fn signature_event(
+    before: Option<&str>,
+    after: Option<&str>,
+    message: &str,
+) -> Option<(bool, String, String)> {
+    match (before, after) {
+        (b, a) if b == a => None,
+        (_, Some("AwaitingRootSignature")) => Some((
+            true,
+            "IntermediateSignatureNeeded".into(),
+            message.to_string(),
+        )),
+        (_, Some("Overdue")) => Some((
+            true,
+            "IntermediateSignatureOverdue".into(),
+            message.to_string(),
+        )),
+        (Some("AwaitingRootSignature" | "Overdue"), Some(_)) => Some((
+            false,
+            "IntermediateInstalled".into(),
+            "offline root: a root-signed intermediate was installed".into(),
+        )),
+        _ => None,
+    }
+}
+
 /// The Event a change of rotation stage calls for: `(reason, note)`.
 pub fn stage_event(before: Option<&str>, after: Option<&str>) -> Option<(String, String)> {
     match (before, after) {
@@ -278,6 +346,85 @@ mod tests {
             });
         }
         j
+    }
+
+    /// Offline root: `IntermediateSignatureNeeded` is True while a request waits (reason
+    /// `AwaitingRootSignature` before the active intermediate's activation point, `Overdue`
+    /// after), False once none does; each change of reason is an Event. No such condition on
+    /// a CA that holds its root key.
+    #[test]
+    fn an_offline_root_says_when_a_signature_is_needed() {
+        let mut j = journal();
+        let o = Observed {
+            generation: Some(1),
+            now: 100,
+            signer_not_after: Some(1000),
+            bundle: Some((1, 1)),
+            degraded: None,
+            linkerd_drift: None,
+        };
+        let find = |s: &CertificateAuthorityStatus| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == "IntermediateSignatureNeeded")
+                .cloned()
+        };
+        assert_eq!(find(&status_for(&j, &o, None)), None, "online root: none");
+        j.offline_root = true;
+        let idle = find(&status_for(&j, &o, None)).unwrap();
+        assert_eq!(
+            (idle.status.as_str(), idle.reason.as_str()),
+            ("False", "NoRequestWaiting")
+        );
+        j.intermediate_request = Some(crate::journal::IntermediateRequest {
+            id: "abcd".into(),
+            key_pem: crate::journal::Secret::new(String::new()),
+            key_ref: None,
+            csr_pem: String::new(),
+            created_at: 500,
+        });
+        // The active intermediate lives 0..1000: its activation point is 833.
+        let waiting = find(&status_for(
+            &j,
+            &Observed {
+                now: 600,
+                ..o.clone()
+            },
+            None,
+        ))
+        .unwrap();
+        assert_eq!(
+            (waiting.status.as_str(), waiting.reason.as_str()),
+            ("True", "AwaitingRootSignature")
+        );
+        assert!(
+            waiting.message.contains("233s left") && waiting.message.contains("abcd"),
+            "{}",
+            waiting.message
+        );
+        let late = find(&status_for(
+            &j,
+            &Observed {
+                now: 900,
+                ..o.clone()
+            },
+            None,
+        ))
+        .unwrap();
+        assert_eq!(late.reason, "Overdue");
+        assert!(late.message.contains("67s overdue"), "{}", late.message);
+        let ev = |b: &str, a: &str| signature_event(Some(b), Some(a), "m");
+        assert_eq!(
+            ev("NoRequestWaiting", "AwaitingRootSignature").unwrap().1,
+            "IntermediateSignatureNeeded"
+        );
+        assert_eq!(
+            ev("AwaitingRootSignature", "Overdue").unwrap().1,
+            "IntermediateSignatureOverdue"
+        );
+        let done = ev("Overdue", "NoRequestWaiting").unwrap();
+        assert_eq!((done.0, done.1.as_str()), (false, "IntermediateInstalled"));
+        assert_eq!(ev("Overdue", "Overdue"), None, "no repeat");
     }
 
     /// Linkerd anchor drift is a condition only when counted: True with no pod behind, False
