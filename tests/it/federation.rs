@@ -527,6 +527,8 @@ fn spawn_federated_agent(
         .arg(&token)
         .arg("--sds-socket")
         .arg(&sock)
+        .arg("--workload-api-socket")
+        .arg(dir.join(format!("{sa}-spiffe.sock")))
         .args(["--sds-federated-trust-domain", foreign])
         .args(["--federated-bundles-refresh", "1s", "--cert-ttl", "10s"])
         .args([
@@ -664,6 +666,35 @@ async fn envoys_in_two_trust_domains_talk_mtls_through_federation_and_a_root_rot
     })
     .await;
 
+    // go-spiffe's Workload API client beside the frontend sees both trust domains' bundles,
+    // each under its own key.
+    let mut go_watch = crate::thirdparty::built_program(
+        "CITADEL_GOWORKLOAD",
+        "the go-spiffe Workload API client (tests/goworkload)",
+    )
+    .map(|bin| {
+        let endpoint = format!("unix://{}", dir.join("frontend-spiffe.sock").display());
+        GoLines::spawn(&bin, &["x509", "-timeout", "300s", "-socket", &endpoint])
+    });
+    if let Some(w) = go_watch.as_mut() {
+        let b_fps = fingerprints(&pem_certs(&b.root_pem()));
+        let v = w
+            .until("a bundles update with a.test and b.test", 30, |v| {
+                v["kind"] == "bundles" && v["bundles"]["spiffe://b.test"].is_array()
+            })
+            .await;
+        assert_eq!(
+            serde_json::from_value::<Vec<String>>(v["bundles"]["spiffe://b.test"].clone()).unwrap(),
+            b_fps,
+            "{v}"
+        );
+        assert_eq!(
+            serde_json::from_value::<Vec<String>>(v["bundles"]["spiffe://a.test"].clone()).unwrap(),
+            fingerprints(&pem_certs(&a.root_pem())),
+            "{v}"
+        );
+    }
+
     let (ok, failed, stop) = (
         Arc::new(AtomicU64::new(0)),
         Arc::new(AtomicU64::new(0)),
@@ -695,6 +726,15 @@ async fn envoys_in_two_trust_domains_talk_mtls_through_federation_and_a_root_rot
         stored(&a_state, "b.test").is_some_and(|d| x509_of(&d) == new_root)
     })
     .await;
+    if let Some(w) = go_watch.as_mut() {
+        let want = fingerprints(&new_root);
+        w.until("go-spiffe receives b.test's new bundle", 30, |v| {
+            v["kind"] == "bundles"
+                && serde_json::from_value::<Vec<String>>(v["bundles"]["spiffe://b.test"].clone())
+                    .is_ok_and(|f| f == want)
+        })
+        .await;
+    }
     // Leaves renewed under the new root only.
     tokio::time::sleep(Duration::from_secs(8)).await;
     stop.store(true, Ordering::Relaxed);
@@ -713,4 +753,118 @@ async fn envoys_in_two_trust_domains_talk_mtls_through_federation_and_a_root_rot
     drop(procs);
     a.stop().await;
     b.stop().await;
+}
+
+fn fingerprints(ders: &[Vec<u8>]) -> Vec<String> {
+    ders.iter()
+        .map(|d| hex::encode(ring::digest::digest(&ring::digest::SHA256, d)))
+        .collect()
+}
+
+/// JSON lines from a go-spiffe client's stdout.
+struct GoLines {
+    _child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    seen: Vec<Value>,
+}
+
+impl GoLines {
+    fn spawn(bin: &Path, args: &[&str]) -> Self {
+        let mut child = tokio::process::Command::new(bin)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        use tokio::io::AsyncBufReadExt;
+        GoLines {
+            _child: child,
+            lines: tokio::io::BufReader::new(out).lines(),
+            seen: vec![],
+        }
+    }
+
+    async fn until(&mut self, what: &str, secs: u64, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let line = tokio::time::timeout_at(deadline, self.lines.next_line())
+                .await
+                .unwrap_or_else(|_| panic!("{what}: not within {secs}s; lines: {:#?}", self.seen))
+                .unwrap()
+                .unwrap_or_else(|| panic!("{what}: the client exited; lines: {:#?}", self.seen));
+            let v: Value = serde_json::from_str(&line).unwrap();
+            self.seen.push(v.clone());
+            if pred(&v) {
+                return v;
+            }
+        }
+    }
+}
+
+/// Each flag mistake stops the start with a reason that names the flag.
+#[tokio::test]
+async fn federation_flag_mistakes_are_refused_with_a_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "--bundle-endpoint-spiffe-id".into(),
+                "spiffe://cluster.local/x".into(),
+            ],
+            "need --bundle-endpoint",
+        ),
+        (
+            vec![
+                "--bundle-endpoint".into(),
+                "127.0.0.1:0".into(),
+                "--bundle-endpoint-spiffe-id".into(),
+                "spiffe://other.test/x".into(),
+            ],
+            "must be in this trust domain",
+        ),
+        (
+            vec![
+                "--federate-with".into(),
+                "cluster.local=https://127.0.0.1:1/".into(),
+                "--federation-web-roots".into(),
+                "/dev/null".into(),
+            ],
+            "our own trust domain",
+        ),
+        (
+            vec![
+                "--federate-with".into(),
+                "b.test=https://127.0.0.1:1/".into(),
+            ],
+            "--federation-web-roots",
+        ),
+        (
+            vec![
+                "--federate-with".into(),
+                "b.test=https://127.0.0.1:1/,spiffe://b.test/e".into(),
+            ],
+            "needs --federation-bootstrap-bundle b.test=FILE",
+        ),
+        (
+            vec![
+                "--federation-bootstrap-bundle".into(),
+                "b.test=/nowhere".into(),
+            ],
+            "no --federate-with for b.test",
+        ),
+        (
+            vec!["--federate-with".into(), "b.test=ftp://x/".into()],
+            "https://host",
+        ),
+    ];
+    for (i, (flags, want)) in cases.iter().enumerate() {
+        let dir = tmp.path().join(i.to_string());
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let e = TestCa::try_start_in(&dir, &flags)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{flags:?} started"));
+        assert!(e.contains(want), "{flags:?}: {e}");
+    }
 }
