@@ -39,7 +39,13 @@ Examples:
   # from a file, never a flag (docs/operations.md, \"HSM keys (PKCS#11)\").
   citadel serve --jwks-file jwks.json --ca-key-source pkcs11 \\
     --pkcs11-module /usr/lib/softhsm/libsofthsm2.so --pkcs11-token-label citadel-ca \\
-    --pkcs11-pin-file /etc/citadel/pin")]
+    --pkcs11-pin-file /etc/citadel/pin
+
+  # SPIFFE federation: serve our bundle (https_spiffe) and follow b.example's endpoint,
+  # authenticated the first time with its root bundle obtained out of band.
+  citadel serve --trust-domain a.example --bundle-endpoint 0.0.0.0:8443 \\
+    --federation-bootstrap-bundle b.example=/etc/citadel/b-roots.pem --federate-with \\
+    b.example=https://b.example:8443/,spiffe://b.example/citadel/bundle-endpoint")]
 /// Flags of `citadel serve`.
 pub struct Args {
     /// Development mode: trust the dev JWT key compiled in from certs-dev/ (its private key is

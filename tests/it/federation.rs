@@ -66,6 +66,8 @@ fn web_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
     let ca_key = KeyPair::generate().unwrap();
     let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "test web CA");
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = p.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(p, ca_key);
@@ -190,6 +192,36 @@ async fn go_spiffe_fetches_the_bundle_endpoint_over_https_web() {
         .flat_map(|p| pem_certs(p.as_str().unwrap().as_bytes()))
         .collect();
     assert_eq!(roots_got, pem_certs(&ca.root_pem()));
+    // Bad requests: another method is 405 (curl, OpenSSL), plain HTTP on the TLS port gets
+    // no document; the endpoint keeps serving (checked by the fetches below and after).
+    if require_tool("curl") {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "POST",
+                "--cacert",
+            ])
+            .arg(&roots)
+            .arg(&url)
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "405");
+        let out = std::process::Command::new("curl")
+            .args(["-s", "--cacert"])
+            .arg(&roots)
+            .arg(&url)
+            .output()
+            .unwrap();
+        let doc: Value = serde_json::from_slice(&out.stdout).expect("curl GETs the bundle");
+        assert!(doc["spiffe_sequence"].is_u64());
+    }
+    let plain = http_get(format!("127.0.0.1:{port}").parse().unwrap(), "/").await;
+    assert!(!matches!(plain, Ok((200, _))), "{plain:?}");
     // With SPIFFE authentication instead, the web certificate is not an SVID: refused.
     let boot = ca.state_dir().join("root-cert.pem");
     let e = go_fetch(
@@ -205,6 +237,9 @@ async fn go_spiffe_fetches_the_bundle_endpoint_over_https_web() {
     .await
     .unwrap_err();
     assert!(e.contains("FETCH REFUSED"), "{e}");
+    go_fetch(&bin, &["a.test", &url, "web", roots.to_str().unwrap()])
+        .await
+        .expect("still serving after the bad requests");
     ca.stop().await;
 }
 
