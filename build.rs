@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         [
             "proto/ca.proto",
             "proto/citadel/jwtsvid.proto",
+            "proto/citadel/federation.proto",
             "proto/spiffe/workload.proto",
         ],
         ["proto"],

@@ -17,6 +17,8 @@
 #   - tests/gojwtsvid built against go-spiffe (a third-party JWT-SVID validator, CITADEL_GOJWTSVID);
 #   - tests/goworkload built against go-spiffe's workloadapi (a Workload API client,
 #     CITADEL_GOWORKLOAD);
+#   - tests/gofederation built against go-spiffe's federation package (fetches our bundle
+#     endpoint with both profiles, serves one our fetcher follows, CITADEL_GOFEDERATION);
 #   - a Python venv with py-spiffe (PyPI `spiffe`, a second Workload API client,
 #     CITADEL_PYSPIFFE_PYTHON);
 #   - Istio's pilot-agent from the Go module proxy (scripts/istio-agent.sh, CITADEL_PILOT_AGENT);
@@ -103,6 +105,9 @@ ensure_gospiffe() {
   ensure_go_spiffe_program tests/gojwtsvid gojwtsvid-check CITADEL_GOJWTSVID
   # The Workload API client (workloadapi: X.509 and JWT sources, ValidateJWTSVID).
   ensure_go_spiffe_program tests/goworkload goworkload CITADEL_GOWORKLOAD
+  # SPIFFE federation: go-spiffe's federation package fetching our bundle endpoint (both
+  # profiles) and serving a bundle endpoint our fetcher follows.
+  ensure_go_spiffe_program tests/gofederation gofederation CITADEL_GOFEDERATION
 }
 
 ensure_pyspiffe() {

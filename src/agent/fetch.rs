@@ -215,5 +215,6 @@ pub async fn fetch(
         not_before: verified.leaf.not_before,
         not_after: verified.leaf.not_after,
         version,
+        federated: current.map(|c| c.federated.clone()).unwrap_or_default(),
     })
 }

@@ -45,6 +45,9 @@ pub struct JwtBundle {
     pub keys: Option<Jwks>,
     /// The CA's sequence number, bumped on every change of the set.
     pub sequence: u64,
+    /// The foreign trust domains' JWT bundles (JWK Sets of their `jwt-svid` keys), by trust
+    /// domain name, from the credentials' federated bundles; never merged with ours.
+    pub federated: std::collections::BTreeMap<String, Vec<u8>>,
 }
 
 impl std::fmt::Debug for JwtBundle {
@@ -98,6 +101,7 @@ impl JwtBundle {
             jwks_json,
             keys,
             sequence,
+            federated: Default::default(),
         })
     }
 }
@@ -227,11 +231,19 @@ pub async fn follow(
         let current = creds.borrow_and_update().clone();
         if let Some(c) = current {
             match ca.fetch_jwt_bundle(&c).await {
-                Ok(b) => {
+                Ok(mut b) => {
                     warned = false;
+                    b.federated = c
+                        .federated
+                        .bundles
+                        .iter()
+                        .map(|(td, f)| (td.clone(), f.jwt_jwks().into_bytes()))
+                        .collect();
                     tx.send_if_modified(|cur| {
                         let same = cur.as_ref().is_some_and(|o| {
-                            o.sequence == b.sequence && o.jwks_json == b.jwks_json
+                            o.sequence == b.sequence
+                                && o.jwks_json == b.jwks_json
+                                && o.federated == b.federated
                         });
                         if !same {
                             tracing::info!(

@@ -7,6 +7,7 @@
 
 pub mod authority;
 pub mod crl;
+pub mod federation;
 pub mod fetch;
 pub mod files;
 pub mod http;
@@ -45,6 +46,8 @@ pub struct Credentials {
     pub not_after: OffsetDateTime,
     /// Increases with every change; the SDS version.
     pub version: u64,
+    /// The foreign trust domains' bundles (`agent::federation`), never merged with ours.
+    pub federated: Arc<federation::Federated>,
 }
 
 impl std::fmt::Debug for Credentials {

@@ -107,7 +107,9 @@ pub fn secret_for(name: &str, c: &Credentials) -> Option<Secret> {
             ..Default::default()
         }),
         ROOTCA => secret::Type::ValidationContext(CertificateValidationContext {
-            trusted_ca: inline(&c.roots_pem),
+            // Our roots, then those of the foreign trust domains allowed into SDS
+            // (`--sds-federated-trust-domain`); empty unless the agent was told to.
+            trusted_ca: inline(&format!("{}{}", c.roots_pem, c.federated.sds_roots_pem)),
             crl: c.crl_pem.as_deref().and_then(inline),
             // Check the leaf against its issuer's CRL only. With the full-chain default,
             // Envoy fails every handshake whose chain has a CA without a CRL in the set

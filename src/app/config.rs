@@ -158,6 +158,9 @@ pub struct ServeConfig {
     pub key_source: KeySourceConfig,
     /// Linkerd's Certify on the CA port (`--linkerd-identity-domain`); `None` does not serve it.
     pub linkerd: Option<LinkerdConfig>,
+    /// The SPIFFE bundle endpoint and the trust domains we federate with
+    /// (`--bundle-endpoint`, `--federate-with`); the default serves and follows nothing.
+    pub federation: crate::server::federation::FederationConfig,
 }
 
 /// Where new CA keys are generated and held.
@@ -228,6 +231,7 @@ impl ServeConfig {
             csr_signer: None,
             key_source: KeySourceConfig::Software,
             linkerd: None,
+            federation: Default::default(),
         }
     }
 

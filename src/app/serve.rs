@@ -300,6 +300,8 @@ pub async fn run(
         "CA ready"
     );
 
+    let federated = start_federation(&config, &ca, &store, &metrics, &clock, &shutdown).await?;
+
     let (auth, jwks_refresher, remotes) = build_auth(&config, &ca, &clock, &metrics).await?;
     let registry = remotes.as_ref().map(|r| r.registry.clone());
     if let Some(r) = remotes {
@@ -432,6 +434,7 @@ pub async fn run(
         limits: config.limits.clone(),
         node_auth,
         linkerd,
+        federated,
     };
     if let Some(s) = scheduler {
         tokio::spawn(s.run(config.reconcile_interval, shutdown.clone()));
@@ -456,6 +459,56 @@ pub async fn run(
         .map_err(|e| format!("server failed: {e}"))?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `--bundle-endpoint` (our bundle, needs our own CA's journal) and `--federate-with` (the
+/// followers of foreign bundle endpoints); returns the foreign bundles they keep current.
+async fn start_federation(
+    config: &ServeConfig,
+    ca: &Arc<Ca>,
+    store: &Arc<dyn Store>,
+    metrics: &Arc<Metrics>,
+    clock: &SharedClock,
+    shutdown: &Shutdown,
+) -> Result<crate::server::federation::FederatedBundles, String> {
+    use crate::server::federation::{endpoint, fetch, FederatedBundles};
+    let fed = &config.federation;
+    if let Some(ep) = &fed.endpoint {
+        if matches!(config.ca, CaSource::Plugged(_)) {
+            return Err("--bundle-endpoint needs citadel's own CA: a plugged-in CA (--ca-certs-dir) keeps no journal to number the bundle's spiffe_sequence from".into());
+        }
+        let listener = TcpListener::bind(ep.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {} (--bundle-endpoint): {e}", ep.listen))?;
+        endpoint::start(
+            ep,
+            listener,
+            ca.clone(),
+            store.clone(),
+            &config.rotation,
+            clock.clone(),
+            shutdown.clone(),
+        )
+        .await?;
+    }
+    let bundles = FederatedBundles::default();
+    if !fed.peers.is_empty() {
+        let stats = fetch::FederationStats::default();
+        fetch::start(
+            &fed.peers,
+            &config.state_dir,
+            bundles.clone(),
+            stats.clone(),
+            clock.clone(),
+            shutdown.clone(),
+        )?;
+        metrics
+            .sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Box::new(move |out| stats.render(out)));
+    }
+    Ok(bundles)
 }
 
 /// With `--store kube`: the CertificateAuthority resource's spec over the flags. Logs which

@@ -20,6 +20,7 @@ pub mod reload;
 pub mod revocation;
 pub mod scheduler;
 pub mod signer;
+pub mod spiffe_bundle;
 pub mod update;
 
 #[cfg(test)]

@@ -106,6 +106,16 @@ pub struct Args {
     /// How often the JWT bundle is re-read from the CA (also after every renewal).
     #[arg(long, default_value = "60s", value_parser = clap_parse, value_name = "DUR")]
     pub jwt_bundle_refresh: Duration,
+    /// How often the foreign trust domains' bundles (those the CA follows with
+    /// `citadel serve --federate-with`) are re-read from the CA; the Workload API hands them
+    /// out as federated bundles, each under its own trust domain.
+    #[arg(long, default_value = "30s", value_parser = clap_parse, value_name = "DUR")]
+    pub federated_bundles_refresh: Duration,
+    /// Also trust this foreign trust domain's X.509 authorities in SDS `ROOTCA`, so Envoy
+    /// accepts its workloads' certificates (repeatable; match SANs in Envoy to say which).
+    /// Default: none, ROOTCA holds our own roots only.
+    #[arg(long = "sds-federated-trust-domain", value_name = "TD")]
+    pub sds_federated_trust_domains: Vec<crate::identity::TrustDomain>,
 }
 
 /// `unix:///path` or a plain path; any other scheme (`tcp://`) is refused.
@@ -254,6 +264,16 @@ pub async fn run(args: Args) -> CmdResult {
             path,
             tx.clone(),
             Duration::from_secs(1),
+            sd.clone(),
+        ));
+    }
+    if args.sds_socket.is_some() || args.workload_api_socket.is_some() {
+        tokio::spawn(crate::agent::federation::follow(
+            cfg.clone(),
+            clock.clone(),
+            tx.clone(),
+            args.sds_federated_trust_domains.clone(),
+            args.federated_bundles_refresh,
             sd.clone(),
         ));
     }

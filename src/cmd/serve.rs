@@ -39,7 +39,13 @@ Examples:
   # from a file, never a flag (docs/operations.md, \"HSM keys (PKCS#11)\").
   citadel serve --jwks-file jwks.json --ca-key-source pkcs11 \\
     --pkcs11-module /usr/lib/softhsm/libsofthsm2.so --pkcs11-token-label citadel-ca \\
-    --pkcs11-pin-file /etc/citadel/pin")]
+    --pkcs11-pin-file /etc/citadel/pin
+
+  # SPIFFE federation: serve our bundle (https_spiffe) and follow b.example's endpoint,
+  # authenticated the first time with its root bundle obtained out of band.
+  citadel serve --trust-domain a.example --bundle-endpoint 0.0.0.0:8443 \\
+    --federation-bootstrap-bundle b.example=/etc/citadel/b-roots.pem --federate-with \\
+    b.example=https://b.example:8443/,spiffe://b.example/citadel/bundle-endpoint")]
 /// Flags of `citadel serve`.
 pub struct Args {
     /// Development mode: trust the dev JWT key compiled in from certs-dev/ (its private key is
@@ -436,6 +442,65 @@ pub struct Args {
     /// known to both meshes.
     #[arg(long)]
     pub linkerd_spiffe_san: bool,
+
+    /// Serve this trust domain's SPIFFE bundle (a JWK Set: one x509-svid key per root, the
+    /// jwt-svid keys, spiffe_sequence, spiffe_refresh_hint) by HTTPS GET on ADDR, for other
+    /// trust domains to federate with (docs/spiffe.md, "Federation"). Profile https_spiffe
+    /// unless --bundle-endpoint-cert is given. Needs citadel's own CA (not --ca-certs-dir).
+    #[arg(long, value_name = "ADDR", help_heading = "SPIFFE federation")]
+    pub bundle_endpoint: Option<SocketAddr>,
+
+    /// https_spiffe: the SPIFFE ID of the X.509-SVID the bundle endpoint presents, issued by
+    /// this CA and renewed at half-life [default: spiffe://<trust-domain>/citadel/bundle-endpoint].
+    /// Federated clients are configured with it.
+    #[arg(long, value_name = "SPIFFE_ID", help_heading = "SPIFFE federation")]
+    pub bundle_endpoint_spiffe_id: Option<String>,
+
+    /// https_web: serve the bundle endpoint with this PEM certificate chain (e.g. from a
+    /// public CA) instead of an SVID; with --bundle-endpoint-key.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "bundle_endpoint_key",
+        help_heading = "SPIFFE federation"
+    )]
+    pub bundle_endpoint_cert: Option<PathBuf>,
+
+    /// https_web: the private key (PEM) of --bundle-endpoint-cert.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "bundle_endpoint_cert",
+        help_heading = "SPIFFE federation"
+    )]
+    pub bundle_endpoint_key: Option<PathBuf>,
+
+    /// Follow another trust domain's bundle endpoint (repeatable): TD=URL for https_web
+    /// (verified against --federation-web-roots), TD=URL,SPIFFE_ID for https_spiffe (the
+    /// endpoint must present that SPIFFE ID; first authenticated with
+    /// --federation-bootstrap-bundle). Polled at its spiffe_refresh_hint (5m without one);
+    /// a refused bundle keeps the last good one, which is kept in <state-dir>/federation/.
+    /// Never merged into our trust bundle.
+    #[arg(
+        long = "federate-with",
+        value_name = "TD=URL[,SPIFFE_ID]",
+        help_heading = "SPIFFE federation"
+    )]
+    pub federate_with: Vec<String>,
+
+    /// The bundle that authenticates TD's https_spiffe endpoint until its first fetch
+    /// (repeatable): PEM root certificates or a SPIFFE bundle document, obtained out of band
+    /// (e.g. `citadel ca bundle` there).
+    #[arg(
+        long = "federation-bootstrap-bundle",
+        value_name = "TD=FILE",
+        help_heading = "SPIFFE federation"
+    )]
+    pub federation_bootstrap_bundles: Vec<String>,
+
+    /// PEM root CAs that https_web bundle endpoints' certificates must chain to.
+    #[arg(long, value_name = "FILE", help_heading = "SPIFFE federation")]
+    pub federation_web_roots: Option<PathBuf>,
 }
 
 /// Checks one `--trusted-node-accounts` entry at parse time, so a typo stops the start with
@@ -526,6 +591,7 @@ impl Args {
                 },
             }),
         };
+        let federation = self.federation()?;
         // Linkerd's proxies expect the CA port to present the identity service's own name.
         let mut tls_names = self.server_dns_names;
         if let Some(l) = &linkerd {
@@ -606,6 +672,7 @@ impl Args {
             }),
             key_source,
             linkerd,
+            federation,
         };
         config.validate()?;
         Ok(config)
@@ -613,6 +680,74 @@ impl Args {
 }
 
 impl Args {
+    /// `--bundle-endpoint*` and `--federate-with` / `--federation-*`.
+    fn federation(&self) -> Result<crate::server::federation::FederationConfig, String> {
+        use crate::server::federation::{endpoint, EndpointConfig, EndpointProfile, Peer};
+        let endpoint = match self.bundle_endpoint {
+            None => {
+                if self.bundle_endpoint_spiffe_id.is_some() || self.bundle_endpoint_cert.is_some() {
+                    return Err("--bundle-endpoint-spiffe-id and --bundle-endpoint-cert need --bundle-endpoint ADDR".into());
+                }
+                None
+            }
+            Some(listen) => {
+                let profile = match (&self.bundle_endpoint_cert, &self.bundle_endpoint_key) {
+                    (Some(cert), Some(key)) => {
+                        if self.bundle_endpoint_spiffe_id.is_some() {
+                            return Err("--bundle-endpoint-spiffe-id is for https_spiffe; --bundle-endpoint-cert selects https_web: give one".into());
+                        }
+                        EndpointProfile::Web {
+                            cert: cert.clone(),
+                            key: key.clone(),
+                        }
+                    }
+                    _ => {
+                        let id = self
+                            .bundle_endpoint_spiffe_id
+                            .clone()
+                            .unwrap_or_else(|| endpoint::default_id(&self.trust_domain));
+                        let id = crate::identity::SpiffeId::parse(&id)
+                            .map_err(|e| format!("--bundle-endpoint-spiffe-id {id}: {e}"))?;
+                        if id.trust_domain() != &self.trust_domain {
+                            return Err(format!("--bundle-endpoint-spiffe-id {id}: must be in this trust domain ({})", self.trust_domain.as_str()));
+                        }
+                        EndpointProfile::Spiffe { id }
+                    }
+                };
+                Some(EndpointConfig { listen, profile })
+            }
+        };
+        let mut bootstrap = std::collections::BTreeMap::new();
+        for b in &self.federation_bootstrap_bundles {
+            let (td, file) = b
+                .split_once('=')
+                .ok_or_else(|| format!("--federation-bootstrap-bundle {b:?}: expected TD=FILE"))?;
+            bootstrap.insert(td.to_string(), PathBuf::from(file));
+        }
+        let mut peers: Vec<Peer> = Vec::new();
+        for f in &self.federate_with {
+            let p = Peer::parse(f, &bootstrap, self.federation_web_roots.as_ref())?;
+            if p.trust_domain == self.trust_domain {
+                return Err(format!("--federate-with {f:?}: that is our own trust domain; federation is with other trust domains"));
+            }
+            if peers.iter().any(|q| q.trust_domain == p.trust_domain) {
+                return Err(format!(
+                    "--federate-with {f:?}: {} is given twice",
+                    p.trust_domain.as_str()
+                ));
+            }
+            peers.push(p);
+        }
+        for td in bootstrap.keys() {
+            if !peers.iter().any(|p| p.trust_domain.as_str() == td) {
+                return Err(format!(
+                    "--federation-bootstrap-bundle {td}=...: no --federate-with for {td}"
+                ));
+            }
+        }
+        Ok(crate::server::federation::FederationConfig { endpoint, peers })
+    }
+
     /// `--ca-key-source` and the `--pkcs11-*` flags, each missing one named.
     fn key_source(&self) -> Result<KeySourceConfig, String> {
         if self.ca_key_source != "pkcs11" {

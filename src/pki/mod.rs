@@ -10,6 +10,7 @@ pub mod csr;
 pub mod keys;
 pub mod pem;
 pub mod profile;
+pub mod spiffe_bundle;
 
 pub use cakey::{CaKey, KeyError, RcgenKey, SignatureAlgorithm, SoftwareKey};
 pub use keys::{KeyType, PublicKeyKind};

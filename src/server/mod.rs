@@ -8,6 +8,7 @@
 //! and the CLI binds the configured addresses.
 
 pub mod conn;
+pub mod federation;
 pub mod http;
 mod instrument;
 pub mod istio;
@@ -115,6 +116,8 @@ pub struct Server {
     pub node_auth: Option<Arc<crate::auth::node::NodeAuthorizer>>,
     /// Linkerd's Certify on this port (`--linkerd-identity-domain`); `None` does not serve it.
     pub linkerd: Option<port::LinkerdPort>,
+    /// The foreign bundles FetchFederatedBundles hands out (empty without `--federate-with`).
+    pub federated: federation::FederatedBundles,
 }
 
 /// What the readiness probe and metrics page look at.
@@ -195,6 +198,7 @@ impl Server {
                 self.limits.exempt.clone(),
             )),
             linkerd: self.linkerd,
+            federated: self.federated,
         });
         if !self.limits.exempt.nets().is_empty() {
             tracing::info!(exempt = ?self.limits.exempt.nets().iter().map(ToString::to_string).collect::<Vec<_>>(), "sources exempt from the per-peer limits (--throttle-exempt-cidr)");

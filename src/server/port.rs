@@ -94,6 +94,8 @@ pub struct CaPort {
     pub throttle: Arc<AuthThrottle>,
     /// Linkerd's Certify, when `--linkerd-identity-domain` turns it on.
     pub linkerd: Option<LinkerdPort>,
+    /// The foreign trust domains' bundles (`--federate-with`), for FetchFederatedBundles.
+    pub federated: super::federation::FederatedBundles,
 }
 
 impl CaPort {

@@ -266,6 +266,7 @@ fn creds(version: u64, crl: Option<&str>) -> Arc<Credentials> {
         not_before: time::OffsetDateTime::now_utc(),
         not_after: time::OffsetDateTime::now_utc() + time::Duration::hours(1),
         version,
+        federated: Default::default(),
     })
 }
 

@@ -81,7 +81,7 @@ pub(crate) fn tls_context(peer: &str) -> String {
 }
 
 /// The cart's Envoy: terminates mTLS, requires `peer`, forwards to the backend.
-fn server_envoy(admin: u16, port: u16, backend: u16, sock: &Path, peer: &str) -> String {
+pub(crate) fn server_envoy(admin: u16, port: u16, backend: u16, sock: &Path, peer: &str) -> String {
     format!(
         r#"node: {{id: cart, cluster: cart}}
 admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}

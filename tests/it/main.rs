@@ -13,6 +13,7 @@ mod cli;
 mod csr_signer;
 mod envoy;
 mod errors;
+mod federation;
 mod hsm;
 mod issue;
 mod istiod_ra;

@@ -251,9 +251,15 @@ fn x509_bundles(c: &Arc<Credentials>) -> Result<X509BundlesResponse, WorkloadErr
 }
 
 fn jwt_bundles(b: &Arc<super::jwt::JwtBundle>) -> Result<JwtBundlesResponse, WorkloadError> {
-    Ok(JwtBundlesResponse {
-        bundles: [(x509::trust_domain_id(&b.trust_domain), b.jwks_json.clone())].into(),
-    })
+    // Foreign trust domains' JWT bundles (federation), each under its own key, then ours.
+    let mut bundles: std::collections::HashMap<String, Vec<u8>> = b
+        .federated
+        .iter()
+        .filter(|(td, _)| td.as_str() != b.trust_domain.as_str())
+        .map(|(td, jwks)| (format!("spiffe://{td}"), jwks.clone()))
+        .collect();
+    bundles.insert(x509::trust_domain_id(&b.trust_domain), b.jwks_json.clone());
+    Ok(JwtBundlesResponse { bundles })
 }
 
 #[tonic::async_trait]

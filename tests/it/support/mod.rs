@@ -387,6 +387,7 @@ pub fn dev_server(
         limits: citadel::server::Limits::default(),
         node_auth: None,
         linkerd: None,
+        federated: Default::default(),
     }
 }
 
