@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "proto/ca.proto",
             "proto/citadel/jwtsvid.proto",
             "proto/spiffe/workload.proto",
+            "proto/spiffe/broker.proto",
         ],
         ["proto"],
     )?;

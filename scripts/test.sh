@@ -17,6 +17,8 @@
 #   - tests/gojwtsvid built against go-spiffe (a third-party JWT-SVID validator, CITADEL_GOJWTSVID);
 #   - tests/goworkload built against go-spiffe's workloadapi (a Workload API client,
 #     CITADEL_GOWORKLOAD);
+#   - tests/gobroker built on go-spiffe's generated Broker API client (a SPIFFE broker,
+#     CITADEL_GOBROKER);
 #   - a Python venv with py-spiffe (PyPI `spiffe`, a second Workload API client,
 #     CITADEL_PYSPIFFE_PYTHON);
 #   - Istio's pilot-agent from the Go module proxy (scripts/istio-agent.sh, CITADEL_PILOT_AGENT);
@@ -103,6 +105,8 @@ ensure_gospiffe() {
   ensure_go_spiffe_program tests/gojwtsvid gojwtsvid-check CITADEL_GOJWTSVID
   # The Workload API client (workloadapi: X.509 and JWT sources, ValidateJWTSVID).
   ensure_go_spiffe_program tests/goworkload goworkload CITADEL_GOWORKLOAD
+  # A SPIFFE broker on go-spiffe's generated Broker API client (exp/proto/spiffe/broker).
+  ensure_go_spiffe_program tests/gobroker gobroker CITADEL_GOBROKER
 }
 
 ensure_pyspiffe() {

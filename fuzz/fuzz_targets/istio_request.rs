@@ -59,6 +59,7 @@ fn fixture() -> &'static Fixture {
                 inflight: Arc::new(tokio::sync::Semaphore::new(8)),
                 throttle: Arc::new(citadel::server::throttle::AuthThrottle::new(Default::default(), Default::default())),
                 linkerd: None,
+                broker: None,
             }),
         };
         Fixture {

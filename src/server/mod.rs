@@ -7,6 +7,7 @@
 //! `run` takes already-bound listeners and a shutdown signal, so tests bind `127.0.0.1:0`
 //! and the CLI binds the configured addresses.
 
+pub mod broker;
 pub mod conn;
 pub mod http;
 mod instrument;
@@ -185,7 +186,7 @@ impl Server {
                 sweep: self.sweep,
                 clock: self.clock.clone(),
                 ttl: self.ttl,
-                node_auth: self.node_auth,
+                node_auth: self.node_auth.clone(),
             }),
             auth: self.auth,
             metrics: self.metrics,
@@ -195,6 +196,7 @@ impl Server {
                 self.limits.exempt.clone(),
             )),
             linkerd: self.linkerd,
+            broker: port::BrokerPort::new(self.node_auth.as_ref(), shutdown.clone()),
         });
         if !self.limits.exempt.nets().is_empty() {
             tracing::info!(exempt = ?self.limits.exempt.nets().iter().map(ToString::to_string).collect::<Vec<_>>(), "sources exempt from the per-peer limits (--throttle-exempt-cidr)");

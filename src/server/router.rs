@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::conn::Tracked;
 use super::port::CaPort;
 use super::{
-    istio, jwtsvid, linkerd, MAX_HEADER_LIST_BYTES, MAX_STREAMS_PER_CONNECTION, REQUEST_TIMEOUT,
+    broker, istio, jwtsvid, linkerd, MAX_HEADER_LIST_BYTES, MAX_STREAMS_PER_CONNECTION, REQUEST_TIMEOUT,
 };
 
 /// The CA port's HTTP/2 settings around every surface, whose calls count as streams in
@@ -26,4 +26,5 @@ where
         .add_service(Tracked::<_, I>::new(istio::service(port)))
         .add_service(Tracked::<_, I>::new(jwtsvid::service(port)))
         .add_optional_service(linkerd::service(port).map(Tracked::<_, I>::new))
+        .add_optional_service(broker::service(port).map(Tracked::<_, I>::new))
 }

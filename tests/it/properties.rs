@@ -107,6 +107,7 @@ fn no_accepted_csr_names_anyone_but_the_caller() {
                 Default::default(),
             )),
             linkerd: None,
+            broker: None,
         }),
     };
     let token = bearer(&token("shop", "cart"));
