@@ -563,7 +563,7 @@ impl Api for BrokerServer {
     type SubscribeToJWTBundlesStream =
         ReceiverStream<Result<SubscribeToJwtBundlesResponse, Status>>;
 
-    async fn subscribe_to_x509_svid(
+    async fn subscribe_to_x509svid(
         &self,
         request: Request<SubscribeToX509svidRequest>,
     ) -> Result<Response<Self::SubscribeToX509SVIDStream>, Status> {
