@@ -108,8 +108,8 @@ impl std::fmt::Display for PodRef {
     }
 }
 
-/// Which check refused a broker call: logged, and the `reason` label of
-/// `citadel_broker_refusals_total` (a fixed set).
+/// Which check refused a broker call: logged as `check=<label>` (a fixed set, ready to be a
+/// metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BrokerRefusal {
     /// The certificate's SPIFFE ID is not in `--broker-ids`.

@@ -1,9 +1,10 @@
 //! The one issue path every surface calls: authenticate, authorize the identity, sign,
 //! record and audit. Istio's CreateCertificate (`server::istio`), Linkerd's Certify
 //! (`server::linkerd`), citadel's JWT-SVID service (`server::jwtsvid`, through
-//! [`IssuePath::issue_jwt`]), the Pod Certificates signer (`cluster::podcert`) and the
-//! Kubernetes CSR signer (`cluster::csrsigner`) call it; the Workload API on the CA port is to
-//! call it too, never copy it.
+//! [`IssuePath::issue_jwt`]), the Pod Certificates signer (`cluster::podcert`), the
+//! Kubernetes CSR signer (`cluster::csrsigner`) and the SPIFFE Broker API (`server::broker`,
+//! [`Requester::Broker`], [`IssuePath::issue_jwt_brokered`]) call it; the Workload API on
+//! the CA port is to call it too, never copy it.
 //!
 //! A surface owns only its decode (wire request -> [`Requester`] and [`IssueRequest`]) and its
 //! ONE mapping from [`IssueError`] to its wire's answer (a gRPC code, a PodCertificateRequest

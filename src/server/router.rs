@@ -8,7 +8,8 @@ use std::time::Duration;
 use super::conn::Tracked;
 use super::port::CaPort;
 use super::{
-    broker, istio, jwtsvid, linkerd, MAX_HEADER_LIST_BYTES, MAX_STREAMS_PER_CONNECTION, REQUEST_TIMEOUT,
+    broker, istio, jwtsvid, linkerd, MAX_HEADER_LIST_BYTES, MAX_STREAMS_PER_CONNECTION,
+    REQUEST_TIMEOUT,
 };
 
 /// The CA port's HTTP/2 settings around every surface, whose calls count as streams in
