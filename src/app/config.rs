@@ -671,6 +671,16 @@ mod tests {
             ),
             (
                 Box::new(|c| {
+                    c.broker_ids = crate::auth::broker::BrokerIds::parse(
+                        &["spiffe://cluster.local/ns/spire/sa/broker"],
+                        &c.trust_domain,
+                    )
+                    .unwrap()
+                }),
+                "--broker-ids needs the cluster",
+            ),
+            (
+                Box::new(|c| {
                     c.pod_certificates = Some(PodCertConfig {
                         signer_name: "citadel.dev/spiffe".into(),
                         workers: 8,
