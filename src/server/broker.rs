@@ -273,15 +273,13 @@ struct Call {
 /// What the service shares with its streams.
 struct Inner {
     port: Arc<CaPort>,
+    /// The port's broker parts (present: [`service`] serves the API only then).
+    broker: BrokerPort,
 }
 
 impl Inner {
     fn broker(&self) -> &BrokerPort {
-        // service() serves the API only with a broker port.
-        self.port
-            .broker
-            .as_ref()
-            .expect("the Broker API is served only with --broker-ids")
+        &self.broker
     }
 
     /// Steps 1-4 of the module doc: the broker, its token and the pod it names.
@@ -458,10 +456,18 @@ pub struct BrokerServer {
 
 /// The service as the router adds it, when `--broker-ids` lists a broker.
 pub fn service(port: &Arc<CaPort>) -> Option<ApiServer<BrokerServer>> {
-    port.broker.as_ref()?;
+    let b = port.broker.as_ref()?;
+    let broker = BrokerPort {
+        authz: b.authz.clone(),
+        shutdown: b.shutdown.clone(),
+        streams: b.streams.clone(),
+    };
     Some(
         ApiServer::new(BrokerServer {
-            inner: Arc::new(Inner { port: port.clone() }),
+            inner: Arc::new(Inner {
+                port: port.clone(),
+                broker,
+            }),
         })
         .max_decoding_message_size(super::MAX_MESSAGE_BYTES),
     )
