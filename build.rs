@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "proto/citadel/jwtsvid.proto",
             "proto/citadel/federation.proto",
             "proto/spiffe/workload.proto",
+            "proto/spiffe/broker.proto",
         ],
         ["proto"],
     )?;

@@ -36,7 +36,7 @@ LAYERS = [
     ("leaves", ["audit", "leadership", "clock", "duration", "fsutil", "shutdown", "future", "proto", "lib"]),
 ]
 # Items defined in lib.rs itself, reachable as crate::<item>.
-LIB_ITEMS = {"install_crypto_provider", "proto", "jwtsvid_proto", "workload_proto", "federation_proto"}
+LIB_ITEMS = {"install_crypto_provider", "proto", "jwtsvid_proto", "workload_proto", "federation_proto", "broker_proto"}
 
 # File-level circles allowed, each exactly (a circle that grows a third file, or any other
 # circle, fails). Empty since issue 21 broke the last three; keep it so: move the shared items

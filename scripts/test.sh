@@ -19,6 +19,8 @@
 #     CITADEL_GOWORKLOAD);
 #   - tests/gofederation built against go-spiffe's federation package (fetches our bundle
 #     endpoint with both profiles, serves one our fetcher follows, CITADEL_GOFEDERATION);
+#   - tests/gobroker built on go-spiffe's generated Broker API client (a SPIFFE broker,
+#     CITADEL_GOBROKER);
 #   - a Python venv with py-spiffe (PyPI `spiffe`, a second Workload API client,
 #     CITADEL_PYSPIFFE_PYTHON);
 #   - Istio's pilot-agent from the Go module proxy (scripts/istio-agent.sh, CITADEL_PILOT_AGENT);
@@ -108,6 +110,8 @@ ensure_gospiffe() {
   # SPIFFE federation: go-spiffe's federation package fetching our bundle endpoint (both
   # profiles) and serving a bundle endpoint our fetcher follows.
   ensure_go_spiffe_program tests/gofederation gofederation CITADEL_GOFEDERATION
+  # A SPIFFE broker on go-spiffe's generated Broker API client (exp/proto/spiffe/broker).
+  ensure_go_spiffe_program tests/gobroker gobroker CITADEL_GOBROKER
 }
 
 ensure_pyspiffe() {

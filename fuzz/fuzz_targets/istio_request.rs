@@ -60,6 +60,7 @@ fn fixture() -> &'static Fixture {
                 throttle: Arc::new(citadel::server::throttle::AuthThrottle::new(Default::default(), Default::default())),
                 linkerd: None,
                 federated: Default::default(),
+                broker: None,
             }),
         };
         Fixture {

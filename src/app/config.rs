@@ -131,6 +131,9 @@ pub struct ServeConfig {
     /// Service accounts that may ask for the certificates of workloads on their node (ztunnel);
     /// empty refuses impersonation. Needs a cluster: the pod index watches its pods.
     pub trusted_node_accounts: TrustedNodeAccounts,
+    /// Who may use the SPIFFE Broker API on the CA port (`--broker-ids`); empty: not served.
+    /// Needs a cluster, like impersonation: the same pod index ties brokers to nodes.
+    pub broker_ids: crate::auth::broker::BrokerIds,
     /// How long after the pod watch broke impersonation is still judged on the last known
     /// pods (`--pod-index-max-staleness`); past it, Unavailable until a relist.
     pub pod_index_max_staleness: Duration,
@@ -221,6 +224,7 @@ impl ServeConfig {
             limits: Limits::default(),
             kubeconfig: None,
             trusted_node_accounts: TrustedNodeAccounts::default(),
+            broker_ids: Default::default(),
             pod_index_max_staleness: crate::auth::node::DEFAULT_MAX_STALENESS,
             cluster_id: crate::auth::cluster::DEFAULT_CLUSTER_ID.to_string(),
             remote_secrets_namespace: None,
@@ -449,6 +453,14 @@ impl ServeConfig {
                     .into(),
             );
         }
+        if !self.broker_ids.is_empty() && !self.uses_cluster() {
+            return Err(
+                "--broker-ids needs the cluster's pods (a broker gets SVIDs only for pods on its \
+                 node), and no cluster is configured: add --store kube, --auth tokenreview or \
+                 --jwks-from-cluster (with --kubeconfig, KUBECONFIG or in-cluster credentials)"
+                    .into(),
+            );
+        }
         if let Some(p) = &self.pod_certificates {
             if self.store == StoreConfig::File {
                 return Err("the Pod Certificates signer needs --store kube".into());
@@ -660,6 +672,16 @@ mod tests {
                         TrustedNodeAccounts::parse(&["istio-system/ztunnel"]).unwrap()
                 }),
                 "--trusted-node-accounts needs the cluster",
+            ),
+            (
+                Box::new(|c| {
+                    c.broker_ids = crate::auth::broker::BrokerIds::parse(
+                        &["spiffe://cluster.local/ns/spire/sa/broker"],
+                        &c.trust_domain,
+                    )
+                    .unwrap()
+                }),
+                "--broker-ids needs the cluster",
             ),
             (
                 Box::new(|c| {

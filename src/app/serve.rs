@@ -589,7 +589,7 @@ async fn start_node_authorizer(
     clock: &SharedClock,
     shutdown: &Shutdown,
 ) -> Result<Option<Arc<NodeAuthorizer>>, String> {
-    if config.trusted_node_accounts.is_empty() {
+    if config.trusted_node_accounts.is_empty() && config.broker_ids.is_empty() {
         return Ok(None);
     }
     let client = match replica {
@@ -608,7 +608,11 @@ async fn start_node_authorizer(
         config.trust_domain.clone(),
         pods,
     )
-    .with_max_staleness(config.pod_index_max_staleness);
+    .with_max_staleness(config.pod_index_max_staleness)
+    .with_brokers(config.broker_ids.clone());
+    if !config.broker_ids.is_empty() {
+        tracing::info!(broker_ids = ?config.broker_ids.names(), "SPIFFE Broker API enabled on the CA port");
+    }
     Ok(Some(Arc::new(match remotes {
         Some(r) => authorizer.with_remotes(r),
         None => authorizer,

@@ -1,9 +1,10 @@
 //! The one issue path every surface calls: authenticate, authorize the identity, sign,
 //! record and audit. Istio's CreateCertificate (`server::istio`), Linkerd's Certify
 //! (`server::linkerd`), citadel's JWT-SVID service (`server::jwtsvid`, through
-//! [`IssuePath::issue_jwt`]), the Pod Certificates signer (`cluster::podcert`) and the
-//! Kubernetes CSR signer (`cluster::csrsigner`) call it; the Workload API on the CA port is to
-//! call it too, never copy it.
+//! [`IssuePath::issue_jwt`]), the Pod Certificates signer (`cluster::podcert`), the
+//! Kubernetes CSR signer (`cluster::csrsigner`) and the SPIFFE Broker API (`server::broker`,
+//! [`Requester::Broker`], [`IssuePath::issue_jwt_brokered`]) call it; the Workload API on
+//! the CA port is to call it too, never copy it.
 //!
 //! A surface owns only its decode (wire request -> [`Requester`] and [`IssueRequest`]) and its
 //! ONE mapping from [`IssueError`] to its wire's answer (a gRPC code, a PodCertificateRequest
@@ -38,6 +39,7 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
+use super::broker::BrokerGrant;
 use super::node::{Impersonation, NodeAuthError, NodeAuthorizer, Refusal};
 use super::{AuthChain, AuthError, Caller, Credentials};
 use crate::ca::issue::{audit_issued, sign_leaf, AuditRecord, IssueFailure, Leaf};
@@ -209,6 +211,10 @@ pub enum Requester<'a> {
     /// Certificates: the live pod, service account and node); the identity is the one those
     /// objects name.
     Vouched(Vouched<'a>),
+    /// A SPIFFE broker (`server::broker`) on behalf of a pod on its node, as
+    /// `NodeAuthorizer::authorize_broker` granted it: the identity is the pod's, and the
+    /// certificate is marked node-issued like an impersonated one (it cannot renew itself).
+    Broker(&'a BrokerGrant),
 }
 
 /// A request vouched for by a controller, and what its audit line says about it.
@@ -431,6 +437,18 @@ impl IssuePath {
                 request: "",
                 cluster: caller.cluster.as_deref().unwrap_or(""),
             }),
+            Requester::Broker(g) => audit_issued(&AuditRecord {
+                serial_hex: &issued.serial_hex,
+                identity: &want,
+                caller: &g.broker.to_string(),
+                not_after: issued.not_after,
+                key_type: &key_type,
+                auth: "broker",
+                pod: &g.pod,
+                node: &g.node,
+                request: "",
+                cluster: "",
+            }),
             Requester::Vouched(v) => audit_issued(&AuditRecord {
                 serial_hex: &issued.serial_hex,
                 identity: &want,
@@ -459,31 +477,72 @@ impl IssuePath {
     /// audiences, the deny checks and the JWS, then the audit line (no audit, no token).
     pub fn issue_jwt(&self, req: JwtRequest<'_>) -> Result<JwtIssued, JwtIssueError> {
         let caller = req.caller;
-        let identity = caller.identity.clone();
+        self.sign_jwt_for(
+            &caller.identity,
+            req.spiffe_id,
+            req.audience,
+            &caller.method.to_string(),
+            caller.pod_name.as_deref().unwrap_or(""),
+            caller.cluster.as_deref().unwrap_or(""),
+        )
+    }
+
+    /// A JWT-SVID for the pod a broker was granted (`NodeAuthorizer::authorize_broker`):
+    /// the same steps as [`IssuePath::issue_jwt`] with the pod's identity in place of the
+    /// caller's; a `spiffe_id` naming anyone else is [`IssueError::OtherIdentity`].
+    pub fn issue_jwt_brokered(
+        &self,
+        grant: &BrokerGrant,
+        spiffe_id: Option<&str>,
+        audience: &[String],
+    ) -> Result<JwtIssued, JwtIssueError> {
+        self.sign_jwt_for(
+            &grant.identity,
+            spiffe_id,
+            audience,
+            "broker",
+            &grant.pod,
+            "",
+        )
+    }
+
+    /// The JWT-SVID steps for `identity`: the identity asked for must be it, the audiences,
+    /// the deny checks and the JWS, then the audit line (no audit, no token).
+    fn sign_jwt_for(
+        &self,
+        identity: &SpiffeId,
+        spiffe_id: Option<&str>,
+        audience: &[String],
+        auth: &str,
+        pod: &str,
+        cluster: &str,
+    ) -> Result<JwtIssued, JwtIssueError> {
+        let identity = identity.clone();
         let want = identity.to_string();
-        if let Some(asked) = req.spiffe_id.filter(|s| !s.is_empty() && *s != want) {
+        if let Some(asked) = spiffe_id.filter(|s| !s.is_empty() && *s != want) {
             return Err(IssueError::OtherIdentity {
                 asked: crate::audit::shown(asked).to_string(),
                 identity: want,
             }
             .into());
         }
-        check_audience(req.audience)?;
-        let svid = sign_jwt_svid(&self.ca, &identity, req.audience, self.clock.now()).map_err(
-            |e| match e {
-                JwtFailure::Refused(f) => JwtIssueError::Issue(IssueError::Ca(f)),
-                JwtFailure::NoKey => JwtIssueError::NoKey,
-                JwtFailure::Sign(k) => JwtIssueError::Sign(k),
-            },
-        )?;
+        check_audience(audience)?;
+        let svid =
+            sign_jwt_svid(&self.ca, &identity, audience, self.clock.now()).map_err(
+                |e| match e {
+                    JwtFailure::Refused(f) => JwtIssueError::Issue(IssueError::Ca(f)),
+                    JwtFailure::NoKey => JwtIssueError::NoKey,
+                    JwtFailure::Sign(k) => JwtIssueError::Sign(k),
+                },
+            )?;
         let written = audit_jwt_issued(&JwtAudit {
             identity: &want,
             kid: &svid.kid,
-            audience: req.audience,
+            audience,
             expires_at: svid.expires_at,
-            auth: &caller.method.to_string(),
-            pod: caller.pod_name.as_deref().unwrap_or(""),
-            cluster: caller.cluster.as_deref().unwrap_or(""),
+            auth,
+            pod,
+            cluster,
         });
         if !written {
             return Err(IssueError::Unaudited.into());
@@ -499,6 +558,14 @@ impl IssuePath {
     ) -> Result<(SpiffeId, Option<Impersonation>), IssueError> {
         match requester {
             Requester::Vouched(v) => Ok((v.identity.clone(), None)),
+            Requester::Broker(g) => Ok((
+                g.identity.clone(),
+                Some(Impersonation {
+                    identity: g.identity.clone(),
+                    node: g.node.clone(),
+                    node_account: g.broker.to_string(),
+                }),
+            )),
             Requester::Workload {
                 caller,
                 asks_for: Some(other),

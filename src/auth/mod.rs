@@ -8,6 +8,7 @@
 //! [`issue_path`] is the issue path every surface calls: authenticate with a chain, authorize
 //! the identity (the caller's own, or node impersonation), then `ca::issue` and the audit line.
 
+pub mod broker;
 pub mod client_cert;
 pub mod cluster;
 pub mod issue_path;

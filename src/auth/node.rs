@@ -30,6 +30,9 @@ use std::collections::HashSet;
 use std::fmt;
 use std::time::Duration;
 
+use super::broker::{
+    self, BrokerAuthError, BrokerDenied, BrokerGrant, BrokerIds, BrokerRefusal, PodRef,
+};
 use super::cluster::RemoteClusters;
 use super::pods::PodIndex;
 use super::{AuthMethod, Caller};
@@ -220,6 +223,8 @@ pub struct NodeAuthorizer {
     remotes: Option<std::sync::Arc<RemoteClusters>>,
     /// How long after its watch broke an index is still trusted.
     max_staleness: Duration,
+    /// Who may use the Broker API (`--broker-ids`); empty: nobody.
+    brokers: BrokerIds,
 }
 
 impl NodeAuthorizer {
@@ -235,7 +240,25 @@ impl NodeAuthorizer {
             pods,
             remotes: None,
             max_staleness: DEFAULT_MAX_STALENESS,
+            brokers: BrokerIds::default(),
         }
+    }
+
+    /// Also judges Broker API calls of these brokers (`--broker-ids`), against the same pods.
+    pub fn with_brokers(mut self, brokers: BrokerIds) -> Self {
+        self.brokers = brokers;
+        self
+    }
+
+    /// Whether `id` is in `--broker-ids` (checked again by [`NodeAuthorizer::authorize_broker`];
+    /// a surface asks first to refuse an unlisted broker before reading anything else).
+    pub fn is_broker(&self, id: &SpiffeId) -> bool {
+        self.brokers.contains(id)
+    }
+
+    /// Whether any broker is allowed (the CA port serves the Broker API only then).
+    pub fn brokers_enabled(&self) -> bool {
+        !self.brokers.is_empty()
     }
 
     /// Trusts an index whose watch broke for `max` at most (`--pod-index-max-staleness`).
@@ -338,67 +361,9 @@ impl NodeAuthorizer {
                 format!("requested {shown} is not of the form ns/<ns>/sa/<sa>"),
             )
         })?;
-        if !pods.is_synced() {
-            return Err(NodeAuthError::NotSynced);
-        }
-        if let Some(broken_for) = pods.stale_for().filter(|d| *d > self.max_staleness) {
-            return Err(NodeAuthError::Stale {
-                broken_for,
-                max: self.max_staleness,
-            });
-        }
-        let (Some(pod_name), Some(pod_uid)) = (&caller.pod_name, &caller.pod_uid) else {
-            return Err(deny(
-                Refusal::NoPodInToken,
-                format!(
-                    "the token of {} is not bound to a pod (no pod name and UID)",
-                    caller.identity
-                ),
-            ));
-        };
-        let ns = &caller_sa.namespace;
-        let pod = pods.pod(ns, pod_name).ok_or_else(|| {
-            deny(
-                Refusal::CallerPodNotFound,
-                format!("caller pod {ns}/{pod_name} not found (or Failed/Succeeded)"),
-            )
-        })?;
-        if *pod.uid != **pod_uid {
-            // A pod re-created under the same name while the caller still holds the old
-            // pod's token; istiod notes this is eventually consistent, the client retries.
-            return Err(deny(
-                Refusal::CallerPodUidMismatch,
-                format!(
-                    "caller pod {ns}/{pod_name} has UID {} but the token names {pod_uid}",
-                    pod.uid
-                ),
-            ));
-        }
-        if *pod.service_account != *caller_sa.name {
-            return Err(deny(
-                Refusal::CallerPodAccountMismatch,
-                format!(
-                    "caller pod {ns}/{pod_name} runs as {} but the token is {}",
-                    pod.service_account, caller_sa.name
-                ),
-            ));
-        }
-        let Some(node) = pod.node.as_deref() else {
-            return Err(deny(
-                Refusal::CallerNodeUnknown,
-                format!("caller pod {ns}/{pod_name} is not scheduled on a node"),
-            ));
-        };
-        if let Some(claimed) = caller.node_name.as_deref() {
-            if claimed != node {
-                return Err(deny(
-                    Refusal::CallerNodeUnknown,
-                    format!(
-                        "caller pod {ns}/{pod_name} is on {node} but its token names {claimed}"
-                    ),
-                ));
-            }
-        }
+        self.current(pods)?;
+        let node = caller_node(pods, caller, &caller_sa).map_err(NodeAuthError::Denied)?;
+        let node = node.as_str();
         if !pods.runs_on(node, &target) {
             return Err(deny(
                 Refusal::NotOnNode,
@@ -414,6 +379,150 @@ impl NodeAuthorizer {
             node_account: format!("{}/{}", caller_sa.namespace, caller_sa.name),
         })
     }
+
+    /// Refuses to judge on an index that never listed, or whose watch has been broken
+    /// longer than `--pod-index-max-staleness`.
+    fn current(&self, pods: &PodIndex) -> Result<(), NodeAuthError> {
+        if !pods.is_synced() {
+            return Err(NodeAuthError::NotSynced);
+        }
+        if let Some(broken_for) = pods.stale_for().filter(|d| *d > self.max_staleness) {
+            return Err(NodeAuthError::Stale {
+                broken_for,
+                max: self.max_staleness,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the broker `cert` (its X.509-SVID) with `token` (its pod-bound token) may get
+    /// `target`'s SVID: `cert` is listed in `--broker-ids`, `token` names the same identity,
+    /// the token's pod is tied to a node exactly as an impersonating caller's is (the same
+    /// checks, [`caller_node`]), and `target` is an identified pod on that node
+    /// (`auth::broker`). Only this cluster's pods: a token vouched for by a remote cluster
+    /// is refused.
+    pub fn authorize_broker(
+        &self,
+        cert: &Caller,
+        token: &Caller,
+        target: &PodRef,
+    ) -> Result<BrokerGrant, BrokerAuthError> {
+        let deny =
+            |reason, detail: String| BrokerAuthError::Denied(BrokerDenied { reason, detail });
+        if !self.brokers.contains(&cert.identity) {
+            return Err(deny(
+                BrokerRefusal::NotListed,
+                format!("{} is not in --broker-ids", cert.identity),
+            ));
+        }
+        if token.identity != cert.identity {
+            return Err(deny(
+                BrokerRefusal::TokenMismatch,
+                format!(
+                    "the certificate is {} but the token is {}",
+                    cert.identity, token.identity
+                ),
+            ));
+        }
+        if token.method == AuthMethod::ClientCert || token.cluster.is_some() {
+            return Err(deny(
+                BrokerRefusal::NoNode,
+                format!(
+                    "{} sent no token of this cluster's (a pod-bound token is needed to tie it \
+                     to its node)",
+                    cert.identity
+                ),
+            ));
+        }
+        let sa = cert.identity.service_account().ok_or_else(|| {
+            deny(
+                BrokerRefusal::NotListed,
+                format!("{} names no service account", cert.identity),
+            )
+        })?;
+        self.current(&self.pods).map_err(|e| match e {
+            NodeAuthError::NotSynced => BrokerAuthError::NotSynced,
+            NodeAuthError::Stale { broken_for, max } => BrokerAuthError::Stale { broken_for, max },
+            NodeAuthError::Denied(d) => deny(BrokerRefusal::NoNode, d.detail),
+        })?;
+        let node = caller_node(&self.pods, token, &sa).map_err(|d| {
+            deny(
+                BrokerRefusal::NoNode,
+                format!("{}: {}", d.reason.label(), d.detail),
+            )
+        })?;
+        let identity = broker::resolve_pod(&self.pods, &node, target, &self.trust_domain)
+            .map_err(BrokerAuthError::Denied)?;
+        Ok(BrokerGrant {
+            broker: cert.identity.clone(),
+            node,
+            pod: format!("{}/{}", target.namespace, target.name),
+            identity,
+        })
+    }
+}
+
+/// The node `caller`'s pod runs on, checked as istiod checks a node proxy: the token carries
+/// a pod name and UID, that pod exists in `pods` with that UID, runs as `caller_sa`, is
+/// scheduled, and is on the node the token names (when it names one). Shared by node
+/// impersonation and the Broker API.
+fn caller_node(
+    pods: &PodIndex,
+    caller: &Caller,
+    caller_sa: &ServiceAccount,
+) -> Result<String, Denied> {
+    let deny = |reason, detail: String| Denied { reason, detail };
+    let (Some(pod_name), Some(pod_uid)) = (&caller.pod_name, &caller.pod_uid) else {
+        return Err(deny(
+            Refusal::NoPodInToken,
+            format!(
+                "the token of {} is not bound to a pod (no pod name and UID)",
+                caller.identity
+            ),
+        ));
+    };
+    let ns = &caller_sa.namespace;
+    let pod = pods.pod(ns, pod_name).ok_or_else(|| {
+        deny(
+            Refusal::CallerPodNotFound,
+            format!("caller pod {ns}/{pod_name} not found (or Failed/Succeeded)"),
+        )
+    })?;
+    if *pod.uid != **pod_uid {
+        // A pod re-created under the same name while the caller still holds the old
+        // pod's token; istiod notes this is eventually consistent, the client retries.
+        return Err(deny(
+            Refusal::CallerPodUidMismatch,
+            format!(
+                "caller pod {ns}/{pod_name} has UID {} but the token names {pod_uid}",
+                pod.uid
+            ),
+        ));
+    }
+    if *pod.service_account != *caller_sa.name {
+        return Err(deny(
+            Refusal::CallerPodAccountMismatch,
+            format!(
+                "caller pod {ns}/{pod_name} runs as {} but the token is {}",
+                pod.service_account, caller_sa.name
+            ),
+        ));
+    }
+    let Some(node) = pod.node.as_deref() else {
+        return Err(deny(
+            Refusal::CallerNodeUnknown,
+            format!("caller pod {ns}/{pod_name} is not scheduled on a node"),
+        ));
+    };
+    if let Some(claimed) = caller.node_name.as_deref() {
+        if claimed != node {
+            return Err(deny(
+                Refusal::CallerNodeUnknown,
+                format!("caller pod {ns}/{pod_name} is on {node} but its token names {claimed}"),
+            ));
+        }
+    }
+    Ok(node.to_string())
 }
 
 #[cfg(test)]
@@ -690,6 +799,141 @@ mod tests {
         ] {
             let e = TrustedNodeAccounts::parse(&[bad]).unwrap_err();
             assert!(e.contains("NAMESPACE/SERVICE_ACCOUNT"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_broker_gets_only_pods_on_the_node_its_token_ties_it_to() {
+        let pods = Arc::new(PodIndex::default());
+        let a = NodeAuthorizer::new(TrustedNodeAccounts::default(), td(), pods.clone())
+            .with_brokers(
+                BrokerIds::parse(&["spiffe://cluster.local/ns/spire/sa/broker"], &td()).unwrap(),
+            );
+        let broker_id = SpiffeId::parse("spiffe://cluster.local/ns/spire/sa/broker").unwrap();
+        let cert = Caller {
+            identity: broker_id.clone(),
+            method: AuthMethod::ClientCert,
+            pod_name: None,
+            pod_uid: None,
+            node_name: None,
+            cluster: None,
+        };
+        let token = Caller {
+            method: AuthMethod::TokenReview,
+            pod_name: Some("broker-1".into()),
+            pod_uid: Some("b1".into()),
+            ..cert.clone()
+        };
+        let cart = PodRef {
+            namespace: "shop".into(),
+            name: "cart-1".into(),
+            uid: None,
+        };
+        assert_eq!(
+            a.authorize_broker(&cert, &token, &cart),
+            Err(BrokerAuthError::NotSynced)
+        );
+        pods.replace_all([
+            rec("spire", "broker-1", "b1", "broker", Some("n1")),
+            rec("shop", "cart-1", "c1", "cart", Some("n1")),
+            rec("shop", "pay-1", "p1", "pay", Some("n2")),
+        ]);
+        let g = a.authorize_broker(&cert, &token, &cart).unwrap();
+        assert_eq!(
+            g.identity.to_string(),
+            "spiffe://cluster.local/ns/shop/sa/cart"
+        );
+        assert_eq!((g.node.as_str(), g.pod.as_str()), ("n1", "shop/cart-1"));
+        assert_eq!(g.broker, broker_id);
+        // Brokers do not make impersonation possible: --trusted-node-accounts is empty.
+        assert!(matches!(
+            a.authorize(&token, "spiffe://cluster.local/ns/shop/sa/cart"),
+            Err(NodeAuthError::Denied(Denied {
+                reason: Refusal::Disabled,
+                ..
+            }))
+        ));
+        let other = Caller {
+            identity: SpiffeId::parse("spiffe://cluster.local/ns/spire/sa/other").unwrap(),
+            ..cert.clone()
+        };
+        let pay = PodRef {
+            name: "pay-1".into(),
+            ..cart.clone()
+        };
+        let cases: Vec<(&str, Caller, Caller, PodRef, BrokerRefusal)> = vec![
+            (
+                "unlisted",
+                other.clone(),
+                Caller {
+                    identity: other.identity.clone(),
+                    ..token.clone()
+                },
+                cart.clone(),
+                BrokerRefusal::NotListed,
+            ),
+            (
+                "another's token",
+                cert.clone(),
+                Caller {
+                    identity: other.identity.clone(),
+                    ..token.clone()
+                },
+                cart.clone(),
+                BrokerRefusal::TokenMismatch,
+            ),
+            (
+                "no token",
+                cert.clone(),
+                cert.clone(),
+                cart.clone(),
+                BrokerRefusal::NoNode,
+            ),
+            (
+                "re-created pod",
+                cert.clone(),
+                Caller {
+                    pod_uid: Some("old".into()),
+                    ..token.clone()
+                },
+                cart.clone(),
+                BrokerRefusal::NoNode,
+            ),
+            (
+                "token names another node",
+                cert.clone(),
+                Caller {
+                    node_name: Some("n2".into()),
+                    ..token.clone()
+                },
+                cart.clone(),
+                BrokerRefusal::NoNode,
+            ),
+            (
+                "remote cluster",
+                cert.clone(),
+                Caller {
+                    cluster: Some("b".into()),
+                    ..token.clone()
+                },
+                cart.clone(),
+                BrokerRefusal::NoNode,
+            ),
+            (
+                "pod elsewhere",
+                cert.clone(),
+                token.clone(),
+                pay,
+                BrokerRefusal::PodNotOnNode,
+            ),
+        ];
+        for (name, c, t, target, want) in cases {
+            match a.authorize_broker(&c, &t, &target) {
+                Err(BrokerAuthError::Denied(d)) => {
+                    assert_eq!(d.reason, want, "{name}: {}", d.detail)
+                }
+                other => panic!("{name}: {other:?}"),
+            }
         }
     }
 }

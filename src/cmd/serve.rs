@@ -263,6 +263,17 @@ pub struct Args {
           value_name = "NS/SA", value_parser = parse_node_account)]
     pub trusted_node_accounts: Vec<String>,
 
+    /// SPIFFE Broker API (`spiffe.broker.API` on this port): the SPIFFE ID of a broker (a
+    /// node-local component, e.g. a CSI driver or node proxy, that fetches the SVIDs of pods on
+    /// its node), exactly, `spiffe://<td>/ns/<ns>/sa/<sa>`. Repeat, or give a comma-separated
+    /// list. A broker calls with its X509-SVID as the TLS client certificate, the metadata
+    /// `broker.spiffe.io: true`, and its pod-bound token as `authorization: Bearer` (the token
+    /// ties it to its node); it gets SVIDs only for pods on that node. Needs a cluster (the
+    /// pod index, as --trusted-node-accounts). Unset: the Broker API is not served.
+    /// docs/spiffe.md, "Broker API".
+    #[arg(long = "broker-ids", value_delimiter = ',', value_name = "SPIFFE_ID")]
+    pub broker_ids: Vec<String>,
+
     /// Ambient mode: how long node impersonation keeps trusting the last known pods after
     /// the pod watch broke (API server down or unreachable). Past it, impersonation requests
     /// get Unavailable (ztunnel retries) until the watch has relisted every pod, so a pod
@@ -574,6 +585,8 @@ impl Args {
             }
         };
         let key_source = self.key_source()?;
+        let broker_ids =
+            crate::auth::broker::BrokerIds::parse(&self.broker_ids, &self.trust_domain)?;
         let linkerd = match &self.linkerd_identity_domain {
             None => None,
             Some(domain) => Some(crate::app::config::LinkerdConfig {
@@ -644,6 +657,7 @@ impl Args {
             trusted_node_accounts: crate::auth::node::TrustedNodeAccounts::parse(
                 &self.trusted_node_accounts,
             )?,
+            broker_ids,
             pod_index_max_staleness: self.pod_index_max_staleness,
             cluster_id: self.cluster_id,
             ca_resource: self.ca_resource,

@@ -7,6 +7,7 @@
 //! `run` takes already-bound listeners and a shutdown signal, so tests bind `127.0.0.1:0`
 //! and the CLI binds the configured addresses.
 
+pub mod broker;
 pub mod conn;
 pub mod federation;
 pub mod http;
@@ -188,7 +189,7 @@ impl Server {
                 sweep: self.sweep,
                 clock: self.clock.clone(),
                 ttl: self.ttl,
-                node_auth: self.node_auth,
+                node_auth: self.node_auth.clone(),
             }),
             auth: self.auth,
             metrics: self.metrics,
@@ -199,6 +200,7 @@ impl Server {
             )),
             linkerd: self.linkerd,
             federated: self.federated,
+            broker: port::BrokerPort::new(self.node_auth.as_ref(), shutdown.clone()),
         });
         if !self.limits.exempt.nets().is_empty() {
             tracing::info!(exempt = ?self.limits.exempt.nets().iter().map(ToString::to_string).collect::<Vec<_>>(), "sources exempt from the per-peer limits (--throttle-exempt-cidr)");

@@ -96,6 +96,40 @@ pub struct CaPort {
     pub linkerd: Option<LinkerdPort>,
     /// The foreign trust domains' bundles (`--federate-with`), for FetchFederatedBundles.
     pub federated: super::federation::FederatedBundles,
+    /// The SPIFFE Broker API, when `--broker-ids` lists a broker.
+    pub broker: Option<BrokerPort>,
+}
+
+/// The SPIFFE Broker API on the CA port (`server::broker`), what it has beyond what every
+/// surface shares: the judge of brokers and their pods (the node authorizer, whose pod index
+/// impersonation shares), the server's shutdown (its streams outlive a call and must end
+/// when the server stops), and a bound on open streams.
+pub struct BrokerPort {
+    /// `--broker-ids` and the pod index.
+    pub authz: Arc<crate::auth::node::NodeAuthorizer>,
+    /// Ends every open stream.
+    pub shutdown: crate::shutdown::Shutdown,
+    /// One permit per open stream ([`BROKER_MAX_STREAMS`]).
+    pub streams: Arc<Semaphore>,
+}
+
+/// The most Broker API streams open at once on one server (each holds a task and, for
+/// SubscribeToX509SVID, a key): a broker serves one node, so this is far above need.
+pub const BROKER_MAX_STREAMS: usize = 4096;
+
+impl BrokerPort {
+    /// The Broker API over `authz`, when it allows any broker; `None` otherwise.
+    pub fn new(
+        authz: Option<&Arc<crate::auth::node::NodeAuthorizer>>,
+        shutdown: crate::shutdown::Shutdown,
+    ) -> Option<Self> {
+        let authz = authz.filter(|a| a.brokers_enabled())?.clone();
+        Some(Self {
+            authz,
+            shutdown,
+            streams: Arc::new(Semaphore::new(BROKER_MAX_STREAMS)),
+        })
+    }
 }
 
 impl CaPort {

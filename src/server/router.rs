@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::conn::Tracked;
 use super::port::CaPort;
 use super::{
-    federation, istio, jwtsvid, linkerd, MAX_HEADER_LIST_BYTES, MAX_STREAMS_PER_CONNECTION,
+    broker, federation, istio, jwtsvid, linkerd, MAX_HEADER_LIST_BYTES, MAX_STREAMS_PER_CONNECTION,
     REQUEST_TIMEOUT,
 };
 
@@ -28,4 +28,5 @@ where
         .add_service(Tracked::<_, I>::new(jwtsvid::service(port)))
         .add_optional_service(linkerd::service(port).map(Tracked::<_, I>::new))
         .add_service(Tracked::<_, I>::new(federation::service::service(port)))
+        .add_optional_service(broker::service(port).map(Tracked::<_, I>::new))
 }

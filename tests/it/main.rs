@@ -8,6 +8,7 @@
 
 mod agent;
 mod ambient;
+mod broker;
 mod ca_resource;
 mod cli;
 mod csr_signer;

@@ -108,6 +108,7 @@ fn no_accepted_csr_names_anyone_but_the_caller() {
             )),
             linkerd: None,
             federated: Default::default(),
+            broker: None,
         }),
     };
     let token = bearer(&token("shop", "cart"));
