@@ -9,7 +9,8 @@
 # For each key type (the CA's key AND the CSRs' keys) and each server, N runs of:
 #   - saturation: 64 streams, closed loop (certificates/s, p50/p99, server CPU per certificate);
 #   - open loop at 1,000/s and at 5,000/s (p50/p99 at that offered load);
-# with the server's peak RSS. One load generator for all three (bench/peers/load, Go):
+# with the server's peak RSS. One load generator for all three (bench/peers/load, Go, on one
+# thread like citadel-bench: GOMAXPROCS=1, so it takes at most one of the cores):
 # distinct CSR per request (a distinct SPIFFE ID each) and, for Istio's protocol, a distinct
 # RS256 token per request.
 #
@@ -46,7 +47,7 @@ while [ $# -gt 0 ]; do
     --servers) SERVERS="$2"; shift 2 ;;
     --csv) CSV="$2"; shift 2 ;;
     --open-seconds) OPEN_SECONDS="$2"; shift 2 ;;
-    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -182,7 +183,7 @@ stop_server() { kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true
 # One measurement: prints "cps p50 p99 cpu_us rss_kib errors".
 measure() {
   local out
-  out="$("$LOAD" "${TARGET_ARGS[@]}" -key-type "$1" -server-pid "$PID" -requests "$2" "${@:3}")" \
+  out="$(GOMAXPROCS=1 "$LOAD" "${TARGET_ARGS[@]}" -key-type "$1" -server-pid "$PID" -requests "$2" "${@:3}")" \
     || { echo "peers-load failed" >&2; exit 1; }
   echo "$out" >&2
   local cps p50 p99 cpu rss errs
