@@ -112,6 +112,9 @@ pub async fn run(
     {
         policy_source = apply_ca_resource(&mut config, &r.client, &namespace).await?;
     }
+    // The running policy: one cell every consumer reads per request or per step, and the
+    // CertificateAuthority reconciler swaps on every replica when the spec changes.
+    let live_policy = crate::ca::policy::LivePolicy::new(config.ca_policy());
     // Linkerd anchor drift's gauges (`--linkerd-identity-domain` with the Kubernetes store):
     // counted by the drift watch, read by the metrics and the CertificateAuthority's status.
     let linkerd_drift = (replica.is_some() && config.linkerd.is_some())
@@ -224,7 +227,7 @@ pub async fn run(
             let mut scheduler = Scheduler::new(
                 store.clone(),
                 ca.clone(),
-                config.rotation.clone(),
+                live_policy.clone(),
                 clock.clone(),
                 config.trust_domain.clone(),
             )
@@ -246,7 +249,7 @@ pub async fn run(
                     index.clone(),
                     clock.clone(),
                     config.trust_domain.as_str(),
-                    config.rotation.clone(),
+                    live_policy.clone(),
                     scheduler.wake.clone(),
                     &config.ca_resource,
                 );
@@ -259,8 +262,10 @@ pub async fn run(
                     store.clone(),
                     ca.clone(),
                     clock.clone(),
-                    config.ca_policy(),
+                    live_policy.clone(),
                     policy_source.clone(),
+                    &r.identity,
+                    config.trust_domain.as_str(),
                     flags_policy.clone(),
                     config.activate_after_explicit,
                     config.ca_resource_caps,
@@ -387,7 +392,7 @@ pub async fn run(
             clock.clone(),
             config.trust_domain.clone(),
             pc.clone(),
-            config.ttl.max,
+            live_policy.clone(),
         );
         let stats = signer.stats();
         metrics
@@ -409,7 +414,7 @@ pub async fn run(
             clock.clone(),
             config.trust_domain.clone(),
             cc.clone(),
-            config.ttl,
+            live_policy.clone(),
             r.namespace(),
         );
         let m = signer.clone();
@@ -423,7 +428,7 @@ pub async fn run(
     let server = Server {
         ca,
         auth,
-        ttl: config.ttl,
+        ttl: live_policy.clone(),
         clock,
         metrics,
         tls,

@@ -42,7 +42,10 @@ pub fn prepare_root_rotation(
         .active_signer()
         .ok_or_else(|| CaError::Config("no active intermediate".into()))?
         .clone();
-    let kt = key_type_of(&old_root)?;
+    let kt = match p.new_key_type {
+        Some(kt) => kt,
+        None => key_type_of(&old_root)?,
+    };
     let new_root = mint_root(&td, kt, now, p.root_ttl, Status::Prepared)?;
     let (mut new_int, key) = mint_intermediate(
         &td,
@@ -107,9 +110,12 @@ pub fn apply(
                 .active_root()
                 .ok_or_else(|| CaError::Config("no active root".into()))?
                 .clone();
-            let kt = match j.active_signer() {
-                Some(a) => key_type_of(a)?,
-                None => key_type_of(&root)?,
+            // The policy's key type (a spec change applies to the next key), else the
+            // predecessor's.
+            let kt = match (p.new_key_type, j.active_signer()) {
+                (Some(kt), _) => kt,
+                (None, Some(a)) => key_type_of(a)?,
+                (None, None) => key_type_of(&root)?,
             };
             let (rec, _) =
                 mint_intermediate(&td, kt, &root, now, p.intermediate_ttl, Status::Prepared)?;

@@ -558,6 +558,8 @@ impl Args {
                     refresh_hint: self.jwt_bundle_refresh_hint,
                     ..JwtKeyPolicy::default()
                 },
+                // Read from the policy's key type (`LivePolicy::rotation`).
+                new_key_type: None,
             },
             tls_names: (!self.plaintext).then_some(tls_names),
             reconcile_interval: self.reconcile_interval,

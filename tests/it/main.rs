@@ -24,6 +24,7 @@ mod kube_faults;
 mod lifecycle;
 mod limits;
 mod linkerd;
+mod live_spec;
 mod multicluster;
 mod pilot_agent;
 mod plugged_swap;
