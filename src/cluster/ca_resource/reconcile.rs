@@ -482,23 +482,17 @@ impl Reconciler {
             );
             self.warn(&cr, "TrustDomainMismatch", msg.clone()).await;
             degraded = Some(("TrustDomainMismatch".into(), msg));
-        } else {
-            match effective_policy(
-                &cr.spec,
-                &self.flags,
-                self.activate_after_from_flag,
-                &self.caps,
-            ) {
-                Err(e) => {
-                    let msg =
-                        format!("the spec cannot be used: {e}; running with the previous policy");
-                    self.warn(&cr, "InvalidSpec", msg.clone()).await;
-                    degraded = Some(("InvalidSpec".into(), msg));
-                }
-                // Applied live by every replica (`follow_spec`); each reports it in
-                // `status.replicas`.
-                Ok(_) => {}
-            }
+        } else if let Err(e) = effective_policy(
+            &cr.spec,
+            &self.flags,
+            self.activate_after_from_flag,
+            &self.caps,
+        ) {
+            // A valid spec is applied live by every replica (`follow_spec`), each reporting it
+            // in `status.replicas`; an invalid one is also the leader's `Degraded`.
+            let msg = format!("the spec cannot be used: {e}; running with the previous policy");
+            self.warn(&cr, "InvalidSpec", msg.clone()).await;
+            degraded = Some(("InvalidSpec".into(), msg));
         }
         // A rotation request not handled yet: prepared and recorded in one journal write.
         if let (Some(req), None) = (&cr.spec.root_rotation, td_mismatch) {
