@@ -37,6 +37,8 @@ pub struct Listeners {
     pub grpc: TcpListener,
     /// /metrics and /healthz.
     pub metrics: TcpListener,
+    /// The CRL distribution point (`--crl-endpoint`), if configured.
+    pub crl: Option<TcpListener>,
 }
 
 /// Loads or creates the CA and serves until `shutdown`.
@@ -440,6 +442,15 @@ pub async fn run(
     };
     if let Some(s) = scheduler {
         tokio::spawn(s.run(config.reconcile_interval, shutdown.clone()));
+    }
+    if let Some(l) = listeners.crl {
+        tracing::info!(addr = %l.local_addr().map_err(|e| e.to_string())?, path = crate::server::crl_http::PREFIX, url = ?config.rotation.crl_distribution_url, "serving CRLs over HTTP (--crl-endpoint)");
+        let (ca, sd) = (server.ca.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::server::crl_http::serve(l, ca, sd).await {
+                tracing::error!(error = %e, "the CRL endpoint stopped");
+            }
+        });
     }
     if let Some(index) = index {
         let (clock, sd) = (server.clock.clone(), shutdown.clone());

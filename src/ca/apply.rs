@@ -54,6 +54,7 @@ pub fn prepare_root_rotation(
         now,
         p.intermediate_ttl,
         Status::Prepared,
+        p.crl_distribution_url.as_deref(),
     )?;
     new_int.cross_cert_pem = Some(cross_sign(&td, &new_int, &key, &old_root, now)?);
     // An intermediate prepared under the old root would never be used now.
@@ -117,8 +118,15 @@ pub fn apply(
                 (None, Some(a)) => key_type_of(a)?,
                 (None, None) => key_type_of(&root)?,
             };
-            let (rec, _) =
-                mint_intermediate(&td, kt, &root, now, p.intermediate_ttl, Status::Prepared)?;
+            let (rec, _) = mint_intermediate(
+                &td,
+                kt,
+                &root,
+                now,
+                p.intermediate_ttl,
+                Status::Prepared,
+                p.crl_distribution_url.as_deref(),
+            )?;
             j.authorities.push(rec);
         }
         Action::ActivateIntermediate => {

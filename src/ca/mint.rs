@@ -114,8 +114,27 @@ pub fn mint_intermediate(
     now: OffsetDateTime,
     ttl: Duration,
     status: Status,
+    crl_url: Option<&str>,
 ) -> Result<(AuthorityRecord, Arc<dyn CaKey>), CaError> {
-    mint_intermediate_under(td, kt, parent, ca_key_of(parent)?, now, ttl, status)
+    mint_intermediate_under(
+        td,
+        kt,
+        parent,
+        ca_key_of(parent)?,
+        now,
+        ttl,
+        status,
+        crl_url,
+    )
+}
+
+/// The CRL Distribution Points extension of a certificate `parent` signs, under the base
+/// URL `crl_url` (`--crl-distribution-url`): where `parent`'s CRL is served
+/// (`server::crl_http`).
+pub fn distribution_point(crl_url: &str, parent: &AuthorityRecord) -> rcgen::CrlDistributionPoint {
+    rcgen::CrlDistributionPoint {
+        uris: vec![format!("{crl_url}{}.crl", parent.id)],
+    }
 }
 
 /// [`mint_intermediate`], signed by `parent_key` (the parent's key).
@@ -129,6 +148,7 @@ pub(crate) fn mint_intermediate_under(
     now: OffsetDateTime,
     ttl: Duration,
     status: Status,
+    crl_url: Option<&str>,
 ) -> Result<(AuthorityRecord, Arc<dyn CaKey>), CaError> {
     let serial = pki::try_random_serial()?;
     let not_after = crate::clock::checked_add(now, ttl)
@@ -138,7 +158,10 @@ pub(crate) fn mint_intermediate_under(
                 .map_err(|e| CaError::Config(e.to_string()))?,
         );
     let key = keysource::generate(Role::Intermediate, kt, &hex::encode(serial))?;
-    let params = profile::intermediate(td, &serial, now - profile::BACKDATE, not_after);
+    let mut params = profile::intermediate(td, &serial, now - profile::BACKDATE, not_after);
+    if let Some(url) = crl_url {
+        params.crl_distribution_points = vec![distribution_point(url, parent)];
+    }
     let cert = issuer_of(parent, parent_key)
         .and_then(|issuer| {
             params

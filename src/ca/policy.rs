@@ -97,6 +97,10 @@ pub struct RotationPolicy {
     /// `None` keeps the type of the authority a new one succeeds. Filled from
     /// [`CaPolicy::key_type`] by [`LivePolicy::rotation`]; CLI commands leave it `None`.
     pub new_key_type: Option<crate::pki::KeyType>,
+    /// Base URL of the CRL distribution point (`--crl-distribution-url`, ending in `/`):
+    /// intermediates minted from now on carry `<it><issuer id>.crl` in their CRL
+    /// Distribution Points extension. `None`: no extension.
+    pub crl_distribution_url: Option<String>,
 }
 
 /// The JWT-SVID key schedule (`--jwt-key-ttl`, `--jwt-svid-ttl`, `--jwt-bundle-refresh-hint`):
@@ -160,6 +164,7 @@ impl Default for RotationPolicy {
             skew_margin: Duration::from_secs(120),
             jwt: JwtKeyPolicy::default(),
             new_key_type: None,
+            crl_distribution_url: None,
         }
     }
 }
@@ -208,6 +213,7 @@ impl CaPolicy {
             jwt_key_ttl_secs: r.jwt.key_ttl.as_secs(),
             jwt_svid_ttl_secs: r.jwt.svid_ttl.as_secs(),
             jwt_refresh_hint_secs: r.jwt.refresh_hint.as_secs(),
+            crl_distribution_url: r.crl_distribution_url.clone(),
         }
     }
 
@@ -247,6 +253,7 @@ impl CaPolicy {
                     }
                 },
                 new_key_type: None,
+                crl_distribution_url: p.crl_distribution_url.clone(),
             },
             key_type: p.key_type.clone(),
         }

@@ -8,6 +8,7 @@
 //! and the CLI binds the configured addresses.
 
 pub mod conn;
+pub mod crl_http;
 pub mod http;
 mod instrument;
 pub mod istio;

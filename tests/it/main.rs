@@ -10,6 +10,7 @@ mod agent;
 mod ambient;
 mod ca_resource;
 mod cli;
+mod crl_endpoint;
 mod csr_signer;
 mod envoy;
 mod errors;

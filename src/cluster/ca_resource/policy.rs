@@ -176,6 +176,8 @@ pub fn effective_policy(
             jwt: r.jwt,
             // Follows `key_type` above, through `LivePolicy::rotation`.
             new_key_type: None,
+            // A flag only: where this deployment serves its CRLs.
+            crl_distribution_url: r.crl_distribution_url.clone(),
         },
         ttl,
     };
