@@ -184,6 +184,9 @@ pub struct StoredPolicy {
     /// `--jwt-bundle-refresh-hint`; 0 likewise.
     #[serde(default)]
     pub jwt_refresh_hint_secs: u64,
+    /// `--crl-distribution-url`: CLI commands that mint an intermediate put it in too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl_distribution_url: Option<String>,
 }
 
 // The fractions are validated finite numbers in (0, 1), never NaN.

@@ -37,6 +37,8 @@ pub struct Listeners {
     pub grpc: TcpListener,
     /// /metrics and /healthz.
     pub metrics: TcpListener,
+    /// The CRL distribution point (`--crl-endpoint`), if configured.
+    pub crl: Option<TcpListener>,
 }
 
 /// Loads or creates the CA and serves until `shutdown`.
@@ -112,6 +114,9 @@ pub async fn run(
     {
         policy_source = apply_ca_resource(&mut config, &r.client, &namespace).await?;
     }
+    // The running policy: one cell every consumer reads per request or per step, and the
+    // CertificateAuthority reconciler swaps on every replica when the spec changes.
+    let live_policy = crate::ca::policy::LivePolicy::new(config.ca_policy());
     // Linkerd anchor drift's gauges (`--linkerd-identity-domain` with the Kubernetes store):
     // counted by the drift watch, read by the metrics and the CertificateAuthority's status.
     let linkerd_drift = (replica.is_some() && config.linkerd.is_some())
@@ -224,7 +229,7 @@ pub async fn run(
             let mut scheduler = Scheduler::new(
                 store.clone(),
                 ca.clone(),
-                config.rotation.clone(),
+                live_policy.clone(),
                 clock.clone(),
                 config.trust_domain.clone(),
             )
@@ -246,7 +251,7 @@ pub async fn run(
                     index.clone(),
                     clock.clone(),
                     config.trust_domain.as_str(),
-                    config.rotation.clone(),
+                    live_policy.clone(),
                     scheduler.wake.clone(),
                     &config.ca_resource,
                 );
@@ -259,8 +264,10 @@ pub async fn run(
                     store.clone(),
                     ca.clone(),
                     clock.clone(),
-                    config.ca_policy(),
+                    live_policy.clone(),
                     policy_source.clone(),
+                    &r.identity,
+                    config.trust_domain.as_str(),
                     flags_policy.clone(),
                     config.activate_after_explicit,
                     config.ca_resource_caps,
@@ -389,7 +396,7 @@ pub async fn run(
             clock.clone(),
             config.trust_domain.clone(),
             pc.clone(),
-            config.ttl.max,
+            live_policy.clone(),
         );
         let stats = signer.stats();
         metrics
@@ -411,7 +418,7 @@ pub async fn run(
             clock.clone(),
             config.trust_domain.clone(),
             cc.clone(),
-            config.ttl,
+            live_policy.clone(),
             r.namespace(),
         );
         let m = signer.clone();
@@ -425,7 +432,7 @@ pub async fn run(
     let server = Server {
         ca,
         auth,
-        ttl: config.ttl,
+        ttl: live_policy.clone(),
         clock,
         metrics,
         tls,
@@ -438,6 +445,15 @@ pub async fn run(
     };
     if let Some(s) = scheduler {
         tokio::spawn(s.run(config.reconcile_interval, shutdown.clone()));
+    }
+    if let Some(l) = listeners.crl {
+        tracing::info!(addr = %l.local_addr().map_err(|e| e.to_string())?, path = crate::server::crl_http::PREFIX, url = ?config.rotation.crl_distribution_url, "serving CRLs over HTTP (--crl-endpoint)");
+        let (ca, sd) = (server.ca.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::server::crl_http::serve(l, ca, sd).await {
+                tracing::error!(error = %e, "the CRL endpoint stopped");
+            }
+        });
     }
     if let Some(index) = index {
         let (clock, sd) = (server.clock.clone(), shutdown.clone());

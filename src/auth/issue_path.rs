@@ -44,7 +44,7 @@ use super::node::{Impersonation, NodeAuthError, NodeAuthorizer, Refusal};
 use super::{AuthChain, AuthError, Caller, Credentials};
 use crate::ca::issue::{audit_issued, sign_leaf, AuditRecord, IssueFailure, Leaf};
 use crate::ca::jwt::{audit_jwt_issued, sign_jwt_svid, JwtAudit, JwtFailure, JwtSvid};
-use crate::ca::policy::{TtlError, TtlPolicy};
+use crate::ca::policy::{LivePolicy, TtlError};
 use crate::ca::revocation::SweepRequest;
 use crate::ca::{Ca, Issued, Signer};
 use crate::clock::SharedClock;
@@ -338,8 +338,9 @@ pub struct IssuePath {
     pub sweep: Arc<SweepRequest>,
     /// The time certificates are issued at.
     pub clock: SharedClock,
-    /// How requested TTLs are resolved ([`Ttl::Requested`]).
-    pub ttl: TtlPolicy,
+    /// How requested TTLs are resolved ([`Ttl::Requested`]): the running policy, read per
+    /// request (a CertificateAuthority spec change applies to the next certificate).
+    pub ttl: LivePolicy,
     /// Judges requests for another identity (`--trusted-node-accounts`); `None` refuses
     /// them all.
     pub node_auth: Option<Arc<NodeAuthorizer>>,
@@ -361,7 +362,7 @@ impl IssuePath {
     pub fn issue(&self, req: IssueRequest<'_>) -> Result<Certified, IssueError> {
         let (identity, via_node) = self.authorize(&req.requester)?;
         let ttl = match req.ttl {
-            Ttl::Requested(secs) => self.ttl.resolve(secs)?,
+            Ttl::Requested(secs) => self.ttl.ttl().resolve(secs)?,
             Ttl::Exact(d) => d,
         };
         let parsed;

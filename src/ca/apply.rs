@@ -47,7 +47,10 @@ pub fn prepare_root_rotation(
         .active_signer()
         .ok_or_else(|| CaError::Config("no active intermediate".into()))?
         .clone();
-    let kt = key_type_of(&old_root)?;
+    let kt = match p.new_key_type {
+        Some(kt) => kt,
+        None => key_type_of(&old_root)?,
+    };
     let new_root = mint_root(&td, kt, now, p.root_ttl, Status::Prepared)?;
     let (mut new_int, key) = mint_intermediate(
         &td,
@@ -56,6 +59,7 @@ pub fn prepare_root_rotation(
         now,
         p.intermediate_ttl,
         Status::Prepared,
+        p.crl_distribution_url.as_deref(),
     )?;
     new_int.cross_cert_pem = Some(cross_sign(&td, &new_int, &key, &old_root, now)?);
     // An intermediate prepared under the old root would never be used now.
@@ -112,12 +116,22 @@ pub fn apply(
                 .active_root()
                 .ok_or_else(|| CaError::Config("no active root".into()))?
                 .clone();
-            let kt = match j.active_signer() {
-                Some(a) => key_type_of(a)?,
-                None => key_type_of(&root)?,
+            // The policy's key type (a spec change applies to the next key), else the
+            // predecessor's.
+            let kt = match (p.new_key_type, j.active_signer()) {
+                (Some(kt), _) => kt,
+                (None, Some(a)) => key_type_of(a)?,
+                (None, None) => key_type_of(&root)?,
             };
-            let (rec, _) =
-                mint_intermediate(&td, kt, &root, now, p.intermediate_ttl, Status::Prepared)?;
+            let (rec, _) = mint_intermediate(
+                &td,
+                kt,
+                &root,
+                now,
+                p.intermediate_ttl,
+                Status::Prepared,
+                p.crl_distribution_url.as_deref(),
+            )?;
             j.authorities.push(rec);
         }
         Action::RequestIntermediate => {

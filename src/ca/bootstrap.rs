@@ -24,6 +24,8 @@ pub struct CaOptions {
     pub root_ttl: Duration,
     /// Intermediate validity (default 1 year, capped at the root).
     pub intermediate_ttl: Duration,
+    /// `--crl-distribution-url`: the first intermediate's CRL Distribution Point base.
+    pub crl_distribution_url: Option<String>,
 }
 
 impl CaOptions {
@@ -34,6 +36,7 @@ impl CaOptions {
             key_type: KeyType::EcP256,
             root_ttl: Duration::from_secs(10 * 365 * 86_400),
             intermediate_ttl: Duration::from_secs(365 * 86_400),
+            crl_distribution_url: None,
         }
     }
 }
@@ -54,6 +57,7 @@ pub fn new_journal(opts: &CaOptions, now: OffsetDateTime) -> Result<Journal, CaE
         now,
         opts.intermediate_ttl,
         Status::Active,
+        opts.crl_distribution_url.as_deref(),
     )?;
     let mut journal = Journal::new(opts.trust_domain.as_str());
     journal.authorities.push(root);
@@ -113,6 +117,7 @@ pub fn signer_from_journal(journal: &Journal, td: &TrustDomain) -> Result<Signer
             .collect(),
         denied_identities: journal.denied.iter().map(|d| d.identity.clone()).collect(),
         crl_pem: crl::bundle(journal),
+        crls: crl::by_issuer(journal),
         crl_entries: journal.revocations.len(),
         crl_next_update: journal.crls.iter().map(|c| c.next_update).min(),
     };

@@ -118,6 +118,20 @@ pub(crate) fn sign_with(
     Ok(())
 }
 
+/// The current CRL of every authority not retired, DER, by the authority's id: what the CRL
+/// distribution point serves at `/crl/<id>.crl`.
+pub fn by_issuer(j: &Journal) -> Vec<(String, Vec<u8>)> {
+    let live = |id: &str| {
+        j.get(id)
+            .is_some_and(|a| a.status != crate::journal::Status::Retired)
+    };
+    j.crls
+        .iter()
+        .filter(|c| live(&c.issuer))
+        .filter_map(|c| Some((c.issuer.clone(), ::pem::parse(&c.pem).ok()?.into_contents())))
+        .collect()
+}
+
 /// All current CRLs as one PEM file (what `ca-crl.pem` holds).
 pub fn bundle(j: &Journal) -> String {
     let live = |id: &str| {

@@ -158,6 +158,7 @@ fn every_ca_signature_goes_through_the_key_seam() {
         now,
         Duration::from_secs(86_400),
         Status::Prepared,
+        None,
     )
     .unwrap();
     assert_eq!(

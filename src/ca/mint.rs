@@ -114,8 +114,27 @@ pub fn mint_intermediate(
     now: OffsetDateTime,
     ttl: Duration,
     status: Status,
+    crl_url: Option<&str>,
 ) -> Result<(AuthorityRecord, Arc<dyn CaKey>), CaError> {
-    mint_intermediate_under(td, kt, parent, ca_key_of(parent)?, now, ttl, status)
+    mint_intermediate_under(
+        td,
+        kt,
+        parent,
+        ca_key_of(parent)?,
+        now,
+        ttl,
+        status,
+        crl_url,
+    )
+}
+
+/// The CRL Distribution Points extension of a certificate `parent` signs, under the base
+/// URL `crl_url` (`--crl-distribution-url`): where `parent`'s CRL is served
+/// (`server::crl_http`).
+pub fn distribution_point(crl_url: &str, parent: &AuthorityRecord) -> rcgen::CrlDistributionPoint {
+    rcgen::CrlDistributionPoint {
+        uris: vec![format!("{crl_url}{}.crl", parent.id)],
+    }
 }
 
 /// [`mint_intermediate`], signed by `parent_key` (the parent's key).
@@ -129,6 +148,7 @@ pub(crate) fn mint_intermediate_under(
     now: OffsetDateTime,
     ttl: Duration,
     status: Status,
+    crl_url: Option<&str>,
 ) -> Result<(AuthorityRecord, Arc<dyn CaKey>), CaError> {
     let serial = pki::try_random_serial()?;
     let key = keysource::generate(Role::Intermediate, kt, &hex::encode(serial))?;
@@ -141,6 +161,7 @@ pub(crate) fn mint_intermediate_under(
         parent_key,
         now,
         ttl,
+        crl_url.map(|url| distribution_point(url, parent)),
     )
     .map_err(|e| keysource::discard(&key, e))?;
     let rec = record(
@@ -160,8 +181,9 @@ pub(crate) fn mint_intermediate_under(
 /// whose certificate is `parent_cert_pem`, living `ttl` but never past the parent's notAfter.
 /// The one place an intermediate certificate is made, whether the key was minted here or
 /// arrives in an offline-root ceremony's CSR (`ca::offline`): nothing of a CSR but its public
-/// key reaches the certificate.
-// Eight plain inputs, each used once.
+/// key reaches the certificate. `crl_dp`: the CRL Distribution Point (`--crl-distribution-url`),
+/// where the parent's CRL is served.
+// Nine plain inputs, each used once.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn certify_intermediate(
     td: &TrustDomain,
@@ -172,6 +194,7 @@ pub(crate) fn certify_intermediate(
     parent_key: Arc<dyn CaKey>,
     now: OffsetDateTime,
     ttl: Duration,
+    crl_dp: Option<rcgen::CrlDistributionPoint>,
 ) -> Result<(rcgen::CertificateParams, rcgen::Certificate), CaError> {
     let not_after = crate::clock::checked_add(now, ttl)
         .ok_or_else(|| CaError::Config("the intermediate lifetime is out of range".into()))?
@@ -184,7 +207,8 @@ pub(crate) fn certify_intermediate(
             "the parent certificate has expired: it cannot sign an intermediate".into(),
         ));
     }
-    let params = profile::intermediate(td, serial, now - profile::BACKDATE, not_after);
+    let mut params = profile::intermediate(td, serial, now - profile::BACKDATE, not_after);
+    params.crl_distribution_points = crl_dp.into_iter().collect();
     let issuer = Issuer::from_ca_cert_pem(parent_cert_pem, RcgenKey::new(parent_key))
         .map_err(PkiError::from)?;
     let cert = params

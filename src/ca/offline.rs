@@ -188,6 +188,8 @@ pub fn sign_request(
         root_key,
         now,
         ttl,
+        // No CRL Distribution Point: an offline root publishes no CRL citadel serves.
+        None,
     )?;
     Ok(cert.pem())
 }

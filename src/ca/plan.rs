@@ -213,9 +213,14 @@ pub fn plan(now: i64, j: &Journal, p: &RotationPolicy) -> Vec<Action> {
         let due = match j.crls.iter().find(|c| c.issuer == a.id) {
             None => true,
             Some(c) => {
-                // Re-sign at half the validity, counted from signing (thisUpdate is backdated).
+                // Re-sign at half the validity, counted from signing (thisUpdate is backdated),
+                // and at once when the policy's validity became shorter than this CRL's (a
+                // live `crlValidity` change: a stale CRL must not stay acceptable for longer
+                // than the operator now allows). A longer validity applies at the next one.
                 let signed = c.signed_at.max(c.this_update);
-                c.serials != want || now >= signed + (c.next_update - signed) / 2
+                c.serials != want
+                    || now >= signed + (c.next_update - signed) / 2
+                    || c.next_update - signed > p.crl_validity.as_secs() as i64
             }
         };
         if due {
@@ -429,6 +434,64 @@ mod tests {
         });
         assert_eq!(plan(t0 + 60, &j, &p), vec![Action::SignCrl { issuer: int }]);
         assert!(plan(t0 + 2 * DAY, &j, &p).contains(&Action::PruneRevocations));
+    }
+
+    /// A live `caKeyType` change: the next intermediate (and the next root) get the policy's
+    /// key type; without one they follow their predecessor's.
+    #[test]
+    fn the_next_intermediate_and_root_take_the_policys_key_type() {
+        use crate::ca::mint::key_type_of;
+        let (j0, p, t0) = setup();
+        let at = OffsetDateTime::from_unix_timestamp(t0 + 60).unwrap();
+        let prepared = |j: &Journal| {
+            j.find(crate::journal::Role::Intermediate, Status::Prepared)
+                .map(|a| key_type_of(a).unwrap())
+        };
+        let mut j = j0.clone();
+        apply(&mut j, &Action::PrepareIntermediate, at, &p).unwrap();
+        assert_eq!(prepared(&j), Some(KeyType::EcP256), "follows");
+        let p384 = RotationPolicy {
+            new_key_type: Some(KeyType::EcP384),
+            ..p.clone()
+        };
+        let mut j = j0.clone();
+        apply(&mut j, &Action::PrepareIntermediate, at, &p384).unwrap();
+        assert_eq!(prepared(&j), Some(KeyType::EcP384));
+        let mut j = j0.clone();
+        prepare_root_rotation(&mut j, at, &p384, "test", Duration::ZERO, p.max_leaf_ttl).unwrap();
+        let new_root = j.root_rotation.as_ref().unwrap().new_root.clone();
+        let root = j.authorities.iter().find(|a| a.id == new_root).unwrap();
+        assert_eq!(key_type_of(root).unwrap(), KeyType::EcP384);
+    }
+
+    /// A live `crlValidity` change: a shorter validity re-signs every CRL at once (with the
+    /// new validity); a longer one waits for the usual half-life re-sign.
+    #[test]
+    fn a_shorter_crl_validity_resigns_at_once_and_a_longer_one_waits() {
+        let (mut j, p, t0) = setup();
+        let at = |t| OffsetDateTime::from_unix_timestamp(t).unwrap();
+        let is_crl = |a: &Action| matches!(a, Action::SignCrl { .. });
+        assert!(!plan(t0 + 60, &j, &p).iter().any(is_crl));
+        let shorter = RotationPolicy {
+            crl_validity: Duration::from_secs(3600),
+            ..p.clone()
+        };
+        let due = plan(t0 + 60, &j, &shorter);
+        let signs = due.iter().filter(|a| is_crl(a)).count();
+        assert_eq!(signs, j.crls.len(), "every CRL: {due:?}");
+        for a in due.iter().filter(|a| is_crl(a)) {
+            apply(&mut j, a, at(t0 + 60), &shorter).unwrap();
+        }
+        for c in &j.crls {
+            assert_eq!(c.next_update - c.signed_at, 3600);
+        }
+        // Signed with the new validity: not due again before its half-life.
+        assert!(!plan(t0 + 120, &j, &shorter).iter().any(is_crl));
+        let longer = RotationPolicy {
+            crl_validity: Duration::from_secs(60 * DAY as u64),
+            ..p.clone()
+        };
+        assert!(!plan(t0 + 120, &j, &longer).iter().any(is_crl));
     }
 
     /// Issue 20, M2: a denial is dropped once no certificate it covers can still be valid:

@@ -93,6 +93,14 @@ pub struct RotationPolicy {
     pub skew_margin: Duration,
     /// When JWT-SVID signing keys are prepared, published, activated and retired.
     pub jwt: JwtKeyPolicy,
+    /// Key type of the authorities minted from now on (`--ca-key-type`, `spec.caKeyType`);
+    /// `None` keeps the type of the authority a new one succeeds. Filled from
+    /// [`CaPolicy::key_type`] by [`LivePolicy::rotation`]; CLI commands leave it `None`.
+    pub new_key_type: Option<crate::pki::KeyType>,
+    /// Base URL of the CRL distribution point (`--crl-distribution-url`, ending in `/`):
+    /// intermediates minted from now on carry `<it><issuer id>.crl` in their CRL
+    /// Distribution Points extension. `None`: no extension.
+    pub crl_distribution_url: Option<String>,
 }
 
 /// The JWT-SVID key schedule (`--jwt-key-ttl`, `--jwt-svid-ttl`, `--jwt-bundle-refresh-hint`):
@@ -155,6 +163,8 @@ impl Default for RotationPolicy {
             crl_validity: Duration::from_secs(86_400),
             skew_margin: Duration::from_secs(120),
             jwt: JwtKeyPolicy::default(),
+            new_key_type: None,
+            crl_distribution_url: None,
         }
     }
 }
@@ -203,6 +213,7 @@ impl CaPolicy {
             jwt_key_ttl_secs: r.jwt.key_ttl.as_secs(),
             jwt_svid_ttl_secs: r.jwt.svid_ttl.as_secs(),
             jwt_refresh_hint_secs: r.jwt.refresh_hint.as_secs(),
+            crl_distribution_url: r.crl_distribution_url.clone(),
         }
     }
 
@@ -241,9 +252,110 @@ impl CaPolicy {
                         ..d
                     }
                 },
+                new_key_type: None,
+                crl_distribution_url: p.crl_distribution_url.clone(),
             },
             key_type: p.key_type.clone(),
         }
+    }
+}
+
+/// The policy a server runs with, shared by every consumer and swapped whole while serving
+/// (the CertificateAuthority reconciler on every replica), the way [`super::Ca`] shares the
+/// signer: readers take a snapshot per request or per scheduler step and never hold a lock,
+/// so a spec change reaches the next certificate, CRL and planned action without a restart.
+#[derive(Clone, Debug)]
+pub struct LivePolicy(std::sync::Arc<arc_swap::ArcSwap<CaPolicy>>);
+
+impl LivePolicy {
+    /// Starts with `p`.
+    pub fn new(p: CaPolicy) -> Self {
+        Self(std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(p)))
+    }
+
+    /// The current policy (a snapshot: one request reads one policy throughout).
+    pub fn load(&self) -> std::sync::Arc<CaPolicy> {
+        self.0.load_full()
+    }
+
+    /// The workload TTL rules now.
+    pub fn ttl(&self) -> TtlPolicy {
+        self.0.load().ttl
+    }
+
+    /// The rotation rules now, with [`RotationPolicy::new_key_type`] set from the key type
+    /// (new authorities get it; an unparsable one, like a plugged-in CA's, keeps the
+    /// predecessor's).
+    pub fn rotation(&self) -> RotationPolicy {
+        let p = self.0.load();
+        RotationPolicy {
+            new_key_type: p.key_type.parse().ok().or(p.rotation.new_key_type),
+            ..p.rotation.clone()
+        }
+    }
+
+    /// Runs with `p` from now on; whether it differs from the policy it replaces.
+    pub fn replace(&self, p: CaPolicy) -> bool {
+        let changed = **self.0.load() != p;
+        self.0.store(std::sync::Arc::new(p));
+        changed
+    }
+}
+
+/// Fixed TTL rules with default rotation rules, for surfaces and tests that have no
+/// CertificateAuthority behind them.
+impl From<TtlPolicy> for LivePolicy {
+    fn from(ttl: TtlPolicy) -> Self {
+        Self::new(CaPolicy {
+            ttl,
+            rotation: RotationPolicy {
+                max_leaf_ttl: ttl.max,
+                ..RotationPolicy::default()
+            },
+            key_type: String::new(),
+        })
+    }
+}
+
+/// Fixed rotation rules (CLI commands, tests): the workload TTLs follow `max_leaf_ttl`.
+impl From<RotationPolicy> for LivePolicy {
+    fn from(rotation: RotationPolicy) -> Self {
+        Self::new(CaPolicy {
+            ttl: TtlPolicy {
+                max: rotation.max_leaf_ttl,
+                ..TtlPolicy::default()
+            },
+            rotation,
+            key_type: String::new(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod live_tests {
+    use super::*;
+
+    /// A clone reads what the original was given afterwards (the reconciler and the
+    /// consumers hold clones of one cell), `replace` says whether anything changed, and the
+    /// key type reaches the rotation rules.
+    #[test]
+    fn every_clone_sees_a_replaced_policy_at_once() {
+        let live = LivePolicy::from(TtlPolicy::default());
+        let reader = live.clone();
+        assert_eq!(reader.rotation().new_key_type, None, "no key type: follow");
+        let mut p = (*live.load()).clone();
+        p.ttl.max = Duration::from_secs(3600);
+        p.rotation.crl_validity = Duration::from_secs(600);
+        p.key_type = "ec-p384".into();
+        assert!(live.replace(p.clone()));
+        assert!(!live.replace(p), "the same policy again is no change");
+        assert_eq!(reader.ttl().max, Duration::from_secs(3600));
+        assert_eq!(reader.rotation().crl_validity, Duration::from_secs(600));
+        assert_eq!(
+            reader.rotation().new_key_type,
+            Some(crate::pki::KeyType::EcP384)
+        );
+        assert!(reader.ttl().resolve(3601).is_err());
     }
 }
 

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use super::apply::apply;
 use super::plan::{plan, Action};
-use super::policy::RotationPolicy;
+use super::policy::LivePolicy;
 use super::revocation::{self, SweepRequest};
 use super::{bootstrap, crl, jwt, Ca, CaError};
 use crate::clock::SharedClock;
@@ -36,8 +36,9 @@ pub struct Scheduler {
     pub store: Arc<dyn Store>,
     /// The live CA whose signer each step installs.
     pub ca: Arc<Ca>,
-    /// When to prepare, activate and retire authorities.
-    pub policy: RotationPolicy,
+    /// When to prepare, activate and retire authorities, read afresh at every step (a
+    /// CertificateAuthority spec change applies to the next one).
+    pub policy: LivePolicy,
     /// The time every step plans with.
     pub clock: SharedClock,
     /// The trust domain the installed signer certifies.
@@ -85,14 +86,14 @@ impl Scheduler {
     pub fn new(
         store: Arc<dyn Store>,
         ca: Arc<Ca>,
-        policy: RotationPolicy,
+        policy: impl Into<LivePolicy>,
         clock: SharedClock,
         trust_domain: TrustDomain,
     ) -> Self {
         Self {
             store,
             ca,
-            policy,
+            policy: policy.into(),
             clock,
             trust_domain,
             installed: Mutex::new(None),
@@ -186,7 +187,7 @@ impl Scheduler {
             .map(|r| r.serial.as_str())
             .collect();
         if live.iter().any(|e| !revoked.contains(e.serial.as_str())) {
-            let validity = self.policy.crl_validity;
+            let validity = self.policy.rotation().crl_validity;
             // A revocation write like any other: it stops at the store's revocation ceiling,
             // so a sweep can never take the room rotation needs (it is retried each pass).
             let result = super::update::update_revocations(self.store.as_ref(), |j| {
@@ -227,7 +228,9 @@ impl Scheduler {
                 .ok_or_else(|| CaError::Config("the store holds no CA journal".into()))?;
             let now = self.clock.now();
             let mut journal = current.value.clone();
-            let actions = plan(now.unix_timestamp(), &journal, &self.policy);
+            // One policy per pass: what is planned is applied with the same numbers.
+            let policy = self.policy.rotation();
+            let actions = plan(now.unix_timestamp(), &journal, &policy);
             let actions = self.hold_old_root(&journal, actions, now.unix_timestamp());
             if actions.is_empty() {
                 // Install what is committed first (safe: a new chain activates only after its
@@ -250,7 +253,7 @@ impl Scheduler {
                 {
                     k.published_at = Some(now.unix_timestamp());
                     newly_published = true;
-                    tracing::info!(target: "citadel::audit", event = "jwt_key_published", kid = %k.kid, "the JWT bundle holding this key is published; it signs after {}s at the earliest (a first key at once)", self.policy.jwt.publish_lead());
+                    tracing::info!(target: "citadel::audit", event = "jwt_key_published", kid = %k.kid, "the JWT bundle holding this key is published; it signs after {}s at the earliest (a first key at once)", self.policy.rotation().jwt.publish_lead());
                 }
                 let root_published = match journal
                     .root_rotation
@@ -278,7 +281,7 @@ impl Scheduler {
                 return Ok(report);
             }
             for a in &actions {
-                apply(&mut journal, a, now, &self.policy)?;
+                apply(&mut journal, a, now, &policy)?;
                 if let Action::ExpireDenials { identities } = a {
                     let shown: Vec<&String> = identities.iter().take(20).collect();
                     tracing::info!(target: "citadel::audit", event = "denial_expired", count = identities.len(), identities = ?shown, "dropped denials that have nothing left to cover (--max-ttl plus the skew margin after they were written, and every certificate they revoked expired): these identities may get certificates again");
@@ -368,7 +371,10 @@ impl Scheduler {
         self.store.publish_bundle(&bundle).await?;
         self.store.publish_crl(&crl::bundle(journal)).await?;
         self.store
-            .publish_jwks(&jwt::render_jwks(journal, self.policy.jwt.refresh_hint)?)
+            .publish_jwks(&jwt::render_jwks(
+                journal,
+                self.policy.rotation().jwt.refresh_hint,
+            )?)
             .await?;
         Ok(())
     }
@@ -378,7 +384,7 @@ impl Scheduler {
     /// warn, and again at error once its deadline has passed.
     fn note_offline(&self, journal: &Journal) {
         let now = self.clock.now().unix_timestamp();
-        let needed = super::offline::signature_needed(journal, self.policy.activate_at);
+        let needed = super::offline::signature_needed(journal, self.policy.rotation().activate_at);
         let before = self.ca.intermediate_needed();
         if let Some(n) = &needed {
             let left = n.deadline - now;
@@ -407,7 +413,7 @@ impl Scheduler {
         }
         let signer = bootstrap::signer_from_journal(journal, &self.trust_domain)
             .map_err(|e| CaError::Config(format!("{}: {e}", self.store.describe())))?;
-        let jwt = jwt::JwtKeys::from_journal(journal, &self.policy.jwt)?;
+        let jwt = jwt::JwtKeys::from_journal(journal, &self.policy.rotation().jwt)?;
         tracing::info!(signer = %signer.signing_cert().subject, roots = signer.roots_der().len(), revoked = signer.revocations().crl_entries, jwt_kid = jwt.active.as_ref().map(|k| k.kid.as_str()).unwrap_or(""), "installed CA state");
         self.ca.install_jwt(jwt);
         self.ca.install(signer);
@@ -440,6 +446,7 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ca::policy::RotationPolicy;
     use crate::clock::ManualClock;
     use crate::store::mem::MemStore;
 

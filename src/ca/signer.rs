@@ -100,6 +100,9 @@ pub struct RevocationView {
     pub denied_identities: std::collections::HashSet<String>,
     /// The CRLs of every authority, concatenated PEM, as published.
     pub crl_pem: String,
+    /// The same CRLs one by one, DER, by the id of the authority that signed each (the CRL
+    /// distribution point, `server::crl_http`); empty for a plugged-in CA.
+    pub crls: Vec<(String, Vec<u8>)>,
     /// How many revocations the journal holds (the `citadel_ca_crl_entries` gauge).
     pub crl_entries: usize,
     /// The earliest nextUpdate among the CRLs (unix seconds); `None` when none is signed yet.

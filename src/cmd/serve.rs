@@ -97,7 +97,8 @@ pub struct Args {
     #[arg(long, default_value = "2s", value_parser = clap_parse, value_name = "DUR")]
     pub ca_certs_poll_interval: Duration,
 
-    /// Key type of a newly created self-signed CA (ignored once the CA exists).
+    /// Key type of new roots and intermediates: the self-signed CA made at first start, and
+    /// every authority minted after (a CertificateAuthority's spec.caKeyType wins).
     #[arg(long, default_value = "ec-p256", value_name = "TYPE",
           value_parser = ["ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096"])]
     pub ca_key_type: String,
@@ -147,6 +148,19 @@ pub struct Args {
     /// Validity of each CRL; CRLs are re-signed at half of it.
     #[arg(long, default_value = "24h", value_parser = clap_parse, value_name = "DUR")]
     pub crl_validity: Duration,
+
+    /// Serve each authority's current CRL over plain HTTP on ADDR, for relying parties
+    /// outside the mesh: GET /crl/<authority-id>.crl (DER, application/pkix-crl; the id as
+    /// `citadel ca status` shows it), GET /crl/ lists them. Every replica serves its own copy.
+    #[arg(long, value_name = "ADDR")]
+    pub crl_endpoint: Option<SocketAddr>,
+
+    /// Base URL where --crl-endpoint is reachable, ending in '/' (e.g.
+    /// http://citadel-crl.istio-system.svc:15015/crl/): intermediates minted from now on
+    /// carry <URL><issuer id>.crl in their CRL Distribution Points extension, so a relying
+    /// party finds the CRL that lists them. Existing intermediates keep theirs.
+    #[arg(long, value_name = "URL", value_parser = parse_crl_url)]
+    pub crl_distribution_url: Option<String>,
 
     /// Where CA state lives: a directory (one replica), or Secrets in --namespace (N
     /// replicas sharing one CA, with leader election on a Lease).
@@ -581,6 +595,7 @@ impl Args {
                 o.key_type = self.ca_key_type.parse::<KeyType>()?;
                 o.root_ttl = self.root_ttl;
                 o.intermediate_ttl = self.intermediate_ttl;
+                o.crl_distribution_url = self.crl_distribution_url.clone();
                 CaSource::Own(o)
             }
         };
@@ -637,6 +652,9 @@ impl Args {
                     refresh_hint: self.jwt_bundle_refresh_hint,
                     ..JwtKeyPolicy::default()
                 },
+                // Read from the policy's key type (`LivePolicy::rotation`).
+                new_key_type: None,
+                crl_distribution_url: self.crl_distribution_url.clone(),
             },
             tls_names: (!self.plaintext).then_some(tls_names),
             reconcile_interval: self.reconcile_interval,
@@ -805,6 +823,21 @@ impl Args {
     }
 }
 
+/// `--crl-distribution-url`: an http(s) URL ending in '/', under which `<id>.crl` is appended.
+fn parse_crl_url(s: &str) -> Result<String, String> {
+    let scheme_ok = s.starts_with("http://") || s.starts_with("https://");
+    if !scheme_ok
+        || !s.ends_with('/')
+        || s.len() > 512
+        || s.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "{s:?} is not a CRL base URL: give an http:// URL ending in '/' (at most 512 characters), e.g. http://citadel-crl.istio-system.svc:15015/crl/"
+        ));
+    }
+    Ok(s.to_string())
+}
+
 /// Binds the configured addresses, wires SIGTERM/Ctrl-C, and serves until stopped.
 pub async fn run(args: Args) -> CmdResult {
     let grpc = TcpListener::bind(args.listen)
@@ -843,9 +876,17 @@ pub async fn serve_with_clock(
     clock: SharedClock,
     shutdown: shutdown::Shutdown,
 ) -> CmdResult {
+    let crl = match args.crl_endpoint {
+        None => None,
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr} (--crl-endpoint): {e}"))?,
+        ),
+    };
     crate::app::run(
         args.into_config()?,
-        Listeners { grpc, metrics },
+        Listeners { grpc, metrics, crl },
         clock,
         shutdown,
     )

@@ -9,6 +9,7 @@
 
 pub mod broker;
 pub mod conn;
+pub mod crl_http;
 pub mod federation;
 pub mod http;
 mod instrument;
@@ -31,7 +32,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::auth::issue_path::IssuePath;
 use crate::auth::AuthChain;
-use crate::ca::policy::TtlPolicy;
+use crate::ca::policy::LivePolicy;
 use crate::ca::Ca;
 use crate::clock::SharedClock;
 use crate::shutdown::Shutdown;
@@ -99,8 +100,8 @@ pub struct Server {
     pub ca: Arc<Ca>,
     /// The authenticators, tried in order.
     pub auth: AuthChain,
-    /// How requested TTLs are resolved.
-    pub ttl: TtlPolicy,
+    /// How requested TTLs are resolved: the running policy, read per request.
+    pub ttl: LivePolicy,
     /// The time certificates are issued and checked at.
     pub clock: SharedClock,
     /// Shared with the monitoring port.

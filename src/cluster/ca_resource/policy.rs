@@ -174,6 +174,10 @@ pub fn effective_policy(
             max_leaf_ttl: ttl.max,
             // The spec has no JWT-SVID fields (yet): the flags'.
             jwt: r.jwt,
+            // Follows `key_type` above, through `LivePolicy::rotation`.
+            new_key_type: None,
+            // A flag only: where this deployment serves its CRLs.
+            crl_distribution_url: r.crl_distribution_url.clone(),
         },
         ttl,
     };

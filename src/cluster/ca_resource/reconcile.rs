@@ -1,8 +1,13 @@
-//! The reconciler: while this replica leads, stores the running policy with the CA state,
-//! acts on a rotation request, writes the status when it changes, and records Events. It runs
-//! on kube-runtime's `Controller` like every other loop (`cluster::controller`): a pass on
-//! each change of the resource, and `Action::requeue(--reconcile-interval)` after each pass
-//! because rotation stages fall due with time.
+//! The reconciler. On every replica it follows the spec ([`Reconciler::follow_spec`]): on
+//! each change of the resource (and every `--reconcile-interval`) it merges the spec over the
+//! flags, swaps the result into the replica's [`LivePolicy`] (the issue path, the scheduler,
+//! the CRL signers and the signing controllers read it there) and reports the generation it
+//! runs in its own `status.replicas` entry. While this replica leads it also stores the
+//! running policy with the CA state, acts on a rotation request, writes the status when it
+//! changes, and records Events; that part runs on kube-runtime's `Controller` like every
+//! other leader loop (`cluster::controller`): a pass on each change of the resource, and
+//! `Action::requeue(--reconcile-interval)` after each pass because rotation stages fall due
+//! with time.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +20,7 @@ use super::policy::effective_policy;
 use super::resource::CertificateAuthority;
 use super::status::{merge_patch, signature_event, stage_event, status_for, Observed};
 use super::validate::SpecCaps;
-use crate::ca::policy::CaPolicy;
+use crate::ca::policy::{CaPolicy, LivePolicy};
 use crate::ca::Ca;
 use crate::clock::SharedClock;
 use crate::cluster::names::{ROOT_CONFIGMAP, ROOT_KEY};
@@ -55,13 +60,18 @@ pub struct Reconciler {
     pub ca: Arc<Ca>,
     /// Time.
     pub clock: SharedClock,
-    /// The policy this server runs with (flags merged with the spec at start).
-    pub running: CaPolicy,
-    /// Where it came from, stored with it.
-    pub source: String,
+    /// The policy this server runs with: flags merged with the spec, swapped by
+    /// [`Self::follow_spec`] whenever the spec changes.
+    pub live: LivePolicy,
+    /// Where it came from, stored with it (`flags` or `CertificateAuthority ns/name`).
+    source: std::sync::Mutex<String>,
+    /// This replica's name (`--pod-name`): its key in `status.replicas`.
+    pub replica: String,
+    /// The trust domain this replica signs for: a spec naming another is refused.
+    pub trust_domain: String,
     /// `activate_after` came from an explicit flag (else it follows the max TTL).
     pub activate_after_from_flag: bool,
-    /// The flags alone, to tell a spec change that needs a restart.
+    /// The flags alone: what an unset spec field (or no resource) falls back to.
     pub flags: CaPolicy,
     /// What the spec may set at most.
     pub caps: SpecCaps,
@@ -125,8 +135,10 @@ impl Reconciler {
         store: Arc<dyn Store>,
         ca: Arc<Ca>,
         clock: SharedClock,
-        running: CaPolicy,
+        live: LivePolicy,
         source: String,
+        replica: &str,
+        trust_domain: &str,
         flags: CaPolicy,
         activate_after_from_flag: bool,
         caps: SpecCaps,
@@ -147,8 +159,10 @@ impl Reconciler {
             store,
             ca,
             clock,
-            running,
-            source,
+            live,
+            source: std::sync::Mutex::new(source),
+            replica: replica.into(),
+            trust_domain: trust_domain.into(),
             flags,
             activate_after_from_flag,
             caps,
@@ -160,20 +174,105 @@ impl Reconciler {
         })
     }
 
-    /// Reconciles while `leader` says this replica leads, until shutdown: on every change of
-    /// the resource and `interval` after the last pass (stages fall due with time).
+    /// Follows the spec on this replica, and reconciles while `leader` says this replica
+    /// leads, until shutdown: on every change of the resource and `interval` after the last
+    /// pass (stages fall due with time).
     pub async fn run(
         self: Arc<Self>,
         leader: Option<crate::leadership::Leadership>,
         shutdown: Shutdown,
     ) {
-        crate::cluster::controller::while_leading(
-            "certificateauthority",
-            leader,
-            shutdown,
-            |stop| self.clone().controller(stop),
-        )
-        .await
+        tokio::join!(
+            self.clone().follow_spec(shutdown.clone()),
+            crate::cluster::controller::while_leading(
+                "certificateauthority",
+                leader,
+                shutdown,
+                |stop| self.clone().controller(stop),
+            )
+        );
+    }
+
+    /// Every replica, until shutdown: applies the spec on each change of the resource (a
+    /// name-selected watch) and every `interval` (a missed event, a transient error).
+    pub async fn follow_spec(self: Arc<Self>, shutdown: Shutdown) {
+        use futures_util::StreamExt;
+        use kube::runtime::{watcher, WatchStreamExt};
+        let api: Api<CertificateAuthority> = Api::namespaced(self.client.clone(), &self.namespace);
+        let cfg = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
+        // With backoff: without the CRD every LIST is refused (a cluster on flags alone).
+        let mut changes = std::pin::pin!(watcher(api, cfg).default_backoff().touched_objects());
+        loop {
+            if let Err(e) = self.apply_spec().await {
+                tracing::warn!(error = %e, "could not apply the CertificateAuthority spec; retrying");
+            }
+            tokio::select! {
+                _ = shutdown.wait() => return,
+                _ = tokio::time::sleep(self.interval) => {}
+                change = changes.next() => match change {
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "CertificateAuthority watch (spec)");
+                        tokio::time::sleep(self.interval).await;
+                    }
+                    None => tokio::time::sleep(self.interval).await,
+                },
+            }
+        }
+    }
+
+    /// One reading of the spec on this replica: the policy it calls for is swapped in (or
+    /// the previous one kept, with the reason), the scheduler is woken when it changed, and
+    /// this replica's `status.replicas` entry is written when it differs. Whether the policy
+    /// changed.
+    pub async fn apply_spec(&self) -> Result<bool, String> {
+        let cr = get(&self.client, &self.namespace, &self.name).await?;
+        let label = format!("CertificateAuthority {}/{}", self.namespace, self.name);
+        let outcome = super::live::decide(
+            cr.as_ref().map(|c| &c.spec),
+            &self.trust_domain,
+            &self.flags,
+            self.activate_after_from_flag,
+            &self.caps,
+        );
+        let (changed, result) = match outcome {
+            Ok((policy, summary)) => {
+                let source = if cr.is_some() { label } else { "flags".into() };
+                let changed = self.live.replace(policy);
+                *self.source.lock().unwrap_or_else(|p| p.into_inner()) = source.clone();
+                if changed {
+                    tracing::info!(resource = %source, generation = ?cr.as_ref().and_then(|c| c.metadata.generation), "applied a new policy while serving: {summary}");
+                    // Rotation timing and CRL validity: the scheduler replans now.
+                    self.wake.notify_one();
+                }
+                (changed, Ok(()))
+            }
+            Err(refusal) => (false, Err(refusal)),
+        };
+        let Some(cr) = cr else { return Ok(changed) };
+        let previous = cr
+            .status
+            .as_ref()
+            .and_then(|s| s.replicas.get(&self.replica));
+        let entry = super::live::entry(
+            previous,
+            cr.metadata.generation,
+            &result,
+            changed,
+            self.clock.now().unix_timestamp(),
+        );
+        if previous != Some(&entry) {
+            let api: Api<CertificateAuthority> =
+                Api::namespaced(self.client.clone(), &self.namespace);
+            api.patch_status(
+                &self.name,
+                &PatchParams::default(),
+                &Patch::Merge(super::live::patch(&self.replica, &entry)),
+            )
+            .await
+            .map_err(|e| format!("cannot write this replica's status entry: {e}"))?;
+        }
+        Ok(changed)
     }
 
     /// One kube-runtime `Controller` over the one resource (a field selector on its name),
@@ -266,7 +365,12 @@ impl Reconciler {
             return Ok(None);
         };
         // The policy lives with the state, so CLI commands never need the server's flags.
-        let stored = self.running.to_stored(&self.source);
+        let source = self
+            .source
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let stored = self.live.load().to_stored(&source);
         if current.value.policy.as_ref() == Some(&stored) {
             return Ok(Some(false));
         }
@@ -276,7 +380,7 @@ impl Reconciler {
         })
         .await
         .map_err(|e| e.to_string())?;
-        tracing::info!(source = %self.source, "stored the running policy with the CA state");
+        tracing::info!(source = %source, "stored the running policy with the CA state");
         Ok(Some(true))
     }
 
@@ -378,31 +482,22 @@ impl Reconciler {
             );
             self.warn(&cr, "TrustDomainMismatch", msg.clone()).await;
             degraded = Some(("TrustDomainMismatch".into(), msg));
-        } else {
-            match effective_policy(
-                &cr.spec,
-                &self.flags,
-                self.activate_after_from_flag,
-                &self.caps,
-            ) {
-                Err(e) => {
-                    let msg =
-                        format!("the spec cannot be used: {e}; running with the previous policy");
-                    self.warn(&cr, "InvalidSpec", msg.clone()).await;
-                    degraded = Some(("InvalidSpec".into(), msg));
-                }
-                Ok((p, _)) if p != self.running => {
-                    let msg = "the spec's policy differs from the one citadel started with; restart citadel (kubectl rollout restart) to apply it".to_string();
-                    self.warn(&cr, "RestartRequired", msg.clone()).await;
-                    degraded = Some(("RestartRequired".into(), msg));
-                }
-                Ok(_) => {}
-            }
+        } else if let Err(e) = effective_policy(
+            &cr.spec,
+            &self.flags,
+            self.activate_after_from_flag,
+            &self.caps,
+        ) {
+            // A valid spec is applied live by every replica (`follow_spec`), each reporting it
+            // in `status.replicas`; an invalid one is also the leader's `Degraded`.
+            let msg = format!("the spec cannot be used: {e}; running with the previous policy");
+            self.warn(&cr, "InvalidSpec", msg.clone()).await;
+            degraded = Some(("InvalidSpec".into(), msg));
         }
         // A rotation request not handled yet: prepared and recorded in one journal write.
         if let (Some(req), None) = (&cr.spec.root_rotation, td_mismatch) {
             if journal.root_rotation_request.as_deref() != Some(req.request.as_str()) {
-                let p = &self.running.rotation;
+                let p = &self.live.rotation();
                 let activate_after = if req.activate_immediately {
                     Duration::ZERO
                 } else {

@@ -2,6 +2,8 @@
 //! with the schema rules the API server checks field by field. What the spec may set beyond
 //! that is [`super::validate`]'s; what it means for the running policy is [`super::policy`]'s.
 
+use std::collections::BTreeMap;
+
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -205,13 +207,35 @@ pub struct CertificateAuthorityStatus {
     /// How many namespaces hold the current trust bundle.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bundle: Option<BundleStatus>,
+    /// Per replica (by its `--pod-name`): which generation of the spec it runs, written by
+    /// that replica alone (a merge patch of its own key), so `kubectl get ca -o yaml` shows
+    /// when every replica runs a change.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub replicas: BTreeMap<String, ReplicaSpecStatus>,
+}
+
+/// `status.replicas.<name>`: one replica's view of the spec.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaSpecStatus {
+    /// The spec generation this replica last read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `SpecApplied`: `True` when the replica runs that generation's policy; `False` with the
+    /// reason (`InvalidSpec`, `TrustDomainMismatch`) when it refused it and kept the previous.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// When this replica last switched to a new policy (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_at: Option<String>,
 }
 
 /// A Kubernetes-convention condition.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
-    /// `Ready`, `RootRotationInProgress`, `BundlePublished` or `Degraded`.
+    /// `Ready`, `RootRotationInProgress`, `BundlePublished` or `Degraded` (and, per replica,
+    /// `SpecApplied`).
     #[serde(rename = "type")]
     pub type_: String,
     /// `True`, `False` or `Unknown`.

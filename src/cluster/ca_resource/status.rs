@@ -251,6 +251,9 @@ pub fn status_for(
             namespaces: m,
             summary: format!("{n}/{m}"),
         }),
+        // Each replica writes its own entry (`super::live`); the leader's status keeps them
+        // as they are, so its merge patch never touches them.
+        replicas: previous.map(|p| p.replicas.clone()).unwrap_or_default(),
     }
 }
 

@@ -22,7 +22,7 @@ use crate::auth::issue_path::{
     CsrInput, IssueError, IssuePath, IssueRequest, Requester, Ttl, Vouched,
 };
 use crate::ca::issue::IssueFailure;
-use crate::ca::policy::TtlPolicy;
+use crate::ca::policy::LivePolicy;
 use crate::ca::revocation::SweepRequest;
 use crate::ca::Ca;
 use crate::clock::SharedClock;
@@ -58,7 +58,8 @@ pub struct CsrSigner {
     main: Arc<Ca>,
     trust_domain: TrustDomain,
     config: CsrSignerConfig,
-    max_ttl: Duration,
+    /// The running policy: its max TTL caps `expirationSeconds`, read per CSR.
+    policy: LivePolicy,
     /// Where the roots Secret lives (`--namespace`).
     namespace: String,
     clock: SharedClock,
@@ -80,7 +81,7 @@ impl CsrSigner {
         clock: SharedClock,
         trust_domain: TrustDomain,
         config: CsrSignerConfig,
-        ttl: TtlPolicy,
+        ttl: LivePolicy,
         namespace: &str,
     ) -> Arc<Self> {
         let served = routes
@@ -94,7 +95,7 @@ impl CsrSigner {
                     index: if r.mapped { None } else { index.clone() },
                     sweep: sweep.clone(),
                     clock: clock.clone(),
-                    ttl,
+                    ttl: ttl.clone(),
                     // The requester named the identity; nobody impersonates here.
                     node_auth: None,
                 },
@@ -117,7 +118,7 @@ impl CsrSigner {
             pending: Arc::new(PendingStats::new(STATS_NAMES, config.max_pending)),
             stats: Arc::new(CsrStats::default()),
             config,
-            max_ttl: ttl.max,
+            policy: ttl,
             namespace: namespace.to_string(),
             clock,
         })
@@ -250,7 +251,7 @@ impl CsrSigner {
         let rules = Rules {
             trust_domain: &self.trust_domain,
             istiod_requesters: &self.config.istiod_requesters,
-            max_ttl: self.max_ttl,
+            max_ttl: self.policy.ttl().max,
         };
         let c = match request::check(rules, csr) {
             Ok(c) => c,

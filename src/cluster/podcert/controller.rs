@@ -16,7 +16,7 @@ use super::request::{self, Checks};
 use super::status::{self, is_decided, jitter, reason, refresh_at, Decision};
 use super::{PodCertConfig, MIN_LIFETIME_SECS};
 use crate::auth::issue_path::{CsrInput, IssuePath, IssueRequest, Requester, Ttl, Vouched};
-use crate::ca::policy::TtlPolicy;
+use crate::ca::policy::{LivePolicy, TtlPolicy};
 use crate::ca::revocation::SweepRequest;
 use crate::ca::Ca;
 use crate::clock::SharedClock;
@@ -33,7 +33,8 @@ pub struct PodCertSigner {
     issue: IssuePath,
     trust_domain: TrustDomain,
     config: PodCertConfig,
-    max_ttl: Duration,
+    /// The running policy: its max TTL caps a request's lifetime, read per request.
+    policy: LivePolicy,
     stats: Arc<PendingStats>,
 }
 
@@ -49,7 +50,7 @@ impl PodCertSigner {
         clock: SharedClock,
         trust_domain: TrustDomain,
         config: PodCertConfig,
-        max_ttl: Duration,
+        policy: LivePolicy,
     ) -> Arc<Self> {
         Arc::new(Self {
             client,
@@ -60,14 +61,14 @@ impl PodCertSigner {
                 sweep,
                 clock,
                 // Unused: a request's lifetime follows its maxExpirationSeconds (Ttl::Exact).
-                ttl: TtlPolicy::default(),
+                ttl: TtlPolicy::default().into(),
                 // A vouched request names its identity; nobody impersonates here.
                 node_auth: None,
             },
             trust_domain,
             stats: Arc::new(PendingStats::new(STATS_NAMES, config.max_pending)),
             config,
-            max_ttl,
+            policy,
         })
     }
 
@@ -131,7 +132,7 @@ impl PodCertSigner {
             client: &self.client,
             signer_name: &self.config.signer_name,
             trust_domain: &self.trust_domain,
-            max_ttl: self.max_ttl,
+            max_ttl: self.policy.ttl().max,
         };
         let c = match request::check(checks, pcr).await? {
             Ok(c) => c,

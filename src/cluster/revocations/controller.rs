@@ -51,10 +51,9 @@ pub struct RevocationController {
     index: Arc<dyn IssuanceIndex>,
     clock: SharedClock,
     trust_domain: String,
-    crl_validity: Duration,
     /// The rotation policy the scheduler runs with: how long a denial lasts by itself
     /// ([`revocation::denial_ends_at`]).
-    policy: crate::ca::policy::RotationPolicy,
+    policy: crate::ca::policy::LivePolicy,
     recorder: Recorder,
     /// Wakes the scheduler after this controller wrote the journal (installs the denial now).
     wake: Arc<tokio::sync::Notify>,
@@ -124,7 +123,7 @@ impl RevocationController {
         index: Arc<dyn IssuanceIndex>,
         clock: SharedClock,
         trust_domain: &str,
-        policy: crate::ca::policy::RotationPolicy,
+        policy: impl Into<crate::ca::policy::LivePolicy>,
         wake: Arc<tokio::sync::Notify>,
         ca_resource: &str,
     ) -> Arc<Self> {
@@ -143,8 +142,7 @@ impl RevocationController {
             index,
             clock,
             trust_domain: trust_domain.to_string(),
-            crl_validity: policy.crl_validity,
-            policy,
+            policy: policy.into(),
             wake,
             scanned: Mutex::new(BTreeMap::new()),
             journal: Mutex::new(None),
@@ -179,7 +177,7 @@ impl RevocationController {
                 let items =
                     std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()));
                 let ceiling = self.store.revocation_ceiling();
-                let validity = self.crl_validity;
+                let validity = self.policy.rotation().crl_validity;
                 let mut results: Vec<Outcome> = Vec::new();
                 let written = crate::ca::update::update(self.store.as_ref(), None, |j| {
                     let apply_one = |j: &mut Journal, it: &Pending| {
@@ -585,11 +583,11 @@ impl RevocationController {
                 applied_at,
                 journal_view(&journal, &target).is_some(),
                 now.unix_timestamp(),
-                self.policy.max_leaf_ttl,
+                self.policy.rotation().max_leaf_ttl,
             ),
         };
         let placeable = matches!(target, Target::Identity(_)) || !mine.is_empty() || fallback;
-        let (validity, reason) = (self.crl_validity, rev.spec.reason);
+        let (validity, reason) = (self.policy.rotation().crl_validity, rev.spec.reason);
         let ceiling = self.store.revocation_ceiling();
         let mut full = None;
         if !expired && placeable && !satisfied(&journal, &target, &mine) {
@@ -662,7 +660,7 @@ impl RevocationController {
             (Some((_, n, crls)), Target::Identity(id), _) => {
                 let ends = journal
                     .is_denied(id)
-                    .map(|d| rfc3339(revocation::denial_ends_at(&journal, d, &self.policy)))
+                    .map(|d| rfc3339(revocation::denial_ends_at(&journal, d, &self.policy.rotation())))
                     .unwrap_or_default();
                 condition(
                     old_cond,

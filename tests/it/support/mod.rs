@@ -378,7 +378,7 @@ pub fn dev_server(
     citadel::server::Server {
         ca,
         auth: citadel::auth::AuthChain::new(vec![std::sync::Arc::new(jwt)]),
-        ttl: citadel::ca::policy::TtlPolicy::default(),
+        ttl: citadel::ca::policy::TtlPolicy::default().into(),
         clock: citadel::clock::system(),
         metrics: std::sync::Arc::new(citadel::server::Metrics::default()),
         tls,
