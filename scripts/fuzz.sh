@@ -20,7 +20,7 @@ SECONDS_EACH="${1:-10}"
 shift || true
 CACHE="${CITADEL_CACHE:-$HOME/.cache/citadel}"
 CARGO_FUZZ_VERSION="0.13.2"
-TARGETS=(csr jwt jwks spiffe pem_bundle cacerts journal_file journal_secret tokenreview istio_request sds_request)
+TARGETS=(csr jwt jwks spiffe pem_bundle cacerts journal_file journal_secret tokenreview istio_request sds_request spiffe_bundle)
 [ "$#" -gt 0 ] && TARGETS=("$@")
 
 log() { printf '==> %s\n' "$*" >&2; }

@@ -51,7 +51,7 @@ fn fixture() -> &'static Fixture {
                     index: None,
                     sweep: Default::default(),
                     clock,
-                    ttl: citadel::ca::policy::TtlPolicy::default(),
+                    ttl: citadel::ca::policy::TtlPolicy::default().into(),
                     node_auth: None,
                 }),
                 auth: citadel::auth::AuthChain::new(vec![Arc::new(jwt)]),

@@ -30,6 +30,7 @@ fn fixture() -> &'static Fixture {
             not_before: now,
             not_after: now,
             version: 1,
+            federated: Default::default(),
         };
         let (tx, rx) = tokio::sync::watch::channel(Some(std::sync::Arc::new(creds)));
         Fixture {

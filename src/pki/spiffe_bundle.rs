@@ -298,8 +298,20 @@ fn jwt_key(
             "jwt-svid key {i} ({kid}): incomplete public key parameters"
         )));
     }
-    Ok(Value::Object(k.clone()))
+    // Only the public members a verifier needs go on: whatever else a foreign endpoint put in
+    // the key (a private `d`, vendor members, numbers that do not survive a re-rendering) is
+    // never stored or handed to agents.
+    let kept = k
+        .iter()
+        .filter(|(name, v)| JWK_PUBLIC_MEMBERS.contains(&name.as_str()) && v.is_string())
+        .map(|(name, v)| (name.clone(), v.clone()))
+        .collect();
+    Ok(Value::Object(kept))
 }
+
+/// The members of a `jwt-svid` JWK kept from a foreign bundle (RFC 7517/7518 public
+/// parameters of EC and RSA keys, plus `use`, `kid` and `alg`).
+const JWK_PUBLIC_MEMBERS: &[&str] = &["kty", "kid", "use", "alg", "crv", "x", "y", "n", "e"];
 
 #[cfg(test)]
 mod tests {
@@ -342,6 +354,29 @@ mod tests {
         json!({"keys": keys, "spiffe_sequence": 7, "spiffe_refresh_hint": 60})
             .to_string()
             .into_bytes()
+    }
+
+    /// Found by the `spiffe_bundle` fuzz target: a jwt-svid key carrying extra members (here
+    /// numbers that re-render differently) did not survive `to_json` -> `parse`. Only the
+    /// public JWK members are kept now, so the stored bundle is what a verifier needs.
+    #[test]
+    fn a_jwt_key_keeps_only_its_public_members_and_round_trips() {
+        let mut k = jwt_jwk("k1");
+        k["d"] = json!("cHJpdmF0ZQ");
+        k["x-vendor"] = json!([555555555555555555555555.5, 2e-22, -22]);
+        k["use "] = json!("x509-svid");
+        let b = parse(&td("b.test"), &doc(vec![k])).unwrap();
+        let kept = b.jwt_keys[0].as_object().unwrap();
+        assert!(kept
+            .keys()
+            .all(|m| JWK_PUBLIC_MEMBERS.contains(&m.as_str())));
+        assert!(kept.get("d").is_none());
+        assert_eq!(kept["kid"], "k1");
+        assert_eq!(parse(&td("b.test"), b.to_json().as_bytes()).unwrap(), b);
+        let found =
+            include_bytes!("../../fuzz/corpus/spiffe_bundle/regression-jwt-extra-members.json");
+        let b = parse(&TrustDomain::new("cluster.local").unwrap(), found).unwrap();
+        assert_eq!(parse(&b.trust_domain, b.to_json().as_bytes()).unwrap(), b);
     }
 
     #[test]
