@@ -422,26 +422,7 @@ async fn real_envoys_keep_mtls_up_through_renewal_and_rotation_then_enforce_revo
     );
 
     // Continuous traffic, counted.
-    let (ok, failed, stop) = (
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(AtomicBool::new(false)),
-    );
-    let load = tokio::spawn({
-        let (ok, failed, stop) = (ok.clone(), failed.clone(), stop.clone());
-        async move {
-            while !stop.load(Ordering::Relaxed) {
-                match http_get(front, "/").await {
-                    Ok((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
-                    other => {
-                        eprintln!("request failed: {other:?}");
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    });
+    let traffic = Traffic::start(front);
 
     // 1. The intermediate rotates on its own (prepared at 20s, active at ~33s).
     wait_for_intermediate_rotation(&state).await;
@@ -452,9 +433,7 @@ async fn real_envoys_keep_mtls_up_through_renewal_and_rotation_then_enforce_revo
     rotate_root_to_completion(&state, "4s", 60).await;
     // Renewals with the new-only bundle.
     tokio::time::sleep(Duration::from_secs(8)).await;
-    stop.store(true, Ordering::Relaxed);
-    load.await.unwrap();
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, failed) = traffic.finish().await;
     eprintln!("through renewal and rotation: {ok} requests ok, {failed} failed");
     if failed > 0 {
         // Keep the Envoy and agent logs for whoever reads the failure.
@@ -533,4 +512,54 @@ async fn real_envoys_keep_mtls_up_through_renewal_and_rotation_then_enforce_revo
     );
     drop(procs);
     ca.stop().await;
+}
+
+/// Requests through an Envoy every 20 ms until [`Traffic::finish`], counting 200s and
+/// everything else: the "zero failed requests" of the rotation tests.
+pub(crate) struct Traffic {
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    load: tokio::task::JoinHandle<()>,
+}
+
+impl Traffic {
+    pub(crate) fn start(front: SocketAddr) -> Self {
+        let (ok, failed, stop) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let load = tokio::spawn({
+            let (ok, failed, stop) = (ok.clone(), failed.clone(), stop.clone());
+            async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match http_get(front, "/").await {
+                        Ok((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
+                        other => {
+                            eprintln!("request failed: {other:?}");
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        });
+        Self {
+            ok,
+            failed,
+            stop,
+            load,
+        }
+    }
+
+    /// Stops the traffic; (requests ok, requests failed).
+    pub(crate) async fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.load.await.unwrap();
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
 }

@@ -589,8 +589,6 @@ fn spawn_federated_agent(
 /// fail, and a.test ends up holding b.test's new root (and only it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoys_in_two_trust_domains_talk_mtls_through_federation_and_a_root_rotation() {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    use std::sync::Arc;
     let Some(envoy) = crate::envoy::envoy_binary() else {
         return;
     };
@@ -730,26 +728,7 @@ async fn envoys_in_two_trust_domains_talk_mtls_through_federation_and_a_root_rot
         );
     }
 
-    let (ok, failed, stop) = (
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(AtomicBool::new(false)),
-    );
-    let load = tokio::spawn({
-        let (ok, failed, stop) = (ok.clone(), failed.clone(), stop.clone());
-        async move {
-            while !stop.load(Ordering::Relaxed) {
-                match http_get(front, "/").await {
-                    Ok((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
-                    other => {
-                        eprintln!("request failed: {other:?}");
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    });
+    let traffic = crate::envoy::Traffic::start(front);
     // b.test's root rotates through all its stages; each stage waits 15 s, which the
     // federation path (b's endpoint, a's fetch at the 1 s hint, a's agent every second,
     // SDS) must beat.
@@ -772,9 +751,7 @@ async fn envoys_in_two_trust_domains_talk_mtls_through_federation_and_a_root_rot
     }
     // Leaves renewed under the new root only.
     tokio::time::sleep(Duration::from_secs(8)).await;
-    stop.store(true, Ordering::Relaxed);
-    load.await.unwrap();
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, failed) = traffic.finish().await;
     eprintln!(
         "across trust domains through b.test's root rotation: {ok} requests ok, {failed} failed"
     );
